@@ -1,0 +1,19 @@
+"""implicit_attention: exact implicit attention matrices and explanations for gated-linear RNNs.
+
+Main entry points:
+
+- :func:`decompose` -- every token-mixing layer as per-channel attention matrices ``[B, C, L, L]``.
+- :func:`explain` -- relevance ``[B, L]`` of the input tokens for a prediction.
+"""
+
+from .architectures import LayerDecomposition, supported_model_classes
+from .decompose import Decomposition, decompose
+from .errors import (EmptyInputError, ImplicitAttentionError, MemoryBudgetError, ReconstructionError,
+                     UnsupportedModelError)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Decomposition", "EmptyInputError", "ImplicitAttentionError", "LayerDecomposition", "MemoryBudgetError",
+    "ReconstructionError", "UnsupportedModelError", "decompose", "supported_model_classes",
+]

@@ -1,0 +1,207 @@
+"""The object every architecture returns: one token-mixing layer as an implicit attention operator.
+
+Glossary of dimension letters used in shapes throughout the package:
+
+- ``B`` batch, ``L`` sequence length (tokens), ``C`` channels of the operator (the inner width
+  ``E`` for Mamba), ``N`` state size, ``K`` conv kernel width.
+
+A :class:`LayerDecomposition` states the identity
+
+    ``out[b, i, c] = sum_j matrix[b, c, i, j] * values[b, j, c] + offset[b, i, c]``
+
+where ``out`` is the layer's token-mixing output before its output projection, as computed by the
+real module during the forward pass. The per-channel matrices ``[B, C, L, L]`` are computed on
+demand, in blocks of channels, so that aggregates, reconstructions and attributions never hold
+the whole ``[B, C, L, L]`` tensor unless the caller asks for :attr:`LayerDecomposition.matrix`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+
+from ..errors import format_bytes
+from ..memory import DEFAULT_BLOCK_BYTES, channels_per_block, ensure_fits
+
+Aggregate = Literal["mean", "abs", "pos"]
+AGGREGATES: tuple[str, ...] = ("mean", "abs", "pos")
+
+
+class LayerDecomposition(ABC):
+    """One token-mixing layer written as per-channel implicit attention.
+
+    Attributes:
+        index: position of the layer among the model's token-mixing layers (model order).
+        name: module path of the layer inside the model (``"backbone.layers.3.mixer"``).
+        variant: which formulation built :attr:`matrix` (``"unified"``, ``"s6"``, ...).
+        exact: whether this variant is an exact identity of the layer. Ablation variants leave a
+            factor out on purpose; their :attr:`error` measures how much of the layer they miss.
+        values: ``[B, L, C]`` the value stream multiplied by the matrices.
+        offset: ``[B, L, C]`` the part of the output that multiplies no value (biases).
+        output: ``[B, L, C]`` the real module's output before its output projection.
+        mask: ``[B, L]`` 1 for real tokens, 0 for padding.
+        error: relative error ``||reconstruct() - output|| / ||output||`` (Frobenius norm over
+            the whole layer), measured when the decomposition is built.
+    """
+
+    #: how many block-sized temporaries :meth:`_block` holds at its peak (for chunk sizing).
+    block_temporaries: int = 4
+
+    def __init__(self, *, index: int, name: str, variant: str, exact: bool,
+                 values: torch.Tensor, offset: torch.Tensor | None, output: torch.Tensor,
+                 mask: torch.Tensor, block_bytes: int = DEFAULT_BLOCK_BYTES):
+        self.index = index
+        self.name = name
+        self.variant = variant
+        self.exact = exact
+        self.values = values
+        self.output = output
+        self.mask = mask
+        self.block_bytes = block_bytes
+        self._offset = offset
+        self._matrix: torch.Tensor | None = None
+        self._aggregates: dict[str, torch.Tensor] = {}
+        self.error: float = float("nan")
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def batch_size(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.values.shape[1]
+
+    @property
+    def channels(self) -> int:
+        return self.values.shape[2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(index={self.index}, name={self.name!r}, variant={self.variant!r}, "
+                f"shape=[{self.batch_size}, {self.channels}, {self.length}, {self.length}], "
+                f"error={self.error:.2e})")
+
+    # ------------------------------------------------------------ the operator
+    @abstractmethod
+    def _block(self, channels: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Matrices ``[B, c, L, L]`` and offset ``[B, L, c]`` (or ``None``) for a slice of channels."""
+
+    def blocks(self, channels_per_chunk: int | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Yield ``(channel_slice, matrix_block [B, c, L, L])`` covering every channel once.
+
+        Memory stays at one block at a time; the block width is chosen from
+        :attr:`block_bytes` unless ``channels_per_chunk`` is given.
+        """
+        for sl, block, _ in self._blocks_with_offset(channels_per_chunk):
+            yield sl, block
+
+    def _blocks_with_offset(self, channels_per_chunk: int | None = None):
+        step = channels_per_chunk or channels_per_block(
+            self.batch_size, self.length, self.channels, self.dtype.itemsize,
+            self.block_temporaries, self.block_bytes)
+        for start in range(0, self.channels, step):
+            sl = slice(start, min(start + step, self.channels))
+            block, offset = self._block(sl)
+            yield sl, block, offset
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """``[B, C, L, L]`` the per-channel implicit attention matrices (computed once, cached).
+
+        Raises :class:`~implicit_attention.errors.MemoryBudgetError` before allocating if the
+        tensor would not fit; the aggregates and :meth:`blocks` never need it.
+        """
+        if self._matrix is None:
+            needed = self.batch_size * self.channels * self.length ** 2 * self.dtype.itemsize
+            ensure_fits(
+                f"layer {self.name!r}: the per-channel matrices [B={self.batch_size}, C={self.channels}, "
+                f"L={self.length}, L={self.length}]", needed, self.device,
+                "Use .aggregate('mean'|'abs'|'pos') or .blocks() instead (they never hold all "
+                "channels), pass fewer layers= or a shorter input.")
+            self._matrix = torch.cat([block for _, block in self.blocks()], dim=1)
+        return self._matrix
+
+    @property
+    def offset(self) -> torch.Tensor:
+        """``[B, L, C]`` the part of the output that multiplies no value."""
+        if self._offset is None:
+            parts = [off if off is not None else torch.zeros_like(self.values[..., sl])
+                     for sl, _, off in self._blocks_with_offset()]
+            self._offset = torch.cat(parts, dim=-1)
+        return self._offset
+
+    # --------------------------------------------------------------- analysis
+    def reconstruct(self) -> torch.Tensor:
+        """``[B, L, C]``: ``einsum("bcij,bjc->bic", matrix, values) + offset``, block by block."""
+        parts, offsets = [], []
+        for sl, block, off in self._blocks_with_offset():
+            parts.append(torch.einsum("bcij,bjc->bic", block, self.values[..., sl]))
+            offsets.append(off if off is not None else torch.zeros_like(self.values[..., sl]))
+        if self._offset is None:
+            self._offset = torch.cat(offsets, dim=-1)
+        return torch.cat(parts, dim=-1) + self._offset
+
+    def measure_error(self) -> float:
+        """Relative Frobenius error of :meth:`reconstruct` against the real output; stores it."""
+        rec = self.reconstruct()
+        denom = self.output.norm().clamp_min(torch.finfo(self.dtype).tiny)
+        self.error = float((rec - self.output).norm() / denom)
+        return self.error
+
+    def aggregate(self, how: Aggregate = "mean", channel: int | None = None) -> torch.Tensor:
+        """``[B, L, L]`` one map per example from the per-channel matrices.
+
+        Args:
+            how: ``"mean"`` the signed channel mean of ``A``, ``"abs"`` the mean of ``|A|``,
+                ``"pos"`` the mean of ``clamp(A, min=0)``.
+            channel: return that single channel's matrix instead (``how`` is then ignored).
+        """
+        if channel is not None:
+            if not -self.channels <= channel < self.channels:
+                raise IndexError(f"channel {channel} out of range for {self.channels} channels")
+            channel %= self.channels
+            block, _ = self._block(slice(channel, channel + 1))
+            return block[:, 0]
+        if how not in AGGREGATES:
+            raise ValueError(f"how must be one of {AGGREGATES}, got {how!r}")
+        if how not in self._aggregates:
+            total = torch.zeros(self.batch_size, self.length, self.length, dtype=self.dtype, device=self.device)
+            for _, block in self.blocks():
+                part = block if how == "mean" else block.abs() if how == "abs" else block.clamp(min=0)
+                total += part.sum(dim=1)
+            self._aggregates[how] = total / self.channels
+        return self._aggregates[how]
+
+    def attribution(self, grad: torch.Tensor) -> torch.Tensor:
+        """``[B, L, L]`` gradient-weighted map ``mean_c clamp(grad_i * A[i, j] * v_j, min=0)``.
+
+        ``grad`` is ``[B, L, C]``, the gradient of the explained score with respect to this
+        layer's output (before the output projection). Since ``out_i = sum_j A[i, j] v_j``, the
+        gradient with respect to ``A[i, j]`` is ``grad_i * v_j``: this is Chefer et al.'s
+        ``grad ⊙ A`` with the exact gradient, computed without any extra autograd graph.
+        """
+        if grad.shape != self.values.shape:
+            raise ValueError(f"grad must have shape {tuple(self.values.shape)}, got {tuple(grad.shape)}")
+        grad = grad.to(self.dtype)
+        total = torch.zeros(self.batch_size, self.length, self.length, dtype=self.dtype, device=self.device)
+        for sl, block in self.blocks():
+            g = grad[..., sl].transpose(1, 2).unsqueeze(-1)        # [B, c, L, 1]
+            v = self.values[..., sl].transpose(1, 2).unsqueeze(-2)  # [B, c, 1, L]
+            total += (g * block * v).clamp_(min=0).sum(dim=1)
+        return total / self.channels
+
+    def memory_estimate(self) -> str:
+        """A one-line estimate of what :attr:`matrix` would take."""
+        return format_bytes(self.batch_size * self.channels * self.length ** 2 * self.dtype.itemsize)
+

@@ -1,0 +1,155 @@
+"""Mamba (S6) implicit attention, vectorised: the fast path used by the library.
+
+Glossary (Gu & Dao 2023 symbols in brackets):
+``B`` batch, ``L`` tokens, ``E`` inner channels (``D`` in the paper, ``intermediate_size`` in HF),
+``N`` state size, ``K`` conv width, ``c`` a block of channels.
+
+For channel ``d`` (see ``shared/design/formulation.md``)::
+
+    S_d[i, j] = sum_n C_i[n] * exp(A[d, n] * sum_{k=j+1..i} dt_k[d]) * dt_j[d] * B_j[n]     (j <= i)
+    unified:  A_d = diag(silu z_d) (S_d + D_d I) diag(sigmoid c_d) M_d
+              offset_d = diag(silu z_d) (S_d + D_d I) diag(sigmoid c_d) b_d 1
+
+with ``M_d`` the causal depthwise conv as a banded matrix, ``M_d[i, j] = w_d[K-1-(i-j)]``.
+Padding tokens have their SSM input zeroed by the module; the padding mask therefore sits next to
+``sigmoid(c)`` in the column scale.
+
+Everything here works on a block of channels at a time, producing ``[B, c, L, L]``; nothing ever
+holds ``[B, c, L, L, N]``: the state dimension is summed in a loop of ``N`` block-sized updates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+#: The formulations this module offers; ``unified`` is the exact one (formulation page).
+VARIANTS: tuple[str, ...] = ("unified", "s6", "no_conv", "no_gate", "no_act")
+#: Which variants are exact identities of the layer (the others drop a factor on purpose).
+EXACT_VARIANTS: frozenset[str] = frozenset({"unified", "no_conv"})
+
+
+@dataclass
+class MambaFactors:
+    """Every data-controlled quantity of one Mamba mixer for one input, in the compute dtype.
+
+    Attributes:
+        x: ``[B, L, E]`` conv input, the value stream of the unified operator.
+        z: ``[B, L, E]`` gate branch before its SiLU.
+        conv_out: ``[B, L, E]`` ``c = M x + b``, the conv output before its activation.
+        mask: ``[B, L]`` 1 for real tokens, 0 for padding.
+        conv_weight: ``[E, K]`` depthwise conv taps (``w[K-1]`` multiplies the current token).
+        conv_bias: ``[E]`` or ``None``.
+        dt: ``[B, L, E]`` step sizes after softplus.
+        B: ``[B, L, N]`` input projections (shared by channels).
+        C: ``[B, L, N]`` output projections (shared by channels).
+        A: ``[E, N]`` continuous state matrix (negative).
+        D: ``[E]`` skip term.
+    """
+
+    x: torch.Tensor
+    z: torch.Tensor
+    conv_out: torch.Tensor
+    mask: torch.Tensor
+    conv_weight: torch.Tensor
+    conv_bias: torch.Tensor | None
+    dt: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    A: torch.Tensor
+    D: torch.Tensor
+
+    @property
+    def act_gate(self) -> torch.Tensor:
+        """``[B, L, E]`` ``sigmoid(c)`` times the padding mask: SiLU written as ``c * sigmoid(c)``."""
+        return torch.sigmoid(self.conv_out) * self.mask[..., None]
+
+    @property
+    def ssm_input(self) -> torch.Tensor:
+        """``[B, L, E]`` ``u = silu(c)`` with padding zeroed, the input of the selective scan."""
+        return self.conv_out * self.act_gate
+
+    @property
+    def out_gate(self) -> torch.Tensor:
+        """``[B, L, E]`` ``silu(z)``, the output gate."""
+        return F.silu(self.z)
+
+
+def values_for(factors: MambaFactors, variant: str) -> torch.Tensor:
+    """``[B, L, E]`` the value stream that ``variant``'s matrices multiply."""
+    if variant == "s6":
+        return factors.ssm_input
+    if variant == "no_conv":
+        return factors.conv_out
+    return factors.x
+
+
+def segment_sums(dt: torch.Tensor) -> torch.Tensor:
+    """``[..., L] -> [..., L, L]``: ``out[i, j] = sum_{k=j+1..i} dt[k]`` for ``j <= i``, 0 above.
+
+    Summing the masked copies directly (rather than differencing one cumulative sum) keeps the
+    exponent accurate in float32 for long sequences.
+    """
+    length = dt.shape[-1]
+    strictly_lower = torch.ones(length, length, dtype=torch.bool, device=dt.device).tril(-1)
+    rows = dt.unsqueeze(-1).expand(*dt.shape, length).masked_fill(~strictly_lower, 0)
+    return rows.cumsum(dim=-2)
+
+
+def s6_matrices(dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``[B, c, L, L]`` the S6 hidden attention ``S_d`` of a block of channels.
+
+    Args:
+        dt: ``[B, L, c]``; B, C: ``[B, L, N]``; A: ``[c, N]``.
+    """
+    length = dt.shape[1]
+    dt_t = dt.transpose(1, 2)                         # [B, c, L]
+    seg = segment_sums(dt_t)                          # [B, c, L, L]
+    out = torch.zeros_like(seg)
+    for n in range(A.shape[1]):
+        cb = C[:, :, n, None] * B[:, None, :, n]      # [B, L, L]  C_i[n] B_j[n]
+        out += torch.exp(seg * A[None, :, n, None, None]) * cb[:, None]
+    causal = torch.ones(length, length, dtype=torch.bool, device=dt.device).tril()
+    return out.mul_(dt_t[..., None, :]).masked_fill_(~causal, 0)
+
+
+def conv_right(T: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``[B, c, L, L]``: ``T @ M`` with ``M`` the causal depthwise conv of taps ``weight [c, K]``.
+
+    ``(T M)[i, j] = sum_s w[K-1-s] T[i, j+s]``: K shifted, scaled copies of ``T``.
+    """
+    width = weight.shape[1]
+    length = T.shape[-1]
+    out = T * weight[None, :, width - 1, None, None]
+    for shift in range(1, min(width, length)):
+        out[..., :, : length - shift] += T[..., :, shift:] * weight[None, :, width - 1 - shift, None, None]
+    return out
+
+
+def mamba_block(factors: MambaFactors, channels: slice, variant: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Matrices ``[B, c, L, L]`` and offset ``[B, L, c]`` (or ``None``) of ``variant`` for a channel block."""
+    f = factors
+    S = s6_matrices(f.dt[..., channels], f.B, f.C, f.A[channels])
+    if variant == "s6":
+        return S, None
+    use_conv = variant != "no_conv"
+    use_act = variant != "no_act"
+    use_gate = variant != "no_gate"
+
+    T = S
+    T.diagonal(dim1=-2, dim2=-1).add_(f.D[channels][None, :, None])     # S + D I
+    column = f.act_gate[..., channels] if use_act else f.mask[..., None].expand_as(f.x[..., channels])
+    T.mul_(column.transpose(1, 2)[:, :, None, :])                       # diag(sigmoid c) on the right
+    offset = None
+    if use_conv and f.conv_bias is not None:
+        offset = T.sum(dim=-1) * f.conv_bias[channels][None, :, None]   # [B, c, L]
+    if use_conv:
+        T = conv_right(T, f.conv_weight[channels])
+    if use_gate:
+        row = f.out_gate[..., channels].transpose(1, 2)                 # [B, c, L]
+        T.mul_(row[..., None])
+        if offset is not None:
+            offset = offset * row
+    return T, None if offset is None else offset.transpose(1, 2)
