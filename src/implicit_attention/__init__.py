@@ -8,12 +8,13 @@ Main entry points:
 
 from .architectures import LayerDecomposition, supported_model_classes
 from .decompose import Decomposition, decompose
+from .explain import METHODS, Explanation, explain, run_explanation
 from .errors import (EmptyInputError, ImplicitAttentionError, MemoryBudgetError, ReconstructionError,
                      UnsupportedModelError)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Decomposition", "EmptyInputError", "ImplicitAttentionError", "LayerDecomposition", "MemoryBudgetError",
+    "Decomposition", "EmptyInputError", "Explanation", "METHODS", "explain", "run_explanation", "ImplicitAttentionError", "LayerDecomposition", "MemoryBudgetError",
     "ReconstructionError", "UnsupportedModelError", "decompose", "supported_model_classes",
 ]

@@ -193,13 +193,22 @@ class LayerDecomposition(ABC):
         """
         if grad.shape != self.values.shape:
             raise ValueError(f"grad must have shape {tuple(self.values.shape)}, got {tuple(grad.shape)}")
-        grad = grad.to(self.dtype)
+        grad = self.matrix_gradient(grad.to(self.dtype))
         total = torch.zeros(self.batch_size, self.length, self.length, dtype=self.dtype, device=self.device)
         for sl, block in self.blocks():
             g = grad[..., sl].transpose(1, 2).unsqueeze(-1)        # [B, c, L, 1]
             v = self.values[..., sl].transpose(1, 2).unsqueeze(-2)  # [B, c, 1, L]
             total += (g * block * v).clamp_(min=0).sum(dim=1)
         return total / self.channels
+
+    def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """Turn the gradient at the layer output into the gradient at the output of :attr:`matrix`.
+
+        The identity for exact variants; an ablation that leaves out an output-side factor (a
+        gate) multiplies it back in here, so that ``grad_i * v_j`` is the exact derivative of the
+        score with respect to that variant's matrix entries.
+        """
+        return grad
 
     def memory_estimate(self) -> str:
         """A one-line estimate of what :attr:`matrix` would take."""

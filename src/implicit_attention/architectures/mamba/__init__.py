@@ -67,6 +67,13 @@ class MambaLayerDecomposition(LayerDecomposition):
     def _block(self, channels: slice):
         return mamba_block(self.factors, channels, self.variant)
 
+    def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        # out = silu(z) * (S u + D u) for "s6", silu(z) * (A x + offset) for "no_gate": the gate
+        # the variant leaves out multiplies the gradient reaching its matrix.
+        if self.variant in ("s6", "no_gate"):
+            return grad * self.factors.out_gate
+        return grad
+
 
 def _build(captured: CapturedLayer, *, variant: str, dtype: torch.dtype, index: int) -> MambaLayerDecomposition:
     factors = mamba_factors(captured.module, captured.inputs, captured.attention_mask, dtype)

@@ -1,0 +1,145 @@
+"""``explain``: relevance of each input token for one prediction, from the implicit attention."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..capture import capture, layer_indices, prepare_inputs, select_layers
+from ..decompose import (DEFAULT_TOLERANCE, Decomposition, build_layers, check_variant, compute_dtype_for)
+from ..capture import model_dtype
+from . import baselines
+from .rules import attribution_rollout, minmax, paper_rollout, rollout
+from .target import Target, resolve_target
+
+#: Methods built on the implicit attention matrices (they honour ``variant``).
+MATRIX_METHODS: tuple[str, ...] = ("raw", "rollout", "attribution", "paper")
+#: Methods that only use the model's gradients or outputs.
+BASELINE_METHODS: tuple[str, ...] = ("random", "grad_x_input", "integrated_gradients", "occlusion")
+METHODS: tuple[str, ...] = MATRIX_METHODS + BASELINE_METHODS
+
+
+@dataclass
+class Explanation:
+    """The full result behind :func:`explain`.
+
+    Attributes:
+        relevance: ``[B, L]`` relevance of each input token (0 on padding).
+        target: the explained score (target ids and position).
+        logits: the model's logits on the input.
+        decomposition: the decomposed layers for matrix methods, else ``None``.
+        method, variant: what was asked.
+    """
+
+    relevance: torch.Tensor
+    target: Target
+    logits: torch.Tensor
+    decomposition: Decomposition | None
+    method: str
+    variant: str
+
+
+def explain(model: nn.Module, input_ids, attention_mask=None, *, method: str = "attribution",
+            target=None, position: int = -1, variant: str = "unified",
+            layers: int | Sequence[int] | None = None, **options) -> torch.Tensor:
+    """Relevance ``[B, L]`` of the input tokens for the logit of ``target`` at ``position``.
+
+    Args:
+        model: a supported model with a head (``MambaForCausalLM``, ``FalconMambaForCausalLM``, ...).
+        input_ids: ``[B, L]`` or ``[L]``; pad batches on the left.
+        attention_mask: ``[B, L]`` or ``None``.
+        method: ``"raw"`` (target row of the layer-mean aggregated map), ``"rollout"`` (attention
+            rollout), ``"attribution"`` (gradient-weighted attention, Chefer et al. 2021, the
+            default), ``"paper"`` (the paper's ViM recipe), or a baseline: ``"random"``,
+            ``"grad_x_input"``, ``"integrated_gradients"``, ``"occlusion"``.
+        target: id (or ``[B]`` ids) whose logit is explained; default the predicted one.
+        position: output position of a causal LM (default the last).
+        variant: the implicit attention formulation (``"unified"``; ``"s6"`` gives the
+            predecessor's maps; ``"no_conv"``, ``"no_gate"``, ``"no_act"``). Baselines ignore it.
+        layers: token-mixing layers to use (default all).
+        **options: ``aggregate`` (``"abs"`` default, or ``"pos"`` / ``"mean"``) for raw and rollout;
+            ``start_layer`` for ``"paper"`` (default: the second half of the layers);
+            ``steps`` for integrated gradients (32); ``seed`` for random (0); ``dtype``,
+            ``check``, ``tolerance`` as in :func:`~implicit_attention.decompose`.
+    """
+    return run_explanation(model, input_ids, attention_mask, method=method, target=target,
+                           position=position, variant=variant, layers=layers, **options).relevance
+
+
+def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method: str = "attribution",
+                    target=None, position: int = -1, variant: str = "unified",
+                    layers: int | Sequence[int] | None = None, aggregate: str = "abs",
+                    start_layer: int | None = None, steps: int = 32, seed: int = 0,
+                    dtype: torch.dtype | None = None, check: bool = True,
+                    tolerance: float | None = None, progress: bool | None = None) -> Explanation:
+    """:func:`explain`, returning the :class:`Explanation` with the decomposition and target."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    ids, mask = prepare_inputs(model, input_ids, attention_mask)
+    length = ids.shape[1]
+    compute_dtype = compute_dtype_for(model, dtype)
+    if method in BASELINE_METHODS:
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        tgt = resolve_target(logits, target, position, length)
+        relevance = _baseline(method, model, ids, mask, tgt, steps=steps, seed=seed)
+        return Explanation(_finish(relevance, mask, compute_dtype), tgt, logits, None, method, variant)
+
+    targets = select_layers(model, layers)
+    check_variant(targets, variant)
+    if aggregate not in ("abs", "pos", "mean"):
+        raise ValueError(f"aggregate must be 'abs', 'pos' or 'mean', got {aggregate!r}")
+    need_grad = method in ("attribution", "paper")
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(need_grad)
+    grads: list[torch.Tensor] = []
+    with torch.set_grad_enabled(need_grad), \
+            capture(model, targets, keep_graph=need_grad, block_inputs=method == "paper") as captured:
+        out = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+        logits = getattr(out, "logits", None)
+        tgt = resolve_target(logits, target, position, length)
+        if need_grad:
+            wrt = [r.output for r in captured] if method == "attribution" else [r.block_input for r in captured]
+            grads = list(torch.autograd.grad(tgt.score(logits).sum(), wrt))
+    tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(model_dtype(model), 1e-4)
+    built = build_layers(captured, layer_indices(model, targets), variant=variant, dtype=compute_dtype,
+                         check=check, tolerance=tol, progress=progress)
+    decomposition = Decomposition(layers=built, input_ids=ids, attention_mask=mask,
+                                  logits=logits.detach(), variant=variant)
+    row = tgt.position
+    mask_f = mask.to(compute_dtype) if mask is not None else torch.ones_like(ids, dtype=compute_dtype)
+    if method == "raw":
+        relevance = torch.stack([layer.aggregate(aggregate)[:, row, :] for layer in built]).mean(dim=0)
+    elif method == "rollout":
+        relevance = rollout([layer.aggregate(aggregate) for layer in built])[:, row, :]
+    elif method == "attribution":
+        cams = [layer.attribution(grad.detach().to(compute_dtype)) for layer, grad in zip(built, grads)]
+        relevance = attribution_rollout(cams)[:, row, :]
+    else:  # paper
+        start = len(built) // 2 if start_layer is None else start_layer
+        if not -len(built) <= start < len(built):
+            raise IndexError(f"start_layer {start} out of range for {len(built)} layers")
+        rows = [layer.aggregate("pos")[:, row, :] for layer in built]
+        saliency = [minmax(grad.detach().to(compute_dtype).clamp(min=0).amax(dim=-1), mask_f) for grad in grads]
+        relevance = paper_rollout(rows[start:], saliency[start:], mask_f, row)
+    return Explanation(_finish(relevance, mask, compute_dtype), tgt, logits.detach(), decomposition, method, variant)
+
+
+def _baseline(method: str, model, ids, mask, tgt: Target, *, steps: int, seed: int) -> torch.Tensor:
+    if method == "random":
+        return baselines.random_relevance(ids, seed=seed)
+    if method == "grad_x_input":
+        return baselines.grad_x_input(model, ids, mask, tgt)
+    if method == "integrated_gradients":
+        return baselines.integrated_gradients(model, ids, mask, tgt, steps=steps)
+    return baselines.occlusion(model, ids, mask, tgt)
+
+
+def _finish(relevance: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    relevance = relevance.detach().to(dtype)
+    return relevance if mask is None else relevance * mask.to(dtype)
+
+
+__all__ = ["BASELINE_METHODS", "Explanation", "MATRIX_METHODS", "METHODS", "explain", "run_explanation"]
