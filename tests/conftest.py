@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny, randomly initialised stock ``transformers`` models (no mocks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (FalconMambaConfig, FalconMambaForCausalLM, MambaConfig, MambaForCausalLM,
+                          MambaModel)
+
+MAMBA_CLASSES = {
+    "MambaForCausalLM": (MambaConfig, MambaForCausalLM),
+    "MambaModel": (MambaConfig, MambaModel),
+    "FalconMambaForCausalLM": (FalconMambaConfig, FalconMambaForCausalLM),
+}
+
+
+def tiny_mamba(class_name: str = "MambaForCausalLM", *, seed: int = 0, dtype=torch.float32, **overrides):
+    """A tiny model of ``class_name`` with every parameter randomised (non-trivial D, biases, A)."""
+    config_cls, model_cls = MAMBA_CLASSES[class_name]
+    settings = dict(vocab_size=40, hidden_size=12, state_size=4, num_hidden_layers=2, expand=2,
+                    conv_kernel=4, time_step_rank=3, use_bias=False, use_conv_bias=True)
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**settings))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("A_log"):
+                param.copy_(torch.rand_like(param) * 2 - 1)
+            elif name.endswith(".D") or name.endswith("bias"):
+                param.copy_(torch.randn_like(param) * 0.5)
+    return model.to(dtype).eval()
+
+
+def left_padded(batch: int, length: int, vocab: int = 40, seed: int = 0):
+    """Random ids ``[batch, length]`` and a mask whose rows are left-padded by 0, 1, 2, ... tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, length), generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b in range(batch):
+        mask[b, : min(b, length - 1)] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    return ids, mask
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative Frobenius error; reported in assertion messages with the absolute error."""
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-300))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "") -> None:
+    actual, expected = actual.detach(), expected.detach()
+    rel = relative_error(actual, expected)
+    abs_err = float((actual - expected).abs().max())
+    assert rel <= rtol, f"{what}: relative error {rel:.3e} > {rtol:.1e} (max abs error {abs_err:.3e})"
+
+
+@pytest.fixture
+def model_f32():
+    return tiny_mamba(dtype=torch.float32)
