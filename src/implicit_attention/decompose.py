@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from .architectures import CapturedLayer, LayerDecomposition
 from .capture import capture, layer_indices, model_dtype, prepare_inputs, select_layers
 from .errors import ReconstructionError
+from .memory import DEFAULT_BLOCK_BYTES, ensure_fits
 
 #: Default relative-error tolerance of the exactness check, by the dtype the *model* runs in.
 DEFAULT_TOLERANCE: dict[torch.dtype, float] = {
@@ -71,6 +72,28 @@ def compute_dtype_for(model: nn.Module, dtype: torch.dtype | None) -> torch.dtyp
     return torch.float64 if model_dtype(model) == torch.float64 else torch.float32
 
 
+#: Tensors of ``[B, L, C]`` each decomposed layer keeps (values, offset, output and the factors).
+_PER_LAYER_TENSORS = 10
+#: Block-sized temporaries at the peak of a block computation.
+_BLOCK_TEMPORARIES = 5
+
+
+def estimate_bytes(targets, batch: int, length: int, itemsize: int) -> int:
+    """Bytes :func:`decompose` holds: every kept layer's ``[B, L, C]`` tensors plus one channel block."""
+    channels = [arch.channels(module) for _, module, arch in targets]
+    kept = sum(_PER_LAYER_TENSORS * batch * length * c * itemsize for c in channels)
+    one_channel_block = _BLOCK_TEMPORARIES * batch * length * length * itemsize
+    return kept + max(one_channel_block, min(DEFAULT_BLOCK_BYTES, one_channel_block * max(channels, default=1)))
+
+
+def ensure_decomposition_fits(targets, ids: torch.Tensor, dtype: torch.dtype) -> None:
+    """Raise :class:`~implicit_attention.errors.MemoryBudgetError` before running if it would not fit."""
+    batch, length = ids.shape
+    ensure_fits(f"decomposing {len(targets)} layer(s) of a [B={batch}, L={length}] input",
+                estimate_bytes(targets, batch, length, dtype.itemsize), ids.device,
+                "Pass fewer layers= (e.g. layers=[-1]), a smaller batch, a shorter input, or dtype=torch.float32.")
+
+
 def check_variant(targets, variant: str) -> None:
     for name, _, arch in targets:
         if variant not in arch.variants:
@@ -127,6 +150,7 @@ def decompose(model: nn.Module, input_ids, attention_mask=None, *, variant: str 
     check_variant(targets, variant)
     compute_dtype = compute_dtype_for(model, dtype)
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(model_dtype(model), 1e-4)
+    ensure_decomposition_fits(targets, ids, compute_dtype)
     with torch.no_grad(), capture(model, targets) as captured:
         outputs = model(input_ids=ids, attention_mask=mask, use_cache=False)
     built = build_layers(captured, layer_indices(model, targets), variant=variant, dtype=compute_dtype,

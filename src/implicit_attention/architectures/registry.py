@@ -49,6 +49,7 @@ class Architecture:
         output_module: attribute of the layer whose *input* is the layer output before the
             output projection (``"out_proj"``).
         build: ``build(captured, *, variant, dtype, index) -> LayerDecomposition``.
+        channels: ``channels(module) -> int``, the operator's channel count ``C`` (for memory estimates).
     """
 
     name: str
@@ -57,6 +58,7 @@ class Architecture:
     variants: tuple[str, ...]
     output_module: str
     build: Callable[..., LayerDecomposition]
+    channels: Callable[[nn.Module], int]
     _classes: list = field(default_factory=list, compare=False, repr=False)
 
     def classes(self) -> tuple[type, ...]:

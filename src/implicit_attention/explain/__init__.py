@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from ..capture import capture, layer_indices, prepare_inputs, select_layers
-from ..decompose import (DEFAULT_TOLERANCE, Decomposition, build_layers, check_variant, compute_dtype_for)
 from ..capture import model_dtype
+from ..decompose import (DEFAULT_TOLERANCE, Decomposition, build_layers, check_variant, compute_dtype_for,
+                         ensure_decomposition_fits)
 from . import baselines
 from .rules import attribution_rollout, minmax, paper_rollout, rollout
 from .target import Target, resolve_target
@@ -92,6 +93,7 @@ def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method:
     check_variant(targets, variant)
     if aggregate not in ("abs", "pos", "mean"):
         raise ValueError(f"aggregate must be 'abs', 'pos' or 'mean', got {aggregate!r}")
+    ensure_decomposition_fits(targets, ids, compute_dtype)
     need_grad = method in ("attribution", "paper")
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(need_grad)
     grads: list[torch.Tensor] = []

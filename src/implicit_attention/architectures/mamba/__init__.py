@@ -91,4 +91,5 @@ register(Architecture(
     variants=VARIANTS,
     output_module="out_proj",
     build=_build,
+    channels=lambda mixer: mixer.intermediate_size,
 ))
