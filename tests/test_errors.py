@@ -1,0 +1,90 @@
+"""Bad input gets a clear error, raised before anything is computed or written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import implicit_attention as ia
+import implicit_attention.architectures.mamba as mamba_module
+from implicit_attention import memory
+
+from conftest import tiny_mamba
+
+
+def test_empty_input():
+    model = tiny_mamba()
+    for empty in ([], [[]], torch.zeros(1, 0, dtype=torch.long)):
+        with pytest.raises(ia.EmptyInputError, match="empty"):
+            ia.decompose(model, empty)
+    with pytest.raises(ia.EmptyInputError, match="all padding"):
+        ia.explain(model, [[1, 2]], [[0, 0]])
+
+
+def test_mask_shape_and_dtype_checks():
+    model = tiny_mamba()
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        ia.decompose(model, [[1, 2, 3]], [[1, 1]])
+    with pytest.raises(TypeError, match="integer"):
+        ia.decompose(model, torch.rand(1, 3))
+
+
+def test_unsupported_model_names_the_supported_classes():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=20, n_positions=16))
+    with pytest.raises(ia.UnsupportedModelError, match="MambaForCausalLM.*FalconMambaForCausalLM"):
+        ia.decompose(gpt2, [[1, 2, 3]])
+    with pytest.raises(ia.UnsupportedModelError, match="GPT2LMHeadModel"):
+        ia.explain(gpt2, [[1, 2, 3]], method="rollout")
+
+
+def test_unknown_variant():
+    with pytest.raises(ValueError, match="variant 'full'.*unified"):
+        ia.decompose(tiny_mamba(), [[1, 2]], variant="full")
+
+
+def test_memory_estimate_refuses_before_computing(monkeypatch):
+    model = tiny_mamba()
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 10_000)
+    with pytest.raises(ia.MemoryBudgetError, match=r"needs about .* but only .*layers=") as info:
+        ia.decompose(model, torch.randint(0, 40, (2, 64)))
+    assert info.value.needed_bytes > info.value.available_bytes
+    with pytest.raises(ia.MemoryBudgetError):
+        ia.explain(model, torch.randint(0, 40, (2, 64)))
+
+
+def test_full_matrix_is_estimated_before_allocation(monkeypatch):
+    model = tiny_mamba()
+    result = ia.decompose(model, torch.randint(0, 40, (1, 32)))
+    layer = result.layers[0]
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1024)
+    with pytest.raises(ia.MemoryBudgetError, match=r"per-channel matrices \[B=1, C=24, L=32, L=32\].*aggregate"):
+        layer.matrix
+    assert layer.aggregate("abs").shape == (1, 32, 32)  # blocks still work
+
+
+def test_reconstruction_error_names_the_layer(monkeypatch):
+    """If the module computed something we do not model, decompose raises; check=False lets it through."""
+    model = tiny_mamba(dtype=torch.float64)
+    original = mamba_module.mamba_factors
+
+    def drifted(*args, **kwargs):
+        factors = original(*args, **kwargs)
+        factors.D = factors.D + 0.1   # as if the module's skip term changed under us
+        return factors
+
+    monkeypatch.setattr(mamba_module, "mamba_factors", drifted)
+    with pytest.raises(ia.ReconstructionError, match=r"backbone.layers.0.mixer.*relative error .*check=False") as info:
+        ia.decompose(model, [[1, 2, 3, 4]])
+    assert info.value.error > 1e-6
+    result = ia.decompose(model, [[1, 2, 3, 4]], check=False)
+    assert result.layers[0].error > 1e-6
+    assert len(ia.decompose(model, [[1, 2, 3, 4]], tolerance=1.0).layers) == 2
+
+
+def test_hooks_are_removed_after_errors():
+    model = tiny_mamba()
+    with pytest.raises(IndexError):
+        ia.explain(model, [[1, 2]], position=7)
+    for module in model.modules():
+        assert not module._forward_pre_hooks
