@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+import inspect
 from contextlib import contextmanager
 
 import torch
@@ -88,6 +89,27 @@ def _first_tensor(args, kwargs, key: str) -> torch.Tensor:
     return args[0] if args else kwargs[key]
 
 
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    return value
+
+
+def call_model(model: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+               inputs_embeds: torch.Tensor | None = None):
+    """Run ``model`` on ids (or embeddings) and the mask, without a cache where the model has one."""
+    kwargs = {"attention_mask": attention_mask}
+    if inputs_embeds is not None:
+        kwargs["inputs_embeds"] = inputs_embeds
+    else:
+        kwargs["input_ids"] = input_ids
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs["use_cache"] = False
+    return model(**kwargs)
+
+
 @contextmanager
 def capture(model: nn.Module, targets: list[tuple[str, nn.Module, Architecture]], *,
             keep_graph: bool = False, block_inputs: bool = False) -> Iterator[list[CapturedLayer]]:
@@ -104,8 +126,17 @@ def capture(model: nn.Module, targets: list[tuple[str, nn.Module, Architecture]]
             if record.inputs is not None:
                 raise RuntimeError(f"layer {record.name!r} ran twice in one forward pass; shared layers are not supported")
             record.inputs = _first_tensor(args, kwargs, "hidden_states").detach()
+            record.kwargs = {k: _detached(v) for k, v in kwargs.items()}
             mask = kwargs.get("attention_mask")
             record.attention_mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        return hook
+
+    def on_layer_output(record):
+        def hook(module, args, kwargs, output):
+            record.module_output = _detached(output)
+            if record.architecture.output_module is None:
+                first = output[0] if isinstance(output, (tuple, list)) else output
+                record.output = first if keep_graph else first.detach()
         return hook
 
     def on_output(record):
@@ -121,11 +152,17 @@ def capture(model: nn.Module, targets: list[tuple[str, nn.Module, Architecture]]
 
     try:
         for record in records:
+            arch = record.architecture
             handles.append(record.module.register_forward_pre_hook(on_layer(record), with_kwargs=True))
-            output_module = getattr(record.module, record.architecture.output_module)
-            handles.append(output_module.register_forward_pre_hook(on_output(record)))
+            handles.append(record.module.register_forward_hook(on_layer_output(record), with_kwargs=True))
+            if arch.output_module is not None:
+                output_module = record.module.get_submodule(arch.output_module)
+                handles.append(output_module.register_forward_pre_hook(on_output(record)))
+            if arch.extra_hooks is not None:
+                handles.extend(arch.extra_hooks(record.module, record))
             if block_inputs:
-                parent = model.get_submodule(record.name.rpartition(".")[0])
+                parent = arch.block_input(model, record.name) if arch.block_input is not None \
+                    else model.get_submodule(record.name.rpartition(".")[0])
                 handles.append(parent.register_forward_pre_hook(on_block(record), with_kwargs=True))
         yield records
     finally:

@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import CapturedLayer, LayerDecomposition
-from .capture import capture, layer_indices, model_dtype, prepare_inputs, select_layers
+from .capture import call_model, capture, layer_indices, model_dtype, prepare_inputs, select_layers
 from .errors import ReconstructionError
 from .memory import DEFAULT_BLOCK_BYTES, ensure_fits
 
@@ -152,7 +152,7 @@ def decompose(model: nn.Module, input_ids, attention_mask=None, *, variant: str 
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(model_dtype(model), 1e-4)
     ensure_decomposition_fits(targets, ids, compute_dtype)
     with torch.no_grad(), capture(model, targets) as captured:
-        outputs = model(input_ids=ids, attention_mask=mask, use_cache=False)
+        outputs = call_model(model, ids, mask)
     built = build_layers(captured, layer_indices(model, targets), variant=variant, dtype=compute_dtype,
                          check=check, tolerance=tol, progress=progress)
     return Decomposition(layers=built, input_ids=ids, attention_mask=mask,

@@ -26,6 +26,9 @@ class CapturedLayer:
             to the autograd graph when gradients were requested).
         block_input: ``[B, L, H]`` the residual stream entering the layer's block (the parent
             module), attached to the graph when gradients were requested.
+        kwargs: the keyword arguments the layer was called with (tensors detached).
+        module_output: what the layer returned (tensors detached), e.g. attention weights.
+        extra: anything an architecture's own ``extra_hooks`` recorded.
     """
 
     name: str
@@ -35,6 +38,9 @@ class CapturedLayer:
     attention_mask: torch.Tensor | None = None
     output: torch.Tensor | None = None
     block_input: torch.Tensor | None = None
+    kwargs: dict = field(default_factory=dict)
+    module_output: object = None
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -46,19 +52,26 @@ class Architecture:
         module_classes: dotted paths of the layer classes (imported lazily; missing ones skipped).
         model_classes: the user-facing model classes containing them, for error messages.
         variants: the formulations offered; the first is the default exact one.
-        output_module: attribute of the layer whose *input* is the layer output before the
-            output projection (``"out_proj"``).
+        output_module: attribute path of the submodule whose *input* is the layer output before
+            the output projection (``"out_proj"``), or ``None`` when the layer's own first return
+            value is that output (e.g. an attention module whose projection lives outside it).
         build: ``build(captured, *, variant, dtype, index) -> LayerDecomposition``.
         channels: ``channels(module) -> int``, the operator's channel count ``C`` (for memory estimates).
+        extra_hooks: optional ``extra_hooks(module, record) -> list[RemovableHandle]`` installing
+            further hooks that fill ``record.extra`` (internal quantities the layer does not return).
+        block_input: optional ``block_input(model, name) -> nn.Module`` the module whose input is
+            the residual stream of this layer (default: the layer's parent module).
     """
 
     name: str
     module_classes: tuple[str, ...]
     model_classes: tuple[str, ...]
     variants: tuple[str, ...]
-    output_module: str
+    output_module: str | None
     build: Callable[..., LayerDecomposition]
     channels: Callable[[nn.Module], int]
+    extra_hooks: Callable | None = None
+    block_input: Callable | None = None
     _classes: list = field(default_factory=list, compare=False, repr=False)
 
     def classes(self) -> tuple[type, ...]:

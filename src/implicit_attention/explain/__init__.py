@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..capture import capture, layer_indices, prepare_inputs, select_layers
+from ..capture import call_model, capture, layer_indices, prepare_inputs, select_layers
 from ..capture import model_dtype
 from ..decompose import (DEFAULT_TOLERANCE, Decomposition, build_layers, check_variant, compute_dtype_for,
                          ensure_decomposition_fits)
@@ -84,7 +84,7 @@ def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method:
     compute_dtype = compute_dtype_for(model, dtype)
     if method in BASELINE_METHODS:
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logits = call_model(model, ids, mask).logits
         tgt = resolve_target(logits, target, position, length)
         relevance = _baseline(method, model, ids, mask, tgt, steps=steps, seed=seed)
         return Explanation(_finish(relevance, mask, compute_dtype), tgt, logits, None, method, variant)
@@ -99,7 +99,7 @@ def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method:
     grads: list[torch.Tensor] = []
     with torch.set_grad_enabled(need_grad), \
             capture(model, targets, keep_graph=need_grad, block_inputs=method == "paper") as captured:
-        out = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+        out = call_model(model, None, mask, inputs_embeds=embeds)
         logits = getattr(out, "logits", None)
         tgt = resolve_target(logits, target, position, length)
         if need_grad:

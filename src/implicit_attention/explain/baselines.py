@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..capture import call_model
 from .target import Target
 
 
@@ -19,7 +20,7 @@ def _embed(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 def _score_fn(model: nn.Module, target: Target):
     """``f(inputs_embeds, attention_mask, target_ids) -> [B]``, the form captum expects."""
     def score(embeds, attention_mask, target_ids):
-        out = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        out = call_model(model, None, attention_mask, inputs_embeds=embeds)
         return Target(ids=target_ids, position=target.position).score(out.logits)
     return score
 
