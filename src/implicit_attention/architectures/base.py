@@ -178,10 +178,31 @@ class LayerDecomposition(ABC):
         if how not in self._aggregates:
             total = torch.zeros(self.batch_size, self.length, self.length, dtype=self.dtype, device=self.device)
             for _, block in self.blocks():
-                part = block if how == "mean" else block.abs() if how == "abs" else block.clamp(min=0)
-                total += part.sum(dim=1)
+                total += _reduce(block, how).sum(dim=1)
             self._aggregates[how] = total / self.channels
         return self._aggregates[how]
+
+    def aggregate_rows(self, rows, how: Aggregate = "mean") -> torch.Tensor:
+        """``[B, R, L]`` rows ``rows`` (``[R]`` indices, negatives count from the end) of :meth:`aggregate`.
+
+        Architectures override this to compute only those rows (``O(L * C * N)`` per row for
+        Mamba); this generic version reads them off the channel blocks.
+        """
+        rows = self._row_index(rows)
+        if how not in AGGREGATES:
+            raise ValueError(f"how must be one of {AGGREGATES}, got {how!r}")
+        if how in self._aggregates:
+            return self._aggregates[how][:, rows]
+        total = torch.zeros(self.batch_size, len(rows), self.length, dtype=self.dtype, device=self.device)
+        for _, block in self.blocks():
+            total += _reduce(block[:, :, rows], how).sum(dim=1)
+        return total / self.channels
+
+    def _row_index(self, rows) -> torch.Tensor:
+        rows = torch.as_tensor(rows, device=self.device).long().reshape(-1)
+        if ((rows < -self.length) | (rows >= self.length)).any():
+            raise IndexError(f"rows {rows.tolist()} out of range for {self.length} tokens")
+        return rows % self.length
 
     def attribution(self, grad: torch.Tensor) -> torch.Tensor:
         """``[B, L, L]`` gradient-weighted map ``mean_c clamp(grad_i * A[i, j] * v_j, min=0)``.
@@ -214,3 +235,7 @@ class LayerDecomposition(ABC):
         """A one-line estimate of what :attr:`matrix` would take."""
         return format_bytes(self.batch_size * self.channels * self.length ** 2 * self.dtype.itemsize)
 
+
+def _reduce(block: torch.Tensor, how: str) -> torch.Tensor:
+    """The per-channel transform whose channel mean is aggregate ``how``."""
+    return block if how == "mean" else block.abs() if how == "abs" else block.clamp(min=0)

@@ -113,7 +113,7 @@ def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method:
     row = tgt.position
     mask_f = mask.to(compute_dtype) if mask is not None else torch.ones_like(ids, dtype=compute_dtype)
     if method == "raw":
-        relevance = torch.stack([layer.aggregate(aggregate)[:, row, :] for layer in built]).mean(dim=0)
+        relevance = torch.stack([layer.aggregate_rows([row], aggregate)[:, 0] for layer in built]).mean(dim=0)
     elif method == "rollout":
         relevance = rollout([layer.aggregate(aggregate) for layer in built])[:, row, :]
     elif method == "attribution":
@@ -123,7 +123,7 @@ def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method:
         start = len(built) // 2 if start_layer is None else start_layer
         if not -len(built) <= start < len(built):
             raise IndexError(f"start_layer {start} out of range for {len(built)} layers")
-        rows = [layer.aggregate("pos")[:, row, :] for layer in built]
+        rows = [layer.aggregate_rows([row], "pos")[:, 0] for layer in built]
         saliency = [minmax(grad.detach().to(compute_dtype).clamp(min=0).amax(dim=-1), mask_f) for grad in grads]
         relevance = paper_rollout(rows[start:], saliency[start:], mask_f, row)
     return Explanation(_finish(relevance, mask, compute_dtype), tgt, logits.detach(), decomposition, method, variant)

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..base import LayerDecomposition
 from ..registry import Architecture, CapturedLayer, register
+from .fast import matrix_rows, signed_mean
 from .operator import EXACT_VARIANTS, VARIANTS, MambaFactors, mamba_block, values_for
 
 
@@ -66,6 +67,25 @@ class MambaLayerDecomposition(LayerDecomposition):
 
     def _block(self, channels: slice):
         return mamba_block(self.factors, channels, self.variant)
+
+    def aggregate(self, how="mean", channel=None):
+        # the signed mean factorises: never builds per-channel blocks (see fast.py)
+        if how == "mean" and channel is None and "mean" not in self._aggregates:
+            self._aggregates["mean"] = signed_mean(self.factors, self.variant, chunk_bytes=self.block_bytes)
+        return super().aggregate(how, channel)
+
+    def aggregate_rows(self, rows, how="mean"):
+        rows = self._row_index(rows)
+        if how in self._aggregates:
+            return self._aggregates[how][:, rows]
+        per_channel = matrix_rows(self.factors, self.variant, rows)          # [B, R, E, L]
+        if how == "abs":
+            per_channel = per_channel.abs()
+        elif how == "pos":
+            per_channel = per_channel.clamp(min=0)
+        elif how != "mean":
+            raise ValueError(f"how must be one of ('mean', 'abs', 'pos'), got {how!r}")
+        return per_channel.mean(dim=2)
 
     def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         # out = silu(z) * (S u + D u) for "s6", silu(z) * (A x + offset) for "no_gate": the gate

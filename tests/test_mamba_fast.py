@@ -1,0 +1,71 @@
+"""Fast Mamba aggregates (factorised signed mean, single rows) against the direct computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import implicit_attention as ia
+from implicit_attention.architectures.base import LayerDecomposition
+from implicit_attention.architectures.mamba import mamba_factors
+from implicit_attention.architectures.mamba.fast import exact_channel_mean, matrix_rows, signed_mean
+from implicit_attention.architectures.mamba.operator import VARIANTS, mamba_block
+from implicit_attention.capture import capture, select_layers
+
+from conftest import assert_close, left_padded, tiny_mamba
+
+
+def factors_of(model, ids, mask, layer=-1, dtype=torch.float64):
+    targets = select_layers(model, [layer])
+    with torch.no_grad(), capture(model, targets) as captured:
+        model(input_ids=ids, attention_mask=mask)
+    r = captured[0]
+    return mamba_factors(r.module, r.inputs, r.attention_mask, dtype)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("conv_kernel", [2, 4, 5])
+@pytest.mark.parametrize("block", [1, 3, 8, 64])
+def test_factorised_mean_equals_direct_mean(variant, conv_kernel, block):
+    model = tiny_mamba(dtype=torch.float64, conv_kernel=conv_kernel, seed=conv_kernel)
+    ids, mask = left_padded(batch=2, length=21, seed=block)
+    f = factors_of(model, ids, mask)
+    assert_close(signed_mean(f, variant, block=block), exact_channel_mean(f, variant), 1e-12, variant)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rows_equal_full_matrix_rows(variant):
+    model = tiny_mamba(dtype=torch.float64)
+    ids, mask = left_padded(batch=2, length=11)
+    f = factors_of(model, ids, mask)
+    full, _ = mamba_block(f, slice(0, f.x.shape[-1]), variant)                 # [B, E, L, L]
+    rows = torch.tensor([0, 4, 10])
+    assert_close(matrix_rows(f, variant, rows), full[:, :, rows].transpose(1, 2), 1e-12, variant)
+
+
+@pytest.mark.parametrize("how", ["mean", "abs", "pos"])
+def test_layer_aggregate_rows_match_generic(how):
+    model = tiny_mamba(dtype=torch.float64)
+    ids, mask = left_padded(batch=2, length=9)
+    layer = ia.decompose(model, ids, mask).layers[0]
+    generic = LayerDecomposition.aggregate_rows(layer, [-1, 2], how)            # block-based
+    assert_close(layer.aggregate_rows([-1, 2], how), generic, 1e-12, how)
+    direct = torch.stack([(b if how == "mean" else b.abs() if how == "abs" else b.clamp(min=0))
+                          for b in [layer.matrix]])[0].mean(1)
+    assert_close(layer.aggregate(how), direct, 1e-12, how)
+
+
+def test_float32_fast_mean_is_stable_on_long_inputs():
+    """L = 768 with large steps: float32 factorised mean vs float64 direct mean."""
+    model = tiny_mamba(dtype=torch.float64, hidden_size=8, state_size=4)
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.mixer.dt_proj.bias.add_(2.0)        # dt ~ 2: cumulative sums reach ~1500
+    ids = torch.randint(1, 40, (1, 768), generator=torch.Generator().manual_seed(0))
+    f64 = factors_of(model, ids, None)
+    f32 = factors_of(model, ids, None, dtype=torch.float32)
+    assert float(f64.dt.sum(1).max()) > 1000
+    reference = exact_channel_mean(f64, "unified")
+    fast = signed_mean(f32, "unified")
+    assert torch.isfinite(fast).all()
+    assert_close(fast.double(), reference, 1e-5, "float32 fast mean, L=768")
