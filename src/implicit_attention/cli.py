@@ -1,0 +1,419 @@
+"""The ``implicit-attention`` command line (also ``python -m implicit_attention``).
+
+Subcommands:
+
+- ``explain TEXT...``: predict, explain the prediction with relevance per token, and optionally
+  write an HTML/JSON report with the per-layer implicit attention matrices (``--out DIR``).
+- ``info``: the model's class, its decomposable layers and the formulations offered.
+
+Run ``implicit-attention explain --help`` for every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import ImplicitAttentionError, ReconstructionError
+
+PROG = "implicit-attention"
+VARIANT_CHOICES = ("unified", "s6", "no_conv", "no_gate", "no_act")
+AGGREGATE_CHOICES = ("abs", "pos", "mean")
+DTYPE_CHOICES = ("float32", "float64")
+
+EXPLAIN_EPILOG = """\
+examples:
+  # the bundled sentiment model, the default method (attribution)
+  implicit-attention explain "an utterly charming film"
+
+  # several texts are explained in one batch (left padding)
+  implicit-attention explain "a gorgeous, witty film" "a dull, lifeless mess"
+
+  # explain a given label (not the prediction), with attention rollout on the last two layers
+  implicit-attention explain "not bad at all" --target positive --method rollout --layers=-2,-1
+
+  # write report.html + explanation.json + matrix images; float64 for much smaller errors
+  implicit-attention explain "an utterly charming film" --out report/ --dtype float64
+
+  # another model: a local directory saved with save_pretrained(), or a Hub id (needs network)
+  implicit-attention explain "The capital of France is" --model state-spaces/mamba-130m-hf --target " Paris"
+
+exit status: 0 on success, 2 on a usage error or an error reported by the library
+(an empty text, an unsupported model, a reconstruction above tolerance, ...).
+"""
+
+INFO_EPILOG = """\
+examples:
+  implicit-attention info
+  implicit-attention info --model ./my-mamba-model
+"""
+
+
+def _negative_number_lists(parser: argparse.ArgumentParser) -> None:
+    """Let option values such as ``-1,0`` (layer lists) be read as values, not as options."""
+    if hasattr(parser, "_negative_number_matcher"):
+        parser._negative_number_matcher = re.compile(r"^-\d+(,-?\d+)*$|^-\d*\.\d+$")
+
+
+def parse_layers(value: str) -> list[int]:
+    """``"0,1,-1"`` -> ``[0, 1, -1]``."""
+    try:
+        layers = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of layer indices such as 0,1,-1, got {value!r}") from None
+    if not layers:
+        raise argparse.ArgumentTypeError("expected at least one layer index")
+    return layers
+
+
+def _add_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", metavar="NAME_OR_DIR", default=None,
+        help="a local model directory (written by save_pretrained) or a Hugging Face Hub id such as "
+             "state-spaces/mamba-130m-hf (needs network access or the local HF cache); default: the bundled "
+             "sentiment model rt-sentiment-mamba. A task.json in the directory (prompt template and label "
+             "words) turns predictions into labels.")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                        help="dtype the model is loaded and run in, and the decomposition computed in "
+                             "(default: %(default)s; float64 gives much smaller reconstruction errors and "
+                             "checks them against 1e-6 instead of 1e-4)")
+    parser.add_argument("--device", default=None,
+                        help="device for the model, e.g. cpu or cuda:0 (default: cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``implicit-attention`` command."""
+    from .explain import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Explain predictions of Mamba models with their exact implicit attention matrices.",
+        epilog=f"Run '{PROG} explain --help' or '{PROG} info --help' for the options of each command.\n\n"
+               + EXPLAIN_EPILOG.split("\n\n")[0] + "\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_string())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    explain = sub.add_parser(
+        "explain", help="predict and explain texts (relevance per token; optional HTML report)",
+        description="Predict the next token (a label for the bundled task model) for each TEXT and show "
+                    "which input tokens drove the prediction: tokens are coloured red for positive and blue "
+                    "for negative relevance. The token-mixing layers are rewritten as exact implicit attention "
+                    "matrices; the largest relative reconstruction error is printed as a check.",
+        epilog=EXPLAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _negative_number_lists(explain)
+    explain.add_argument("texts", nargs="+", metavar="TEXT",
+                         help="text(s) to explain; several texts run as one left-padded batch. For a task model "
+                              "the text is put into the task's prompt template. Use -- before a text that "
+                              "starts with '-'.")
+    _add_model_option(explain)
+    explain.add_argument(
+        "--method", choices=METHODS, default="attribution",
+        help="how relevance is computed (default: %(default)s). From the implicit attention: raw (row of the "
+             "layer-mean map), rollout (attention rollout), attribution (gradient-weighted attention rollout, "
+             "Chefer et al.), paper (the paper's ViM recipe). Baselines without matrices: random, grad_x_input, "
+             "integrated_gradients, occlusion.")
+    explain.add_argument(
+        "--variant", choices=VARIANT_CHOICES, default="unified",
+        help="implicit attention formulation (default: %(default)s, the exact one). s6 is the earlier S6-only "
+             "hidden attention; no_conv, no_gate and no_act leave out the convolution, the gate or the "
+             "activation (ablations; their reconstruction error shows what they miss). Baselines ignore it.")
+    explain.add_argument(
+        "--layers", type=parse_layers, default=None, metavar="I,J,...",
+        help="token-mixing layers to use, as comma-separated indices; negatives count from the end "
+             "(e.g. 0,1,-1 or --layers=-1). Default: all layers.")
+    explain.add_argument(
+        "--aggregate", choices=AGGREGATE_CHOICES, default="abs",
+        help="how the per-channel matrices are averaged for the raw and rollout methods: abs = mean of |A|, "
+             "pos = mean of max(A, 0), mean = signed mean (default: %(default)s)")
+    explain.add_argument(
+        "--target", default=None,
+        help="what to explain. Task models: a label (e.g. positive, negative); otherwise (or also) a token id "
+             "or a string that is exactly one token (e.g. ' Paris'). Default: the predicted label / token.")
+    explain.add_argument(
+        "--position", type=int, default=-1,
+        help="output position whose prediction is explained; negatives count from the end (default: -1, the "
+             "end of the text or prompt)")
+    explain.add_argument(
+        "--out", metavar="DIR", default=None,
+        help="write DIR/report.html (tokens as a heatmap, prediction, per-layer errors and aggregated matrices "
+             "as images) and DIR/explanation.json. The files are written to a temporary directory first and "
+             "moved into place when complete; DIR must not exist or be empty unless --force is given")
+    explain.add_argument(
+        "--force", action="store_true",
+        help="with --out: if DIR holds files, replace the report files in it (other files are kept)")
+    explain.add_argument(
+        "--no-check", dest="check", action="store_false",
+        help="do not fail when an exact decomposition misses its layer's output by more than the tolerance "
+             "(1e-4 for float32, 1e-6 for float64); the error is still printed")
+    explain.add_argument(
+        "--color", action=argparse.BooleanOptionalAction, default=None,
+        help="colour the tokens with 24-bit ANSI backgrounds (default: when stdout is a terminal and NO_COLOR "
+             "is not set); without colour each token is followed by its normalised relevance in brackets")
+    explain.set_defaults(handler=cmd_explain)
+
+    info = sub.add_parser("info", help="show the model's decomposable layers and the variants",
+                          description="Print the model class, its decomposable token-mixing layers (index, "
+                                      "module path, architecture, channels), the task if any, and the "
+                                      "variants and methods offered.",
+                          epilog=INFO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_option(info)
+    info.set_defaults(handler=cmd_info)
+    return parser
+
+
+def version_string() -> str:
+    import torch
+    import transformers
+    return f"{PROG} {__version__} (torch {torch.__version__}, transformers {transformers.__version__})"
+
+
+# ------------------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' and huggingface_hub's info/warning logs and progress bars during a command.
+
+    Library errors still surface as exceptions; only chatter (kernel fallbacks, download retries,
+    weight-loading bars) is hidden. The previous settings are restored afterwards.
+    """
+    import logging
+
+    restore = []
+    try:
+        from transformers.utils import logging as hf_logging
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        restore.append(lambda: hf_logging.set_verbosity(verbosity))
+        if bars:
+            restore.append(hf_logging.enable_progress_bar)
+    except ImportError:  # pragma: no cover
+        pass
+    hub_logger = logging.getLogger("huggingface_hub")
+    hub_level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    restore.append(lambda: hub_logger.setLevel(hub_level))
+    try:
+        yield
+    finally:
+        for undo in reversed(restore):
+            undo()
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"invalid --device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+
+
+def _use_color(flag: bool | None) -> bool:
+    if flag is not None:
+        return flag
+    if os.environ.get("NO_COLOR"):
+        return False
+    return sys.stdout.isatty()
+
+
+def _target_info(loaded, token_id: int, position: int, padding: int) -> dict:
+    """The explained score of one example; ``position`` indexes its real tokens (padding removed)."""
+    from .bundled import _decode
+    label = next((name for name, tid in loaded.label_ids.items() if tid == token_id), None)
+    inside = position - padding
+    return {"id": int(token_id), "token": _decode(loaded, int(token_id)), "label": label,
+            "position": inside if inside >= 0 else None, "batch_position": int(position)}
+
+
+def _prediction_line(pred) -> str:
+    if pred.is_label:
+        others = ", ".join(f"{k} {v:.4f}" for k, v in pred.probabilities.items())
+        return f"prediction: {pred.label} (p={pred.probability:.4f}; {others})"
+    return f"next token: {pred.label!r} (id {pred.token_id}, p={pred.probability:.4f})"
+
+
+# -------------------------------------------------------------------------------------- explain
+def cmd_explain(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bundled import encode, load_model, predict, resolve_target, token_strings
+    from .decompose import decompose
+    from .explain import run_explanation
+
+    _check_device(args.device)
+    if args.force and args.out is None:
+        raise ValueError("--force only applies together with --out DIR")
+    if args.out is not None:
+        out = os.path.expanduser(args.out)
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ValueError(f"--out {args.out!r} exists and is not a directory")
+        if not args.force and os.path.isdir(out) and os.listdir(out):
+            raise ValueError(f"--out directory {args.out!r} is not empty; choose a new directory or pass --force "
+                             "to replace the report files in it (other files are kept)")
+
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    ids, mask = encode(loaded, args.texts)
+    length = ids.shape[1]
+    if not -length <= args.position < length:
+        raise ValueError(f"--position {args.position} out of range for {length} tokens")
+    at_end = args.position % length == length - 1
+
+    target = resolve_target(loaded, args.target)
+    if target is None and loaded.label_ids and at_end:
+        with torch.no_grad():
+            first = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        target = [p.token_id for p in predict(loaded, first, args.position)]
+
+    explanation = run_explanation(
+        loaded.model, ids, mask, method=args.method, variant=args.variant, layers=args.layers,
+        target=target, position=args.position, aggregate=args.aggregate, check=args.check)
+    decomposition = explanation.decomposition
+    if decomposition is None and args.out is not None:
+        decomposition = decompose(loaded.model, ids, mask, variant=args.variant, layers=args.layers,
+                                  check=args.check)
+
+    if loaded.label_ids and at_end:
+        predictions = predict(loaded, explanation.logits, args.position)
+    else:
+        from .bundled import predict_next_token
+        predictions = predict_next_token(loaded, explanation.logits, args.position)
+
+    color = _use_color(args.color)
+    from .render import color_tokens
+    print(f"model: {loaded.name} ({type(loaded.model).__name__}, {args.dtype})")
+    print(f"method: {args.method}   variant: {args.variant}"
+          + (f"   layers: {','.join(map(str, args.layers))}" if args.layers else ""))
+    per_example = []
+    for b, text in enumerate(args.texts):
+        row_mask = mask[b].bool()
+        tokens = token_strings(loaded, ids[b], mask[b])
+        relevance = explanation.relevance[b][row_mask].detach().cpu().double()
+        padding = int((~row_mask).sum())
+        tgt = _target_info(loaded, int(explanation.target.ids[b]), explanation.target.position, padding)
+        print()
+        print(f"[{b + 1}] {text!r}" if len(args.texts) > 1 else f"text: {text!r}")
+        print(f"  {_prediction_line(predictions[b])}")
+        explained = tgt["label"] or repr(tgt["token"])
+        where = (f"after token {tgt['position']} ({tokens[tgt['position']]!r})" if tgt["position"] is not None
+                 else f"at padded position {tgt['batch_position']} (inside the left padding of this text)")
+        print(f"  explaining: the logit of {explained} (token id {tgt['id']}) {where}")
+        scale = float(relevance.abs().max()) if relevance.numel() else 0.0
+        print(f"  relevance (red +, blue -; max |r| = {scale:.3g}):")
+        print("  " + color_tokens(tokens, relevance, color=color))
+        per_example.append((text, tokens, relevance, predictions[b], tgt, b, row_mask))
+
+    print()
+    if decomposition is not None:
+        errors = decomposition.errors
+        worst = max(range(len(errors)), key=lambda i: errors[i])
+        print(f"max reconstruction error: {errors[worst]:.2e} (worst of {len(errors)} decomposed layers: "
+              f"layer {decomposition.layers[worst].index}; variant {args.variant})")
+    else:
+        print(f"max reconstruction error: n/a (the {args.method} baseline does not decompose the layers)")
+
+    if args.out is not None:
+        from .render import ReportExample, ReportLayer, write_report
+        names = {name: arch.name for name, _, arch in _layers_of(loaded.model)}
+        layers = [ReportLayer(index=l.index, name=l.name, error=float(l.error), architecture=names.get(l.name, ""),
+                              exact=bool(l.exact)) for l in decomposition.layers]
+        examples = []
+        for text, tokens, relevance, pred, tgt, b, row_mask in per_example:
+            keep = row_mask.nonzero().reshape(-1)
+            matrices = {}
+            for layer in decomposition.layers:
+                matrices[layer.index] = {
+                    how: layer.aggregate(how)[b].index_select(0, keep).index_select(1, keep).detach().cpu().double()
+                    for how in ("mean", "abs")}
+            examples.append(ReportExample(text=text, tokens=tokens, relevance=relevance, prediction=pred.to_dict(),
+                                          target=tgt, token_ids=ids[b][row_mask].tolist(), matrices=matrices))
+        settings = {"layers": ",".join(map(str, args.layers)) if args.layers else "all",
+                    "aggregate": args.aggregate if args.method in ("raw", "rollout") else None,
+                    "position": args.position, "target": args.target, "dtype": args.dtype,
+                    "check": args.check, "device": str(loaded.device)}
+        report = write_report(args.out, examples=examples, layers=layers, method=args.method, variant=args.variant,
+                              model=loaded.name, settings=settings, overwrite=args.force)
+        print(f"report: {report}")
+    return 0
+
+
+def _layers_of(model):
+    from .architectures import find_layers
+    return find_layers(model)
+
+
+# ----------------------------------------------------------------------------------------- info
+def cmd_info(args: argparse.Namespace) -> int:
+    from .bundled import load_model
+    from .explain import BASELINE_METHODS, MATRIX_METHODS
+
+    _check_device(args.device)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    model = loaded.model
+    found = _layers_of(model)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model: {loaded.name}")
+    print(f"class: {type(model).__name__} ({params:,} parameters, {args.dtype}, {loaded.device})")
+    if loaded.task is not None:
+        words = ", ".join(f"{label} = {loaded.task['label_words'][label]!r} (token {tid})"
+                          for label, tid in loaded.label_ids.items())
+        print(f"task: prompt {loaded.task['template']!r}; labels: {words}")
+        for key in ("test_accuracy", "validation_accuracy"):
+            if key in loaded.task:
+                print(f"  {key.replace('_', ' ')}: {loaded.task[key]}")
+    print(f"decomposable token-mixing layers: {len(found)}")
+    rows = [("index", "module", "architecture", "channels")]
+    for i, (name, module, arch) in enumerate(found):
+        out_module = getattr(module, arch.output_module, None)
+        channels = getattr(out_module, "in_features", None)
+        rows.append((str(i), name, arch.name, str(channels) if channels is not None else "?"))
+    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+    for r in rows:
+        print("  " + "  ".join(cell.rjust(w) if c in (0, 3) else cell.ljust(w)
+                               for c, (cell, w) in enumerate(zip(r, widths))).rstrip())
+    seen = []
+    for _, _, arch in found:
+        if arch not in seen:
+            seen.append(arch)
+    for arch in seen:
+        variants = ", ".join(f"{v} (default, exact)" if i == 0 else v for i, v in enumerate(arch.variants))
+        print(f"variants ({arch.name}): {variants}")
+    print(f"methods: {', '.join(MATRIX_METHODS)} (implicit attention); {', '.join(BASELINE_METHODS)} (baselines)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 success, 2 usage or library error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    try:
+        with _quiet_transformers():
+            return args.handler(args)
+    except ReconstructionError as exc:
+        print(f"error: {exc} (on the command line: --no-check)", file=sys.stderr)
+        return 2
+    except (ImplicitAttentionError, ValueError, IndexError, OSError) as exc:
+        message = str(exc).strip() or type(exc).__name__
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""Showing explanations: coloured tokens in a terminal, matrix images, and an HTML report.
+
+- :func:`color_tokens` colours tokens by relevance with ANSI 24-bit background colours (red for
+  positive relevance, blue for negative, intensity ``|r| / max |r|``), or writes plain text
+  with the normalised relevance in brackets: ``<s>[+0.10] great[+1.00] film[-0.50]``.
+- :func:`matrix_png` draws one ``[L, L]`` map with matplotlib (Agg, no GUI, no global state).
+- :func:`write_report` writes ``report.html`` (self-contained apart from the PNG files next to
+  it) and ``explanation.json`` into a directory, atomically.
+
+Output directory policy of :func:`write_report`: everything is first written into a fresh
+temporary directory next to ``out_dir`` (same file system) and only moved into place once every
+file is complete; on any failure the temporary directory is removed and ``out_dir`` is left as
+it was. If ``out_dir`` does not exist or is empty, the temporary directory is renamed to it (one
+atomic step). If it holds files, :class:`OutputDirectoryError` is raised unless
+``overwrite=True``; then only the report's own files are replaced: the new files are moved in,
+and the files listed in the previous ``explanation.json`` that the new report does not have are
+deleted. Other files in the directory are never touched.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+import unicodedata
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .errors import ImplicitAttentionError
+
+__all__ = [
+    "OutputDirectoryError", "ReportExample", "ReportLayer", "color_tokens", "display_token", "matrix_png",
+    "normalize_relevance", "relevance_rgb", "versions", "write_report",
+]
+
+REPORT_FILES = ("report.html", "explanation.json")
+RESET = "\x1b[0m"
+
+
+class OutputDirectoryError(ImplicitAttentionError, FileExistsError):
+    """The report's output directory cannot be used (not empty without ``overwrite``, or not a directory)."""
+
+
+# ---------------------------------------------------------------------------------- relevance
+def _to_floats(relevance) -> list[float]:
+    if hasattr(relevance, "detach"):
+        relevance = relevance.detach().cpu().double().reshape(-1).tolist()
+    elif hasattr(relevance, "tolist"):
+        relevance = relevance.reshape(-1).tolist()
+    return [float(r) for r in relevance]
+
+
+def normalize_relevance(relevance) -> list[float]:
+    """``r / max |r|`` over the given (real) tokens, in ``[-1, 1]``; non-finite values become 0.
+
+    All zeros stay all zeros.
+    """
+    values = [r if math.isfinite(r) else 0.0 for r in _to_floats(relevance)]
+    scale = max((abs(r) for r in values), default=0.0)
+    return [r / scale for r in values] if scale > 0 else [0.0 for _ in values]
+
+
+def relevance_rgb(weight: float) -> tuple[int, int, int]:
+    """Background colour of a normalised relevance in ``[-1, 1]``: white to red (+), white to blue (-)."""
+    weight = max(-1.0, min(1.0, weight))
+    fade = round(255 * (1 - abs(weight)))
+    return (255, fade, fade) if weight >= 0 else (fade, fade, 255)
+
+
+def display_token(token: str) -> str:
+    """``token`` with control and invisible characters made visible (``\\n``, ``\\x1b``, ...).
+
+    Keeps terminal escapes typed into the input text from reaching the terminal.
+    """
+    out = []
+    for ch in token:
+        if ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "\r":
+            out.append("\\r")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") and ch != " ":
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def color_tokens(tokens: Sequence[str], relevance, *, color: bool = True) -> str:
+    """One line of ``tokens`` coloured by ``relevance`` (one value per token).
+
+    With ``color``, each token is wrapped as ``ESC[38;2;0;0;0;48;2;R;G;Bm`` + token + ``ESC[0m``
+    (black text on the :func:`relevance_rgb` background). Without, each token is followed by
+    its normalised relevance in brackets: ``" great[+1.00]"``. Tokens are concatenated as they
+    are (word-initial tokens carry their leading space).
+    """
+    weights = normalize_relevance(relevance)
+    if len(weights) != len(tokens):
+        raise ValueError(f"got {len(tokens)} tokens but {len(weights)} relevance values")
+    parts = []
+    for token, weight in zip(tokens, weights):
+        shown = display_token(token)
+        if color:
+            r, g, b = relevance_rgb(weight)
+            parts.append(f"\x1b[38;2;0;0;0;48;2;{r};{g};{b}m{shown}{RESET}")
+        else:
+            parts.append(f"{shown}[{weight:+.2f}]")
+    return "".join(parts)
+
+
+# ------------------------------------------------------------------------------------- images
+def _tick_label(token: str) -> str:
+    # "$" would start matplotlib mathtext; keep the label short.
+    text = display_token(token).replace("$", r"\$")
+    if not text.strip():
+        text = "␣" * max(1, len(text))  # a visible space
+    return text if len(text) <= 16 else text[:15] + "…"
+
+
+def matrix_png(matrix, tokens: Sequence[str] | None, path: str | os.PathLike, title: str = "", *,
+               symmetric: bool | None = None, dpi: int = 100) -> Path:
+    """Draw an ``[L, L]`` map (rows: output position, columns: input position) to ``path``.
+
+    Signed maps (``symmetric``, default: when the map has negative entries) use a diverging
+    red/blue scale centred on 0; non-negative maps a sequential scale. Tokens label the axes
+    when ``L <= 64``.
+    """
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    data = matrix.detach().cpu().double().numpy() if hasattr(matrix, "detach") else np.asarray(matrix, dtype=float)
+    if data.ndim != 2 or data.shape[0] != data.shape[1]:
+        raise ValueError(f"matrix must be [L, L], got shape {tuple(data.shape)}")
+    length = data.shape[0]
+    if tokens is not None and len(tokens) != length:
+        raise ValueError(f"got {len(tokens)} tokens for a {length} x {length} matrix")
+    finite = data[np.isfinite(data)]
+    if symmetric is None:
+        symmetric = bool(finite.size and finite.min() < 0)
+    size = min(12.0, max(4.5, 2.5 + 0.16 * length))
+    fig = Figure(figsize=(size + 1.2, size))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if symmetric:
+        bound = float(np.abs(finite).max()) if finite.size else 1.0
+        bound = bound or 1.0
+        image = ax.imshow(data, cmap="RdBu_r", vmin=-bound, vmax=bound, interpolation="nearest")
+    else:
+        image = ax.imshow(data, cmap="Reds", vmin=0.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.set_xlabel("input token j")
+    ax.set_ylabel("output position i")
+    if tokens is not None and length <= 64:
+        labels = [_tick_label(t) for t in tokens]
+        fontsize = 8 if length <= 24 else 6 if length <= 40 else 5
+        ax.set_xticks(range(length))
+        ax.set_xticklabels(labels, rotation=90, fontsize=fontsize)
+        ax.set_yticks(range(length))
+        ax.set_yticklabels(labels, fontsize=fontsize)
+    fig.tight_layout()
+    path = Path(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # missing glyphs in the default font
+        fig.savefig(path, dpi=dpi, format="png")
+    return path
+
+
+# ------------------------------------------------------------------------------------- report
+@dataclass
+class ReportLayer:
+    """One decomposed layer in a report: its index, module path, architecture and reconstruction error."""
+
+    index: int
+    name: str
+    error: float
+    architecture: str = ""
+    exact: bool = True
+
+
+@dataclass
+class ReportExample:
+    """One explained text.
+
+    Attributes:
+        text: the input text as given.
+        tokens: display strings of the real tokens (the prompt, padding removed).
+        relevance: one value per token.
+        prediction: e.g. ``Prediction.to_dict()``: ``label``, ``probability``, ``probabilities``, ...
+        target: the explained score: ``id``, ``token``, ``label`` (or ``None``), ``position``.
+        token_ids: the ids of ``tokens`` (optional).
+        matrices: ``{layer index: {"mean": [L, L], "abs": [L, L]}}`` aggregated implicit attention
+            over the real tokens (optional).
+    """
+
+    text: str
+    tokens: list[str]
+    relevance: Any
+    prediction: dict
+    target: dict
+    token_ids: list[int] | None = None
+    matrices: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+MATRIX_TITLES = {"mean": "signed channel mean of A", "abs": "channel mean of |A|", "pos": "channel mean of max(A, 0)"}
+
+
+def versions() -> dict[str, str]:
+    """Versions of implicit_attention, torch, transformers and Python."""
+    from . import __version__
+    out = {"implicit_attention": __version__, "python": platform.python_version()}
+    for module in ("torch", "transformers"):
+        try:
+            out[module] = __import__(module).__version__
+        except ImportError:  # pragma: no cover
+            pass
+    return out
+
+
+def _clean(x):
+    """JSON-safe copy: non-finite floats become ``None``; tensors / arrays become lists."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().tolist()
+    elif hasattr(x, "tolist") and not isinstance(x, (str, bytes)):
+        x = x.tolist()
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_report(out_dir: str | os.PathLike, *, examples: Sequence[ReportExample], layers: Sequence[ReportLayer],
+                 method: str, variant: str, model: str, settings: dict | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write ``report.html``, ``explanation.json`` and the matrix PNGs into ``out_dir``, atomically.
+
+    See the module docstring for what happens when ``out_dir`` already has files. Returns the
+    path of ``report.html``.
+
+    ``explanation.json`` holds ``model``, ``method``, ``variant``, ``settings``, ``layers`` (index,
+    name, architecture, exact, error), ``max_error``, ``examples`` (text, tokens, token_ids,
+    relevance, relevance_normalized, prediction, target, images), ``files`` (every file of the
+    report) and ``versions``.
+
+    Raises:
+        OutputDirectoryError: ``out_dir`` is a file, or is not empty and ``overwrite`` is false.
+    """
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OutputDirectoryError(f"output path {str(out)!r} exists and is not a directory")
+    nonempty = out.is_dir() and any(out.iterdir())
+    if nonempty and not overwrite:
+        raise OutputDirectoryError(
+            f"output directory {str(out)!r} is not empty; choose a new directory or pass --force "
+            "(overwrite=True) to replace the report files in it (other files are kept)")
+    for example in examples:
+        if len(_to_floats(example.relevance)) != len(example.tokens):
+            raise ValueError(f"example {example.text!r}: {len(example.tokens)} tokens but "
+                             f"{len(_to_floats(example.relevance))} relevance values")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        files = _write_files(tmp, examples=examples, layers=layers, method=method, variant=variant, model=model,
+                             settings=settings or {})
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; give it a normal directory's mode
+        if not out.exists():
+            os.rename(tmp, out)
+        elif not any(out.iterdir()):
+            out.rmdir()
+            os.rename(tmp, out)
+        else:
+            _replace_files(tmp, out, files)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out / "report.html"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _replace_files(tmp: Path, out: Path, files: list[str]) -> None:
+    """Move the new report files into a non-empty ``out``; delete the old report's leftovers."""
+    old: list[str] = []
+    try:
+        previous = json.loads((out / "explanation.json").read_text(encoding="utf-8"))
+        old = [f for f in previous.get("files", []) if isinstance(f, str)]
+    except (OSError, ValueError, AttributeError):
+        pass
+    # images first, the two report files last: a reader never sees a report without its images
+    ordered = [f for f in files if f not in REPORT_FILES] + [f for f in REPORT_FILES if f in files]
+    for name in ordered:
+        target = out / name
+        if target.is_dir():
+            raise OutputDirectoryError(f"{str(target)!r} is a directory; cannot replace it with a report file")
+        os.replace(tmp / name, target)
+    for name in old:
+        if name not in files and name == Path(name).name and name.endswith(".png"):
+            try:
+                (out / name).unlink()
+            except OSError:
+                pass
+
+
+def _write_files(tmp: Path, *, examples, layers, method, variant, model, settings) -> list[str]:
+    images: list[list[dict]] = []
+    for e, example in enumerate(examples):
+        row = []
+        for layer in layers:
+            for how, matrix in example.matrices.get(layer.index, {}).items():
+                name = f"matrix_ex{e}_layer{layer.index}_{how}.png"
+                title = f"layer {layer.index} ({layer.name}): {MATRIX_TITLES.get(how, how)}"
+                matrix_png(matrix, example.tokens, tmp / name, title)
+                row.append({"file": name, "layer": layer.index, "aggregate": how})
+        images.append(row)
+    files = [img["file"] for row in images for img in row] + list(REPORT_FILES)
+    errors = [layer.error for layer in layers if math.isfinite(layer.error)]
+    info = {
+        "format": "implicit-attention-explanation",
+        "format_version": 1,
+        "model": model,
+        "method": method,
+        "variant": variant,
+        "settings": settings,
+        "layers": [{"index": l.index, "name": l.name, "architecture": l.architecture, "exact": l.exact,
+                    "error": l.error} for l in layers],
+        "max_error": max(errors) if errors else None,
+        "examples": [{
+            "text": ex.text,
+            "tokens": list(ex.tokens),
+            "token_ids": list(ex.token_ids) if ex.token_ids is not None else None,
+            "relevance": _to_floats(ex.relevance),
+            "relevance_normalized": normalize_relevance(ex.relevance),
+            "prediction": ex.prediction,
+            "target": ex.target,
+            "images": images[i],
+        } for i, ex in enumerate(examples)],
+        "files": files,
+        "versions": versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    (tmp / "explanation.json").write_text(json.dumps(_clean(info), indent=2, allow_nan=False, ensure_ascii=False)
+                                          + "\n", encoding="utf-8")
+    (tmp / "report.html").write_text(_html(info), encoding="utf-8")
+    return files
+
+
+# ---------------------------------------------------------------------------------------- HTML
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 72em;
+       padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+h3 { font-size: 1.05em; }
+table { border-collapse: collapse; margin: 0.5em 0; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f4f4f4; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; font-family: ui-monospace, monospace; }
+.meta td:first-child { font-weight: 600; }
+.tokens { font-family: ui-monospace, "SFMono-Regular", Menlo, monospace; white-space: pre-wrap;
+          line-height: 2; padding: 0.6em; border: 1px solid #ddd; border-radius: 4px; }
+.tok { color: #000; border-radius: 2px; padding: 0.1em 0; cursor: help; }
+.legend span { display: inline-block; padding: 0 0.5em; font-family: ui-monospace, monospace; }
+.text { font-style: italic; }
+.pred { font-size: 1.1em; }
+.matrices { display: flex; flex-wrap: wrap; gap: 1em; }
+.matrices figure { margin: 0; }
+.matrices img { max-width: 34em; width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 0.9em; color: #555; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+
+def _e(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _fmt(x, spec: str = ".3e") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def _token_html(tokens: Sequence[str], relevance: Sequence[float], normalized: Sequence[float]) -> str:
+    spans = []
+    for i, (tok, rel, w) in enumerate(zip(tokens, relevance, normalized)):
+        r, g, b = relevance_rgb(w)
+        tip = f"#{i} {display_token(tok)!r}: relevance {_fmt(rel, '.4g')} (normalised {w:+.3f})"
+        spans.append(f'<span class="tok" style="background: rgb({r}, {g}, {b})" title="{_e(tip)}">'
+                     f"{_e(display_token(tok))}</span>")
+    return "".join(spans)
+
+
+def _html(info: dict) -> str:
+    settings = info.get("settings") or {}
+    rows = [("model", info["model"]), ("method", info["method"]), ("variant", info["variant"])]
+    rows += [(k, v) for k, v in settings.items() if v is not None]
+    rows += [("versions", ", ".join(f"{k} {v}" for k, v in info["versions"].items())), ("created", info["created"])]
+    meta = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows)
+    lay = "".join(
+        f"<tr><td class=num>{_e(l['index'])}</td><td><code>{_e(l['name'])}</code></td><td>{_e(l['architecture'])}</td>"
+        f"<td>{'exact' if l['exact'] else 'ablation'}</td><td class=num>{_e(_fmt(l['error']))}</td></tr>"
+        for l in info["layers"])
+    layer_table = (f"<table><tr><th>layer</th><th>module</th><th>architecture</th><th>variant is</th>"
+                   f"<th>relative reconstruction error</th></tr>{lay}</table>"
+                   f"<p class=note>Maximum error: {_e(_fmt(info['max_error']))}. The error is "
+                   "‖reconstruction − module output‖ / ‖module output‖ over the whole batch.</p>") if info["layers"] \
+        else "<p class=note>No layer was decomposed.</p>"
+    legend = ('<p class="legend">Relevance: <span style="background: rgb(255, 0, 0)">positive</span> '
+              '<span style="background: rgb(255, 255, 255)">0</span> '
+              '<span style="background: rgb(0, 0, 255); color: #fff">negative</span> '
+              "(normalised by the largest |relevance| of the example; hover a token for its value)</p>")
+    sections = []
+    for i, ex in enumerate(info["examples"]):
+        pred = ex["prediction"] or {}
+        probs = "".join(f"<tr><td>{_e(k)}</td><td class=num>{_e(_fmt(v, '.4f'))}</td></tr>"
+                        for k, v in (pred.get("probabilities") or {}).items())
+        kind = "label" if pred.get("kind") == "label" else "next token"
+        tgt = ex["target"] or {}
+        target = (f"{_e(tgt.get('label') or repr(tgt.get('token')))} (token id {_e(tgt.get('id'))}, "
+                  f"output position {_e(tgt.get('position'))})")
+        figures = "".join(
+            f'<figure><img src="{_e(img["file"])}" alt="{_e(MATRIX_TITLES.get(img["aggregate"], img["aggregate"]))}'
+            f' of layer {_e(img["layer"])}"><figcaption>layer {_e(img["layer"])}: '
+            f'{_e(MATRIX_TITLES.get(img["aggregate"], img["aggregate"]))}</figcaption></figure>'
+            for img in ex["images"])
+        matrices = (f"<h3>Aggregated implicit attention per layer</h3><div class=matrices>{figures}</div>"
+                    if figures else "")
+        sections.append(
+            f"<h2>Example {i + 1}</h2><p class=text>{_e(ex['text'])}</p>"
+            f"<p class=pred>Prediction ({kind}): <strong>{_e(pred.get('label', ''))}</strong> "
+            f"with probability {_e(_fmt(pred.get('probability'), '.4f'))}</p>"
+            f"<table><tr><th>{'label' if kind == 'label' else 'token'}</th><th>probability</th></tr>{probs}</table>"
+            f"<p>Explained score: logit of {target}</p>"
+            f"<h3>Relevance of the input tokens</h3>{legend}"
+            f"<div class=tokens>{_token_html(ex['tokens'], ex['relevance'], ex['relevance_normalized'])}</div>"
+            f"{matrices}")
+    return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+            f"<meta name=viewport content='width=device-width, initial-scale=1'>"
+            f"<title>implicit attention: {_e(info['method'])} explanation</title><style>{_CSS}</style></head><body>"
+            f"<h1>Implicit attention explanation</h1><table class=meta>{meta}</table>"
+            f"<h2>Per-layer reconstruction error</h2>{layer_table}{''.join(sections)}"
+            f"<p class=note>Written by implicit_attention {_e(info['versions'].get('implicit_attention', ''))}; "
+            f"the data is in <a href=explanation.json>explanation.json</a>.</p></body></html>\n")
