@@ -1,0 +1,266 @@
+"""HGRN (Qin et al. 2023, "Hierarchically Gated Recurrent Neural Network for Sequence Modeling").
+
+Glossary: ``B`` batch, ``L`` tokens, ``D`` hidden size, ``E`` recurrence width
+(``expand_ratio * D``), ``K`` short conv width, ``l`` the layer index.
+
+The token mixer (HGRU, real-valued as in the authors' later releases), per channel::
+
+    x_t = W_i h_t + b_i                   (0 on padding)
+    c_t = sum_{s=0..K-1} w[K-1-s] x_{t-s} + b_conv      (optional short causal conv: the token-mixing input)
+    i_t = silu(c_t)                       (0 on padding)
+    f_t = lb_l + (1 - lb_l) sigmoid(W_f h_t + b_f)       (forget gate, lower bound lb_l per layer)
+    h_t = f_t h_{t-1} + (1 - f_t) i_t
+    g_t = sigmoid(W_g h_t + b_g)          (output gate)
+    o_t = W_o RMSNorm(g_t ⊙ h_t)
+
+The lower bounds rise with depth: ``P = softmax(Gamma, dim=layers)``, ``lb_l = sum_{m<=l} P_m - P_0``
+(0 for the first layer), a model-level parameter passed to each layer.
+
+Departure from the paper: the output norm is an RMS norm (no mean subtraction), so that every
+channel stays its own recurrence (a mean over channels would mix them); the recurrence is real-valued
+(no ``e^{i theta}`` rotation), as in the authors' HGRN code and flash-linear-attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
+
+from .configuration_hgrn import HGRNConfig
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The recurrence runs in at least float32 (half-precision models upcast)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def chunked_scan(log_f: torch.Tensor, x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``[B, L, E]`` ``h_t = exp(log_f_t) h_{t-1} + x_t`` (``h_{-1} = 0``), chunk by chunk.
+
+    Inside a chunk ``h_t = exp(b_t) h_prev + sum_{j<=t} exp(b_t - b_j) x_j`` with ``b`` the inclusive
+    cumulative sum of ``log_f`` in the chunk: every exponent is ``<= 0``, nothing overflows.
+    """
+    batch, length, width = x.shape
+    state = x.new_zeros(batch, width)
+    outs = []
+    for start in range(0, length, chunk_size):
+        lf, xc = log_f[:, start:start + chunk_size], x[:, start:start + chunk_size]
+        size = xc.shape[1]
+        cum = lf.cumsum(dim=1)                                                  # [B, c, E]
+        causal = torch.ones(size, size, dtype=torch.bool, device=x.device).tril()
+        diff = (cum[:, :, None] - cum[:, None]).masked_fill(~causal[None, :, :, None], float("-inf"))
+        h = torch.einsum("btje,bje->bte", diff.exp(), xc) + cum.exp() * state[:, None]
+        state = h[:, -1]
+        outs.append(h)
+    return torch.cat(outs, dim=1)
+
+
+class HGRNRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(compute_dtype(dtype))
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.to(x.dtype) * x).to(dtype)
+
+
+class HGRNRecurrence(nn.Module):
+    """The HGRU token mixer. ``forward`` is the chunked parallel scan; ``recurrent_forward`` the
+    paper's token-by-token recurrence (slow reference)."""
+
+    def __init__(self, config: HGRNConfig, layer_idx: int = 0):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.expand_dim = int(config.expand_ratio * config.hidden_size)
+        self.chunk_size = config.chunk_size
+        bias = config.attention_bias
+        self.i_proj = nn.Linear(config.hidden_size, self.expand_dim, bias=bias)
+        self.f_proj = nn.Linear(config.hidden_size, self.expand_dim, bias=bias)
+        self.g_proj = nn.Linear(config.hidden_size, self.expand_dim, bias=bias)
+        self.conv1d = nn.Conv1d(self.expand_dim, self.expand_dim, config.conv_size, groups=self.expand_dim,
+                                padding=config.conv_size - 1, bias=config.conv_bias) if config.use_short_conv else None
+        self.g_norm = HGRNRMSNorm(self.expand_dim, config.rms_norm_eps)
+        self.o_proj = nn.Linear(self.expand_dim, config.hidden_size, bias=False)
+        #: route ``forward`` to :meth:`recurrent_forward` (tests compare the two).
+        self.use_recurrent_reference = False
+
+    def _gates(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+               lower_bound: torch.Tensor | None):
+        """``i`` (recurrence input), ``f``, ``1 - f`` and ``g``, each ``[B, L, E]`` in the compute dtype."""
+        length = hidden_states.shape[1]
+        dtype = compute_dtype(hidden_states.dtype)
+        mask = None if attention_mask is None else attention_mask.to(dtype)[..., None]
+        x = self.i_proj(hidden_states).to(dtype)
+        if mask is not None:  # padding tokens enter neither the conv nor the recurrence
+            x = x * mask
+        if self.conv1d is not None:
+            weight = self.conv1d.weight.to(dtype)
+            bias = None if self.conv1d.bias is None else self.conv1d.bias.to(dtype)
+            x = F.conv1d(x.transpose(1, 2), weight, bias, padding=weight.shape[-1] - 1,
+                         groups=self.expand_dim)[..., :length].transpose(1, 2)
+        i = F.silu(x)
+        if mask is not None:
+            i = i * mask
+        z = self.f_proj(hidden_states).to(dtype)
+        lb = 0.0 if lower_bound is None else lower_bound.to(dtype)
+        f = lb + (1 - lb) * torch.sigmoid(z)
+        one_minus_f = (1 - lb) * torch.sigmoid(-z)   # = 1 - f without the cancellation near f = 1
+        g = torch.sigmoid(self.g_proj(hidden_states).to(dtype))
+        return i, f, one_minus_f, g
+
+    def _output(self, h: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.o_proj(self.g_norm(g * h).to(dtype))
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                lower_bound: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """``[B, L, D] -> [B, L, D]``; ``lower_bound [E]`` is this layer's forget-gate floor."""
+        if self.use_recurrent_reference:
+            return self.recurrent_forward(hidden_states, attention_mask, lower_bound)
+        i, f, one_minus_f, g = self._gates(hidden_states, attention_mask, lower_bound)
+        h = chunked_scan(torch.log(f), one_minus_f * i, self.chunk_size)
+        return self._output(h, g, hidden_states.dtype)
+
+    def recurrent_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          lower_bound: torch.Tensor | None = None) -> torch.Tensor:
+        """The paper's ``h_t = f_t h_{t-1} + (1 - f_t) i_t``, one token at a time."""
+        i, f, _, g = self._gates(hidden_states, attention_mask, lower_bound)
+        h = torch.zeros_like(i[:, 0])
+        hs = []
+        for t in range(i.shape[1]):
+            h = f[:, t] * h + (1 - f[:, t]) * i[:, t]
+            hs.append(h)
+        return self._output(torch.stack(hs, dim=1), g, hidden_states.dtype)
+
+
+class HGRNMLP(nn.Module):
+    """GLU: ``W_down (silu(W_gate x) ⊙ W_up x)``."""
+
+    def __init__(self, config: HGRNConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class HGRNBlock(nn.Module):
+    """Pre-norm block: ``x + HGRU(norm(x))``, then ``x + MLP(norm(x))``."""
+
+    def __init__(self, config: HGRNConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = HGRNRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = HGRNRecurrence(config, layer_idx)
+        self.mlp_norm = HGRNRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = HGRNMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                lower_bound: torch.Tensor | None = None) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(self.attn_norm(hidden_states), attention_mask=attention_mask,
+                                                  lower_bound=lower_bound)
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+
+
+class HGRNPreTrainedModel(PreTrainedModel):
+    config_class = HGRNConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["HGRNBlock"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, HGRNModel) and module.lower_bounds is not None:
+            init.zeros_(module.lower_bounds)
+
+
+class HGRNModel(HGRNPreTrainedModel):
+    def __init__(self, config: HGRNConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(HGRNBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = HGRNRMSNorm(config.hidden_size, config.rms_norm_eps)
+        width = int(config.expand_ratio * config.hidden_size)
+        self.lower_bounds = nn.Parameter(torch.zeros(config.num_hidden_layers, width)) \
+            if config.use_lower_bound else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def layer_lower_bounds(self) -> torch.Tensor | None:
+        """``[layers, E]`` ``cumsum(softmax(Gamma, 0)) - softmax(Gamma, 0)[0]``: 0 for the first layer, rising."""
+        if self.lower_bounds is None:
+            return None
+        p = self.lower_bounds.softmax(dim=0)
+        return p.cumsum(dim=0) - p[0]
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, use_cache: bool | None = None, **kwargs):
+        """``last_hidden_state [B, L, D]``; ``attention_mask [B, L]`` (1 real, 0 padding; pad on the left)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        bounds = self.layer_lower_bounds()
+        all_hidden = [] if output_hidden_states else None
+        for index, layer in enumerate(self.layers):
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+            hidden_states = layer(hidden_states, attention_mask=attention_mask,
+                                  lower_bound=None if bounds is None else bounds[index])
+        hidden_states = self.norm(hidden_states)
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)
+        output = BaseModelOutput(last_hidden_state=hidden_states,
+                                 hidden_states=tuple(all_hidden) if all_hidden is not None else None)
+        return output if return_dict is not False else output.to_tuple()
+
+
+class HGRNForCausalLM(HGRNPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HGRNConfig):
+        super().__init__(config)
+        self.model = HGRNModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                use_cache: bool | None = None, **kwargs):
+        """``logits [B, L, vocab]``; ``labels`` gives the next-token loss (shifted inside, -100 ignored)."""
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                             output_hidden_states=output_hidden_states)
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        output = CausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return output if return_dict is not False else output.to_tuple()
+
+
+__all__ = ["HGRNForCausalLM", "HGRNModel", "HGRNPreTrainedModel", "HGRNRecurrence"]
