@@ -71,50 +71,92 @@ def exact_channel_mean(f: MambaFactors, variant: str, chunk_bytes: int = _DEFAUL
     return total / channels
 
 
+def _windows(f: MambaFactors, block: int, width: int) -> tuple[MambaFactors, int]:
+    """Factors of the windows ``[J*T, J*T + T + K - 1)`` of every key block, stacked on the batch.
+
+    The sequence is zero-padded at the end (padding after a window's valid entries cannot change
+    them: ``A[i, j]`` depends only on tokens ``j..i``). Returns the stacked factors
+    ``[B * nb, W, .]`` and the number of blocks ``nb``.
+    """
+    length = f.x.shape[1]
+    blocks = -(-length // block)
+    size = block + width - 1
+    pad = blocks * block + width - 1 - length
+
+    def stack(t: torch.Tensor) -> torch.Tensor:           # [B, L, ...] -> [B * nb, W, ...]
+        t = torch.cat([t, t.new_zeros(t.shape[0], pad, *t.shape[2:])], dim=1)
+        w = t.unfold(1, size, block)                      # [B, nb, ..., W]
+        w = w.movedim(-1, 2)                              # [B, nb, W, ...]
+        return w.reshape(-1, *w.shape[2:])
+
+    stacked = replace(f, x=stack(f.x), z=stack(f.z), conv_out=stack(f.conv_out), mask=stack(f.mask),
+                      dt=stack(f.dt), B=stack(f.B), C=stack(f.C))
+    return stacked, blocks
+
+
+def default_block(length: int) -> int:
+    """Key-block width balancing the exact band (``L T E N``) and the re-referencing (``L^2 E N / T``)."""
+    return int(min(128, max(16, 1 << round(math.log2(math.sqrt(max(length, 1) / 2))))))
+
+
 def signed_mean(f: MambaFactors, variant: str, block: int | None = None,
                 chunk_bytes: int = _DEFAULT_CHUNK_BYTES) -> torch.Tensor:
     """``[B, L, L]`` the signed channel mean of ``variant``'s matrices, never holding ``[C, L, L]``.
 
-    ``block`` is the key-block width ``T`` (default ``~sqrt(L)``, at least 32): the exact band
-    costs ``O(L T E N)`` and the factorised part ``O(L^2 E N / T)`` exponentials plus
-    ``O(L^2 E N)`` multiply-adds in matrix products.
+    ``block`` is the key-block width ``T`` (default :func:`default_block`): the exact band costs
+    ``O(L T E N)`` exponentials and the factorised part ``O(L^2 E N / T)`` exponentials plus
+    ``O(L^2 E N)`` multiply-adds in matrix products. ``chunk_bytes`` bounds each temporary.
     """
     batch, length, channels = f.x.shape
     state = f.A.shape[1]
     dtype, device = f.x.dtype, f.x.device
     row, col, taps, _ = variant_parts(f, variant)
     width = taps.shape[1]
-    block = block or max(32, 1 << int(math.ceil(math.log2(math.sqrt(length)))))
-    cums = f.dt.to(torch.float64).cumsum(dim=1)                              # [B, L, E]
-    # key-side terms without the exponential: col_j dt_j [B, L, E], B_j [B, L, N]
+    block = block or default_block(length)
+    blocks = -(-length // block)
+    size = block + width - 1
+
+    # 1. the band: exact channel means of every window, all windows at once
+    stacked, _ = _windows(f, block, width)
+    near = exact_channel_mean(stacked, variant, chunk_bytes).reshape(batch, blocks, size, size)
+    padded = torch.zeros(batch, blocks * block + width - 1, blocks * block, dtype=dtype, device=device)
+    for J in range(blocks):
+        padded[:, J * block: J * block + size, J * block: (J + 1) * block] = near[:, J, :, :block]
+    out = padded[:, :length, :length].contiguous()
+
+    # 2. far from the diagonal: rows i >= far_J = (J+1) T + K - 1 for key block J, factorised
+    far = [(J + 1) * block + width - 1 for J in range(blocks)]
+    todo = [J for J in range(blocks) if far[J] < length]
+    if not todo:
+        return out
+    cums = f.dt.to(torch.float64).cumsum(dim=1)                               # [B, L, E]
+    # reference of every key token: the cumulative sum at the last token its block's keys touch
+    ref_index = torch.tensor([min(far[j // block], length) - 1 for j in range(length)], device=device)
+    ref = cums[:, ref_index]                                                  # [B, L, E]
     key_scale = f.dt if col is None else f.dt * col
-    out = torch.zeros(batch, length, length, dtype=dtype, device=device)
-    # channels per chunk: Q holds [B, L, c, N]
-    step = max(1, min(channels, chunk_bytes // max(1, 2 * batch * length * state * dtype.itemsize)))
-    for j0 in range(0, length, block):
-        j1 = min(j0 + block, length)
-        far = j1 + width - 1           # first row where every tap of every key column is causal, no D
-        near_stop = min(far, length)
-        near = exact_channel_mean(window(f, j0, near_stop), variant, chunk_bytes)
-        out[:, j0:near_stop, j0:j1] = near[:, :, : j1 - j0]
-        if far >= length:
-            continue
-        ref = cums[:, far - 1]                                                # [B, E] last token the keys touch
-        rows = slice(far, length)
-        for c0 in range(0, channels, step):
-            ch = slice(c0, min(c0 + step, channels))
-            A = f.A[ch]                                                       # [c, N]
-            q_exp = ((cums[:, rows, ch] - ref[:, None, ch]).to(dtype))[..., None] * A   # [B, R, c, N] <= 0
+    pad = width - 1
+    cums_p = torch.cat([cums, cums[:, -1:].expand(batch, pad, channels)], dim=1)
+    B_p = torch.cat([f.B, f.B.new_zeros(batch, pad, state)], dim=1)
+    scale_p = torch.cat([key_scale, key_scale.new_zeros(batch, pad, channels)], dim=1)
+    step = max(1, min(channels, chunk_bytes // max(1, 3 * batch * length * state * dtype.itemsize)))
+    for c0 in range(0, channels, step):
+        ch = slice(c0, min(c0 + step, channels))
+        A = f.A[ch]                                                           # [c, N]
+        keys = torch.zeros(batch, length, ch.stop - ch.start, state, dtype=dtype, device=device)
+        for shift in range(width):
+            tok = slice(shift, shift + length)
+            k_exp = (ref[..., ch] - cums_p[:, tok, ch]).to(dtype)[..., None] * A  # <= 0 for valid keys
+            keys += (torch.exp(k_exp) * B_p[:, tok, None, :]
+                     * (scale_p[:, tok, ch] * taps[ch, width - 1 - shift])[..., None])
+        keys = keys.flatten(2)                                                # [B, L, c*N]
+        for J in todo:
+            rows = slice(far[J], length)
+            q_exp = (cums[:, rows, ch] - cums[:, far[J] - 1, None, ch]).to(dtype)[..., None] * A
             Q = torch.exp(q_exp) * f.C[:, rows, None, :]
             if row is not None:
                 Q = Q * row[:, rows, ch, None]
-            keys = torch.zeros(batch, j1 - j0, ch.stop - ch.start, state, dtype=dtype, device=device)
-            for shift in range(width):
-                tok = slice(j0 + shift, j1 + shift)          # keys j + shift; j1 + shift - 1 <= far - 1 < L
-                k_exp = ((ref[:, None, ch] - cums[:, tok, ch]).to(dtype))[..., None] * A
-                keys += (torch.exp(k_exp) * f.B[:, tok, None, :]
-                         * (key_scale[:, tok, ch] * taps[None, None, ch, width - 1 - shift])[..., None])
-            out[:, rows, j0:j1] += torch.einsum("bicn,bjcn->bij", Q, keys) / channels
+            out[:, rows, J * block: (J + 1) * block] += (
+                Q.flatten(2) @ keys[:, J * block: (J + 1) * block].transpose(1, 2)) / channels
     return out
 
 
