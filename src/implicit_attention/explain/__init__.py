@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..capture import call_model, capture, layer_indices, prepare_inputs, select_layers
+from ..capture import prepare_model_inputs
 from ..capture import model_dtype
 from ..decompose import (DEFAULT_TOLERANCE, Decomposition, build_layers, check_variant, compute_dtype_for,
                          ensure_decomposition_fits)
@@ -79,53 +80,57 @@ def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method:
     """:func:`explain`, returning the :class:`Explanation` with the decomposition and target."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    ids, mask = prepare_inputs(model, input_ids, attention_mask)
-    length = ids.shape[1]
+    # input adapter: token ids or pixels; tokens L, causal or not, the class token's row
+    inputs = prepare_model_inputs(model, input_ids, attention_mask)
+    ids, mask, length = inputs.values, inputs.attention_mask, inputs.length
     compute_dtype = compute_dtype_for(model, dtype)
     if method in BASELINE_METHODS:
         with torch.no_grad():
-            logits = call_model(model, ids, mask).logits
-        tgt = resolve_target(logits, target, position, length)
-        relevance = _baseline(method, model, ids, mask, tgt, steps=steps, seed=seed)
+            logits = inputs.call(model).logits
+        tgt = resolve_target(logits, target, position, length, row=inputs.classifier_row)
+        relevance = _baseline(method, model, inputs, mask, tgt, steps=steps, seed=seed)
         return Explanation(_finish(relevance, mask, compute_dtype), tgt, logits, None, method, variant)
 
     targets = select_layers(model, layers)
     check_variant(targets, variant)
     if aggregate not in ("abs", "pos", "mean"):
         raise ValueError(f"aggregate must be 'abs', 'pos' or 'mean', got {aggregate!r}")
-    ensure_decomposition_fits(targets, ids, compute_dtype)
+    ensure_decomposition_fits(targets, inputs, compute_dtype)
     need_grad = method in ("attribution", "paper")
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(need_grad)
+    embeds = inputs.embed(model).requires_grad_(need_grad)
     grads: list[torch.Tensor] = []
     with torch.set_grad_enabled(need_grad), \
             capture(model, targets, keep_graph=need_grad, block_inputs=method == "paper") as captured:
-        out = call_model(model, None, mask, inputs_embeds=embeds)
+        out = inputs.call(model, embeds)
         logits = getattr(out, "logits", None)
-        tgt = resolve_target(logits, target, position, length)
+        tgt = resolve_target(logits, target, position, length, row=inputs.classifier_row)
         if need_grad:
             wrt = [r.output for r in captured] if method == "attribution" else [r.block_input for r in captured]
             grads = list(torch.autograd.grad(tgt.score(logits).sum(), wrt))
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(model_dtype(model), 1e-4)
-    built = build_layers(captured, layer_indices(model, targets), variant=variant, dtype=compute_dtype,
+    built = build_layers(captured, layer_indices(model, captured), variant=variant, dtype=compute_dtype,
                          check=check, tolerance=tol, progress=progress)
     decomposition = Decomposition(layers=built, input_ids=ids, attention_mask=mask,
                                   logits=logits.detach(), variant=variant)
-    row = tgt.position
-    mask_f = mask.to(compute_dtype) if mask is not None else torch.ones_like(ids, dtype=compute_dtype)
+    row = tgt.row
+    mask_f = inputs.token_mask(compute_dtype)
     if method == "raw":
         relevance = torch.stack([layer.aggregate_rows([row], aggregate)[:, 0] for layer in built]).mean(dim=0)
     elif method == "rollout":
         relevance = rollout([layer.aggregate(aggregate) for layer in built])[:, row, :]
     elif method == "attribution":
         cams = [layer.attribution(grad.detach().to(compute_dtype)) for layer, grad in zip(built, grads)]
+        # Read the propagated part only (R - I), as Chefer et al. drop the explained token's own
+        # identity term: otherwise it dwarfs every other token.
         relevance = attribution_rollout(cams)[:, row, :]
+        relevance[:, row] -= 1
     else:  # paper
         start = len(built) // 2 if start_layer is None else start_layer
         if not -len(built) <= start < len(built):
             raise IndexError(f"start_layer {start} out of range for {len(built)} layers")
         rows = [layer.aggregate_rows([row], "pos")[:, 0] for layer in built]
         saliency = [minmax(grad.detach().to(compute_dtype).clamp(min=0).amax(dim=-1), mask_f) for grad in grads]
-        relevance = paper_rollout(rows[start:], saliency[start:], mask_f, row)
+        relevance = paper_rollout(rows[start:], saliency[start:], mask_f, row, causal=inputs.causal)
     return Explanation(_finish(relevance, mask, compute_dtype), tgt, logits.detach(), decomposition, method, variant)
 
 
