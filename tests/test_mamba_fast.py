@@ -69,3 +69,15 @@ def test_float32_fast_mean_is_stable_on_long_inputs():
     fast = signed_mean(f32, "unified")
     assert torch.isfinite(fast).all()
     assert_close(fast.double(), reference, 1e-5, "float32 fast mean, L=768")
+
+
+def test_sampled_exactness_check_on_long_inputs():
+    from implicit_attention.architectures import base
+    model = tiny_mamba(dtype=torch.float64, hidden_size=40)      # 80 channels
+    ids = torch.randint(1, 40, (1, 30))
+    layer = ia.decompose(model, ids).layers[0]
+    full_error = layer.error
+    assert layer.error_channels == 80
+    sampled = layer.measure_error(max_entries=100)
+    assert layer.error_channels == base.SAMPLED_CHANNELS and sampled <= 1e-6 and full_error <= 1e-6
+    assert base._sample_groups(24, 8) == [slice(0, 2), slice(7, 9), slice(15, 17), slice(22, 24)]
