@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LayerDecomposition
 from .mamba.operator import segment_sums
 from .registry import Architecture, CapturedLayer, register
-from .retnet import HeadGatedFactors, head_block, head_norm_scale
+from .retnet import HeadGatedFactors, HeadSharedDecomposition, head_block, head_norm_scale
 
 #: ``unified`` is exact; ``recurrence`` is the gated linear attention alone (values ``v``).
 VARIANTS: tuple[str, ...] = ("unified", "recurrence")
@@ -115,7 +114,7 @@ def gla_naive(f: GLAFactors, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
     return matrices, offset
 
 
-class GLALayerDecomposition(LayerDecomposition):
+class GLALayerDecomposition(HeadSharedDecomposition):
     """A GLA layer as per-channel implicit attention over its value width ``C = H V``."""
 
     def __init__(self, factors: GLAFactors, *, variant: str, **kwargs):
@@ -125,6 +124,9 @@ class GLALayerDecomposition(LayerDecomposition):
 
     def _block(self, channels: slice):
         return gla_block(self.factors, channels, self.variant)
+
+    def _head_matrices(self, heads: slice) -> torch.Tensor:
+        return gla_heads(self.factors, heads)
 
     def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         return grad if self.variant == "unified" else self.factors.head_gradient(grad)

@@ -12,11 +12,12 @@ with the input ``i = silu(c) ⊙ m`` written as the gate ``sigmoid(c) ⊙ m`` ti
 The output before ``o_proj`` is ``RMSNorm(g ⊙ h) = w_e s_i g_i[e] h_i[e]`` with the per-token
 RMS scale ``s_i = 1 / sqrt(mean_e (g_i[e] h_i[e])^2 + eps)`` a data-controlled constant. Hence
 
-    unified:     A_e = diag(w_e s g_e) R_e diag(sigmoid(c_e) m) M_e,   values x (the conv input),
+    unified:     A_e = diag(w_e s g_e) R_e diag(sigmoid(c_e) m) M_e diag(m),   values x (the conv input),
                  offset_e = diag(w_e s g_e) R_e diag(sigmoid(c_e) m) b_conv[e] 1.
     recurrence:  A_e = R_e,  values i (the recurrence input; exact=False).
 
-Without the short conv, ``M_e = I`` and ``c = x``. The products of forget gates are computed as
+Without the short conv, ``M_e = I`` and ``c = x``. The right ``diag(m)`` changes nothing (``x`` is 0 on
+padding) but keeps padding columns of the maps at 0 where the conv would spread into them. The products of forget gates are computed as
 ``exp`` of segment sums of ``log f`` (every exponent ``<= 0``).
 """
 
@@ -130,7 +131,7 @@ def hgrn_block(f: HGRNFactors, channels: slice, variant: str) -> tuple[torch.Ten
     if f.conv_bias is not None:
         offset = T.sum(dim=-1) * f.conv_bias[channels][None, :, None]          # [B, c, L]
     if f.conv_weight is not None:
-        T = conv_right(T, f.conv_weight[channels])
+        T = conv_right(T, f.conv_weight[channels]).mul_(f.mask[:, None, None, :])
     row = f.row_scale[..., channels].transpose(1, 2)                            # [B, c, L]
     T.mul_(row[..., None])
     return T, None if offset is None else (offset * row).transpose(1, 2)
@@ -163,7 +164,7 @@ def hgrn_naive(f: HGRNFactors, variant: str) -> tuple[torch.Tensor, torch.Tensor
                         M[i, j] = f.conv_weight[e, width - 1 - (i - j)]
             act = torch.diag(torch.sigmoid(f.conv_out[b, :, e]) * f.mask[b])
             gate = torch.diag(f.norm_weight[e] * f.norm_scale[b] * f.out_gate[b, :, e])
-            matrices[b, e] = gate @ R @ act @ M
+            matrices[b, e] = gate @ R @ act @ M @ torch.diag(f.mask[b])
             if f.conv_bias is not None and f.conv_weight is not None:
                 offset[b, :, e] = gate @ R @ act @ torch.full((length,), float(f.conv_bias[e]), dtype=dtype)
     return matrices, offset

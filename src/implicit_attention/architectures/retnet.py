@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LayerDecomposition
+from ..memory import channels_per_block
+from .base import AGGREGATES, LayerDecomposition
 from .registry import Architecture, CapturedLayer, register
 
 #: ``unified`` is exact; ``recurrence`` is the retention alone (values ``v``, no gate or norm).
@@ -101,6 +102,48 @@ def head_block(head_matrices, factors: HeadGatedFactors, channels: slice, varian
         return T, None
     T = T * factors.row_scale[..., channels].transpose(1, 2)[..., None]
     return T, factors.gate[..., channels] * factors.norm_bias[channels]
+
+
+class HeadSharedDecomposition(LayerDecomposition):
+    """Channel aggregates of operators whose channels share one matrix per head, ``A_c = diag(r_c) A_h(c)``.
+
+    ``mean_c f(r_i[c] A_h[i, j])`` factorises per head for ``f`` = identity, ``|.|`` and ``clamp(., 0)``
+    (``(r A)_+ = r_+ A_+ + r_- A_-``), so the aggregates cost ``[B, H, L, L]``, not ``[B, C, L, L]``.
+    Subclasses provide ``factors`` (a :class:`HeadGatedFactors`) and ``_head_matrices(heads)``.
+    """
+
+    factors: HeadGatedFactors
+
+    def _head_matrices(self, heads: slice) -> torch.Tensor:
+        raise NotImplementedError
+
+    def aggregate(self, how="mean", channel: int | None = None) -> torch.Tensor:
+        if channel is not None or how not in AGGREGATES or how in self._aggregates:
+            return super().aggregate(how, channel)
+        f = self.factors
+        heads, V = f.v.shape[2], f.head_v
+        r = f.row_scale if self.variant == "unified" else torch.ones_like(f.gate)
+        r = r.unflatten(-1, (heads, V)).transpose(1, 2)                       # [B, H, L, V]
+        total = torch.zeros(self.batch_size, self.length, self.length, dtype=self.dtype, device=self.device)
+        step = channels_per_block(self.batch_size, self.length, heads, self.dtype.itemsize,
+                                  self.block_temporaries, self.block_bytes)
+        for start in range(0, heads, step):
+            sl = slice(start, min(start + step, heads))
+            A, rh = self._head_matrices(sl), r[:, sl]
+            if how == "mean":
+                total += torch.einsum("bhij,bhi->bij", A, rh.sum(-1))
+            elif how == "abs":
+                total += torch.einsum("bhij,bhi->bij", A.abs(), rh.abs().sum(-1))
+            else:
+                total += torch.einsum("bhij,bhi->bij", A.clamp(min=0), rh.clamp(min=0).sum(-1))
+                total += torch.einsum("bhij,bhi->bij", (-A).clamp(min=0), (-rh).clamp(min=0).sum(-1))
+        self._aggregates[how] = total / self.channels
+        return self._aggregates[how]
+
+    def aggregate_rows(self, rows, how="mean") -> torch.Tensor:
+        if how not in AGGREGATES:
+            raise ValueError(f"how must be one of {AGGREGATES}, got {how!r}")
+        return self.aggregate(how)[:, self._row_index(rows)]
 
 
 @dataclass
@@ -176,7 +219,7 @@ def retnet_naive(f: RetNetFactors, variant: str) -> tuple[torch.Tensor, torch.Te
     return matrices, offset
 
 
-class RetNetLayerDecomposition(LayerDecomposition):
+class RetNetLayerDecomposition(HeadSharedDecomposition):
     """A RetNet retention layer as per-channel implicit attention over its value width ``C = H V``."""
 
     def __init__(self, factors: RetNetFactors, *, variant: str, **kwargs):
@@ -186,6 +229,9 @@ class RetNetLayerDecomposition(LayerDecomposition):
 
     def _block(self, channels: slice):
         return retnet_block(self.factors, channels, self.variant)
+
+    def _head_matrices(self, heads: slice) -> torch.Tensor:
+        return retention_heads(self.factors, heads)
 
     def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         return grad if self.variant == "unified" else self.factors.head_gradient(grad)
