@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import implicit_attention as ia
 import implicit_attention.architectures.mamba as mamba_module
@@ -30,12 +31,31 @@ def test_mask_shape_and_dtype_checks():
         ia.decompose(model, torch.rand(1, 3))
 
 
+class LSTMLanguageModel(torch.nn.Module):
+    """A model with no layer the library knows: a classic LSTM."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 8)
+        self.lstm = torch.nn.LSTM(8, 8, batch_first=True)
+        self.head = torch.nn.Linear(8, 20)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None):
+        hidden, _ = self.lstm(self.embed(input_ids) if inputs_embeds is None else inputs_embeds)
+        return SimpleNamespace(logits=self.head(hidden))
+
+
 def test_unsupported_model_names_the_supported_classes():
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=20, n_positions=16))
+    model = LSTMLanguageModel()
     with pytest.raises(ia.UnsupportedModelError, match="MambaForCausalLM.*FalconMambaForCausalLM"):
-        ia.decompose(gpt2, [[1, 2, 3]])
-    with pytest.raises(ia.UnsupportedModelError, match="GPT2LMHeadModel"):
-        ia.explain(gpt2, [[1, 2, 3]], method="rollout")
+        ia.decompose(model, [[1, 2, 3]])
+    with pytest.raises(ia.UnsupportedModelError, match="LSTMLanguageModel"):
+        ia.explain(model, [[1, 2, 3]], method="rollout")
+    # the baselines need no decomposition and work on any model with embeddings
+    assert ia.explain(model, [[1, 2, 3]], method="grad_x_input").shape == (1, 3)
 
 
 def test_unknown_variant():

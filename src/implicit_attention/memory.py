@@ -14,6 +14,11 @@ _USABLE_FRACTION = 0.6
 DEFAULT_BLOCK_BYTES = 256 * 2**20
 
 
+def default_block_bytes(device: torch.device | str) -> int:
+    """Bytes per block-sized temporary: 5% of the free memory, between 64 MiB and 2 GiB."""
+    return int(min(2 * 2**30, max(64 * 2**20, 0.05 * available_bytes(device))))
+
+
 def available_bytes(device: torch.device | str) -> int:
     """Bytes that can still be allocated on ``device`` (free GPU memory, or available host RAM)."""
     device = torch.device(device)

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from ..errors import format_bytes
-from ..memory import DEFAULT_BLOCK_BYTES, channels_per_block, ensure_fits
+from ..memory import channels_per_block, default_block_bytes, ensure_fits
 
 Aggregate = Literal["mean", "abs", "pos"]
 #: Above this many matrix entries (``B * C * L * L``) the exactness check samples channels.
@@ -56,7 +56,7 @@ class LayerDecomposition(ABC):
 
     def __init__(self, *, index: int, name: str, variant: str, exact: bool,
                  values: torch.Tensor, offset: torch.Tensor | None, output: torch.Tensor,
-                 mask: torch.Tensor, block_bytes: int = DEFAULT_BLOCK_BYTES):
+                 mask: torch.Tensor, block_bytes: int | None = None):
         self.index = index
         self.name = name
         self.variant = variant
@@ -64,7 +64,8 @@ class LayerDecomposition(ABC):
         self.values = values
         self.output = output
         self.mask = mask
-        self.block_bytes = block_bytes
+        # chunk sizes follow the memory free on the device unless the caller fixes them
+        self.block_bytes = block_bytes if block_bytes is not None else default_block_bytes(values.device)
         self._offset = offset
         self._matrix: torch.Tensor | None = None
         self._aggregates: dict[str, torch.Tensor] = {}
