@@ -50,7 +50,7 @@ class GLAFactors(HeadGatedFactors):
 def gla_factors(module: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
                 dtype: torch.dtype) -> GLAFactors:
     """Recompute every data-controlled factor of ``module`` for its input ``hidden_states [B, L, D]``."""
-    from ..models.gla.modeling_gla import chunked_gla
+    from ..models.gla.modeling_gla import chunked_gla  # lazy: the model package registers Auto classes
 
     p = lambda t: None if t is None else t.detach().to(dtype)  # noqa: E731
     h = hidden_states.detach().to(dtype)

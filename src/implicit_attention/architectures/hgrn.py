@@ -16,9 +16,9 @@ RMS scale ``s_i = 1 / sqrt(mean_e (g_i[e] h_i[e])^2 + eps)`` a data-controlled c
                  offset_e = diag(w_e s g_e) R_e diag(sigmoid(c_e) m) b_conv[e] 1.
     recurrence:  A_e = R_e,  values i (the recurrence input; exact=False).
 
-Without the short conv, ``M_e = I`` and ``c = x``. The right ``diag(m)`` changes nothing (``x`` is 0 on
-padding) but keeps padding columns of the maps at 0 where the conv would spread into them. The products of forget gates are computed as
-``exp`` of segment sums of ``log f`` (every exponent ``<= 0``).
+Without the short conv, ``M_e = I`` and ``c = x``. The right ``diag(m)`` changes nothing (``x`` is 0
+on padding) but keeps the padding columns of the maps at 0 where the conv would spread into them.
+Products of forget gates are ``exp`` of segment sums of ``log f`` (every exponent ``<= 0``).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class HGRNFactors:
 def hgrn_factors(module: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
                  lower_bound: torch.Tensor | None, dtype: torch.dtype) -> HGRNFactors:
     """Recompute every data-controlled factor of ``module`` for its input ``hidden_states [B, L, D]``."""
-    from ..models.hgrn.modeling_hgrn import chunked_scan
+    from ..models.hgrn.modeling_hgrn import chunked_scan  # lazy: the model package registers Auto classes
 
     p = lambda t: None if t is None else t.detach().to(dtype)  # noqa: E731
     h = hidden_states.detach().to(dtype)

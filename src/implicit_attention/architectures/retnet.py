@@ -163,6 +163,7 @@ class RetNetFactors(HeadGatedFactors):
 def retnet_factors(module: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
                    dtype: torch.dtype) -> RetNetFactors:
     """Recompute every data-controlled factor of ``module`` for its input ``hidden_states [B, L, D]``."""
+    # lazy: importing the model package registers its Auto classes
     from ..models.retnet.modeling_retnet import log_gammas, retention_matrices, rotary
 
     p = lambda t: None if t is None else t.detach().to(dtype)  # noqa: E731
