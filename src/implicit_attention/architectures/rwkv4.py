@@ -1,0 +1,160 @@
+"""RWKV-4 time mixing (HF ``RwkvSelfAttention``) as exact per-channel implicit attention.
+
+Glossary: ``B`` batch, ``L`` tokens, ``H`` hidden size (the layer input, after ``ln1``), ``C`` the
+attention width (``attention_hidden_size``, the operator's channels), ``c`` a block of channels.
+
+The layer (``transformers.models.rwkv.modeling_rwkv``, sequence path without a state)::
+
+    x~*_t = mu_* h_t + (1 - mu_*) h_{t-1}        (h_{-1} = 0; mu_* per hidden channel, * in k, v, r)
+    k = W_k x~k,   v = W_v x~v,   r = sigmoid(W_r x~r)                              [B, L, C]
+    wkv_t[c] = sum_{j<=t} alpha_c[t, j] v_j[c]
+    alpha_c[t, j] = exp(l[t, j]) / sum_{j'<=t} exp(l[t, j'])                      (a softmax over j <= t)
+    l[t, j] = -(t-1-j) exp(time_decay[c]) + k_j[c]   (j < t),   l[t, t] = time_first[c] + k_t[c]
+    out_t = r_t * wkv_t          (the input of ``output``, the layer's output projection)
+
+``alpha`` is computed as a masked softmax, i.e. with max-subtraction (log-sum-exp): ``exp(k)`` alone
+overflows in float32 for large keys. The module reads ``k`` in float32 (``key.float()``) whatever its
+dtype, so the factors round ``k`` through float32 as well.
+
+**Unified operator (exact):** ``A_c = diag(r_c) alpha_c`` with values ``v = W_v x~v`` and no offset.
+
+**Why the value-path token shift stays in the values.** The value of token ``j`` that enters the
+recurrence is ``v_j = W_v (mu_v * h_j) + W_v ((1 - mu_v) * h_{j-1}) = p_j + q_{j-1}`` with
+``p = W_v diag(mu_v) h`` and ``q = W_v diag(1 - mu_v) h``. A token shift commutes with the channel
+map ``W_v``, but ``mu_v`` weights the *hidden* channels, so in the inner channels ``c`` the two-tap
+mixing is ``v_t = P h_t + Q h_{t-1}`` with two different matrices ``P = W_v diag(mu_v)`` and
+``Q = W_v diag(1 - mu_v)``. Putting the shift inside a per-channel operator ``A_c`` means finding
+one value stream ``s`` (per inner channel, a function of one token) and taps with
+``v_t[c] = a_t[c] s_t[c] + b_t[c] s_{t-1}[c]``. With ``s = W_v h`` this requires
+``W_v diag(mu_v) = diag(x) W_v`` for some ``x``, which holds only when ``mu_v`` is constant over
+the hidden channels each row of ``W_v`` reads (then ``a = mu_v``, ``b = 1 - mu_v``). In general the
+only single-stream choices are data-controlled *ratios* ``a_t = p_t / s_t``, unbounded where
+``s_t[c]`` is near zero (heavy-tailed entries that would dominate ``|A|`` aggregates), or a second
+value stream, which the ``[B, C, L, L]`` per-channel form cannot hold. So the exact, well-conditioned
+operator takes ``v`` (after the shift and ``W_v``) as its values: the shift is a two-tap mixing of
+the *hidden* stream that happens before the values are formed, and ``A_c`` holds every token mixing
+that happens after (the WKV recurrence with its ``time_first`` bonus and the receptance gate).
+The key and receptance shifts are data-controlled constants inside ``k`` and ``r``.
+
+**Padding.** ``RwkvModel`` ignores ``attention_mask`` (it warns and reads every token), so the
+matrices include padding columns and the layer's ``mask`` is all ones: the decomposition mirrors
+the module, which does read the padding tokens.
+
+Variants: ``unified`` (exact, ``diag(r) alpha``); ``wkv`` (``alpha`` alone, the recurrence without
+the receptance gate; not exact, its matrix gradient carries ``r``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import LayerDecomposition
+from .registry import Architecture, CapturedLayer, register
+
+#: The formulations offered; ``unified`` is the exact default.
+VARIANTS: tuple[str, ...] = ("unified", "wkv")
+EXACT_VARIANTS: frozenset[str] = frozenset({"unified"})
+
+
+@dataclass
+class RwkvFactors:
+    """Every data-controlled quantity of one RWKV-4 time-mixing layer, in the compute dtype.
+
+    Attributes:
+        key: ``[B, L, C]`` ``k = W_k x~k`` (rounded through float32 as the module reads it).
+        value: ``[B, L, C]`` ``v = W_v x~v``, the value stream.
+        receptance: ``[B, L, C]`` ``r = sigmoid(W_r x~r)``, the output gate.
+        decay: ``[C]`` ``-exp(time_decay)`` (negative), the per-step log-decay.
+        first: ``[C]`` ``time_first``, the bonus of the current token.
+        mask: ``[B, L]`` all ones (the module reads every token, see the module docstring).
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    receptance: torch.Tensor
+    decay: torch.Tensor
+    first: torch.Tensor
+    mask: torch.Tensor
+
+
+def rwkv_factors(layer: nn.Module, hidden: torch.Tensor, dtype: torch.dtype) -> RwkvFactors:
+    """Recompute the factors of ``layer`` (``RwkvSelfAttention``) for its input ``hidden [B, L, H]``."""
+    p = lambda t: t.detach().to(dtype)  # noqa: E731
+    h = hidden.detach().to(dtype)
+    shifted = F.pad(h, (0, 0, 1, -1))                       # h_{t-1}, zero before the first token
+    mixed = {}
+    for name in ("key", "value", "receptance"):
+        mu = p(getattr(layer, f"time_mix_{name}"))
+        mixed[name] = F.linear(h * mu + shifted * (1 - mu), p(getattr(layer, name).weight))
+    batch, length, _ = h.shape
+    return RwkvFactors(
+        key=mixed["key"].float().to(dtype),                 # the module's ``key.float()``
+        value=mixed["value"],
+        receptance=torch.sigmoid(mixed["receptance"]),
+        decay=-torch.exp(p(layer.time_decay)),
+        first=p(layer.time_first),
+        mask=torch.ones(batch, length, dtype=dtype, device=h.device),
+    )
+
+
+def wkv_matrices(key: torch.Tensor, decay: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """``[B, c, L, L]`` ``alpha_c[t, j]``, the WKV weights, as a masked softmax over ``j <= t``.
+
+    Args:
+        key: ``[B, L, c]``; decay, first: ``[c]``.
+    """
+    length = key.shape[1]
+    t = torch.arange(length, device=key.device)
+    distance = (t[:, None] - 1 - t[None, :]).to(key.dtype)              # [L, L] t-1-j
+    logits = decay[None, :, None, None] * distance + key.transpose(1, 2)[:, :, None, :]
+    diagonal = (first[None, :, None] + key.transpose(1, 2))             # [B, c, L]
+    logits = logits.diagonal_scatter(diagonal, dim1=-2, dim2=-1)
+    future = torch.ones(length, length, dtype=torch.bool, device=key.device).triu(1)
+    return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+
+
+def rwkv_block(factors: RwkvFactors, channels: slice, variant: str) -> torch.Tensor:
+    """Matrices ``[B, c, L, L]`` of ``variant`` for a block of channels."""
+    alpha = wkv_matrices(factors.key[..., channels], factors.decay[channels], factors.first[channels])
+    if variant == "wkv":
+        return alpha
+    return alpha.mul_(factors.receptance[..., channels].transpose(1, 2)[..., None])
+
+
+class RwkvLayerDecomposition(LayerDecomposition):
+    """An RWKV-4 time-mixing layer as per-channel implicit attention over its attention width ``C``."""
+
+    block_temporaries = 4
+
+    def __init__(self, factors: RwkvFactors, *, variant: str, **kwargs):
+        self.factors = factors
+        super().__init__(variant=variant, exact=variant in EXACT_VARIANTS, values=factors.value,
+                         offset=torch.zeros_like(factors.value), mask=factors.mask, **kwargs)
+
+    def _block(self, channels: slice):
+        return rwkv_block(self.factors, channels, self.variant), None
+
+    def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        # out = r * (alpha v): the gate "wkv" leaves out multiplies the gradient reaching alpha.
+        return grad * self.factors.receptance if self.variant == "wkv" else grad
+
+
+def _build(captured: CapturedLayer, *, variant: str, dtype: torch.dtype, index: int) -> RwkvLayerDecomposition:
+    factors = rwkv_factors(captured.module, captured.inputs, dtype)
+    return RwkvLayerDecomposition(factors, variant=variant, index=index, name=captured.name,
+                                  output=captured.output.detach().to(dtype))
+
+
+register(Architecture(
+    name="rwkv4",
+    module_classes=("transformers.models.rwkv.modeling_rwkv.RwkvSelfAttention",),
+    model_classes=("RwkvForCausalLM", "RwkvModel"),
+    variants=VARIANTS,
+    output_module="output",
+    build=_build,
+    channels=lambda layer: layer.attention_hidden_size,
+))

@@ -1,0 +1,192 @@
+"""RWKV-4 time mixing: decompose() against the real module, the fast operator against the slow loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import RwkvConfig, RwkvForCausalLM, RwkvModel
+
+import implicit_attention as ia
+from implicit_attention.explain import BASELINE_METHODS, MATRIX_METHODS
+from implicit_attention.architectures.base import LayerDecomposition
+from implicit_attention.architectures.rwkv4 import VARIANTS, rwkv_block, rwkv_factors, wkv_matrices
+from implicit_attention.architectures.rwkv4_naive import naive_rwkv, naive_wkv_recurrence
+from implicit_attention.capture import capture, select_layers
+
+from conftest import assert_close, left_padded
+
+TOL = {torch.float32: 1e-4, torch.float64: 1e-6}
+
+
+def tiny_rwkv(*, dtype=torch.float32, seed: int = 0, key_scale: float = 0.6, model_cls=RwkvForCausalLM, **overrides):
+    """A tiny RWKV-4 with every parameter randomised (mixes in (0, 1), decays, bonuses, norms)."""
+    settings = dict(vocab_size=40, context_length=16, hidden_size=12, num_hidden_layers=2,
+                    attention_hidden_size=10, intermediate_size=24, rescale_every=0)
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = model_cls(RwkvConfig(**settings))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "time_mix" in name:
+                param.copy_(torch.rand_like(param))
+            elif "time_decay" in name or "time_first" in name:
+                param.copy_(torch.randn_like(param))
+            elif "ln" in name:
+                param.copy_(torch.randn_like(param) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
+            elif name.endswith("attention.key.weight"):
+                param.copy_(torch.randn_like(param) * key_scale)
+            else:
+                param.copy_(torch.randn_like(param) * 0.6)
+    return model.to(dtype).eval()
+
+
+def captured(model, ids, mask=None):
+    targets = select_layers(model, None)
+    with torch.no_grad(), capture(model, targets) as records:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return records
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("seed,width", [(0, 10), (1, 12), (2, 7)])
+def test_unified_reconstructs_module_output(dtype, seed, width):
+    model = tiny_rwkv(dtype=dtype, seed=seed, attention_hidden_size=width)
+    ids, mask = left_padded(batch=3, length=7, seed=seed)
+    result = ia.decompose(model, ids, mask)
+    assert [layer.name for layer in result.layers] == ["rwkv.blocks.0.attention", "rwkv.blocks.1.attention"]
+    for layer in result.layers:
+        assert layer.exact and layer.error <= TOL[dtype], (layer.name, layer.error)
+        rebuilt = torch.einsum("bcij,bjc->bic", layer.matrix, layer.values) + layer.offset
+        assert_close(rebuilt, layer.output, TOL[dtype], layer.name)
+        assert layer.matrix.shape == (3, width, 7, 7) and layer.matrix.dtype == dtype
+        assert torch.count_nonzero(torch.triu(layer.matrix, diagonal=1)) == 0
+        assert torch.count_nonzero(layer.offset) == 0
+
+
+@pytest.mark.parametrize("length", [1, 2, 5, 9])
+def test_odd_lengths_unbatched_and_base_model(length):
+    for model in (tiny_rwkv(dtype=torch.float64), tiny_rwkv(dtype=torch.float64, model_cls=RwkvModel)):
+        result = ia.decompose(model, torch.randint(0, 40, (length,)))
+        assert max(result.errors) <= 1e-6
+        assert result.layers[0].matrix.shape[-1] == length
+
+
+def test_layer_rescaling_of_the_model_does_not_matter():
+    """rescale_every halves the residual stream and the output weights in eval: the captured input and
+    the pre-projection output are what the layer really saw and produced."""
+    model = tiny_rwkv(dtype=torch.float64, rescale_every=1, num_hidden_layers=3)
+    ids, mask = left_padded(batch=2, length=7)
+    result = ia.decompose(model, ids, mask)
+    assert model.rwkv.layers_are_rescaled and max(result.errors) <= 1e-6
+
+
+def test_large_keys_do_not_overflow_in_float32():
+    """Keys of a few hundred: exp(k) overflows float32, the softmax form (max-subtraction) does not."""
+    model = tiny_rwkv(dtype=torch.float32, key_scale=40.0)
+    ids, mask = left_padded(batch=2, length=9)
+    result = ia.decompose(model, ids, mask)
+    keys = [layer.factors.key.abs().max() for layer in result.layers]
+    assert max(keys) > 100, keys
+    for layer in result.layers:
+        assert torch.isfinite(layer.matrix).all()
+        assert layer.error <= 1e-4
+
+
+def test_alpha_rows_are_a_distribution_and_gate_scales_rows():
+    model = tiny_rwkv(dtype=torch.float64)
+    layer = ia.decompose(model, torch.randint(0, 40, (2, 6)), variant="wkv").layers[1]
+    alpha = layer.matrix
+    assert bool((alpha >= 0).all())
+    assert_close(alpha.sum(-1), torch.ones_like(alpha.sum(-1)), 1e-12, "softmax rows")
+    unified = rwkv_block(layer.factors, slice(0, layer.channels), "unified")
+    r = layer.factors.receptance.transpose(1, 2)[..., None]
+    assert_close(unified, r * alpha, 1e-14, "diag(r) alpha")
+
+
+def test_padding_is_read_like_the_module_reads_it():
+    """RwkvModel ignores attention_mask: padded and unmasked runs agree and padding columns carry weight."""
+    model = tiny_rwkv(dtype=torch.float64)
+    ids, mask = left_padded(batch=3, length=8)
+    masked = ia.decompose(model, ids, mask)
+    unmasked = ia.decompose(model, ids)
+    for a, b in zip(masked.layers, unmasked.layers):
+        assert torch.equal(a.matrix, b.matrix)
+        assert torch.all(a.mask == 1)
+        assert torch.count_nonzero(a.matrix[2, :, 2:, :2]) > 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("seed", [0, 3])
+def test_fast_operator_matches_naive(variant, seed):
+    model = tiny_rwkv(dtype=torch.float64, seed=seed)
+    ids, mask = left_padded(batch=2, length=6, seed=seed)
+    for record in captured(model, ids, mask):
+        f = rwkv_factors(record.module, record.inputs, torch.float64)
+        fast = rwkv_block(f, slice(0, f.key.shape[-1]), variant)
+        assert_close(fast, naive_rwkv(f, variant), 1e-12, variant)
+
+
+def test_wkv_matrix_is_the_module_recurrence():
+    """alpha v equals the module's stabilised numerator/denominator recurrence, written as loops."""
+    model = tiny_rwkv(dtype=torch.float64, key_scale=5.0)
+    ids, _ = left_padded(batch=2, length=7)
+    for record in captured(model, ids):
+        f = rwkv_factors(record.module, record.inputs, torch.float64)
+        alpha = wkv_matrices(f.key, f.decay, f.first)
+        assert_close(torch.einsum("bcij,bjc->bic", alpha, f.value), naive_wkv_recurrence(f), 1e-12, "wkv")
+
+
+def test_factors_match_the_module_projections():
+    model = tiny_rwkv(dtype=torch.float64)
+    records = captured(model, torch.randint(0, 40, (2, 5)))
+    for record in records:
+        f = rwkv_factors(record.module, record.inputs, torch.float64)
+        with torch.no_grad():
+            receptance, key, value, _ = record.module.extract_key_value(record.inputs)
+        assert_close(f.receptance, receptance, 1e-14, "r")
+        assert_close(f.value, value, 1e-14, "v")
+        assert torch.equal(f.key, key.float().double())        # the module reads k in float32
+
+
+def test_channel_blocks_agree_with_one_block():
+    model = tiny_rwkv(dtype=torch.float64)
+    layer = ia.decompose(model, torch.randint(0, 40, (2, 5))).layers[0]
+    parts = torch.cat([layer._block(slice(s, min(s + 3, 10)))[0] for s in range(0, 10, 3)], dim=1)
+    assert torch.equal(parts, layer._block(slice(0, 10))[0])
+
+
+def test_wkv_variant_is_flagged_and_carries_the_gate_in_its_gradient():
+    model = tiny_rwkv(dtype=torch.float64)
+    ids, mask = left_padded(batch=2, length=7)
+    result = ia.decompose(model, ids, mask, variant="wkv")
+    for layer in result.layers:
+        assert not layer.exact and layer.error > 1e-2
+        gated = layer.factors.receptance * torch.einsum("bcij,bjc->bic", layer.matrix, layer.values)
+        assert_close(gated, layer.output, 1e-6, "r * (alpha v)")
+        grad = torch.randn_like(layer.values)
+        assert torch.equal(layer.matrix_gradient(grad), grad * layer.factors.receptance)
+        # the gradient-weighted map of "wkv" equals unified's: g r alpha v = g (diag(r) alpha) v
+    unified = ia.decompose(model, ids, mask).layers[0]
+    grad = torch.randn_like(unified.values)
+    assert_close(result.layers[0].attribution(grad), unified.attribution(grad), 1e-12, "attribution")
+
+
+def test_aggregates_match_the_matrix():
+    model = tiny_rwkv(dtype=torch.float64)
+    layer = ia.decompose(model, torch.randint(0, 40, (2, 6))).layers[1]
+    A = layer.matrix
+    assert_close(layer.aggregate("mean"), A.mean(1), 1e-12, "mean")
+    assert_close(layer.aggregate("abs"), A.abs().mean(1), 1e-12, "abs")
+    assert_close(LayerDecomposition.aggregate(layer, "pos"), A.clamp(min=0).mean(1), 1e-12, "pos")
+
+
+@pytest.mark.parametrize("method,variant", [(m, v) for m in MATRIX_METHODS for v in VARIANTS]
+                         + [(m, "unified") for m in BASELINE_METHODS])
+def test_explain_every_method(method, variant):
+    model = tiny_rwkv(dtype=torch.float32)
+    ids, mask = left_padded(batch=2, length=5)
+    relevance = ia.explain(model, ids, mask, method=method, variant=variant, steps=4)
+    assert relevance.shape == (2, 5) and torch.isfinite(relevance).all()
+    assert torch.all(relevance[1, :1] == 0)
+    if method in ("raw", "rollout", "attribution"):
+        assert relevance.abs().sum() > 0
