@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+import dataclasses
 import inspect
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -79,10 +81,20 @@ def select_layers(model: nn.Module, layers: int | Sequence[int] | None) -> list[
     return [found[i] for i in sorted(chosen)]
 
 
-def layer_indices(model: nn.Module, selected: list[tuple[str, nn.Module, Architecture]]) -> list[int]:
-    """Position of each selected layer among all of the model's token-mixing layers."""
+def layer_indices(model: nn.Module, selected) -> list[int]:
+    """Position of each selected layer among all of the model's token-mixing layers.
+
+    ``selected`` holds ``(name, module, architecture)`` triples or :class:`CapturedLayer` records;
+    every call of a module run several times (``name#2``, ...) gets that module's index, so that
+    ``layers=[index]`` selects it again.
+    """
     names = [name for name, _, _ in find_layers(model)]
-    return [names.index(name) for name, _, _ in selected]
+    return [names.index(base_name(item.name if isinstance(item, CapturedLayer) else item[0])) for item in selected]
+
+
+def base_name(name: str) -> str:
+    """``"model.layers.5.self_attn#2"`` -> ``"model.layers.5.self_attn"`` (the module of a repeated call)."""
+    return name.split("#", 1)[0]
 
 
 def _first_tensor(args, kwargs, key: str) -> torch.Tensor:
@@ -110,6 +122,193 @@ def call_model(model: nn.Module, input_ids: torch.Tensor | None, attention_mask:
     return model(**kwargs)
 
 
+def run_model(model: nn.Module, name: str, values: torch.Tensor, attention_mask: torch.Tensor | None,
+              embeds: torch.Tensor | None = None):
+    """Run ``model`` on its main input ``name`` (``"input_ids"`` or ``"pixel_values"``).
+
+    ``embeds`` replaces what ``model.get_input_embeddings()`` computes (token embeddings, fed
+    as ``inputs_embeds``; patch embeddings, substituted by a forward hook since vision models
+    take no ``inputs_embeds``).
+    """
+    if name != "pixel_values":
+        return call_model(model, values if embeds is None else None, attention_mask, inputs_embeds=embeds)
+    kwargs = {"pixel_values": values}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if embeds is None:
+        return model(**kwargs)
+    handle = model.get_input_embeddings().register_forward_hook(lambda module, args, output: embeds)
+    try:
+        return model(**kwargs)
+    finally:
+        handle.remove()
+
+
+def is_causal_model(model: nn.Module) -> bool:
+    """``False`` when every token-mixing layer is bidirectional (``is_causal = False``: BERT, ViT)."""
+    layers = find_layers(model)
+    return not (layers and all(getattr(module, "is_causal", True) is False for _, module, _ in layers))
+
+
+@dataclass
+class ModelInputs:
+    """One batch of model input in the form the model takes, and how its tokens line up with it.
+
+    The adapter between the user's input (token ids or images) and everything that runs the
+    model or reads relevance per token (:func:`~implicit_attention.decompose`,
+    :func:`~implicit_attention.explain`, the baselines).
+
+    Attributes:
+        name: the model's main input, ``"input_ids"`` or ``"pixel_values"``.
+        values: ``[B, L]`` token ids (long) or ``[B, channels, height, width]`` pixels.
+        attention_mask: ``[B, L]`` (long) or ``None``.
+        length: ``L``, the tokens the token-mixing layers see (patches plus class tokens for images).
+        causal: whether the model mixes tokens causally (``False`` when all its layers are bidirectional).
+        class_token: position of the class token of a bidirectional model: for images found from
+            the model (the first token that does not come from a patch), for text encoders the
+            first token (``[CLS]``); ``None`` for causal models.
+        patch_positions: ``[P]`` token position of each patch embedding in patch order (images only).
+    """
+
+    name: str
+    values: torch.Tensor
+    attention_mask: torch.Tensor | None
+    length: int
+    causal: bool
+    class_token: int | None = None
+    patch_positions: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(B, L)``, the token grid (what ``input_ids.shape`` is for text)."""
+        return self.values.shape[0], self.length
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def is_image(self) -> bool:
+        return self.name == "pixel_values"
+
+    def classifier_row(self) -> int:
+        """Row of the ``[L, L]`` maps that a sequence classifier's logits ``[B, K]`` are read from.
+
+        The class token of a bidirectional model; the last token of a causal one (pad on the left).
+        """
+        if self.causal:
+            return self.length - 1
+        if self.class_token is None:
+            raise ValueError("this bidirectional model has no class token to explain the class logits from")
+        return self.class_token
+
+    def token_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """``[B, L]`` 1 for real tokens, 0 for padding."""
+        if self.attention_mask is None:
+            return torch.ones(self.shape, dtype=dtype, device=self.device)
+        return self.attention_mask.to(dtype)
+
+    def embed(self, model: nn.Module) -> torch.Tensor:
+        """What ``model.get_input_embeddings()`` makes of the input (detached): ``[B, L, H]`` token
+        embeddings, or ``[B, P, H]`` patch embeddings for images."""
+        with torch.no_grad():
+            return model.get_input_embeddings()(self.values).detach()
+
+    def call(self, model: nn.Module, embeds: torch.Tensor | None = None):
+        """Run ``model`` on this input (no cache), ``embeds`` replacing :meth:`embed`'s result if given."""
+        return run_model(model, self.name, self.values, self.attention_mask, embeds)
+
+    def to_tokens(self, relevance: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` from relevance per embedding ``[B, L]`` (text) or per patch ``[B, P]`` (class tokens get 0)."""
+        if self.patch_positions is None:
+            return relevance
+        tokens = relevance.new_zeros(relevance.shape[0], self.length)
+        return tokens.index_copy(1, self.patch_positions.to(relevance.device), relevance)
+
+
+class _StopForward(Exception):
+    """Raised by a probe hook to end a forward pass early, carrying the tensor it saw."""
+
+    def __init__(self, tensor: torch.Tensor):
+        super().__init__("probe")
+        self.tensor = tensor
+
+
+def patch_positions(model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(positions [P], L)``: where each patch embedding enters the token sequence, read off the model.
+
+    Runs the model up to its first token-mixing layer twice with two different random patch
+    embeddings: the tokens that change come from patches, the others (class / distillation
+    tokens) do not. Patches are assumed to keep their order (ViT, DeiT, Vision Mamba).
+    """
+    found = find_layers(model)
+    if not found:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} contains no token-mixing layer implicit_attention can decompose. "
+            f"Supported model classes: {', '.join(supported_model_classes())}.")
+    first, embedding = found[0][1], model.get_input_embeddings()
+    sample = pixel_values[:1]
+    with torch.no_grad():
+        patches = embedding(sample)
+        seen = []
+        for seed in (0, 1):
+            fake = torch.randn(patches.shape, generator=torch.Generator().manual_seed(seed),
+                               dtype=torch.float64).to(patches)
+
+            def stop(module, args, kwargs):
+                raise _StopForward(_first_tensor(args, kwargs, "hidden_states"))
+
+            handles = [embedding.register_forward_hook(lambda module, args, output: fake),
+                       first.register_forward_pre_hook(stop, with_kwargs=True)]
+            try:
+                run_model(model, "pixel_values", sample, None)
+            except _StopForward as probe:
+                seen.append(probe.tensor)
+            finally:
+                for handle in handles:
+                    handle.remove()
+    if len(seen) != 2:
+        raise RuntimeError(f"{type(model).__name__} never reached its first token-mixing layer {found[0][0]!r}")
+    changed = (seen[0] - seen[1]).abs().flatten(2).amax(dim=-1)[0] > 0       # [L]
+    positions = changed.nonzero()[:, 0]
+    if len(positions) != patches.shape[1]:
+        raise RuntimeError(f"could not locate the {patches.shape[1]} patches among the {changed.numel()} tokens "
+                           f"of {type(model).__name__}")
+    return positions, changed.numel()
+
+
+def prepare_model_inputs(model: nn.Module, inputs, attention_mask=None) -> ModelInputs:
+    """Validate the input for ``model`` (ids, or pixels when ``model.main_input_name == "pixel_values"``).
+
+    Token ids are checked by :func:`prepare_inputs`. Pixels are ``[channels, height, width]`` or
+    ``[B, channels, height, width]`` floats, cast to the model's device and dtype; images take no
+    ``attention_mask``.
+    """
+    if isinstance(inputs, ModelInputs):
+        return inputs
+    causal = is_causal_model(model)
+    if getattr(model, "main_input_name", "input_ids") != "pixel_values":
+        ids, mask = prepare_inputs(model, inputs, attention_mask)
+        return ModelInputs("input_ids", ids, mask, ids.shape[1], causal, class_token=None if causal else 0)
+    pixels = torch.as_tensor(inputs)
+    if pixels.dim() == 3:
+        pixels = pixels.unsqueeze(0)
+    if pixels.dim() != 4:
+        raise ValueError(f"pixel_values must be [channels, height, width] or [B, channels, height, width], "
+                         f"got shape {tuple(pixels.shape)}")
+    if pixels.numel() == 0:
+        raise EmptyInputError("pixel_values is empty: there is nothing to explain")
+    if not pixels.is_floating_point():
+        raise TypeError("pixel_values must hold floating-point pixels")
+    if attention_mask is not None:
+        raise ValueError("attention_mask is for token ids; image models take pixel_values alone")
+    pixels = pixels.to(device=model_device(model), dtype=model_dtype(model))
+    positions, length = patch_positions(model, pixels)
+    extra = [i for i in range(length) if i not in set(positions.tolist())]
+    return ModelInputs("pixel_values", pixels, None, length, causal,
+                       class_token=extra[0] if extra else None, patch_positions=positions)
+
+
 @contextmanager
 def capture(model: nn.Module, targets: list[tuple[str, nn.Module, Architecture]], *,
             keep_graph: bool = False, block_inputs: bool = False) -> Iterator[list[CapturedLayer]]:
@@ -117,14 +316,37 @@ def capture(model: nn.Module, targets: list[tuple[str, nn.Module, Architecture]]
 
     With ``keep_graph`` the outputs (and block inputs) stay attached to autograd so that
     gradients with respect to them can be taken. Hooks are removed on exit, also on error.
+
+    A module called ``k`` times in one forward (a shared block, as in Zamba) yields ``k`` records
+    named ``name``, ``name#2``, ..., each with its own inputs and outputs. The yielded list is
+    kept in call order while the forward runs; records of layers that did not run stay at its end.
     """
     records = [CapturedLayer(name=name, module=module, architecture=arch) for name, module, arch in targets]
     handles = []
+    called = [0]  # how many calls have started: records[:called] are in call order
 
-    def on_layer(record):
+    def place(record):
+        """Move ``record`` to the next call-order slot of ``records``."""
+        position = next(i for i, r in enumerate(records) if r is record)
+        records.insert(called[0], records.pop(position))
+        called[0] += 1
+
+    def on_layer(record, calls, pending):
         def hook(module, args, kwargs):
             if record.inputs is not None:
-                raise RuntimeError(f"layer {record.name!r} ran twice in one forward pass; shared layers are not supported")
+                # repeated call: freeze the previous call in a copy; the hooked record starts afresh
+                finished = dataclasses.replace(record)
+                records[next(i for i, r in enumerate(records) if r is record)] = finished
+                records.insert(called[0], record)
+                calls[0] += 1
+                record.name = f"{base_name(record.name)}#{calls[0]}"
+                record.output = record.module_output = record.attention_mask = None
+                record.kwargs, record.extra = {}, {}
+            record.block_input = pending.pop("block_input", None)
+            if calls[0] == 1:
+                place(record)
+            else:
+                called[0] += 1
             record.inputs = _first_tensor(args, kwargs, "hidden_states").detach()
             record.kwargs = {k: _detached(v) for k, v in kwargs.items()}
             mask = kwargs.get("attention_mask")
@@ -144,16 +366,18 @@ def capture(model: nn.Module, targets: list[tuple[str, nn.Module, Architecture]]
             record.output = args[0] if keep_graph else args[0].detach()
         return hook
 
-    def on_block(record):
+    def on_block(pending):
+        # the block runs before the layer inside it: keep the tensor until the layer's call starts
         def hook(module, args, kwargs):
             tensor = _first_tensor(args, kwargs, "hidden_states")
-            record.block_input = tensor if keep_graph else tensor.detach()
+            pending["block_input"] = tensor if keep_graph else tensor.detach()
         return hook
 
     try:
         for record in records:
             arch = record.architecture
-            handles.append(record.module.register_forward_pre_hook(on_layer(record), with_kwargs=True))
+            calls, pending = [1], {}
+            handles.append(record.module.register_forward_pre_hook(on_layer(record, calls, pending), with_kwargs=True))
             handles.append(record.module.register_forward_hook(on_layer_output(record), with_kwargs=True))
             if arch.output_module is not None:
                 output_module = record.module.get_submodule(arch.output_module)
@@ -163,7 +387,7 @@ def capture(model: nn.Module, targets: list[tuple[str, nn.Module, Architecture]]
             if block_inputs:
                 parent = arch.block_input(model, record.name) if arch.block_input is not None \
                     else model.get_submodule(record.name.rpartition(".")[0])
-                handles.append(parent.register_forward_pre_hook(on_block(record), with_kwargs=True))
+                handles.append(parent.register_forward_pre_hook(on_block(pending), with_kwargs=True))
         yield records
     finally:
         for handle in handles:

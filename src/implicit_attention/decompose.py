@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .architectures import CapturedLayer, LayerDecomposition
 from .capture import call_model, capture, layer_indices, model_dtype, prepare_inputs, select_layers
+from .capture import prepare_model_inputs
 from .errors import ReconstructionError
 from .memory import DEFAULT_BLOCK_BYTES, ensure_fits
 
@@ -145,15 +146,16 @@ def decompose(model: nn.Module, input_ids, attention_mask=None, *, variant: str 
         ``einsum("bcij,bjc->bic", matrix, values) + offset`` reproduces the layer's output before
         its output projection, to the relative error ``result.layers[l].error``.
     """
-    ids, mask = prepare_inputs(model, input_ids, attention_mask)
+    inputs = prepare_model_inputs(model, input_ids, attention_mask)  # token ids or pixel_values
+    ids, mask = inputs.values, inputs.attention_mask
     targets = select_layers(model, layers)
     check_variant(targets, variant)
     compute_dtype = compute_dtype_for(model, dtype)
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(model_dtype(model), 1e-4)
-    ensure_decomposition_fits(targets, ids, compute_dtype)
+    ensure_decomposition_fits(targets, inputs, compute_dtype)
     with torch.no_grad(), capture(model, targets) as captured:
-        outputs = call_model(model, ids, mask)
-    built = build_layers(captured, layer_indices(model, targets), variant=variant, dtype=compute_dtype,
+        outputs = inputs.call(model)
+    built = build_layers(captured, layer_indices(model, captured), variant=variant, dtype=compute_dtype,
                          check=check, tolerance=tol, progress=progress)
     return Decomposition(layers=built, input_ids=ids, attention_mask=mask,
                          logits=getattr(outputs, "logits", None), variant=variant)

@@ -1,7 +1,12 @@
 """Explanations that do not use the attention matrices: the baselines every map is compared with.
 
-Each works on any model that accepts ``inputs_embeds`` and exposes ``get_input_embeddings()``,
-and returns relevance ``[B, L]``.
+Each works on any model that exposes ``get_input_embeddings()``: text models take the perturbed
+token embeddings as ``inputs_embeds``; image models (``pixel_values``) get their patch embeddings
+replaced by a forward hook, and the relevance of each patch is placed at its token (class
+tokens, which no pixel feeds, get 0). Every function returns relevance ``[B, L]``.
+
+``input_ids`` may be token ids ``[B, L]`` or a prepared
+:class:`~implicit_attention.capture.ModelInputs` (needed for images).
 """
 
 from __future__ import annotations
@@ -9,35 +14,43 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..capture import call_model
+from ..capture import ModelInputs, prepare_model_inputs, run_model
 from .target import Target
 
 
-def _embed(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    return model.get_input_embeddings()(input_ids).detach()
+def _inputs(model: nn.Module, input_ids, attention_mask) -> ModelInputs:
+    return prepare_model_inputs(model, input_ids, attention_mask)
 
 
-def _score_fn(model: nn.Module, target: Target):
-    """``f(inputs_embeds, attention_mask, target_ids) -> [B]``, the form captum expects."""
-    def score(embeds, attention_mask, target_ids):
-        out = call_model(model, None, attention_mask, inputs_embeds=embeds)
+def _score_fn(model: nn.Module, inputs: ModelInputs, target: Target):
+    """``f(embeds, attention_mask, target_ids, values) -> [B]``, the form captum expects.
+
+    ``values`` (ids or pixels) rides along as a forward argument so that captum expands it with
+    the embeddings when it batches interpolation steps.
+    """
+    def score(embeds, attention_mask, target_ids, values):
+        out = run_model(model, inputs.name, values, attention_mask, embeds)
         return Target(ids=target_ids, position=target.position).score(out.logits)
     return score
 
 
-def random_relevance(input_ids: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """``[B, L]`` uniform random relevance (a lower bound every method must beat)."""
+def random_relevance(input_ids, seed: int = 0) -> torch.Tensor:
+    """``[B, L]`` uniform random relevance (a lower bound every method must beat).
+
+    ``input_ids`` is anything with the token grid's ``.shape`` ``(B, L)`` and ``.device``.
+    """
     generator = torch.Generator().manual_seed(seed)
-    return torch.rand(input_ids.shape, generator=generator, dtype=torch.float64).to(input_ids.device)
+    return torch.rand(tuple(input_ids.shape), generator=generator, dtype=torch.float64).to(input_ids.device)
 
 
 def grad_x_input(model: nn.Module, input_ids, attention_mask, target: Target) -> torch.Tensor:
     """``[B, L]`` ``sum_h embed[t, h] * d score / d embed[t, h]``."""
-    embeds = _embed(model, input_ids).requires_grad_(True)
+    inputs = _inputs(model, input_ids, attention_mask)
+    embeds = inputs.embed(model).requires_grad_(True)
     with torch.enable_grad():
-        score = _score_fn(model, target)(embeds, attention_mask, target.ids)
+        score = _score_fn(model, inputs, target)(embeds, inputs.attention_mask, target.ids, inputs.values)
         (grad,) = torch.autograd.grad(score.sum(), embeds)
-    return (grad * embeds).sum(dim=-1).detach()
+    return inputs.to_tokens((grad * embeds).sum(dim=-1).detach())
 
 
 def integrated_gradients(model: nn.Module, input_ids, attention_mask, target: Target,
@@ -45,24 +58,26 @@ def integrated_gradients(model: nn.Module, input_ids, attention_mask, target: Ta
     """``[B, L]`` integrated gradients (captum) from an all-zero embedding, summed over the hidden size."""
     from captum.attr import IntegratedGradients
 
-    embeds = _embed(model, input_ids)
-    method = IntegratedGradients(_score_fn(model, target))
+    inputs = _inputs(model, input_ids, attention_mask)
+    embeds = inputs.embed(model)
+    method = IntegratedGradients(_score_fn(model, inputs, target))
     with torch.enable_grad():
         attr = method.attribute(embeds, baselines=torch.zeros_like(embeds), n_steps=steps,
-                                additional_forward_args=(attention_mask, target.ids),
+                                additional_forward_args=(inputs.attention_mask, target.ids, inputs.values),
                                 internal_batch_size=max(1, embeds.shape[0]) * min(steps, 8))
-    return attr.sum(dim=-1).detach()
+    return inputs.to_tokens(attr.sum(dim=-1).detach())
 
 
 def occlusion(model: nn.Module, input_ids, attention_mask, target: Target) -> torch.Tensor:
-    """``[B, L]`` drop of the score when one token's embedding is replaced by zeros (captum)."""
+    """``[B, L]`` drop of the score when one token's (or patch's) embedding is replaced by zeros (captum)."""
     from captum.attr import Occlusion
 
-    embeds = _embed(model, input_ids)
+    inputs = _inputs(model, input_ids, attention_mask)
+    embeds = inputs.embed(model)
     hidden = embeds.shape[-1]
     with torch.no_grad():
-        attr = Occlusion(_score_fn(model, target)).attribute(
+        attr = Occlusion(_score_fn(model, inputs, target)).attribute(
             embeds, sliding_window_shapes=(1, hidden), strides=(1, hidden), baselines=0.0,
-            additional_forward_args=(attention_mask, target.ids))
+            additional_forward_args=(inputs.attention_mask, target.ids, inputs.values))
     # captum gives every hidden unit of the occluded token the same score difference
-    return attr.mean(dim=-1).detach()
+    return inputs.to_tokens(attr.mean(dim=-1).detach())

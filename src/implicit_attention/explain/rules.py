@@ -58,7 +58,7 @@ def attribution_rollout(cams: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def paper_rollout(row_attention: Sequence[torch.Tensor], saliency: Sequence[torch.Tensor],
-                  mask: torch.Tensor, row: int) -> torch.Tensor:
+                  mask: torch.Tensor, row: int, causal: bool = True) -> torch.Tensor:
     """The paper's recipe for Vision Mamba, as published; returns the relevance ``[B, L]`` of ``row``.
 
     Per layer ``e_l = minmax(a_l * s_l)`` with ``a_l [B, L]`` the target row of the channel mean
@@ -72,13 +72,15 @@ def paper_rollout(row_attention: Sequence[torch.Tensor], saliency: Sequence[torc
         saliency: per layer ``[B, L]`` (already min-max normalised).
         mask: ``[B, L]`` padding mask (padding gets no relevance).
         row: the target row (the explained output position).
+        causal: keep the rank-one maps causal (``False`` for bidirectional models: BERT, ViT).
     """
     if not row_attention:
         raise ValueError("paper_rollout needs at least one layer")
     length = row_attention[0].shape[-1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    visible = torch.ones(length, length, dtype=torch.bool, device=mask.device)
+    visible = visible.tril() if causal else visible
     maps = []
     for a, s in zip(row_attention, saliency):
         e = minmax(a * s, mask)                                       # [B, L]
-        maps.append(e[:, None, :].expand(-1, length, -1).masked_fill(~causal, 0))
+        maps.append(e[:, None, :].expand(-1, length, -1).masked_fill(~visible, 0))
     return rollout(maps)[:, row, :]
