@@ -1,0 +1,181 @@
+"""Mamba-2 (SSD) implicit attention, vectorised: the fast path used by the library.
+
+Glossary (Dao & Gu 2024 symbols in brackets):
+``B`` batch, ``L`` tokens, ``E`` inner channels (``intermediate_size``), ``H`` heads, ``P`` channels
+per head (``head_dim``, ``E = H P``), ``G`` groups of ``B``/``C`` (``n_groups``; head ``h`` reads
+group ``h // (H / G)``), ``N`` state size, ``K`` conv width, ``c`` a block of channels.
+
+The mixer projects ``[z; xBC; dt] = in_proj(h)``; a causal depthwise conv and a SiLU act on the
+whole of ``xBC``; padding tokens are zeroed (``mask``); ``x`` (the first ``E`` channels of
+``xBC``) is the value stream, while the conv outputs of the ``B`` and ``C`` channels are
+data-controlled constants. Per head the decay is a scalar (see ``shared/design/formulation.md``)::
+
+    dt_h   = clamp(softplus(dt_raw_h + dt_bias_h), time_step_limit)
+    S_h[i, j] = (C_i . B_j) * exp(A_h * sum_{k=j+1..i} dt_k[h]) * dt_j[h]                  (j <= i)
+    y_d    = (S_h + D_h I) u_d,      u_d = silu(c_d) * mask,   c_d = M_d x_d + b_d
+
+and the output goes through the gated RMS norm of its group ``g``:
+``out_d[i] = w_d * r_i(g) * silu(z_d[i]) * y_d[i]`` with ``r_i(g) = rsqrt(mean_{d' in g}
+(y_d'[i] * silu(z_d'[i]))^2 + eps)`` (or of ``y`` alone where the norm comes before the gate, and
+``r = 1``, ``w = 1`` where there is no norm). ``r`` is a data-controlled constant, so for channel
+``d`` of head ``h``::
+
+    unified:  A_d = diag(w_d r silu(z_d)) (S_h + D_h I) diag(sigmoid(c_d) mask) M_d
+              offset_d = diag(w_d r silu(z_d)) (S_h + D_h I) diag(sigmoid(c_d) mask) b_d 1
+
+with ``M_d`` the causal depthwise conv as a banded matrix, ``M_d[i, j] = w_d[K-1-(i-j)]``.
+Variants: ``ssd`` (``S_h`` alone over ``u``, the predecessor's recurrence-only form), ``no_conv``
+(values ``c``, drop ``M_d``; exact), ``no_gate`` (drop ``diag(silu z)``, keep the norm scale),
+``no_act`` (drop ``diag(sigmoid c)``).
+
+Heads share ``S_h``: a block of channels computes the ``[B, h, L, L]`` matrices of the heads it
+touches (one ``C B^T`` contraction per head, never a ``[.., L, L, N]`` tensor) and repeats them
+to its channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..mamba.operator import conv_right, segment_sums
+
+#: The formulations this module offers; ``unified`` is the exact default.
+VARIANTS: tuple[str, ...] = ("unified", "ssd", "no_conv", "no_gate", "no_act")
+#: Which variants are exact identities of the layer.
+EXACT_VARIANTS: frozenset[str] = frozenset({"unified", "no_conv"})
+
+
+@dataclass
+class Mamba2Factors:
+    """Every data-controlled quantity of one Mamba-2 mixer for one input, in the compute dtype.
+
+    Attributes:
+        x: ``[B, L, E]`` conv input of the x channels, the value stream of the unified operator.
+        z: ``[B, L, E]`` gate branch before its SiLU.
+        conv_out: ``[B, L, E]`` ``c = M x + b`` of the x channels, before the activation.
+        mask: ``[B, L]`` 1 for real tokens, 0 for padding.
+        conv_weight: ``[E, K]`` depthwise conv taps of the x channels (``w[K-1]`` on the current token).
+        conv_bias: ``[E]`` or ``None``.
+        dt: ``[B, L, H]`` step sizes after softplus and the ``time_step_limit`` clamp.
+        B: ``[B, L, G, N]`` input projections (conv output of the B channels, activated, masked).
+        C: ``[B, L, G, N]`` output projections.
+        A: ``[H]`` scalar continuous decay per head (negative).
+        D: ``[H]`` skip term per head.
+        head_dim: ``P``, channels per head.
+        norm_scale: ``[B, L, E]`` ``w_d * r_i(g)``, the gated RMS norm as a per-token, per-channel
+            constant (ones when the mixer has no norm). Set by the factor function once ``y`` is known.
+    """
+
+    x: torch.Tensor
+    z: torch.Tensor
+    conv_out: torch.Tensor
+    mask: torch.Tensor
+    conv_weight: torch.Tensor
+    conv_bias: torch.Tensor | None
+    dt: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    A: torch.Tensor
+    D: torch.Tensor
+    head_dim: int
+    norm_scale: torch.Tensor | None = None
+
+    @property
+    def num_heads(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def act_gate(self) -> torch.Tensor:
+        """``[B, L, E]`` ``sigmoid(c)`` times the padding mask: SiLU written as ``c * sigmoid(c)``."""
+        return torch.sigmoid(self.conv_out) * self.mask[..., None]
+
+    @property
+    def ssm_input(self) -> torch.Tensor:
+        """``[B, L, E]`` ``u = silu(c)`` with padding zeroed, the input of the scan."""
+        return self.conv_out * self.act_gate
+
+    @property
+    def gate(self) -> torch.Tensor:
+        """``[B, L, E]`` ``silu(z)``."""
+        return F.silu(self.z)
+
+    @property
+    def out_gate(self) -> torch.Tensor:
+        """``[B, L, E]`` everything on the output side: ``w_d * r_i * silu(z_d[i])``."""
+        gate = self.gate
+        return gate if self.norm_scale is None else gate * self.norm_scale
+
+
+def values_for(factors: Mamba2Factors, variant: str) -> torch.Tensor:
+    """``[B, L, E]`` the value stream that ``variant``'s matrices multiply."""
+    if variant == "ssd":
+        return factors.ssm_input
+    if variant == "no_conv":
+        return factors.conv_out
+    return factors.x
+
+
+def ssd_matrices(f: Mamba2Factors, heads: slice) -> torch.Tensor:
+    """``[B, h, L, L]`` the SSD hidden attention ``S_h`` of a slice of heads (causal, 0 above)."""
+    per_group = f.num_heads // f.B.shape[2]
+    groups = torch.arange(f.num_heads, device=f.dt.device)[heads] // per_group
+    B = f.B[:, :, groups]                                           # [B, L, h, N]
+    C = f.C[:, :, groups]
+    dt = f.dt[..., heads].transpose(1, 2)                           # [B, h, L]
+    S = torch.einsum("bihn,bjhn->bhij", C, B)                       # C_i . B_j
+    S.mul_(torch.exp(segment_sums(dt) * f.A[heads][None, :, None, None]))
+    S.mul_(dt[..., None, :])
+    length = dt.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=dt.device).tril()
+    return S.masked_fill_(~causal, 0)
+
+
+def channel_heads(f: Mamba2Factors, channels: slice) -> tuple[slice, torch.Tensor]:
+    """The slice of heads that ``channels`` touch, and each channel's index into that slice."""
+    index = torch.arange(f.x.shape[-1], device=f.x.device)[channels] // f.head_dim
+    first = int(index[0])
+    return slice(first, int(index[-1]) + 1), index - first
+
+
+def ssd_output(f: Mamba2Factors, heads_per_block: int | None = None) -> torch.Tensor:
+    """``[B, L, E]`` ``y = (S_h + D_h I) u``, the scan output before the gated norm, by blocks of heads."""
+    batch, length, _ = f.x.shape
+    u = f.ssm_input.view(batch, length, f.num_heads, f.head_dim)
+    step = heads_per_block or f.num_heads
+    parts = []
+    for start in range(0, f.num_heads, step):
+        heads = slice(start, min(start + step, f.num_heads))
+        S = ssd_matrices(f, heads)
+        parts.append(torch.einsum("bhij,bjhp->bihp", S, u[:, :, heads])
+                     + f.D[heads][None, None, :, None] * u[:, :, heads])
+    return torch.cat(parts, dim=2).reshape(batch, length, -1)
+
+
+def mamba2_block(f: Mamba2Factors, channels: slice, variant: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Matrices ``[B, c, L, L]`` and offset ``[B, L, c]`` (or ``None``) of ``variant`` for a channel block."""
+    heads, index = channel_heads(f, channels)
+    T = ssd_matrices(f, heads)[:, index]                                # [B, c, L, L], a copy per channel
+    if variant == "ssd":
+        return T, None
+    use_conv = variant != "no_conv"
+    use_act = variant != "no_act"
+    use_gate = variant != "no_gate"
+
+    D = f.D[heads][index]
+    T.diagonal(dim1=-2, dim2=-1).add_(D[None, :, None])                 # S + D I
+    column = f.act_gate[..., channels] if use_act else f.mask[..., None].expand_as(f.x[..., channels])
+    T.mul_(column.transpose(1, 2)[:, :, None, :])                       # diag(sigmoid c * mask) on the right
+    offset = None
+    if use_conv and f.conv_bias is not None:
+        offset = T.sum(dim=-1) * f.conv_bias[channels][None, :, None]   # [B, c, L]
+    if use_conv:
+        T = conv_right(T, f.conv_weight[channels])
+    row = (f.out_gate if use_gate else (f.norm_scale if f.norm_scale is not None
+                                        else torch.ones_like(f.x)))[..., channels].transpose(1, 2)
+    T.mul_(row[..., None])
+    if offset is not None:
+        offset = offset * row
+    return T, None if offset is None else offset.transpose(1, 2)
