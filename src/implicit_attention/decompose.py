@@ -31,7 +31,7 @@ class Decomposition:
     Attributes:
         layers: one :class:`~implicit_attention.architectures.LayerDecomposition` per decomposed
             token-mixing layer, in model order.
-        input_ids: ``[B, L]`` the ids that were run.
+        input_ids: ``[B, L]`` the ids that were run (``[B, channels, height, width]`` pixels for image models).
         attention_mask: ``[B, L]`` or ``None``.
         logits: the model's output logits (``[B, L, V]`` for a causal LM), or ``None`` for a model
             without a head.
@@ -127,7 +127,8 @@ def decompose(model: nn.Module, input_ids, attention_mask=None, *, variant: str 
     Args:
         model: a supported Hugging Face model (``MambaForCausalLM``, ``MambaModel``,
             ``FalconMambaForCausalLM``, ...), used as loaded, never modified.
-        input_ids: ``[B, L]`` or ``[L]`` token ids. Pad on the left for batches.
+        input_ids: ``[B, L]`` or ``[L]`` token ids (pad causal models on the left, encoders such as
+            BERT on the right), or ``pixel_values`` ``[B, channels, height, width]`` for image models.
         attention_mask: ``[B, L]`` 1 for real tokens, 0 for padding.
         variant: ``"unified"`` (exact, the default), or an ablation: ``"s6"`` (the predecessor's
             S6-only hidden attention), ``"no_conv"``, ``"no_gate"``, ``"no_act"``.
