@@ -219,3 +219,19 @@ def test_hybrid_models_explain_with_all_their_layers(class_name):
     for method in ("rollout", "attribution"):
         rel = ia.explain(model, ids, mask, method=method)
         assert rel.shape == (2, 5) and torch.isfinite(rel).all() and rel[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("class_name", list(CONFIGS))
+@pytest.mark.parametrize("variant", ["unified", "s6", "no_gate"])
+def test_fast_aggregates_match_the_blocks(class_name, variant):
+    """The factorised signed mean and the row aggregates equal what the full matrices give."""
+    model = tiny(class_name, seed=3)
+    ids, mask = left_padded(batch=2, length=7, vocab=VOCAB)
+    result = ia.decompose(model, ids, mask, variant=variant, layers=indices(model, class_name))
+    for layer in mine_of(result, model, class_name):
+        full = layer.matrix
+        assert_close(layer.aggregate("mean"), full.mean(dim=1), 1e-10, f"{variant} signed mean")
+        for how, reduce in (("mean", lambda t: t), ("abs", torch.abs), ("pos", lambda t: t.clamp(min=0))):
+            layer._aggregates.clear()
+            expected = reduce(full[:, :, [0, 4, 6]]).mean(dim=1)
+            assert_close(layer.aggregate_rows([0, 4, -1], how), expected, 1e-12, f"{variant} {how} rows")

@@ -15,7 +15,7 @@ import implicit_attention as ia
 from implicit_attention.architectures import find_layers
 from implicit_attention.architectures.mamba2 import Mamba2LayerDecomposition, mamba2_factors
 from implicit_attention.architectures.mamba2.naive import naive_conv_matrix, naive_mamba2, naive_scan
-from implicit_attention.architectures.mamba2.operator import VARIANTS, mamba2_block, ssd_output
+from implicit_attention.architectures.mamba2.operator import VARIANTS, mamba2_block, signed_mean, ssd_output
 from implicit_attention.capture import capture
 
 from conftest import assert_close, left_padded
@@ -322,3 +322,29 @@ def test_hybrid_models_explain_with_all_their_layers(class_name):
     for method in ("rollout", "attribution"):
         rel = ia.explain(model, ids, mask, method=method)
         assert rel.shape == (2, 5) and torch.isfinite(rel).all() and rel[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rows_match_the_blocks(variant):
+    """aggregate_rows (O(R L E), from the rows alone) equals the rows of the block-built aggregates."""
+    model = tiny("FalconH1ForCausalLM", seed=2)
+    ids, mask = left_padded(batch=2, length=7, vocab=VOCAB)
+    for layer in mamba2_layers(decompose_mine(model, ids, mask, variant=variant)):
+        full = layer.matrix
+        for rows in ([6], [0, 3, -1]):
+            index = torch.tensor(rows) % 7
+            for how, reduce in (("mean", lambda t: t), ("abs", torch.abs), ("pos", lambda t: t.clamp(min=0))):
+                expected = reduce(full[:, :, index]).mean(dim=1)
+                assert_close(layer.aggregate_rows(rows, how), expected, 1e-12, f"{variant} {how} rows {rows}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("class_name,overrides", [("Mamba2ForCausalLM", dict(conv_kernel=3)),
+                                                  ("FalconH1ForCausalLM", dict(mamba_rms_norm=False))])
+def test_factorised_signed_mean_matches_the_blocks(variant, class_name, overrides):
+    model = tiny(class_name, seed=4, **overrides)
+    ids, mask = left_padded(batch=2, length=7, vocab=VOCAB)
+    for layer in mamba2_layers(decompose_mine(model, ids, mask, variant=variant)):
+        expected = layer.matrix.mean(dim=1)
+        assert_close(layer.aggregate("mean"), expected, 1e-12, f"{variant} signed mean")
+        assert_close(signed_mean(layer.factors, variant, heads_per_block=3), expected, 1e-12, "head blocks")

@@ -32,6 +32,7 @@ from torch import nn
 
 from .base import LayerDecomposition
 from .mamba import MambaLayerDecomposition
+from .mamba.fast import matrix_rows, signed_mean
 from .mamba.operator import EXACT_VARIANTS, VARIANTS, MambaFactors, mamba_block, values_for
 from .registry import Architecture, CapturedLayer, register
 
@@ -156,6 +157,26 @@ class ZambaLayerDecomposition(LayerDecomposition):
         offsets = [o if o is not None else torch.zeros_like(m[..., 0]).transpose(1, 2)
                    for o, m in zip(offsets, matrices)]
         return torch.cat(matrices, dim=1), torch.cat(offsets, dim=-1)
+
+    def aggregate(self, how="mean", channel=None):
+        # heads are equally wide: the channel mean is the mean of the heads' factorised signed means
+        if how == "mean" and channel is None and "mean" not in self._aggregates:
+            self._aggregates["mean"] = torch.stack(
+                [signed_mean(f, self.variant, chunk_bytes=self.block_bytes) for f in self.heads]).mean(dim=0)
+        return super().aggregate(how, channel)
+
+    def aggregate_rows(self, rows, how="mean"):
+        rows = self._row_index(rows)
+        if how in self._aggregates:
+            return self._aggregates[how][:, rows]
+        if how not in ("mean", "abs", "pos"):
+            raise ValueError(f"how must be one of ('mean', 'abs', 'pos'), got {how!r}")
+        per_channel = torch.cat([matrix_rows(f, self.variant, rows) for f in self.heads], dim=2)  # [B, R, E, L]
+        if how == "abs":
+            per_channel = per_channel.abs()
+        elif how == "pos":
+            per_channel = per_channel.clamp(min=0)
+        return per_channel.mean(dim=2)
 
     def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         # as for Mamba: the gate that "s6" / "no_gate" leave out multiplies their matrix's gradient

@@ -26,7 +26,8 @@ from torch import nn
 from ...memory import DEFAULT_BLOCK_BYTES, channels_per_block
 from ..base import LayerDecomposition
 from ..registry import Architecture, CapturedLayer, register
-from .operator import EXACT_VARIANTS, VARIANTS, Mamba2Factors, mamba2_block, ssd_output, values_for
+from .operator import (EXACT_VARIANTS, VARIANTS, Mamba2Factors, mamba2_block, matrix_rows, signed_mean,
+                       ssd_output, values_for)
 
 
 def _gated_norm_scale(mixer: nn.Module, y: torch.Tensor, gate: torch.Tensor,
@@ -104,6 +105,29 @@ class Mamba2LayerDecomposition(LayerDecomposition):
 
     def _block(self, channels: slice):
         return mamba2_block(self.factors, channels, self.variant)
+
+    def aggregate(self, how="mean", channel=None):
+        # the signed mean factorises over the heads (see operator.signed_mean)
+        if how == "mean" and channel is None and "mean" not in self._aggregates:
+            f = self.factors
+            heads = channels_per_block(self.batch_size, self.length, f.num_heads, self.dtype.itemsize, 4,
+                                       self.block_bytes)
+            self._aggregates["mean"] = signed_mean(f, self.variant, heads)
+        return super().aggregate(how, channel)
+
+    def aggregate_rows(self, rows, how="mean"):
+        # a few rows (raw / paper read the target row) cost O(R L E), never the [B, C, L, L] blocks
+        rows = self._row_index(rows)
+        if how in self._aggregates:
+            return self._aggregates[how][:, rows]
+        if how not in ("mean", "abs", "pos"):
+            raise ValueError(f"how must be one of ('mean', 'abs', 'pos'), got {how!r}")
+        per_channel = matrix_rows(self.factors, self.variant, rows)              # [B, R, E, L]
+        if how == "abs":
+            per_channel = per_channel.abs()
+        elif how == "pos":
+            per_channel = per_channel.clamp(min=0)
+        return per_channel.mean(dim=2)
 
     def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         # "ssd": out = (w r silu z) * (S u + D u); "no_gate": out = silu(z) * (A x + offset).

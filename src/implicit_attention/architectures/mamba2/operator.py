@@ -179,3 +179,70 @@ def mamba2_block(f: Mamba2Factors, channels: slice, variant: str) -> tuple[torch
     if offset is not None:
         offset = offset * row
     return T, None if offset is None else offset.transpose(1, 2)
+
+
+def matrix_rows(f: Mamba2Factors, variant: str, rows: torch.Tensor) -> torch.Tensor:
+    """``[B, R, E, L]`` rows ``rows`` (``[R]`` indices in ``[0, L)``) of every channel's matrix.
+
+    ``O(R L (E K + H N))``: ``S_h[r, j] = (C_r . B_j) exp(A_h sum_{k=j+1..r} dt_k) dt_j`` for one
+    row needs only that row's decay sums, a reversed cumulative sum of ``dt`` up to ``r`` (no
+    differences of long cumulative sums); the channel factors and the conv then act on vectors.
+    """
+    batch, length, channels = f.x.shape
+    positions = torch.arange(length, device=f.x.device)
+    upto = positions[None, :] <= rows[:, None]                                   # [R, L]: k <= r
+    dt = f.dt.transpose(1, 2)[:, :, None, :] * upto                              # [B, H, R, L]
+    inclusive = dt.flip(-1).cumsum(-1).flip(-1)                                 # sum_{k=j..r}
+    decay = F.pad(inclusive[..., 1:], (0, 1))                                    # sum_{k=j+1..r}
+    per_group = f.num_heads // f.B.shape[2]
+    CB = torch.einsum("brgn,bjgn->bgrj", f.C[:, rows], f.B)                      # [B, G, R, L]
+    S = CB.repeat_interleave(per_group, dim=1) * torch.exp(decay * f.A[None, :, None, None]) * dt
+    heads = torch.arange(channels, device=f.x.device) // f.head_dim
+    T = S[:, heads]                                                              # [B, E, R, L]
+    if variant != "ssd":
+        diagonal = (positions[None, :] == rows[:, None]).to(T.dtype)             # [R, L]
+        T = T + f.D[heads][None, :, None, None] * diagonal
+        column = f.act_gate if variant != "no_act" else f.mask[..., None].expand_as(f.x)
+        T = T * column.transpose(1, 2)[:, :, None, :]
+        if variant != "no_conv":
+            T = conv_right(T, f.conv_weight)
+        row = f.out_gate if variant != "no_gate" else \
+            (f.norm_scale if f.norm_scale is not None else torch.ones_like(f.x))
+        T = T * row[:, rows].transpose(1, 2)[..., None]
+    return T.transpose(1, 2)
+
+
+def signed_mean(f: Mamba2Factors, variant: str, heads_per_block: int | None = None) -> torch.Tensor:
+    """``[B, L, L]`` the signed channel mean of ``variant``'s matrices, never holding ``[C, L, L]``.
+
+    Channels of a head share ``S'_h = S_h + D_h I``, so with ``o`` the output factor, ``s`` the input
+    factor and the conv ``(T M)[i, j] = sum_k w[K-1-k] T[i, j+k]``::
+
+        sum_d A_d[i, j] = sum_k V_k[i, j+k],   V_k = sum_h S'_h * (O_h diag(w_h[K-1-k]) Sigma_h)
+
+    where ``O_h [L, P]`` and ``Sigma_h [P, L]`` hold the head's ``o`` and ``s``: one ``[L, P] x [P, L]``
+    product per head and tap instead of ``P`` channel matrices.
+    """
+    batch, length, channels = f.x.shape
+    out = torch.zeros(batch, length, length, dtype=f.x.dtype, device=f.x.device)
+    step = heads_per_block or f.num_heads
+    if variant == "ssd":
+        for start in range(0, f.num_heads, step):
+            out += ssd_matrices(f, slice(start, min(start + step, f.num_heads))).sum(dim=1)
+        return out / f.num_heads
+    row = f.out_gate if variant != "no_gate" else (f.norm_scale if f.norm_scale is not None else torch.ones_like(f.x))
+    column = f.act_gate if variant != "no_act" else f.mask[..., None].expand_as(f.x)
+    taps = f.conv_weight if variant != "no_conv" else torch.ones_like(f.conv_weight[:, :1])
+    width, P = taps.shape[1], f.head_dim
+    for start in range(0, f.num_heads, step):
+        heads = slice(start, min(start + step, f.num_heads))
+        ch = slice(heads.start * P, heads.stop * P)
+        S = ssd_matrices(f, heads)                                               # [B, h, L, L]
+        S.diagonal(dim1=-2, dim2=-1).add_(f.D[heads][None, :, None])
+        O = row[..., ch].unflatten(-1, (-1, P)).transpose(1, 2)                  # [B, h, L, P]
+        Sigma = column[..., ch].unflatten(-1, (-1, P)).permute(0, 2, 3, 1)       # [B, h, P, L]
+        for shift in range(min(width, length)):
+            w = taps[ch, width - 1 - shift].view(-1, P)                          # [h, P]
+            V = (torch.matmul(O * w[None, :, None, :], Sigma) * S).sum(dim=1)    # [B, L, L]
+            out[..., : length - shift] += V[..., shift:]
+    return out / channels
