@@ -180,6 +180,10 @@ def test_per_head_aggregates_and_attribution_equal_the_generic_code(class_name):
     for channel in (0, layer.head_dim, -1):
         assert torch.equal(layer.aggregate(channel=channel), LayerDecomposition.aggregate(layer, channel=channel))
     assert_close(layer.attribution(grad), LayerDecomposition.attribution(layer, grad), 1e-12, "attribution")
+    assert_close(layer.reconstruct(), LayerDecomposition.reconstruct(layer), 1e-12, "per-head reconstruction")
+    # a few heads at a time (tiny blocks) gives the same
+    layer.block_bytes, layer._aggregates = 1, {}
+    assert_close(layer.aggregate("abs"), LayerDecomposition.aggregate(layer, "mean"), 1e-12, "one head at a time")
     assert layer.heads * layer.head_dim == layer.channels
 
 

@@ -34,7 +34,10 @@ so the channel sum of the attribution inside a head is two ``[L, D] x [D, L]`` p
 
 The probabilities are recomputed from the module's parameters and the captured call arguments
 (the user need not reload the model with ``attn_implementation="eager"``); the exactness check
-of :func:`~implicit_attention.decompose` verifies them against the module's real output.
+of :func:`~implicit_attention.decompose` verifies them against the module's real output. A
+decomposed layer keeps ``q, k, v`` (``[B, L, C]``-sized) and recomputes ``P`` for a few heads at
+a time when asked, so that decomposing every layer of a long input never holds ``H`` matrices
+of ``[L, L]`` per layer.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import inspect
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -200,30 +204,51 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
+@dataclass
+class AttentionFactors:
+    """What one call of an attention module needs to rebuild its probabilities on demand.
+
+    Attributes:
+        q: ``[B, H, L, D]`` queries (rotary embeddings applied).
+        k: ``[B, G, L, D]`` keys, one per key/value head (``H / G`` query heads share one).
+        values: ``[B, L, H * D]`` values, key/value heads repeated to the query heads.
+        scale: the score scale (``module.scaling``).
+        mask: the mask the module received (``[B|1, 1|H, L, L]``, boolean or additive) or ``None``.
+        causal: whether a missing mask means causal attention.
+        token_mask: ``[B, L]`` 1 for real tokens.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    values: torch.Tensor
+    scale: float
+    mask: torch.Tensor | None
+    causal: bool
+    token_mask: torch.Tensor
+
+
 def attention_factors(module: nn.Module, captured: CapturedLayer, qkv: Callable,
-                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(probs [B, H, L, L], values [B, L, H * D], mask [B, L])`` of one call of ``module``.
+                      dtype: torch.dtype) -> AttentionFactors:
+    """The factors of one call of ``module``, from its captured input and call arguments.
 
     ``q, k, v`` come from the module's own projections run on the captured input (in the model's
     dtype, as its forward does); rotary embeddings, scores and softmax are computed in ``dtype``.
     """
     args = captured.extra.get("arguments") or {"**": dict(captured.kwargs), **captured.kwargs}
-    hidden = captured.inputs
     with torch.no_grad():
-        q, k, v = qkv(module, hidden, args)
+        q, k, v = qkv(module, captured.inputs, args)
     q, k, v = (t.to(dtype) for t in (q, k, v))
     rope = _rotary(module, args)
     if rope is not None:
         cos, sin = (t.to(dtype) for t in args["position_embeddings"])
         q, k = rope(q, k, cos, sin)
-    groups = q.shape[1] // k.shape[1]
-    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     batch, heads, length, _ = q.shape
-    bias, empty_rows = additive_mask(args.get("attention_mask"), _causal_default(module, args, length),
-                                     length, dtype, q.device)
-    probs = attention_probabilities(q, k, module.scaling, bias, empty_rows)
-    values = v.transpose(1, 2).flatten(2)                                  # [B, L, H * D]
-    return probs, values, token_mask(bias, batch, length, dtype, q.device)
+    values = repeat_kv(v, heads // v.shape[1]).transpose(1, 2).flatten(2)   # [B, L, H * D]
+    mask = args.get("attention_mask")
+    causal = _causal_default(module, args, length)
+    bias, _ = additive_mask(mask, causal, length, dtype, q.device)
+    return AttentionFactors(q=q, k=k, values=values, scale=module.scaling, mask=mask, causal=causal,
+                            token_mask=token_mask(bias, batch, length, dtype, q.device))
 
 
 def token_mask(bias: torch.Tensor | None, batch: int, length: int, dtype: torch.dtype,
@@ -242,56 +267,109 @@ def token_mask(bias: torch.Tensor | None, batch: int, length: int, dtype: torch.
 class AttentionLayerDecomposition(LayerDecomposition):
     """A softmax attention layer: channel ``c`` of the concatenated heads has matrix ``P_{c // D}``.
 
+    The probabilities are recomputed from ``q, k`` and the mask for a few heads at a time (an
+    ``[L, L]`` matrix per head is never kept for the whole model); aggregates, attributions and
+    the reconstruction work per head.
+
     Attributes:
-        probs: ``[B, H, L, L]`` the attention probabilities of each head.
+        factors: the :class:`AttentionFactors` of the call.
         head_dim: ``D``, channels per head.
     """
 
-    block_temporaries = 2
+    block_temporaries = 3
 
-    def __init__(self, probs: torch.Tensor, values: torch.Tensor, *, head_dim: int, **kwargs):
-        self.probs = probs
-        self.head_dim = head_dim
-        super().__init__(variant="unified", exact=True, values=values, offset=torch.zeros_like(values), **kwargs)
+    def __init__(self, factors: AttentionFactors, **kwargs):
+        self.factors = factors
+        self.head_dim = factors.values.shape[-1] // factors.q.shape[1]
+        super().__init__(variant="unified", exact=True, values=factors.values,
+                         offset=torch.zeros_like(factors.values), mask=factors.token_mask, **kwargs)
 
     @property
     def heads(self) -> int:
-        return self.probs.shape[1]
+        return self.factors.q.shape[1]
+
+    def head_probs(self, heads: slice = slice(None), rows=None) -> torch.Tensor:
+        """``[B, h, L, L]`` (or ``[B, h, R, L]`` for ``rows``) the probabilities of a slice of heads."""
+        f = self.factors
+        index = torch.arange(self.heads, device=self.device)[heads]
+        q = f.q[:, heads]
+        k = f.k.index_select(1, index // (self.heads // f.k.shape[1]))  # the key head serving each query head
+        bias, empty = additive_mask(f.mask, f.causal, self.length, self.dtype, self.device)
+        if bias is not None and bias.dim() == 4 and bias.shape[1] > 1:  # a per-head mask
+            bias = bias[:, heads]
+            empty = None if empty is None else empty[:, heads]
+        if rows is not None:
+            q = q[:, :, rows]
+            bias = None if bias is None else bias[..., rows, :]
+            empty = None if empty is None else empty[..., rows]
+        return attention_probabilities(q, k, f.scale, bias, empty)
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """``[B, H, L, L]`` every head's attention probabilities (computed on each access)."""
+        return self.head_probs()
+
+    def _head_chunks(self):
+        per_head = self.batch_size * self.length ** 2 * self.dtype.itemsize * self.block_temporaries
+        step = max(1, min(self.heads, self.block_bytes // max(per_head, 1)))
+        for start in range(0, self.heads, step):
+            yield slice(start, min(start + step, self.heads))
 
     def _block(self, channels: slice):
         heads = torch.arange(self.channels, device=self.device)[channels] // self.head_dim
-        return self.probs.index_select(1, heads), None
+        first, last = int(heads[0]), int(heads[-1]) + 1
+        return self.head_probs(slice(first, last)).index_select(1, heads - first), None
+
+    def reconstruct(self) -> torch.Tensor:
+        """``[B, L, C]`` ``P_h V_h`` head by head (the offset is zero)."""
+        parts = []
+        for heads in self._head_chunks():
+            v = _heads(self.values, self.head_dim)[:, heads]               # [B, h, L, D]
+            parts.append((self.head_probs(heads) @ v).transpose(1, 2).flatten(2))
+        return torch.cat(parts, dim=-1)
+
+    def measure_error(self, max_entries=None) -> float:
+        """Relative error of :meth:`reconstruct` over every channel (per head it is as cheap as the layer)."""
+        self.error_channels = self.channels
+        denom = self.output.norm().clamp_min(torch.finfo(self.dtype).tiny)
+        self.error = float((self.reconstruct() - self.output).norm() / denom)
+        return self.error
 
     def aggregate(self, how="mean", channel: int | None = None) -> torch.Tensor:
         """``[B, L, L]``; per head: every head has ``D`` channels and ``P >= 0``, so all three equal ``mean_h P_h``."""
         if channel is not None:
             if not -self.channels <= channel < self.channels:
                 raise IndexError(f"channel {channel} out of range for {self.channels} channels")
-            return self.probs[:, (channel % self.channels) // self.head_dim]
+            head = (channel % self.channels) // self.head_dim
+            return self.head_probs(slice(head, head + 1))[:, 0]
         if how not in AGGREGATES:
             raise ValueError(f"how must be one of {AGGREGATES}, got {how!r}")
         if how not in self._aggregates:
-            self._aggregates[how] = self.probs.mean(dim=1)
+            self._aggregates[how] = sum(self.head_probs(heads).sum(dim=1) for heads in self._head_chunks()) / self.heads
         return self._aggregates[how]
 
     def aggregate_rows(self, rows, how="mean") -> torch.Tensor:
-        """``[B, R, L]`` rows of :meth:`aggregate`, read off the heads."""
+        """``[B, R, L]`` rows of :meth:`aggregate`, from those rows of the queries only."""
         if how not in AGGREGATES:
             raise ValueError(f"how must be one of {AGGREGATES}, got {how!r}")
         rows = torch.as_tensor(rows, device=self.device).long().reshape(-1)
         if ((rows < -self.length) | (rows >= self.length)).any():
             raise IndexError(f"rows {rows.tolist()} out of range for {self.length} tokens")
-        return self.probs[:, :, rows % self.length].mean(dim=1)
+        return self.head_probs(rows=rows % self.length).mean(dim=1)
 
     def attribution(self, grad: torch.Tensor) -> torch.Tensor:
         """``[B, L, L]`` ``mean_c clamp(g_i P[i, j] v_j, 0)`` as ``(1/C) sum_h P_h * (G+_h V+_h^T + G-_h V-_h^T)``."""
         if grad.shape != self.values.shape:
             raise ValueError(f"grad must have shape {tuple(self.values.shape)}, got {tuple(grad.shape)}")
-        g = _heads(grad.to(self.dtype), self.head_dim)                 # [B, H, L, D]
-        v = _heads(self.values, self.head_dim)
-        positive = g.clamp(min=0) @ v.clamp(min=0).transpose(-1, -2)   # [B, H, L, L]
-        negative = (-g).clamp(min=0) @ (-v).clamp(min=0).transpose(-1, -2)
-        return (self.probs * (positive + negative)).sum(dim=1) / self.channels
+        g_all = _heads(grad.to(self.dtype), self.head_dim)                 # [B, H, L, D]
+        v_all = _heads(self.values, self.head_dim)
+        total = torch.zeros(self.batch_size, self.length, self.length, dtype=self.dtype, device=self.device)
+        for heads in self._head_chunks():
+            g, v = g_all[:, heads], v_all[:, heads]
+            weight = g.clamp(min=0) @ v.clamp(min=0).transpose(-1, -2)     # [B, h, L, L]
+            weight += (-g).clamp(min=0) @ (-v).clamp(min=0).transpose(-1, -2)
+            total += (self.head_probs(heads) * weight).sum(dim=1)
+        return total / self.channels
 
 
 # ---------------------------------------------------------------------------- registration
@@ -305,15 +383,14 @@ def _dropout(module: nn.Module) -> float:
     return float(rate) if isinstance(rate, (int, float)) else 0.0
 
 
-def _builder(qkv: Callable, head_dim: Callable[[nn.Module], int]):
+def _builder(qkv: Callable):
     def build(captured: CapturedLayer, *, variant: str, dtype: torch.dtype, index: int) -> AttentionLayerDecomposition:
         if captured.module.training and _dropout(captured.module) > 0:
             raise ValueError(f"layer {captured.name!r} ran in training mode with attention dropout "
                              f"{_dropout(captured.module)}: its probabilities were randomly dropped. "
                              "Call model.eval() first.")
-        probs, values, mask = attention_factors(captured.module, captured, qkv, dtype)
-        return AttentionLayerDecomposition(probs, values, head_dim=head_dim(captured.module), index=index,
-                                           name=captured.name, mask=mask,
+        factors = attention_factors(captured.module, captured, qkv, dtype)
+        return AttentionLayerDecomposition(factors, index=index, name=captured.name,
                                            output=captured.output.detach().to(dtype))
     return build
 
@@ -326,7 +403,7 @@ register(Architecture(
     model_classes=("GPT2LMHeadModel", "GPT2Model"),
     variants=VARIANTS,
     output_module="c_proj",
-    build=_builder(gpt2_qkv, lambda m: m.head_dim),
+    build=_builder(gpt2_qkv),
     channels=lambda m: m.embed_dim,
     extra_hooks=record_arguments,
 ))
@@ -338,7 +415,7 @@ register(Architecture(
     model_classes=("BertModel", "BertForSequenceClassification"),
     variants=VARIANTS,
     output_module=None,  # the output projection is BertSelfOutput.dense, outside the module
-    build=_builder(bert_qkv, lambda m: m.attention_head_size),
+    build=_builder(bert_qkv),
     channels=lambda m: m.all_head_size,
     extra_hooks=record_arguments,
 ))
@@ -362,7 +439,7 @@ register(Architecture(
                    "NemotronHForCausalLM", "GraniteMoeHybridForCausalLM", "FalconH1ForCausalLM"),
     variants=VARIANTS,
     output_module="o_proj",
-    build=_builder(projection_qkv, lambda m: m.head_dim),
+    build=_builder(projection_qkv),
     channels=lambda m: m.o_proj.in_features,
     extra_hooks=record_arguments,
 ))
