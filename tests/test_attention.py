@@ -115,6 +115,15 @@ def test_gpt2_scaling_options(overrides, attn):
     assert max(ia.decompose(model, ids, mask).errors) <= TOL[torch.float32]
 
 
+@pytest.mark.parametrize("class_name", ["LlamaForCausalLM", "ViTForImageClassification"])
+def test_bfloat16_models_are_computed_in_float32(class_name):
+    x, mask = inputs_for(class_name)
+    result = ia.decompose(tiny(class_name, dtype=torch.bfloat16), x, mask)
+    assert result.layers[0].matrix.dtype == torch.float32 and max(result.errors) <= 5e-2
+    wide = ia.decompose(tiny(class_name, dtype=torch.float32), x, mask, dtype=torch.float64)
+    assert wide.layers[0].matrix.dtype == torch.float64 and max(wide.errors) <= 1e-5
+
+
 @pytest.mark.parametrize("class_name", ["GPT2LMHeadModel", "LlamaForCausalLM", "BertModel"])
 @pytest.mark.parametrize("length", [1, 2, 5, 9])
 def test_odd_lengths_and_unbatched_input(class_name, length):
