@@ -8,7 +8,7 @@ import torch
 import implicit_attention as ia
 from implicit_attention.architectures.base import LayerDecomposition
 from implicit_attention.architectures.mamba import mamba_factors
-from implicit_attention.architectures.mamba.fast import exact_channel_mean, matrix_rows, signed_mean
+from implicit_attention.architectures.mamba.fast import exact_channel_mean, matrix_rows, signed_mean, window_means
 from implicit_attention.architectures.mamba.operator import VARIANTS, mamba_block
 from implicit_attention.capture import capture, select_layers
 
@@ -31,6 +31,23 @@ def test_factorised_mean_equals_direct_mean(variant, conv_kernel, block):
     ids, mask = left_padded(batch=2, length=21, seed=block)
     f = factors_of(model, ids, mask)
     assert_close(signed_mean(f, variant, block=block), exact_channel_mean(f, variant), 1e-12, variant)
+
+
+@pytest.mark.parametrize("length", [8, 32, 33, 64, 70])
+def test_hierarchy_edges(length):
+    """Lengths at and around powers of two of the block, where the last tiles are cropped."""
+    model = tiny_mamba(dtype=torch.float64, conv_kernel=4)
+    ids = torch.randint(1, 40, (1, length), generator=torch.Generator().manual_seed(length))
+    f = factors_of(model, ids, None)
+    assert_close(signed_mean(f, "unified", block=4), exact_channel_mean(f, "unified"), 1e-12, str(length))
+
+
+def test_windows_too_long_for_the_midpoint_fall_back_to_exact():
+    model = tiny_mamba(dtype=torch.float64)
+    ids, mask = left_padded(batch=2, length=12)
+    f = factors_of(model, ids, mask)
+    f.dt = f.dt * 500                     # exponents far beyond what a factorisation may hold
+    assert_close(window_means(f, "unified"), exact_channel_mean(f, "unified"), 1e-12, "fallback")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -9,17 +9,18 @@ with ``row = silu(z)`` (or 1), ``col = sigmoid(c) * mask`` (or the mask, or 1), 
 with ``s = cumsum(dt)``.
 
 **Signed mean.** Far from the diagonal (``i - j >= K``) every conv tap is causal and the D term is
-absent, so ``mean_d A_d[i, j] = (1/E) sum_{d, n} Q[i, (d, n)] Kc[j, (d, n)]`` with
+absent, so on a tile of rows ``I`` and key columns ``J`` with a reference ``r``
 
+    mean_d A_d[i, j] = (1/E) sum_{d, n} Q[i, (d, n)] Kc[j, (d, n)]
     Q[i, (d, n)]  = row_d[i] C_i[n] exp(A[d, n] (s_i[d] - r[d]))
     Kc[j, (d, n)] = sum_s taps_d[K-1-s] col_d[j+s] dt_{j+s}[d] B_{j+s}[n] exp(A[d, n] (r[d] - s_{j+s}[d]))
 
-a ``[L, E*N] x [E*N, T]`` product per block of ``T`` key columns. The reference ``r`` is re-chosen
-per key block (the cumulative sum at the last token its keys touch, computed in float64) so that
-both exponents are <= 0: nothing overflows at any length, and an exponential that underflows
-belongs to an entry that is itself below the float range. The band near the diagonal (rows up to
-``K - 1`` past each key block) is computed exactly from a window of the sequence, since an
-operator entry ``A[i, j]`` only depends on the tokens ``j..i``.
+a ``[|I|, E*N] x [E*N, |J|]`` matrix product. The lower triangle is tiled hierarchically (sibling
+blocks of a binary tree, one batched product per level) with ``r`` at the boundary of each tile,
+so both exponents are <= 0 and nothing overflows at any length (an exponential that underflows
+belongs to an entry that is itself below the float range). The band near the diagonal is computed
+from short windows of the sequence, since an entry ``A[i, j]`` only depends on the tokens ``j..i``:
+factorised around each window's midpoint when that is safe for the dtype, exactly otherwise.
 
 **Rows.** ``A_d[i, :]`` for a few rows ``i`` costs ``O(L * E * N)`` each: the exponents
 ``s_i - s_j`` are all >= 0 and need no re-referencing.
@@ -94,18 +95,84 @@ def _windows(f: MambaFactors, block: int, width: int) -> tuple[MambaFactors, int
     return stacked, blocks
 
 
+#: Largest exponent magnitude a factorised window may hold (exp stays far from overflow).
+_SAFE_EXPONENT = {torch.float32: 60.0, torch.float64: 600.0}
+
+
+def _subset(f: MambaFactors, index: torch.Tensor) -> MambaFactors:
+    """The stacked windows ``index`` (on the batch dimension)."""
+    return replace(f, x=f.x[index], z=f.z[index], conv_out=f.conv_out[index], mask=f.mask[index],
+                   dt=f.dt[index], B=f.B[index], C=f.C[index])
+
+
+def window_means(f: MambaFactors, variant: str, chunk_bytes: int = _DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+    """``[Bw, W, W]`` signed channel means of short windows, factorised around each window's midpoint.
+
+    Within a window ``exp(A (s_i - s_j)) = exp(A (s_i - r)) exp(A (r - s_j))`` with ``r`` the
+    midpoint of the window's cumulative steps, so each factor's exponent is at most
+    ``|A| * span / 2``; the band then costs matrix products instead of ``W^2 E N`` exponentials.
+    Windows where that bound is too large for the dtype are computed exactly instead.
+    """
+    batch, size, channels = f.x.shape
+    state, width = f.A.shape[1], f.conv_weight.shape[1]
+    dtype, device = f.x.dtype, f.x.device
+    row, col, taps, use_D = variant_parts(f, variant)
+    width = taps.shape[1]
+    cums = f.dt.to(torch.float64).cumsum(dim=1)                               # [Bw, W, E]
+    mid = (cums[:, :1] + cums[:, -1:]) / 2
+    rel = (cums - mid).to(dtype)                                              # [Bw, W, E], |rel| <= span / 2
+    bound = rel.abs().amax(dim=1) * f.A.abs().amax(dim=1)                     # [Bw, E]
+    unsafe = bound.amax(dim=1) > _SAFE_EXPONENT.get(dtype, 60.0)             # [Bw]
+    limit = _SAFE_EXPONENT.get(dtype, 60.0)
+    key_scale = f.dt if col is None else f.dt * col
+    causal = torch.ones(size, size, dtype=torch.bool, device=device).tril()
+    out = torch.zeros(batch, size, size, dtype=dtype, device=device)
+    step = max(1, min(channels, chunk_bytes // max(1, 3 * batch * size * state * dtype.itemsize)))
+    for c0 in range(0, channels, step):
+        ch = slice(c0, min(c0 + step, channels))
+        expo = (rel[..., ch, None] * f.A[ch]).clamp(-limit, limit)            # [Bw, W, c, N]
+        Q = torch.exp(expo) * f.C[:, :, None, :]
+        if row is not None:
+            Q = Q * row[..., ch, None]
+        keys = torch.exp(-expo) * f.B[:, :, None, :] * key_scale[..., ch, None]
+        Q = Q.flatten(2)
+        for shift in range(width):
+            P = (Q @ (keys * taps[ch, width - 1 - shift, None]).flatten(2).transpose(1, 2)).masked_fill_(~causal, 0)
+            out[:, :, : size - shift] += P[:, :, shift:]                     # out[i, j] += S-part[i, j + s]
+    if use_D:
+        diag = f.D if row is None else f.D * row                              # [Bw, W, E]
+        if col is not None:
+            diag = diag * col
+        for shift in range(min(width, size)):
+            band = (diag * taps[:, width - 1 - shift]).sum(dim=-1)            # [Bw, W]: entry (i, i - s)
+            out.diagonal(offset=-shift, dim1=-2, dim2=-1).add_(band[:, shift:])
+    out /= channels
+    if unsafe.any():
+        index = unsafe.nonzero().reshape(-1)
+        out[index] = exact_channel_mean(_subset(f, index), variant, chunk_bytes)
+    return out
+
+
 def default_block(length: int) -> int:
-    """Key-block width balancing the exact band (``L T E N``) and the re-referencing (``L^2 E N / T``)."""
-    return int(min(128, max(16, 1 << round(math.log2(math.sqrt(max(length, 1) / 2))))))
+    """Band width ``T``: small enough for the midpoint factorisation of the windows to be safe."""
+    return 32
 
 
 def signed_mean(f: MambaFactors, variant: str, block: int | None = None,
                 chunk_bytes: int = _DEFAULT_CHUNK_BYTES) -> torch.Tensor:
     """``[B, L, L]`` the signed channel mean of ``variant``'s matrices, never holding ``[C, L, L]``.
 
-    ``block`` is the key-block width ``T`` (default :func:`default_block`): the exact band costs
-    ``O(L T E N)`` exponentials and the factorised part ``O(L^2 E N / T)`` exponentials plus
-    ``O(L^2 E N)`` multiply-adds in matrix products. ``chunk_bytes`` bounds each temporary.
+    Hierarchical tiling of the lower triangle, in the row coordinate ``i' = i - (K - 1)``:
+
+    - the band (rows up to ``K - 1`` past each key block of width ``T = block``) comes from short
+      windows (:func:`window_means`);
+    - the rest is tiled by sibling pairs of a binary hierarchy: at level ``l`` (size
+      ``S = T 2^l``) the key block ``[p, p + S)`` meets the rows ``[p + S + K - 1, p + 2S + K - 1)``.
+      With the reference ``r`` at the last token the keys touch, both exponentials of a pair are
+      ``<= 1`` whatever the length, and every pair of a level is one batched matrix product.
+
+    Costs ``O(L^2 E N)`` multiply-adds in matrix products, ``O(L log(L) E N)`` exponentials and
+    ``O(L T E N)`` for the band. ``chunk_bytes`` bounds each temporary.
     """
     batch, length, channels = f.x.shape
     state = f.A.shape[1]
@@ -116,47 +183,62 @@ def signed_mean(f: MambaFactors, variant: str, block: int | None = None,
     blocks = -(-length // block)
     size = block + width - 1
 
-    # 1. the band: exact channel means of every window, all windows at once
+    # 1. the band: channel means of every window, all windows at once
     stacked, _ = _windows(f, block, width)
-    near = exact_channel_mean(stacked, variant, chunk_bytes).reshape(batch, blocks, size, size)
-    padded = torch.zeros(batch, blocks * block + width - 1, blocks * block, dtype=dtype, device=device)
+    near = window_means(stacked, variant, chunk_bytes).reshape(batch, blocks, size, size)
+    out = torch.zeros(batch, length, length, dtype=dtype, device=device)
     for J in range(blocks):
-        padded[:, J * block: J * block + size, J * block: (J + 1) * block] = near[:, J, :, :block]
-    out = padded[:, :length, :length].contiguous()
+        rows = slice(J * block, min(J * block + size, length))
+        cols = slice(J * block, min((J + 1) * block, length))
+        out[:, rows, cols] = near[:, J, : rows.stop - rows.start, : cols.stop - cols.start]
 
-    # 2. far from the diagonal: rows i >= far_J = (J+1) T + K - 1 for key block J, factorised
-    far = [(J + 1) * block + width - 1 for J in range(blocks)]
-    todo = [J for J in range(blocks) if far[J] < length]
-    if not todo:
+    # 2. sibling pairs of the hierarchy, one level at a time
+    levels = []
+    span = block
+    while span + width - 1 < length:            # a pair needs at least one row inside the sequence
+        levels.append(span)
+        span *= 2
+    if not levels:
         return out
-    cums = f.dt.to(torch.float64).cumsum(dim=1)                               # [B, L, E]
-    # reference of every key token: the cumulative sum at the last token its block's keys touch
-    ref_index = torch.tensor([min(far[j // block], length) - 1 for j in range(length)], device=device)
-    ref = cums[:, ref_index]                                                  # [B, L, E]
-    key_scale = f.dt if col is None else f.dt * col
-    pad = width - 1
-    cums_p = torch.cat([cums, cums[:, -1:].expand(batch, pad, channels)], dim=1)
-    B_p = torch.cat([f.B, f.B.new_zeros(batch, pad, state)], dim=1)
-    scale_p = torch.cat([key_scale, key_scale.new_zeros(batch, pad, channels)], dim=1)
-    step = max(1, min(channels, chunk_bytes // max(1, 3 * batch * length * state * dtype.itemsize)))
-    for c0 in range(0, channels, step):
-        ch = slice(c0, min(c0 + step, channels))
-        A = f.A[ch]                                                           # [c, N]
-        keys = torch.zeros(batch, length, ch.stop - ch.start, state, dtype=dtype, device=device)
-        for shift in range(width):
-            tok = slice(shift, shift + length)
-            k_exp = (ref[..., ch] - cums_p[:, tok, ch]).to(dtype)[..., None] * A  # <= 0 for valid keys
-            keys += (torch.exp(k_exp) * B_p[:, tok, None, :]
-                     * (scale_p[:, tok, ch] * taps[ch, width - 1 - shift])[..., None])
-        keys = keys.flatten(2)                                                # [B, L, c*N]
-        for J in todo:
-            rows = slice(far[J], length)
-            q_exp = (cums[:, rows, ch] - cums[:, far[J] - 1, None, ch]).to(dtype)[..., None] * A
-            Q = torch.exp(q_exp) * f.C[:, rows, None, :]
-            if row is not None:
-                Q = Q * row[:, rows, ch, None]
-            out[:, rows, J * block: (J + 1) * block] += (
-                Q.flatten(2) @ keys[:, J * block: (J + 1) * block].transpose(1, 2)) / channels
+    pad = levels[-1] + width          # rows of the last pair may run past the end (cropped below)
+
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, t.new_zeros(t.shape[0], pad, *t.shape[2:])], dim=1)
+
+    cums = padded(f.dt.to(torch.float64)).cumsum(dim=1)                      # [B, Lp, E]
+    key_scale = padded(f.dt if col is None else f.dt * col)
+    row_scale = None if row is None else padded(row)
+    B_p, C_p = padded(f.B), padded(f.C)
+    for S in levels:
+        starts = torch.arange(0, length - S - width + 1, 2 * S, device=device)   # pairs with rows in range
+        pairs = len(starts)
+        if pairs == 0:
+            continue
+        offsets = torch.arange(S, device=device)
+        key_tok = starts[:, None] + offsets                                  # [P, S]
+        row_tok = key_tok + S + width - 1                                    # [P, S]
+        ref = cums[:, starts + S + width - 2]                                # [B, P, E]
+        result = torch.zeros(batch, pairs, S, S, dtype=dtype, device=device)
+        step = max(1, min(channels, chunk_bytes // max(1, 3 * batch * pairs * S * state * dtype.itemsize)))
+        for c0 in range(0, channels, step):
+            ch = slice(c0, min(c0 + step, channels))
+            A = f.A[ch]
+            q_exp = (cums[:, row_tok, ch] - ref[:, :, None, ch]).to(dtype)[..., None] * A   # [B, P, S, c, N] >= 0 * A
+            Q = torch.exp(q_exp) * C_p[:, row_tok, None, :]
+            if row_scale is not None:
+                Q = Q * row_scale[:, row_tok, ch, None]
+            keys = torch.zeros_like(Q)
+            for shift in range(width):
+                tok = key_tok + shift
+                k_exp = (ref[:, :, None, ch] - cums[:, tok, ch]).to(dtype)[..., None] * A
+                keys += (torch.exp(k_exp) * B_p[:, tok, None, :]
+                         * (key_scale[:, tok, ch] * taps[ch, width - 1 - shift])[..., None])
+            result += Q.flatten(3) @ keys.flatten(3).transpose(-1, -2)
+        result /= channels
+        for k, p in enumerate(starts.tolist()):
+            r0, c0_ = p + S + width - 1, p
+            r1 = min(r0 + S, length)
+            out[:, r0:r1, c0_:c0_ + S] = result[:, k, : r1 - r0]
     return out
 
 
