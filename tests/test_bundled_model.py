@@ -1,0 +1,90 @@
+"""Checks of the bundled ``rt-sentiment-mamba`` model (see scripts/train_sentiment.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from implicit_attention.data import load_rotten_tomatoes  # noqa: E402
+
+BUNDLED = Path(__file__).resolve().parent.parent / "src" / "implicit_attention" / "bundled" / "rt-sentiment-mamba"
+
+
+@pytest.fixture(scope="module")
+def task() -> dict:
+    return json.loads((BUNDLED / "task.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(BUNDLED, local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = transformers.AutoModelForCausalLM.from_pretrained(BUNDLED, local_files_only=True, dtype=torch.float32)
+    assert isinstance(m, transformers.MambaForCausalLM)
+    return m.eval()
+
+
+def test_files_present() -> None:
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "task.json"):
+        assert (BUNDLED / name).is_file(), name
+    size = sum(f.stat().st_size for f in BUNDLED.iterdir() if f.is_file())
+    assert size < 8_000_000
+
+
+def test_label_words_are_single_tokens(task: dict, tokenizer) -> None:
+    for name, word in task["label_words"].items():
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        assert ids == [task["label_token_ids"][name]], (word, ids)
+        prompt = tokenizer(task["template"].format(text="a fine film"))["input_ids"]
+        full = tokenizer(task["template"].format(text="a fine film") + word)["input_ids"]
+        assert full == prompt + ids
+    assert tokenizer(task["template"].format(text="x"))["input_ids"][0] == tokenizer.bos_token_id
+
+
+def _label_scores(model, tokenizer, task: dict, texts: list[str]) -> torch.Tensor:
+    """(n, 2) logits of [negative, positive] at the last prompt position."""
+    pair = [task["label_token_ids"]["negative"], task["label_token_ids"]["positive"]]
+    prompts = [task["template"].format(text=t) for t in texts]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)  # right padding
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits
+    last = batch["attention_mask"].sum(1) - 1
+    return logits[torch.arange(len(texts)), last][:, pair]
+
+
+def test_predicts_label_words(model, tokenizer, task: dict) -> None:
+    texts = [
+        "a gorgeous, moving and beautifully acted film.",
+        "a dull, lifeless and painfully unfunny mess.",
+    ]
+    label_ids = set(task["label_token_ids"].values())
+    for text in texts:
+        ids = tokenizer(task["template"].format(text=text), return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            top = model(input_ids=ids).logits[0, -1].topk(3).indices.tolist()
+        assert top[0] in label_ids, (text, tokenizer.convert_ids_to_tokens(top))
+    scores = _label_scores(model, tokenizer, task, texts)
+    assert scores.argmax(-1).tolist() == [1, 0]
+
+
+def test_accuracy_on_test_sentences(model, tokenizer, task: dict) -> None:
+    data = load_rotten_tomatoes("test")[:200]
+    texts = [text for text, _ in data]
+    labels = torch.tensor([label for _, label in data])
+    predictions = torch.cat(
+        [_label_scores(model, tokenizer, task, texts[i : i + 50]).argmax(-1) for i in range(0, len(texts), 50)]
+    )
+    accuracy = (predictions == labels).float().mean().item()
+    assert accuracy >= 0.65, accuracy
