@@ -153,9 +153,29 @@ def window_means(f: MambaFactors, variant: str, chunk_bytes: int = _DEFAULT_CHUN
     return out
 
 
-def default_block(length: int) -> int:
-    """Band width ``T``: small enough for the midpoint factorisation of the windows to be safe."""
-    return 32
+def default_block(f: MambaFactors, width: int, largest: int = 32, smallest: int = 4,
+                  unsafe_fraction: float = 0.1) -> int:
+    """Band width ``T``: the largest power of two (<= ``largest``) whose windows mostly factorise.
+
+    A window of ``T + K - 1`` tokens factorises around its midpoint when ``max|A| * span / 2``
+    stays below the dtype's limit; the others are computed exactly, which costs more. Large
+    steps ``dt`` therefore call for narrower windows: take the widest ``T`` with at most
+    ``unsafe_fraction`` of its windows unsafe.
+    """
+    batch, length, _ = f.x.shape
+    cums = torch.cat([f.dt.new_zeros(batch, 1, f.dt.shape[2]), f.dt.to(torch.float64).cumsum(dim=1)], dim=1)
+    max_rate = f.A.abs().amax(dim=1).to(torch.float64)                          # [E]
+    limit = _SAFE_EXPONENT.get(f.x.dtype, 60.0)
+    block = largest
+    while block > smallest:
+        starts = torch.arange(0, length, block, device=cums.device)
+        stops = (starts + block + width - 1).clamp(max=length)
+        span = cums[:, stops] - cums[:, starts]                                  # [B, nb, E]
+        unsafe = ((span * max_rate / 2).amax(dim=-1) > limit).double().mean()
+        if float(unsafe) <= unsafe_fraction:
+            return block
+        block //= 2
+    return block
 
 
 def signed_mean(f: MambaFactors, variant: str, block: int | None = None,
@@ -179,7 +199,7 @@ def signed_mean(f: MambaFactors, variant: str, block: int | None = None,
     dtype, device = f.x.dtype, f.x.device
     row, col, taps, _ = variant_parts(f, variant)
     width = taps.shape[1]
-    block = block or default_block(length)
+    block = block or default_block(f, width)
     blocks = -(-length // block)
     size = block + width - 1
 
@@ -216,6 +236,7 @@ def signed_mean(f: MambaFactors, variant: str, block: int | None = None,
             continue
         offsets = torch.arange(S, device=device)
         key_tok = starts[:, None] + offsets                                  # [P, S]
+        key_tok_ext = starts[:, None] + torch.arange(S + width - 1, device=device)
         row_tok = key_tok + S + width - 1                                    # [P, S]
         ref = cums[:, starts + S + width - 2]                                # [B, P, E]
         result = torch.zeros(batch, pairs, S, S, dtype=dtype, device=device)
@@ -227,12 +248,13 @@ def signed_mean(f: MambaFactors, variant: str, block: int | None = None,
             Q = torch.exp(q_exp) * C_p[:, row_tok, None, :]
             if row_scale is not None:
                 Q = Q * row_scale[:, row_tok, ch, None]
-            keys = torch.zeros_like(Q)
-            for shift in range(width):
-                tok = key_tok + shift
-                k_exp = (ref[:, :, None, ch] - cums[:, tok, ch]).to(dtype)[..., None] * A
-                keys += (torch.exp(k_exp) * B_p[:, tok, None, :]
-                         * (key_scale[:, tok, ch] * taps[ch, width - 1 - shift])[..., None])
+            # every key token the pair's conv taps touch, once: [B, P, S + K - 1, c, N]
+            tok = key_tok_ext
+            k_exp = (ref[:, :, None, ch] - cums[:, tok, ch]).to(dtype)[..., None] * A
+            touched = torch.exp(k_exp) * B_p[:, tok, None, :] * key_scale[:, tok, ch, None]
+            keys = touched[:, :, : S] * taps[ch, width - 1, None]
+            for shift in range(1, width):
+                keys += touched[:, :, shift: shift + S] * taps[ch, width - 1 - shift, None]
             result += Q.flatten(3) @ keys.flatten(3).transpose(-1, -2)
         result /= channels
         for k, p in enumerate(starts.tolist()):
