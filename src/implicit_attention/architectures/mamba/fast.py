@@ -178,6 +178,18 @@ def default_block(f: MambaFactors, width: int, largest: int = 32, smallest: int 
     return block
 
 
+def _scatter_tiles(out: torch.Tensor, tiles: torch.Tensor, row_starts: torch.Tensor,
+                   col_starts: torch.Tensor) -> None:
+    """Write ``tiles [B, P, R, S]`` at ``out[:, r_k + a, c_k + b]`` in one indexed copy, cropping at ``L``."""
+    length = out.shape[-1]
+    rows = row_starts[:, None, None] + torch.arange(tiles.shape[2], device=out.device)[None, :, None]
+    cols = col_starts[:, None, None] + torch.arange(tiles.shape[3], device=out.device)[None, None, :]
+    rows, cols = torch.broadcast_tensors(rows, cols)
+    inside = (rows < length) & (cols < length)
+    linear = (rows * length + cols)[inside]
+    out.view(out.shape[0], -1)[:, linear] = tiles[:, inside]
+
+
 def signed_mean(f: MambaFactors, variant: str, block: int | None = None,
                 chunk_bytes: int = _DEFAULT_CHUNK_BYTES) -> torch.Tensor:
     """``[B, L, L]`` the signed channel mean of ``variant``'s matrices, never holding ``[C, L, L]``.
@@ -207,10 +219,8 @@ def signed_mean(f: MambaFactors, variant: str, block: int | None = None,
     stacked, _ = _windows(f, block, width)
     near = window_means(stacked, variant, chunk_bytes).reshape(batch, blocks, size, size)
     out = torch.zeros(batch, length, length, dtype=dtype, device=device)
-    for J in range(blocks):
-        rows = slice(J * block, min(J * block + size, length))
-        cols = slice(J * block, min((J + 1) * block, length))
-        out[:, rows, cols] = near[:, J, : rows.stop - rows.start, : cols.stop - cols.start]
+    starts = torch.arange(blocks, device=device) * block
+    _scatter_tiles(out, near[..., :block], starts, starts)
 
     # 2. sibling pairs of the hierarchy, one level at a time
     levels = []
@@ -257,10 +267,7 @@ def signed_mean(f: MambaFactors, variant: str, block: int | None = None,
                 keys += touched[:, :, shift: shift + S] * taps[ch, width - 1 - shift, None]
             result += Q.flatten(3) @ keys.flatten(3).transpose(-1, -2)
         result /= channels
-        for k, p in enumerate(starts.tolist()):
-            r0, c0_ = p + S + width - 1, p
-            r1 = min(r0 + S, length)
-            out[:, r0:r1, c0_:c0_ + S] = result[:, k, : r1 - r0]
+        _scatter_tiles(out, result, starts + S + width - 1, starts)
     return out
 
 
