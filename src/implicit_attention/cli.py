@@ -5,6 +5,9 @@ Subcommands:
 - ``explain TEXT...``: predict, explain the prediction with relevance per token, and optionally
   write an HTML/JSON report with the per-layer implicit attention matrices (``--out DIR``).
 - ``info``: the model's class, its decomposable layers and the formulations offered.
+- ``explain-dataset FILE --out DIR``: explain every text of a text/CSV/JSONL file into
+  ``DIR/results.jsonl`` and ``DIR/summary.json``; resumable, data-parallel under ``torchrun``
+  (see :mod:`implicit_attention.dataset`).
 
 Run ``implicit-attention explain --help`` for every option.
 """
@@ -45,6 +48,46 @@ examples:
 
 exit status: 0 on success, 2 on a usage error or an error reported by the library
 (an empty text, an unsupported model, a reconstruction above tolerance, ...).
+"""
+
+DATASET_EPILOG = """\
+input formats (by extension, or --format):
+  .txt   one text per line
+  .csv   a header row; the text in --text-column (default: text), the gold label in --label-column
+  .tsv   the same with tabs
+  .jsonl one JSON object per line; the text in --text-field (default: text), the label in --label-field
+  Each input keeps its 0-based index in the file (line, or data row of a CSV); empty texts are skipped
+  and counted in the summary.
+
+gold labels are mapped to the task's label names: a label name (positive), its label word, or a key of
+the task's "labels" entry (1 -> positive, 0 -> negative for the bundled model) are understood as they
+are; map other values with --label-map, e.g. --label-map fresh=positive,rotten=negative.
+
+output (DIR):
+  results.jsonl  one JSON object per explained input, sorted by index: index, text, tokens, relevance,
+                 prediction, probability, probabilities, gold, gold_raw, correct, target,
+                 batch_max_error (largest reconstruction error of the batch it ran in)
+  summary.json   counts, accuracy, mean/max reconstruction error, settings, time, examples per second,
+                 number of processes (written at the end)
+  run.json       the settings of the run
+
+resume: results are written in completed batches; run the same command again after an interruption
+(Ctrl-C, kill, crash) and it continues where it stopped. Other settings (model, method, variant, layers,
+aggregate, dtype, target, --no-check, input file contents, columns, label map) are refused unless --force,
+which starts over. --batch-size, --device, --limit and the number of processes may change.
+
+examples:
+  implicit-attention explain-dataset reviews.txt --out runs/reviews
+  implicit-attention explain-dataset reviews.csv --label-column label --out runs/rt --limit 200
+  implicit-attention explain-dataset rt.jsonl --label-field category \\
+      --label-map fresh=positive,rotten=negative --out runs/rt --method rollout
+
+  # data-parallel: one process per GPU (each on cuda:LOCAL_RANK), or CPU processes with gloo
+  torchrun --standalone --nproc_per_node 2 -m implicit_attention explain-dataset reviews.csv \\
+      --out runs/rt --device cuda --batch-size 32
+
+  # a model too large for one GPU (needs accelerate): spread over all visible GPUs, one process
+  implicit-attention explain-dataset data.txt --model ./big-mamba --device-map auto --out runs/big
 """
 
 INFO_EPILOG = """\
@@ -94,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Explain predictions of Mamba models with their exact implicit attention matrices.",
-        epilog=f"Run '{PROG} explain --help' or '{PROG} info --help' for the options of each command.\n\n"
+        epilog=f"Run '{PROG} explain --help', '{PROG} explain-dataset --help' or '{PROG} info --help' for the "
+               "options of each command.\n\n"
                + EXPLAIN_EPILOG.split("\n\n")[0] + "\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=version_string())
@@ -166,7 +210,67 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog=INFO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_option(info)
     info.set_defaults(handler=cmd_info)
+
+    _add_dataset_parser(sub, METHODS)
     return parser
+
+
+def _add_dataset_parser(sub, methods: Sequence[str]) -> None:
+    """The ``explain-dataset`` subcommand."""
+    ds = sub.add_parser(
+        "explain-dataset", help="explain every text of a text/CSV/JSONL file (resumable, data-parallel)",
+        description="Predict and explain every text of FILE, writing DIR/results.jsonl (one JSON object per "
+                    "input) and DIR/summary.json (counts, accuracy against gold labels, reconstruction errors, "
+                    "speed). An interrupted run resumes when run again with the same arguments. Under torchrun "
+                    "each process explains its share (indices i with i % WORLD_SIZE == RANK) and rank 0 merges.",
+        epilog=DATASET_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _negative_number_lists(ds)
+    ds.add_argument("file", metavar="FILE", help="the data set: .txt (one text per line), .csv/.tsv or .jsonl")
+    ds.add_argument("--out", metavar="DIR", required=True,
+                    help="output directory (created if missing; an earlier run in it is resumed)")
+    ds.add_argument("--format", choices=("text", "csv", "tsv", "jsonl"), default=None,
+                    help="input format (default: from the file's extension)")
+    ds.add_argument("--text-column", default="text", metavar="NAME",
+                    help="CSV/TSV column holding the text (default: %(default)s)")
+    ds.add_argument("--label-column", default=None, metavar="NAME",
+                    help="CSV/TSV column holding the gold label (default: none; no accuracy)")
+    ds.add_argument("--text-field", default="text", metavar="NAME",
+                    help="JSONL field holding the text (default: %(default)s)")
+    ds.add_argument("--label-field", default=None, metavar="NAME",
+                    help="JSONL field holding the gold label (default: none; no accuracy)")
+    ds.add_argument("--label-map", action="append", default=None, metavar="GOLD=LABEL,...",
+                    help="map gold label values to the task's label names, e.g. fresh=positive,rotten=negative "
+                         "(repeatable; label names, label words and the task's 'labels' keys such as 1/0 are "
+                         "understood without it)")
+    _add_model_option(ds)
+    ds.add_argument("--device-map", choices=("auto",), default=None,
+                    help="load the model with device_map=auto through accelerate (must be installed), spread "
+                         "over the visible GPUs, instead of --device; for one process only")
+    ds.add_argument("--method", choices=methods, default="attribution",
+                    help="how relevance is computed, as for explain (default: %(default)s)")
+    ds.add_argument("--variant", choices=VARIANT_CHOICES, default="unified",
+                    help="implicit attention formulation, as for explain (default: %(default)s)")
+    ds.add_argument("--layers", type=parse_layers, default=None, metavar="I,J,...",
+                    help="token-mixing layers to use, e.g. 0,1,-1 or --layers=-1 (default: all)")
+    ds.add_argument("--aggregate", choices=AGGREGATE_CHOICES, default="abs",
+                    help="channel aggregation of raw and rollout (default: %(default)s)")
+    ds.add_argument("--target", default=None,
+                    help="explain this label / token for every text (default: each text's prediction)")
+    ds.add_argument("--batch-size", type=int, default=None, metavar="N",
+                    help="texts per batch (left-padded together); results are written after each batch. Default: "
+                         "1 on the CPU (larger batches were slower per text there: padding, memory traffic), "
+                         "16 on a GPU")
+    ds.add_argument("--limit", type=int, default=None, metavar="N",
+                    help="only the first N inputs of the file (empty ones included); a later run with a larger "
+                         "N or none continues")
+    ds.add_argument("--no-check", dest="check", action="store_false",
+                    help="do not fail when an exact decomposition misses its layer's output by more than the "
+                         "tolerance; the errors are still recorded")
+    ds.add_argument("--force", action="store_true",
+                    help="delete an earlier run's files in DIR (results, shards, summary, run.json) and start over")
+    ds.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="show a progress bar on stderr (default: on; rank 0 only under torchrun)")
+    ds.set_defaults(handler=cmd_explain_dataset)
 
 
 def version_string() -> str:
@@ -389,6 +493,42 @@ def cmd_info(args: argparse.Namespace) -> int:
         variants = ", ".join(f"{v} (default, exact)" if i == 0 else v for i, v in enumerate(arch.variants))
         print(f"variants ({arch.name}): {variants}")
     print(f"methods: {', '.join(MATRIX_METHODS)} (implicit attention); {', '.join(BASELINE_METHODS)} (baselines)")
+    return 0
+
+
+# ------------------------------------------------------------------------------- explain-dataset
+def cmd_explain_dataset(args: argparse.Namespace) -> int:
+    from .dataset import DatasetOptions, parse_label_map, run_dataset
+
+    _check_device(args.device)
+    # --text-column / --text-field (and the label ones) name the same key of a CSV row or JSON object
+    texts = {args.text_column, args.text_field} - {"text"}
+    labels = {args.label_column, args.label_field} - {None}
+    if len(texts) > 1 or len(labels) > 1:
+        raise ValueError("--text-column/--text-field (and --label-column/--label-field) give two different names")
+    options = DatasetOptions(
+        path=args.file, out=os.path.expanduser(args.out), format=args.format,
+        text_key=texts.pop() if texts else "text", label_key=labels.pop() if labels else None,
+        label_map=parse_label_map(args.label_map), model=args.model, dtype=args.dtype, device=args.device,
+        device_map=args.device_map, method=args.method, variant=args.variant, layers=args.layers,
+        aggregate=args.aggregate, check=args.check, target=args.target, batch_size=args.batch_size,
+        limit=args.limit, force=args.force, progress=args.progress)
+    summary = run_dataset(options)
+    if summary is None:  # not rank 0 of a torchrun run
+        return 0
+    counts = summary["counts"]
+    speed = summary["examples_per_second"]
+    print(f"model: {summary['model']}   method: {summary['method']}   variant: {summary['variant']}")
+    print(f"explained: {counts['explained']} of {counts['inputs']} inputs ({counts['explained_this_run']} in this run, "
+          f"{counts['empty_skipped']} empty skipped) with {summary['processes']} process(es) in "
+          f"{summary['elapsed_seconds']:.1f} s" + (f" ({speed:.2f} texts/s explaining)" if speed else ""))
+    if summary["accuracy"] is not None:
+        print(f"accuracy: {summary['accuracy']:.4f} ({counts['correct']}/{counts['labelled']} labelled)")
+    if summary["reconstruction_error"] is not None:
+        err = summary["reconstruction_error"]
+        print(f"reconstruction error: max {err['max']:.2e}, mean {err['mean']:.2e}")
+    print(f"results: {os.path.join(options.out, 'results.jsonl')}")
+    print(f"summary: {os.path.join(options.out, 'summary.json')}")
     return 0
 
 
