@@ -85,6 +85,19 @@ def gpt2_dir(tmp_path_factory, tokenizer) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def unsupported_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny OPT model: a Transformer whose attention the library does not register."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-opt")
+    OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=8, num_hidden_layers=1, ffn_dim=16,
+                             num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=8)
+                   ).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def run(capsys, *argv) -> tuple[int, str, str]:
     code = cli.main([str(a) for a in argv])
     captured = capsys.readouterr()
@@ -155,7 +168,7 @@ def test_load_encode_predict(tiny_dir: Path) -> None:
         resolve_target(loaded, "two words")
 
 
-def test_load_errors(tmp_path: Path, tiny_dir: Path, gpt2_dir: Path) -> None:
+def test_load_errors(tmp_path: Path, tiny_dir: Path, unsupported_dir: Path) -> None:
     with pytest.raises(ModelLoadError, match="no such directory"):
         load_model(tmp_path / "missing")
     with pytest.raises(ModelLoadError, match="config.json"):
@@ -168,7 +181,7 @@ def test_load_errors(tmp_path: Path, tiny_dir: Path, gpt2_dir: Path) -> None:
     with pytest.raises(ModelLoadError, match="could not load the model"):
         load_model(tmp_path)
     with pytest.raises(UnsupportedModelError, match="MambaForCausalLM"):
-        load_model(gpt2_dir)
+        load_model(unsupported_dir)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -253,12 +266,23 @@ def test_empty_text(capsys, tiny_dir: Path, tmp_path: Path, text: str) -> None:
     assert not (tmp_path / "r").exists()
 
 
-def test_unsupported_model(capsys, gpt2_dir: Path) -> None:
-    code, _, err = run(capsys, "explain", "great acting", "--model", gpt2_dir)
+def test_unsupported_model(capsys, unsupported_dir: Path) -> None:
+    code, _, err = run(capsys, "explain", "great acting", "--model", unsupported_dir)
     assert code == 2
-    assert_clean_error(err, "GPT2LMHeadModel", "Supported model classes", "MambaForCausalLM")
-    code, _, err = run(capsys, "info", "--model", gpt2_dir)
+    assert_clean_error(err, "OPTForCausalLM", "Supported model classes", "MambaForCausalLM")
+    code, _, err = run(capsys, "info", "--model", unsupported_dir)
     assert code == 2 and "MambaForCausalLM" in err
+
+
+def test_a_transformer_is_explained_like_a_mamba(capsys, gpt2_dir: Path, tmp_path: Path) -> None:
+    """GPT-2's attention goes through the same command: relevance per token and a report."""
+    code, out, err = run(capsys, "explain", "great acting", "--model", gpt2_dir, "--method", "rollout",
+                         "--out", tmp_path / "gpt2", "--no-color")
+    assert code == 0, err
+    data = json.loads((tmp_path / "gpt2" / "explanation.json").read_text())
+    example = data["examples"][0]
+    assert len(example["relevance"]) == len(example["tokens"])
+    assert all(math.isfinite(v) for v in example["relevance"])
 
 
 def test_bad_options(capsys, tiny_dir: Path, tmp_path: Path) -> None:
