@@ -10,6 +10,9 @@ state 16, conv 4). For each length L it times, per run:
   to all layers;
 - ``materialised``: the published approach, vectorised over channels: an ``[c, L, L, N]`` tensor of
   discretised state products per channel block, summed over the state, timed likewise;
+- ``naive``: the slow reference of the tests (Python loops from the equations,
+  ``architectures/mamba/naive.py``), timed on ``--naive-channels`` channels of one layer and
+  scaled to all channels and layers (``--naive-max-length``);
 - ``rows``: one target row per layer (what ``raw`` and ``paper`` explanations need);
 - ``fwd+bwd`` and ``attribution``: one forward and backward pass of the model for a token logit,
   and a full attribution explanation (for L up to ``--explain-max-length``: the stock
@@ -27,12 +30,14 @@ import math
 import platform
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
 import implicit_attention as ia
 from implicit_attention.architectures.mamba import MambaLayerDecomposition, mamba_factors
 from implicit_attention.architectures.mamba.fast import exact_channel_mean
+from implicit_attention.architectures.mamba.naive import naive_mamba
 
 
 def synchronize(device: torch.device) -> None:
@@ -136,6 +141,18 @@ def bench_length(model, length: int, args, device, dtype) -> dict:
             seconds, _ = timed(lambda: [materialised_mean(layer_of(m, i).factors, chunk)
                                         for i, m in enumerate(ref_layers)], device)
             row["materialised_s"] = seconds * len(mixers) / len(ref_layers)
+        if length <= args.naive_max_length and args.naive_channels > 0:
+            f = layer_of(mixers[0], 0).factors
+            few = replace(f, x=f.x[..., : args.naive_channels], z=f.z[..., : args.naive_channels],
+                          conv_out=f.conv_out[..., : args.naive_channels], dt=f.dt[..., : args.naive_channels],
+                          conv_weight=f.conv_weight[: args.naive_channels], A=f.A[: args.naive_channels],
+                          D=f.D[: args.naive_channels],
+                          conv_bias=None if f.conv_bias is None else f.conv_bias[: args.naive_channels])
+            few = replace(few, **{k: getattr(few, k).cpu() for k in ("x", "z", "conv_out", "mask", "conv_weight",
+                                                                      "dt", "B", "C", "A", "D")},
+                          conv_bias=None if few.conv_bias is None else few.conv_bias.cpu())
+            seconds, _ = timed(lambda: naive_mamba(few, "unified"), torch.device("cpu"))
+            row["naive_s"] = seconds * channels / args.naive_channels * len(mixers)
 
     if length <= args.explain_max_length:
         ids = torch.randint(0, model.config.vocab_size, (1, length), device=device)
@@ -159,14 +176,15 @@ def markdown(rows: list[dict]) -> str:
             return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
         return f"{value / 2**20:.0f} MiB"
 
-    lines = ["| L | maps, all layers (fast) | direct | speed-up | materialised | speed-up | one row per layer | "
-             "peak memory (maps) | fwd+bwd | attribution | attribution / fwd+bwd |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| L | maps, all layers (fast) | direct | speed-up | materialised | speed-up | naive loops | speed-up | "
+             "one row per layer | peak memory (maps) | fwd+bwd | attribution | attribution / fwd+bwd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = lambda ref: f"{r[ref] / r['maps_s']:.0f}x" if ref in r else "-"  # noqa: E731
         ratio = f"{r['attribution_s'] / r['fwd_bwd_s']:.2f}" if "attribution_s" in r else "-"
         lines.append(f"| {r['L']} | {fmt(r['maps_s'])} | {fmt(r.get('direct_s'))} | {speed('direct_s')} | "
-                     f"{fmt(r.get('materialised_s'))} | {speed('materialised_s')} | {fmt(r['rows_s'])} | "
+                     f"{fmt(r.get('materialised_s'))} | {speed('materialised_s')} | {fmt(r.get('naive_s'))} | "
+                     f"{speed('naive_s')} | {fmt(r['rows_s'])} | "
                      f"{fmt(r.get('maps_peak_bytes'), 'b')} | {fmt(r.get('fwd_bwd_s'))} | "
                      f"{fmt(r.get('attribution_s'))} | {ratio} |")
     return "\n".join(lines)
@@ -187,6 +205,8 @@ def main(argv=None) -> int:
     parser.add_argument("--direct-max-length", type=int, default=4096)
     parser.add_argument("--materialised-max-length", type=int, default=1024)
     parser.add_argument("--materialised-bytes", type=float, default=2**30, help="bytes per [c, L, L, N] block")
+    parser.add_argument("--naive-max-length", type=int, default=512)
+    parser.add_argument("--naive-channels", type=int, default=1, help="channels the loop reference is timed on")
     parser.add_argument("--explain-max-length", type=int, default=1024)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)

@@ -156,6 +156,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype=None, dev
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from . import models  # noqa: F401  registers our RetNet/HGRN/GLA/RWKV-6/RWKV-7 with the Auto classes
+
     torch_dtype = _parse_dtype(dtype)
     if name_or_path is None or str(name_or_path) == BUNDLED_MODEL:
         path = bundled_model_path()

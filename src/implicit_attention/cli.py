@@ -25,7 +25,18 @@ from . import __version__
 from .errors import ImplicitAttentionError, ReconstructionError
 
 PROG = "implicit-attention"
-VARIANT_CHOICES = ("unified", "s6", "no_conv", "no_gate", "no_act")
+
+
+def variant_choices() -> tuple[str, ...]:
+    """Every variant name a registered architecture offers (``unified`` first)."""
+    from .architectures import architectures
+    names = ["unified"]
+    for arch in architectures():
+        names += [v for v in arch.variants if v not in names]
+    return tuple(names)
+
+
+VARIANT_CHOICES = variant_choices()
 AGGREGATE_CHOICES = ("abs", "pos", "mean")
 DTYPE_CHOICES = ("float32", "float64")
 
@@ -166,9 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
              "integrated_gradients, occlusion.")
     explain.add_argument(
         "--variant", choices=VARIANT_CHOICES, default="unified",
-        help="implicit attention formulation (default: %(default)s, the exact one). s6 is the earlier S6-only "
-             "hidden attention; no_conv, no_gate and no_act leave out the convolution, the gate or the "
-             "activation (ablations; their reconstruction error shows what they miss). Baselines ignore it.")
+        help="implicit attention formulation (default: %(default)s, the exact one). For Mamba, s6 is the earlier "
+             "S6-only hidden attention; no_conv, no_gate and no_act leave out the convolution, the gate or the "
+             "activation (ablations; their reconstruction error shows what they miss). Other architectures offer "
+             "their own (ssd for Mamba-2, wkv for RWKV, rglru for Griffin, recurrence for RetNet/HGRN/GLA, ...; "
+             "'implicit-attention info' lists a model's). Baselines ignore it.")
     explain.add_argument(
         "--layers", type=parse_layers, default=None, metavar="I,J,...",
         help="token-mixing layers to use, as comma-separated indices; negatives count from the end "

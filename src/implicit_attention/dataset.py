@@ -53,10 +53,10 @@ Large models
     from the captured input and the layer's own parameters (``mamba_factors`` puts everything on
     the captured input's device), and the reconstruction error is measured against the output
     captured there. The matrix methods then combine the maps of all selected layers (rollout,
-    attribution, ...) on one device, which the explanation code does not arrange yet: when the
-    selected layers end up on several devices a matrix method is refused with a clear error
-    (:func:`check_layer_devices`; select layers on one device with ``layers``, or use a baseline
-    method). ``device_map`` is meant for one process (it is refused under ``torchrun``).
+    attribution, ...) on the inputs' device; that gathering has not been run on several GPUs yet,
+    so when the selected layers end up on several devices a matrix method is still refused here
+    with a clear error (:func:`check_layer_devices`; select layers on one device with ``layers``,
+    or use a baseline method). ``device_map`` is meant for one process (it is refused under ``torchrun``).
 
 Example::
 
@@ -647,8 +647,8 @@ def load_for_run(options: DatasetOptions, device: str | None):
 def check_layer_devices(model, method: str, layers: Sequence[int] | None) -> None:
     """Refuse a matrix method when the selected token-mixing layers sit on several devices.
 
-    Each layer is decomposed on its own device, but the matrix methods then combine the maps of all
-    layers (rollout, attribution, ...) on one device, which the explanation code does not arrange.
+    Each layer is decomposed on its own device and ``explain`` gathers the maps on the inputs'
+    device, but that path has not been run on several GPUs: refuse it until it has.
     """
     from .capture import select_layers
     from .explain import MATRIX_METHODS

@@ -114,12 +114,16 @@ def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method:
                                   logits=logits.detach(), variant=variant)
     row = tgt.row
     mask_f = inputs.token_mask(compute_dtype)
+    # layers of a sharded model (device_map="auto") are decomposed where they live; their maps
+    # are combined on the device of the inputs
+    home = mask_f.device
     if method == "raw":
-        relevance = torch.stack([layer.aggregate_rows([row], aggregate)[:, 0] for layer in built]).mean(dim=0)
+        relevance = torch.stack([layer.aggregate_rows([row], aggregate)[:, 0].to(home) for layer in built]).mean(dim=0)
     elif method == "rollout":
-        relevance = rollout([layer.aggregate(aggregate) for layer in built])[:, row, :]
+        relevance = rollout([layer.aggregate(aggregate).to(home) for layer in built])[:, row, :]
     elif method == "attribution":
-        cams = [layer.attribution(grad.detach().to(compute_dtype)) for layer, grad in zip(built, grads)]
+        cams = [layer.attribution(grad.detach().to(device=layer.device, dtype=compute_dtype)).to(home)
+                for layer, grad in zip(built, grads)]
         # Read the propagated part only (R - I), as Chefer et al. drop the explained token's own
         # identity term: otherwise it dwarfs every other token.
         relevance = attribution_rollout(cams)[:, row, :]
@@ -128,8 +132,9 @@ def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method:
         start = len(built) // 2 if start_layer is None else start_layer
         if not -len(built) <= start < len(built):
             raise IndexError(f"start_layer {start} out of range for {len(built)} layers")
-        rows = [layer.aggregate_rows([row], "pos")[:, 0] for layer in built]
-        saliency = [minmax(grad.detach().to(compute_dtype).clamp(min=0).amax(dim=-1), mask_f) for grad in grads]
+        rows = [layer.aggregate_rows([row], "pos")[:, 0].to(home) for layer in built]
+        saliency = [minmax(grad.detach().to(device=home, dtype=compute_dtype).clamp(min=0).amax(dim=-1), mask_f)
+                    for grad in grads]
         relevance = paper_rollout(rows[start:], saliency[start:], mask_f, row, causal=inputs.causal)
     return Explanation(_finish(relevance, mask, compute_dtype), tgt, logits.detach(), decomposition, method, variant)
 

@@ -1,0 +1,23 @@
+"""The README's Python example runs as written, on the bundled model."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "the README has no Python example"
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    layer, result = namespace["layer"], namespace["result"]
+    assert layer.matrix.shape[-1] == namespace["ids"].shape[-1]
+    assert max(result.errors) <= 1e-4
+    assert torch.allclose(namespace["rebuilt"], layer.output, rtol=1e-4, atol=1e-5)
+    assert namespace["relevance"].shape == namespace["ids"].shape
+    assert torch.isfinite(namespace["relevance_s6"]).all()
