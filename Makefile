@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/implicit-attention explain "an utterly charming film" --out out/demo
+	$(VENV)/bin/implicit-attention explain "an utterly charming film" --out out/demo --force
 
 test: $(STAMP)
 	$(PY) -m pytest
