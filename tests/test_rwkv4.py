@@ -122,8 +122,12 @@ def test_fast_operator_matches_naive(variant, seed):
     ids, mask = left_padded(batch=2, length=6, seed=seed)
     for record in captured(model, ids, mask):
         f = rwkv_factors(record.module, record.inputs, torch.float64)
-        fast = rwkv_block(f, slice(0, f.key.shape[-1]), variant)
+        width = f.key.shape[-1] * (2 if variant == "shift" else 1)       # shift: two value streams
+        fast = rwkv_block(f, slice(0, width), variant)
         assert_close(fast, naive_rwkv(f, variant), 1e-12, variant)
+        if variant == "shift":   # blocks that straddle the two streams
+            halves = torch.cat([rwkv_block(f, slice(s, min(s + 3, width)), variant) for s in range(0, width, 3)], 1)
+            assert torch.equal(halves, fast)
 
 
 def test_wkv_matrix_is_the_module_recurrence():
@@ -190,3 +194,27 @@ def test_explain_every_method(method, variant):
     assert torch.all(relevance[1, :1] == 0)
     if method in ("raw", "rollout", "attribution"):
         assert relevance.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_shift_variant_puts_the_value_token_shift_inside_the_operator(dtype):
+    """Two value streams p = W_v diag(mu) h, q = W_v diag(1 - mu) h; q's matrices are alpha S; exact."""
+    model = tiny_rwkv(dtype=dtype, seed=2)
+    ids = torch.randint(1, 40, (2, 7), generator=torch.Generator().manual_seed(2))
+    result = ia.decompose(model, ids, variant="shift")
+    for layer in result.layers:
+        C = layer.output.shape[-1]
+        assert layer.exact and layer.matrix.shape[1] == 2 * C and layer.values.shape[-1] == 2 * C
+        assert layer.error <= (1e-4 if dtype == torch.float32 else 1e-6)
+        f = layer.factors
+        # the two streams add up to the module's value (after its token shift)
+        shifted_prev = torch.nn.functional.pad(f.value_prev, (0, 0, 1, -1))
+        assert_close(f.value_now + shifted_prev, f.value, 1e-5 if dtype == torch.float32 else 1e-12, "p + S q")
+        # the matrices of the q stream carry the shift: alpha[i, j + 1]
+        A = layer.matrix
+        assert torch.equal(A[:, C:, :, :-1], A[:, :C, :, 1:]) and torch.count_nonzero(A[:, C:, :, -1]) == 0
+        per_output = torch.einsum("bcij,bjc->bic", A, layer.values)
+        assert_close(per_output[..., :C] + per_output[..., C:], layer.output, 1e-4, "folded")
+    # attribution takes the output-shaped gradient
+    grad = torch.randn_like(result.layers[0].output)
+    assert result.layers[0].attribution(grad).shape == (2, 7, 7)

@@ -49,6 +49,10 @@ class LayerDecomposition(ABC):
         mask: ``[B, L]`` 1 for real tokens, 0 for padding.
         error: relative error ``||reconstruct() - output|| / ||output||`` (Frobenius norm over
             the whole layer), measured when the decomposition is built.
+        fold: ``[C]`` or ``None``. A layer whose token mixing needs two value streams per output
+            channel (RWKV-4's value-path token shift) has more operator channels than output
+            channels; operator channel ``k`` adds into output channel ``fold[k]``, so the identity
+            is ``out[..., c] = sum_{k: fold[k] = c} (einsum(matrix, values) + offset)[..., k]``.
     """
 
     #: how many block-sized temporaries :meth:`_block` holds at its peak (for chunk sizing).
@@ -56,7 +60,7 @@ class LayerDecomposition(ABC):
 
     def __init__(self, *, index: int, name: str, variant: str, exact: bool,
                  values: torch.Tensor, offset: torch.Tensor | None, output: torch.Tensor,
-                 mask: torch.Tensor, block_bytes: int | None = None):
+                 mask: torch.Tensor, block_bytes: int | None = None, fold: torch.Tensor | None = None):
         self.index = index
         self.name = name
         self.variant = variant
@@ -64,6 +68,8 @@ class LayerDecomposition(ABC):
         self.values = values
         self.output = output
         self.mask = mask
+        # operator channel k feeds output channel fold[k] (None: one to one); see the class docstring
+        self.fold = fold
         # chunk sizes follow the memory free on the device unless the caller fixes them
         self.block_bytes = block_bytes if block_bytes is not None else default_block_bytes(values.device)
         self._offset = offset
@@ -149,14 +155,18 @@ class LayerDecomposition(ABC):
 
     # --------------------------------------------------------------- analysis
     def reconstruct(self) -> torch.Tensor:
-        """``[B, L, C]``: ``einsum("bcij,bjc->bic", matrix, values) + offset``, block by block."""
+        """``[B, L, C_out]``: ``einsum("bcij,bjc->bic", matrix, values) + offset``, block by block
+        (summed into the output channels by :attr:`fold` where there is one)."""
         parts, offsets = [], []
         for sl, block, off in self._blocks_with_offset():
             parts.append(torch.einsum("bcij,bjc->bic", block, self.values[..., sl]))
             offsets.append(off if off is not None else torch.zeros_like(self.values[..., sl]))
         if self._offset is None:
             self._offset = torch.cat(offsets, dim=-1)
-        return torch.cat(parts, dim=-1) + self._offset
+        out = torch.cat(parts, dim=-1) + self._offset
+        if self.fold is not None:
+            out = out.new_zeros(self.output.shape).index_add_(-1, self.fold, out)
+        return out
 
     def measure_error(self, max_entries: int | None = FULL_CHECK_ENTRIES) -> float:
         """Relative Frobenius error of the reconstruction against the real output; stores it.
@@ -165,7 +175,8 @@ class LayerDecomposition(ABC):
         above that, :data:`SAMPLED_CHANNELS` channels in groups spread over the width, so that the
         check stays cheap on long inputs. :attr:`error_channels` records how many were checked.
         """
-        if max_entries is None or self.batch_size * self.channels * self.length ** 2 <= max_entries:
+        if max_entries is None or self.fold is not None \
+                or self.batch_size * self.channels * self.length ** 2 <= max_entries:
             rec, ref = self.reconstruct(), self.output
             self.error_channels = self.channels
         else:
@@ -235,9 +246,11 @@ class LayerDecomposition(ABC):
         gradient with respect to ``A[i, j]`` is ``grad_i * v_j``: this is Chefer et al.'s
         ``grad ⊙ A`` with the exact gradient, computed without any extra autograd graph.
         """
-        if grad.shape != self.values.shape:
-            raise ValueError(f"grad must have shape {tuple(self.values.shape)}, got {tuple(grad.shape)}")
+        if grad.shape != self.output.shape:
+            raise ValueError(f"grad must have shape {tuple(self.output.shape)}, got {tuple(grad.shape)}")
         grad = self.matrix_gradient(grad.to(self.dtype))
+        if self.fold is not None:
+            grad = grad[..., self.fold]                         # each stream gets its output's gradient
         total = torch.zeros(self.batch_size, self.length, self.length, dtype=self.dtype, device=self.device)
         for sl, block in self.blocks():
             g = grad[..., sl].transpose(1, 2).unsqueeze(-1)        # [B, c, L, 1]

@@ -40,7 +40,17 @@ The key and receptance shifts are data-controlled constants inside ``k`` and ``r
 matrices include padding columns and the layer's ``mask`` is all ones: the decomposition mirrors
 the module, which does read the padding tokens.
 
-Variants: ``unified`` (exact, ``diag(r) alpha``); ``wkv`` (``alpha`` alone, the recurrence without
+**The shift inside the operator: two value streams (variant ``shift``, exact).** With
+``p = W_v diag(mu_v) h`` and ``q = W_v diag(1 - mu_v) h`` (each a function of one token),
+``sum_j alpha[i, j] v_j = sum_j alpha[i, j] p_j + sum_j alpha[i, j + 1] q_j``. The variant has
+``2C`` operator channels: channel ``c`` is ``diag(r_c) alpha_c`` on ``p``, channel ``C + c`` is
+``diag(r_c) alpha_c S`` on ``q`` with ``(alpha S)[i, j] = alpha[i, j + 1]`` (the two-tap shift
+moved into the matrix); ``fold`` adds both into output channel ``c``. Its aggregates average over
+the ``2C`` operator channels, so the map shows where each token's value *and* the token shift
+reach.
+
+Variants: ``unified`` (exact, ``diag(r) alpha``); ``shift`` (exact, the value-path token shift
+inside the operator on two value streams); ``wkv`` (``alpha`` alone, the recurrence without
 the receptance gate; not exact, its matrix gradient carries ``r``).
 """
 
@@ -56,8 +66,8 @@ from .base import LayerDecomposition
 from .registry import Architecture, CapturedLayer, register
 
 #: The formulations offered; ``unified`` is the exact default.
-VARIANTS: tuple[str, ...] = ("unified", "wkv")
-EXACT_VARIANTS: frozenset[str] = frozenset({"unified"})
+VARIANTS: tuple[str, ...] = ("unified", "shift", "wkv")
+EXACT_VARIANTS: frozenset[str] = frozenset({"unified", "shift"})
 
 
 @dataclass
@@ -67,6 +77,8 @@ class RwkvFactors:
     Attributes:
         key: ``[B, L, C]`` ``k = W_k x~k`` (rounded through float32 as the module reads it).
         value: ``[B, L, C]`` ``v = W_v x~v``, the value stream.
+        value_now: ``[B, L, C]`` ``p = W_v diag(mu_v) h``, the current-token part of ``v``.
+        value_prev: ``[B, L, C]`` ``q = W_v diag(1 - mu_v) h``, the part ``v`` takes from the next token.
         receptance: ``[B, L, C]`` ``r = sigmoid(W_r x~r)``, the output gate.
         decay: ``[C]`` ``-exp(time_decay)`` (negative), the per-step log-decay.
         first: ``[C]`` ``time_first``, the bonus of the current token.
@@ -75,6 +87,8 @@ class RwkvFactors:
 
     key: torch.Tensor
     value: torch.Tensor
+    value_now: torch.Tensor
+    value_prev: torch.Tensor
     receptance: torch.Tensor
     decay: torch.Tensor
     first: torch.Tensor
@@ -91,9 +105,12 @@ def rwkv_factors(layer: nn.Module, hidden: torch.Tensor, dtype: torch.dtype) -> 
         mu = p(getattr(layer, f"time_mix_{name}"))
         mixed[name] = F.linear(h * mu + shifted * (1 - mu), p(getattr(layer, name).weight))
     batch, length, _ = h.shape
+    mu_v, w_v = p(layer.time_mix_value), p(layer.value.weight)
     return RwkvFactors(
         key=mixed["key"].float().to(dtype),                 # the module's ``key.float()``
         value=mixed["value"],
+        value_now=F.linear(h * mu_v, w_v),
+        value_prev=F.linear(h * (1 - mu_v), w_v),
         receptance=torch.sigmoid(mixed["receptance"]),
         decay=-torch.exp(p(layer.time_decay)),
         first=p(layer.time_first),
@@ -117,8 +134,22 @@ def wkv_matrices(key: torch.Tensor, decay: torch.Tensor, first: torch.Tensor) ->
     return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
 
 
+def shift_left(matrices: torch.Tensor) -> torch.Tensor:
+    """``[..., L, L]``: ``M S`` with ``(M S)[i, j] = M[i, j + 1]`` (0 in the last column)."""
+    return torch.nn.functional.pad(matrices[..., 1:], (0, 1))
+
+
 def rwkv_block(factors: RwkvFactors, channels: slice, variant: str) -> torch.Tensor:
-    """Matrices ``[B, c, L, L]`` of ``variant`` for a block of channels."""
+    """Matrices ``[B, c, L, L]`` of ``variant`` for a block of channels (of ``2C`` for ``shift``)."""
+    if variant == "shift":
+        width = factors.value.shape[-1]
+        parts = []
+        for half in (0, 1):                                   # operator channels [0, C) and [C, 2C)
+            start, stop = max(channels.start, half * width), min(channels.stop, (half + 1) * width)
+            if start < stop:
+                block = rwkv_block(factors, slice(start - half * width, stop - half * width), "unified")
+                parts.append(shift_left(block) if half else block)
+        return torch.cat(parts, dim=1)
     alpha = wkv_matrices(factors.key[..., channels], factors.decay[channels], factors.first[channels])
     if variant == "wkv":
         return alpha
@@ -132,8 +163,12 @@ class RwkvLayerDecomposition(LayerDecomposition):
 
     def __init__(self, factors: RwkvFactors, *, variant: str, **kwargs):
         self.factors = factors
-        super().__init__(variant=variant, exact=variant in EXACT_VARIANTS, values=factors.value,
-                         offset=torch.zeros_like(factors.value), mask=factors.mask, **kwargs)
+        values, fold = factors.value, None
+        if variant == "shift":
+            values = torch.cat([factors.value_now, factors.value_prev], dim=-1)
+            fold = torch.arange(factors.value.shape[-1], device=values.device).repeat(2)
+        super().__init__(variant=variant, exact=variant in EXACT_VARIANTS, values=values,
+                         offset=torch.zeros_like(values), mask=factors.mask, fold=fold, **kwargs)
 
     def _block(self, channels: slice):
         return rwkv_block(self.factors, channels, self.variant), None

@@ -27,14 +27,27 @@ def naive_wkv_matrix(f: RwkvFactors, b: int, c: int) -> torch.Tensor:
     return alpha
 
 
+def naive_shift_matrix(length: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[L, L]`` the token shift ``S`` with ``(S q)_t = q_{t-1}`` (``S[t, t - 1] = 1``)."""
+    S = torch.zeros(length, length, dtype=dtype)
+    for t in range(1, length):
+        S[t, t - 1] = 1.0
+    return S
+
+
 def naive_rwkv(f: RwkvFactors, variant: str) -> torch.Tensor:
-    """Matrices ``[B, C, L, L]`` of ``variant``, one channel at a time."""
+    """Matrices ``[B, C, L, L]`` of ``variant`` (``[B, 2C, L, L]`` for ``shift``), one channel at a time."""
     batch, length, channels = f.key.shape
-    out = torch.zeros(batch, channels, length, length, dtype=f.key.dtype)
+    streams = 2 if variant == "shift" else 1
+    out = torch.zeros(batch, streams * channels, length, length, dtype=f.key.dtype)
+    S = naive_shift_matrix(length, f.key.dtype)
     for b in range(batch):
         for c in range(channels):
             alpha = naive_wkv_matrix(f, b, c)
-            out[b, c] = alpha if variant == "wkv" else torch.diag(f.receptance[b, :, c]) @ alpha
+            gated = alpha if variant == "wkv" else torch.diag(f.receptance[b, :, c]) @ alpha
+            out[b, c] = gated
+            if variant == "shift":            # v = p + S q: the q stream goes through alpha S
+                out[b, channels + c] = gated @ S
     return out
 
 
