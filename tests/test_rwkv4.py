@@ -49,10 +49,11 @@ def captured(model, ids, mask=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("seed,width", [(0, 10), (1, 12), (2, 7)])
-def test_unified_reconstructs_module_output(dtype, seed, width):
+def test_single_stream_reconstructs_module_output(dtype, seed, width):
+    """variant no_shift: diag(r) alpha on the values after the token shift, C channels, exact."""
     model = tiny_rwkv(dtype=dtype, seed=seed, attention_hidden_size=width)
     ids, mask = left_padded(batch=3, length=7, seed=seed)
-    result = ia.decompose(model, ids, mask)
+    result = ia.decompose(model, ids, mask, variant="no_shift")
     assert [layer.name for layer in result.layers] == ["rwkv.blocks.0.attention", "rwkv.blocks.1.attention"]
     for layer in result.layers:
         assert layer.exact and layer.error <= TOL[dtype], (layer.name, layer.error)
@@ -122,10 +123,10 @@ def test_fast_operator_matches_naive(variant, seed):
     ids, mask = left_padded(batch=2, length=6, seed=seed)
     for record in captured(model, ids, mask):
         f = rwkv_factors(record.module, record.inputs, torch.float64)
-        width = f.key.shape[-1] * (2 if variant == "shift" else 1)       # shift: two value streams
+        width = f.key.shape[-1] * (2 if variant == "unified" else 1)     # unified: two value streams
         fast = rwkv_block(f, slice(0, width), variant)
         assert_close(fast, naive_rwkv(f, variant), 1e-12, variant)
-        if variant == "shift":   # blocks that straddle the two streams
+        if variant == "unified":   # blocks that straddle the two streams
             halves = torch.cat([rwkv_block(f, slice(s, min(s + 3, width)), variant) for s in range(0, width, 3)], 1)
             assert torch.equal(halves, fast)
 
@@ -169,8 +170,8 @@ def test_wkv_variant_is_flagged_and_carries_the_gate_in_its_gradient():
         assert_close(gated, layer.output, 1e-6, "r * (alpha v)")
         grad = torch.randn_like(layer.values)
         assert torch.equal(layer.matrix_gradient(grad), grad * layer.factors.receptance)
-        # the gradient-weighted map of "wkv" equals unified's: g r alpha v = g (diag(r) alpha) v
-    unified = ia.decompose(model, ids, mask).layers[0]
+        # the gradient-weighted map of "wkv" equals no_shift's: g r alpha v = g (diag(r) alpha) v
+    unified = ia.decompose(model, ids, mask, variant="no_shift").layers[0]
     grad = torch.randn_like(unified.values)
     assert_close(result.layers[0].attribution(grad), unified.attribution(grad), 1e-12, "attribution")
 
@@ -197,11 +198,11 @@ def test_explain_every_method(method, variant):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_shift_variant_puts_the_value_token_shift_inside_the_operator(dtype):
+def test_unified_puts_the_value_token_shift_inside_the_operator(dtype):
     """Two value streams p = W_v diag(mu) h, q = W_v diag(1 - mu) h; q's matrices are alpha S; exact."""
     model = tiny_rwkv(dtype=dtype, seed=2)
     ids = torch.randint(1, 40, (2, 7), generator=torch.Generator().manual_seed(2))
-    result = ia.decompose(model, ids, variant="shift")
+    result = ia.decompose(model, ids)
     for layer in result.layers:
         C = layer.output.shape[-1]
         assert layer.exact and layer.matrix.shape[1] == 2 * C and layer.values.shape[-1] == 2 * C

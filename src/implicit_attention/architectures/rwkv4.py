@@ -16,9 +16,10 @@ The layer (``transformers.models.rwkv.modeling_rwkv``, sequence path without a s
 overflows in float32 for large keys. The module reads ``k`` in float32 (``key.float()``) whatever its
 dtype, so the factors round ``k`` through float32 as well.
 
-**Unified operator (exact):** ``A_c = diag(r_c) alpha_c`` with values ``v = W_v x~v`` and no offset.
+**Single-stream operator (variant ``no_shift``, exact):** ``A_c = diag(r_c) alpha_c`` with values
+``v = W_v x~v`` (after the token shift) and no offset.
 
-**Why the value-path token shift stays in the values.** The value of token ``j`` that enters the
+**Why one value stream cannot hold the value-path token shift.** The value of token ``j`` that enters the
 recurrence is ``v_j = W_v (mu_v * h_j) + W_v ((1 - mu_v) * h_{j-1}) = p_j + q_{j-1}`` with
 ``p = W_v diag(mu_v) h`` and ``q = W_v diag(1 - mu_v) h``. A token shift commutes with the channel
 map ``W_v``, but ``mu_v`` weights the *hidden* channels, so in the inner channels ``c`` the two-tap
@@ -40,7 +41,7 @@ The key and receptance shifts are data-controlled constants inside ``k`` and ``r
 matrices include padding columns and the layer's ``mask`` is all ones: the decomposition mirrors
 the module, which does read the padding tokens.
 
-**The shift inside the operator: two value streams (variant ``shift``, exact).** With
+**The unified operator: the shift inside, on two value streams (variant ``unified``, exact).** With
 ``p = W_v diag(mu_v) h`` and ``q = W_v diag(1 - mu_v) h`` (each a function of one token),
 ``sum_j alpha[i, j] v_j = sum_j alpha[i, j] p_j + sum_j alpha[i, j + 1] q_j``. The variant has
 ``2C`` operator channels: channel ``c`` is ``diag(r_c) alpha_c`` on ``p``, channel ``C + c`` is
@@ -49,9 +50,10 @@ moved into the matrix); ``fold`` adds both into output channel ``c``. Its aggreg
 the ``2C`` operator channels, so the map shows where each token's value *and* the token shift
 reach.
 
-Variants: ``unified`` (exact, ``diag(r) alpha``); ``shift`` (exact, the value-path token shift
-inside the operator on two value streams); ``wkv`` (``alpha`` alone, the recurrence without
-the receptance gate; not exact, its matrix gradient carries ``r``).
+Variants: ``unified`` (exact, the value-path token shift inside the operator on two value
+streams, ``2C`` operator channels folded into ``C`` outputs); ``no_shift`` (exact,
+``diag(r) alpha`` on the values after the shift); ``wkv`` (``alpha`` alone, the recurrence
+without the receptance gate; not exact, its matrix gradient carries ``r``).
 """
 
 from __future__ import annotations
@@ -66,8 +68,8 @@ from .base import LayerDecomposition
 from .registry import Architecture, CapturedLayer, register
 
 #: The formulations offered; ``unified`` is the exact default.
-VARIANTS: tuple[str, ...] = ("unified", "shift", "wkv")
-EXACT_VARIANTS: frozenset[str] = frozenset({"unified", "shift"})
+VARIANTS: tuple[str, ...] = ("unified", "no_shift", "wkv")
+EXACT_VARIANTS: frozenset[str] = frozenset({"unified", "no_shift"})
 
 
 @dataclass
@@ -140,14 +142,14 @@ def shift_left(matrices: torch.Tensor) -> torch.Tensor:
 
 
 def rwkv_block(factors: RwkvFactors, channels: slice, variant: str) -> torch.Tensor:
-    """Matrices ``[B, c, L, L]`` of ``variant`` for a block of channels (of ``2C`` for ``shift``)."""
-    if variant == "shift":
+    """Matrices ``[B, c, L, L]`` of ``variant`` for a block of channels (of ``2C`` for ``unified``)."""
+    if variant == "unified":
         width = factors.value.shape[-1]
         parts = []
         for half in (0, 1):                                   # operator channels [0, C) and [C, 2C)
             start, stop = max(channels.start, half * width), min(channels.stop, (half + 1) * width)
             if start < stop:
-                block = rwkv_block(factors, slice(start - half * width, stop - half * width), "unified")
+                block = rwkv_block(factors, slice(start - half * width, stop - half * width), "no_shift")
                 parts.append(shift_left(block) if half else block)
         return torch.cat(parts, dim=1)
     alpha = wkv_matrices(factors.key[..., channels], factors.decay[channels], factors.first[channels])
@@ -164,7 +166,7 @@ class RwkvLayerDecomposition(LayerDecomposition):
     def __init__(self, factors: RwkvFactors, *, variant: str, **kwargs):
         self.factors = factors
         values, fold = factors.value, None
-        if variant == "shift":
+        if variant == "unified":
             values = torch.cat([factors.value_now, factors.value_prev], dim=-1)
             fold = torch.arange(factors.value.shape[-1], device=values.device).repeat(2)
         super().__init__(variant=variant, exact=variant in EXACT_VARIANTS, values=values,

@@ -36,9 +36,9 @@ def naive_shift_matrix(length: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def naive_rwkv(f: RwkvFactors, variant: str) -> torch.Tensor:
-    """Matrices ``[B, C, L, L]`` of ``variant`` (``[B, 2C, L, L]`` for ``shift``), one channel at a time."""
+    """Matrices ``[B, C, L, L]`` of ``variant`` (``[B, 2C, L, L]`` for ``unified``), one channel at a time."""
     batch, length, channels = f.key.shape
-    streams = 2 if variant == "shift" else 1
+    streams = 2 if variant == "unified" else 1
     out = torch.zeros(batch, streams * channels, length, length, dtype=f.key.dtype)
     S = naive_shift_matrix(length, f.key.dtype)
     for b in range(batch):
@@ -46,7 +46,7 @@ def naive_rwkv(f: RwkvFactors, variant: str) -> torch.Tensor:
             alpha = naive_wkv_matrix(f, b, c)
             gated = alpha if variant == "wkv" else torch.diag(f.receptance[b, :, c]) @ alpha
             out[b, c] = gated
-            if variant == "shift":            # v = p + S q: the q stream goes through alpha S
+            if variant == "unified":          # v = p + S q: the q stream goes through alpha S
                 out[b, channels + c] = gated @ S
     return out
 
