@@ -98,3 +98,17 @@ def test_sampled_exactness_check_on_long_inputs():
     sampled = layer.measure_error(max_entries=100)
     assert layer.error_channels == base.SAMPLED_CHANNELS and sampled <= 1e-6 and full_error <= 1e-6
     assert base._sample_groups(24, 8) == [slice(0, 2), slice(7, 9), slice(15, 17), slice(22, 24)]
+
+
+def test_float32_fast_mean_is_stable_at_16k_tokens():
+    """L = 16384, float32 fast map vs float64 exact rows (matrix_rows in float64) on sampled rows."""
+    model = tiny_mamba(dtype=torch.float64, hidden_size=4, state_size=4, num_hidden_layers=1)
+    ids = torch.randint(1, 40, (1, 16384), generator=torch.Generator().manual_seed(1))
+    f64 = factors_of(model, ids, None)
+    f32 = factors_of(model, ids, None, dtype=torch.float32)
+    assert float(f64.dt.sum(1).max()) > 1000                      # cumulative steps far past exp's range
+    fast = signed_mean(f32, "unified")
+    rows = torch.tensor([5, 4095, 9000, 16383])
+    reference = matrix_rows(f64, "unified", rows).mean(dim=2)      # [B, R, L] exact, float64
+    assert torch.isfinite(fast).all()
+    assert_close(fast[:, rows].double(), reference, 1e-5, "float32 fast mean, L=16384")
