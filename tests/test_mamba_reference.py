@@ -83,3 +83,15 @@ def test_segment_sums_by_hand():
     dt = torch.tensor([1.0, 2.0, 4.0])
     expected = torch.tensor([[0.0, 0, 0], [2, 0, 0], [6, 4, 0]])
     assert torch.equal(segment_sums(dt), expected)
+
+
+@pytest.mark.parametrize("length,block", [(5, 2), (33, 4), (40, 16), (100, 4), (130, 16)])
+def test_tiled_s6_matrices_equal_the_direct_ones(length, block):
+    """The hierarchical tiles (exponents <= 0, small products) give S_d entry for entry."""
+    from implicit_attention.architectures.mamba.operator import s6_matrices, s6_matrices_direct
+    g = torch.Generator().manual_seed(length)
+    dt = torch.nn.functional.softplus(torch.randn(2, length, 3, generator=g, dtype=torch.float64))
+    B = torch.randn(2, length, 4, generator=g, dtype=torch.float64)
+    C = torch.randn(2, length, 4, generator=g, dtype=torch.float64)
+    A = -torch.exp(torch.rand(3, 4, generator=g, dtype=torch.float64) * 2)
+    assert_close(s6_matrices(dt, B, C, A, block=block), s6_matrices_direct(dt, B, C, A), 1e-12, "tiles")

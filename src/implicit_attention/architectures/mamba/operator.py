@@ -98,11 +98,10 @@ def segment_sums(dt: torch.Tensor) -> torch.Tensor:
     return rows.cumsum(dim=-2)
 
 
-def s6_matrices(dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """``[B, c, L, L]`` the S6 hidden attention ``S_d`` of a block of channels.
+def s6_matrices_direct(dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``[B, c, L, L]`` the S6 hidden attention ``S_d`` of a block of channels, entry by entry.
 
-    Args:
-        dt: ``[B, L, c]``; B, C: ``[B, L, N]``; A: ``[c, N]``.
+    ``N`` exponentials per entry. Args: dt ``[B, L, c]``; B, C ``[B, L, N]``; A ``[c, N]``.
     """
     length = dt.shape[1]
     dt_t = dt.transpose(1, 2)                         # [B, c, L]
@@ -113,6 +112,50 @@ def s6_matrices(dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, A: torch.Ten
         out += torch.exp(seg * A[None, :, n, None, None]) * cb[:, None]
     causal = torch.ones(length, length, dtype=torch.bool, device=dt.device).tril()
     return out.mul_(dt_t[..., None, :]).masked_fill_(~causal, 0)
+
+
+def s6_matrices(dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, A: torch.Tensor,
+                block: int = 16) -> torch.Tensor:
+    """``[B, c, L, L]`` the S6 hidden attention ``S_d`` of a block of channels, by tiles.
+
+    Diagonal ``block x block`` tiles come from :func:`s6_matrices_direct`; the rest of the lower
+    triangle is tiled by sibling blocks of a binary hierarchy (keys ``[p, p + S)``, rows
+    ``[p + S, p + 2S)``) where ``S_d[i, j] = sum_n Q[i, n] K[j, n]`` with
+    ``Q = C_i exp(A (s_i - r))`` and ``K = dt_j B_j exp(A (r - s_j))``, ``r`` the cumulative step
+    at the tile's last key: both exponents are <= 0, so nothing overflows at any length, and the
+    entries come from small matrix products instead of ``N`` exponentials each.
+
+    Args:
+        dt: ``[B, L, c]``; B, C: ``[B, L, N]``; A: ``[c, N]``.
+    """
+    batch, length, channels = dt.shape
+    if length <= 2 * block:
+        return s6_matrices_direct(dt, B, C, A)
+    out = dt.new_zeros(batch, channels, length, length)
+    flat = out.view(batch, channels, length * length)
+    for start in range(0, length, block):             # diagonal tiles
+        sl = slice(start, min(start + block, length))
+        out[:, :, sl, sl] = s6_matrices_direct(dt[:, sl], B[:, sl], C[:, sl], A)
+    cums = dt.to(torch.float64).cumsum(dim=1)                                 # [B, L, c]
+    size = block
+    while size < length:
+        starts = torch.arange(0, length - size, 2 * size, device=dt.device)  # pairs with rows inside
+        offsets = torch.arange(size, device=dt.device)
+        keys = starts[:, None] + offsets                                      # [P, S]
+        rows = (keys + size).clamp(max=length - 1)                            # cropped below
+        ref = cums[:, starts + size - 1]                                      # [B, P, c]
+        q_exp = (cums[:, rows] - ref[:, :, None]).to(dt.dtype)[..., None] * A   # [B, P, S, c, N]
+        k_exp = (ref[:, :, None] - cums[:, keys]).to(dt.dtype)[..., None] * A
+        Q = torch.exp(q_exp) * C[:, rows, None, :]
+        K = torch.exp(k_exp) * (B[:, keys, None, :] * dt[:, keys, :, None])
+        tiles = Q.permute(0, 1, 3, 2, 4) @ K.permute(0, 1, 3, 4, 2)          # [B, P, c, S, S]
+        row_index, col_index = torch.broadcast_tensors(starts[:, None, None] + size + offsets[None, :, None],
+                                                       keys[:, None, :])
+        inside = row_index < length                                           # [P, S, S]
+        linear = (row_index * length + col_index)[inside]
+        flat[:, :, linear] = tiles.permute(0, 2, 1, 3, 4)[:, :, inside]
+        size *= 2
+    return out
 
 
 def conv_right(T: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
