@@ -5,9 +5,9 @@ state 16, conv 4). For each length L it times, per run:
 
 - ``maps``: the signed channel-mean map of every layer with the factorised fast path, from the
   layers' inputs (factor recomputation included, the model's own forward not included);
-- ``direct``: the same maps from materialised per-channel blocks (the straightforward
-  vectorised way, no ``[C, L, L, N]`` tensor), timed on ``--reference-layers`` layers and scaled
-  to all layers;
+- ``direct``: the same maps from materialised per-channel blocks computed entry by entry (``N``
+  exponentials per entry, ``operator.s6_matrices_direct``; no ``[C, L, L, N]`` tensor), timed on
+  ``--reference-layers`` layers and scaled to all layers;
 - ``materialised``: the published approach, vectorised over channels: an ``[c, L, L, N]`` tensor of
   discretised state products per channel block, summed over the state, timed likewise;
 - ``naive``: the slow reference of the tests (Python loops from the equations,
@@ -25,6 +25,7 @@ Usage: ``python benchmarks/bench_mamba.py --device cuda --lengths 256,512,1024,2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -36,8 +37,20 @@ import torch
 
 import implicit_attention as ia
 from implicit_attention.architectures.mamba import MambaLayerDecomposition, mamba_factors
+from implicit_attention.architectures.mamba import operator
 from implicit_attention.architectures.mamba.fast import exact_channel_mean
 from implicit_attention.architectures.mamba.naive import naive_mamba
+
+
+@contextlib.contextmanager
+def entry_by_entry_blocks():
+    """Compute per-channel blocks the direct way (the reference) while inside the context."""
+    tiled = operator.s6_matrices
+    operator.s6_matrices = lambda dt, B, C, A: operator.s6_matrices_direct(dt, B, C, A)
+    try:
+        yield
+    finally:
+        operator.s6_matrices = tiled
 
 
 def synchronize(device: torch.device) -> None:
@@ -131,8 +144,9 @@ def bench_length(model, length: int, args, device, dtype) -> dict:
         row["rows_s"], _ = timed(all_rows, device, repeat=args.repeat)
         ref_layers = mixers[: args.reference_layers]
         if length <= args.direct_max_length:
-            seconds, direct = timed(lambda: [exact_channel_mean(layer_of(m, i).factors, "unified")
-                                             for i, m in enumerate(ref_layers)], device)
+            with entry_by_entry_blocks():
+                seconds, direct = timed(lambda: [exact_channel_mean(layer_of(m, i).factors, "unified")
+                                                 for i, m in enumerate(ref_layers)], device)
             row["direct_s"] = seconds * len(mixers) / len(ref_layers)
             err = max(float((d - m).norm() / d.norm()) for d, m in zip(direct, maps))
             row["fast_vs_direct_rel_error"] = err
