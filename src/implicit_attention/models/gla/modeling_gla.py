@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
+from .._scaffold import BlockStackModel, CausalLMHead, GatedMLP, PreNormBlock, RMSNorm
 from .configuration_gla import GLAConfig
 
 
@@ -63,17 +63,8 @@ def chunked_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: to
     return torch.cat(outs, dim=1)
 
 
-class GLARMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(compute_dtype(dtype))
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.to(x.dtype) * x).to(dtype)
+class GLARMSNorm(RMSNorm):
+    """The RMS norm of GLA (:class:`~implicit_attention.models._scaffold.RMSNorm`)."""
 
 
 class GLAHeadNorm(nn.Module):
@@ -157,32 +148,14 @@ class GLAAttention(nn.Module):
         return self._output(torch.stack(ys, dim=1), g, hidden_states.dtype)
 
 
-class GLAMLP(nn.Module):
+class GLAMLP(GatedMLP):
     """GLU: ``W_down (silu(W_gate x) ⊙ W_up x)``."""
 
-    def __init__(self, config: GLAConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class GLABlock(nn.Module):
+class GLABlock(PreNormBlock):
     """Pre-norm block: ``x + GLA(norm(x))``, then ``x + MLP(norm(x))``."""
 
-    def __init__(self, config: GLAConfig, layer_idx: int):
-        super().__init__()
-        self.attn_norm = GLARMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = GLAAttention(config, layer_idx)
-        self.mlp_norm = GLARMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GLAMLP(config)
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(self.attn_norm(hidden_states), attention_mask=attention_mask)
-        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+    norm_class, mixer_class, mlp_class = GLARMSNorm, GLAAttention, GLAMLP
 
 
 class GLAPreTrainedModel(PreTrainedModel):
@@ -197,74 +170,16 @@ class GLAPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
 
 
-class GLAModel(GLAPreTrainedModel):
-    def __init__(self, config: GLAConfig):
-        super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(GLABlock(config, i) for i in range(config.num_hidden_layers))
-        self.norm = GLARMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_init()
+class GLAModel(BlockStackModel, GLAPreTrainedModel):
+    block_class = GLABlock
 
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
-
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool | None = None,
-                return_dict: bool | None = None, use_cache: bool | None = None, **kwargs):
-        """``last_hidden_state [B, L, D]``; ``attention_mask [B, L]`` (1 real, 0 padding; pad on the left)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        all_hidden = [] if output_hidden_states else None
-        for layer in self.layers:
-            if all_hidden is not None:
-                all_hidden.append(hidden_states)
-            hidden_states = layer(hidden_states, attention_mask=attention_mask)
-        hidden_states = self.norm(hidden_states)
-        if all_hidden is not None:
-            all_hidden.append(hidden_states)
-        output = BaseModelOutput(last_hidden_state=hidden_states,
-                                 hidden_states=tuple(all_hidden) if all_hidden is not None else None)
-        return output if return_dict is not False else output.to_tuple()
+    def _final_norm(self, config: GLAConfig) -> nn.Module:
+        return GLARMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class GLAForCausalLM(GLAPreTrainedModel, GenerationMixin):
+class GLAForCausalLM(CausalLMHead, GLAPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: GLAConfig):
-        super().__init__(config)
-        self.model = GLAModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
-
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
-                output_hidden_states: bool | None = None, return_dict: bool | None = None,
-                use_cache: bool | None = None, **kwargs):
-        """``logits [B, L, vocab]``; ``labels`` gives the next-token loss (shifted inside, -100 ignored)."""
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                             output_hidden_states=output_hidden_states)
-        logits = self.lm_head(outputs.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        output = CausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
-        return output if return_dict is not False else output.to_tuple()
+    model_class = GLAModel
 
 
 __all__ = ["GLAForCausalLM", "GLAModel", "GLAPreTrainedModel", "GLAAttention"]

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
+from .._scaffold import BlockStackModel, CausalLMHead, GatedMLP, PreNormBlock, RMSNorm
 from .configuration_hgrn import HGRNConfig
 
 
@@ -59,17 +59,8 @@ def chunked_scan(log_f: torch.Tensor, x: torch.Tensor, chunk_size: int) -> torch
     return torch.cat(outs, dim=1)
 
 
-class HGRNRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(compute_dtype(dtype))
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.to(x.dtype) * x).to(dtype)
+class HGRNRMSNorm(RMSNorm):
+    """The RMS norm of HGRN (:class:`~implicit_attention.models._scaffold.RMSNorm`)."""
 
 
 class HGRNRecurrence(nn.Module):
@@ -140,34 +131,18 @@ class HGRNRecurrence(nn.Module):
         return self._output(torch.stack(hs, dim=1), g, hidden_states.dtype)
 
 
-class HGRNMLP(nn.Module):
+class HGRNMLP(GatedMLP):
     """GLU: ``W_down (silu(W_gate x) ⊙ W_up x)``."""
 
-    def __init__(self, config: HGRNConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class HGRNBlock(nn.Module):
+class HGRNBlock(PreNormBlock):
     """Pre-norm block: ``x + HGRU(norm(x))``, then ``x + MLP(norm(x))``."""
 
-    def __init__(self, config: HGRNConfig, layer_idx: int):
-        super().__init__()
-        self.attn_norm = HGRNRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = HGRNRecurrence(config, layer_idx)
-        self.mlp_norm = HGRNRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = HGRNMLP(config)
+    norm_class, mixer_class, mlp_class = HGRNRMSNorm, HGRNRecurrence, HGRNMLP
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 lower_bound: torch.Tensor | None = None) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(self.attn_norm(hidden_states), attention_mask=attention_mask,
-                                                  lower_bound=lower_bound)
-        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+        return super().forward(hidden_states, attention_mask, lower_bound=lower_bound)
 
 
 class HGRNPreTrainedModel(PreTrainedModel):
@@ -181,22 +156,16 @@ class HGRNPreTrainedModel(PreTrainedModel):
             init.zeros_(module.lower_bounds)
 
 
-class HGRNModel(HGRNPreTrainedModel):
-    def __init__(self, config: HGRNConfig):
-        super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(HGRNBlock(config, i) for i in range(config.num_hidden_layers))
-        self.norm = HGRNRMSNorm(config.hidden_size, config.rms_norm_eps)
+class HGRNModel(BlockStackModel, HGRNPreTrainedModel):
+    block_class = HGRNBlock
+
+    def _final_norm(self, config: HGRNConfig) -> nn.Module:
+        return HGRNRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def _build_extra(self, config: HGRNConfig) -> None:
         width = int(config.expand_ratio * config.hidden_size)
         self.lower_bounds = nn.Parameter(torch.zeros(config.num_hidden_layers, width)) \
             if config.use_lower_bound else None
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
 
     def layer_lower_bounds(self) -> torch.Tensor | None:
         """``[layers, E]`` ``cumsum(softmax(Gamma, 0)) - softmax(Gamma, 0)[0]``: 0 for the first layer, rising."""
@@ -205,62 +174,18 @@ class HGRNModel(HGRNPreTrainedModel):
         p = self.lower_bounds.softmax(dim=0)
         return p.cumsum(dim=0) - p[0]
 
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool | None = None,
-                return_dict: bool | None = None, use_cache: bool | None = None, **kwargs):
-        """``last_hidden_state [B, L, D]``; ``attention_mask [B, L]`` (1 real, 0 padding; pad on the left)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        bounds = self.layer_lower_bounds()
-        all_hidden = [] if output_hidden_states else None
-        for index, layer in enumerate(self.layers):
-            if all_hidden is not None:
-                all_hidden.append(hidden_states)
-            hidden_states = layer(hidden_states, attention_mask=attention_mask,
-                                  lower_bound=None if bounds is None else bounds[index])
-        hidden_states = self.norm(hidden_states)
-        if all_hidden is not None:
-            all_hidden.append(hidden_states)
-        output = BaseModelOutput(last_hidden_state=hidden_states,
-                                 hidden_states=tuple(all_hidden) if all_hidden is not None else None)
-        return output if return_dict is not False else output.to_tuple()
+    def _initial_carry(self) -> torch.Tensor | None:
+        return self.layer_lower_bounds()
+
+    def _run_block(self, index: int, block: nn.Module, hidden_states: torch.Tensor,
+                   attention_mask: torch.Tensor | None, bounds: torch.Tensor | None):
+        lower_bound = None if bounds is None else bounds[index]
+        return block(hidden_states, attention_mask=attention_mask, lower_bound=lower_bound), bounds
 
 
-class HGRNForCausalLM(HGRNPreTrainedModel, GenerationMixin):
+class HGRNForCausalLM(CausalLMHead, HGRNPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: HGRNConfig):
-        super().__init__(config)
-        self.model = HGRNModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
-
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
-                output_hidden_states: bool | None = None, return_dict: bool | None = None,
-                use_cache: bool | None = None, **kwargs):
-        """``logits [B, L, vocab]``; ``labels`` gives the next-token loss (shifted inside, -100 ignored)."""
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                             output_hidden_states=output_hidden_states)
-        logits = self.lm_head(outputs.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        output = CausalLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
-        return output if return_dict is not False else output.to_tuple()
+    model_class = HGRNModel
 
 
 __all__ = ["HGRNForCausalLM", "HGRNModel", "HGRNPreTrainedModel", "HGRNRecurrence"]

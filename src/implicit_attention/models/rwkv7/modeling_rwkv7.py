@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
+from .._scaffold import BlockStackModel, CausalLMHead, WithoutStateCache
 from ..rwkv6.modeling_rwkv6 import segsum, strict_segsum, token_shift
 from .configuration_rwkv7 import Rwkv7Config
 
@@ -243,84 +243,28 @@ class Rwkv7PreTrainedModel(PreTrainedModel):
             init.ones_(module.v0)
 
 
-class Rwkv7Model(Rwkv7PreTrainedModel):
+class Rwkv7Model(BlockStackModel, Rwkv7PreTrainedModel):
     """Embeddings, RWKV-7 blocks and the final layer norm: ``input_ids [B, T] -> [B, T, C]``."""
 
-    def __init__(self, config: Rwkv7Config):
-        super().__init__(config)
-        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.blocks = nn.ModuleList([Rwkv7Block(config, i) for i in range(config.num_hidden_layers)])
-        self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.post_init()
+    block_class = Rwkv7Block
+    embed_attr, layers_attr, norm_attr = "embeddings", "blocks", "ln_out"
 
-    def get_input_embeddings(self):
-        return self.embeddings
+    def _final_norm(self, config: Rwkv7Config) -> nn.Module:
+        return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
-    def set_input_embeddings(self, new_embeddings):
-        self.embeddings = new_embeddings
-
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool | None = None,
-                return_dict: bool | None = None, use_cache: bool | None = None, **kwargs):
-        """``input_ids [B, T]`` (or ``inputs_embeds [B, T, C]``), ``attention_mask [B, T]`` (left padding)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        hidden = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        all_hidden = [] if output_hidden_states else None
-        v_first = None
-        for block in self.blocks:
-            if all_hidden is not None:
-                all_hidden.append(hidden)
-            hidden, v_first = block(hidden, v_first=v_first, attention_mask=attention_mask)
-        hidden = self.ln_out(hidden)
-        if all_hidden is not None:
-            all_hidden.append(hidden)
-        out = BaseModelOutput(last_hidden_state=hidden, hidden_states=tuple(all_hidden) if all_hidden else None)
-        return out if return_dict is not False else out.to_tuple()
+    def _run_block(self, index: int, block: nn.Module, hidden_states: torch.Tensor,
+                   attention_mask: torch.Tensor | None, v_first: torch.Tensor | None):
+        """The carry is ``v_first``: ``None`` into block 0, which returns its values."""
+        return block(hidden_states, v_first=v_first, attention_mask=attention_mask)
 
 
-class Rwkv7ForCausalLM(Rwkv7PreTrainedModel, GenerationMixin):
+class Rwkv7ForCausalLM(WithoutStateCache, CausalLMHead, Rwkv7PreTrainedModel, GenerationMixin):
     """:class:`Rwkv7Model` with a linear LM head: ``logits [B, T, V]``."""
 
     _tied_weights_keys = {"head.weight": "rwkv.embeddings.weight"}
-
-    def __init__(self, config: Rwkv7Config):
-        super().__init__(config)
-        self.rwkv = Rwkv7Model(config)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.rwkv.embeddings
-
-    def set_input_embeddings(self, new_embeddings):
-        self.rwkv.embeddings = new_embeddings
-
-    def get_output_embeddings(self):
-        return self.head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.head = new_embeddings
-
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None, **kwargs):
-        # no state cache: every step runs the whole sequence
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
-                output_hidden_states: bool | None = None, return_dict: bool | None = None,
-                use_cache: bool | None = None, **kwargs):
-        """Logits ``[B, T, V]``; with ``labels [B, T]`` also the shifted next-token loss."""
-        base = self.rwkv(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                         output_hidden_states=output_hidden_states)
-        logits = self.head(base.last_hidden_state)
-        loss = None
-        if labels is not None:
-            shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
-            loss = F.cross_entropy(shifted.to(torch.promote_types(shifted.dtype, torch.float32)),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100)
-        out = CausalLMOutput(loss=loss, logits=logits, hidden_states=base.hidden_states)
-        return out if return_dict is not False else out.to_tuple()
+    model_class = Rwkv7Model
+    head_attr = "head"
+    loss_in_float32 = False  # float64 logits keep a float64 loss
 
 
 __all__ = ["Rwkv7Block", "Rwkv7ChannelMix", "Rwkv7ForCausalLM", "Rwkv7Model", "Rwkv7PreTrainedModel",
