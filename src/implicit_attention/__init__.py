@@ -6,6 +6,7 @@ Main entry points:
 - :func:`explain` -- relevance ``[B, L]`` of the input tokens for a prediction.
 """
 
+from . import models as _models  # noqa: F401  registers our RetNet/HGRN/GLA/RWKV-6/RWKV-7 with the Auto classes
 from .architectures import LayerDecomposition, supported_model_classes
 from .decompose import Decomposition, decompose
 from .explain import METHODS, Explanation, explain, run_explanation
