@@ -27,8 +27,11 @@ def naive_s6_matrix(f: MambaFactors, b: int, d: int) -> torch.Tensor:
     return S
 
 
-def naive_conv_matrix(f: MambaFactors, d: int) -> torch.Tensor:
-    """``[L, L]`` the causal depthwise conv as a matrix: ``M[i, j] = w[K-1-(i-j)]``, ``0 <= i-j < K``."""
+def naive_conv_matrix(f, d: int) -> torch.Tensor:
+    """``[L, L]`` the causal depthwise conv as a matrix: ``M[i, j] = w[K-1-(i-j)]``, ``0 <= i-j < K``.
+
+    ``f`` is any factors object with ``x [B, L, E]`` and ``conv_weight [E, K]`` (Mamba, Mamba-2).
+    """
     length, width = f.x.shape[1], f.conv_weight.shape[1]
     M = torch.zeros(length, length, dtype=f.x.dtype)
     for i in range(length):

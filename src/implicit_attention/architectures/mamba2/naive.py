@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from ..mamba.naive import naive_conv_matrix  # noqa: F401  (the same banded conv matrix)
 from .operator import Mamba2Factors
 
 
@@ -24,17 +25,6 @@ def naive_ssd_matrix(f: Mamba2Factors, b: int, h: int) -> torch.Tensor:
             cb = sum(float(f.C[b, i, group, n]) * float(f.B[b, j, group, n]) for n in range(f.B.shape[3]))
             S[i, j] = cb * math.exp(float(f.A[h]) * decay_sum) * float(f.dt[b, j, h])
     return S
-
-
-def naive_conv_matrix(f: Mamba2Factors, d: int) -> torch.Tensor:
-    """``[L, L]`` the causal depthwise conv of channel ``d``: ``M[i, j] = w[K-1-(i-j)]``, ``0 <= i-j < K``."""
-    length, width = f.x.shape[1], f.conv_weight.shape[1]
-    M = torch.zeros(length, length, dtype=f.x.dtype)
-    for i in range(length):
-        for j in range(length):
-            if 0 <= i - j <= width - 1:
-                M[i, j] = f.conv_weight[d, width - 1 - (i - j)]
-    return M
 
 
 def naive_mamba2(f: Mamba2Factors, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
