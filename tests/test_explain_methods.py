@@ -148,3 +148,11 @@ def test_bad_method_and_target():
         ia.explain(model, [1, 2], position=5)
     with pytest.raises(ValueError, match="no logits"):
         ia.explain(tiny_mamba("MambaModel"), [1, 2])
+
+
+def test_right_padding_at_the_explained_position_warns():
+    model = tiny_mamba()
+    ids = torch.tensor([[3, 4, 5], [3, 4, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    with pytest.warns(UserWarning, match=r"position 2 is padding in example\(s\) \[1\].*left"):
+        ia.explain(model, ids, mask, method="raw")

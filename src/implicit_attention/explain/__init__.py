@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -88,6 +89,7 @@ def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method:
         with torch.no_grad():
             logits = inputs.call(model).logits
         tgt = resolve_target(logits, target, position, length, row=inputs.classifier_row)
+        _warn_if_padding(mask, tgt.row)
         relevance = _baseline(method, model, inputs, mask, tgt, steps=steps, seed=seed)
         return Explanation(_finish(relevance, mask, compute_dtype), tgt, logits, None, method, variant)
 
@@ -104,6 +106,7 @@ def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method:
         out = inputs.call(model, embeds)
         logits = getattr(out, "logits", None)
         tgt = resolve_target(logits, target, position, length, row=inputs.classifier_row)
+        _warn_if_padding(mask, tgt.row)
         if need_grad:
             wrt = [r.output for r in captured] if method == "attribution" else [r.block_input for r in captured]
             grads = list(torch.autograd.grad(tgt.score(logits).sum(), wrt))
@@ -147,6 +150,14 @@ def _baseline(method: str, model, ids, mask, tgt: Target, *, steps: int, seed: i
     if method == "integrated_gradients":
         return baselines.integrated_gradients(model, ids, mask, tgt, steps=steps)
     return baselines.occlusion(model, ids, mask, tgt)
+
+
+def _warn_if_padding(mask: torch.Tensor | None, row: int) -> None:
+    """Right-padded batches put the explained position on padding: say so instead of explaining it silently."""
+    if mask is not None and mask.dim() == 2 and bool((mask[:, row] == 0).any()):
+        bad = (mask[:, row] == 0).nonzero().reshape(-1).tolist()
+        warnings.warn(f"the explained position {row} is padding in example(s) {bad}: pad batches on the left "
+                      "(tokenizer.padding_side = 'left') or pass position=", UserWarning, stacklevel=3)
 
 
 def _finish(relevance: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
