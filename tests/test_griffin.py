@@ -220,3 +220,59 @@ def test_explain_every_method(method, variant):
     assert torch.all(relevance[1, :1] == 0)
     if method in ("raw", "rollout", "attribution"):
         assert relevance.abs().sum() > 0
+
+
+def fresh_aggregates(layer, how, rows=None):
+    """(generic per-channel-block result, fast result) of ``aggregate`` or ``aggregate_rows``, uncached."""
+    layer._aggregates.clear()
+    generic = LayerDecomposition.aggregate(layer, how) if rows is None \
+        else LayerDecomposition.aggregate_rows(layer, rows, how)
+    layer._aggregates.clear()
+    fast = layer.aggregate(how) if rows is None else layer.aggregate_rows(rows, how)
+    return generic, fast
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("conv_width,resets", [(3, False), (4, True)], ids=["k3", "k4-resets"])
+def test_fast_aggregates_match_channel_blocks(variant, conv_width, resets):
+    """The tiled signed mean (and abs/pos where the variant is >= 0) and single rows, float64."""
+    model = tiny_griffin(dtype=torch.float64, conv1d_width=conv_width, seed=conv_width)
+    ids, mask = left_padded(batch=2, length=37, seed=conv_width)
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0] + list(range(29))]) if resets else None
+    for record in captured(model, ids, mask, position_ids)[:2]:
+        layer = record.architecture.build(record, variant=variant, dtype=torch.float64, index=0)
+        assert type(layer).aggregate is not LayerDecomposition.aggregate
+        for block in (None, 4):
+            layer.tile_block = block
+            for how in ("mean", "abs", "pos"):
+                generic, fast = fresh_aggregates(layer, how)
+                assert_close(fast, generic, 1e-12, f"{variant} {how} block {block}")
+        for how in ("mean", "abs", "pos"):
+            generic, fast = fresh_aggregates(layer, how, rows=[0, 7, -1])
+            assert_close(fast, generic, 1e-12, f"{variant} {how} rows")
+
+
+def test_fast_mean_float32_and_long_inputs_with_strong_decays():
+    """float32 fast maps against float32 blocks, and at L = 1024 (decays summing far past exp's range,
+    weak and strong channels mixed) against float64 blocks, with no inf or NaN."""
+    model = tiny_griffin(dtype=torch.float32, seed=1)
+    ids, mask = left_padded(batch=2, length=37)
+    for layer in ia.decompose(model, ids, mask).layers[:2]:
+        generic, fast = fresh_aggregates(layer, "mean")
+        assert_close(fast, generic, 1e-5, "float32")
+
+    model = tiny_griffin(dtype=torch.float64, seed=2)
+    with torch.no_grad():
+        for block in (model.model.layers[0].temporal_block, model.model.layers[1].temporal_block):
+            block.rg_lru.recurrent_param.copy_(torch.randn_like(block.rg_lru.recurrent_param) * 3)
+    ids = torch.randint(1, 40, (1, 1024), generator=torch.Generator().manual_seed(3))
+    for record in captured(model, ids)[:2]:
+        f64 = record.architecture.build(record, variant="unified", dtype=torch.float64, index=0)
+        f32 = record.architecture.build(record, variant="unified", dtype=torch.float32, index=0)
+        total = -f64.factors.log_a.sum(dim=1)
+        assert float(total.max()) > 1000 and float(total.min()) < 100     # strong and weak channels
+        reference = LayerDecomposition.aggregate(f64, "mean")
+        fast = f32.aggregate("mean")
+        assert torch.isfinite(fast).all()
+        assert_close(fast.double(), reference, 1e-5, "float32 fast mean, L=1024")
+        assert_close(f64.aggregate("mean"), reference, 1e-10, "float64 fast mean, L=1024")

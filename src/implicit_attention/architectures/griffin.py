@@ -53,6 +53,7 @@ from torch import nn
 from .base import LayerDecomposition
 from .mamba.operator import conv_right, segment_sums
 from .registry import Architecture, CapturedLayer, register
+from .tiled import DiagonalDecomposition, DiagonalOperator
 
 #: The formulations offered for the recurrent block; ``unified`` is the exact default.
 VARIANTS: tuple[str, ...] = ("unified", "rglru", "no_conv", "no_gate")
@@ -165,13 +166,28 @@ def griffin_block(f: GriffinFactors, channels: slice, variant: str) -> tuple[tor
     return alpha, None if offset is None else offset.transpose(1, 2)
 
 
+def griffin_operator(f: GriffinFactors, variant: str) -> DiagonalOperator:
+    """``variant``'s matrices as a :class:`~.tiled.DiagonalOperator` (decays ``a``, columns ``m i``,
+    rows ``y``, the conv taps, the resets), for the factorised channel aggregates."""
+    # a reset at the first token crosses nothing: only later ones (packed documents) need the masks
+    reset = f.reset if bool(f.reset[:, 1:].any()) else None
+    return DiagonalOperator(log_decay=f.log_a, col=f.column_scale,
+                            row=f.gate if variant in ("unified", "no_conv") else None,
+                            taps=f.conv_weight if variant in ("unified", "no_gate") else None,
+                            reset=reset)
+
+
 def values_for(f: GriffinFactors, variant: str) -> torch.Tensor:
     """``[B, L, E]`` the value stream that ``variant``'s matrices multiply."""
     return f.conv_out if variant in ("rglru", "no_conv") else f.x
 
 
-class GriffinLayerDecomposition(LayerDecomposition):
-    """A Griffin recurrent block as per-channel implicit attention over its width ``E``."""
+class GriffinLayerDecomposition(DiagonalDecomposition):
+    """A Griffin recurrent block as per-channel implicit attention over its width ``E``.
+
+    The signed channel mean (and single rows) come from hierarchical tiles (:mod:`.tiled`), never
+    from per-channel blocks; ``rglru``'s ``alpha >= 0`` makes its ``abs`` and ``pos`` maps the mean.
+    """
 
     block_temporaries = 5
 
@@ -182,6 +198,13 @@ class GriffinLayerDecomposition(LayerDecomposition):
 
     def _block(self, channels: slice):
         return griffin_block(self.factors, channels, self.variant)
+
+    def diagonal_operator(self) -> DiagonalOperator:
+        return griffin_operator(self.factors, self.variant)
+
+    @property
+    def nonnegative(self) -> bool:
+        return self.variant == "rglru"          # decays, m = sqrt(1 - a^2) and sigmoid(.) are >= 0
 
     def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         # out = y * (alpha c): the gate that "rglru" and "no_gate" leave out multiplies the gradient.
