@@ -7,7 +7,9 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import implicit_attention as ia
+from implicit_attention.architectures.base import LayerDecomposition
 from implicit_attention.architectures.hgrn import VARIANTS, hgrn_block, hgrn_naive
+from implicit_attention.capture import capture, select_layers
 from implicit_attention.models.hgrn import HGRNConfig, HGRNForCausalLM, HGRNModel, HGRNRecurrence
 from implicit_attention.models.hgrn.modeling_hgrn import chunked_scan
 
@@ -207,3 +209,60 @@ def test_attribution_uses_the_true_gradient_of_the_layer_output():
     (grad,) = torch.autograd.grad(logits[0, -1, expl.target.ids[0]], leaf)
     cam = (grad.transpose(1, 2)[..., None] * layer.matrix * layer.values.transpose(1, 2)[:, :, None, :]).clamp(min=0).mean(1)
     assert_close(expl.relevance[0], cam[0, -1], 1e-9, "attribution (R - I)[row] = cam[row] for one layer")
+
+
+def fresh_aggregates(layer, how, rows=None):
+    """(generic per-channel-block result, fast result) of ``aggregate`` or ``aggregate_rows``, uncached."""
+    layer._aggregates.clear()
+    generic = LayerDecomposition.aggregate(layer, how) if rows is None \
+        else LayerDecomposition.aggregate_rows(layer, rows, how)
+    layer._aggregates.clear()
+    fast = layer.aggregate(how) if rows is None else layer.aggregate_rows(rows, how)
+    return generic, fast
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("conv_size,use_short_conv", [(2, True), (4, True), (3, False)], ids=["k2", "k4", "noconv"])
+def test_fast_aggregates_match_channel_blocks(variant, conv_size, use_short_conv):
+    """The tiled signed mean (abs/pos too for the >= 0 recurrence) and single rows, float64, left padding."""
+    model = tiny_hgrn(conv_size=conv_size, use_short_conv=use_short_conv, seed=conv_size)
+    ids, mask = left_padded(batch=3, length=37, seed=conv_size)
+    for layer in ia.decompose(model, ids, mask, variant=variant).layers:
+        assert type(layer).aggregate is not LayerDecomposition.aggregate
+        for block in (None, 4):
+            layer.tile_block = block
+            for how in ("mean", "abs", "pos"):
+                generic, fast = fresh_aggregates(layer, how)
+                assert_close(fast, generic, 1e-12, f"{variant} {how} block {block}")
+        for how in ("mean", "abs", "pos"):
+            generic, fast = fresh_aggregates(layer, how, rows=[0, 3, -1])
+            assert_close(fast, generic, 1e-12, f"{variant} {how} rows")
+
+
+def test_fast_mean_float32_and_long_inputs_with_strong_decays():
+    """float32 fast maps against float32 blocks, and at L = 1024 (forget gates from ~0 to ~1, their
+    products far past exp's range) against float64 blocks, with no inf or NaN."""
+    model = tiny_hgrn(dtype=torch.float32, seed=1)
+    ids, mask = left_padded(batch=2, length=37)
+    for layer in ia.decompose(model, ids, mask).layers:
+        generic, fast = fresh_aggregates(layer, "mean")
+        assert_close(fast, generic, 1e-5, "float32")
+
+    model = tiny_hgrn(seed=2, use_lower_bound=False)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, HGRNRecurrence):
+                module.f_proj.bias.copy_(torch.randn_like(module.f_proj.bias) * 5)
+    ids = torch.randint(1, 40, (1, 1024), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), capture(model, select_layers(model, None)) as records:
+        model(input_ids=ids)
+    for record in records:
+        f64 = record.architecture.build(record, variant="unified", dtype=torch.float64, index=0)
+        f32 = record.architecture.build(record, variant="unified", dtype=torch.float32, index=0)
+        total = -torch.log(f64.factors.forget).sum(dim=1)
+        assert float(total.max()) > 1000 and float(total.min()) < 100      # strong and weak channels
+        reference = LayerDecomposition.aggregate(f64, "mean")
+        fast = f32.aggregate("mean")
+        assert torch.isfinite(fast).all()
+        assert_close(fast.double(), reference, 1e-5, "float32 fast mean, L=1024")
+        assert_close(f64.aggregate("mean"), reference, 1e-10, "float64 fast mean, L=1024")

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LayerDecomposition
 from .mamba.operator import conv_right, segment_sums
 from .registry import Architecture, CapturedLayer, register
+from .tiled import DiagonalDecomposition, DiagonalOperator
 
 #: ``unified`` is exact; ``recurrence`` is the HGRU recurrence alone (values: its input ``i``).
 VARIANTS: tuple[str, ...] = ("unified", "recurrence")
@@ -137,6 +137,18 @@ def hgrn_block(f: HGRNFactors, channels: slice, variant: str) -> tuple[torch.Ten
     return T, None if offset is None else (offset * row).transpose(1, 2)
 
 
+def hgrn_operator(f: HGRNFactors, variant: str) -> DiagonalOperator:
+    """``variant``'s matrices as a :class:`~.tiled.DiagonalOperator` (decays ``f``, columns
+    ``(1 - f) m`` times ``sigmoid(c) m``, the conv and its column mask, rows ``w s g``), for the
+    factorised channel aggregates."""
+    col = f.one_minus_f * f.mask[..., None]
+    if variant == "recurrence":
+        return DiagonalOperator(log_decay=torch.log(f.forget), col=col)
+    conv = f.conv_weight is not None
+    return DiagonalOperator(log_decay=torch.log(f.forget), col=col * f.act_gate, row=f.row_scale,
+                            taps=f.conv_weight, key_mask=f.mask if conv else None)
+
+
 def hgrn_naive(f: HGRNFactors, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Slow reference: matrices ``[B, E, L, L]`` and offset ``[B, L, E]``, one channel and entry at a time."""
     batch, length, channels = f.x.shape
@@ -170,8 +182,12 @@ def hgrn_naive(f: HGRNFactors, variant: str) -> tuple[torch.Tensor, torch.Tensor
     return matrices, offset
 
 
-class HGRNLayerDecomposition(LayerDecomposition):
-    """An HGRN recurrence layer as per-channel implicit attention over its width ``E``."""
+class HGRNLayerDecomposition(DiagonalDecomposition):
+    """An HGRN recurrence layer as per-channel implicit attention over its width ``E``.
+
+    The signed channel mean (and single rows) come from hierarchical tiles (:mod:`.tiled`), never
+    from per-channel blocks; ``recurrence``'s ``R >= 0`` makes its ``abs`` and ``pos`` maps the mean.
+    """
 
     block_temporaries = 5
 
@@ -183,6 +199,13 @@ class HGRNLayerDecomposition(LayerDecomposition):
 
     def _block(self, channels: slice):
         return hgrn_block(self.factors, channels, self.variant)
+
+    def diagonal_operator(self) -> DiagonalOperator:
+        return hgrn_operator(self.factors, self.variant)
+
+    @property
+    def nonnegative(self) -> bool:
+        return self.variant == "recurrence"     # products of f in (0, 1), 1 - f > 0 and the 0/1 mask
 
     def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         # out = w s g ⊙ (R i): the recurrence variant leaves the norm and gate out of its matrix.
