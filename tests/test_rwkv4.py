@@ -9,7 +9,8 @@ from transformers import RwkvConfig, RwkvForCausalLM, RwkvModel
 import implicit_attention as ia
 from implicit_attention.explain import BASELINE_METHODS, MATRIX_METHODS
 from implicit_attention.architectures.base import LayerDecomposition
-from implicit_attention.architectures.rwkv4 import VARIANTS, rwkv_block, rwkv_factors, wkv_matrices
+from implicit_attention.architectures.rwkv4 import (VARIANTS, rwkv_block, rwkv_factors, wkv_log_normaliser,
+                                                    wkv_matrices)
 from implicit_attention.architectures.rwkv4_naive import naive_rwkv, naive_wkv_recurrence
 from implicit_attention.capture import capture, select_layers
 
@@ -219,3 +220,74 @@ def test_unified_puts_the_value_token_shift_inside_the_operator(dtype):
     # attribution takes the output-shaped gradient
     grad = torch.randn_like(result.layers[0].output)
     assert result.layers[0].attribution(grad).shape == (2, 7, 7)
+
+
+def fresh_aggregates(layer, how, rows=None):
+    """(generic per-channel-block result, fast result) of ``aggregate`` or ``aggregate_rows``, uncached."""
+    layer._aggregates.clear()
+    generic = LayerDecomposition.aggregate(layer, how) if rows is None \
+        else LayerDecomposition.aggregate_rows(layer, rows, how)
+    layer._aggregates.clear()
+    fast = layer.aggregate(how) if rows is None else layer.aggregate_rows(rows, how)
+    return generic, fast
+
+
+def test_log_normaliser_is_the_softmax_denominator():
+    """The chunked scan of log Z against logsumexp over the dense logits, keys of hundreds, strong decays."""
+    model = tiny_rwkv(dtype=torch.float64, key_scale=30.0)
+    with torch.no_grad():
+        for block in model.rwkv.blocks:
+            block.attention.time_decay.mul_(3)
+    ids, _ = left_padded(batch=2, length=41)
+    for record in captured(model, ids):
+        f = rwkv_factors(record.module, record.inputs, torch.float64)
+        t = torch.arange(41)
+        logits = f.decay[None, :, None, None] * (t[:, None] - 1 - t[None, :]) + f.key.transpose(1, 2)[:, :, None, :]
+        logits = logits.diagonal_scatter(f.first[None, :, None] + f.key.transpose(1, 2), dim1=-2, dim2=-1)
+        future = torch.ones(41, 41, dtype=torch.bool).triu(1)
+        expected = torch.logsumexp(logits.masked_fill(future, float("-inf")), dim=-1).transpose(1, 2)
+        for chunk in (1, 5, 64):
+            assert_close(wkv_log_normaliser(f.key, f.decay, f.first, chunk), expected, 1e-14, f"chunk {chunk}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("key_scale", [0.6, 20.0])
+def test_fast_aggregates_match_channel_blocks(variant, key_scale):
+    """The tiled channel sum (mean = abs = pos: every entry is >= 0) and single rows, float64."""
+    model = tiny_rwkv(dtype=torch.float64, key_scale=key_scale, seed=3)
+    ids, mask = left_padded(batch=2, length=37, seed=3)
+    for layer in ia.decompose(model, ids, mask, variant=variant).layers:
+        assert type(layer).aggregate is not LayerDecomposition.aggregate
+        for block in (1, 4, 16):
+            layer.tile_block = block
+            for how in ("mean", "abs", "pos"):
+                generic, fast = fresh_aggregates(layer, how)
+                assert_close(fast, generic, 1e-12, f"{variant} {how} block {block}")
+        for how in ("mean", "abs", "pos"):
+            generic, fast = fresh_aggregates(layer, how, rows=[0, 5, -1])
+            assert_close(fast, generic, 1e-12, f"{variant} {how} rows")
+
+
+def test_fast_mean_float32_and_long_inputs_with_large_keys_and_decays():
+    """float32 fast maps against float32 blocks, and at L = 1024 with keys of hundreds (exp(k)
+    overflows float32) and per-step decays from exp(-9) to exp(9) against float64 blocks."""
+    model = tiny_rwkv(dtype=torch.float32, seed=1)
+    ids, mask = left_padded(batch=2, length=37)
+    for layer in ia.decompose(model, ids, mask).layers:
+        generic, fast = fresh_aggregates(layer, "mean")
+        assert_close(fast, generic, 1e-5, "float32")
+
+    model = tiny_rwkv(dtype=torch.float64, key_scale=40.0, seed=2)
+    with torch.no_grad():
+        for block in model.rwkv.blocks:
+            block.attention.time_decay.copy_(torch.linspace(-9, 9, block.attention.time_decay.numel()))
+    ids = torch.randint(1, 40, (1, 1024), generator=torch.Generator().manual_seed(3))
+    for record in captured(model, ids):
+        f64 = record.architecture.build(record, variant="unified", dtype=torch.float64, index=0)
+        f32 = record.architecture.build(record, variant="unified", dtype=torch.float32, index=0)
+        assert float(f64.factors.key.abs().max()) > 100
+        reference = LayerDecomposition.aggregate(f64, "mean")
+        fast = f32.aggregate("mean")
+        assert torch.isfinite(fast).all()
+        assert_close(fast.double(), reference, 1e-5, "float32 fast mean, L=1024")
+        assert_close(f64.aggregate("mean"), reference, 1e-10, "float64 fast mean, L=1024")
