@@ -8,7 +8,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import implicit_attention as ia
 from implicit_attention.architectures.base import LayerDecomposition
-from implicit_attention.architectures.gla import VARIANTS, gla_block, gla_naive
+from implicit_attention.architectures.gla import VARIANTS, gla_block, gla_heads, gla_heads_tiled, gla_naive
+from implicit_attention.capture import capture, select_layers
 from implicit_attention.models.gla import GLAAttention, GLAConfig, GLAForCausalLM, GLAModel
 
 from conftest import assert_close, left_padded
@@ -251,3 +252,54 @@ def test_hybrid_of_our_models_in_one_rollout():
     for method in ("rollout", "attribution"):
         rel = ia.explain(model, ids, mask, method=method)
         assert torch.isfinite(rel).all() and torch.all(rel[1, :1] == 0)
+
+
+def fresh_aggregates(layer, how, rows=None):
+    """(generic per-channel-block result, fast result) of ``aggregate`` or ``aggregate_rows``, uncached."""
+    layer._aggregates.clear()
+    generic = LayerDecomposition.aggregate(layer, how) if rows is None \
+        else LayerDecomposition.aggregate_rows(layer, rows, how)
+    layer._aggregates.clear()
+    fast = layer.aggregate(how) if rows is None else layer.aggregate_rows(rows, how)
+    return generic, fast
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("heads,expand_k", [(1, 1.0), (4, 0.5)], ids=["h1", "h4-k0.5"])
+def test_tiled_aggregates_match_channel_blocks_on_longer_inputs(variant, heads, expand_k):
+    """The factorised mean over all key dims, the tiled head matrices (abs, pos) and rows, float64."""
+    model = tiny_gla(num_heads=heads, expand_k=expand_k, seed=heads)
+    ids, mask = left_padded(batch=3, length=37, seed=heads)
+    for layer in ia.decompose(model, ids, mask, variant=variant).layers:
+        f = layer.factors
+        assert_close(gla_heads_tiled(f, slice(None)), gla_heads(f, slice(None)), 1e-12, "head matrices")
+        for how in ("mean", "abs", "pos"):
+            generic, fast = fresh_aggregates(layer, how)
+            assert_close(fast, generic, 1e-12, f"{variant} {how}")
+            generic, fast = fresh_aggregates(layer, how, rows=[0, 4, -1])
+            assert_close(fast, generic, 1e-12, f"{variant} {how} rows")
+
+
+def test_fast_mean_float32_and_long_inputs_with_strong_decays():
+    """float32 fast maps against float32 blocks, and at L = 1024 (decays summing far past exp's range)
+    against float64 blocks, with no inf or NaN."""
+    model = tiny_gla(dtype=torch.float32, seed=1)
+    ids, mask = left_padded(batch=2, length=37)
+    for layer in ia.decompose(model, ids, mask).layers:
+        for how in ("mean", "abs"):
+            generic, fast = fresh_aggregates(layer, how)
+            assert_close(fast, generic, 1e-5, f"float32 {how}")
+
+    model = tiny_gla(seed=2, gate_logit_normalizer=0.5)
+    ids = torch.randint(1, 40, (1, 1024), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), capture(model, select_layers(model, None)) as records:
+        model(input_ids=ids)
+    for record in records:
+        f64 = record.architecture.build(record, variant="unified", dtype=torch.float64, index=0)
+        f32 = record.architecture.build(record, variant="unified", dtype=torch.float32, index=0)
+        assert float(f64.factors.log_alpha.sum(dim=1).neg().max()) > 1000      # far past exp's range
+        reference = LayerDecomposition.aggregate(f64, "mean")
+        fast = f32.aggregate("mean")
+        assert torch.isfinite(fast).all()
+        assert_close(fast.double(), reference, 1e-5, "float32 fast mean, L=1024")
+        assert_close(f64.aggregate("mean"), reference, 1e-10, "float64 fast mean, L=1024")

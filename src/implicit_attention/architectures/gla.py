@@ -15,6 +15,11 @@ as RetNet's (see :mod:`.retnet`): with head-centred values ``v_j[c] - mean_{c' i
 
 Memory: ``A_h`` is accumulated over the key dim in a loop of ``K`` block-sized updates, each the
 ``exp`` of segment sums of ``log alpha[k]`` (exponents ``<= 0``); nothing holds ``[L, L, K]``.
+
+Aggregates: each key dim is a scalar-decay channel (rows ``q[k]``, columns ``k[k]``), so ``A_h``
+and the signed channel mean (a sum over all ``H K`` key dims with the heads' row sums folded into
+the queries) come from the hierarchical tiles of :mod:`.tiled`: matrix products with exponents
+``<= 0`` instead of ``L^2 K`` exponentials.
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..memory import DEFAULT_BLOCK_BYTES
+from .base import AGGREGATES
 from .mamba.operator import segment_sums
 from .registry import Architecture, CapturedLayer, register
 from .retnet import HeadGatedFactors, HeadSharedDecomposition, head_block, head_norm_scale
+from .tiled import DiagonalOperator, diagonal_rows, diagonal_sum
 
 #: ``unified`` is exact; ``recurrence`` is the gated linear attention alone (values ``v``).
 VARIANTS: tuple[str, ...] = ("unified", "recurrence")
@@ -84,6 +92,33 @@ def gla_heads(f: GLAFactors, heads: slice) -> torch.Tensor:
     return A.tril_()
 
 
+def key_dim_operator(f: GLAFactors, heads: slice, row: torch.Tensor | None = None,
+                     heads_on_batch: bool = True) -> DiagonalOperator:
+    """The heads' key dims as the channels of a :class:`~.tiled.DiagonalOperator`.
+
+    ``A_h[i, j] = sum_k q_i[k] exp(G_i[k] - G_j[k]) k_j[k]`` is a sum over diagonal channels ``k``
+    with rows ``q[k]`` and columns ``k[k]``. ``heads_on_batch``: batch ``B * h`` and channels ``K``
+    (one sum per head); otherwise batch ``B`` and channels ``h K`` (one sum over every head).
+    ``row [B, L, H]`` (or ``None``) scales the rows of each head.
+    """
+    q, k, log_alpha = f.q[:, :, heads], f.k[:, :, heads], f.log_alpha[:, :, heads]     # [B, L, h, K]
+    if row is not None:
+        q = q * row[:, :, heads, None]
+    batch, length, count, size = q.shape
+    if heads_on_batch:
+        flat = lambda t: t.transpose(1, 2).reshape(batch * count, length, size)  # noqa: E731
+    else:
+        flat = lambda t: t.flatten(2)  # noqa: E731
+    return DiagonalOperator(log_decay=flat(log_alpha), col=flat(k), row=flat(q))
+
+
+def gla_heads_tiled(f: GLAFactors, heads: slice, chunk_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
+    """``[B, h, L, L]`` the same ``A_h`` as :func:`gla_heads` by hierarchical tiles (:mod:`.tiled`):
+    ``O(L^2 K)`` multiply-adds in matrix products instead of ``L^2 K`` exponentials."""
+    batch, length = f.q.shape[:2]
+    return diagonal_sum(key_dim_operator(f, heads), chunk_bytes=chunk_bytes).view(batch, -1, length, length)
+
+
 def gla_block(f: GLAFactors, channels: slice, variant: str):
     """Matrices ``[B, c, L, L]`` and offset ``[B, L, c]`` (or ``None``) of ``variant`` for a channel block."""
     return head_block(lambda heads: gla_heads(f, heads), f, channels, variant)
@@ -115,7 +150,14 @@ def gla_naive(f: GLAFactors, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class GLALayerDecomposition(HeadSharedDecomposition):
-    """A GLA layer as per-channel implicit attention over its value width ``C = H V``."""
+    """A GLA layer as per-channel implicit attention over its value width ``C = H V``.
+
+    Aggregates never build per-channel blocks. The signed mean folds each head's channel sum of
+    row scales ``rsum_h[i] = sum_{c in h} r_i[c]`` into its queries, which makes it one factorised
+    channel sum over all ``H K`` key dims (:func:`~.tiled.diagonal_sum`); ``abs`` and ``pos`` need
+    each head's ``A_h`` (from tiles, :func:`gla_heads_tiled`); single rows cost ``O(R L H K)``.
+    The per-channel blocks (:attr:`matrix`, attribution) keep the direct :func:`gla_heads`.
+    """
 
     def __init__(self, factors: GLAFactors, *, variant: str, **kwargs):
         self.factors = factors
@@ -126,7 +168,39 @@ class GLALayerDecomposition(HeadSharedDecomposition):
         return gla_block(self.factors, channels, self.variant)
 
     def _head_matrices(self, heads: slice) -> torch.Tensor:
-        return gla_heads(self.factors, heads)
+        return gla_heads_tiled(self.factors, heads, self.block_bytes)
+
+    def _head_rows(self) -> torch.Tensor:
+        """``[B, L, H, V]`` what multiplies row ``i`` of each channel (1 for ``recurrence``)."""
+        f = self.factors
+        r = f.row_scale if self.variant == "unified" else torch.ones_like(f.gate)
+        return r.unflatten(-1, (f.v.shape[2], f.head_v))
+
+    def aggregate(self, how="mean", channel=None):
+        if how == "mean" and channel is None and "mean" not in self._aggregates:
+            # mean_c r_i[c] A_h(c)[i, j] = (1/C) sum_h rsum_h[i] A_h[i, j]: one sum over all H K key dims
+            op = key_dim_operator(self.factors, slice(None), row=self._head_rows().sum(-1), heads_on_batch=False)
+            self._aggregates["mean"] = diagonal_sum(op, chunk_bytes=self.block_bytes) / self.channels
+        return super().aggregate(how, channel)
+
+    def aggregate_rows(self, rows, how="mean") -> torch.Tensor:
+        if how not in AGGREGATES:
+            raise ValueError(f"how must be one of {AGGREGATES}, got {how!r}")
+        rows = self._row_index(rows)
+        if how in self._aggregates:
+            return self._aggregates[how][:, rows]
+        f = self.factors
+        r = self._head_rows()[:, rows].transpose(1, 2)                          # [B, H, R, V]
+        A = diagonal_rows(key_dim_operator(f, slice(None)), rows, "mean", self.block_bytes)
+        A = A.view(self.batch_size, -1, len(rows), self.length)                  # [B, H, R, L] the heads' rows
+        if how == "mean":
+            total = torch.einsum("bhrj,bhr->brj", A, r.sum(-1))
+        elif how == "abs":
+            total = torch.einsum("bhrj,bhr->brj", A.abs(), r.abs().sum(-1))
+        else:
+            total = (torch.einsum("bhrj,bhr->brj", A.clamp(min=0), r.clamp(min=0).sum(-1))
+                     + torch.einsum("bhrj,bhr->brj", (-A).clamp(min=0), (-r).clamp(min=0).sum(-1)))
+        return total / self.channels
 
     def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         return grad if self.variant == "unified" else self.factors.head_gradient(grad)
