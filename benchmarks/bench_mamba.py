@@ -4,7 +4,10 @@ Model: a randomly initialised Mamba shaped like Mamba-130M (24 layers, width 768
 state 16, conv 4). For each length L it times, per run:
 
 - ``maps``: the signed channel-mean map of every layer with the factorised fast path, from the
-  layers' inputs (factor recomputation included, the model's own forward not included);
+  layers' inputs (factor recomputation included, the model's own forward not included); on CUDA
+  with Triton this is the fused kernels of ``mamba/triton_mean.py``;
+- ``eager``: the same maps with the eager PyTorch hierarchy of ``mamba/fast.py`` (CUDA only, where
+  the fused kernels are the default; ``--eager-max-length``);
 - ``direct``: the same maps from materialised per-channel blocks computed entry by entry (``N``
   exponentials per entry, ``operator.s6_matrices_direct``; no ``[C, L, L, N]`` tensor), timed on
   ``--reference-layers`` layers and scaled to all layers;
@@ -38,7 +41,8 @@ import torch
 import implicit_attention as ia
 from implicit_attention.architectures.mamba import MambaLayerDecomposition, mamba_factors
 from implicit_attention.architectures.mamba import operator
-from implicit_attention.architectures.mamba.fast import exact_channel_mean
+from implicit_attention.architectures.mamba import triton_mean
+from implicit_attention.architectures.mamba.fast import exact_channel_mean, signed_mean
 from implicit_attention.architectures.mamba.naive import naive_mamba
 
 
@@ -142,6 +146,12 @@ def bench_length(model, length: int, args, device, dtype) -> dict:
         row["maps_s"], row["maps_peak_bytes"] = peak_memory(device, all_maps)
         row["maps_s"], maps = timed(all_maps, device, repeat=args.repeat)
         row["rows_s"], _ = timed(all_rows, device, repeat=args.repeat)
+        row["fused"] = triton_mean.available(hidden) and device.type == "cuda"
+        if row["fused"] and length <= args.eager_max_length:
+            row["eager_s"], eager = timed(lambda: [signed_mean(layer_of(m, i).factors, "unified", fused=False)
+                                                   for i, m in enumerate(mixers)], device)
+            row["fused_vs_eager_rel_error"] = max(float((e - m).norm() / e.norm()) for e, m in zip(eager, maps))
+            del eager
         ref_layers = mixers[: args.reference_layers]
         if length <= args.direct_max_length:
             with entry_by_entry_blocks():
@@ -190,13 +200,15 @@ def markdown(rows: list[dict]) -> str:
             return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
         return f"{value / 2**20:.0f} MiB"
 
-    lines = ["| L | maps, all layers (fast) | direct | speed-up | materialised | speed-up | naive loops | speed-up | "
-             "one row per layer | peak memory (maps) | fwd+bwd | attribution | attribution / fwd+bwd |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| L | maps, all layers (fast) | eager | speed-up | direct | speed-up | materialised | speed-up | "
+             "naive loops | speed-up | one row per layer | peak memory (maps) | fwd+bwd | attribution | "
+             "attribution / fwd+bwd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = lambda ref: f"{r[ref] / r['maps_s']:.0f}x" if ref in r else "-"  # noqa: E731
         ratio = f"{r['attribution_s'] / r['fwd_bwd_s']:.2f}" if "attribution_s" in r else "-"
-        lines.append(f"| {r['L']} | {fmt(r['maps_s'])} | {fmt(r.get('direct_s'))} | {speed('direct_s')} | "
+        lines.append(f"| {r['L']} | {fmt(r['maps_s'])} | {fmt(r.get('eager_s'))} | {speed('eager_s')} | "
+                     f"{fmt(r.get('direct_s'))} | {speed('direct_s')} | "
                      f"{fmt(r.get('materialised_s'))} | {speed('materialised_s')} | {fmt(r.get('naive_s'))} | "
                      f"{speed('naive_s')} | {fmt(r['rows_s'])} | "
                      f"{fmt(r.get('maps_peak_bytes'), 'b')} | {fmt(r.get('fwd_bwd_s'))} | "
@@ -222,6 +234,7 @@ def main(argv=None) -> int:
     parser.add_argument("--naive-max-length", type=int, default=512)
     parser.add_argument("--naive-channels", type=int, default=1, help="channels the loop reference is timed on")
     parser.add_argument("--explain-max-length", type=int, default=1024)
+    parser.add_argument("--eager-max-length", type=int, default=8192, help="time the eager maps up to here (CUDA)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

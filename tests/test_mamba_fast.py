@@ -8,7 +8,7 @@ import torch
 import implicit_attention as ia
 from implicit_attention.architectures.base import LayerDecomposition
 from implicit_attention.architectures.mamba import mamba_factors
-from implicit_attention.architectures.mamba.fast import exact_channel_mean, matrix_rows, signed_mean, window_means
+from implicit_attention.architectures.mamba.fast import exact_channel_mean, matrix_rows, signed_mean
 from implicit_attention.architectures.mamba.operator import VARIANTS, mamba_block
 from implicit_attention.capture import capture, select_layers
 
@@ -25,12 +25,12 @@ def factors_of(model, ids, mask, layer=-1, dtype=torch.float64):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("conv_kernel", [2, 4, 5])
-@pytest.mark.parametrize("block", [1, 3, 8, 64])
-def test_factorised_mean_equals_direct_mean(variant, conv_kernel, block):
+@pytest.mark.parametrize("tiles", [(1,), (3,), (8, 2), (64, 8), (12, 4, 1)])
+def test_factorised_mean_equals_direct_mean(variant, conv_kernel, tiles):
     model = tiny_mamba(dtype=torch.float64, conv_kernel=conv_kernel, seed=conv_kernel)
-    ids, mask = left_padded(batch=2, length=21, seed=block)
+    ids, mask = left_padded(batch=2, length=21 if tiles[0] < 64 else 90, seed=tiles[0])
     f = factors_of(model, ids, mask)
-    assert_close(signed_mean(f, variant, block=block), exact_channel_mean(f, variant), 1e-12, variant)
+    assert_close(signed_mean(f, variant, tile_sizes=tiles), exact_channel_mean(f, variant), 1e-12, variant)
 
 
 @pytest.mark.parametrize("length", [8, 32, 33, 64, 70])
@@ -39,15 +39,24 @@ def test_hierarchy_edges(length):
     model = tiny_mamba(dtype=torch.float64, conv_kernel=4)
     ids = torch.randint(1, 40, (1, length), generator=torch.Generator().manual_seed(length))
     f = factors_of(model, ids, None)
-    assert_close(signed_mean(f, "unified", block=4), exact_channel_mean(f, "unified"), 1e-12, str(length))
+    assert_close(signed_mean(f, "unified", tile_sizes=(16, 4)), exact_channel_mean(f, "unified"), 1e-12,
+                 str(length))
 
 
-def test_windows_too_long_for_the_midpoint_fall_back_to_exact():
+def test_huge_steps_stay_exact():
+    """Steps far beyond exp's range: every exponent of the tiles and the band stays <= 0."""
     model = tiny_mamba(dtype=torch.float64)
-    ids, mask = left_padded(batch=2, length=12)
+    ids, mask = left_padded(batch=2, length=40)
     f = factors_of(model, ids, mask)
-    f.dt = f.dt * 500                     # exponents far beyond what a factorisation may hold
-    assert_close(window_means(f, "unified"), exact_channel_mean(f, "unified"), 1e-12, "fallback")
+    f.dt = f.dt * 500
+    assert_close(signed_mean(f, "unified", tile_sizes=(16, 4)), exact_channel_mean(f, "unified"), 1e-12, "huge")
+
+
+def test_tile_sizes_must_nest():
+    model = tiny_mamba(dtype=torch.float64)
+    f = factors_of(model, *left_padded(batch=1, length=10))
+    with pytest.raises(ValueError, match="multiple"):
+        signed_mean(f, "unified", tile_sizes=(8, 3))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

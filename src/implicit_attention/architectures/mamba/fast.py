@@ -33,6 +33,7 @@ from dataclasses import replace
 
 import torch
 
+from . import triton_mean
 from .operator import MambaFactors, mamba_block
 
 _DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -72,112 +73,6 @@ def exact_channel_mean(f: MambaFactors, variant: str, chunk_bytes: int = _DEFAUL
     return total / channels
 
 
-def _windows(f: MambaFactors, block: int, width: int) -> tuple[MambaFactors, int]:
-    """Factors of the windows ``[J*T, J*T + T + K - 1)`` of every key block, stacked on the batch.
-
-    The sequence is zero-padded at the end (padding after a window's valid entries cannot change
-    them: ``A[i, j]`` depends only on tokens ``j..i``). Returns the stacked factors
-    ``[B * nb, W, .]`` and the number of blocks ``nb``.
-    """
-    length = f.x.shape[1]
-    blocks = -(-length // block)
-    size = block + width - 1
-    pad = blocks * block + width - 1 - length
-
-    def stack(t: torch.Tensor) -> torch.Tensor:           # [B, L, ...] -> [B * nb, W, ...]
-        t = torch.cat([t, t.new_zeros(t.shape[0], pad, *t.shape[2:])], dim=1)
-        w = t.unfold(1, size, block)                      # [B, nb, ..., W]
-        w = w.movedim(-1, 2)                              # [B, nb, W, ...]
-        return w.reshape(-1, *w.shape[2:])
-
-    stacked = replace(f, x=stack(f.x), z=stack(f.z), conv_out=stack(f.conv_out), mask=stack(f.mask),
-                      dt=stack(f.dt), B=stack(f.B), C=stack(f.C))
-    return stacked, blocks
-
-
-#: Largest exponent magnitude a factorised window may hold (exp stays far from overflow).
-_SAFE_EXPONENT = {torch.float32: 60.0, torch.float64: 600.0}
-
-
-def _subset(f: MambaFactors, index: torch.Tensor) -> MambaFactors:
-    """The stacked windows ``index`` (on the batch dimension)."""
-    return replace(f, x=f.x[index], z=f.z[index], conv_out=f.conv_out[index], mask=f.mask[index],
-                   dt=f.dt[index], B=f.B[index], C=f.C[index])
-
-
-def window_means(f: MambaFactors, variant: str, chunk_bytes: int = _DEFAULT_CHUNK_BYTES) -> torch.Tensor:
-    """``[Bw, W, W]`` signed channel means of short windows, factorised around each window's midpoint.
-
-    Within a window ``exp(A (s_i - s_j)) = exp(A (s_i - r)) exp(A (r - s_j))`` with ``r`` the
-    midpoint of the window's cumulative steps, so each factor's exponent is at most
-    ``|A| * span / 2``; the band then costs matrix products instead of ``W^2 E N`` exponentials.
-    Windows where that bound is too large for the dtype are computed exactly instead.
-    """
-    batch, size, channels = f.x.shape
-    state, width = f.A.shape[1], f.conv_weight.shape[1]
-    dtype, device = f.x.dtype, f.x.device
-    row, col, taps, use_D = variant_parts(f, variant)
-    width = taps.shape[1]
-    cums = f.dt.to(torch.float64).cumsum(dim=1)                               # [Bw, W, E]
-    mid = (cums[:, :1] + cums[:, -1:]) / 2
-    rel = (cums - mid).to(dtype)                                              # [Bw, W, E], |rel| <= span / 2
-    bound = rel.abs().amax(dim=1) * f.A.abs().amax(dim=1)                     # [Bw, E]
-    unsafe = bound.amax(dim=1) > _SAFE_EXPONENT.get(dtype, 60.0)             # [Bw]
-    limit = _SAFE_EXPONENT.get(dtype, 60.0)
-    key_scale = f.dt if col is None else f.dt * col
-    causal = torch.ones(size, size, dtype=torch.bool, device=device).tril()
-    out = torch.zeros(batch, size, size, dtype=dtype, device=device)
-    step = max(1, min(channels, chunk_bytes // max(1, 3 * batch * size * state * dtype.itemsize)))
-    for c0 in range(0, channels, step):
-        ch = slice(c0, min(c0 + step, channels))
-        expo = (rel[..., ch, None] * f.A[ch]).clamp(-limit, limit)            # [Bw, W, c, N]
-        Q = torch.exp(expo) * f.C[:, :, None, :]
-        if row is not None:
-            Q = Q * row[..., ch, None]
-        keys = torch.exp(-expo) * f.B[:, :, None, :] * key_scale[..., ch, None]
-        Q = Q.flatten(2)
-        for shift in range(width):
-            P = (Q @ (keys * taps[ch, width - 1 - shift, None]).flatten(2).transpose(1, 2)).masked_fill_(~causal, 0)
-            out[:, :, : size - shift] += P[:, :, shift:]                     # out[i, j] += S-part[i, j + s]
-    if use_D:
-        diag = f.D if row is None else f.D * row                              # [Bw, W, E]
-        if col is not None:
-            diag = diag * col
-        for shift in range(min(width, size)):
-            band = (diag * taps[:, width - 1 - shift]).sum(dim=-1)            # [Bw, W]: entry (i, i - s)
-            out.diagonal(offset=-shift, dim1=-2, dim2=-1).add_(band[:, shift:])
-    out /= channels
-    if unsafe.any():
-        index = unsafe.nonzero().reshape(-1)
-        out[index] = exact_channel_mean(_subset(f, index), variant, chunk_bytes)
-    return out
-
-
-def default_block(f: MambaFactors, width: int, largest: int = 32, smallest: int = 4,
-                  unsafe_fraction: float = 0.1) -> int:
-    """Band width ``T``: the largest power of two (<= ``largest``) whose windows mostly factorise.
-
-    A window of ``T + K - 1`` tokens factorises around its midpoint when ``max|A| * span / 2``
-    stays below the dtype's limit; the others are computed exactly, which costs more. Large
-    steps ``dt`` therefore call for narrower windows: take the widest ``T`` with at most
-    ``unsafe_fraction`` of its windows unsafe.
-    """
-    batch, length, _ = f.x.shape
-    cums = torch.cat([f.dt.new_zeros(batch, 1, f.dt.shape[2]), f.dt.to(torch.float64).cumsum(dim=1)], dim=1)
-    max_rate = f.A.abs().amax(dim=1).to(torch.float64)                          # [E]
-    limit = _SAFE_EXPONENT.get(f.x.dtype, 60.0)
-    block = largest
-    while block > smallest:
-        starts = torch.arange(0, length, block, device=cums.device)
-        stops = (starts + block + width - 1).clamp(max=length)
-        span = cums[:, stops] - cums[:, starts]                                  # [B, nb, E]
-        unsafe = ((span * max_rate / 2).amax(dim=-1) > limit).double().mean()
-        if float(unsafe) <= unsafe_fraction:
-            return block
-        block //= 2
-    return block
-
-
 def _scatter_tiles(out: torch.Tensor, tiles: torch.Tensor, row_starts: torch.Tensor,
                    col_starts: torch.Tensor) -> None:
     """Write ``tiles [B, P, R, S]`` at ``out[:, r_k + a, c_k + b]`` in one indexed copy, cropping at ``L``."""
@@ -190,85 +85,165 @@ def _scatter_tiles(out: torch.Tensor, tiles: torch.Tensor, row_starts: torch.Ten
     out.view(out.shape[0], -1)[:, linear] = tiles[:, inside]
 
 
-def signed_mean(f: MambaFactors, variant: str, block: int | None = None,
-                chunk_bytes: int = _DEFAULT_CHUNK_BYTES) -> torch.Tensor:
-    """``[B, L, L]`` the signed channel mean of ``variant``'s matrices, never holding ``[C, L, L]``.
+#: Tile sizes of the eager hierarchy, largest first; the exact band covers what the smallest leaves.
+TILE_SIZES: tuple[int, ...] = (64, 8)
 
-    Hierarchical tiling of the lower triangle, in the row coordinate ``i' = i - (K - 1)``:
 
-    - the band (rows up to ``K - 1`` past each key block of width ``T = block``) comes from short
-      windows (:func:`window_means`);
-    - the rest is tiled by sibling pairs of a binary hierarchy: at level ``l`` (size
-      ``S = T 2^l``) the key block ``[p, p + S)`` meets the rows ``[p + S + K - 1, p + 2S + K - 1)``.
-      With the reference ``r`` at the last token the keys touch, both exponentials of a pair are
-      ``<= 1`` whatever the length, and every pair of a level is one batched matrix product.
+def tile_pairs(length: int, width: int, size: int, parent: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row_blocks, col_blocks)`` ``[P]`` of the tiles of ``size`` (row coordinate ``i' = i - K + 1``):
+    ``i'`` block after ``j`` block, both inside one block of ``parent`` (anywhere if None)."""
+    count = -(-(length - width + 1) // size)                  # rows i' = 0 .. L - K
+    rb, cb = torch.tril_indices(count, count, offset=-1)
+    if parent is not None:
+        rb, cb = (t[rb // (parent // size) == cb // (parent // size)] for t in (rb, cb))
+    return rb, cb
 
-    Costs ``O(L^2 E N)`` multiply-adds in matrix products, ``O(L log(L) E N)`` exponentials and
-    ``O(L T E N)`` for the band. ``chunk_bytes`` bounds each temporary.
+
+def band_entries(length: int, width: int, band: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(i, i - j)`` ``[M]`` of the band: ``j <= i < band (j // band + 1) + K - 1``."""
+    rows = torch.arange(length)[:, None]
+    slots = torch.arange(band + width - 1)[None, :]
+    cols = rows - slots
+    inside = (cols >= 0) & (rows < band * (cols.div(band, rounding_mode="floor") + 1) + width - 1)
+    rows, slots = torch.broadcast_tensors(rows, slots)
+    return rows[inside], slots[inside]
+
+
+def _padded(t: torch.Tensor, length: int, value: float | None = None) -> torch.Tensor:
+    """``t [B, L, ...]`` padded on the token axis to ``length`` (zeros, or repeating the last token)."""
+    extra = length - t.shape[1]
+    if extra <= 0:
+        return t[:, :length]
+    tail = t[:, -1:].expand(-1, extra, *t.shape[2:]) if value is None else t.new_full((t.shape[0], extra, *t.shape[2:]), value)
+    return torch.cat([t, tail], dim=1)
+
+
+def _level_tiles(f: MambaFactors, variant: str, cums: torch.Tensor, size: int, parent: int | None,
+                 chunk_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``[B, P, size, size]`` tiles of one level (summed over channels) and their row/col starts.
+
+    Row block ``I`` is referenced at the token before its rows, ``r = I size + K - 2``; key block
+    ``J`` at the last token its conv taps touch, ``e = J size + size + K - 2 <= r`` when ``I > J``::
+
+        tile = (Q_I * 2^(a (s_r - s_e))) @ Kc_J^T,   Q_I = row C exp(A (s_i - s_r)),
+        Kc_J = sum_s tap key B exp(A (s_e - s_{j+s}))
+
+    with every exponent ``<= 0``.
     """
     batch, length, channels = f.x.shape
-    state = f.A.shape[1]
-    dtype, device = f.x.dtype, f.x.device
+    state, dtype, device = f.A.shape[1], f.x.dtype, f.x.device
     row, col, taps, _ = variant_parts(f, variant)
     width = taps.shape[1]
-    block = block or default_block(f, width)
-    blocks = -(-length // block)
-    size = block + width - 1
+    rb, cb = tile_pairs(length, width, size, parent)
+    if len(rb) == 0:
+        return None
+    blocks = int(rb.max()) + 1
+    span = blocks * size + width - 1                       # tokens of every row and key block, padded
+    rb, cb = rb.to(device), cb.to(device)
+    cum0 = torch.cat([cums.new_zeros(batch, 1, channels), _padded(cums, span)], dim=1)   # token t at t + 1
+    key = _padded(f.dt if col is None else f.dt * col, span, 0.0)
+    row_scale = None if row is None else _padded(row, span, 0.0)
+    B, C = _padded(f.B, span, 0.0), _padded(f.C, span, 0.0)
+    row_tok = (torch.arange(blocks, device=device) * size + width - 1)[:, None] + torch.arange(size, device=device)
+    ref_row = torch.arange(blocks, device=device) * size + width - 2          # r of each row block
+    ref_key = torch.arange(blocks, device=device) * size + size + width - 2   # e of each key block
+    touched = (torch.arange(blocks, device=device) * size)[:, None] + torch.arange(size + width - 1, device=device)
+    tiles = torch.zeros(batch, len(rb), size, size, dtype=dtype, device=device)
+    per_chunk = max(1, min(channels, chunk_bytes // max(1, 4 * batch * max(span, len(rb) * size) * state
+                                                       * dtype.itemsize)))
+    for c0 in range(0, channels, per_chunk):
+        ch = slice(c0, min(c0 + per_chunk, channels))
+        A = f.A[ch]                                                              # [c, N]
+        s_rows = cum0[:, row_tok + 1, ch] - cum0[:, ref_row + 1, None, ch]      # [B, nb, size, c] >= 0
+        Q = torch.exp(s_rows.to(dtype)[..., None] * A) * C[:, row_tok, None, :]
+        if row_scale is not None:
+            Q = Q * row_scale[:, row_tok, ch, None]
+        # every token a key block's taps touch, once (neighbouring blocks overlap by K - 1 tokens)
+        gap = (cum0[:, ref_key + 1, None, ch] - cum0[:, touched + 1, ch]).to(dtype)   # [B, nb, S+K-1, c] >= 0
+        E = torch.exp(gap[..., None] * A).mul_(B[:, touched, None, :]).mul_(key[:, touched, ch, None])
+        Kc = E[:, :, :size] * taps[ch, width - 1, None]
+        for shift in range(1, width):
+            Kc.add_(E[:, :, shift: shift + size] * taps[ch, width - 1 - shift, None])
+        decay = torch.exp((cum0[:, ref_row[rb] + 1, ch] - cum0[:, ref_key[cb] + 1, ch]).to(dtype)[..., None] * A)
+        tiles += (Q[:, rb] * decay[:, :, None]).flatten(3) @ Kc[:, cb].flatten(3).transpose(-1, -2)
+    return tiles, rb * size + width - 1, cb * size
 
-    # 1. the band: channel means of every window, all windows at once
-    stacked, _ = _windows(f, block, width)
-    near = window_means(stacked, variant, chunk_bytes).reshape(batch, blocks, size, size)
-    out = torch.zeros(batch, length, length, dtype=dtype, device=device)
-    starts = torch.arange(blocks, device=device) * block
-    _scatter_tiles(out, near[..., :block], starts, starts)
 
-    # 2. sibling pairs of the hierarchy, one level at a time
-    levels = []
-    span = block
-    while span + width - 1 < length:            # a pair needs at least one row inside the sequence
-        levels.append(span)
-        span *= 2
-    if not levels:
-        return out
-    pad = levels[-1] + width          # rows of the last pair may run past the end (cropped below)
+def _band(f: MambaFactors, variant: str, cums: torch.Tensor, band: int, chunk_bytes: int) -> torch.Tensor:
+    """``[B, L, band + K - 1]`` ``sum_d`` of the entries ``(i, i - o)`` for offsets ``o < band + K - 1``, exactly.
 
-    def padded(t: torch.Tensor) -> torch.Tensor:
-        return torch.cat([t, t.new_zeros(t.shape[0], pad, *t.shape[2:])], dim=1)
+    ``A_d[i, j] = row_d[i] sum_s tap_d[K-1-s] T_d[i, j + s]`` with ``T_d[i, k]`` for ``i - k < band + K - 1``
+    computed one offset at a time with its own exponentials (``exp(A (s_i - s_k)) <= 1``).
+    """
+    batch, length, channels = f.x.shape
+    state, dtype = f.A.shape[1], f.x.dtype
+    row, col, taps, use_D = variant_parts(f, variant)
+    width = taps.shape[1]
+    offsets = band + width - 1
+    key = f.dt if col is None else f.dt * col
+    out = torch.zeros(batch, length, offsets + width - 1, dtype=dtype, device=f.x.device)
+    per_chunk = max(1, min(channels, chunk_bytes // max(1, 3 * batch * length * state * dtype.itemsize)))
+    reversed_taps = taps.flip(1)                                      # [E, K]: column s is tap K-1-s
+    for c0 in range(0, channels, per_chunk):
+        ch = slice(c0, min(c0 + per_chunk, channels))
+        for offset in range(min(offsets, length)):
+            rows = slice(offset, length)                               # i; the key token is i - offset
+            keys = slice(0, length - offset)
+            gap = (cums[:, rows, ch] - cums[:, keys, ch]).to(dtype)    # [B, L - o, c] >= 0
+            # sum over the state as a batched product: [B, L-o, c, N] @ [B, L-o, N, 1]
+            T = (torch.exp(gap[..., None] * f.A[ch]) @ (f.C[:, rows] * f.B[:, keys])[..., None])[..., 0]
+            T = T * key[:, keys, ch]
+            if use_D and offset == 0:
+                T = T + f.D[ch] * (1 if col is None else col[:, keys, ch])
+            if row is not None:
+                T = T * row[:, rows, ch]
+            # key token i - offset reaches entry j = i - offset - s through tap K-1-s
+            out[:, rows, offset: offset + width] += T @ reversed_taps[ch]
+    return out[..., :offsets]
 
-    cums = padded(f.dt.to(torch.float64)).cumsum(dim=1)                      # [B, Lp, E]
-    key_scale = padded(f.dt if col is None else f.dt * col)
-    row_scale = None if row is None else padded(row)
-    B_p, C_p = padded(f.B), padded(f.C)
-    for S in levels:
-        starts = torch.arange(0, length - S - width + 1, 2 * S, device=device)   # pairs with rows in range
-        pairs = len(starts)
-        if pairs == 0:
-            continue
-        offsets = torch.arange(S, device=device)
-        key_tok = starts[:, None] + offsets                                  # [P, S]
-        key_tok_ext = starts[:, None] + torch.arange(S + width - 1, device=device)
-        row_tok = key_tok + S + width - 1                                    # [P, S]
-        ref = cums[:, starts + S + width - 2]                                # [B, P, E]
-        result = torch.zeros(batch, pairs, S, S, dtype=dtype, device=device)
-        step = max(1, min(channels, chunk_bytes // max(1, 3 * batch * pairs * S * state * dtype.itemsize)))
-        for c0 in range(0, channels, step):
-            ch = slice(c0, min(c0 + step, channels))
-            A = f.A[ch]
-            q_exp = (cums[:, row_tok, ch] - ref[:, :, None, ch]).to(dtype)[..., None] * A   # [B, P, S, c, N] >= 0 * A
-            Q = torch.exp(q_exp) * C_p[:, row_tok, None, :]
-            if row_scale is not None:
-                Q = Q * row_scale[:, row_tok, ch, None]
-            # every key token the pair's conv taps touch, once: [B, P, S + K - 1, c, N]
-            tok = key_tok_ext
-            k_exp = (ref[:, :, None, ch] - cums[:, tok, ch]).to(dtype)[..., None] * A
-            touched = torch.exp(k_exp) * B_p[:, tok, None, :] * key_scale[:, tok, ch, None]
-            keys = touched[:, :, : S] * taps[ch, width - 1, None]
-            for shift in range(1, width):
-                keys += touched[:, :, shift: shift + S] * taps[ch, width - 1 - shift, None]
-            result += Q.flatten(3) @ keys.flatten(3).transpose(-1, -2)
-        result /= channels
-        _scatter_tiles(out, result, starts + S + width - 1, starts)
-    return out
+
+def signed_mean(f: MambaFactors, variant: str, tile_sizes: tuple[int, ...] | None = None,
+                chunk_bytes: int = _DEFAULT_CHUNK_BYTES, fused: bool | None = None) -> torch.Tensor:
+    """``[B, L, L]`` the signed channel mean of ``variant``'s matrices, never holding ``[C, L, L]``.
+
+    On a CUDA device in float32 with Triton installed this runs the fused kernels of
+    :mod:`.triton_mean` (``fused=None`` picks them when they can run, ``False`` forces the eager
+    path, ``True`` requires them); the eager path below serves every other case. Both split the
+    lower triangle the same way, in the row coordinate ``i' = i - (K - 1)``:
+
+    - tiles of ``tile_sizes[0]`` for every pair of blocks ``i'`` block > ``j`` block, then tiles of
+      each next size for the pairs inside one block of the previous size (:func:`_level_tiles`);
+    - the band ``j <= i < T (j // T + 1) + K - 1`` left by the smallest size ``T``, exactly
+      (:func:`_band`).
+
+    Costs ``O(L^2 E N)`` multiply-adds in matrix products and ``O(L E N (K levels + T + K))``
+    exponentials. ``chunk_bytes`` bounds each temporary.
+    """
+    if fused is None:
+        fused = tile_sizes is None and triton_mean.available(f.x)
+    if fused:
+        if not triton_mean.available(f.x):
+            raise RuntimeError("the fused signed mean needs Triton and float32 factors on a CUDA device")
+        row, col, taps, use_D = variant_parts(f, variant)
+        return triton_mean.signed_mean_fused(row, col, taps, use_D, f.dt, f.B, f.C, f.A, f.D,
+                                             chunk_bytes=max(chunk_bytes, 2**30))
+    tile_sizes = tuple(tile_sizes or TILE_SIZES)
+    if any(a % b for a, b in zip(tile_sizes, tile_sizes[1:])):
+        raise ValueError(f"each tile size must be a multiple of the next, got {tile_sizes}")
+    batch, length, _ = f.x.shape
+    width = variant_parts(f, variant)[2].shape[1]
+    cums = f.dt.to(torch.float64).cumsum(dim=1)                              # [B, L, E]
+    out = torch.zeros(batch, length, length, dtype=f.x.dtype, device=f.x.device)
+    parent = None
+    for size in tile_sizes:
+        level = _level_tiles(f, variant, cums, size, parent, chunk_bytes)
+        parent = size
+        if level is not None:
+            _scatter_tiles(out, *level)
+    rows, slots = band_entries(length, width, tile_sizes[-1])
+    rows, slots = rows.to(f.x.device), slots.to(f.x.device)
+    out[:, rows, rows - slots] += _band(f, variant, cums, tile_sizes[-1], chunk_bytes)[:, rows, slots]
+    return out / f.x.shape[-1]
 
 
 def matrix_rows(f: MambaFactors, variant: str, rows: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,317 @@
+"""Fused GPU kernels for the Mamba signed channel mean (Triton); the math of :mod:`.fast`, on chip.
+
+The eager path of :func:`.fast.signed_mean` spends its time writing ``[L, E, N]`` factor tensors
+to memory, level by level. Here every tile of the ``[L, L]`` map is one Triton program that forms
+its factors in registers from ``[L, E]`` and ``[L, N]`` inputs and reduces them with ``tl.dot``,
+so no ``[L, E, N]`` tensor exists at all. Same regions as :mod:`.fast`, in the row coordinate
+``i' = i - (K - 1)`` (``K`` the conv width):
+
+- **tiles** (``i'`` block after ``j`` block, size ``BT``): with the reference at the last token the
+  tile's keys touch, ``t = j_0 + BT + K - 2 < i``,
+
+      tile[i, j] = sum_{d, n} Q[i, (d, n)] Kc[j, (d, n)]
+      Q[i, (d, n)]  = row_d[i] C_i[n] exp(A[d, n] (s_i[d] - s_t[d]))                       (<= |row C|)
+      Kc[j, (d, n)] = sum_s taps_d[K-1-s] key_d[j+s] B_{j+s}[n] exp(A[d, n] (s_t[d] - s_{j+s}[d]))
+
+  Both exponents are ``<= 0`` whatever the length. Tiles of 64 cover every pair of 64-blocks; tiles
+  of 16 the pairs of 16-blocks inside one 64-block.
+- **band** (``i' < 16 (j // 16 + 1)``, at most ``16 + K - 1`` diagonals): exact, one exponential
+  per ``(i, k, d, n)`` with ``k = j + s``, so no reference is needed at all.
+
+Cumulative steps ``s`` are float64 (their differences lose no digits at 16k tokens); everything
+else is float32. ``tl.dot`` runs in IEEE float32 unless the caller asks for ``"tf32x3"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+try:  # Triton is optional: the eager path in .fast serves every other case
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = None
+
+#: Tile sizes of the hierarchy, largest first; the band covers what the smallest leaves.
+TILE_SIZES: tuple[int, ...] = (64, 16)
+
+
+def available(tensor: torch.Tensor) -> bool:
+    """Whether the fused kernels can run on ``tensor``'s device and dtype (float32, CUDA)."""
+    if triton is None or tensor.dtype != torch.float32:
+        return False
+    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _factors_kernel(q_ptr, k_ptr, cums_ptr, key_ptr, row_ptr, b_ptr, c_ptr, a_ptr, taps_ptr,
+                        length, channels, first, count,
+                        STATE: tl.constexpr, NP: tl.constexpr, WIDTH: tl.constexpr, BT: tl.constexpr,
+                        BL: tl.constexpr, BD: tl.constexpr, HAS_ROW: tl.constexpr):
+        """Row and key factors of tokens ``[BL * pid, BL * (pid + 1))``, channels ``first + [0, count)``.
+
+        ``Q[i, d, n] = row_d[i] C_i[n] 2^(a (s_i - s_r))`` with ``r = I BT + K - 2`` the token before
+        row block ``I`` (``i' = i - K + 1`` in it); ``Kc[j, d, n] = sum_s tap key B 2^(a (s_e - s_{j+s}))``
+        with ``e = J BT + BT + K - 2`` the last token key block ``J`` touches. Both ``[B, L, count, N]``.
+        """
+        block, batch, dblock = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        tok = block * BL + tl.arange(0, BL)
+        local = dblock * BD + tl.arange(0, BD)
+        d = first + local
+        n = tl.arange(0, NP)
+        tok_ok = tok < length
+        d_ok = local < count
+        n_ok = n < STATE
+        seq = batch.to(tl.int64) * length
+        ok = tok_ok[:, None] & d_ok[None, :]
+        a = tl.load(a_ptr + d[:, None] * STATE + n[None, :], mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        s_tok = tl.load(cums_ptr + (seq + tok)[:, None] * channels + d[None, :], mask=ok, other=0.0)
+        # rows: reference just before the token's row block
+        ref = tl.maximum(((tok - (WIDTH - 1)) // BT) * BT + WIDTH - 2, 0)
+        ref = tl.where(tok >= WIDTH - 1, ref, 0)
+        s_ref = tl.load(cums_ptr + (seq + ref)[:, None] * channels + d[None, :], mask=ok, other=0.0)
+        gap = tl.where(ok, tl.maximum(s_tok - s_ref, 0.0).to(tl.float32), 0.0)
+        scale = tl.where(ok, 1.0, 0.0)
+        if HAS_ROW:
+            scale = tl.load(row_ptr + (seq + tok)[:, None] * channels + d[None, :], mask=ok, other=0.0)
+        c = tl.load(c_ptr + (seq + tok)[:, None] * STATE + n[None, :], mask=tok_ok[:, None] & n_ok[None, :],
+                    other=0.0)
+        q = tl.exp2(gap[:, :, None] * a[None, :, :]) * (scale[:, :, None] * c[:, None, :])
+        out = ((seq + tok)[:, None, None] * count + local[None, :, None]) * STATE + n[None, None, :]
+        mask = ok[:, :, None] & n_ok[None, None, :]
+        tl.store(q_ptr + out, q, mask=mask)
+        # keys: reference at the last token the key block touches (clamped for unused blocks)
+        end = tl.minimum((tok // BT) * BT + BT + WIDTH - 2, length - 1)
+        s_end = tl.load(cums_ptr + (seq + end)[:, None] * channels + d[None, :], mask=ok, other=0.0)
+        kc = tl.zeros([BL, BD, NP], dtype=tl.float32)
+        for s in tl.static_range(WIDTH):
+            src = tok + s
+            sk = ok & (src <= end)[:, None]
+            s_src = tl.load(cums_ptr + (seq + src)[:, None] * channels + d[None, :], mask=sk, other=0.0)
+            g = tl.where(sk, (s_end - s_src).to(tl.float32), 0.0)                     # >= 0
+            w = tl.load(key_ptr + (seq + src)[:, None] * channels + d[None, :], mask=sk, other=0.0)
+            tap = tl.load(taps_ptr + d * WIDTH + (WIDTH - 1 - s), mask=d_ok, other=0.0)
+            b = tl.load(b_ptr + (seq + src)[:, None] * STATE + n[None, :],
+                        mask=(tok_ok & (src < length))[:, None] & n_ok[None, :], other=0.0)
+            kc += tl.exp2(g[:, :, None] * a[None, :, :]) * ((w * tap[None, :])[:, :, None] * b[:, None, :])
+        tl.store(k_ptr + out, kc, mask=mask)
+
+    @triton.jit
+    def _tiles_kernel(out_ptr, q_ptr, k_ptr, cums_ptr, a_ptr, row_blocks_ptr, col_blocks_ptr,
+                      length, channels, first, count, per_split,
+                      STATE: tl.constexpr, WIDTH: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                      ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr):
+        """``out[tile] (+)= sum_k Q[rows, k] 2^(a_k (s_r - s_e)) Kc[cols, k]`` over one split of ``k``.
+
+        ``k = d N + n`` runs over the chunk's channels and states; ``2^(a (s_r - s_e)) <= 1`` carries the
+        decay between the key block's reference ``e`` and the row block's ``r >= e``.
+        """
+        tile, batch, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rb = tl.load(row_blocks_ptr + tile)
+        cb = tl.load(col_blocks_ptr + tile)
+        offs = tl.arange(0, BT)
+        rows = rb * BT + offs + (WIDTH - 1)
+        cols = cb * BT + offs
+        r_tok = rb * BT + WIDTH - 2
+        e_tok = cb * BT + BT + WIDTH - 2
+        row_ok = rows < length
+        seq = batch.to(tl.int64) * length
+        width = count * STATE
+        acc = tl.zeros([BT, BT], dtype=tl.float32)
+        k_first = split * per_split
+        k_stop = tl.minimum(k_first + per_split, width)
+        for k0 in range(k_first, k_stop, BK):
+            k = k0 + tl.arange(0, BK)
+            k_ok = k < k_stop
+            d = first + k // STATE
+            s_r = tl.load(cums_ptr + (seq + r_tok) * channels + d, mask=k_ok, other=0.0)
+            s_e = tl.load(cums_ptr + (seq + e_tok) * channels + d, mask=k_ok, other=0.0)
+            a = tl.load(a_ptr + d * STATE + k % STATE, mask=k_ok, other=0.0)
+            decay = tl.exp2(a * (s_r - s_e).to(tl.float32))
+            q = tl.load(q_ptr + (seq + rows)[:, None] * width + k[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            kc = tl.load(k_ptr + (seq + cols)[:, None] * width + k[None, :], mask=k_ok[None, :], other=0.0)
+            acc += tl.dot(q * decay[None, :], tl.trans(kc), input_precision=PRECISION)
+        plane = (split * tl.num_programs(1) + batch).to(tl.int64) * length
+        where = out_ptr + (plane + rows)[:, None] * length + cols[None, :]
+        mask = row_ok[:, None] & (cols < length)[None, :]
+        if ACCUMULATE:
+            acc += tl.load(where, mask=mask, other=0.0)
+        tl.store(where, acc, mask=mask)
+
+    @triton.jit
+    def _band_kernel(out_ptr, cums_ptr, key_ptr, col_ptr, d_ptr, row_ptr, b_ptr, c_ptr, a_ptr, taps_ptr,
+                     length, channels, channels_per_split,
+                     STATE: tl.constexpr, WIDTH: tl.constexpr, OFFSETS: tl.constexpr, PAD: tl.constexpr,
+                     BI: tl.constexpr, BD: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr,
+                     USE_D: tl.constexpr):
+        """Diagonals ``0 .. OFFSETS - 1`` of rows ``[BI * pid, BI * (pid + 1))``: ``out[i, i - o]``."""
+        block, batch, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = block * BI + tl.arange(0, BI)
+        row_ok = rows < length
+        seq = batch.to(tl.int64) * length
+        slots = tl.arange(0, PAD)
+        acc = tl.zeros([BI, PAD], dtype=tl.float32)
+        d_first = split * channels_per_split
+        d_stop = tl.minimum(d_first + channels_per_split, channels)
+        for d0 in range(d_first, d_stop, BD):
+            d = d0 + tl.arange(0, BD)
+            d_ok = d < d_stop
+            ok = row_ok[:, None] & d_ok[None, :]
+            s_row = tl.load(cums_ptr + (seq + rows)[:, None] * channels + d[None, :], mask=ok, other=0.0)
+            scale = tl.where(ok, 1.0, 0.0)
+            if HAS_ROW:
+                scale = tl.load(row_ptr + (seq + rows)[:, None] * channels + d[None, :], mask=ok, other=0.0)
+            for offset in range(OFFSETS):
+                keys = rows - offset
+                kd = ok & (keys >= 0)[:, None]
+                s_key = tl.load(cums_ptr + (seq + keys)[:, None] * channels + d[None, :], mask=kd, other=0.0)
+                gap = tl.where(kd, (s_row - s_key).to(tl.float32), 0.0)                   # >= 0
+                t = tl.zeros([BI, BD], dtype=tl.float32)
+                for n in range(STATE):
+                    a_n = tl.load(a_ptr + d * STATE + n, mask=d_ok, other=0.0)
+                    c_n = tl.load(c_ptr + (seq + rows) * STATE + n, mask=row_ok, other=0.0)
+                    b_n = tl.load(b_ptr + (seq + keys) * STATE + n, mask=row_ok & (keys >= 0), other=0.0)
+                    t += tl.exp2(gap * a_n[None, :]) * (c_n * b_n)[:, None]
+                t = t * tl.load(key_ptr + (seq + keys)[:, None] * channels + d[None, :], mask=kd, other=0.0)
+                if USE_D:
+                    skip = tl.where(kd, tl.load(d_ptr + d, mask=d_ok, other=0.0)[None, :], 0.0)
+                    if HAS_COL:
+                        skip = skip * tl.load(col_ptr + (seq + keys)[:, None] * channels + d[None, :],
+                                              mask=kd, other=0.0)
+                    t += tl.where(offset == 0, skip, 0.0)
+                t = t * scale
+                for s in tl.static_range(WIDTH):
+                    # token k = i - offset feeds entry j = k - s through tap K-1-s
+                    tap = tl.load(taps_ptr + d * WIDTH + (WIDTH - 1 - s), mask=d_ok, other=0.0)
+                    v = tl.sum(t * tap[None, :], axis=1)
+                    v = tl.where(keys - s >= 0, v, 0.0)
+                    acc += tl.where(slots[None, :] == offset + s, v[:, None], 0.0)
+        plane = (split * tl.num_programs(1) + batch).to(tl.int64) * length
+        tl.store(out_ptr + (plane + rows)[:, None] * PAD + slots[None, :], acc, mask=row_ok[:, None])
+
+
+@functools.lru_cache(maxsize=64)
+def _pairs(length: int, width: int, size: int, parent: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row_blocks, col_blocks)`` of the tiles of ``size``: ``i'`` block after ``j`` block,
+    inside one block of ``parent`` (or anywhere when ``parent`` is None)."""
+    row_count = -(-(length - width + 1) // size)          # rows i' = 0 .. L - K
+    rb, cb = torch.tril_indices(row_count, row_count, offset=-1)
+    if parent is not None:
+        ratio = parent // size
+        keep = rb // ratio == cb // ratio
+        rb, cb = rb[keep], cb[keep]
+    return rb.to(device=device, dtype=torch.int32), cb.to(device=device, dtype=torch.int32)
+
+
+def _split_count(programs: int, work: int, block: int) -> int:
+    """Split a reduction of ``work`` over more programs when the tiles alone leave the GPU idle."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 1
+    splits = 1
+    while programs * splits < 2 * sms and work // (splits * 2) >= 4 * block:
+        splits *= 2
+    return splits
+
+
+#: ``tl.dot`` precision of the tiles: three TF32 products per float32 product (error ~1e-6 of the
+#: map's largest entry, measured against float64), several times faster than ``"ieee"``.
+DOT_PRECISION = "tf32x3"
+
+
+def signed_mean_fused(row: torch.Tensor | None, col: torch.Tensor | None, taps: torch.Tensor, use_D: bool,
+                      dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
+                      chunk_bytes: int = 2**30, precision: str = DOT_PRECISION,
+                      tile_sizes: tuple[int, ...] = TILE_SIZES, contraction_block: int = 64,
+                      warps: int = 4, band_rows: int = 64, band_channels: int = 32,
+                      band_warps: int = 4) -> torch.Tensor:
+    """``[Bt, L, L]`` signed channel mean ``mean_d A_d`` with the fused kernels.
+
+    Args:
+        row: ``[Bt, L, E]`` output-side scale (``silu(z)``) or None.
+        col: ``[Bt, L, E]`` key-side scale (``sigmoid(c)`` times the mask) or None.
+        taps: ``[E, K]`` conv taps (``[E, 1]`` of ones without the conv).
+        use_D: whether the skip ``D`` is part of the matrix.
+        dt: ``[Bt, L, E]``; B, C: ``[Bt, L, N]``; A: ``[E, N]``; D: ``[E]``.
+        chunk_bytes: bound on the two factor tensors ``[Bt, L, c, N]`` of a channel chunk.
+        precision: ``tl.dot``'s ``input_precision``: ``"tf32x3"`` or ``"ieee"`` (plain float32).
+        tile_sizes: the hierarchy's tile sizes, largest first, each a multiple of the next (>= 16).
+        contraction_block: ``(channel, state)`` pairs a tile program reduces per step.
+        warps: warps per tile program of the largest tiles.
+        band_rows, band_channels, band_warps: the band kernel's rows, channels per step and warps.
+    """
+    batch, length, channels = dt.shape
+    state, width = A.shape[1], taps.shape[1]
+    f32 = lambda t: None if t is None else t.to(torch.float32).contiguous()  # noqa: E731
+    # a scan along the last dimension is much faster than along the middle one
+    cums = dt.to(torch.float64).transpose(1, 2).cumsum(dim=-1).transpose(1, 2).contiguous()
+    key = f32(dt if col is None else dt * col)
+    row, col = f32(row), f32(col)
+    B, C, D, taps = f32(B), f32(C), f32(D), f32(taps)
+    A = f32(A.to(torch.float64) * math.log2(math.e))           # the kernels use exp2
+    dummy = key                                                 # never read when its flag is off
+    out = torch.zeros(batch, length, length, dtype=torch.float32, device=dt.device)
+    per_chunk = max(1, min(channels, chunk_bytes // max(1, 2 * batch * length * state * 4)))
+    state_pad = triton.next_power_of_2(state)
+    factor_tokens, factor_channels = 32, max(1, 64 // state_pad)
+
+    parent = None
+    for size in tile_sizes:
+        rb, cb = _pairs(length, width, size, parent, dt.device)
+        parent = size
+        if len(rb) == 0:
+            continue
+        for first in range(0, channels, per_chunk):
+            count = min(per_chunk, channels - first)
+            q = torch.empty(batch, length, count, state, dtype=torch.float32, device=dt.device)
+            k = torch.empty_like(q)
+            grid = (-(-length // factor_tokens), batch, -(-count // factor_channels))
+            _factors_kernel[grid](q, k, cums, key, row if row is not None else dummy, B, C, A, taps,
+                                  length, channels, first, count, STATE=state, NP=state_pad, WIDTH=width,
+                                  BT=size, BL=factor_tokens, BD=factor_channels, HAS_ROW=row is not None,
+                                  num_warps=4)
+            splits = _split_count(len(rb) * batch, count * state, contraction_block)
+            per_split = -(-count * state // (splits * contraction_block)) * contraction_block
+            target = out if splits == 1 else torch.zeros(splits, batch, length, length, dtype=torch.float32,
+                                                        device=dt.device)
+            _tiles_kernel[(len(rb), batch, splits)](
+                target, q, k, cums, A, rb, cb, length, channels, first, count, per_split,
+                STATE=state, WIDTH=width, BT=size, BK=contraction_block, ACCUMULATE=splits == 1,
+                PRECISION=precision, num_warps=warps if size >= 64 else 4, num_stages=3)
+            if splits > 1:
+                out += target.sum(dim=0)        # a split buffer's planes hold only these tiles
+            del q, k
+
+    band_width = tile_sizes[-1]
+    offsets = band_width + width - 1
+    pad = triton.next_power_of_2(offsets)
+    rows_per_program = band_rows
+    programs = -(-length // rows_per_program)
+    splits = _split_count(programs * batch, channels, band_channels)
+    per_split = -(-channels // (splits * band_channels)) * band_channels
+    band = torch.zeros(splits, batch, length, pad, dtype=torch.float32, device=dt.device)
+    _band_kernel[(programs, batch, splits)](
+        band, cums, key, col if col is not None else dummy, D, row if row is not None else dummy,
+        B, C, A, taps, length, channels, per_split, STATE=state, WIDTH=width, OFFSETS=offsets, PAD=pad,
+        BI=rows_per_program, BD=band_channels, HAS_ROW=row is not None, HAS_COL=col is not None, USE_D=use_D,
+        num_warps=band_warps)
+    band = band.sum(dim=0)
+    rows, slots = _band_entries(length, width, band_width, dt.device)
+    out[:, rows, rows - slots] += band[:, rows, slots]
+    return out / channels
+
+
+@functools.lru_cache(maxsize=16)
+def _band_entries(length: int, width: int, band_width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(i, i - j)`` of the band: ``j <= i < band_width (j // band_width + 1) + K - 1``."""
+    rows = torch.arange(length, device=device)[:, None]
+    slots = torch.arange(band_width + width - 1, device=device)[None, :]
+    cols = rows - slots
+    inside = (cols >= 0) & (rows < band_width * (cols.div(band_width, rounding_mode="floor") + 1) + width - 1)
+    rows, slots = torch.broadcast_tensors(rows, slots)
+    return rows[inside], slots[inside]

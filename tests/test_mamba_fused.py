@@ -1,0 +1,103 @@
+"""Fused (Triton) Mamba signed mean against the float64 direct mean.
+
+On a CPU machine the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, which must be set
+before the kernels are defined, hence a subprocess); on a CUDA machine they also run natively.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+HERE = Path(__file__).parent
+
+# (variant, conv width, length, splits): lengths cross the 128-tile, 16-tile and band edges
+CASES = [("unified", 4, 150, 1), ("unified", 4, 140, 3), ("s6", 4, 81, 1), ("no_gate", 2, 66, 2),
+         ("no_act", 5, 40, 1), ("no_conv", 4, 17, 1)]
+
+_SCRIPT = r"""
+import json, sys
+import torch
+sys.path.insert(0, {tests!r})
+from conftest import left_padded, tiny_mamba
+from test_mamba_fast import factors_of
+from implicit_attention.architectures.mamba import triton_mean
+from implicit_attention.architectures.mamba.fast import exact_channel_mean, signed_mean
+errors = []
+for variant, width, length, splits in {cases!r}:
+    triton_mean._split_count = lambda programs, work, block, s=splits: s
+    model = tiny_mamba(dtype=torch.float64, conv_kernel=width, hidden_size=20, state_size=3, seed=width)
+    ids, mask = left_padded(batch=2, length=length, seed=length)
+    f64 = factors_of(model, ids, mask)
+    f32 = factors_of(model, ids, mask, dtype=torch.float32)
+    fused = signed_mean(f32, variant, fused=True)
+    reference = exact_channel_mean(f64, variant)
+    errors.append(float((fused.double() - reference).abs().max() / reference.abs().max()))
+print(json.dumps(errors))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernels run natively (tests below)")
+def test_fused_mean_equals_direct_mean_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    script = _SCRIPT.format(tests=str(HERE), cases=CASES)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(errors) == len(CASES)
+    for case, error in zip(CASES, errors):
+        assert error < 2e-6, (case, error)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("variant", ["unified", "s6", "no_gate", "no_act", "no_conv"])
+@pytest.mark.parametrize("length", [17, 64, 200, 1000])
+def test_fused_mean_on_cuda_equals_direct_mean(variant, length):
+    sys.path.insert(0, str(HERE))
+    from conftest import left_padded, tiny_mamba
+    from test_mamba_fast import factors_of
+
+    from implicit_attention.architectures.mamba.fast import exact_channel_mean, signed_mean
+
+    model = tiny_mamba(dtype=torch.float64, hidden_size=48, state_size=16, seed=length)
+    ids, mask = left_padded(batch=2, length=length, seed=length)
+    f64 = factors_of(model, ids, mask)
+    f32 = factors_of(model.float().cuda(), ids.cuda(), mask.cuda(), dtype=torch.float32)
+    fused = signed_mean(f32, variant)                              # picks the fused kernels on CUDA
+    reference = exact_channel_mean(f64, variant)
+    error = float((fused.double().cpu() - reference).abs().max() / reference.abs().max())
+    assert error < 2e-6, error
+
+
+@cuda
+def test_fused_mean_is_stable_at_16k_tokens_on_cuda():
+    sys.path.insert(0, str(HERE))
+    from conftest import tiny_mamba
+    from test_mamba_fast import factors_of
+
+    from implicit_attention.architectures.mamba.fast import matrix_rows, signed_mean
+
+    model = tiny_mamba(dtype=torch.float64, hidden_size=16, state_size=16, num_hidden_layers=1)
+    with torch.no_grad():
+        model.backbone.layers[0].mixer.dt_proj.bias.add_(2.0)      # steps ~2: cumulative sums ~30k
+    ids = torch.randint(1, 40, (1, 16384), generator=torch.Generator().manual_seed(1))
+    f64 = factors_of(model, ids, None)
+    f32 = factors_of(model.float().cuda(), ids.cuda(), None, dtype=torch.float32)
+    assert float(f64.dt.sum(1).max()) > 10000
+    fused = signed_mean(f32, "unified")
+    rows = torch.tensor([5, 100, 4095, 9000, 16383])
+    reference = matrix_rows(f64, "unified", rows).mean(dim=2)       # [B, R, L], float64
+    assert torch.isfinite(fused).all()
+    error = float((fused[:, rows.cuda()].double().cpu() - reference).abs().max() / reference.abs().max())
+    assert error < 1e-5, error
