@@ -8,19 +8,20 @@ with ``row = silu(z)`` (or 1), ``col = sigmoid(c) * mask`` (or the mask, or 1), 
 (or the single tap 1) and ``S_d[i, j] = sum_n C_i[n] B_j[n] dt_j[d] exp(A[d, n] (s_i[d] - s_j[d]))``
 with ``s = cumsum(dt)``.
 
-**Signed mean.** Far from the diagonal (``i - j >= K``) every conv tap is causal and the D term is
-absent, so on a tile of rows ``I`` and key columns ``J`` with a reference ``r``
+**Signed mean.** Away from the diagonal (``i - j >= K``) every conv tap is causal and the D term
+is absent, so on a tile of rows ``I`` and key columns ``J`` with references ``r`` (the token
+before the rows) and ``e <= r`` (the last token the keys' taps touch)
 
-    mean_d A_d[i, j] = (1/E) sum_{d, n} Q[i, (d, n)] Kc[j, (d, n)]
-    Q[i, (d, n)]  = row_d[i] C_i[n] exp(A[d, n] (s_i[d] - r[d]))
-    Kc[j, (d, n)] = sum_s taps_d[K-1-s] col_d[j+s] dt_{j+s}[d] B_{j+s}[n] exp(A[d, n] (r[d] - s_{j+s}[d]))
+    mean_d A_d[i, j] = (1/E) sum_{d, n} Q[i, (d, n)] exp(A[d, n] (s_r - s_e)) Kc[j, (d, n)]
+    Q[i, (d, n)]  = row_d[i] C_i[n] exp(A[d, n] (s_i[d] - s_r[d]))
+    Kc[j, (d, n)] = sum_s taps_d[K-1-s] col_d[j+s] dt_{j+s}[d] B_{j+s}[n] exp(A[d, n] (s_e[d] - s_{j+s}[d]))
 
-a ``[|I|, E*N] x [E*N, |J|]`` matrix product. The lower triangle is tiled hierarchically (sibling
-blocks of a binary tree, one batched product per level) with ``r`` at the boundary of each tile,
-so both exponents are <= 0 and nothing overflows at any length (an exponential that underflows
-belongs to an entry that is itself below the float range). The band near the diagonal is computed
-from short windows of the sequence, since an entry ``A[i, j]`` only depends on the tokens ``j..i``:
-factorised around each window's midpoint when that is safe for the dtype, exactly otherwise.
+a ``[|I|, E*N] x [E*N, |J|]`` matrix product in which every exponent is ``<= 0`` at any length
+(an exponential that underflows belongs to an entry that is itself below the float range). ``Q``
+and ``Kc`` depend on their own block only, so each level costs ``O(L E N)`` exponentials. Tiles of
+64 cover every pair of 64-blocks, tiles of 8 the pairs inside one 64-block; the band of
+``8 + K - 1`` diagonals left over is computed exactly, one exponential per entry and state. The
+fused GPU kernels of :mod:`.triton_mean` follow the same plan.
 
 **Rows.** ``A_d[i, :]`` for a few rows ``i`` costs ``O(L * E * N)`` each: the exponents
 ``s_i - s_j`` are all >= 0 and need no re-referencing.
@@ -28,7 +29,6 @@ factorised around each window's midpoint when that is safe for the dtype, exactl
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
@@ -149,8 +149,8 @@ def _level_tiles(f: MambaFactors, variant: str, cums: torch.Tensor, size: int, p
     ref_key = torch.arange(blocks, device=device) * size + size + width - 2   # e of each key block
     touched = (torch.arange(blocks, device=device) * size)[:, None] + torch.arange(size + width - 1, device=device)
     tiles = torch.zeros(batch, len(rb), size, size, dtype=dtype, device=device)
-    per_chunk = max(1, min(channels, chunk_bytes // max(1, 4 * batch * max(span, len(rb) * size) * state
-                                                       * dtype.itemsize)))
+    diagonals = _diagonals(rb, cb)
+    per_chunk = max(1, min(channels, chunk_bytes // max(1, 6 * batch * span * state * dtype.itemsize)))
     for c0 in range(0, channels, per_chunk):
         ch = slice(c0, min(c0 + per_chunk, channels))
         A = f.A[ch]                                                              # [c, N]
@@ -164,9 +164,25 @@ def _level_tiles(f: MambaFactors, variant: str, cums: torch.Tensor, size: int, p
         Kc = E[:, :, :size] * taps[ch, width - 1, None]
         for shift in range(1, width):
             Kc.add_(E[:, :, shift: shift + size] * taps[ch, width - 1 - shift, None])
-        decay = torch.exp((cum0[:, ref_row[rb] + 1, ch] - cum0[:, ref_key[cb] + 1, ch]).to(dtype)[..., None] * A)
-        tiles += (Q[:, rb] * decay[:, :, None]).flatten(3) @ Kc[:, cb].flatten(3).transpose(-1, -2)
+        for sel, rows, keys in diagonals:
+            decay = torch.exp((cum0[:, ref_row[rows] + 1, ch] - cum0[:, ref_key[keys] + 1, ch]).to(dtype)[..., None] * A)
+            tiles[:, sel] += (Q[:, rows] * decay[:, :, None]).flatten(3) @ Kc[:, keys].flatten(3).transpose(-1, -2)
     return tiles, rb * size + width - 1, cb * size
+
+
+def _diagonals(rb: torch.Tensor, cb: torch.Tensor) -> list[tuple[torch.Tensor, object, object]]:
+    """Group tile pairs by ``rb - cb``: ``(pair indices, row blocks, key blocks)`` per group, the
+    blocks as slices where they are consecutive (views instead of gathered copies)."""
+    groups = []
+    for delta in torch.unique(rb - cb).tolist():
+        sel = ((rb - cb) == delta).nonzero()[:, 0]
+        keys = cb[sel]
+        first, count = int(keys[0]), len(keys)
+        if bool((keys == torch.arange(first, first + count, device=keys.device)).all()):
+            groups.append((sel, slice(first + delta, first + delta + count), slice(first, first + count)))
+        else:
+            groups.append((sel, keys + delta, keys))
+    return groups
 
 
 def _band(f: MambaFactors, variant: str, cums: torch.Tensor, band: int, chunk_bytes: int) -> torch.Tensor:

@@ -123,13 +123,16 @@ def s6_matrices(dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, A: torch.Ten
     ``[p + S, p + 2S)``) where ``S_d[i, j] = sum_n Q[i, n] K[j, n]`` with
     ``Q = C_i exp(A (s_i - r))`` and ``K = dt_j B_j exp(A (r - s_j))``, ``r`` the cumulative step
     at the tile's last key: both exponents are <= 0, so nothing overflows at any length, and the
-    entries come from small matrix products instead of ``N`` exponentials each.
+    entries come from small matrix products instead of ``N`` exponentials each. On CUDA devices
+    this returns :func:`s6_matrices_direct` (faster there).
 
     Args:
         dt: ``[B, L, c]``; B, C: ``[B, L, N]``; A: ``[c, N]``.
     """
     batch, length, channels = dt.shape
-    if length <= 2 * block:
+    if length <= 2 * block or dt.is_cuda:
+        # on a GPU the entry-by-entry form is N fused passes, while the tiles launch many small
+        # kernels per level: the direct form is the faster one there
         return s6_matrices_direct(dt, B, C, A)
     out = dt.new_zeros(batch, channels, length, length)
     flat = out.view(batch, channels, length * length)
