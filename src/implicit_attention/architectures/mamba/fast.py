@@ -29,8 +29,6 @@ fused GPU kernels of :mod:`.triton_mean` follow the same plan.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from . import triton_mean
@@ -53,13 +51,6 @@ def variant_parts(f: MambaFactors, variant: str):
     else:
         taps = torch.ones(f.x.shape[-1], 1, dtype=f.x.dtype, device=f.x.device)
     return row, col, taps, variant != "s6"
-
-
-def window(f: MambaFactors, start: int, stop: int) -> MambaFactors:
-    """The factors of tokens ``[start, stop)``: the operator restricted to them is their operator."""
-    sl = slice(start, stop)
-    return replace(f, x=f.x[:, sl], z=f.z[:, sl], conv_out=f.conv_out[:, sl], mask=f.mask[:, sl],
-                   dt=f.dt[:, sl], B=f.B[:, sl], C=f.C[:, sl])
 
 
 def exact_channel_mean(f: MambaFactors, variant: str, chunk_bytes: int = _DEFAULT_CHUNK_BYTES) -> torch.Tensor:
