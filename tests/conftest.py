@@ -57,3 +57,30 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what
 @pytest.fixture
 def model_f32():
     return tiny_mamba(dtype=torch.float32)
+
+
+def fresh_aggregates(layer, how, rows=None):
+    """(generic per-channel-block result, fast result) of ``aggregate`` or ``aggregate_rows``, uncached."""
+    from implicit_attention.architectures.base import LayerDecomposition
+
+    layer._aggregates.clear()
+    generic = LayerDecomposition.aggregate(layer, how) if rows is None \
+        else LayerDecomposition.aggregate_rows(layer, rows, how)
+    layer._aggregates.clear()
+    fast = layer.aggregate(how) if rows is None else layer.aggregate_rows(rows, how)
+    return generic, fast
+
+
+def check_fast_aggregates(layer, blocks, rows, label: str, tolerance: float = 1e-12) -> None:
+    """A layer's own aggregates (every tile block in ``blocks``) and ``rows`` against the generic blocks."""
+    from implicit_attention.architectures.base import LayerDecomposition
+
+    assert type(layer).aggregate is not LayerDecomposition.aggregate
+    for block in blocks:
+        layer.tile_block = block
+        for how in ("mean", "abs", "pos"):
+            generic, fast = fresh_aggregates(layer, how)
+            assert_close(fast, generic, tolerance, f"{label} {how} block {block}")
+    for how in ("mean", "abs", "pos"):
+        generic, fast = fresh_aggregates(layer, how, rows=rows)
+        assert_close(fast, generic, tolerance, f"{label} {how} rows")

@@ -12,7 +12,7 @@ from implicit_attention.architectures.gla import VARIANTS, gla_block, gla_heads,
 from implicit_attention.capture import capture, select_layers
 from implicit_attention.models.gla import GLAAttention, GLAConfig, GLAForCausalLM, GLAModel
 
-from conftest import assert_close, left_padded
+from conftest import assert_close, left_padded, fresh_aggregates
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-6}
 
@@ -253,15 +253,6 @@ def test_hybrid_of_our_models_in_one_rollout():
         rel = ia.explain(model, ids, mask, method=method)
         assert torch.isfinite(rel).all() and torch.all(rel[1, :1] == 0)
 
-
-def fresh_aggregates(layer, how, rows=None):
-    """(generic per-channel-block result, fast result) of ``aggregate`` or ``aggregate_rows``, uncached."""
-    layer._aggregates.clear()
-    generic = LayerDecomposition.aggregate(layer, how) if rows is None \
-        else LayerDecomposition.aggregate_rows(layer, rows, how)
-    layer._aggregates.clear()
-    fast = layer.aggregate(how) if rows is None else layer.aggregate_rows(rows, how)
-    return generic, fast
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

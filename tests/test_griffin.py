@@ -14,7 +14,7 @@ from implicit_attention.architectures.griffin_naive import (naive_attention, nai
 from implicit_attention.capture import capture, select_layers
 from implicit_attention.explain import BASELINE_METHODS, MATRIX_METHODS
 
-from conftest import assert_close, left_padded
+from conftest import assert_close, left_padded, fresh_aggregates, check_fast_aggregates
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-6}
 RECURRENT = ["model.layers.0.temporal_block", "model.layers.1.temporal_block"]
@@ -222,15 +222,6 @@ def test_explain_every_method(method, variant):
         assert relevance.abs().sum() > 0
 
 
-def fresh_aggregates(layer, how, rows=None):
-    """(generic per-channel-block result, fast result) of ``aggregate`` or ``aggregate_rows``, uncached."""
-    layer._aggregates.clear()
-    generic = LayerDecomposition.aggregate(layer, how) if rows is None \
-        else LayerDecomposition.aggregate_rows(layer, rows, how)
-    layer._aggregates.clear()
-    fast = layer.aggregate(how) if rows is None else layer.aggregate_rows(rows, how)
-    return generic, fast
-
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("conv_width,resets", [(3, False), (4, True)], ids=["k3", "k4-resets"])
@@ -241,15 +232,7 @@ def test_fast_aggregates_match_channel_blocks(variant, conv_width, resets):
     position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0] + list(range(29))]) if resets else None
     for record in captured(model, ids, mask, position_ids)[:2]:
         layer = record.architecture.build(record, variant=variant, dtype=torch.float64, index=0)
-        assert type(layer).aggregate is not LayerDecomposition.aggregate
-        for block in (None, 4):
-            layer.tile_block = block
-            for how in ("mean", "abs", "pos"):
-                generic, fast = fresh_aggregates(layer, how)
-                assert_close(fast, generic, 1e-12, f"{variant} {how} block {block}")
-        for how in ("mean", "abs", "pos"):
-            generic, fast = fresh_aggregates(layer, how, rows=[0, 7, -1])
-            assert_close(fast, generic, 1e-12, f"{variant} {how} rows")
+        check_fast_aggregates(layer, (None, 4), [0, 7, -1], variant)
 
 
 def test_fast_mean_float32_and_long_inputs_with_strong_decays():

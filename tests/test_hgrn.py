@@ -13,7 +13,7 @@ from implicit_attention.capture import capture, select_layers
 from implicit_attention.models.hgrn import HGRNConfig, HGRNForCausalLM, HGRNModel, HGRNRecurrence
 from implicit_attention.models.hgrn.modeling_hgrn import chunked_scan
 
-from conftest import assert_close, left_padded
+from conftest import assert_close, left_padded, fresh_aggregates, check_fast_aggregates
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-6}
 
@@ -211,15 +211,6 @@ def test_attribution_uses_the_true_gradient_of_the_layer_output():
     assert_close(expl.relevance[0], cam[0, -1], 1e-9, "attribution (R - I)[row] = cam[row] for one layer")
 
 
-def fresh_aggregates(layer, how, rows=None):
-    """(generic per-channel-block result, fast result) of ``aggregate`` or ``aggregate_rows``, uncached."""
-    layer._aggregates.clear()
-    generic = LayerDecomposition.aggregate(layer, how) if rows is None \
-        else LayerDecomposition.aggregate_rows(layer, rows, how)
-    layer._aggregates.clear()
-    fast = layer.aggregate(how) if rows is None else layer.aggregate_rows(rows, how)
-    return generic, fast
-
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("conv_size,use_short_conv", [(2, True), (4, True), (3, False)], ids=["k2", "k4", "noconv"])
@@ -228,15 +219,7 @@ def test_fast_aggregates_match_channel_blocks(variant, conv_size, use_short_conv
     model = tiny_hgrn(conv_size=conv_size, use_short_conv=use_short_conv, seed=conv_size)
     ids, mask = left_padded(batch=3, length=37, seed=conv_size)
     for layer in ia.decompose(model, ids, mask, variant=variant).layers:
-        assert type(layer).aggregate is not LayerDecomposition.aggregate
-        for block in (None, 4):
-            layer.tile_block = block
-            for how in ("mean", "abs", "pos"):
-                generic, fast = fresh_aggregates(layer, how)
-                assert_close(fast, generic, 1e-12, f"{variant} {how} block {block}")
-        for how in ("mean", "abs", "pos"):
-            generic, fast = fresh_aggregates(layer, how, rows=[0, 3, -1])
-            assert_close(fast, generic, 1e-12, f"{variant} {how} rows")
+        check_fast_aggregates(layer, (None, 4), [0, 3, -1], variant)
 
 
 def test_fast_mean_float32_and_long_inputs_with_strong_decays():

@@ -14,7 +14,7 @@ from implicit_attention.architectures.rwkv4 import (VARIANTS, rwkv_block, rwkv_f
 from implicit_attention.architectures.rwkv4_naive import naive_rwkv, naive_wkv_recurrence
 from implicit_attention.capture import capture, select_layers
 
-from conftest import assert_close, left_padded
+from conftest import assert_close, left_padded, fresh_aggregates, check_fast_aggregates
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-6}
 
@@ -222,15 +222,6 @@ def test_unified_puts_the_value_token_shift_inside_the_operator(dtype):
     assert result.layers[0].attribution(grad).shape == (2, 7, 7)
 
 
-def fresh_aggregates(layer, how, rows=None):
-    """(generic per-channel-block result, fast result) of ``aggregate`` or ``aggregate_rows``, uncached."""
-    layer._aggregates.clear()
-    generic = LayerDecomposition.aggregate(layer, how) if rows is None \
-        else LayerDecomposition.aggregate_rows(layer, rows, how)
-    layer._aggregates.clear()
-    fast = layer.aggregate(how) if rows is None else layer.aggregate_rows(rows, how)
-    return generic, fast
-
 
 def test_log_normaliser_is_the_softmax_denominator():
     """The chunked scan of log Z against logsumexp over the dense logits, keys of hundreds, strong decays."""
@@ -257,15 +248,7 @@ def test_fast_aggregates_match_channel_blocks(variant, key_scale):
     model = tiny_rwkv(dtype=torch.float64, key_scale=key_scale, seed=3)
     ids, mask = left_padded(batch=2, length=37, seed=3)
     for layer in ia.decompose(model, ids, mask, variant=variant).layers:
-        assert type(layer).aggregate is not LayerDecomposition.aggregate
-        for block in (1, 4, 16):
-            layer.tile_block = block
-            for how in ("mean", "abs", "pos"):
-                generic, fast = fresh_aggregates(layer, how)
-                assert_close(fast, generic, 1e-12, f"{variant} {how} block {block}")
-        for how in ("mean", "abs", "pos"):
-            generic, fast = fresh_aggregates(layer, how, rows=[0, 5, -1])
-            assert_close(fast, generic, 1e-12, f"{variant} {how} rows")
+        check_fast_aggregates(layer, (1, 4, 16), [0, 5, -1], variant)
 
 
 def test_fast_mean_float32_and_long_inputs_with_large_keys_and_decays():
