@@ -286,7 +286,8 @@ def test_help_and_device_map(capsys, monkeypatch, files, tmp_path: Path) -> None
     # with accelerate "installed", load_model's from_pretrained receives device_map="auto"
     from transformers import AutoModelForCausalLM
     seen, real_load = [], AutoModelForCausalLM.from_pretrained
-    monkeypatch.setattr(dataset.importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.setattr(dataset.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "accelerate" else real_spec(name, *a))
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
                         lambda *a, device_map=None, **k: seen.append(device_map) or real_load(*a, **k))
     code, _, err = run(capsys, "explain-dataset", files["txt"], "--out", tmp_path / "o", "--device-map", "auto",
@@ -297,6 +298,50 @@ def test_help_and_device_map(capsys, monkeypatch, files, tmp_path: Path) -> None
     code, _, err = run(capsys, "explain-dataset", files["txt"], "--out", tmp_path / "o", "--device-map", "auto",
                        "--device", "cpu")
     assert code == 2 and "exclude each other" in err
+    # an explicit map from a JSON file reaches from_pretrained as a dict; bad values are refused clearly
+    placement = {"backbone": "cpu", "lm_head": "cpu"}
+    (tmp_path / "map.json").write_text(json.dumps(placement))
+    code, _, err = run(capsys, "explain-dataset", files["txt"], "--out", tmp_path / "o", "--device-map",
+                       tmp_path / "map.json", "--limit", "2", "--no-progress")
+    assert code == 0, err
+    assert seen[-1] == placement
+    (tmp_path / "bad.json").write_text('["cuda:0"]')
+    for value, message in (("everywhere", "neither one of auto, balanced"), (tmp_path / "bad.json", "JSON object")):
+        code, _, err = run(capsys, "explain-dataset", files["txt"], "--out", tmp_path / "o", "--device-map", value)
+        assert code == 2 and message in err, err
+    assert dataset.resolve_device_map("balanced") == "balanced"
+
+
+def test_device_map_runs_matrix_methods_through_accelerate(capsys, monkeypatch, files, clean, tmp_path: Path) -> None:
+    """--device-map with accelerate's hooks on every block (one mixer split from its block, as a layer on
+    another GPU would be): attribution (gradients through the hooks) and rollout as without it."""
+    accelerate = pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+    real_load = AutoModelForCausalLM.from_pretrained
+    split = {"backbone.embeddings": "cpu", "backbone.layers.0": "cpu", "backbone.layers.1.norm": "cpu",
+             "backbone.layers.1.mixer": "cpu", "backbone.norm_f": "cpu", "lm_head": "cpu"}
+
+    def dispatched(*args, device_map=None, **kwargs):
+        assert device_map == "auto"
+        return accelerate.dispatch_model(real_load(*args, **kwargs), device_map=split, main_device="cpu",
+                                         force_hooks=True)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", dispatched)
+    out = tmp_path / "split"
+    code, _, err = run(capsys, "explain-dataset", files["csv"], "--label-column", "label", "--out", out,
+                       "--device-map", "auto", "--batch-size", "2", "--no-progress")
+    assert code == 0, err
+    rows, summary = load(out)
+    assert_same(rows, clean[0])
+    assert summary["device"] == "device_map=auto" and summary["layer_devices"] == ["cpu"]
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", real_load)
+    for name, extra in (("plain", []), ("split_rollout", ["--device-map", "auto"])):
+        if extra:
+            monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", dispatched)
+        code, _, err = run(capsys, "explain-dataset", files["csv"], "--out", tmp_path / name, "--method", "rollout",
+                           "--limit", "4", "--no-progress", *extra)
+        assert code == 0, err
+    assert_same(load(tmp_path / "split_rollout")[0], load(tmp_path / "plain")[0])
 
 
 # ------------------------------------------------------------------------ torchrun, gloo, 2 CPUs

@@ -10,12 +10,12 @@ from . import models as _models  # noqa: F401  registers our RetNet/HGRN/GLA/RWK
 from .architectures import LayerDecomposition, supported_model_classes
 from .decompose import Decomposition, decompose
 from .explain import METHODS, Explanation, explain, run_explanation
-from .errors import (EmptyInputError, ImplicitAttentionError, MemoryBudgetError, ReconstructionError,
-                     UnsupportedModelError)
+from .errors import (EmptyInputError, ImplicitAttentionError, MemoryBudgetError, OffloadedLayerError,
+                     ReconstructionError, UnsupportedModelError)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Decomposition", "EmptyInputError", "Explanation", "METHODS", "explain", "run_explanation", "ImplicitAttentionError", "LayerDecomposition", "MemoryBudgetError",
-    "ReconstructionError", "UnsupportedModelError", "decompose", "supported_model_classes",
+    "OffloadedLayerError", "ReconstructionError", "UnsupportedModelError", "decompose", "supported_model_classes",
 ]

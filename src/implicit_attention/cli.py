@@ -256,9 +256,11 @@ def _add_dataset_parser(sub, methods: Sequence[str]) -> None:
                          "(repeatable; label names, label words and the task's 'labels' keys such as 1/0 are "
                          "understood without it)")
     _add_model_option(ds)
-    ds.add_argument("--device-map", choices=("auto",), default=None,
-                    help="load the model with device_map=auto through accelerate (must be installed), spread "
-                         "over the visible GPUs, instead of --device; for one process only")
+    ds.add_argument("--device-map", default=None, metavar="auto|balanced|sequential|MAP.json",
+                    help="load the model through accelerate (must be installed) spread over the visible GPUs, "
+                         "instead of --device: a device_map strategy, or a JSON file mapping module names to "
+                         'devices ({"backbone.layers.0": "cuda:0", ...}). Every method works: each layer is '
+                         "decomposed on its GPU and the maps are combined on the inputs' GPU. For one process only")
     ds.add_argument("--method", choices=methods, default="attribution",
                     help="how relevance is computed, as for explain (default: %(default)s)")
     ds.add_argument("--variant", choices=VARIANT_CHOICES, default="unified",

@@ -47,16 +47,19 @@ Data parallelism
     ``batch_max_error`` is the error of the batch an input actually ran in.
 
 Large models
-    ``device_map="auto"`` loads the model through ``accelerate`` across the visible GPUs (and CPU)
-    instead of moving it to one device. The capture hooks record each token-mixing layer's input
-    where the layer runs, and each layer is decomposed on that device: the factors are recomputed
-    from the captured input and the layer's own parameters (``mamba_factors`` puts everything on
-    the captured input's device), and the reconstruction error is measured against the output
-    captured there. The matrix methods then combine the maps of all selected layers (rollout,
-    attribution, ...) on the inputs' device; that gathering has not been run on several GPUs yet,
-    so when the selected layers end up on several devices a matrix method is still refused here
-    with a clear error (:func:`check_layer_devices`; select layers on one device with ``layers``,
-    or use a baseline method). ``device_map`` is meant for one process (it is refused under ``torchrun``).
+    ``device_map="auto"`` (or ``"balanced"``, ``"sequential"``, or an explicit map read from a JSON
+    file) loads the model through ``accelerate`` across the visible GPUs instead of moving it to
+    one device. Every method works on such a model. The capture hooks
+    record each token-mixing layer's input and output where the layer runs, and each layer is
+    decomposed on the device that holds it (its factors are recomputed from its own parameters
+    there, and its reconstruction error is measured against the output captured there); gradients
+    reach every layer through ``accelerate``'s device moves. The matrix methods then move each
+    layer's map to the inputs' device one layer at a time and combine it there (rollout,
+    attribution, ...: see :func:`~implicit_attention.explain.combine`), so no device holds the maps
+    of all layers. The memory estimate checks each device against its own free memory. Layers
+    offloaded to the CPU or disk (parameters on the ``meta`` device) cannot be decomposed and are
+    refused with a clear error. ``summary.json`` lists the devices of the selected layers
+    (``layer_devices``). ``device_map`` is meant for one process (it is refused under ``torchrun``).
 
 Example::
 
@@ -86,10 +89,10 @@ from .errors import EmptyInputError, ImplicitAttentionError
 
 __all__ = [
     "FORMATS", "GPU_BATCH_SIZE", "LOCK_FILE", "RESULTS_FILE", "RUN_FILE", "SUMMARY_FILE", "DatasetError",
-    "DatasetOptions", "Distributed", "InputRecord", "append_results", "batch_size", "check_layer_devices",
-    "check_run", "detect_format", "done_indices", "explain_batch", "gold_aliases", "load_for_run", "map_gold",
-    "merge_results", "parse_label_map", "read_inputs", "read_results", "run_dataset", "run_lock", "shard_indices",
-    "shard_path", "start_run", "summarize", "write_atomic",
+    "DatasetOptions", "Distributed", "InputRecord", "append_results", "batch_size", "check_run", "detect_format",
+    "done_indices", "explain_batch", "gold_aliases", "layer_devices", "load_for_run", "map_gold", "merge_results",
+    "parse_label_map", "read_inputs", "read_results", "resolve_device_map", "run_dataset", "run_lock",
+    "shard_indices", "shard_path", "start_run", "summarize", "write_atomic",
 ]
 
 #: Input formats (``format=None`` picks one from the file's extension).
@@ -129,7 +132,9 @@ class DatasetOptions:
         label_key: CSV column / JSONL field holding the gold label, or ``None``.
         label_map: ``{gold value: label name}`` added to the default mapping (see :func:`gold_aliases`).
         model, dtype, device: as for :func:`~implicit_attention.bundled.load_model`.
-        device_map: ``"auto"`` to load the model with ``device_map="auto"`` through ``accelerate``.
+        device_map: load the model through ``accelerate`` with this ``device_map``: ``"auto"``,
+            ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``, or the path of a JSON file mapping
+            module names to devices (``{"backbone.layers.0": "cuda:0", ...}``); see :func:`resolve_device_map`.
         method, variant, layers, aggregate, check: as for :func:`~implicit_attention.run_explanation`.
         target: a fixed target for every input (label name, token id or one-token string); ``None``
             explains each prediction.
@@ -624,6 +629,7 @@ def load_for_run(options: DatasetOptions, device: str | None):
 
     if options.device_map is None:
         return load_model(options.model, dtype=options.dtype, device=device)
+    device_map = resolve_device_map(options.device_map)
     if importlib.util.find_spec("accelerate") is None:
         raise DatasetError(f"--device-map {options.device_map} needs the accelerate package, which is not "
                            "installed: pip install accelerate")
@@ -634,33 +640,47 @@ def load_for_run(options: DatasetOptions, device: str | None):
     original = AutoModelForCausalLM.from_pretrained
 
     def with_device_map(*args, **kwargs):
-        kwargs.setdefault("device_map", options.device_map)
+        kwargs.setdefault("device_map", device_map)
         return original(*args, **kwargs)
 
     # load_model has no device_map argument: give it one for this call (its checks and task stay)
     with mock.patch.object(AutoModelForCausalLM, "from_pretrained", with_device_map):
         loaded = load_model(options.model, dtype=options.dtype, device=None)
-    check_layer_devices(loaded.model, options.method, options.layers)
     return loaded
 
 
-def check_layer_devices(model, method: str, layers: Sequence[int] | None) -> None:
-    """Refuse a matrix method when the selected token-mixing layers sit on several devices.
+#: ``device_map`` strategies ``accelerate`` understands by name.
+DEVICE_MAP_STRATEGIES: tuple[str, ...] = ("auto", "balanced", "balanced_low_0", "sequential")
 
-    Each layer is decomposed on its own device and ``explain`` gathers the maps on the inputs'
-    device, but that path has not been run on several GPUs: refuse it until it has.
+
+def resolve_device_map(value: str) -> str | dict[str, str | int]:
+    """``value`` as ``from_pretrained``'s ``device_map``: a strategy name, or the dict in a JSON file.
+
+    The file maps module names to devices (``"cuda:1"``, ``"cpu"``, a GPU index), e.g. the
+    ``model.hf_device_map`` of a model loaded before; ``accelerate`` checks that it covers the model.
     """
-    from .capture import select_layers
-    from .explain import MATRIX_METHODS
+    if value in DEVICE_MAP_STRATEGIES:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise DatasetError(f"--device-map {value!r} is neither one of {', '.join(DEVICE_MAP_STRATEGIES)} nor a JSON "
+                           "file mapping module names to devices")
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"--device-map {value}: not a readable JSON file ({exc})") from None
+    if not isinstance(mapping, dict) or not mapping or not all(
+            isinstance(k, str) and isinstance(v, (str, int)) and not isinstance(v, bool) for k, v in mapping.items()):
+        raise DatasetError(f"--device-map {value}: expected a JSON object mapping module names to devices, "
+                           'e.g. {"backbone.layers.0": "cuda:0", "backbone.layers.1": "cuda:1"}')
+    return mapping
 
-    if method not in MATRIX_METHODS:
-        return
-    devices = sorted({str(p.device) for _, module, _ in select_layers(model, layers) for p in module.parameters()})
-    if len(devices) > 1:
-        raise DatasetError(f"--device-map put the selected token-mixing layers on several devices "
-                           f"({', '.join(devices)}); the {method} method combines their maps on one device, "
-                           "which is not supported yet. Select layers on one device (--layers), use a baseline "
-                           "method, or load the model on one device (--device)")
+
+def layer_devices(model, layers: Sequence[int] | None) -> list[str]:
+    """The devices the selected token-mixing layers compute on, sorted (one entry on a single device)."""
+    from .capture import execution_device, select_layers
+
+    return sorted({str(execution_device(module)) for _, module, _ in select_layers(model, layers)})
 
 
 def _finite(x: float) -> float | None:
@@ -830,7 +850,8 @@ def _run(options: DatasetOptions, dist: Distributed, stack: contextlib.ExitStack
         return None
     rows = merge_results(options.out)
     runtime = {"batch_size": batch_size(options, loaded), "limit": options.limit,
-               "device": f"device_map={options.device_map}" if options.device_map else str(loaded.device)}
+               "device": f"device_map={options.device_map}" if options.device_map else str(loaded.device),
+               "layer_devices": layer_devices(loaded.model, options.layers)}
     summary = summarize(rows, records, settings=settings, model_name=loaded.name, done_before=len(done),
                         processes=dist.world_size, elapsed=time.perf_counter() - started,
                         explain_seconds=explain_seconds, runtime=runtime)

@@ -10,10 +10,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import CapturedLayer, LayerDecomposition
-from .capture import call_model, capture, layer_indices, model_dtype, prepare_inputs, select_layers
+from .capture import (call_model, capture, execution_device, layer_indices, model_dtype, offloaded_parameters,
+                      prepare_inputs, record_on_device, select_layers)
 from .capture import prepare_model_inputs
-from .errors import ReconstructionError
-from .memory import DEFAULT_BLOCK_BYTES, ensure_fits
+from .errors import MemoryBudgetError, OffloadedLayerError, ReconstructionError
+from .memory import budget_bytes, estimate
 
 #: Default relative-error tolerance of the exactness check, by the dtype the *model* runs in.
 DEFAULT_TOLERANCE: dict[torch.dtype, float] = {
@@ -60,8 +61,8 @@ class Decomposition:
         return [layer.error for layer in self.layers]
 
     def aggregate(self, how: str = "mean") -> torch.Tensor:
-        """``[layers, B, L, L]`` every layer's aggregated map stacked."""
-        return torch.stack([layer.aggregate(how) for layer in self.layers])
+        """``[layers, B, L, L]`` every layer's aggregated map stacked, on the device of ``input_ids``."""
+        return torch.stack([layer.aggregate(how).to(self.input_ids.device) for layer in self.layers])
 
 
 def compute_dtype_for(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype:
@@ -73,26 +74,70 @@ def compute_dtype_for(model: nn.Module, dtype: torch.dtype | None) -> torch.dtyp
     return torch.float64 if model_dtype(model) == torch.float64 else torch.float32
 
 
-#: Tensors of ``[B, L, C]`` each decomposed layer keeps (values, offset, output and the factors).
-_PER_LAYER_TENSORS = 10
-#: Block-sized temporaries at the peak of a block computation.
-_BLOCK_TEMPORARIES = 5
+#: Name of the profiler range (``torch.profiler.record_function``) around the library's own work
+#: after the forward pass: building the layers, and for ``explain`` combining their maps.
+PHASE = "implicit_attention.decompose_layers"
+
+#: Advice of a memory error.
+_ADVICE = ("Pass fewer layers= (e.g. layers=[-1]), a smaller batch or a shorter input; smaller chunks "
+           "(with implicit_attention.memory.block_bytes(n)) lower the working part.")
 
 
-def estimate_bytes(targets, batch: int, length: int, itemsize: int) -> int:
-    """Bytes :func:`decompose` holds: every kept layer's ``[B, L, C]`` tensors plus one channel block."""
-    channels = [arch.channels(module) for _, module, arch in targets]
-    kept = sum(_PER_LAYER_TENSORS * batch * length * c * itemsize for c in channels)
-    one_channel_block = _BLOCK_TEMPORARIES * batch * length * length * itemsize
-    return kept + max(one_channel_block, min(DEFAULT_BLOCK_BYTES, one_channel_block * max(channels, default=1)))
+def estimate_memory(targets, batch: int, length: int, dtype: torch.dtype, *, method: str = "decompose",
+                    home: torch.device | str | None = None) -> dict:
+    """``{device: DeviceEstimate}``: what decomposing ``targets`` (and running ``method``) allocates.
+
+    ``targets`` are ``(name, module, architecture)`` as :func:`~.capture.select_layers` returns;
+    each layer is counted on the device it computes on. See :func:`~.memory.estimate`.
+    """
+    layers = [(name, module, arch, execution_device(module)) for name, module, arch in targets]
+    model_dtype_ = next((p.dtype for _, module, _ in targets for p in module.parameters()
+                         if p.is_floating_point()), dtype)
+    return estimate(layers, batch, length, dtype, model_dtype=model_dtype_, method=method, home=home)
 
 
-def ensure_decomposition_fits(targets, ids: torch.Tensor, dtype: torch.dtype) -> None:
-    """Raise :class:`~implicit_attention.errors.MemoryBudgetError` before running if it would not fit."""
-    batch, length = ids.shape
-    ensure_fits(f"decomposing {len(targets)} layer(s) of a [B={batch}, L={length}] input",
-                estimate_bytes(targets, batch, length, dtype.itemsize), ids.device,
-                "Pass fewer layers= (e.g. layers=[-1]), a smaller batch, a shorter input, or dtype=torch.float32.")
+def estimate_bytes(targets, batch: int, length: int, itemsize: int, *, method: str = "decompose") -> int:
+    """Bytes the call allocates on its most loaded device (see :func:`estimate_memory`)."""
+    dtype = {8: torch.float64, 4: torch.float32}[itemsize]
+    per_device = estimate_memory(targets, batch, length, dtype, method=method)
+    return max((entry.total for entry in per_device.values()), default=0)
+
+
+def ensure_decomposition_fits(targets, inputs, dtype: torch.dtype, *, method: str = "decompose") -> None:
+    """Raise :class:`~implicit_attention.errors.MemoryBudgetError` before running if a device would not hold it.
+
+    ``inputs`` is the :class:`~.capture.ModelInputs` (or anything with ``.shape`` ``(B, L)`` and
+    ``.device``, the home device where maps are combined). Every device the selected layers
+    compute on is checked against its own free memory (:func:`~.memory.budget_bytes`). Layers
+    whose parameters were offloaded (``meta`` device) are refused first: their weights are needed.
+    """
+    check_parameters_present(targets)
+    batch, length = inputs.shape
+    per_device = estimate_memory(targets, batch, length, dtype, method=method, home=inputs.device)
+    what = "decomposing" if method == "decompose" else f"the {method} explanation over"
+    for device, entry in per_device.items():
+        budget = budget_bytes(device)
+        if entry.total > budget:
+            raise MemoryBudgetError(
+                f"{what} {len(targets)} layer(s) of a [B={batch}, L={length}] input in {dtype} "
+                f"({entry.describe()})", entry.total, budget, _ADVICE)
+
+
+def check_parameters_present(targets) -> None:
+    """Refuse layers whose parameters are on the ``meta`` device (offloaded to CPU or disk by ``accelerate``).
+
+    Their factors are recomputed from the parameters after the forward pass, when ``accelerate``
+    has offloaded them again.
+    """
+    for name, module, _ in targets:
+        missing = offloaded_parameters(module)
+        if missing:
+            raise OffloadedLayerError(
+                f"layer {name!r} has its parameters offloaded ({', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''} are on the meta device): the decomposition reads the "
+                "weights after the forward pass. Load the model without CPU/disk offloading (enough GPU memory "
+                "or max_memory for the selected layers), select layers that stay on a GPU (layers=), or use a "
+                "baseline method")
 
 
 def check_variant(targets, variant: str) -> None:
@@ -110,7 +155,8 @@ def build_layers(captured: list[CapturedLayer], indices: list[int], *, variant: 
                               disable=(not progress) if progress is not None else True):
         if record.inputs is None or record.output is None:
             raise RuntimeError(f"layer {record.name!r} did not run during the forward pass")
-        layer = record.architecture.build(record, variant=variant, dtype=dtype, index=index)
+        # a layer computes on its own device (several with device_map): its record goes there
+        layer = record.architecture.build(record_on_device(record), variant=variant, dtype=dtype, index=index)
         layer.measure_error()
         if check and layer.exact and not layer.error <= tolerance:
             raise ReconstructionError(layer.name, layer.error, tolerance)
@@ -156,7 +202,8 @@ def decompose(model: nn.Module, input_ids, attention_mask=None, *, variant: str 
     ensure_decomposition_fits(targets, inputs, compute_dtype)
     with torch.no_grad(), capture(model, targets) as captured:
         outputs = inputs.call(model)
-    built = build_layers(captured, layer_indices(model, captured), variant=variant, dtype=compute_dtype,
-                         check=check, tolerance=tol, progress=progress)
+    with torch.profiler.record_function(PHASE):
+        built = build_layers(captured, layer_indices(model, captured), variant=variant, dtype=compute_dtype,
+                             check=check, tolerance=tol, progress=progress)
     return Decomposition(layers=built, input_ids=ids, attention_mask=mask,
                          logits=getattr(outputs, "logits", None), variant=variant)

@@ -30,6 +30,10 @@ class MemoryBudgetError(ImplicitAttentionError, MemoryError):
         )
 
 
+class OffloadedLayerError(ImplicitAttentionError, ValueError):
+    """A layer to decompose has its parameters offloaded (``meta`` device) by ``accelerate``."""
+
+
 class ReconstructionError(ImplicitAttentionError, ArithmeticError):
     """A decomposition does not reproduce the module's own forward within tolerance.
 

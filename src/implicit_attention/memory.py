@@ -1,22 +1,99 @@
-"""Memory estimates: check that a tensor fits before allocating it."""
+"""Memory estimates: check that a computation fits before allocating anything.
+
+Two levels:
+
+- :func:`ensure_fits` guards one allocation (``LayerDecomposition.matrix`` checks its
+  ``[B, C, L, L]`` tensor with it).
+- :func:`estimate` bounds what a whole :func:`~implicit_attention.decompose` or
+  :func:`~implicit_attention.explain` call allocates on each device, from the selected layers
+  and the input's shape alone (before the forward pass); ``decompose.ensure_decomposition_fits``
+  raises :class:`~implicit_attention.errors.MemoryBudgetError` with advice when a device would
+  not hold it.
+
+What :func:`estimate` counts, per device (``B`` batch, ``L`` tokens, ``C`` a layer's operator
+channels, ``s`` the bytes of the compute dtype; a *vector* is ``B * L * C * s`` bytes, a *map*
+``B * L * L * s``):
+
+1. **captured**, per layer: what the forward hooks keep until the layer is built (its input and
+   output, in the model's dtype; the attention weights an eager attention module returns), plus
+   one map for the padding mask the layers receive. Gradient methods add each layer's gradient.
+2. **kept**, per layer: the decomposition itself (:attr:`LayerFootprint.vectors` vectors of
+   factors, values, offset and output; :attr:`LayerFootprint.maps` maps for architectures that keep
+   per-head matrices).
+3. **working**, the largest over the device's layers, since layers are built and read one at a
+   time: building a layer (its factors, :attr:`LayerFootprint.build_vectors` vectors and
+   :attr:`LayerFootprint.build_maps` maps, and the exactness check), then the path the method
+   takes: channel blocks (aggregates without a fast path, attribution, the reconstruction;
+   chunked to at most :func:`default_block_bytes` per temporary), the fast paths (factorised
+   aggregates, rows for ``raw`` and ``paper``; :attr:`LayerFootprint.path_vectors` vectors and
+   :attr:`LayerFootprint.path_maps` maps), and attention layers' per-head recomputation (chunks of
+   heads within the same block bytes). Chunked temporaries are counted at twice the bytes they
+   were sized for, since a step holds a few temporaries beside its block. The estimate does not
+   depend on the channel aggregation: the exactness check builds channel blocks in any case.
+4. **combining**, on the home device (the inputs' device) only: the maps being combined (one at a
+   time, see :func:`~implicit_attention.explain.layer_maps`) and the rule's accumulators.
+
+Not counted: the model's parameters and the activations of its own forward pass (and, for the
+gradient methods ``attribution`` and ``paper``, its backward pass), which running the model at
+all takes; they are freed before the layers are built. The budget is :data:`USABLE_FRACTION` of
+the memory available, leaving room for them. ``tests/test_memory.py`` measures the peak
+allocations of each path on the CPU and checks that the estimate bounds them.
+
+An architecture whose layers keep more than the generic :class:`LayerFootprint` declares its own
+with :func:`register_footprint` (the built-in ones are registered below).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-from .errors import MemoryBudgetError
+from .errors import MemoryBudgetError, format_bytes
 
-# Leave head-room for the model itself, autograd and the allocator.
-_USABLE_FRACTION = 0.6
+#: Share of the available memory an estimate may use; the rest is head-room for the model itself,
+#: autograd and the allocator.
+USABLE_FRACTION = 0.6
 # Per-channel blocks are computed in chunks of at most this many bytes (per temporary).
 DEFAULT_BLOCK_BYTES = 256 * 2**20
+#: Temporaries of a chunked step relative to the bytes its chunk was sized for (see the module doc).
+CHUNK_SAFETY = 2
+#: Channels of one group of the sampled exactness check (``SAMPLED_CHANNELS // 4`` in ``base``).
+_SAMPLED_GROUP = 8
+#: Above this many matrix entries the exactness check samples channels (``base.FULL_CHECK_ENTRIES``).
+_FULL_CHECK_ENTRIES = 2 ** 26
+
+_block_bytes_override: int | None = None
 
 
 def default_block_bytes(device: torch.device | str) -> int:
-    """Bytes per block-sized temporary: 5% of the free memory, between 64 MiB and 2 GiB."""
+    """Bytes per block-sized temporary: 5% of the free memory, between 64 MiB and 2 GiB.
+
+    Inside :func:`block_bytes` the given size instead.
+    """
+    if _block_bytes_override is not None:
+        return _block_bytes_override
     return int(min(2 * 2**30, max(64 * 2**20, 0.05 * available_bytes(device))))
+
+
+@contextlib.contextmanager
+def block_bytes(size: int) -> Iterator[None]:
+    """Size the chunks of layers decomposed inside the context for ``size`` bytes per temporary.
+
+    Smaller chunks lower the working memory (and make the computation slower); layers keep the
+    size they were built with.
+    """
+    global _block_bytes_override
+    if size < 1:
+        raise ValueError(f"block bytes must be positive, got {size}")
+    previous, _block_bytes_override = _block_bytes_override, int(size)
+    try:
+        yield
+    finally:
+        _block_bytes_override = previous
 
 
 def available_bytes(device: torch.device | str) -> int:
@@ -35,9 +112,14 @@ def available_bytes(device: torch.device | str) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+def budget_bytes(device: torch.device | str) -> int:
+    """What an estimate may use on ``device``: :data:`USABLE_FRACTION` of :func:`available_bytes`."""
+    return int(available_bytes(device) * USABLE_FRACTION)
+
+
 def ensure_fits(what: str, needed_bytes: int, device: torch.device | str, advice: str) -> None:
     """Raise :class:`MemoryBudgetError` if ``needed_bytes`` exceeds the usable memory of ``device``."""
-    budget = int(available_bytes(device) * _USABLE_FRACTION)
+    budget = budget_bytes(device)
     if needed_bytes > budget:
         raise MemoryBudgetError(what, needed_bytes, budget, advice)
 
@@ -50,3 +132,215 @@ def channels_per_block(batch: int, length: int, channels: int, itemsize: int,
     """
     per_channel = batch * length * length * itemsize * temporaries
     return max(1, min(channels, block_bytes // max(per_channel, 1)))
+
+
+# ------------------------------------------------------------------------------ footprints
+def _heads(module) -> int:
+    """Number of (query) heads of an attention-like module, read from its attributes or config."""
+    for owner in (module, getattr(module, "config", None)):
+        for name in ("num_heads", "num_attention_heads", "n_head", "n_heads", "n_mamba_heads"):
+            value = getattr(owner, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return 1
+
+
+def _input_width(module, channels: int) -> int:
+    """Width of a layer's input hidden states (the model's ``hidden_size``), at least ``channels``."""
+    for owner in (getattr(module, "config", None), module):
+        value = getattr(owner, "hidden_size", None)
+        if isinstance(value, int) and value > 0:
+            return max(value, channels)
+    return channels
+
+
+def _eager(module) -> bool:
+    """Whether an attention module runs the eager path (which returns its ``[B, H, L, L]`` weights)."""
+    config = getattr(module, "config", None)
+    return getattr(config, "_attn_implementation", "eager") in (None, "eager")
+
+
+@dataclass(frozen=True)
+class LayerFootprint:
+    """The memory one decomposed layer of an architecture takes, in units :func:`estimate` scales.
+
+    A vector is ``[B, L, C]`` (``C`` the layer's operator channels), a map ``[B, L, L]``, both in
+    the compute dtype. Each count is a number or a function of the layer module.
+
+    Attributes:
+        vectors: vectors the decomposition keeps (values, offset, output, its factors).
+        maps: maps it keeps (per-head probabilities or decays: ``H`` for RWKV-6, xLSTM, ...).
+        build_vectors: vector-sized temporaries while its factors are computed (a chunked scan of
+            chunk ``T`` takes ``T`` vectors per temporary).
+        build_maps: map-sized temporaries while it is built (per-head matrices and their steps).
+        units: how many pieces its chunked loops split into (channels, or heads where the
+            channels of a head share one matrix); ``None``: the channels.
+        path_vectors: vector-sized temporaries of its fast paths (rows for ``raw`` and ``paper``,
+            the factorised signed mean).
+        path_maps: map-sized temporaries of its aggregates and attribution beyond the chunked
+            loops (accumulators, per-head sums).
+        captured_maps: maps (in the model's dtype) the forward hooks capture from the module's
+            return value (an eager attention module's weights).
+        cuda_path_bytes: fixed bytes of a fast path that runs on CUDA only (fused kernels).
+    """
+
+    vectors: int | Callable = 12
+    maps: int | Callable = 0
+    build_vectors: int | Callable = 24
+    build_maps: int | Callable = 2
+    units: int | Callable | None = None
+    path_vectors: int | Callable = 24
+    path_maps: int | Callable = 4
+    captured_maps: int | Callable = 0
+    cuda_path_bytes: int = 0
+
+    def count(self, name: str, module) -> int:
+        value = getattr(self, name)
+        return int(value(module) if callable(value) else value)
+
+
+_FOOTPRINTS: dict[str, LayerFootprint] = {}
+#: Used for an architecture that registered no footprint.
+GENERIC_FOOTPRINT = LayerFootprint()
+
+
+def register_footprint(architecture: str, footprint: LayerFootprint) -> None:
+    """Declare the :class:`LayerFootprint` of a registered architecture (by its name)."""
+    _FOOTPRINTS[architecture] = footprint
+
+
+def footprint(architecture: str) -> LayerFootprint:
+    """The :class:`LayerFootprint` of ``architecture`` (:data:`GENERIC_FOOTPRINT` if none was registered)."""
+    return _FOOTPRINTS.get(architecture, GENERIC_FOOTPRINT)
+
+
+def _per_head(extra: int = 0, factor: int = 1) -> Callable:
+    return lambda module: factor * _heads(module) + extra
+
+
+def _eager_weights(module) -> int:
+    return _heads(module) if _eager(module) else 0
+
+
+# softmax attention: probabilities recomputed per chunk of heads, the additive mask per chunk
+_ATTENTION = LayerFootprint(vectors=8, build_vectors=8, build_maps=2, units=_heads, path_vectors=4, path_maps=4,
+                            captured_maps=_eager_weights)
+for _name in ("attention", "attention_gpt2", "attention_bert"):
+    register_footprint(_name, _ATTENTION)
+# Griffin's local attention keeps its probabilities [B, H, L, L]
+register_footprint("griffin_attention", LayerFootprint(
+    vectors=8, maps=_per_head(), build_vectors=8, build_maps=_per_head(2, 3), units=_heads, path_vectors=4,
+    path_maps=_per_head(4), captured_maps=_eager_weights))
+# per-head matrices kept by the factors; building them takes a few more of their size
+register_footprint("rwkv6", LayerFootprint(maps=_per_head(), build_maps=_per_head(2, 4), path_maps=_per_head(4, 2)))
+register_footprint("rwkv7", LayerFootprint(maps=_per_head(), build_maps=_per_head(2, 8), path_maps=_per_head(4, 2)))
+register_footprint("xlstm", LayerFootprint(maps=_per_head(), build_maps=_per_head(2, 6), path_maps=_per_head(4, 2)))
+# Zamba's Mamba heads: the signed mean stacks one map per head
+register_footprint("zamba_mamba", LayerFootprint(path_maps=_per_head(4), cuda_path_bytes=2**30))
+# the fused signed mean of Mamba on CUDA sizes its factor tensors for up to 1 GiB
+register_footprint("mamba", LayerFootprint(cuda_path_bytes=2**30))
+register_footprint("jamba_mamba", LayerFootprint(cuda_path_bytes=2**30))
+# HGRN's and GLA's factors run the model's chunked scan: [B, T, T, width] temporaries for chunks of
+# T tokens (GLA's width is its key width)
+register_footprint("hgrn", LayerFootprint(build_vectors=lambda m: 24 + 4 * getattr(m, "chunk_size", 64)))
+register_footprint("gla", LayerFootprint(build_vectors=lambda m: 24 + -(-4 * getattr(m, "chunk_size", 64) * getattr(
+    m, "key_dim", 1) // getattr(m, "value_dim", 1))))
+
+
+# -------------------------------------------------------------------------------- estimate
+@dataclass
+class DeviceEstimate:
+    """Bytes an estimated call allocates on one device, by part (see the module doc)."""
+
+    device: torch.device
+    captured: int = 0
+    kept: int = 0
+    working: int = 0
+    combining: int = 0
+    layers: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.captured + self.kept + self.working + self.combining
+
+    def describe(self) -> str:
+        return (f"{format_bytes(self.total)} on {self.device} ({len(self.layers)} layer(s): "
+                f"{format_bytes(self.captured)} captured, {format_bytes(self.kept)} kept, "
+                f"{format_bytes(self.working)} working, {format_bytes(self.combining)} combining maps)")
+
+
+#: Map-sized accumulators each method's combination holds on the home device (the map being
+#: combined, the product, normalisation temporaries).
+_COMBINING_MAPS = {"decompose": 0, "raw": 1, "rollout": 6, "attribution": 5, "paper": 6}
+
+
+def estimate(layers: Sequence[tuple[str, object, object, torch.device]], batch: int, length: int,
+             dtype: torch.dtype, *, model_dtype: torch.dtype | None = None, method: str = "decompose",
+             home: torch.device | str | None = None) -> dict[torch.device, DeviceEstimate]:
+    """Bytes a call allocates on each device, from the selected layers and the input shape alone.
+
+    Args:
+        layers: ``(name, module, architecture, device)`` of each selected layer, ``device`` the one
+            it computes on (:func:`~implicit_attention.capture.execution_device`).
+        batch, length: ``B`` and ``L`` of the input.
+        dtype: the compute dtype; ``model_dtype`` the model's (default: the same).
+        method: ``"decompose"`` or a matrix method of :func:`~implicit_attention.explain`.
+        home: where the maps are combined (the inputs' device; default the first layer's).
+
+    Returns:
+        ``{device: DeviceEstimate}`` for every device involved.
+    """
+    if method not in _COMBINING_MAPS:
+        raise ValueError(f"unknown method {method!r}; choose one of {tuple(_COMBINING_MAPS)}")
+    s = dtype.itemsize
+    sm = (model_dtype or dtype).itemsize
+    home = torch.device(home) if home is not None else (layers[0][3] if layers else torch.device("cpu"))
+    per_device: dict[torch.device, DeviceEstimate] = {}
+    square = batch * length * length
+    for name, module, arch, device in layers:
+        entry = per_device.setdefault(torch.device(device), DeviceEstimate(torch.device(device)))
+        if not entry.layers:
+            entry.captured += square * max(sm, 4)            # the padding mask the layers receive
+        entry.layers.append(name)
+        fp = footprint(arch.name)
+        channels = arch.channels(module)
+        vector, grid = batch * length * channels, square
+        width = _input_width(module, channels)
+        entry.captured += (batch * length * width + vector) * sm + fp.count("captured_maps", module) * grid * sm
+        if method in ("attribution", "paper"):
+            entry.captured += vector * sm                    # the gradient at the layer
+        entry.kept += fp.count("vectors", module) * vector * s + fp.count("maps", module) * grid * s
+        entry.working = max(entry.working, _working(fp, module, channels, batch, length, s, device, method))
+    entry = per_device.setdefault(home, DeviceEstimate(home))
+    entry.combining += _COMBINING_MAPS[method] * square * s
+    return per_device
+
+
+def _chunked(units: int, per_unit: int, block: int) -> int:
+    """Bytes of a loop over ``units`` in chunks of whole units within ``block`` bytes (one unit at least)."""
+    return max(per_unit, min(block, units * per_unit))
+
+
+#: Block-sized temporaries a chunk is sized for (the largest ``block_temporaries`` of the layers).
+_BLOCK_TEMPORARIES = 5
+
+
+def _working(fp: LayerFootprint, module, channels: int, batch: int, length: int, s: int, device,
+             method: str) -> int:
+    """Transient bytes of building one layer and running ``method``'s path on it (see the module doc)."""
+    vector, grid = batch * length * channels * s, batch * length * length * s
+    units = channels if fp.units is None else fp.count("units", module)
+    block = default_block_bytes(device)
+    # chunked loops (blocks of channels, chunks of heads): sized for ``block`` with the declared
+    # temporaries; the steps around them hold up to as many again (CHUNK_SAFETY)
+    chunks = CHUNK_SAFETY * _chunked(units, _BLOCK_TEMPORARIES * grid, block)
+    if fp.units is None and batch * channels * length * length > _FULL_CHECK_ENTRIES:
+        # the sampled exactness check builds groups of channels whatever the block size
+        chunks = max(chunks, CHUNK_SAFETY * _SAMPLED_GROUP * _BLOCK_TEMPORARIES * grid)
+    build = fp.count("build_vectors", module) * vector + fp.count("build_maps", module) * grid + chunks
+    if method == "decompose":
+        return build
+    path = chunks + fp.count("path_maps", module) * grid + fp.count("path_vectors", module) * vector
+    if torch.device(device).type == "cuda":
+        path += fp.cuda_path_bytes
+    return max(build, path)

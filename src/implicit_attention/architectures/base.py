@@ -267,6 +267,15 @@ class LayerDecomposition(ABC):
         """
         return grad
 
+    def release(self) -> None:
+        """Drop the cached :attr:`matrix` and aggregates (``[B, L, L]`` each) to free their memory.
+
+        They are recomputed if asked for again; :func:`~implicit_attention.explain` releases each
+        layer once its map has been combined.
+        """
+        self._matrix = None
+        self._aggregates.clear()
+
     def memory_estimate(self) -> str:
         """A one-line estimate of what :attr:`matrix` would take."""
         return format_bytes(self.batch_size * self.channels * self.length ** 2 * self.dtype.itemsize)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +12,8 @@ from torch import nn
 from ..capture import call_model, capture, layer_indices, prepare_inputs, select_layers
 from ..capture import prepare_model_inputs
 from ..capture import model_dtype
-from ..decompose import (DEFAULT_TOLERANCE, Decomposition, build_layers, check_variant, compute_dtype_for,
+from ..architectures import LayerDecomposition
+from ..decompose import (DEFAULT_TOLERANCE, PHASE, Decomposition, build_layers, check_variant, compute_dtype_for,
                          ensure_decomposition_fits)
 from . import baselines
 from .rules import attribution_rollout, minmax, paper_rollout, rollout
@@ -97,7 +98,7 @@ def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method:
     check_variant(targets, variant)
     if aggregate not in ("abs", "pos", "mean"):
         raise ValueError(f"aggregate must be 'abs', 'pos' or 'mean', got {aggregate!r}")
-    ensure_decomposition_fits(targets, inputs, compute_dtype)
+    ensure_decomposition_fits(targets, inputs, compute_dtype, method=method)
     need_grad = method in ("attribution", "paper")
     embeds = inputs.embed(model).requires_grad_(need_grad)
     grads: list[torch.Tensor] = []
@@ -111,35 +112,83 @@ def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method:
             wrt = [r.output for r in captured] if method == "attribution" else [r.block_input for r in captured]
             grads = list(torch.autograd.grad(tgt.score(logits).sum(), wrt))
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(model_dtype(model), 1e-4)
-    built = build_layers(captured, layer_indices(model, captured), variant=variant, dtype=compute_dtype,
-                         check=check, tolerance=tol, progress=progress)
+    with torch.profiler.record_function(PHASE):
+        built = build_layers(captured, layer_indices(model, captured), variant=variant, dtype=compute_dtype,
+                             check=check, tolerance=tol, progress=progress)
+        captured.clear()  # the layers' inputs and call arguments: no longer needed
+        mask_f = inputs.token_mask(compute_dtype)
+        relevance = combine(method, built, grads, tgt.row, mask_f, aggregate=aggregate, start_layer=start_layer,
+                            causal=inputs.causal)
     decomposition = Decomposition(layers=built, input_ids=ids, attention_mask=mask,
                                   logits=logits.detach(), variant=variant)
-    row = tgt.row
-    mask_f = inputs.token_mask(compute_dtype)
-    # layers of a sharded model (device_map="auto") are decomposed where they live; their maps
-    # are combined on the device of the inputs
-    home = mask_f.device
+    return Explanation(_finish(relevance, mask, compute_dtype), tgt, logits.detach(), decomposition, method, variant)
+
+
+def layer_maps(layers: Sequence[LayerDecomposition], compute: Callable[[int, LayerDecomposition], torch.Tensor],
+               home: torch.device | str) -> Iterator[torch.Tensor]:
+    """``compute(l, layers[l])`` for each layer in order, moved to ``home``, one layer at a time.
+
+    Each map is computed on the device of its layer (a model loaded with ``device_map`` has its
+    layers on several GPUs) and only then moved to ``home``, where the maps are combined; once a
+    map is taken, the layer's cached aggregates are released (:meth:`LayerDecomposition.release`).
+    Consumed by :func:`~.rules.rollout` or :func:`~.rules.attribution_rollout`, which use each map
+    as it comes, ``home`` therefore holds the accumulated product and one layer's map
+    (``[B, L, L]`` or ``[B, R, L]``), and no device ever holds the maps of every layer.
+    """
+    for index, layer in enumerate(layers):
+        value = compute(index, layer).to(home)
+        layer.release()
+        yield value
+
+
+def combine(method: str, layers: Sequence[LayerDecomposition], grads: list[torch.Tensor], row: int,
+            mask: torch.Tensor, *, aggregate: str = "abs", start_layer: int | None = None,
+            causal: bool = True) -> torch.Tensor:
+    """Relevance ``[B, L]`` of ``row`` from the decomposed layers by a matrix ``method``, on ``mask``'s device.
+
+    Args:
+        method: ``"raw"``, ``"rollout"``, ``"attribution"`` or ``"paper"`` (see :func:`explain`).
+        layers: the decomposed layers in model order, each on its own device.
+        grads: for ``"attribution"`` the gradient ``[B, L, C]`` of the score at each layer's output,
+            for ``"paper"`` at each layer's block input ``[B, L, H]`` (any device; the list is
+            emptied as it is used, so that each gradient is freed once read); unused otherwise.
+        row: the explained row of the maps.
+        mask: ``[B, L]`` 1 for real tokens, in the compute dtype, on the *home* device: where the
+            maps are gathered and combined (the device of the model's inputs).
+        aggregate: channel aggregation of ``"raw"`` and ``"rollout"``.
+        start_layer: first layer of the ``"paper"`` rollout (default: the second half).
+        causal: whether the model mixes tokens causally (``"paper"`` keeps its maps causal).
+    """
+    home, dtype = mask.device, mask.dtype
+
+    def gradient(index: int, device: torch.device) -> torch.Tensor:
+        grad, grads[index] = grads[index], None
+        return grad.detach().to(device=device, dtype=dtype)
+
     if method == "raw":
-        relevance = torch.stack([layer.aggregate_rows([row], aggregate)[:, 0].to(home) for layer in built]).mean(dim=0)
-    elif method == "rollout":
-        relevance = rollout([layer.aggregate(aggregate).to(home) for layer in built])[:, row, :]
-    elif method == "attribution":
-        cams = [layer.attribution(grad.detach().to(device=layer.device, dtype=compute_dtype)).to(home)
-                for layer, grad in zip(built, grads)]
+        rows = layer_maps(layers, lambda _, layer: layer.aggregate_rows([row], aggregate)[:, 0], home)
+        total = next(rows).clone()
+        for part in rows:
+            total += part
+        return total / len(layers)
+    if method == "rollout":
+        return rollout(layer_maps(layers, lambda _, layer: layer.aggregate(aggregate), home))[:, row, :]
+    if method == "attribution":
+        cams = layer_maps(layers, lambda i, layer: layer.attribution(gradient(i, layer.device)), home)
         # Read the propagated part only (R - I), as Chefer et al. drop the explained token's own
         # identity term: otherwise it dwarfs every other token.
         relevance = attribution_rollout(cams)[:, row, :]
         relevance[:, row] -= 1
-    else:  # paper
-        start = len(built) // 2 if start_layer is None else start_layer
-        if not -len(built) <= start < len(built):
-            raise IndexError(f"start_layer {start} out of range for {len(built)} layers")
-        rows = [layer.aggregate_rows([row], "pos")[:, 0].to(home) for layer in built]
-        saliency = [minmax(grad.detach().to(device=home, dtype=compute_dtype).clamp(min=0).amax(dim=-1), mask_f)
-                    for grad in grads]
-        relevance = paper_rollout(rows[start:], saliency[start:], mask_f, row, causal=inputs.causal)
-    return Explanation(_finish(relevance, mask, compute_dtype), tgt, logits.detach(), decomposition, method, variant)
+        return relevance
+    if method != "paper":
+        raise ValueError(f"{method!r} is not a matrix method; choose one of {MATRIX_METHODS}")
+    start = len(layers) // 2 if start_layer is None else start_layer
+    if not -len(layers) <= start < len(layers):
+        raise IndexError(f"start_layer {start} out of range for {len(layers)} layers")
+    start %= len(layers)
+    rows = list(layer_maps(layers[start:], lambda _, layer: layer.aggregate_rows([row], "pos")[:, 0], home))
+    saliency = [minmax(gradient(i, home).clamp(min=0).amax(dim=-1), mask) for i in range(start, len(layers))]
+    return paper_rollout(rows, saliency, mask, row, causal=causal)
 
 
 def _baseline(method: str, model, ids, mask, tgt: Target, *, steps: int, seed: int) -> torch.Tensor:
@@ -165,4 +214,5 @@ def _finish(relevance: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dty
     return relevance if mask is None else relevance * mask.to(dtype)
 
 
-__all__ = ["BASELINE_METHODS", "Explanation", "MATRIX_METHODS", "METHODS", "explain", "run_explanation"]
+__all__ = ["BASELINE_METHODS", "Explanation", "MATRIX_METHODS", "METHODS", "combine", "explain", "layer_maps",
+           "run_explanation"]

@@ -6,7 +6,7 @@ token attended to (input position).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -33,27 +33,35 @@ def _identity_like(M: torch.Tensor) -> torch.Tensor:
     return torch.eye(M.shape[-1], dtype=M.dtype, device=M.device).expand_as(M)
 
 
-def rollout(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+def rollout(maps: Iterable[torch.Tensor]) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema 2020): ``R = prod_l normalize_rows(I + A_l)``.
 
     ``maps`` are the non-negative ``[B, L, L]`` maps in model order (first layer first); the
-    product applies the first layer first: ``R = Â_last ... Â_first``.
+    product applies the first layer first: ``R = Â_last ... Â_first``. ``maps`` may be a
+    generator: each map is used as it comes and never kept, so a generator that computes the
+    maps one by one holds ``R`` and one map at a time.
     """
-    if not maps:
-        raise ValueError("rollout needs at least one map")
-    R = _identity_like(maps[0]).clone()
+    R = None
     for A in maps:
+        R = _identity_like(A).clone() if R is None else R
         R = normalize_rows(_identity_like(A) + A) @ R
+    if R is None:
+        raise ValueError("rollout needs at least one map")
     return R
 
 
-def attribution_rollout(cams: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Chefer et al. 2021 relevance propagation: ``R = I``; per layer ``R = R + cam_l @ R``."""
-    if not cams:
-        raise ValueError("attribution_rollout needs at least one map")
-    R = _identity_like(cams[0]).clone()
+def attribution_rollout(cams: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Chefer et al. 2021 relevance propagation: ``R = I``; per layer ``R = R + cam_l @ R``.
+
+    ``cams`` are ``[B, L, L]`` maps in model order; like :func:`rollout` it takes a generator
+    and holds one map at a time.
+    """
+    R = None
     for cam in cams:
+        R = _identity_like(cam).clone() if R is None else R
         R = R + cam @ R
+    if R is None:
+        raise ValueError("attribution_rollout needs at least one map")
     return R
 
 
@@ -79,8 +87,6 @@ def paper_rollout(row_attention: Sequence[torch.Tensor], saliency: Sequence[torc
     length = row_attention[0].shape[-1]
     visible = torch.ones(length, length, dtype=torch.bool, device=mask.device)
     visible = visible.tril() if causal else visible
-    maps = []
-    for a, s in zip(row_attention, saliency):
-        e = minmax(a * s, mask)                                       # [B, L]
-        maps.append(e[:, None, :].expand(-1, length, -1).masked_fill(~visible, 0))
+    maps = (minmax(a * s, mask)[:, None, :].expand(-1, length, -1).masked_fill(~visible, 0)  # e_l: [B, L, L]
+            for a, s in zip(row_attention, saliency))
     return rollout(maps)[:, row, :]

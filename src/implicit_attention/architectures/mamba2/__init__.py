@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...memory import DEFAULT_BLOCK_BYTES, channels_per_block
+from ...memory import channels_per_block, default_block_bytes
 from ..base import LayerDecomposition
 from ..registry import Architecture, CapturedLayer, register
 from .operator import (EXACT_VARIANTS, VARIANTS, Mamba2Factors, mamba2_block, matrix_rows, signed_mean,
@@ -139,7 +139,8 @@ class Mamba2LayerDecomposition(LayerDecomposition):
 
 
 def _build(captured: CapturedLayer, *, variant: str, dtype: torch.dtype, index: int) -> Mamba2LayerDecomposition:
-    factors = mamba2_factors(captured.module, captured.inputs, captured.attention_mask, dtype, DEFAULT_BLOCK_BYTES)
+    factors = mamba2_factors(captured.module, captured.inputs, captured.attention_mask, dtype,
+                             default_block_bytes(captured.inputs.device))
     return Mamba2LayerDecomposition(factors, variant=variant, index=index, name=captured.name,
                                     output=captured.output.detach().to(dtype))
 
