@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+import contextlib
 import dataclasses
 import inspect
 from contextlib import contextmanager
@@ -36,6 +37,16 @@ def execution_device(module: nn.Module) -> torch.device:
             return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
     param = next((p for p in module.parameters() if not p.is_meta), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+def on_device(device: torch.device | str):
+    """Make ``device`` the current CUDA device inside the context (a no-op for other devices).
+
+    Kernels that launch on the current device (Triton's, and tensors created with a bare
+    ``device="cuda"``) then run on the GPU of the layer being decomposed, not on ``cuda:0``.
+    """
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def offloaded_parameters(module: nn.Module) -> list[str]:

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .architectures import CapturedLayer, LayerDecomposition
 from .capture import (call_model, capture, execution_device, layer_indices, model_dtype, offloaded_parameters,
-                      prepare_inputs, record_on_device, select_layers)
+                      on_device, prepare_inputs, record_on_device, select_layers)
 from .capture import prepare_model_inputs
 from .errors import MemoryBudgetError, OffloadedLayerError, ReconstructionError
 from .memory import budget_bytes, estimate
@@ -62,7 +62,11 @@ class Decomposition:
 
     def aggregate(self, how: str = "mean") -> torch.Tensor:
         """``[layers, B, L, L]`` every layer's aggregated map stacked, on the device of ``input_ids``."""
-        return torch.stack([layer.aggregate(how).to(self.input_ids.device) for layer in self.layers])
+        maps = []
+        for layer in self.layers:
+            with on_device(layer.device):
+                maps.append(layer.aggregate(how).to(self.input_ids.device))
+        return torch.stack(maps)
 
 
 def compute_dtype_for(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype:
@@ -156,8 +160,10 @@ def build_layers(captured: list[CapturedLayer], indices: list[int], *, variant: 
         if record.inputs is None or record.output is None:
             raise RuntimeError(f"layer {record.name!r} did not run during the forward pass")
         # a layer computes on its own device (several with device_map): its record goes there
-        layer = record.architecture.build(record_on_device(record), variant=variant, dtype=dtype, index=index)
-        layer.measure_error()
+        local = record_on_device(record)
+        with on_device(local.inputs.device):
+            layer = record.architecture.build(local, variant=variant, dtype=dtype, index=index)
+            layer.measure_error()
         if check and layer.exact and not layer.error <= tolerance:
             raise ReconstructionError(layer.name, layer.error, tolerance)
         layers.append(layer)

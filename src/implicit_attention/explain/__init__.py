@@ -11,7 +11,7 @@ from torch import nn
 
 from ..capture import call_model, capture, layer_indices, prepare_inputs, select_layers
 from ..capture import prepare_model_inputs
-from ..capture import model_dtype
+from ..capture import model_dtype, on_device
 from ..architectures import LayerDecomposition
 from ..decompose import (DEFAULT_TOLERANCE, PHASE, Decomposition, build_layers, check_variant, compute_dtype_for,
                          ensure_decomposition_fits)
@@ -136,7 +136,8 @@ def layer_maps(layers: Sequence[LayerDecomposition], compute: Callable[[int, Lay
     (``[B, L, L]`` or ``[B, R, L]``), and no device ever holds the maps of every layer.
     """
     for index, layer in enumerate(layers):
-        value = compute(index, layer).to(home)
+        with on_device(layer.device):  # kernels launch on the layer's GPU
+            value = compute(index, layer).to(home)
         layer.release()
         yield value
 
