@@ -110,70 +110,64 @@ def _padded(t: torch.Tensor, length: int, value: float | None = None) -> torch.T
 
 
 def _level_tiles(f: MambaFactors, variant: str, cums: torch.Tensor, size: int, parent: int | None,
-                 chunk_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """``[B, P, size, size]`` tiles of one level (summed over channels) and their row/col starts.
+                 chunk_bytes: int, out: torch.Tensor) -> None:
+    """Add one level's tiles (summed over channels) to ``out [B, L, L]``.
 
     Row block ``I`` is referenced at the token before its rows, ``r = I size + K - 2``; key block
     ``J`` at the last token its conv taps touch, ``e = J size + size + K - 2 <= r`` when ``I > J``::
 
-        tile = (Q_I * 2^(a (s_r - s_e))) @ Kc_J^T,   Q_I = row C exp(A (s_i - s_r)),
+        tile = (Q_I * exp(A (s_r - s_e))) @ Kc_J^T,   Q_I = row C exp(A (s_i - s_r)),
         Kc_J = sum_s tap key B exp(A (s_e - s_{j+s}))
 
-    with every exponent ``<= 0``.
+    with every exponent ``<= 0``. Tiles ``I = J + delta`` are one batched product per ``delta``
+    over consecutive blocks (views, no gathered copies); inside a ``parent`` block only the pairs
+    that share it are kept.
     """
     batch, length, channels = f.x.shape
     state, dtype, device = f.A.shape[1], f.x.dtype, f.x.device
     row, col, taps, _ = variant_parts(f, variant)
     width = taps.shape[1]
-    rb, cb = tile_pairs(length, width, size, parent)
+    rb, _ = tile_pairs(length, width, size, parent)
     if len(rb) == 0:
-        return None
+        return
     blocks = int(rb.max()) + 1
+    ratio = blocks if parent is None else parent // size
     span = blocks * size + width - 1                       # tokens of every row and key block, padded
-    rb, cb = rb.to(device), cb.to(device)
     cum0 = torch.cat([cums.new_zeros(batch, 1, channels), _padded(cums, span)], dim=1)   # token t at t + 1
     key = _padded(f.dt if col is None else f.dt * col, span, 0.0)
-    row_scale = None if row is None else _padded(row, span, 0.0)
     B, C = _padded(f.B, span, 0.0), _padded(f.C, span, 0.0)
-    row_tok = (torch.arange(blocks, device=device) * size + width - 1)[:, None] + torch.arange(size, device=device)
-    ref_row = torch.arange(blocks, device=device) * size + width - 2          # r of each row block
-    ref_key = torch.arange(blocks, device=device) * size + size + width - 2   # e of each key block
-    touched = (torch.arange(blocks, device=device) * size)[:, None] + torch.arange(size + width - 1, device=device)
-    tiles = torch.zeros(batch, len(rb), size, size, dtype=dtype, device=device)
-    diagonals = _diagonals(rb, cb)
+    rows = slice(width - 1, width - 1 + blocks * size)       # row tokens of blocks 0 .. nb-1, in order
+    by_block = lambda t: t[:, rows].unflatten(1, (blocks, size))          # noqa: E731  [B, nb, size, ...]
+    windows = lambda t: t[:, : span].unfold(1, size + width - 1, size).movedim(-1, 2)  # noqa: E731
+    ref_row = cum0[:, width - 1:: size][:, :blocks]          # s at r = I size + K - 2   [B, nb, E]
+    ref_key = cum0[:, size + width - 1:: size][:, :blocks]   # s at e = J size + size + K - 2 (clamped)
+    ref_key = torch.cat([ref_key, cum0[:, -1:].expand(-1, blocks - ref_key.shape[1], -1)], dim=1)
+    row_scale = None if row is None else by_block(_padded(row, span, 0.0))
+    deltas = range(1, min(ratio, blocks))
+    sums = {delta: torch.zeros(batch, blocks - delta, size, size, dtype=dtype, device=device) for delta in deltas}
     per_chunk = max(1, min(channels, chunk_bytes // max(1, 6 * batch * span * state * dtype.itemsize)))
     for c0 in range(0, channels, per_chunk):
         ch = slice(c0, min(c0 + per_chunk, channels))
         A = f.A[ch]                                                              # [c, N]
-        s_rows = cum0[:, row_tok + 1, ch] - cum0[:, ref_row + 1, None, ch]      # [B, nb, size, c] >= 0
-        Q = torch.exp(s_rows.to(dtype)[..., None] * A) * C[:, row_tok, None, :]
+        s_rows = (by_block(cum0[:, 1:, ch]) - ref_row[:, :, None, ch]).to(dtype)   # [B, nb, size, c] >= 0
+        Q = torch.exp(s_rows[..., None] * A).mul_(by_block(C)[:, :, :, None, :])
         if row_scale is not None:
-            Q = Q * row_scale[:, row_tok, ch, None]
+            Q.mul_(row_scale[..., ch, None])
         # every token a key block's taps touch, once (neighbouring blocks overlap by K - 1 tokens)
-        gap = (cum0[:, ref_key + 1, None, ch] - cum0[:, touched + 1, ch]).to(dtype)   # [B, nb, S+K-1, c] >= 0
-        E = torch.exp(gap[..., None] * A).mul_(B[:, touched, None, :]).mul_(key[:, touched, ch, None])
+        gap = (ref_key[:, :, None, ch] - windows(cum0[:, 1:, ch])).to(dtype)      # [B, nb, S+K-1, c] >= 0
+        E = torch.exp(gap[..., None] * A).mul_(windows(B)[:, :, :, None, :]).mul_(windows(key[..., ch])[..., None])
         Kc = E[:, :, :size] * taps[ch, width - 1, None]
         for shift in range(1, width):
             Kc.add_(E[:, :, shift: shift + size] * taps[ch, width - 1 - shift, None])
-        for sel, rows, keys in diagonals:
-            decay = torch.exp((cum0[:, ref_row[rows] + 1, ch] - cum0[:, ref_key[keys] + 1, ch]).to(dtype)[..., None] * A)
-            tiles[:, sel] += (Q[:, rows] * decay[:, :, None]).flatten(3) @ Kc[:, keys].flatten(3).transpose(-1, -2)
-    return tiles, rb * size + width - 1, cb * size
-
-
-def _diagonals(rb: torch.Tensor, cb: torch.Tensor) -> list[tuple[torch.Tensor, object, object]]:
-    """Group tile pairs by ``rb - cb``: ``(pair indices, row blocks, key blocks)`` per group, the
-    blocks as slices where they are consecutive (views instead of gathered copies)."""
-    groups = []
-    for delta in torch.unique(rb - cb).tolist():
-        sel = ((rb - cb) == delta).nonzero()[:, 0]
-        keys = cb[sel]
-        first, count = int(keys[0]), len(keys)
-        if bool((keys == torch.arange(first, first + count, device=keys.device)).all()):
-            groups.append((sel, slice(first + delta, first + delta + count), slice(first, first + count)))
-        else:
-            groups.append((sel, keys + delta, keys))
-    return groups
+        Q, Kc = Q.flatten(3), Kc.flatten(3)
+        for delta in deltas:
+            decay = torch.exp((ref_row[:, delta:, ch] - ref_key[:, : blocks - delta, ch]).to(dtype)[..., None] * A)
+            sums[delta] += (Q[:, delta:] * decay.flatten(2)[:, :, None]) @ Kc[:, : blocks - delta].transpose(-1, -2)
+    for delta, tiles in sums.items():
+        keys = torch.arange(blocks - delta, device=device)
+        keep = keys // ratio == (keys + delta) // ratio                          # same parent block
+        keys = keys[keep]
+        _scatter_tiles(out, tiles[:, keep], (keys + delta) * size + width - 1, keys * size)
 
 
 def _band(f: MambaFactors, variant: str, cums: torch.Tensor, band: int, chunk_bytes: int) -> torch.Tensor:
@@ -233,7 +227,7 @@ def signed_mean(f: MambaFactors, variant: str, tile_sizes: tuple[int, ...] | Non
             raise RuntimeError("the fused signed mean needs Triton and float32 factors on a CUDA device")
         row, col, taps, use_D = variant_parts(f, variant)
         return triton_mean.signed_mean_fused(row, col, taps, use_D, f.dt, f.B, f.C, f.A, f.D,
-                                             chunk_bytes=max(chunk_bytes, 2**30))
+                                             chunk_bytes=chunk_bytes)
     tile_sizes = tuple(tile_sizes or TILE_SIZES)
     if any(a % b for a, b in zip(tile_sizes, tile_sizes[1:])):
         raise ValueError(f"each tile size must be a multiple of the next, got {tile_sizes}")
@@ -243,10 +237,8 @@ def signed_mean(f: MambaFactors, variant: str, tile_sizes: tuple[int, ...] | Non
     out = torch.zeros(batch, length, length, dtype=f.x.dtype, device=f.x.device)
     parent = None
     for size in tile_sizes:
-        level = _level_tiles(f, variant, cums, size, parent, chunk_bytes)
+        _level_tiles(f, variant, cums, size, parent, chunk_bytes, out)
         parent = size
-        if level is not None:
-            _scatter_tiles(out, *level)
     rows, slots = band_entries(length, width, tile_sizes[-1])
     rows, slots = rows.to(f.x.device), slots.to(f.x.device)
     out[:, rows, rows - slots] += _band(f, variant, cums, tile_sizes[-1], chunk_bytes)[:, rows, slots]

@@ -212,7 +212,8 @@ def _pairs(length: int, width: int, size: int, parent: int | None, device) -> tu
 
 def _split_count(programs: int, work: int, block: int) -> int:
     """Split a reduction of ``work`` over more programs when the tiles alone leave the GPU idle."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 1
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
+        if torch.cuda.is_available() else 1
     splits = 1
     while programs * splits < 2 * sms and work // (splits * 2) >= 4 * block:
         splits *= 2
@@ -245,6 +246,16 @@ def signed_mean_fused(row: torch.Tensor | None, col: torch.Tensor | None, taps: 
         warps: warps per tile program of the largest tiles.
         band_rows, band_channels, band_warps: the band kernel's rows, channels per step and warps.
     """
+    if dt.is_cuda:
+        with torch.cuda.device(dt.device):          # Triton launches on the current GPU
+            return _signed_mean_fused(row, col, taps, use_D, dt, B, C, A, D, chunk_bytes, precision, tile_sizes,
+                                      contraction_block, warps, band_rows, band_channels, band_warps)
+    return _signed_mean_fused(row, col, taps, use_D, dt, B, C, A, D, chunk_bytes, precision, tile_sizes,
+                              contraction_block, warps, band_rows, band_channels, band_warps)
+
+
+def _signed_mean_fused(row, col, taps, use_D, dt, B, C, A, D, chunk_bytes, precision, tile_sizes,
+                       contraction_block, warps, band_rows, band_channels, band_warps) -> torch.Tensor:
     batch, length, channels = dt.shape
     state, width = A.shape[1], taps.shape[1]
     f32 = lambda t: None if t is None else t.to(torch.float32).contiguous()  # noqa: E731
