@@ -19,9 +19,9 @@ before the rows) and ``e <= r`` (the last token the keys' taps touch)
 a ``[|I|, E*N] x [E*N, |J|]`` matrix product in which every exponent is ``<= 0`` at any length
 (an exponential that underflows belongs to an entry that is itself below the float range). ``Q``
 and ``Kc`` depend on their own block only, so each level costs ``O(L E N)`` exponentials. Tiles of
-64 cover every pair of 64-blocks, tiles of 8 the pairs inside one 64-block; the band of
-``8 + K - 1`` diagonals left over is computed exactly, one exponential per entry and state. The
-fused GPU kernels of :mod:`.triton_mean` follow the same plan.
+32 cover every pair of 32-blocks, tiles of 4 the pairs inside one 32-block; the band of
+``4 + K - 1`` diagonals left over is computed exactly, one exponential per entry and state. The
+fused GPU kernels of :mod:`.triton_mean` follow the same plan with tiles of 64 and 16.
 
 **Rows.** ``A_d[i, :]`` for a few rows ``i`` costs ``O(L * E * N)`` each: the exponents
 ``s_i - s_j`` are all >= 0 and need no re-referencing.
@@ -77,7 +77,7 @@ def _scatter_tiles(out: torch.Tensor, tiles: torch.Tensor, row_starts: torch.Ten
 
 
 #: Tile sizes of the eager hierarchy, largest first; the exact band covers what the smallest leaves.
-TILE_SIZES: tuple[int, ...] = (64, 8)
+TILE_SIZES: tuple[int, ...] = (32, 4)
 
 
 def tile_pairs(length: int, width: int, size: int, parent: int | None) -> tuple[torch.Tensor, torch.Tensor]:
