@@ -1,25 +1,25 @@
-"""Fused GPU kernels for the Mamba signed channel mean (Triton); the math of :mod:`.fast`, on chip.
+"""Fused GPU kernels for the Mamba signed channel mean (Triton): the plan of :mod:`.fast`, fused.
 
-The eager path of :func:`.fast.signed_mean` spends its time writing ``[L, E, N]`` factor tensors
-to memory, level by level. Here every tile of the ``[L, L]`` map is one Triton program that forms
-its factors in registers from ``[L, E]`` and ``[L, N]`` inputs and reduces them with ``tl.dot``,
-so no ``[L, E, N]`` tensor exists at all. Same regions as :mod:`.fast`, in the row coordinate
-``i' = i - (K - 1)`` (``K`` the conv width):
+Three kernels, in the row coordinate ``i' = i - (K - 1)`` (``K`` the conv width):
 
-- **tiles** (``i'`` block after ``j`` block, size ``BT``): with the reference at the last token the
-  tile's keys touch, ``t = j_0 + BT + K - 2 < i``,
+- ``_factors_kernel`` writes, once per level and channel chunk, the row factors ``Q`` and key
+  factors ``Kc`` (``[B, L, c, N]``, float32) of every block, each block referenced at its own
+  boundary: the token before row block ``I`` (``r``) and the last token key block ``J``'s conv taps
+  touch (``e``)::
 
-      tile[i, j] = sum_{d, n} Q[i, (d, n)] Kc[j, (d, n)]
-      Q[i, (d, n)]  = row_d[i] C_i[n] exp(A[d, n] (s_i[d] - s_t[d]))                       (<= |row C|)
-      Kc[j, (d, n)] = sum_s taps_d[K-1-s] key_d[j+s] B_{j+s}[n] exp(A[d, n] (s_t[d] - s_{j+s}[d]))
+      Q[i, (d, n)]  = row_d[i] C_i[n] exp(A[d, n] (s_i[d] - s_r[d]))
+      Kc[j, (d, n)] = sum_s taps_d[K-1-s] key_d[j+s] B_{j+s}[n] exp(A[d, n] (s_e[d] - s_{j+s}[d]))
 
-  Both exponents are ``<= 0`` whatever the length. Tiles of 64 cover every pair of 64-blocks; tiles
-  of 16 the pairs of 16-blocks inside one 64-block.
-- **band** (``i' < 16 (j // 16 + 1)``, at most ``16 + K - 1`` diagonals): exact, one exponential
-  per ``(i, k, d, n)`` with ``k = j + s``, so no reference is needed at all.
+- ``_tiles_kernel`` computes each tile (``i'`` block after ``j`` block, so ``e <= r``) as
+  ``sum_k Q[i, k] exp(A_k (s_r - s_e)) Kc[j, k]``, a matrix product with the decay between the two
+  blocks applied on the fly. Every exponent is ``<= 0`` whatever the length. Tiles of 64 cover
+  every pair of 64-blocks, tiles of 16 the pairs of 16-blocks inside one 64-block.
+- ``_band_kernel`` computes the band left over (``i' < 16 (j // 16 + 1)``, at most ``16 + K - 1``
+  diagonals) exactly, one exponential per ``(i, k, d, n)``, so no reference is needed there.
 
 Cumulative steps ``s`` are float64 (their differences lose no digits at 16k tokens); everything
-else is float32. ``tl.dot`` runs in IEEE float32 unless the caller asks for ``"tf32x3"``.
+else is float32. ``tl.dot`` runs in TF32x3 (three TF32 products per float32 product) unless the
+caller asks for ``"ieee"``.
 """
 
 from __future__ import annotations
