@@ -35,6 +35,9 @@ from . import triton_mean
 from .operator import MambaFactors, mamba_block
 
 _DEFAULT_CHUNK_BYTES = 256 * 2**20
+#: Channel chunks of the eager mean on a CPU: small temporaries stay in cache and are reused by the
+#: allocator, 2-3x faster than one large chunk (measured at L = 512 and 2048, inner width 1536).
+CPU_CHUNK_BYTES = 24 * 2**20
 
 
 def variant_parts(f: MambaFactors, variant: str):
@@ -229,6 +232,8 @@ def signed_mean(f: MambaFactors, variant: str, tile_sizes: tuple[int, ...] | Non
         return triton_mean.signed_mean_fused(row, col, taps, use_D, f.dt, f.B, f.C, f.A, f.D,
                                              chunk_bytes=chunk_bytes)
     tile_sizes = tuple(tile_sizes or TILE_SIZES)
+    if f.x.device.type == "cpu":
+        chunk_bytes = min(chunk_bytes, CPU_CHUNK_BYTES)
     if any(a % b for a, b in zip(tile_sizes, tile_sizes[1:])):
         raise ValueError(f"each tile size must be a multiple of the next, got {tile_sizes}")
     batch, length, _ = f.x.shape
