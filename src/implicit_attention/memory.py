@@ -69,13 +69,21 @@ _FULL_CHECK_ENTRIES = 2 ** 26
 _block_bytes_override: int | None = None
 
 
+#: Block bytes on a CPU: blocks that stay near the caches are several times faster there than
+#: blocks sized from the free memory (attribution of a 4-layer RetNet at L = 256: 0.7 s vs 2.5 s).
+CPU_BLOCK_BYTES = 64 * 2**20
+
+
 def default_block_bytes(device: torch.device | str) -> int:
-    """Bytes per block-sized temporary: 5% of the free memory, between 64 MiB and 2 GiB.
+    """Bytes per block-sized temporary: on a GPU 5% of the free memory, between 64 MiB and 2 GiB;
+    on a CPU :data:`CPU_BLOCK_BYTES`.
 
     Inside :func:`block_bytes` the given size instead.
     """
     if _block_bytes_override is not None:
         return _block_bytes_override
+    if torch.device(device).type == "cpu":
+        return int(min(CPU_BLOCK_BYTES, max(2**20, 0.05 * available_bytes(device))))
     return int(min(2 * 2**30, max(64 * 2**20, 0.05 * available_bytes(device))))
 
 
