@@ -84,3 +84,15 @@ def check_fast_aggregates(layer, blocks, rows, label: str, tolerance: float = 1e
     for how in ("mean", "abs", "pos"):
         generic, fast = fresh_aggregates(layer, how, rows=rows)
         assert_close(fast, generic, tolerance, f"{label} {how} rows")
+
+
+def check_long_fast_mean(f64, f32, label: str = "L=1024") -> None:
+    """float32 and float64 fast means of one long layer against the float64 generic blocks."""
+    from implicit_attention.architectures.base import LayerDecomposition
+
+    reference = LayerDecomposition.aggregate(f64, "mean")
+    fast = f32.aggregate("mean")
+    assert torch.isfinite(fast).all()
+    assert_close(fast.double(), reference, 1e-5, f"float32 fast mean, {label}")
+    f64._aggregates.clear()                                              # the reference was cached
+    assert_close(f64.aggregate("mean"), reference, 1e-10, f"float64 fast mean, {label}")

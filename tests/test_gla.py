@@ -12,7 +12,7 @@ from implicit_attention.architectures.gla import VARIANTS, gla_block, gla_heads,
 from implicit_attention.capture import capture, select_layers
 from implicit_attention.models.gla import GLAAttention, GLAConfig, GLAForCausalLM, GLAModel
 
-from conftest import assert_close, left_padded, fresh_aggregates
+from conftest import assert_close, left_padded, fresh_aggregates, check_long_fast_mean
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-6}
 
@@ -289,9 +289,4 @@ def test_fast_mean_float32_and_long_inputs_with_strong_decays():
         f64 = record.architecture.build(record, variant="unified", dtype=torch.float64, index=0)
         f32 = record.architecture.build(record, variant="unified", dtype=torch.float32, index=0)
         assert float(f64.factors.log_alpha.sum(dim=1).neg().max()) > 1000      # far past exp's range
-        reference = LayerDecomposition.aggregate(f64, "mean")
-        fast = f32.aggregate("mean")
-        assert torch.isfinite(fast).all()
-        assert_close(fast.double(), reference, 1e-5, "float32 fast mean, L=1024")
-        f64._aggregates.clear()                                          # reference was cached
-        assert_close(f64.aggregate("mean"), reference, 1e-10, "float64 fast mean, L=1024")
+        check_long_fast_mean(f64, f32)

@@ -14,7 +14,7 @@ from implicit_attention.architectures.griffin_naive import (naive_attention, nai
 from implicit_attention.capture import capture, select_layers
 from implicit_attention.explain import BASELINE_METHODS, MATRIX_METHODS
 
-from conftest import assert_close, left_padded, fresh_aggregates, check_fast_aggregates
+from conftest import assert_close, left_padded, fresh_aggregates, check_fast_aggregates, check_long_fast_mean
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-6}
 RECURRENT = ["model.layers.0.temporal_block", "model.layers.1.temporal_block"]
@@ -254,9 +254,4 @@ def test_fast_mean_float32_and_long_inputs_with_strong_decays():
         f32 = record.architecture.build(record, variant="unified", dtype=torch.float32, index=0)
         total = -f64.factors.log_a.sum(dim=1)
         assert float(total.max()) > 1000 and float(total.min()) < 100     # strong and weak channels
-        reference = LayerDecomposition.aggregate(f64, "mean")
-        fast = f32.aggregate("mean")
-        assert torch.isfinite(fast).all()
-        assert_close(fast.double(), reference, 1e-5, "float32 fast mean, L=1024")
-        f64._aggregates.clear()                                          # reference was cached
-        assert_close(f64.aggregate("mean"), reference, 1e-10, "float64 fast mean, L=1024")
+        check_long_fast_mean(f64, f32)

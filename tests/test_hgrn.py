@@ -7,13 +7,12 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import implicit_attention as ia
-from implicit_attention.architectures.base import LayerDecomposition
 from implicit_attention.architectures.hgrn import VARIANTS, hgrn_block, hgrn_naive
 from implicit_attention.capture import capture, select_layers
 from implicit_attention.models.hgrn import HGRNConfig, HGRNForCausalLM, HGRNModel, HGRNRecurrence
 from implicit_attention.models.hgrn.modeling_hgrn import chunked_scan
 
-from conftest import assert_close, left_padded, fresh_aggregates, check_fast_aggregates
+from conftest import assert_close, left_padded, fresh_aggregates, check_fast_aggregates, check_long_fast_mean
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-6}
 
@@ -244,9 +243,4 @@ def test_fast_mean_float32_and_long_inputs_with_strong_decays():
         f32 = record.architecture.build(record, variant="unified", dtype=torch.float32, index=0)
         total = -torch.log(f64.factors.forget).sum(dim=1)
         assert float(total.max()) > 1000 and float(total.min()) < 100      # strong and weak channels
-        reference = LayerDecomposition.aggregate(f64, "mean")
-        fast = f32.aggregate("mean")
-        assert torch.isfinite(fast).all()
-        assert_close(fast.double(), reference, 1e-5, "float32 fast mean, L=1024")
-        f64._aggregates.clear()                                          # reference was cached
-        assert_close(f64.aggregate("mean"), reference, 1e-10, "float64 fast mean, L=1024")
+        check_long_fast_mean(f64, f32)

@@ -14,7 +14,7 @@ from implicit_attention.architectures.rwkv4 import (VARIANTS, rwkv_block, rwkv_f
 from implicit_attention.architectures.rwkv4_naive import naive_rwkv, naive_wkv_recurrence
 from implicit_attention.capture import capture, select_layers
 
-from conftest import assert_close, left_padded, fresh_aggregates, check_fast_aggregates
+from conftest import assert_close, left_padded, fresh_aggregates, check_fast_aggregates, check_long_fast_mean
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-6}
 
@@ -269,9 +269,4 @@ def test_fast_mean_float32_and_long_inputs_with_large_keys_and_decays():
         f64 = record.architecture.build(record, variant="unified", dtype=torch.float64, index=0)
         f32 = record.architecture.build(record, variant="unified", dtype=torch.float32, index=0)
         assert float(f64.factors.key.abs().max()) > 100
-        reference = LayerDecomposition.aggregate(f64, "mean")
-        fast = f32.aggregate("mean")
-        assert torch.isfinite(fast).all()
-        assert_close(fast.double(), reference, 1e-5, "float32 fast mean, L=1024")
-        f64._aggregates.clear()                                          # reference was cached
-        assert_close(f64.aggregate("mean"), reference, 1e-10, "float64 fast mean, L=1024")
+        check_long_fast_mean(f64, f32)
