@@ -33,6 +33,7 @@ import torch
 
 from . import triton_mean
 from .operator import MambaFactors, mamba_block
+from .tiling import band_entries, tile_pairs
 
 _DEFAULT_CHUNK_BYTES = 256 * 2**20
 #: Channel chunks of the eager mean on a CPU: small temporaries stay in cache and are reused by the
@@ -81,26 +82,6 @@ def _scatter_tiles(out: torch.Tensor, tiles: torch.Tensor, row_starts: torch.Ten
 
 #: Tile sizes of the eager hierarchy, largest first; the exact band covers what the smallest leaves.
 TILE_SIZES: tuple[int, ...] = (32, 4)
-
-
-def tile_pairs(length: int, width: int, size: int, parent: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(row_blocks, col_blocks)`` ``[P]`` of the tiles of ``size`` (row coordinate ``i' = i - K + 1``):
-    ``i'`` block after ``j`` block, both inside one block of ``parent`` (anywhere if None)."""
-    count = -(-(length - width + 1) // size)                  # rows i' = 0 .. L - K
-    rb, cb = torch.tril_indices(count, count, offset=-1)
-    if parent is not None:
-        rb, cb = (t[rb // (parent // size) == cb // (parent // size)] for t in (rb, cb))
-    return rb, cb
-
-
-def band_entries(length: int, width: int, band: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(i, i - j)`` ``[M]`` of the band: ``j <= i < band (j // band + 1) + K - 1``."""
-    rows = torch.arange(length)[:, None]
-    slots = torch.arange(band + width - 1)[None, :]
-    cols = rows - slots
-    inside = (cols >= 0) & (rows < band * (cols.div(band, rounding_mode="floor") + 1) + width - 1)
-    rows, slots = torch.broadcast_tensors(rows, slots)
-    return rows[inside], slots[inside]
 
 
 def _padded(t: torch.Tensor, length: int, value: float | None = None) -> torch.Tensor:

@@ -24,11 +24,12 @@ caller asks for ``"ieee"``.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
 import torch
+
+from .tiling import band_entries, tile_pairs
 
 try:  # Triton is optional: the eager path in .fast serves every other case
     import triton
@@ -197,19 +198,6 @@ if triton is not None:
         tl.store(out_ptr + (plane + rows)[:, None] * PAD + slots[None, :], acc, mask=row_ok[:, None])
 
 
-@functools.lru_cache(maxsize=64)
-def _pairs(length: int, width: int, size: int, parent: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(row_blocks, col_blocks)`` of the tiles of ``size``: ``i'`` block after ``j`` block,
-    inside one block of ``parent`` (or anywhere when ``parent`` is None)."""
-    row_count = -(-(length - width + 1) // size)          # rows i' = 0 .. L - K
-    rb, cb = torch.tril_indices(row_count, row_count, offset=-1)
-    if parent is not None:
-        ratio = parent // size
-        keep = rb // ratio == cb // ratio
-        rb, cb = rb[keep], cb[keep]
-    return rb.to(device=device, dtype=torch.int32), cb.to(device=device, dtype=torch.int32)
-
-
 def _split_count(programs: int, work: int, block: int) -> int:
     """Split a reduction of ``work`` over more programs when the tiles alone leave the GPU idle."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
@@ -273,7 +261,8 @@ def _signed_mean_fused(row, col, taps, use_D, dt, B, C, A, D, chunk_bytes, preci
 
     parent = None
     for size in tile_sizes:
-        rb, cb = _pairs(length, width, size, parent, dt.device)
+        rb, cb = (t.to(device=dt.device, dtype=torch.int32)
+                  for t in tile_pairs(length, width, size, parent))
         parent = size
         if len(rb) == 0:
             continue
@@ -312,17 +301,6 @@ def _signed_mean_fused(row, col, taps, use_D, dt, B, C, A, D, chunk_bytes, preci
         BI=rows_per_program, BD=band_channels, HAS_ROW=row is not None, HAS_COL=col is not None, USE_D=use_D,
         num_warps=band_warps)
     band = band.sum(dim=0)
-    rows, slots = _band_entries(length, width, band_width, dt.device)
+    rows, slots = (t.to(dt.device) for t in band_entries(length, width, band_width))
     out[:, rows, rows - slots] += band[:, rows, slots]
     return out / channels
-
-
-@functools.lru_cache(maxsize=16)
-def _band_entries(length: int, width: int, band_width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(i, i - j)`` of the band: ``j <= i < band_width (j // band_width + 1) + K - 1``."""
-    rows = torch.arange(length, device=device)[:, None]
-    slots = torch.arange(band_width + width - 1, device=device)[None, :]
-    cols = rows - slots
-    inside = (cols >= 0) & (rows < band_width * (cols.div(band_width, rounding_mode="floor") + 1) + width - 1)
-    rows, slots = torch.broadcast_tensors(rows, slots)
-    return rows[inside], slots[inside]
