@@ -31,8 +31,25 @@ VARIANTS: tuple[str, ...] = ("unified", "s6", "no_conv", "no_gate", "no_act")
 EXACT_VARIANTS: frozenset[str] = frozenset({"unified", "no_conv"})
 
 
+class ConvGates:
+    """The conv-activation gates shared by Mamba and Mamba-2 factors (``conv_out [B, L, E]``, ``mask [B, L]``)."""
+
+    conv_out: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def act_gate(self) -> torch.Tensor:
+        """``[B, L, E]`` ``sigmoid(c)`` times the padding mask: SiLU written as ``c * sigmoid(c)``."""
+        return torch.sigmoid(self.conv_out) * self.mask[..., None]
+
+    @property
+    def ssm_input(self) -> torch.Tensor:
+        """``[B, L, E]`` ``u = silu(c)`` with padding zeroed, the input of the selective scan."""
+        return self.conv_out * self.act_gate
+
+
 @dataclass
-class MambaFactors:
+class MambaFactors(ConvGates):
     """Every data-controlled quantity of one Mamba mixer for one input, in the compute dtype.
 
     Attributes:
@@ -60,16 +77,6 @@ class MambaFactors:
     C: torch.Tensor
     A: torch.Tensor
     D: torch.Tensor
-
-    @property
-    def act_gate(self) -> torch.Tensor:
-        """``[B, L, E]`` ``sigmoid(c)`` times the padding mask: SiLU written as ``c * sigmoid(c)``."""
-        return torch.sigmoid(self.conv_out) * self.mask[..., None]
-
-    @property
-    def ssm_input(self) -> torch.Tensor:
-        """``[B, L, E]`` ``u = silu(c)`` with padding zeroed, the input of the selective scan."""
-        return self.conv_out * self.act_gate
 
     @property
     def out_gate(self) -> torch.Tensor:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..mamba.operator import conv_right, segment_sums
+from ..mamba.operator import ConvGates, conv_right, segment_sums
 
 #: The formulations this module offers; ``unified`` is the exact default.
 VARIANTS: tuple[str, ...] = ("unified", "ssd", "no_conv", "no_gate", "no_act")
@@ -49,7 +49,7 @@ EXACT_VARIANTS: frozenset[str] = frozenset({"unified", "no_conv"})
 
 
 @dataclass
-class Mamba2Factors:
+class Mamba2Factors(ConvGates):
     """Every data-controlled quantity of one Mamba-2 mixer for one input, in the compute dtype.
 
     Attributes:
@@ -86,16 +86,6 @@ class Mamba2Factors:
     @property
     def num_heads(self) -> int:
         return self.A.shape[0]
-
-    @property
-    def act_gate(self) -> torch.Tensor:
-        """``[B, L, E]`` ``sigmoid(c)`` times the padding mask: SiLU written as ``c * sigmoid(c)``."""
-        return torch.sigmoid(self.conv_out) * self.mask[..., None]
-
-    @property
-    def ssm_input(self) -> torch.Tensor:
-        """``[B, L, E]`` ``u = silu(c)`` with padding zeroed, the input of the scan."""
-        return self.conv_out * self.act_gate
 
     @property
     def gate(self) -> torch.Tensor:
