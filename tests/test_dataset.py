@@ -24,8 +24,8 @@ import torch  # noqa: E402
 from implicit_attention import cli, dataset  # noqa: E402
 from implicit_attention.bundled import bundled_model_path  # noqa: E402
 from implicit_attention.dataset import (DatasetError, DatasetOptions, Distributed, InputRecord,  # noqa: E402
-                                        merge_results, parse_label_map, read_inputs, read_results, run_dataset,
-                                        shard_indices, shard_path)
+                                        parse_label_map, read_inputs, read_results, run_dataset, shard_path)
+from implicit_attention.dataset import runner  # noqa: E402  (explain_batch and load_for_run's importlib live there)
 
 pytestmark = pytest.mark.skipif(not (bundled_model_path() / "model.safetensors").is_file(),
                                 reason="bundled model not present")
@@ -170,7 +170,7 @@ def test_resume_after_limit(capsys, files, clean, tmp_path: Path) -> None:
 
 def test_resume_after_crash(capsys, monkeypatch, files, clean, tmp_path: Path) -> None:
     out = tmp_path / "o"
-    real, calls = dataset.explain_batch, []
+    real, calls = runner.explain_batch, []
 
     def crash_on_second(*args, **kwargs):
         calls.append(1)
@@ -178,7 +178,7 @@ def test_resume_after_crash(capsys, monkeypatch, files, clean, tmp_path: Path) -
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dataset, "explain_batch", crash_on_second)
+    monkeypatch.setattr(runner, "explain_batch", crash_on_second)
     args = ["explain-dataset", files["csv"], "--label-column", "label", "--out", out, "--batch-size", "2",
             "--no-progress"]
     code, _, err = run(capsys, *args)
@@ -188,7 +188,7 @@ def test_resume_after_crash(capsys, monkeypatch, files, clean, tmp_path: Path) -
     # a kill in the middle of the next write leaves a partial line behind
     with open(shard, "a") as handle:
         handle.write('{"index": 3, "text": "great acting and a wi')
-    monkeypatch.setattr(dataset, "explain_batch", real)
+    monkeypatch.setattr(runner, "explain_batch", real)
     code, _, err = run(capsys, *args)
     assert code == 0, err
     rows, summary = load(out)
@@ -234,24 +234,6 @@ def test_shards_merge_like_one_process(files, clean, tmp_path: Path) -> None:
     assert_same(load(Path(options.out))[0], clean[0])
 
 
-def test_merge_and_shard_helpers(tmp_path: Path) -> None:
-    assert shard_indices([0, 1, 3, 4, 6], 0, 2) == [0, 4, 6] and shard_indices([0, 1, 3, 4, 6], 1, 2) == [1, 3]
-    with pytest.raises(ValueError):
-        shard_indices([1], 2, 2)
-    row = lambda i: json.dumps({"index": i, "relevance": [float(i)]}) + "\n"  # noqa: E731
-    (tmp_path / "results.jsonl").write_text(row(0) + row(5) + '{"ind')
-    shard_path(tmp_path, 0).write_text(row(2) + row(5))
-    shard_path(tmp_path, 3).write_text(row(1) + row(4) + '{"index": 6, "rel')
-    merged = merge_results(tmp_path)
-    assert [r["index"] for r in merged] == [0, 1, 2, 4, 5]
-    assert (tmp_path / "results.jsonl").read_text() == "".join(row(i) for i in (0, 1, 2, 4, 5))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]
-    assert merge_results(tmp_path) == merged  # idempotent
-    (tmp_path / "results.jsonl").write_text(row(0) + "garbage\n" + row(1))
-    with pytest.raises(DatasetError, match="damaged"):
-        read_results(tmp_path / "results.jsonl")
-
-
 def test_readers_and_label_map(tmp_path: Path, capsys) -> None:
     path = tmp_path / "a.tsv"
     path.write_text("text\tlabel\nfine\t1.0\n\t0\n")
@@ -277,8 +259,8 @@ def test_help_and_device_map(capsys, monkeypatch, files, tmp_path: Path) -> None
         assert option in stdout, option
     assert "explain-dataset" in run(capsys, "--help")[1]
 
-    real_spec = dataset.importlib.util.find_spec
-    monkeypatch.setattr(dataset.importlib.util, "find_spec",
+    real_spec = runner.importlib.util.find_spec
+    monkeypatch.setattr(runner.importlib.util, "find_spec",
                         lambda name, *a: None if name == "accelerate" else real_spec(name, *a))
     code, _, err = run(capsys, "explain-dataset", files["txt"], "--out", tmp_path / "o", "--device-map", "auto")
     assert code == 2 and "needs the accelerate package" in err
@@ -286,7 +268,7 @@ def test_help_and_device_map(capsys, monkeypatch, files, tmp_path: Path) -> None
     # with accelerate "installed", load_model's from_pretrained receives device_map="auto"
     from transformers import AutoModelForCausalLM
     seen, real_load = [], AutoModelForCausalLM.from_pretrained
-    monkeypatch.setattr(dataset.importlib.util, "find_spec",
+    monkeypatch.setattr(runner.importlib.util, "find_spec",
                         lambda name, *a: object() if name == "accelerate" else real_spec(name, *a))
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
                         lambda *a, device_map=None, **k: seen.append(device_map) or real_load(*a, **k))

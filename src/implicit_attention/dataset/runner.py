@@ -1,0 +1,333 @@
+"""Running a data set: the options, loading the model, explaining batches, the summary and :func:`run_dataset`.
+
+torch and transformers are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .distributed import Distributed
+from .errors import DatasetError
+from .formats import InputRecord, detect_format, file_sha256, read_inputs
+from .labels import gold_aliases, map_gold
+from .store import (SUMMARY_FILE, append_results, check_run, done_indices, merge_results, run_lock, shard_indices,
+                    shard_path, start_run, write_atomic)
+
+__all__ = [
+    "DEVICE_MAP_STRATEGIES", "GPU_BATCH_SIZE", "DatasetOptions", "batch_size", "explain_batch", "layer_devices",
+    "load_for_run", "resolve_device_map", "run_dataset", "summarize",
+]
+
+#: Default batch size on a GPU (see :attr:`DatasetOptions.batch_size`).
+GPU_BATCH_SIZE = 16
+
+
+# ------------------------------------------------------------------------------------ options
+@dataclass
+class DatasetOptions:
+    """What :func:`run_dataset` explains and how (the ``explain-dataset`` options).
+
+    Attributes:
+        path: the data set file.
+        out: the output directory (created if missing).
+        format: ``"text"``, ``"csv"``, ``"tsv"`` or ``"jsonl"``; ``None`` picks by extension.
+        text_key: CSV column / JSONL field holding the text (default ``"text"``; unused for text files).
+        label_key: CSV column / JSONL field holding the gold label, or ``None``.
+        label_map: ``{gold value: label name}`` added to the default mapping (see
+            :func:`~implicit_attention.dataset.labels.gold_aliases`).
+        model, dtype, device: as for :func:`~implicit_attention.bundled.load_model`.
+        device_map: load the model through ``accelerate`` with this ``device_map``: ``"auto"``,
+            ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``, or the path of a JSON file mapping
+            module names to devices (``{"backbone.layers.0": "cuda:0", ...}``); see :func:`resolve_device_map`.
+        method, variant, layers, aggregate, check: as for :func:`~implicit_attention.run_explanation`.
+        target: a fixed target for every input (label name, token id or one-token string); ``None``
+            explains each prediction.
+        batch_size: inputs per forward/backward pass (left-padded together); ``None``: 1 on the CPU, where
+            larger batches were slower per text (padding, memory traffic; measured on the bundled model
+            with one thread: 13 texts/s with batches of 1, 3 with batches of 8), and :data:`GPU_BATCH_SIZE` on a GPU.
+        limit: read only the first ``limit`` inputs of the file (empty ones included).
+        force: delete an earlier run's files in ``out`` and start over.
+        progress: show a tqdm progress bar on stderr (rank 0 only).
+    """
+
+    path: str | os.PathLike
+    out: str | os.PathLike
+    format: str | None = None
+    text_key: str = "text"
+    label_key: str | None = None
+    label_map: dict[str, str] = field(default_factory=dict)
+    model: str | None = None
+    dtype: str = "float32"
+    device: str | None = None
+    device_map: str | None = None
+    method: str = "attribution"
+    variant: str = "unified"
+    layers: list[int] | None = None
+    aggregate: str = "abs"
+    check: bool = True
+    target: str | None = None
+    batch_size: int | None = None
+    limit: int | None = None
+    force: bool = False
+    progress: bool = True
+
+    def settings(self, fmt: str, sha256: str) -> dict[str, Any]:
+        """The settings stored in ``run.json``; those in :data:`~implicit_attention.dataset.store.RESUME_KEYS`
+        must match to resume."""
+        return {
+            "input": str(Path(self.path).expanduser().resolve()), "input_sha256": sha256, "format": fmt,
+            "text_key": None if fmt == "text" else self.text_key, "label_key": self.label_key,
+            "label_map": dict(sorted(self.label_map.items())), "model": self.model or "rt-sentiment-mamba",
+            "method": self.method, "variant": self.variant,
+            "layers": list(self.layers) if self.layers else None, "aggregate": self.aggregate,
+            "dtype": self.dtype, "target": self.target, "check": self.check,
+        }
+
+
+# ----------------------------------------------------------------------------------- explaining
+def load_for_run(options: DatasetOptions, device: str | None):
+    """Load the model on ``device``, or with ``device_map`` through ``accelerate``."""
+    from ..bundled import load_model
+
+    if options.device_map is None:
+        return load_model(options.model, dtype=options.dtype, device=device)
+    device_map = resolve_device_map(options.device_map)
+    if importlib.util.find_spec("accelerate") is None:
+        raise DatasetError(f"--device-map {options.device_map} needs the accelerate package, which is not "
+                           "installed: pip install accelerate")
+    from unittest import mock
+
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained
+
+    def with_device_map(*args, **kwargs):
+        kwargs.setdefault("device_map", device_map)
+        return original(*args, **kwargs)
+
+    # load_model has no device_map argument: give it one for this call (its checks and task stay)
+    with mock.patch.object(AutoModelForCausalLM, "from_pretrained", with_device_map):
+        loaded = load_model(options.model, dtype=options.dtype, device=None)
+    return loaded
+
+
+#: ``device_map`` strategies ``accelerate`` understands by name.
+DEVICE_MAP_STRATEGIES: tuple[str, ...] = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def resolve_device_map(value: str) -> str | dict[str, str | int]:
+    """``value`` as ``from_pretrained``'s ``device_map``: a strategy name, or the dict in a JSON file.
+
+    The file maps module names to devices (``"cuda:1"``, ``"cpu"``, a GPU index), e.g. the
+    ``model.hf_device_map`` of a model loaded before; ``accelerate`` checks that it covers the model.
+    """
+    if value in DEVICE_MAP_STRATEGIES:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise DatasetError(f"--device-map {value!r} is neither one of {', '.join(DEVICE_MAP_STRATEGIES)} nor a JSON "
+                           "file mapping module names to devices")
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"--device-map {value}: not a readable JSON file ({exc})") from None
+    if not isinstance(mapping, dict) or not mapping or not all(
+            isinstance(k, str) and isinstance(v, (str, int)) and not isinstance(v, bool) for k, v in mapping.items()):
+        raise DatasetError(f"--device-map {value}: expected a JSON object mapping module names to devices, "
+                           'e.g. {"backbone.layers.0": "cuda:0", "backbone.layers.1": "cuda:1"}')
+    return mapping
+
+
+def layer_devices(model, layers: Sequence[int] | None) -> list[str]:
+    """The devices the selected token-mixing layers compute on, sorted (one entry on a single device)."""
+    from ..capture import execution_device, select_layers
+
+    return sorted({str(execution_device(module)) for _, module, _ in select_layers(model, layers)})
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def explain_batch(loaded, batch: Sequence[InputRecord], options: DatasetOptions, target_id: int | None,
+                  gold: dict[int, str]) -> list[dict]:
+    """Explain one batch of non-empty inputs; returns their result objects (see :mod:`implicit_attention.dataset`)."""
+    import torch
+
+    from ..bundled import _decode, encode, predict, token_strings
+    from ..explain import run_explanation
+
+    ids, mask = encode(loaded, [record.text for record in batch])
+    target: Any = target_id
+    if target is None and loaded.label_ids:
+        with torch.no_grad():
+            first = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        target = [p.token_id for p in predict(loaded, first, -1)]
+    explanation = run_explanation(loaded.model, ids, mask, method=options.method, variant=options.variant,
+                                  layers=options.layers, target=target, position=-1,
+                                  aggregate=options.aggregate, check=options.check)
+    predictions = predict(loaded, explanation.logits, -1)
+    decomposition = explanation.decomposition
+    error = max(decomposition.errors) if decomposition is not None and decomposition.errors else None
+    rows = []
+    for b, record in enumerate(batch):
+        keep = mask[b].bool()
+        relevance = explanation.relevance[b].detach().cpu()[keep.cpu()].double().tolist()
+        pred, tid = predictions[b], int(explanation.target.ids[b])
+        label = gold.get(record.index)
+        guess = pred.label if pred.is_label else pred.label.strip()
+        rows.append({
+            "index": record.index, "text": record.text, "tokens": token_strings(loaded, ids[b], mask[b]),
+            "relevance": [_finite(r) for r in relevance], "prediction": pred.label,
+            "probability": _finite(pred.probability),
+            "probabilities": {k: _finite(v) for k, v in pred.probabilities.items()},
+            "gold": label, "gold_raw": record.gold, "correct": None if label is None else guess == label.strip(),
+            "target": {"id": tid, "token": _decode(loaded, tid),
+                       "label": next((n for n, t in loaded.label_ids.items() if t == tid), None)},
+            "batch_max_error": None if error is None else _finite(float(error)),
+        })
+    return rows
+
+
+def batch_size(options: DatasetOptions, loaded) -> int:
+    """``options.batch_size``, or its default for the model's device (1 on the CPU, :data:`GPU_BATCH_SIZE` else)."""
+    if options.batch_size is not None:
+        return options.batch_size
+    return 1 if loaded.device.type == "cpu" else GPU_BATCH_SIZE
+
+
+def _batches(items: Sequence[InputRecord], size: int) -> Iterable[list[InputRecord]]:
+    for start in range(0, len(items), size):
+        yield list(items[start:start + size])
+
+
+def _explain_share(loaded, share: list[InputRecord], options: DatasetOptions, target_id: int | None,
+                   gold: dict[int, str], dist: Distributed) -> None:
+    """Explain this rank's inputs batch by batch, appending each finished batch to its shard."""
+    from tqdm.auto import tqdm
+
+    desc = "explaining" if dist.world_size == 1 else f"explaining (rank 0 of {dist.world_size})"
+    bar = tqdm(total=len(share), desc=desc, unit="text", file=sys.stderr, dynamic_ncols=True,
+               disable=not options.progress or dist.rank != 0)
+    try:
+        with open(shard_path(options.out, dist.rank), "a", encoding="utf-8", newline="\n") as handle:
+            for batch in _batches(share, batch_size(options, loaded)):
+                append_results(handle, explain_batch(loaded, batch, options, target_id, gold))
+                bar.update(len(batch))
+    finally:
+        bar.close()
+
+
+# -------------------------------------------------------------------------------------- summary
+def summarize(rows: Sequence[dict], records: Sequence[InputRecord], *, settings: dict, model_name: str,
+              done_before: int, processes: int, elapsed: float, explain_seconds: float,
+              runtime: dict | None = None) -> dict:
+    """The ``summary.json`` object of a run from all its result rows."""
+    errors = [row["batch_max_error"] for row in rows if row.get("batch_max_error") is not None]
+    labelled = [row for row in rows if row.get("gold") is not None]
+    correct = sum(1 for row in labelled if row.get("correct"))
+    wanted = {record.index for record in records if not record.empty}
+    done = {row["index"] for row in rows}
+    this_run = max(len(rows) - done_before, 0)
+    return {
+        "model": model_name, "method": settings["method"], "variant": settings["variant"],
+        "layers": settings["layers"], "aggregate": settings["aggregate"], "dtype": settings["dtype"],
+        "target": settings["target"], "check": settings["check"], "input": settings["input"],
+        "format": settings["format"],
+        "counts": {"inputs": len(records), "empty_skipped": sum(1 for r in records if r.empty),
+                   "explained": len(rows), "explained_this_run": this_run, "remaining": len(wanted - done),
+                   "labelled": len(labelled), "correct": correct,
+                   "predicted": dict(sorted(Counter(str(row.get("prediction")) for row in rows).items()))},
+        "accuracy": correct / len(labelled) if labelled else None,
+        "reconstruction_error": ({"mean": sum(errors) / len(errors), "max": max(errors)} if errors else None),
+        "complete": wanted <= done,
+        "processes": processes, **(runtime or {}),
+        "elapsed_seconds": round(elapsed, 3), "explain_seconds": round(explain_seconds, 3),
+        "examples_per_second": (this_run / explain_seconds) if explain_seconds > 0 and this_run else None,
+    }
+
+
+# ------------------------------------------------------------------------------------------ run
+def _rank_device(options: DatasetOptions, dist: Distributed) -> str | None:
+    if options.device_map is not None:
+        if options.device is not None:
+            raise DatasetError("--device-map and --device exclude each other")
+        if dist.world_size > 1:
+            raise DatasetError("--device-map auto spreads one model over the GPUs for a single process; "
+                               "do not combine it with torchrun (one process per GPU)")
+        return None
+    if dist.world_size > 1 and options.device is not None:
+        import torch
+        if torch.device(options.device).type == "cuda":
+            return f"cuda:{dist.local_rank}"
+    return options.device
+
+
+def run_dataset(options: DatasetOptions, dist: Distributed | None = None) -> dict | None:
+    """Explain every non-empty input of ``options.path`` into ``options.out``; resumable, data-parallel.
+
+    With ``dist=None`` the process joins torchrun's process group when ``WORLD_SIZE`` > 1 (and
+    leaves it at the end). Returns the summary on rank 0, ``None`` on the other ranks.
+    """
+    started = time.perf_counter()
+    if options.batch_size is not None and options.batch_size < 1:
+        raise DatasetError(f"--batch-size must be at least 1, got {options.batch_size}")
+    own = dist is None
+    if own:
+        dist = Distributed.from_env(options.device)
+    try:
+        with contextlib.ExitStack() as stack:
+            return _run(options, dist, stack, started)
+    finally:
+        if own:
+            dist.close()
+
+
+def _run(options: DatasetOptions, dist: Distributed, stack: contextlib.ExitStack, started: float) -> dict | None:
+    """:func:`run_dataset` in this process (see :mod:`implicit_attention.dataset` for the order of the steps)."""
+    fmt = detect_format(options.path, options.format)
+    records = read_inputs(options.path, fmt, text_key=options.text_key, label_key=options.label_key,
+                          limit=options.limit)
+    settings = options.settings(fmt, file_sha256(Path(options.path).expanduser()))
+    check_run(options.out, settings, options.force)
+    loaded = load_for_run(options, _rank_device(options, dist))
+    gold = map_gold(records, gold_aliases(loaded, options.label_map), loaded.labels)
+    from ..bundled import resolve_target
+    target_id = resolve_target(loaded, options.target)
+
+    dist.barrier()  # every rank has checked run.json before rank 0 touches the directory
+    if dist.rank == 0:
+        stack.enter_context(run_lock(options.out))
+        start_run(options.out, settings, options.force)
+    dist.barrier()
+    done = done_indices(options.out)
+    pending = [r.index for r in records if not r.empty and r.index not in done]
+    by_index = {r.index: r for r in records}
+    share = [by_index[i] for i in shard_indices(pending, dist.rank, dist.world_size)]
+    t0 = time.perf_counter()
+    _explain_share(loaded, share, options, target_id, gold, dist)
+    dist.barrier()  # every shard is complete
+    explain_seconds = time.perf_counter() - t0
+    if dist.rank != 0:
+        return None
+    rows = merge_results(options.out)
+    runtime = {"batch_size": batch_size(options, loaded), "limit": options.limit,
+               "device": f"device_map={options.device_map}" if options.device_map else str(loaded.device),
+               "layer_devices": layer_devices(loaded.model, options.layers)}
+    summary = summarize(rows, records, settings=settings, model_name=loaded.name, done_before=len(done),
+                        processes=dist.world_size, elapsed=time.perf_counter() - started,
+                        explain_seconds=explain_seconds, runtime=runtime)
+    write_atomic(Path(options.out) / SUMMARY_FILE, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    return summary
