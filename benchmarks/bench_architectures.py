@@ -10,7 +10,7 @@ decays, gates and biases are non-trivial. For each model and each length L (batc
    with capture hooks, building every layer and the exactness check (``measure_error``);
 3. ``maps fast``: the signed-mean maps of all layers, ``[layer.aggregate("mean") for layer in
    result.layers]`` (each architecture's fast path where it overrides ``aggregate``);
-4. ``maps generic``: the generic per-channel reference ``LayerDecomposition.aggregate(layer, "mean")``
+4. ``maps generic``: the generic per-channel reference ``layer.aggregate_by_blocks("mean")``
    (materialised channel blocks, summed) on the layers of a second, fresh decomposition, so that
    nothing is cached; ``speed-up`` is generic / fast and ``max diff`` the largest relative
    difference ``max|fast - generic| / max|generic|`` over the layers;
@@ -157,13 +157,13 @@ def bench(model, name: str, length: int, args) -> dict:
     row["layer_types"] = sorted({type(layer).__name__ for layer in result.layers})
     # layer classes whose aggregate() is the generic one (their "fast" maps are the reference itself)
     row["no_fast_path"] = sorted({type(layer).__name__ for layer in result.layers
-                                  if type(layer).aggregate is LayerDecomposition.aggregate})
+                                  if type(layer)._fast_aggregate is LayerDecomposition._fast_aggregate})
     row["max_error"] = max(result.errors)
     with torch.no_grad():
         row["maps_fast_s"], fast = timed(lambda: [layer.aggregate("mean") for layer in result.layers], 1)
         fresh = ia.decompose(model, ids)  # nothing cached on these layers
         row["maps_generic_s"], generic = timed(
-            lambda: [LayerDecomposition.aggregate(layer, "mean") for layer in fresh.layers], 1)
+            lambda: [layer.aggregate_by_blocks("mean") for layer in fresh.layers], 1)
     diffs = [float((f - g).abs().max() / g.abs().max().clamp_min(1e-30)) for f, g in zip(fast, generic)]
     row["max_diff"] = max(diffs)
     row["speed_up"] = row["maps_generic_s"] / row["maps_fast_s"]

@@ -5,7 +5,7 @@ state 16, conv 4). For each length L it times, per run:
 
 - ``maps``: the signed channel-mean map of every layer with the factorised fast path, from the
   layers' inputs (factor recomputation included, the model's own forward not included); on CUDA
-  with Triton this is the fused kernels of ``mamba/triton_mean.py``;
+  with Triton this is the fused kernels of ``mamba/triton.py``;
 - ``eager``: the same maps with the eager PyTorch hierarchy of ``mamba/fast.py`` (CUDA only, where
   the fused kernels are the default; ``--eager-max-length``);
 - ``direct``: the same maps from materialised per-channel blocks computed entry by entry (``N``
@@ -41,7 +41,7 @@ import torch
 import implicit_attention as ia
 from implicit_attention.architectures.mamba import MambaLayerDecomposition, mamba_factors
 from implicit_attention.architectures.mamba import operator
-from implicit_attention.architectures.mamba import triton_mean
+from implicit_attention.architectures.mamba import triton as triton_mean
 from implicit_attention.architectures.mamba.fast import exact_channel_mean, signed_mean
 from implicit_attention.architectures.mamba.naive import naive_mamba
 

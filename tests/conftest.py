@@ -64,8 +64,8 @@ def fresh_aggregates(layer, how, rows=None):
     from implicit_attention.architectures.base import LayerDecomposition
 
     layer._aggregates.clear()
-    generic = LayerDecomposition.aggregate(layer, how) if rows is None \
-        else LayerDecomposition.aggregate_rows(layer, rows, how)
+    generic = layer.aggregate_by_blocks(how) if rows is None \
+        else layer.rows_by_blocks(rows, how)
     layer._aggregates.clear()
     fast = layer.aggregate(how) if rows is None else layer.aggregate_rows(rows, how)
     return generic, fast
@@ -75,7 +75,7 @@ def check_fast_aggregates(layer, blocks, rows, label: str, tolerance: float = 1e
     """A layer's own aggregates (every tile block in ``blocks``) and ``rows`` against the generic blocks."""
     from implicit_attention.architectures.base import LayerDecomposition
 
-    assert type(layer).aggregate is not LayerDecomposition.aggregate
+    assert type(layer)._fast_aggregate is not LayerDecomposition._fast_aggregate
     for block in blocks:
         layer.tile_block = block
         for how in ("mean", "abs", "pos"):
@@ -90,7 +90,7 @@ def check_long_fast_mean(f64, f32, label: str = "L=1024") -> None:
     """float32 and float64 fast means of one long layer against the float64 generic blocks."""
     from implicit_attention.architectures.base import LayerDecomposition
 
-    reference = LayerDecomposition.aggregate(f64, "mean")
+    reference = f64.aggregate_by_blocks("mean")
     fast = f32.aggregate("mean")
     assert torch.isfinite(fast).all()
     assert_close(fast.double(), reference, 1e-5, f"float32 fast mean, {label}")

@@ -180,19 +180,19 @@ def test_per_head_aggregates_and_attribution_equal_the_generic_code(class_name):
     grad = torch.randn(layer.values.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     for how in AGGREGATES:
         layer._aggregates.clear()
-        generic = LayerDecomposition.aggregate(layer, how)
+        generic = layer.aggregate_by_blocks(how)
         layer._aggregates.clear()
         assert_close(layer.aggregate(how), generic, 1e-12, how)
         layer._aggregates.clear()
         rows = [0, 3, -1]
-        assert_close(layer.aggregate_rows(rows, how), LayerDecomposition.aggregate_rows(layer, rows, how), 1e-12, how)
+        assert_close(layer.aggregate_rows(rows, how), layer.rows_by_blocks(rows, how), 1e-12, how)
     for channel in (0, layer.head_dim, -1):
-        assert torch.equal(layer.aggregate(channel=channel), LayerDecomposition.aggregate(layer, channel=channel))
-    assert_close(layer.attribution(grad), LayerDecomposition.attribution(layer, grad), 1e-12, "attribution")
+        assert torch.equal(layer.aggregate(channel=channel), LayerDecomposition.channel_matrix(layer, channel % layer.channels))
+    assert_close(layer.attribution(grad), layer.attribution_by_blocks(layer.matrix_gradient(grad)), 1e-12, "attribution")
     assert_close(layer.reconstruct(), LayerDecomposition.reconstruct(layer), 1e-12, "per-head reconstruction")
     # a few heads at a time (tiny blocks) gives the same
     layer.block_bytes, layer._aggregates = 1, {}
-    assert_close(layer.aggregate("abs"), LayerDecomposition.aggregate(layer, "mean"), 1e-12, "one head at a time")
+    assert_close(layer.aggregate("abs"), layer.aggregate_by_blocks("mean"), 1e-12, "one head at a time")
     assert layer.heads * layer.head_dim == layer.channels
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import implicit_attention as ia
-import implicit_attention.architectures.mamba as mamba_module
+from implicit_attention.architectures import registry
 from implicit_attention import memory
 
 from conftest import tiny_mamba
@@ -86,14 +88,15 @@ def test_full_matrix_is_estimated_before_allocation(monkeypatch):
 def test_reconstruction_error_names_the_layer(monkeypatch):
     """If the module computed something we do not model, decompose raises; check=False lets it through."""
     model = tiny_mamba(dtype=torch.float64)
-    original = mamba_module.mamba_factors
+    mamba = next(arch for arch in registry.architectures() if arch.name == "mamba")
 
-    def drifted(*args, **kwargs):
-        factors = original(*args, **kwargs)
-        factors.D = factors.D + 0.1   # as if the module's skip term changed under us
-        return factors
+    def drifted(captured, **kwargs):
+        layer = mamba.build(captured, **kwargs)
+        layer.factors.D = layer.factors.D + 0.1   # as if the module's skip term changed under us
+        return layer
 
-    monkeypatch.setattr(mamba_module, "mamba_factors", drifted)
+    monkeypatch.setattr(registry, "_REGISTRY", [dataclasses.replace(arch, build=drifted) if arch is mamba else arch
+                                                for arch in registry.architectures()])
     with pytest.raises(ia.ReconstructionError, match=r"backbone.layers.0.mixer.*relative error .*check=False") as info:
         ia.decompose(model, [[1, 2, 3, 4]])
     assert info.value.error > 1e-6

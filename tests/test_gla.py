@@ -199,7 +199,7 @@ def test_factorised_head_aggregates_match_channel_blocks(variant, how):
     model = tiny_gla()
     ids, mask = left_padded(batch=2, length=7)
     layer = ia.decompose(model, ids, mask, variant=variant).layers[0]
-    generic = LayerDecomposition.aggregate(layer, how)
+    generic = layer.aggregate_by_blocks(how)
     layer._aggregates.clear()
     assert_close(layer.aggregate(how), generic, 1e-12, f"{how} aggregate")
     assert_close(layer.aggregate_rows([-1, 2], how), generic[:, [-1, 2]], 1e-12, "rows")

@@ -8,9 +8,9 @@ from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM, Recurr
 
 import implicit_attention as ia
 from implicit_attention.architectures.base import LayerDecomposition
-from implicit_attention.architectures.griffin import (VARIANTS, attention_factors, griffin_block, griffin_factors,
-                                                      rglru_matrices)
-from implicit_attention.architectures.griffin_naive import (naive_attention, naive_griffin, naive_rglru_scan)
+from implicit_attention.architectures.attention import attention_probabilities_naive, repeat_kv
+from implicit_attention.architectures.griffin import VARIANTS, griffin_block, griffin_factors, rglru_matrices
+from implicit_attention.architectures.griffin.naive import naive_griffin, naive_rglru_scan
 from implicit_attention.capture import capture, select_layers
 from implicit_attention.explain import BASELINE_METHODS, MATRIX_METHODS
 
@@ -88,15 +88,15 @@ def test_eager_attention_uses_its_own_probabilities(dtype):
     assert max(result.errors) <= TOL[dtype]
     sdpa = ia.decompose(tiny_griffin(dtype=dtype, attn="sdpa"), ids, mask).layers[2]
     real = sdpa.mask.bool()[:, :, None] & sdpa.mask.bool()[:, None, :]     # rows and columns of real tokens
-    eager_probs = result.layers[2].factors.probs
-    assert_close(eager_probs * real[:, None], sdpa.factors.probs * real[:, None], 1e-6, "eager vs recomputed")
+    eager_probs = result.layers[2].probs
+    assert_close(eager_probs * real[:, None], sdpa.probs * real[:, None], 1e-6, "eager vs recomputed")
 
 
 def test_sliding_window_and_gqa_in_the_attention_matrix():
     model = tiny_griffin(dtype=torch.float64)
     ids, mask = left_padded(batch=3, length=8)
     layer = ia.decompose(model, ids, mask).layers[2]
-    P = layer.factors.probs                                                # [B, heads, L, L]
+    P = layer.probs                                                        # [B, heads, L, L]
     i, j = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
     assert torch.count_nonzero(P[..., i - j >= 4]) == 0                     # window of 4
     assert torch.count_nonzero(P[2, :, :, :2]) == 0                         # padding columns
@@ -172,14 +172,18 @@ def test_attention_channels_and_aggregates():
     model = tiny_griffin(dtype=torch.float64)
     ids, mask = left_padded(batch=2, length=7)
     layer = ia.decompose(model, ids, mask).layers[2]
-    assert_close(layer.matrix, naive_attention(layer.factors), 0.0, "channels")
+    f = layer.factors
+    bias, empty = f.bias(7, torch.float64, f.q.device)
+    naive = attention_probabilities_naive(f.q, repeat_kv(f.k, f.q.shape[1] // f.k.shape[1]), f.scale, bias, empty)
+    expected = torch.stack([naive[:, c // layer.head_dim] for c in range(layer.channels)], dim=1)
+    assert_close(layer.matrix, expected, 1e-12, "channels")
     for how in ("mean", "abs", "pos"):
-        assert_close(layer.aggregate(how), LayerDecomposition.aggregate(layer, how), 1e-12, how)
-        assert_close(layer.aggregate_rows([-1, 2], how), LayerDecomposition.aggregate_rows(layer, [-1, 2], how),
+        assert_close(layer.aggregate(how), layer.aggregate_by_blocks(how), 1e-12, how)
+        assert_close(layer.aggregate_rows([-1, 2], how), layer.rows_by_blocks([-1, 2], how),
                      1e-12, how)
     record = captured(model, ids, mask)[2]
-    again = attention_factors(record.module, record.inputs, record.kwargs, record.module_output, torch.float64)
-    assert torch.equal(again.probs, layer.factors.probs)
+    again = record.architecture.build(record, variant="unified", dtype=torch.float64, index=2)
+    assert torch.equal(again.probs, layer.probs)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -12,7 +12,7 @@ import transformers as tf
 
 import implicit_attention as ia
 from implicit_attention.architectures import find_layers
-from implicit_attention.architectures.hybrid_mamba import jamba_factors, zamba_factors
+from implicit_attention.architectures.mamba.factors import jamba_factors, zamba_factors
 from implicit_attention.architectures.mamba.naive import naive_mamba
 from implicit_attention.architectures.mamba.operator import VARIANTS
 from implicit_attention.capture import capture

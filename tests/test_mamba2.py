@@ -14,7 +14,8 @@ import transformers as tf
 import implicit_attention as ia
 from implicit_attention.architectures import find_layers
 from implicit_attention.architectures.mamba2 import Mamba2LayerDecomposition, mamba2_factors
-from implicit_attention.architectures.mamba2.naive import naive_conv_matrix, naive_mamba2, naive_scan
+from implicit_attention.architectures.mamba2.naive import naive_mamba2, naive_scan
+from implicit_attention.architectures.primitives import naive_conv_matrix
 from implicit_attention.architectures.mamba2.operator import VARIANTS, mamba2_block, signed_mean, ssd_output
 from implicit_attention.capture import capture
 
@@ -254,7 +255,7 @@ def test_conv_matrix_is_pytorch_conv1d():
     ids = torch.randint(1, VOCAB, (1, 7))
     f = captured_factors(model, ids, None)[0][1]
     for d in (0, 5, 15):
-        M = naive_conv_matrix(f, d)
+        M = naive_conv_matrix(f.conv_weight, d, f.x.shape[1])
         assert_close(M @ f.x[0, :, d] + f.conv_bias[d], f.conv_out[0, :, d], 1e-12, "conv")
 
 

@@ -74,7 +74,7 @@ def test_layer_aggregate_rows_match_generic(how):
     model = tiny_mamba(dtype=torch.float64)
     ids, mask = left_padded(batch=2, length=9)
     layer = ia.decompose(model, ids, mask).layers[0]
-    generic = LayerDecomposition.aggregate_rows(layer, [-1, 2], how)            # block-based
+    generic = layer.rows_by_blocks([-1, 2], how)            # block-based
     assert_close(layer.aggregate_rows([-1, 2], how), generic, 1e-12, how)
     direct = torch.stack([(b if how == "mean" else b.abs() if how == "abs" else b.clamp(min=0))
                           for b in [layer.matrix]])[0].mean(1)

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, {tests!r})
 from conftest import left_padded, tiny_mamba
 from test_mamba_fast import factors_of
-from implicit_attention.architectures.mamba import triton_mean
+from implicit_attention.architectures.mamba import triton as triton_mean
 from implicit_attention.architectures.mamba.fast import exact_channel_mean, signed_mean
 errors = []
 for variant, width, length, splits in {cases!r}:

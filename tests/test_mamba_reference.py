@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from implicit_attention.architectures.mamba import mamba_factors
-from implicit_attention.architectures.mamba.naive import naive_conv_matrix, naive_mamba
-from implicit_attention.architectures.mamba.operator import VARIANTS, conv_right, mamba_block, segment_sums
+from implicit_attention.architectures.mamba.naive import naive_mamba
+from implicit_attention.architectures.mamba.operator import VARIANTS, mamba_block
+from implicit_attention.architectures.primitives import conv_right, naive_conv_matrix, segment_sums
 from implicit_attention.capture import capture, select_layers
 
 from conftest import assert_close, left_padded, tiny_mamba
@@ -67,7 +68,7 @@ def test_conv_matrix_is_pytorch_conv1d():
     f = captured_factors(model, ids, None)[0]
     bias = f.conv_bias[:, None] if f.conv_bias is not None else 0
     for d in range(3):
-        M = naive_conv_matrix(f, d)
+        M = naive_conv_matrix(f.conv_weight, d, f.x.shape[1])
         assert_close(M @ f.x[0, :, d] + bias[d], f.conv_out[0, :, d], 1e-12, "conv")
 
 

@@ -11,7 +11,7 @@ from implicit_attention.explain import BASELINE_METHODS, MATRIX_METHODS
 from implicit_attention.architectures.base import LayerDecomposition
 from implicit_attention.architectures.rwkv4 import (VARIANTS, rwkv_block, rwkv_factors, wkv_log_normaliser,
                                                     wkv_matrices)
-from implicit_attention.architectures.rwkv4_naive import naive_rwkv, naive_wkv_recurrence
+from implicit_attention.architectures.rwkv4.naive import naive_rwkv, naive_wkv_recurrence
 from implicit_attention.capture import capture, select_layers
 
 from conftest import assert_close, left_padded, fresh_aggregates, check_fast_aggregates, check_long_fast_mean
@@ -183,7 +183,7 @@ def test_aggregates_match_the_matrix():
     A = layer.matrix
     assert_close(layer.aggregate("mean"), A.mean(1), 1e-12, "mean")
     assert_close(layer.aggregate("abs"), A.abs().mean(1), 1e-12, "abs")
-    assert_close(LayerDecomposition.aggregate(layer, "pos"), A.clamp(min=0).mean(1), 1e-12, "pos")
+    assert_close(layer.aggregate_by_blocks("pos"), A.clamp(min=0).mean(1), 1e-12, "pos")
 
 
 @pytest.mark.parametrize("method,variant", [(m, v) for m in MATRIX_METHODS for v in VARIANTS]

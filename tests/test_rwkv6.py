@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import implicit_attention as ia
 from implicit_attention.architectures.rwkv6 import VARIANTS, decay_matrices, rwkv6_attention, rwkv6_factors
-from implicit_attention.architectures.rwkv6_naive import naive_rwkv6, naive_rwkv6_attention
+from implicit_attention.architectures.rwkv6.naive import naive_rwkv6, naive_rwkv6_attention
 from implicit_attention.capture import capture, select_layers
 from implicit_attention.explain import MATRIX_METHODS
 from implicit_attention.models.rwkv6 import Rwkv6Config, Rwkv6ForCausalLM, Rwkv6Model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from implicit_attention.architectures.base import _reduce
+from implicit_attention.architectures.base import channel_transform
 from implicit_attention.architectures.tiled import (DiagonalOperator, Tiling, assemble, diagonal_rows,
                                                     diagonal_sum)
 
@@ -80,7 +80,7 @@ def test_resets_factorise(resets):
     assert_close(diagonal_sum(op, 4), reference.sum(1), 1e-12, "sum")
     rows = torch.tensor([0, 6, 21, 36])
     for how in ("mean", "abs", "pos"):
-        assert_close(diagonal_rows(op, rows, how), _reduce(reference[:, :, rows], how).sum(1), 1e-12, how)
+        assert_close(diagonal_rows(op, rows, how), channel_transform(reference[:, :, rows], how).sum(1), 1e-12, how)
 
 
 def test_strong_decays_fall_back_to_exact_windows_and_zero_decays_cut():
@@ -102,7 +102,7 @@ def test_rows_equal_dense_rows(dtype):
     reference = dense(op)
     rows = torch.tensor([0, 1, 17, 36])
     for how in ("mean", "abs", "pos"):
-        expected = _reduce(reference[:, :, rows], how).sum(1)
+        expected = channel_transform(reference[:, :, rows], how).sum(1)
         assert_close(diagonal_rows(op, rows, how), expected, 1e-6 if dtype == torch.float32 else 1e-12, how)
 
 

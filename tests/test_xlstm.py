@@ -10,7 +10,7 @@ from transformers.initialization import no_init_weights
 import implicit_attention as ia
 from implicit_attention.architectures.base import LayerDecomposition
 from implicit_attention.architectures.xlstm import VARIANTS, XlstmLayerDecomposition, xlstm_block, xlstm_factors
-from implicit_attention.architectures.xlstm_naive import naive_xlstm
+from implicit_attention.architectures.xlstm.naive import naive_xlstm
 from implicit_attention.capture import capture, select_layers
 from implicit_attention.explain import BASELINE_METHODS, MATRIX_METHODS
 
@@ -143,8 +143,8 @@ def test_per_head_aggregates_equal_the_generic_ones(variant):
     model = tiny_xlstm(dtype=torch.float64, seed=4)
     layer = ia.decompose(model, torch.randint(1, 40, (2, 7)), variant=variant).layers[1]
     for how in ("mean", "abs", "pos"):
-        assert_close(layer.aggregate(how), LayerDecomposition.aggregate(layer, how), 1e-12, how)
-        assert_close(layer.aggregate_rows([-1, 3], how), LayerDecomposition.aggregate_rows(layer, [-1, 3], how),
+        assert_close(layer.aggregate(how), layer.aggregate_by_blocks(how), 1e-12, how)
+        assert_close(layer.aggregate_rows([-1, 3], how), layer.rows_by_blocks([-1, 3], how),
                      1e-12, how)
 
 

@@ -1,26 +1,19 @@
-"""Supported architectures. Importing this package registers all of them.
+"""Supported architectures, one package each; importing this package registers all of them.
 
-Every module in this package registers its layers with :func:`register` on import; adding an
-architecture is adding one module here (it is discovered automatically).
+Each sub-package (``mamba/``, ``gla/``, ...) registers its layers with
+:func:`~.registry.register` on import; adding an architecture is adding one package here (it is
+discovered automatically; ``README.md`` shows the template). An error inside our own code fails
+the import loudly; a package whose optional third-party dependency is missing is skipped, and
+:func:`~.registry.skipped_architectures` says why.
 """
 
-import importlib
-import pkgutil
-import warnings
-
 from .base import AGGREGATES, LayerDecomposition
-from .registry import Architecture, CapturedLayer, architectures, find_layers, register, supported_model_classes
+from .registry import (Architecture, CapturedLayer, architectures, discover, find_layers, register,
+                       skipped_architectures, supported_model_classes)
 
-for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    if _info.name not in ("base", "registry") and not _info.name.startswith("_") \
-            and not _info.name.endswith("_naive"):
-        try:
-            importlib.import_module(f"{__name__}.{_info.name}")
-        except Exception as error:  # one broken architecture must not disable the others
-            warnings.warn(f"implicit_attention: architecture module {_info.name!r} failed to load "
-                          f"and is disabled: {error!r}", RuntimeWarning, stacklevel=2)
+discover(__name__, __path__)
 
 __all__ = [
-    "AGGREGATES", "Architecture", "CapturedLayer", "LayerDecomposition", "architectures",
-    "find_layers", "register", "supported_model_classes",
+    "AGGREGATES", "Architecture", "CapturedLayer", "LayerDecomposition", "architectures", "find_layers",
+    "register", "skipped_architectures", "supported_model_classes",
 ]

@@ -194,49 +194,39 @@ class LayerDecomposition(ABC):
         return self.error
 
     def aggregate(self, how: Aggregate = "mean", channel: int | None = None) -> torch.Tensor:
-        """``[B, L, L]`` one map per example from the per-channel matrices.
+        """``[B, L, L]`` one map per example from the per-channel matrices (computed once, cached).
 
         Args:
             how: ``"mean"`` the signed channel mean of ``A``, ``"abs"`` the mean of ``|A|``,
                 ``"pos"`` the mean of ``clamp(A, min=0)``.
             channel: return that single channel's matrix instead (``how`` is then ignored).
+
+        An architecture's fast path (:meth:`_fast_aggregate`) serves it where there is one, else
+        :meth:`aggregate_by_blocks`.
         """
         if channel is not None:
             if not -self.channels <= channel < self.channels:
                 raise IndexError(f"channel {channel} out of range for {self.channels} channels")
-            channel %= self.channels
-            block, _ = self._block(slice(channel, channel + 1))
-            return block[:, 0]
-        if how not in AGGREGATES:
-            raise ValueError(f"how must be one of {AGGREGATES}, got {how!r}")
+            return self.channel_matrix(channel % self.channels)
+        check_aggregate(how)
         if how not in self._aggregates:
-            total = torch.zeros(self.batch_size, self.length, self.length, dtype=self.dtype, device=self.device)
-            for _, block in self.blocks():
-                total += _reduce(block, how).sum(dim=1)
-            self._aggregates[how] = total / self.channels
+            fast = self._fast_aggregate(how)
+            self._aggregates[how] = fast if fast is not None else self.aggregate_by_blocks(how)
         return self._aggregates[how]
 
     def aggregate_rows(self, rows, how: Aggregate = "mean") -> torch.Tensor:
         """``[B, R, L]`` rows ``rows`` (``[R]`` indices, negatives count from the end) of :meth:`aggregate`.
 
-        Architectures override this to compute only those rows (``O(L * C * N)`` per row for
-        Mamba); this generic version reads them off the channel blocks.
+        Read off a cached aggregate when there is one, or off the whole map for architectures whose
+        map is cheap (:attr:`rows_from_map`); else from the architecture's fast rows
+        (:meth:`_fast_rows`, ``O(L * C * N)`` per row for Mamba), or from the channel blocks.
         """
         rows = self._row_index(rows)
-        if how not in AGGREGATES:
-            raise ValueError(f"how must be one of {AGGREGATES}, got {how!r}")
-        if how in self._aggregates:
-            return self._aggregates[how][:, rows]
-        total = torch.zeros(self.batch_size, len(rows), self.length, dtype=self.dtype, device=self.device)
-        for _, block in self.blocks():
-            total += _reduce(block[:, :, rows], how).sum(dim=1)
-        return total / self.channels
-
-    def _row_index(self, rows) -> torch.Tensor:
-        rows = torch.as_tensor(rows, device=self.device).long().reshape(-1)
-        if ((rows < -self.length) | (rows >= self.length)).any():
-            raise IndexError(f"rows {rows.tolist()} out of range for {self.length} tokens")
-        return rows % self.length
+        check_aggregate(how)
+        if how in self._aggregates or self.rows_from_map:
+            return self.aggregate(how)[:, rows]
+        fast = self._fast_rows(rows, how)
+        return fast if fast is not None else self.rows_by_blocks(rows, how)
 
     def attribution(self, grad: torch.Tensor) -> torch.Tensor:
         """``[B, L, L]`` gradient-weighted map ``mean_c clamp(grad_i * A[i, j] * v_j, min=0)``.
@@ -249,6 +239,38 @@ class LayerDecomposition(ABC):
         if grad.shape != self.output.shape:
             raise ValueError(f"grad must have shape {tuple(self.output.shape)}, got {tuple(grad.shape)}")
         grad = self.matrix_gradient(grad.to(self.dtype))
+        fast = self._fast_attribution(grad)
+        return fast if fast is not None else self.attribution_by_blocks(grad)
+
+    # ------------------------------------------- the generic per-channel-block computations
+    def channel_matrix(self, channel: int) -> torch.Tensor:
+        """``[B, L, L]`` the matrix of one channel (``0 <= channel < C``)."""
+        block, _ = self._block(slice(channel, channel + 1))
+        return block[:, 0]
+
+    def aggregate_by_blocks(self, how: Aggregate = "mean") -> torch.Tensor:
+        """``[B, L, L]`` :meth:`aggregate` computed from the channel blocks, one block at a time.
+
+        The generic computation every fast path is tested against; nothing is cached.
+        """
+        check_aggregate(how)
+        total = torch.zeros(self.batch_size, self.length, self.length, dtype=self.dtype, device=self.device)
+        for _, block in self.blocks():
+            total += channel_transform(block, how).sum(dim=1)
+        return total / self.channels
+
+    def rows_by_blocks(self, rows, how: Aggregate = "mean") -> torch.Tensor:
+        """``[B, R, L]`` :meth:`aggregate_rows` read off the channel blocks (generic; nothing cached)."""
+        rows = self._row_index(rows)
+        check_aggregate(how)
+        total = torch.zeros(self.batch_size, len(rows), self.length, dtype=self.dtype, device=self.device)
+        for _, block in self.blocks():
+            total += channel_transform(block[:, :, rows], how).sum(dim=1)
+        return total / self.channels
+
+    def attribution_by_blocks(self, grad: torch.Tensor) -> torch.Tensor:
+        """``[B, L, L]`` :meth:`attribution` from the channel blocks, for ``grad`` already at the
+        matrix output (:meth:`matrix_gradient` applied)."""
         if self.fold is not None:
             grad = grad[..., self.fold]                         # each stream gets its output's gradient
         total = torch.zeros(self.batch_size, self.length, self.length, dtype=self.dtype, device=self.device)
@@ -257,6 +279,30 @@ class LayerDecomposition(ABC):
             v = self.values[..., sl].transpose(1, 2).unsqueeze(-2)  # [B, c, 1, L]
             total += (g * block * v).clamp_(min=0).sum(dim=1)
         return total / self.channels
+
+    # ----------------------------------------------------- what architectures may provide
+    #: :meth:`aggregate_rows` reads rows off the whole aggregated map (architectures whose map is
+    #: a few per-head products, cheaper than any per-channel rows).
+    rows_from_map: bool = False
+
+    def _fast_aggregate(self, how: str) -> torch.Tensor | None:
+        """``[B, L, L]`` aggregate ``how`` without per-channel blocks, or ``None`` where there is no fast path."""
+        return None
+
+    def _fast_rows(self, rows: torch.Tensor, how: str) -> torch.Tensor | None:
+        """``[B, R, L]`` rows ``rows`` (``[R]`` in ``[0, L)``) of aggregate ``how`` without per-channel
+        blocks, or ``None`` where there is no fast path."""
+        return None
+
+    def _fast_attribution(self, grad: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`attribution` without per-channel blocks (``grad`` at the matrix output), or ``None``."""
+        return None
+
+    def _row_index(self, rows) -> torch.Tensor:
+        rows = torch.as_tensor(rows, device=self.device).long().reshape(-1)
+        if ((rows < -self.length) | (rows >= self.length)).any():
+            raise IndexError(f"rows {rows.tolist()} out of range for {self.length} tokens")
+        return rows % self.length
 
     def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         """Turn the gradient at the layer output into the gradient at the output of :attr:`matrix`.
@@ -281,9 +327,29 @@ class LayerDecomposition(ABC):
         return format_bytes(self.batch_size * self.channels * self.length ** 2 * self.dtype.itemsize)
 
 
-def _reduce(block: torch.Tensor, how: str) -> torch.Tensor:
-    """The per-channel transform whose channel mean is aggregate ``how``."""
+def check_aggregate(how: str) -> None:
+    """Raise ``ValueError`` unless ``how`` is one of :data:`AGGREGATES`."""
+    if how not in AGGREGATES:
+        raise ValueError(f"how must be one of {AGGREGATES}, got {how!r}")
+
+
+def channel_transform(block: torch.Tensor, how: str) -> torch.Tensor:
+    """The per-channel transform whose channel mean is aggregate ``how`` (identity, ``|.|`` or ``relu``)."""
     return block if how == "mean" else block.abs() if how == "abs" else block.clamp(min=0)
+
+
+def scaled_head_sum(A: torch.Tensor, row: torch.Tensor, how: str, equation: str) -> torch.Tensor:
+    """``sum_{h, c in h} f(row[c] A_h)`` for channels that share one matrix per head, ``f`` the
+    transform of aggregate ``how``: ``|r A| = |r| |A|`` and ``relu(r A) = relu(r) relu(A) + relu(-r) relu(-A)``.
+
+    ``equation`` contracts ``A`` with the per-head sum of ``row`` (e.g. ``"bhij,bhi->bij"``).
+    """
+    if how == "mean":
+        return torch.einsum(equation, A, row.sum(-1))
+    if how == "abs":
+        return torch.einsum(equation, A.abs(), row.abs().sum(-1))
+    return (torch.einsum(equation, A.clamp(min=0), row.clamp(min=0).sum(-1))
+            + torch.einsum(equation, (-A).clamp(min=0), (-row).clamp(min=0).sum(-1)))
 
 
 def _sample_groups(channels: int, count: int, groups: int = 4) -> list[slice]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import pkgutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,6 +89,21 @@ class Architecture:
         return tuple(c for c in self._classes if c is not type(None))
 
 
+def layer_builder(decomposition: Callable[..., LayerDecomposition],
+                  read_factors: Callable[[CapturedLayer, torch.dtype], Any]) -> Callable[..., LayerDecomposition]:
+    """The ``build`` of an :class:`Architecture`: ``decomposition(read_factors(captured, dtype), variant=...,
+    index=..., name=..., output=...)`` with the captured output in the compute dtype."""
+    def build(captured: CapturedLayer, *, variant: str, dtype: torch.dtype, index: int) -> LayerDecomposition:
+        return decomposition(read_factors(captured, dtype), variant=variant, index=index, name=captured.name,
+                             output=captured.output.detach().to(dtype))
+    return build
+
+
+def input_and_mask(factors: Callable[..., Any]) -> Callable[[CapturedLayer, torch.dtype], Any]:
+    """``read_factors`` for a factor function ``factors(module, hidden_states, attention_mask, dtype)``."""
+    return lambda captured, dtype: factors(captured.module, captured.inputs, captured.attention_mask, dtype)
+
+
 _REGISTRY: list[Architecture] = []
 
 
@@ -95,6 +112,33 @@ def register(architecture: Architecture) -> Architecture:
     _REGISTRY[:] = [a for a in _REGISTRY if a.name != architecture.name]
     _REGISTRY.append(architecture)
     return architecture
+
+
+_SKIPPED: dict[str, str] = {}
+
+
+def discover(package: str, path: Iterable[str]) -> None:
+    """Import every sub-package of ``package`` (each registers its architectures), in name order.
+
+    A sub-package whose import fails because a third-party module is missing is skipped and the
+    reason kept (:func:`skipped_architectures`); any other error, and any missing module of our
+    own, propagates: a broken architecture must not turn into a silent "unsupported model".
+    """
+    for info in sorted(pkgutil.iter_modules(path), key=lambda m: m.name):
+        if not info.ispkg:
+            continue
+        try:
+            importlib.import_module(f"{package}.{info.name}")
+        except ModuleNotFoundError as error:
+            missing = error.name or ""
+            if missing == "implicit_attention" or missing.startswith("implicit_attention."):
+                raise
+            _SKIPPED[info.name] = f"needs the {missing.split('.')[0]!r} package, which is not installed ({error})"
+
+
+def skipped_architectures() -> dict[str, str]:
+    """``{package: reason}`` of the architecture packages that could not be loaded (a missing dependency)."""
+    return dict(_SKIPPED)
 
 
 def architectures() -> tuple[Architecture, ...]:

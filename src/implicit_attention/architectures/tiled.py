@@ -47,8 +47,8 @@ from functools import cached_property
 import torch
 
 from ..memory import DEFAULT_BLOCK_BYTES
-from .base import AGGREGATES, LayerDecomposition, _reduce
-from .mamba.operator import conv_right, segment_sums
+from .base import LayerDecomposition, channel_transform
+from .primitives import conv_right, segment_sums
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -433,7 +433,7 @@ def diagonal_rows(op: DiagonalOperator, rows: torch.Tensor, how: str = "mean",
             A.mul_(op.key_mask[:, None, :, None])
         if op.row is not None:
             A.mul_(op.row[:, rows, None, ch])
-        out += _reduce(A, how).sum(dim=-1)
+        out += channel_transform(A, how).sum(dim=-1)
     return out
 
 
@@ -455,21 +455,15 @@ class DiagonalDecomposition(LayerDecomposition):
     def nonnegative(self) -> bool:
         return False
 
-    def aggregate(self, how="mean", channel=None):
+    def _fast_aggregate(self, how: str) -> torch.Tensor | None:
         # the signed channel mean factorises (hierarchical tiles): never per-channel [c, L, L] blocks
-        fast = how == "mean" or (self.nonnegative and how in ("abs", "pos"))
-        if channel is None and fast and how not in self._aggregates:
-            if "mean" not in self._aggregates:
-                total = diagonal_sum(self.diagonal_operator(), self.tile_block, self.block_bytes)
-                self._aggregates["mean"] = total / self.channels
-            self._aggregates[how] = self._aggregates["mean"]
-        return super().aggregate(how, channel)
+        if how != "mean" and not self.nonnegative:
+            return None
+        if "mean" not in self._aggregates:   # one map serves all three when every entry is >= 0
+            total = diagonal_sum(self.diagonal_operator(), self.tile_block, self.block_bytes)
+            self._aggregates["mean"] = total / self.channels
+        return self._aggregates["mean"]
 
-    def aggregate_rows(self, rows, how="mean"):
+    def _fast_rows(self, rows: torch.Tensor, how: str) -> torch.Tensor:
         # a few rows (raw / paper read the target row) cost O(R L E)
-        rows = self._row_index(rows)
-        if how not in AGGREGATES:
-            raise ValueError(f"how must be one of {AGGREGATES}, got {how!r}")
-        if how in self._aggregates:
-            return self._aggregates[how][:, rows]
         return diagonal_rows(self.diagonal_operator(), rows, how, self.block_bytes) / self.channels

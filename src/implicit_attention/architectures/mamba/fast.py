@@ -21,7 +21,7 @@ a ``[|I|, E*N] x [E*N, |J|]`` matrix product in which every exponent is ``<= 0``
 and ``Kc`` depend on their own block only, so each level costs ``O(L E N)`` exponentials. Tiles of
 32 cover every pair of 32-blocks, tiles of 4 the pairs inside one 32-block; the band of
 ``4 + K - 1`` diagonals left over is computed exactly, one exponential per entry and state. The
-fused GPU kernels of :mod:`.triton_mean` follow the same plan with tiles of 64 and 16.
+fused GPU kernels of :mod:`.triton` follow the same plan with tiles of 64 and 16.
 
 **Rows.** ``A_d[i, :]`` for a few rows ``i`` costs ``O(L * E * N)`` each: the exponents
 ``s_i - s_j`` are all >= 0 and need no re-referencing.
@@ -31,14 +31,10 @@ from __future__ import annotations
 
 import torch
 
-from . import triton_mean
+from ...memory import default_block_bytes
+from . import triton
 from .operator import MambaFactors, mamba_block
 from .tiling import band_entries, tile_pairs
-
-_DEFAULT_CHUNK_BYTES = 256 * 2**20
-#: Channel chunks of the eager mean on a CPU: small temporaries stay in cache and are reused by the
-#: allocator, 2-3x faster than one large chunk (measured at L = 512 and 2048, inner width 1536).
-CPU_CHUNK_BYTES = 24 * 2**20
 
 
 def variant_parts(f: MambaFactors, variant: str):
@@ -57,9 +53,11 @@ def variant_parts(f: MambaFactors, variant: str):
     return row, col, taps, variant != "s6"
 
 
-def exact_channel_mean(f: MambaFactors, variant: str, chunk_bytes: int = _DEFAULT_CHUNK_BYTES) -> torch.Tensor:
-    """``[B, L, L]`` signed channel mean by materialising channel blocks (the direct way)."""
+def exact_channel_mean(f: MambaFactors, variant: str, chunk_bytes: int | None = None) -> torch.Tensor:
+    """``[B, L, L]`` signed channel mean by materialising channel blocks (the direct way); ``chunk_bytes``
+    bounds each block (default :func:`~implicit_attention.memory.default_block_bytes`)."""
     batch, length, channels = f.x.shape
+    chunk_bytes = chunk_bytes or default_block_bytes(f.x.device)
     step = max(1, min(channels, chunk_bytes // max(1, 5 * batch * length * length * f.x.dtype.itemsize)))
     total = torch.zeros(batch, length, length, dtype=f.x.dtype, device=f.x.device)
     for start in range(0, channels, step):
@@ -188,11 +186,11 @@ def _band(f: MambaFactors, variant: str, cums: torch.Tensor, band: int, chunk_by
 
 
 def signed_mean(f: MambaFactors, variant: str, tile_sizes: tuple[int, ...] | None = None,
-                chunk_bytes: int = _DEFAULT_CHUNK_BYTES, fused: bool | None = None) -> torch.Tensor:
+                chunk_bytes: int | None = None, fused: bool | None = None) -> torch.Tensor:
     """``[B, L, L]`` the signed channel mean of ``variant``'s matrices, never holding ``[C, L, L]``.
 
     On a CUDA device in float32 with Triton installed this runs the fused kernels of
-    :mod:`.triton_mean` (``fused=None`` picks them when they can run, ``False`` forces the eager
+    :mod:`.triton` (``fused=None`` picks them when they can run, ``False`` forces the eager
     path, ``True`` requires them); the eager path below serves every other case. Both split the
     lower triangle the same way, in the row coordinate ``i' = i - (K - 1)``:
 
@@ -202,19 +200,19 @@ def signed_mean(f: MambaFactors, variant: str, tile_sizes: tuple[int, ...] | Non
       (:func:`_band`).
 
     Costs ``O(L^2 E N)`` multiply-adds in matrix products and ``O(L E N (K levels + T + K))``
-    exponentials. ``chunk_bytes`` bounds each temporary.
+    exponentials. ``chunk_bytes`` bounds each temporary (default
+    :func:`~implicit_attention.memory.default_block_bytes`: cache-sized on a CPU).
     """
+    chunk_bytes = chunk_bytes or default_block_bytes(f.x.device)
     if fused is None:
-        fused = tile_sizes is None and triton_mean.available(f.x)
+        fused = tile_sizes is None and triton.available(f.x)
     if fused:
-        if not triton_mean.available(f.x):
+        if not triton.available(f.x):
             raise RuntimeError("the fused signed mean needs Triton and float32 factors on a CUDA device")
         row, col, taps, use_D = variant_parts(f, variant)
-        return triton_mean.signed_mean_fused(row, col, taps, use_D, f.dt, f.B, f.C, f.A, f.D,
+        return triton.signed_mean_fused(row, col, taps, use_D, f.dt, f.B, f.C, f.A, f.D,
                                              chunk_bytes=chunk_bytes)
     tile_sizes = tuple(tile_sizes or TILE_SIZES)
-    if f.x.device.type == "cpu":
-        chunk_bytes = min(chunk_bytes, CPU_CHUNK_BYTES)
     if any(a % b for a, b in zip(tile_sizes, tile_sizes[1:])):
         raise ValueError(f"each tile size must be a multiple of the next, got {tile_sizes}")
     batch, length, _ = f.x.shape

@@ -1,18 +1,26 @@
-"""Mamba (S6) implicit attention, vectorised: the fast path used by the library.
+"""Mamba (S6) implicit attention: the operator's math on a block of channels.
 
 Glossary (Gu & Dao 2023 symbols in brackets):
 ``B`` batch, ``L`` tokens, ``E`` inner channels (``D`` in the paper, ``intermediate_size`` in HF),
 ``N`` state size, ``K`` conv width, ``c`` a block of channels.
 
-For channel ``d`` (see ``shared/design/formulation.md``)::
+The mixer computes ``[x; z] = in_proj(h)``, the causal depthwise conv ``c = M x + b``, the SSM input
+``u = silu(c) = c * sigmoid(c)`` (zeroed on padding), ``dt = softplus(dt_proj(.) + dt_bias)``, ``B_t``
+and ``C_t`` (shared by the channels), ``A = -exp(A_log)`` and the skip ``D``. For channel ``d``::
 
     S_d[i, j] = sum_n C_i[n] * exp(A[d, n] * sum_{k=j+1..i} dt_k[d]) * dt_j[d] * B_j[n]     (j <= i)
     unified:  A_d = diag(silu z_d) (S_d + D_d I) diag(sigmoid c_d) M_d
               offset_d = diag(silu z_d) (S_d + D_d I) diag(sigmoid c_d) b_d 1
 
-with ``M_d`` the causal depthwise conv as a banded matrix, ``M_d[i, j] = w_d[K-1-(i-j)]``.
-Padding tokens have their SSM input zeroed by the module; the padding mask therefore sits next to
-``sigmoid(c)`` in the column scale.
+with ``M_d`` the causal depthwise conv as a banded matrix, ``M_d[i, j] = w_d[K-1-(i-j)]`` for
+``0 <= i-j < K`` (``w[K-1]`` multiplies the current token). The conv bias multiplies no value: it
+goes to the offset, never into ``A``. Padding tokens have their SSM input zeroed by the module, so
+the padding mask sits next to ``sigmoid(c)`` in the column scale. ``out_proj(sum_j A_d[i, j] x_d[j]
++ offset_d[i])`` is the mixer's output exactly.
+
+Variants (the paper's ablations): ``s6`` (``S_d`` alone on ``u``, the predecessor's hidden
+attention), ``no_conv`` (``M_d`` left out, values ``c``: still exact), ``no_gate`` (``diag(silu z)``
+left out), ``no_act`` (``diag(sigmoid c)`` left out).
 
 Everything here works on a block of channels at a time, producing ``[B, c, L, L]``; nothing ever
 holds ``[B, c, L, L, N]``: the state dimension is summed in a loop of ``N`` block-sized updates.
@@ -25,32 +33,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-#: The formulations this module offers; ``unified`` is the exact one (formulation page).
+from ..primitives import conv_right, segment_sums
+
+#: The formulations this module offers; ``unified`` is the exact default.
 VARIANTS: tuple[str, ...] = ("unified", "s6", "no_conv", "no_gate", "no_act")
 #: Which variants are exact identities of the layer (the others drop a factor on purpose).
 EXACT_VARIANTS: frozenset[str] = frozenset({"unified", "no_conv"})
 
 
-class ConvGates:
-    """The conv-activation gates shared by Mamba and Mamba-2 factors (``conv_out [B, L, E]``, ``mask [B, L]``)."""
-
-    conv_out: torch.Tensor
-    mask: torch.Tensor
-
-    @property
-    def act_gate(self) -> torch.Tensor:
-        """``[B, L, E]`` ``sigmoid(c)`` times the padding mask: SiLU written as ``c * sigmoid(c)``."""
-        return torch.sigmoid(self.conv_out) * self.mask[..., None]
-
-    @property
-    def ssm_input(self) -> torch.Tensor:
-        """``[B, L, E]`` ``u = silu(c)`` with padding zeroed, the input of the selective scan."""
-        return self.conv_out * self.act_gate
-
-
 @dataclass
-class MambaFactors(ConvGates):
-    """Every data-controlled quantity of one Mamba mixer for one input, in the compute dtype.
+class ScanFactors:
+    """What Mamba and Mamba-2 mixers share: the conv branch, the scan's inputs and its gates.
 
     Attributes:
         x: ``[B, L, E]`` conv input, the value stream of the unified operator.
@@ -59,12 +52,13 @@ class MambaFactors(ConvGates):
         mask: ``[B, L]`` 1 for real tokens, 0 for padding.
         conv_weight: ``[E, K]`` depthwise conv taps (``w[K-1]`` multiplies the current token).
         conv_bias: ``[E]`` or ``None``.
-        dt: ``[B, L, E]`` step sizes after softplus.
-        B: ``[B, L, N]`` input projections (shared by channels).
-        C: ``[B, L, N]`` output projections (shared by channels).
-        A: ``[E, N]`` continuous state matrix (negative).
-        D: ``[E]`` skip term.
+        dt: step sizes after softplus (``[B, L, E]`` for Mamba, ``[B, L, H]`` for Mamba-2).
+        B, C: input and output projections of the scan (shared by channels or groups of heads).
+        A: continuous state matrix (negative); D: skip term.
     """
+
+    #: the variant that keeps the scan alone (its values are the scan input ``u``)
+    scan_variant = "s6"
 
     x: torch.Tensor
     z: torch.Tensor
@@ -79,30 +73,38 @@ class MambaFactors(ConvGates):
     D: torch.Tensor
 
     @property
-    def out_gate(self) -> torch.Tensor:
-        """``[B, L, E]`` ``silu(z)``, the output gate."""
+    def act_gate(self) -> torch.Tensor:
+        """``[B, L, E]`` ``sigmoid(c)`` times the padding mask: SiLU written as ``c * sigmoid(c)``."""
+        return torch.sigmoid(self.conv_out) * self.mask[..., None]
+
+    @property
+    def ssm_input(self) -> torch.Tensor:
+        """``[B, L, E]`` ``u = silu(c)`` with padding zeroed, the input of the selective scan."""
+        return self.conv_out * self.act_gate
+
+    @property
+    def gate(self) -> torch.Tensor:
+        """``[B, L, E]`` ``silu(z)``."""
         return F.silu(self.z)
 
+    def values(self, variant: str) -> torch.Tensor:
+        """``[B, L, E]`` the value stream that ``variant``'s matrices multiply."""
+        if variant == self.scan_variant:
+            return self.ssm_input
+        if variant == "no_conv":
+            return self.conv_out
+        return self.x
 
-def values_for(factors: MambaFactors, variant: str) -> torch.Tensor:
-    """``[B, L, E]`` the value stream that ``variant``'s matrices multiply."""
-    if variant == "s6":
-        return factors.ssm_input
-    if variant == "no_conv":
-        return factors.conv_out
-    return factors.x
 
+@dataclass
+class MambaFactors(ScanFactors):
+    """Every data-controlled quantity of one Mamba mixer for one input, in the compute dtype
+    (:class:`ScanFactors` with ``dt [B, L, E]``, ``B``, ``C [B, L, N]``, ``A [E, N]``, ``D [E]``)."""
 
-def segment_sums(dt: torch.Tensor) -> torch.Tensor:
-    """``[..., L] -> [..., L, L]``: ``out[i, j] = sum_{k=j+1..i} dt[k]`` for ``j <= i``, 0 above.
-
-    Summing the masked copies directly (rather than differencing one cumulative sum) keeps the
-    exponent accurate in float32 for long sequences.
-    """
-    length = dt.shape[-1]
-    strictly_lower = torch.ones(length, length, dtype=torch.bool, device=dt.device).tril(-1)
-    rows = dt.unsqueeze(-1).expand(*dt.shape, length).masked_fill(~strictly_lower, 0)
-    return rows.cumsum(dim=-2)
+    @property
+    def out_gate(self) -> torch.Tensor:
+        """``[B, L, E]`` ``silu(z)``, the output gate."""
+        return self.gate
 
 
 def s6_matrices_direct(dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -165,19 +167,6 @@ def s6_matrices(dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, A: torch.Ten
         linear = (row_index * length + col_index)[inside]
         flat[:, :, linear] = tiles.permute(0, 2, 1, 3, 4)[:, :, inside]
         size *= 2
-    return out
-
-
-def conv_right(T: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``[B, c, L, L]``: ``T @ M`` with ``M`` the causal depthwise conv of taps ``weight [c, K]``.
-
-    ``(T M)[i, j] = sum_s w[K-1-s] T[i, j+s]``: K shifted, scaled copies of ``T``.
-    """
-    width = weight.shape[1]
-    length = T.shape[-1]
-    out = T * weight[None, :, width - 1, None, None]
-    for shift in range(1, min(width, length)):
-        out[..., :, : length - shift] += T[..., :, shift:] * weight[None, :, width - 1 - shift, None, None]
     return out
 
 

@@ -1,4 +1,4 @@
-"""The tiling of the lower triangle shared by the eager (:mod:`.fast`) and fused (:mod:`.triton_mean`) means.
+"""The tiling of the lower triangle shared by the eager (:mod:`.fast`) and fused (:mod:`.triton`) means.
 
 Rows are counted in the coordinate ``i' = i - (K - 1)`` (``K`` the conv width), so that a tile
 whose ``i'`` block comes after its ``j`` block only meets causal conv taps. Results are cached CPU

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..mamba.naive import naive_conv_matrix  # noqa: F401  (the same banded conv matrix)
+from ..mamba.naive import naive_gated_conv
 from .operator import Mamba2Factors
 
 
@@ -29,35 +29,9 @@ def naive_ssd_matrix(f: Mamba2Factors, b: int, h: int) -> torch.Tensor:
 
 def naive_mamba2(f: Mamba2Factors, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Matrices ``[B, E, L, L]`` and offset ``[B, L, E]`` of ``variant``, one channel at a time."""
-    batch, length, channels = f.x.shape
-    matrices = torch.zeros(batch, channels, length, length, dtype=f.x.dtype)
-    offset = torch.zeros(batch, length, channels, dtype=f.x.dtype)
-    identity = torch.eye(length, dtype=f.x.dtype)
-    ones = torch.ones(length, dtype=f.x.dtype)
     norm = f.norm_scale if f.norm_scale is not None else torch.ones_like(f.x)
-    for b in range(batch):
-        mask = f.mask[b]
-        for d in range(channels):
-            h = d // f.head_dim
-            S = naive_ssd_matrix(f, b, h)
-            if variant == "ssd":
-                matrices[b, d] = S
-                continue
-            gate = torch.diag(torch.nn.functional.silu(f.z[b, :, d]))
-            scale = torch.diag(norm[b, :, d])
-            act = torch.diag(torch.sigmoid(f.conv_out[b, :, d]) * mask)
-            M = naive_conv_matrix(f, d)
-            if variant == "no_gate":
-                gate = identity
-            if variant == "no_act":
-                act = torch.diag(mask)
-            if variant == "no_conv":
-                M = identity
-            core = scale @ gate @ (S + f.D[h] * identity) @ act
-            matrices[b, d] = core @ M
-            if variant != "no_conv" and f.conv_bias is not None:
-                offset[b, :, d] = core @ (f.conv_bias[d] * ones)
-    return matrices, offset
+    return naive_gated_conv(f, variant, lambda b, d: naive_ssd_matrix(f, b, d // f.head_dim),
+                            lambda d: float(f.D[d // f.head_dim]), norm)
 
 
 def naive_scan(f: Mamba2Factors) -> torch.Tensor:

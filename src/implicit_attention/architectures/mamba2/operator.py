@@ -8,7 +8,7 @@ group ``h // (H / G)``), ``N`` state size, ``K`` conv width, ``c`` a block of ch
 The mixer projects ``[z; xBC; dt] = in_proj(h)``; a causal depthwise conv and a SiLU act on the
 whole of ``xBC``; padding tokens are zeroed (``mask``); ``x`` (the first ``E`` channels of
 ``xBC``) is the value stream, while the conv outputs of the ``B`` and ``C`` channels are
-data-controlled constants. Per head the decay is a scalar (see ``shared/design/formulation.md``)::
+data-controlled constants. Per head the decay is a scalar::
 
     dt_h   = clamp(softplus(dt_raw_h + dt_bias_h), time_step_limit)
     S_h[i, j] = (C_i . B_j) * exp(A_h * sum_{k=j+1..i} dt_k[h]) * dt_j[h]                  (j <= i)
@@ -40,7 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..mamba.operator import ConvGates, conv_right, segment_sums
+from ..mamba.operator import ScanFactors
+from ..primitives import conv_right, segment_sums
 
 #: The formulations this module offers; ``unified`` is the exact default.
 VARIANTS: tuple[str, ...] = ("unified", "ssd", "no_conv", "no_gate", "no_act")
@@ -49,16 +50,14 @@ EXACT_VARIANTS: frozenset[str] = frozenset({"unified", "no_conv"})
 
 
 @dataclass
-class Mamba2Factors(ConvGates):
+class Mamba2Factors(ScanFactors):
     """Every data-controlled quantity of one Mamba-2 mixer for one input, in the compute dtype.
 
+    The fields of :class:`~..mamba.operator.ScanFactors` (``x``, ``z``, ``conv_out`` of the x
+    channels, ``conv_weight [E, K]`` and ``conv_bias [E]`` of the x channels), with per-head scan
+    inputs, and:
+
     Attributes:
-        x: ``[B, L, E]`` conv input of the x channels, the value stream of the unified operator.
-        z: ``[B, L, E]`` gate branch before its SiLU.
-        conv_out: ``[B, L, E]`` ``c = M x + b`` of the x channels, before the activation.
-        mask: ``[B, L]`` 1 for real tokens, 0 for padding.
-        conv_weight: ``[E, K]`` depthwise conv taps of the x channels (``w[K-1]`` on the current token).
-        conv_bias: ``[E]`` or ``None``.
         dt: ``[B, L, H]`` step sizes after softplus and the ``time_step_limit`` clamp.
         B: ``[B, L, G, N]`` input projections (conv output of the B channels, activated, masked).
         C: ``[B, L, G, N]`` output projections.
@@ -69,18 +68,9 @@ class Mamba2Factors(ConvGates):
             constant (ones when the mixer has no norm). Set by the factor function once ``y`` is known.
     """
 
-    x: torch.Tensor
-    z: torch.Tensor
-    conv_out: torch.Tensor
-    mask: torch.Tensor
-    conv_weight: torch.Tensor
-    conv_bias: torch.Tensor | None
-    dt: torch.Tensor
-    B: torch.Tensor
-    C: torch.Tensor
-    A: torch.Tensor
-    D: torch.Tensor
-    head_dim: int
+    scan_variant = "ssd"
+
+    head_dim: int = 0
     norm_scale: torch.Tensor | None = None
 
     @property
@@ -88,24 +78,10 @@ class Mamba2Factors(ConvGates):
         return self.A.shape[0]
 
     @property
-    def gate(self) -> torch.Tensor:
-        """``[B, L, E]`` ``silu(z)``."""
-        return F.silu(self.z)
-
-    @property
     def out_gate(self) -> torch.Tensor:
         """``[B, L, E]`` everything on the output side: ``w_d * r_i * silu(z_d[i])``."""
         gate = self.gate
         return gate if self.norm_scale is None else gate * self.norm_scale
-
-
-def values_for(factors: Mamba2Factors, variant: str) -> torch.Tensor:
-    """``[B, L, E]`` the value stream that ``variant``'s matrices multiply."""
-    if variant == "ssd":
-        return factors.ssm_input
-    if variant == "no_conv":
-        return factors.conv_out
-    return factors.x
 
 
 def ssd_matrices(f: Mamba2Factors, heads: slice) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Slow, obviously-correct RWKV-6 implicit attention: the test oracle for :mod:`.rwkv6`.
+"""Slow, obviously-correct RWKV-6 implicit attention: the test oracle for :mod:`.operator`.
 
 Python loops over batch, heads, channels and matrix entries, written straight from the equations
 (decays as explicit products of ``w_s``, not sums of logs); only for tiny inputs. The group-norm
@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .rwkv6 import Rwkv6Factors
+from .operator import Rwkv6Factors
 
 
 def naive_rwkv6_attention(f: Rwkv6Factors) -> torch.Tensor:

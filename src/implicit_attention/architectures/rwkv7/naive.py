@@ -1,4 +1,4 @@
-"""Slow, obviously-correct RWKV-7 implicit attention: the test oracle for :mod:`.rwkv7`.
+"""Slow, obviously-correct RWKV-7 implicit attention: the test oracle for :mod:`.operator`.
 
 ``A_h[i, j] = k_j^T (G_{j+1} ... G_i) r_i`` with every transition ``G_s = diag(w_s) + alpha_s^T beta_s``
 built as an explicit ``N x N`` matrix and multiplied out in a loop; only for tiny inputs.
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .rwkv6_naive import naive_heads_operator
-from .rwkv7 import Rwkv7Factors
+from ..rwkv6.naive import naive_heads_operator
+from .operator import Rwkv7Factors
 
 
 def naive_transition(f: Rwkv7Factors, b: int, s: int, h: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""xLSTM's mLSTM layers (HF ``xLSTMLayer``, native torch kernels) as exact implicit attention.
+"""xLSTM's mLSTM layers (HF ``xLSTMLayer``, native torch kernels) as exact implicit attention: the math.
 
 Glossary: ``B`` batch, ``L`` tokens, ``nh`` heads, ``d`` the query/key head width, ``C`` the value
 width (``v_dim``, channels of the operator; channel ``c`` belongs to head ``c // (C / nh)``), ``c``
@@ -45,11 +45,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .base import LayerDecomposition
-from .mamba.operator import segment_sums
-from .registry import Architecture, CapturedLayer, register
+from ..primitives import segment_sums
 
 #: The formulations offered; ``unified`` is the exact default.
 VARIANTS: tuple[str, ...] = ("unified", "no_gate", "mlstm")
@@ -93,26 +90,9 @@ class XlstmFactors:
         grouped = x.unflatten(-1, (self.heads, -1))
         return grouped.mean(dim=-1, keepdim=True).expand_as(grouped).flatten(-2)
 
-
-def _soft_cap(x: torch.Tensor, cap) -> torch.Tensor:
-    return x if cap is None else cap * torch.tanh(x / cap)
-
-
-def _projections(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype):
-    """``q, k, v, o~, i~, f~`` exactly as ``xLSTMLayer.forward`` splits them (single or fused weights)."""
-    p = lambda t: None if t is None else t.detach().to(dtype)  # noqa: E731
-    lin = lambda module: F.linear(x, p(module.weight), p(module.bias))  # noqa: E731
-    config = layer.config
-    if config.weight_mode == "single":
-        q, k, v, o = lin(layer.q), lin(layer.k), lin(layer.v), lin(layer.ogate_preact)
-        i = _soft_cap(lin(layer.igate_preact), config.gate_soft_cap)
-        f = _soft_cap(lin(layer.fgate_preact), config.gate_soft_cap)
-    else:
-        q, k, v, o = torch.tensor_split(lin(layer.qkv_opreact),
-                                        (layer.qk_dim, 2 * layer.qk_dim, 2 * layer.qk_dim + layer.v_dim), dim=-1)
-        i, f = torch.tensor_split(_soft_cap(lin(layer.ifgate_preact), config.gate_soft_cap),
-                                  (config.num_heads,), dim=-1)
-    return q, k, v, o, i, f
+    def values(self, variant: str) -> torch.Tensor:
+        """``[B, L, C]`` the value stream of ``variant``: ``v`` for ``mlstm``, else ``v`` centred per head."""
+        return self.value if variant == "mlstm" else self.centred
 
 
 def mlstm_matrices(q: torch.Tensor, k: torch.Tensor, igate: torch.Tensor, fgate: torch.Tensor,
@@ -132,28 +112,6 @@ def mlstm_matrices(q: torch.Tensor, k: torch.Tensor, igate: torch.Tensor, fgate:
     S = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 * torch.exp(log_d - stabiliser[..., None])
     denominator = torch.maximum(S.sum(dim=-1).abs(), torch.exp(-stabiliser)) + eps
     return S / denominator[..., None]
-
-
-def xlstm_factors(layer: nn.Module, hidden: torch.Tensor, dtype: torch.dtype) -> XlstmFactors:
-    """Recompute every factor of ``layer`` (``xLSTMLayer``) for its input ``hidden [B, L, H]``."""
-    x = hidden.detach().to(dtype)
-    batch, length, _ = x.shape
-    heads = layer.config.num_heads
-    q, k, v, o, i, f = _projections(layer, x, dtype)
-    per_head = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731  [B, nh, L, .]
-    attention = mlstm_matrices(per_head(q), per_head(k), i.transpose(1, 2), f.transpose(1, 2), layer.config.eps)
-
-    norm = layer.multihead_norm
-    h = (attention @ per_head(v)).transpose(1, 2)                          # [B, L, nh, dv]
-    variance = h.var(dim=-1, keepdim=True, unbiased=False)
-    scale = torch.rsqrt(variance + norm.eps).expand_as(h).flatten(-2)     # [B, L, C]
-    weight = torch.ones_like(scale[0, 0]) if norm.weight is None else norm.weight.detach().to(dtype)
-    factors = XlstmFactors(attention=attention, value=v, centred=v, norm_scale=scale * weight,
-                           norm_bias=None if norm.bias is None else norm.bias.detach().to(dtype),
-                           out_gate=torch.sigmoid(o), heads=heads,
-                           mask=torch.ones(batch, length, dtype=dtype, device=x.device))
-    factors.centred = v - factors.head_mean(v)
-    return factors
 
 
 def row_scale(f: XlstmFactors, variant: str) -> torch.Tensor | None:
@@ -176,76 +134,3 @@ def xlstm_block(f: XlstmFactors, channels: slice, variant: str) -> tuple[torch.T
         if variant == "unified":
             offset = offset * f.out_gate[..., channels]
     return matrices, offset
-
-
-def values_for(f: XlstmFactors, variant: str) -> torch.Tensor:
-    return f.value if variant == "mlstm" else f.centred
-
-
-class XlstmLayerDecomposition(LayerDecomposition):
-    """An mLSTM layer as per-channel implicit attention over its value width ``C``."""
-
-    block_temporaries = 3
-
-    def __init__(self, factors: XlstmFactors, *, variant: str, **kwargs):
-        self.factors = factors
-        super().__init__(variant=variant, exact=variant in EXACT_VARIANTS, values=values_for(factors, variant),
-                         offset=None, mask=factors.mask, **kwargs)
-
-    def _block(self, channels: slice):
-        return xlstm_block(self.factors, channels, self.variant)
-
-    def aggregate(self, how="mean", channel=None):
-        # A_c = diag(scale_c) A_head: every aggregate is a per-head weighted sum, no [C, L, L] tensor
-        if channel is not None or how not in ("mean", "abs", "pos"):
-            return super().aggregate(how, channel)
-        if how not in self._aggregates:
-            f = self.factors
-            A = f.attention
-            scale = row_scale(f, self.variant)
-            if scale is None:
-                scale = torch.ones_like(f.value)
-            head_sum = lambda s: s.unflatten(-1, (f.heads, -1)).sum(-1).transpose(1, 2)[..., None]  # noqa: E731
-            if how == "mean":
-                total = (head_sum(scale) * A).sum(dim=1)
-            elif how == "abs":
-                total = (head_sum(scale.abs()) * A.abs()).sum(dim=1)
-            else:
-                total = (head_sum(scale.clamp(min=0)) * A.clamp(min=0)
-                         + head_sum((-scale).clamp(min=0)) * (-A).clamp(min=0)).sum(dim=1)
-            self._aggregates[how] = total / self.channels
-        return self._aggregates[how]
-
-    def aggregate_rows(self, rows, how="mean"):
-        # the per-head aggregate is a few [L, L] maps: read the rows off it
-        rows = torch.as_tensor(rows, device=self.device).long().reshape(-1)
-        if ((rows < -self.length) | (rows >= self.length)).any():
-            raise IndexError(f"rows {rows.tolist()} out of range for {self.length} tokens")
-        return self.aggregate(how)[:, rows % self.length]
-
-    def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
-        f = self.factors
-        if self.variant == "no_gate":
-            return grad * f.out_gate
-        if self.variant == "mlstm":
-            # out = gate * (w s (h - mean_head h) + b) with s held fixed: d out / d h, centred per head
-            g = grad * f.out_gate * f.norm_scale
-            return g - f.head_mean(g)
-        return grad
-
-
-def _build(captured: CapturedLayer, *, variant: str, dtype: torch.dtype, index: int) -> XlstmLayerDecomposition:
-    factors = xlstm_factors(captured.module, captured.inputs, dtype)
-    return XlstmLayerDecomposition(factors, variant=variant, index=index, name=captured.name,
-                                   output=captured.output.detach().to(dtype))
-
-
-register(Architecture(
-    name="xlstm",
-    module_classes=("transformers.models.xlstm.modeling_xlstm.xLSTMLayer",),
-    model_classes=("xLSTMForCausalLM", "xLSTMModel"),
-    variants=VARIANTS,
-    output_module="out_proj",
-    build=_build,
-    channels=lambda layer: layer.v_dim,
-))

@@ -1,7 +1,7 @@
-"""Slow, obviously-correct mLSTM implicit attention: the test oracle for :mod:`.xlstm`.
+"""Slow, obviously-correct mLSTM implicit attention: the test oracle for :mod:`.operator`.
 
 Python loops over batch, head, channel and matrix entries straight from the equations of the
-module docstring of :mod:`.xlstm` (the stabiliser by its own recurrence ``m_t = max(log f_t +
+module docstring of :mod:`.operator` (the stabiliser by its own recurrence ``m_t = max(log f_t +
 m_{t-1}, i~_t)``, ``m_{-1} = 0``); only for tiny inputs. Same outputs as the fast path.
 """
 
@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .xlstm import _projections
+from .factors import projections
 
 
 def _logsigmoid(x: float) -> float:
@@ -41,7 +41,7 @@ def naive_mlstm_matrix(q: torch.Tensor, k: torch.Tensor, igate: torch.Tensor, fg
 def naive_xlstm(layer: nn.Module, hidden: torch.Tensor, variant: str, dtype=torch.float64):
     """Matrices ``[B, C, L, L]``, offset ``[B, L, C]`` and values ``[B, L, C]`` of ``variant``."""
     x = hidden.detach().to(dtype)
-    q, k, v, o, i, f = _projections(layer, x, dtype)
+    q, k, v, o, i, f = projections(layer, x, dtype)
     batch, length, channels = v.shape
     heads = layer.config.num_heads
     dqk, dv = q.shape[-1] // heads, channels // heads

@@ -1,7 +1,7 @@
-"""Slow, obviously-correct RWKV-4 implicit attention: the test oracle for :mod:`.rwkv4`.
+"""Slow, obviously-correct RWKV-4 implicit attention: the test oracle for :mod:`.operator`.
 
 Python loops over batch, channel and matrix entries straight from the equations of the module
-docstring of :mod:`.rwkv4`; only for tiny inputs. Same inputs and outputs as the fast path.
+docstring of :mod:`.operator`; only for tiny inputs. Same inputs and outputs as the fast path.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .rwkv4 import RwkvFactors
+from .operator import RwkvFactors
 
 
 def naive_wkv_matrix(f: RwkvFactors, b: int, c: int) -> torch.Tensor:

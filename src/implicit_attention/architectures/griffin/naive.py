@@ -1,7 +1,7 @@
-"""Slow, obviously-correct Griffin implicit attention: the test oracle for :mod:`.griffin`.
+"""Slow, obviously-correct Griffin implicit attention: the test oracle for :mod:`.operator`.
 
 Python loops over batch, channel and matrix entries straight from the equations of the module
-docstring of :mod:`.griffin`; only for tiny inputs. Same inputs and outputs as the fast path.
+docstring of :mod:`.operator`; only for tiny inputs. Same inputs and outputs as the fast path.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import math
 
 import torch
 
-from .griffin import AttentionFactors, GriffinFactors
+from ..primitives import naive_conv_matrix
+from .operator import GriffinFactors
 
 
 def naive_rglru_matrix(f: GriffinFactors, b: int, d: int) -> torch.Tensor:
@@ -26,16 +27,6 @@ def naive_rglru_matrix(f: GriffinFactors, b: int, d: int) -> torch.Tensor:
     return alpha
 
 
-def naive_conv_matrix(f: GriffinFactors, d: int) -> torch.Tensor:
-    """``[L, L]`` the causal depthwise conv: ``M[i, j] = w[K-1-(i-j)]`` for ``0 <= i-j < K``."""
-    length, width = f.x.shape[1], f.conv_weight.shape[1]
-    M = torch.zeros(length, length, dtype=f.x.dtype)
-    for i in range(length):
-        for j in range(max(0, i - width + 1), i + 1):
-            M[i, j] = f.conv_weight[d, width - 1 - (i - j)]
-    return M
-
-
 def naive_griffin(f: GriffinFactors, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Matrices ``[B, E, L, L]`` and offset ``[B, L, E]`` of ``variant``, one channel at a time."""
     batch, length, channels = f.x.shape
@@ -49,7 +40,7 @@ def naive_griffin(f: GriffinFactors, variant: str) -> tuple[torch.Tensor, torch.
                 matrices[b, d] = alpha
                 continue
             gate = identity if variant == "no_gate" else torch.diag(f.gate[b, :, d])
-            M = identity if variant == "no_conv" else naive_conv_matrix(f, d)
+            M = identity if variant == "no_conv" else naive_conv_matrix(f.conv_weight, d, length)
             matrices[b, d] = gate @ alpha @ M
             if variant != "no_conv" and f.conv_bias is not None:
                 offset[b, :, d] = gate @ alpha @ torch.full((length,), float(f.conv_bias[d]), dtype=f.x.dtype)
@@ -66,15 +57,4 @@ def naive_rglru_scan(f: GriffinFactors) -> torch.Tensor:
             a = torch.zeros(channels, dtype=f.x.dtype) if bool(f.reset[b, t]) else torch.exp(f.log_a[b, t])
             state = a * state + f.multiplier[b, t] * f.input_gate[b, t] * f.conv_out[b, t]
             out[b, t] = state
-    return out
-
-
-def naive_attention(f: AttentionFactors) -> torch.Tensor:
-    """``[B, C, L, L]`` channel ``c`` gets the probabilities of head ``c // head_dim``."""
-    batch, heads, length, _ = f.probs.shape
-    channels = f.values.shape[-1]
-    out = torch.zeros(batch, channels, length, length, dtype=f.probs.dtype)
-    for b in range(batch):
-        for c in range(channels):
-            out[b, c] = f.probs[b, c // f.head_dim]
     return out

@@ -1,0 +1,61 @@
+"""Softmax self-attention of Transformers and of the attention layers inside hybrids.
+
+A softmax attention layer *is* an attention operator already; this package puts it in the same
+``[B, C, L, L]`` form as the implicit attention of the recurrent layers, so that a hybrid model
+(Mamba + attention) is explained in one rollout and a Transformer is compared with a Mamba by the
+same code. Per channel ``c`` of head ``h = c // D``: ``matrix[b, c] = P_h``, ``values[..., c] =
+v[..., c]`` (key/value heads repeated for GQA) and ``offset = 0``: ``P V`` equals the attention
+output before the output projection exactly (``c_proj`` / ``o_proj``; for BERT the projection lives
+in ``BertSelfOutput``, outside the module, and the module's own first return value is that output).
+
+Because all ``D`` channels of a head share one matrix, the layer computes aggregates and
+attributions per head (``H`` matrices, not ``C``), and keeps ``q, k, v`` (``[B, L, C]``-sized),
+recomputing ``P`` for a few heads at a time. Since ``P >= 0``: ``mean = abs = pos = mean_h P_h`` and
+``clamp(g_i P_ij v_j, 0) = P_ij (g+_i v+_j + g-_i v-_j)``.
+
+``factors`` reads a module (``q, k, v`` per class, mask, rotary embeddings), ``operator`` holds the
+masks and probabilities, ``layer`` the :class:`~..base.LayerDecomposition`, ``naive`` the slow
+reference. The only variant is ``unified`` (the attention probabilities).
+"""
+
+from ..registry import Architecture, layer_builder, register
+from .factors import (attention_factors, attention_reader, bert_qkv, gpt2_qkv, projection_qkv, record_arguments,
+                      recurrent_gemma_qkv)
+from .layer import AttentionLayerDecomposition
+from .naive import attention_probabilities_naive
+from .operator import AttentionFactors, additive_mask, attention_probabilities, repeat_kv, split_heads
+
+VARIANTS: tuple[str, ...] = ("unified",)
+_HF = "transformers.models"
+
+
+def attention_builder(qkv):
+    """The ``build`` of an attention architecture whose module gives ``q, k, v`` by ``qkv``."""
+    return layer_builder(AttentionLayerDecomposition, attention_reader(qkv))
+
+
+register(Architecture(
+    "attention_gpt2", (f"{_HF}.gpt2.modeling_gpt2.GPT2Attention",), ("GPT2LMHeadModel", "GPT2Model"), VARIANTS,
+    "c_proj", attention_builder(gpt2_qkv), lambda m: m.embed_dim, extra_hooks=record_arguments))
+register(Architecture(
+    # the pre-5.x ViTSelfAttention is BERT-like; the output projection is BertSelfOutput.dense, outside the module
+    "attention_bert", (f"{_HF}.bert.modeling_bert.BertSelfAttention", f"{_HF}.vit.modeling_vit.ViTSelfAttention"),
+    ("BertModel", "BertForSequenceClassification"), VARIANTS, None, attention_builder(bert_qkv),
+    lambda m: m.all_head_size, extra_hooks=record_arguments))
+register(Architecture(
+    "attention", tuple(f"{_HF}.{path}" for path in (
+        "llama.modeling_llama.LlamaAttention", "vit.modeling_vit.ViTAttention", "deit.modeling_deit.DeiTAttention",
+        "jamba.modeling_jamba.JambaAttention", "zamba.modeling_zamba.ZambaAttention",
+        "zamba2.modeling_zamba2.Zamba2Attention", "bamba.modeling_bamba.BambaAttention",
+        "nemotron_h.modeling_nemotron_h.NemotronHAttention",
+        "granitemoehybrid.modeling_granitemoehybrid.GraniteMoeHybridAttention",
+        "falcon_h1.modeling_falcon_h1.FalconH1Attention")),
+    ("LlamaForCausalLM", "ViTForImageClassification", "ViTModel", "DeiTForImageClassification", "JambaForCausalLM",
+     "ZambaForCausalLM", "Zamba2ForCausalLM", "BambaForCausalLM", "NemotronHForCausalLM",
+     "GraniteMoeHybridForCausalLM", "FalconH1ForCausalLM"),
+    VARIANTS, "o_proj", attention_builder(projection_qkv), lambda m: m.o_proj.in_features,
+    extra_hooks=record_arguments))
+
+__all__ = ["VARIANTS", "AttentionFactors", "AttentionLayerDecomposition", "additive_mask", "attention_builder",
+           "attention_factors", "attention_probabilities", "attention_probabilities_naive", "bert_qkv", "gpt2_qkv",
+           "projection_qkv", "record_arguments", "recurrent_gemma_qkv", "repeat_kv", "split_heads"]

@@ -1,0 +1,165 @@
+"""Reading softmax attention modules: ``q, k, v`` per class, the call's mask and rotary embeddings.
+
+``q, k, v`` come from the module's own projections run on the captured input (in the model's
+dtype, as its forward does): a fused ``c_attn`` for GPT-2, ``query``/``key``/``value`` for BERT,
+``q_proj``/``k_proj``/``v_proj`` for Llama-style modules (with Falcon-H1's ``key_multiplier`` and
+Zamba2's LoRA adapters chosen by ``layer_idx``), and RecurrentGemma's local attention, which
+rotates ``q, k`` with its own rotary embedding of the call's ``position_ids``. Rotary embeddings
+passed as ``position_embeddings`` are applied with the model file's own ``apply_rotary_pos_emb``.
+The probabilities are recomputed from these (the user need not reload the model with
+``attn_implementation="eager"``); the exactness check of :func:`~implicit_attention.decompose`
+verifies them against the module's real output.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..registry import CapturedLayer
+from .operator import AttentionFactors, additive_mask, repeat_kv, split_heads, token_mask
+
+
+def record_arguments(module: nn.Module, record: CapturedLayer) -> list:
+    """Extra hook: bind every call's arguments to ``module.forward``'s signature.
+
+    Stores ``record.extra["arguments"]`` (named parameters, tensors detached; the module's
+    ``**kwargs`` under ``"**"``), since some modules get the mask positionally (ViT,
+    GraniteMoeHybrid) and ``CapturedLayer.kwargs`` holds keyword arguments only.
+    """
+    signature = inspect.signature(module.forward)
+
+    def hook(mod, args, kwargs):
+        try:
+            bound = signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:  # a signature we cannot bind: keep what was passed by keyword
+            bound = dict(kwargs)
+        named, rest = {}, {}
+        for key, value in bound.items():
+            param = signature.parameters.get(key)
+            if param is not None and param.kind is inspect.Parameter.VAR_KEYWORD:
+                rest.update(value)
+            else:
+                named[key] = value
+        detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else (  # noqa: E731
+            type(v)(x.detach() if isinstance(x, torch.Tensor) else x for x in v) if isinstance(v, tuple) else v)
+        record.extra["arguments"] = {**{k: detach(v) for k, v in named.items()},
+                                     "**": {k: detach(v) for k, v in rest.items()}}
+    return [module.register_forward_pre_hook(hook, with_kwargs=True)]
+
+
+def _no_cross_attention(module: nn.Module, args: dict) -> None:
+    if getattr(module, "is_cross_attention", False) or args.get("encoder_hidden_states") is not None:
+        raise NotImplementedError(f"{type(module).__name__}: cross-attention is not an implicit attention "
+                                  "over the input tokens; only self-attention layers are decomposed")
+
+
+def gpt2_qkv(module: nn.Module, h: torch.Tensor, args: dict):
+    """``GPT2Attention``: one fused ``c_attn`` (``Conv1D``), split into ``q, k, v``."""
+    _no_cross_attention(module, args)
+    q, k, v = module.c_attn(h).split(module.split_size, dim=2)
+    return tuple(split_heads(t, module.head_dim) for t in (q, k, v))
+
+
+def bert_qkv(module: nn.Module, h: torch.Tensor, args: dict):
+    """``BertSelfAttention`` (and the pre-5.x ``ViTSelfAttention``): ``query``, ``key``, ``value``."""
+    _no_cross_attention(module, args)
+    size = module.attention_head_size
+    return tuple(split_heads(layer(h), size) for layer in (module.query, module.key, module.value))
+
+
+def projection_qkv(module: nn.Module, h: torch.Tensor, args: dict):
+    """Llama-style ``q_proj``, ``k_proj``, ``v_proj`` (Llama, ViT, DeiT and the hybrids' attention)."""
+    q, k, v = module.q_proj(h), module.k_proj(h), module.v_proj(h)
+    if getattr(module.config, "use_shared_attention_adapter", False) and hasattr(module, "linear_q_adapter_list"):
+        # Zamba2: per-call LoRA adapters of the shared block, chosen by the call's layer_idx
+        slot = module.layer_dic[args["layer_idx"]]
+        q = q + module.linear_q_adapter_list[slot](h)
+        k = k + module.linear_k_adapter_list[slot](h)
+        v = v + module.linear_v_adapter_list[slot](h)
+    q, k, v = (split_heads(t, module.head_dim) for t in (q, k, v))
+    if hasattr(module, "key_multiplier"):  # Falcon-H1 scales the keys before the rotary embedding
+        k = k * module.key_multiplier
+    return q, k, v
+
+
+def _rotary(module: nn.Module, args: dict) -> Callable | None:
+    """The model file's ``apply_rotary_pos_emb`` when this call applies rotary embeddings, else ``None``."""
+    if args.get("position_embeddings") is None:  # a named parameter of the forward, passed a value
+        return None
+    if not getattr(module.config, "use_mem_rope", True):  # Zamba2 only rotates with use_mem_rope
+        return None
+    return getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb")
+
+
+def recurrent_gemma_qkv(module: nn.Module, h: torch.Tensor, args: dict):
+    """``RecurrentGemmaAttention``: projections, then the module's own rotary embedding of ``position_ids``."""
+    q, k, v = (split_heads(proj(h), module.head_dim) for proj in (module.q_proj, module.k_proj, module.v_proj))
+    position_ids = args.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(h.shape[1], device=h.device)[None]
+    cos, sin = module.rotary_emb(v, position_ids.to(h.device))
+    q, k = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb")(q, k, cos, sin)
+    return q, k, v
+
+
+def _causal_default(module: nn.Module, args: dict, length: int) -> bool:
+    """Whether a call without a mask is causal: the fused kernels read ``is_causal``, eager ignores it."""
+    if getattr(module.config, "_attn_implementation", "eager") == "eager":
+        return False
+    is_causal = args["**"].get("is_causal", args.get("is_causal"))
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    return bool(is_causal) and length > 1
+
+
+def attention_factors(module: nn.Module, captured: CapturedLayer, qkv: Callable,
+                      dtype: torch.dtype) -> AttentionFactors:
+    """The factors of one call of ``module``, from its captured input and call arguments.
+
+    ``q, k, v`` come from the module's own projections run on the captured input (in the model's
+    dtype, as its forward does); rotary embeddings, scores and softmax are computed in ``dtype``.
+    """
+    args = captured.extra.get("arguments") or {"**": dict(captured.kwargs), **captured.kwargs}
+    with torch.no_grad():
+        q, k, v = qkv(module, captured.inputs, args)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    rope = _rotary(module, args)
+    if rope is not None:
+        cos, sin = (t.to(dtype) for t in args["position_embeddings"])
+        q, k = rope(q, k, cos, sin)
+    batch, heads, length, _ = q.shape
+    values = repeat_kv(v, heads // v.shape[1]).transpose(1, 2).flatten(2)   # [B, L, H * D]
+    mask = args.get("attention_mask")
+    causal = _causal_default(module, args, length)
+    window = getattr(module, "sliding_window", None)
+    window = window if isinstance(window, int) and window > 0 else None
+    bias, _ = additive_mask(mask, causal, length, dtype, q.device, window)
+    return AttentionFactors(q=q, k=k, values=values, scale=module.scaling, mask=mask, causal=causal,
+                            token_mask=token_mask(bias, batch, length, dtype, q.device), window=window)
+
+
+def _dropout(module: nn.Module) -> float:
+    """The attention-probability dropout rate the module applies in training mode."""
+    for attr in ("attn_dropout", "dropout"):  # GPT-2, BERT
+        layer = getattr(module, attr, None)
+        if isinstance(layer, nn.Dropout):
+            return layer.p
+    rate = getattr(module, "attention_dropout", 0.0)  # Llama-style modules
+    return float(rate) if isinstance(rate, (int, float)) else 0.0
+
+
+def attention_reader(qkv: Callable) -> Callable[[CapturedLayer, torch.dtype], AttentionFactors]:
+    """``read_factors`` of an attention architecture (see :func:`~..registry.layer_builder`) whose module
+    gives ``q, k, v`` by ``qkv``; refuses a call that ran in training mode with attention dropout."""
+    def read(captured: CapturedLayer, dtype: torch.dtype) -> AttentionFactors:
+        rate = _dropout(captured.module)
+        if captured.module.training and rate > 0:
+            raise ValueError(f"layer {captured.name!r} ran in training mode with attention dropout {rate}: its "
+                             "probabilities were randomly dropped. Call model.eval() first.")
+        return attention_factors(captured.module, captured, qkv, dtype)
+    return read

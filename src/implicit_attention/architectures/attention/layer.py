@@ -1,0 +1,107 @@
+"""Softmax attention layers as :class:`~..base.LayerDecomposition`: channel ``c`` of head ``c // D`` has
+matrix ``P_h``, with aggregates and attributions computed per head."""
+
+from __future__ import annotations
+
+import torch
+
+from ..base import LayerDecomposition
+from .operator import AttentionFactors, attention_probabilities, split_heads
+
+
+class AttentionLayerDecomposition(LayerDecomposition):
+    """A softmax attention layer: channel ``c`` of the concatenated heads has matrix ``P_{c // D}``.
+
+    The probabilities are recomputed from ``q, k`` and the mask for a few heads at a time (an
+    ``[L, L]`` matrix per head is never kept for the whole model); aggregates, attributions and
+    the reconstruction work per head.
+
+    Attributes:
+        factors: the :class:`AttentionFactors` of the call.
+        head_dim: ``D``, channels per head.
+    """
+
+    block_temporaries = 3
+
+    def __init__(self, factors: AttentionFactors, *, variant: str = "unified", **kwargs):
+        # softmax attention is exact under every variant name a hybrid model offers (``variant`` is
+        # accepted so that one variant applies to a whole model; the layer records "unified")
+        self.factors = factors
+        self.head_dim = factors.values.shape[-1] // factors.q.shape[1]
+        super().__init__(variant="unified", exact=True, values=factors.values,
+                         offset=torch.zeros_like(factors.values), mask=factors.token_mask, **kwargs)
+
+    @property
+    def heads(self) -> int:
+        return self.factors.q.shape[1]
+
+    def head_probs(self, heads: slice = slice(None), rows=None) -> torch.Tensor:
+        """``[B, h, L, L]`` (or ``[B, h, R, L]`` for ``rows``) the probabilities of a slice of heads."""
+        f = self.factors
+        index = torch.arange(self.heads, device=self.device)[heads]
+        q = f.q[:, heads]
+        k = f.k.index_select(1, index // (self.heads // f.k.shape[1]))  # the key head serving each query head
+        bias, empty = f.bias(self.length, self.dtype, self.device)
+        if bias is not None and bias.dim() == 4 and bias.shape[1] > 1:  # a per-head mask
+            bias = bias[:, heads]
+            empty = None if empty is None else empty[:, heads]
+        if rows is not None:
+            q = q[:, :, rows]
+            bias = None if bias is None else bias[..., rows, :]
+            empty = None if empty is None else empty[..., rows]
+        return attention_probabilities(q, k, f.scale, bias, empty)
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """``[B, H, L, L]`` every head's attention probabilities (computed on each access)."""
+        return self.head_probs()
+
+    def _head_chunks(self):
+        per_head = self.batch_size * self.length ** 2 * self.dtype.itemsize * self.block_temporaries
+        step = max(1, min(self.heads, self.block_bytes // max(per_head, 1)))
+        for start in range(0, self.heads, step):
+            yield slice(start, min(start + step, self.heads))
+
+    def _block(self, channels: slice):
+        heads = torch.arange(self.channels, device=self.device)[channels] // self.head_dim
+        first, last = int(heads[0]), int(heads[-1]) + 1
+        return self.head_probs(slice(first, last)).index_select(1, heads - first), None
+
+    def reconstruct(self) -> torch.Tensor:
+        """``[B, L, C]`` ``P_h V_h`` head by head (the offset is zero)."""
+        parts = []
+        for heads in self._head_chunks():
+            v = split_heads(self.values, self.head_dim)[:, heads]               # [B, h, L, D]
+            parts.append((self.head_probs(heads) @ v).transpose(1, 2).flatten(2))
+        return torch.cat(parts, dim=-1)
+
+    def measure_error(self, max_entries=None) -> float:
+        """Relative error of :meth:`reconstruct` over every channel (per head it is as cheap as the layer)."""
+        self.error_channels = self.channels
+        denom = self.output.norm().clamp_min(torch.finfo(self.dtype).tiny)
+        self.error = float((self.reconstruct() - self.output).norm() / denom)
+        return self.error
+
+    def channel_matrix(self, channel: int) -> torch.Tensor:
+        head = channel // self.head_dim
+        return self.head_probs(slice(head, head + 1))[:, 0]
+
+    def _fast_aggregate(self, how: str) -> torch.Tensor:
+        """Per head: every head has ``D`` channels and ``P >= 0``, so all three equal ``mean_h P_h``."""
+        return sum(self.head_probs(heads).sum(dim=1) for heads in self._head_chunks()) / self.heads
+
+    def _fast_rows(self, rows: torch.Tensor, how: str) -> torch.Tensor:
+        """Rows of :meth:`aggregate` from those rows of the queries only."""
+        return self.head_probs(rows=rows).mean(dim=1)
+
+    def _fast_attribution(self, grad: torch.Tensor) -> torch.Tensor:
+        """``mean_c clamp(g_i P[i, j] v_j, 0)`` as ``(1/C) sum_h P_h * (G+_h V+_h^T + G-_h V-_h^T)``."""
+        g_all = split_heads(grad, self.head_dim)                            # [B, H, L, D]
+        v_all = split_heads(self.values, self.head_dim)
+        total = torch.zeros(self.batch_size, self.length, self.length, dtype=self.dtype, device=self.device)
+        for heads in self._head_chunks():
+            g, v = g_all[:, heads], v_all[:, heads]
+            weight = g.clamp(min=0) @ v.clamp(min=0).transpose(-1, -2)     # [B, h, L, L]
+            weight += (-g).clamp(min=0) @ (-v).clamp(min=0).transpose(-1, -2)
+            total += (self.head_probs(heads) * weight).sum(dim=1)
+        return total / self.channels

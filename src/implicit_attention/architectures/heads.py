@@ -1,0 +1,134 @@
+"""The output side shared by RetNet and GLA: per-head matrices, a group norm per head and a swish gate.
+
+Glossary: ``B`` batch, ``L`` tokens, ``H`` heads, ``V`` value dim per head, ``C = H V`` the
+operator's channels, ``h(c)`` the head of channel ``c``.
+
+The layer's output before ``o_proj`` is ``swish(g) ⊙ GroupNorm_h(Y)`` with ``Y = A_h V`` per head;
+the group norm is per head and per token::
+
+    out_i[c] = swish(g_i[c]) w_c s_i[h] (Y_i[c] - mean_{c' in h} Y_i[c']) + swish(g_i[c]) b_c,
+    s_i[h] = 1 / sqrt(var_{c' in h}(Y_i[c']) + eps).
+
+Since ``A_h`` is shared by the ``V`` channels of head ``h``, the mean over the head's channels
+commutes with it: ``Y_i[c] - mean Y_i = sum_j A_h[i, j] (v_j[c] - mean_{c' in h} v_j[c'])``. Hence
+
+    unified:     matrix_c[i, j] = swish(g_i[c]) w_c s_i[h(c)] A_{h(c)}[i, j],
+                 values_j[c] = v_j[c] - mean_{c' in h(c)} v_j[c']  (head-centred values),
+                 offset_i[c] = swish(g_i[c]) b_c.
+    recurrence:  matrix_c = A_{h(c)}, values = v (the recurrence alone, exact=False).
+
+The swish gate and the norm scale ``s`` are data-controlled constants (computed from the input,
+then held fixed), which makes the identity exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..memory import channels_per_block
+from .base import LayerDecomposition, scaled_head_sum
+
+
+@dataclass
+class HeadGatedFactors:
+    """The output side shared by RetNet and GLA: per-head matrices, head group norm and swish gate.
+
+    Attributes:
+        v: ``[B, L, H, V]`` values.
+        gate: ``[B, L, C]`` ``swish(g)``, the output gate.
+        norm_scale: ``[B, L, H]`` ``1 / sqrt(var + eps)`` of the group norm, per head and token.
+        norm_weight, norm_bias: ``[C]`` the group norm's affine parameters.
+        mask: ``[B, L]`` 1 for real tokens, 0 for padding.
+    """
+
+    v: torch.Tensor
+    gate: torch.Tensor
+    norm_scale: torch.Tensor
+    norm_weight: torch.Tensor
+    norm_bias: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def head_v(self) -> int:
+        return self.v.shape[-1]
+
+    @property
+    def row_scale(self) -> torch.Tensor:
+        """``[B, L, C]`` ``swish(g) w s``: everything that multiplies row ``i`` of channel ``c``."""
+        scale = self.norm_scale.repeat_interleave(self.head_v, dim=-1)
+        return self.gate * self.norm_weight * scale
+
+    def values(self, variant: str) -> torch.Tensor:
+        """``[B, L, C]`` head-centred values (``unified``) or the raw ``v`` (``recurrence``)."""
+        v = self.v - self.v.mean(-1, keepdim=True) if variant == "unified" else self.v
+        return v.flatten(2)
+
+    def head_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """``[B, L, C]`` the gradient at ``Y = A v`` from the gradient at the output (gate, norm fixed).
+
+        ``out = r ⊙ P(Y)`` with ``P`` the centring over each head (symmetric), so ``dY = P(r ⊙ grad)``.
+        """
+        g = (grad * self.row_scale).unflatten(-1, (-1, self.head_v))
+        return (g - g.mean(-1, keepdim=True)).flatten(2)
+
+
+def head_norm_scale(y: torch.Tensor, eps: float) -> torch.Tensor:
+    """``[B, L, H]`` the group norm's ``1 / sqrt(var + eps)`` of ``y [B, L, H, V]`` (biased variance)."""
+    centred = y - y.mean(-1, keepdim=True)
+    return torch.rsqrt(centred.pow(2).mean(-1) + eps)
+
+
+def channel_heads(channels: slice, head_v: int) -> tuple[slice, torch.Tensor]:
+    """The heads covering ``channels`` and, per channel, its index among them."""
+    first, last = channels.start // head_v, (channels.stop - 1) // head_v
+    index = torch.arange(channels.start, channels.stop) // head_v - first
+    return slice(first, last + 1), index
+
+
+def head_block(head_matrices, factors: HeadGatedFactors, channels: slice, variant: str):
+    """Matrices ``[B, c, L, L]`` and offset ``[B, L, c]`` from ``head_matrices(heads) -> [B, h, L, L]``."""
+    heads, index = channel_heads(channels, factors.head_v)
+    T = head_matrices(heads)[:, index.to(factors.v.device)]                  # [B, c, L, L]
+    if variant != "unified":
+        return T, None
+    T = T * factors.row_scale[..., channels].transpose(1, 2)[..., None]
+    return T, factors.gate[..., channels] * factors.norm_bias[channels]
+
+
+class HeadSharedDecomposition(LayerDecomposition):
+    """Channel aggregates of operators whose channels share one matrix per head, ``A_c = diag(r_c) A_h(c)``.
+
+    ``mean_c f(r_i[c] A_h[i, j])`` factorises per head for ``f`` = identity, ``|.|`` and ``clamp(., 0)``
+    (:func:`~.base.scaled_head_sum`), so the aggregates cost ``[B, H, L, L]``, not ``[B, C, L, L]``;
+    rows are read off the map. Subclasses provide ``factors`` (a :class:`HeadGatedFactors`) and
+    ``_head_matrices(heads)``.
+    """
+
+    factors: HeadGatedFactors
+    rows_from_map = True
+
+    def _head_matrices(self, heads: slice) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _head_rows(self) -> torch.Tensor:
+        """``[B, L, H, V]`` what multiplies row ``i`` of each channel (1 for ``recurrence``)."""
+        f = self.factors
+        r = f.row_scale if self.variant == "unified" else torch.ones_like(f.gate)
+        return r.unflatten(-1, (f.v.shape[2], f.head_v))
+
+    def _fast_aggregate(self, how: str) -> torch.Tensor:
+        heads = self.factors.v.shape[2]
+        r = self._head_rows().transpose(1, 2)                                 # [B, H, L, V]
+        total = torch.zeros(self.batch_size, self.length, self.length, dtype=self.dtype, device=self.device)
+        step = channels_per_block(self.batch_size, self.length, heads, self.dtype.itemsize,
+                                  self.block_temporaries, self.block_bytes)
+        for start in range(0, heads, step):
+            sl = slice(start, min(start + step, heads))
+            total += scaled_head_sum(self._head_matrices(sl), r[:, sl], how, "bhij,bhi->bij")
+        return total / self.channels
+
+    def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        # "recurrence" leaves the gate and the norm out of its matrix (HeadGatedFactors.head_gradient)
+        return grad if self.variant == "unified" else self.factors.head_gradient(grad)

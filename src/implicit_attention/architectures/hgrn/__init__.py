@@ -1,0 +1,24 @@
+"""HGRN's gated linear recurrence (our ``implicit_attention.models.hgrn.HGRNRecurrence``).
+
+``factors`` reads a layer, ``operator`` is the math, ``layer`` the :class:`~..base.LayerDecomposition`
+(fast aggregates by the tiles of :mod:`..tiled`), ``naive`` the slow reference.
+"""
+
+from ..registry import Architecture, layer_builder, register
+from .factors import hgrn_factors
+from .layer import HGRNLayerDecomposition
+from .naive import hgrn_naive
+from .operator import VARIANTS, HGRNFactors, hgrn_block, hgrn_operator, recurrence_matrices
+
+
+def _read(captured, dtype) -> HGRNFactors:
+    return hgrn_factors(captured.module, captured.inputs, captured.attention_mask,
+                        captured.kwargs.get("lower_bound"), dtype)
+
+
+register(Architecture(
+    "hgrn", ("implicit_attention.models.hgrn.modeling_hgrn.HGRNRecurrence",), ("HGRNForCausalLM", "HGRNModel"),
+    VARIANTS, "o_proj", layer_builder(HGRNLayerDecomposition, _read), lambda module: module.expand_dim))
+
+__all__ = ["VARIANTS", "HGRNFactors", "HGRNLayerDecomposition", "hgrn_block", "hgrn_factors", "hgrn_naive",
+           "hgrn_operator", "recurrence_matrices"]
