@@ -22,15 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers import initialization as init
 
-from .._scaffold import BlockStackModel, CausalLMHead, GatedMLP, PreNormBlock, RMSNorm
+from .._scaffold import (BlockStackModel, CausalLMHead, GatedMLP, HeadGatedMixer, HeadGroupNorm, HeadNormInit,
+                         PreNormBlock, RMSNorm, compute_dtype)
 from .configuration_gla import GLAConfig
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The recurrence runs in at least float32 (half-precision models upcast)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def chunked_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
@@ -67,85 +62,47 @@ class GLARMSNorm(RMSNorm):
     """The RMS norm of GLA (:class:`~implicit_attention.models._scaffold.RMSNorm`)."""
 
 
-class GLAHeadNorm(nn.Module):
-    """GroupNorm with one group per head (a LayerNorm over each head's ``V`` values), affine."""
-
-    def __init__(self, num_heads: int, width: int, eps: float):
-        super().__init__()
-        self.num_heads, self.eps = num_heads, eps
-        self.weight = nn.Parameter(torch.ones(width))
-        self.bias = nn.Parameter(torch.zeros(width))
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        """``[B, L, H, V] -> [B, L, H * V]``."""
-        centred = y - y.mean(-1, keepdim=True)
-        normed = (centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(2)
-        return normed * self.weight.to(y.dtype) + self.bias.to(y.dtype)
+class GLAHeadNorm(HeadGroupNorm):
+    """The per-head group norm of GLA (:class:`~implicit_attention.models._scaffold.HeadGroupNorm`)."""
 
 
-class GLAAttention(nn.Module):
+class GLAAttention(HeadGatedMixer):
     """Gated linear attention (the token mixer). ``forward`` is the chunkwise parallel form;
     ``recurrent_forward`` the paper's token-by-token recurrence (slow reference)."""
 
+    head_norm_class = GLAHeadNorm
+
     def __init__(self, config: GLAConfig, layer_idx: int = 0):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.num_heads = config.num_heads
-        self.key_dim = int(config.expand_k * config.hidden_size)
-        self.value_dim = int(config.expand_v * config.hidden_size)
-        self.head_k = self.key_dim // self.num_heads
-        self.head_v = self.value_dim // self.num_heads
+        super().__init__(config, layer_idx, int(config.expand_k * config.hidden_size),
+                         int(config.expand_v * config.hidden_size))
         self.gate_logit_normalizer = config.gate_logit_normalizer
         self.chunk_size = config.chunk_size
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.key_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.key_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.value_dim, bias=bias)
-        self.g_proj = nn.Linear(config.hidden_size, self.value_dim, bias=bias)
+
+    def _build_extra(self, config: GLAConfig) -> None:
+        """The low-rank forget-gate projection ``W_a2 W_a1 x + b_a``."""
         self.gk_proj = nn.Sequential(nn.Linear(config.hidden_size, config.gate_low_rank_dim, bias=False),
                                      nn.Linear(config.gate_low_rank_dim, self.key_dim, bias=True))
-        self.group_norm = GLAHeadNorm(self.num_heads, self.value_dim, config.group_norm_eps)
-        self.o_proj = nn.Linear(self.value_dim, config.hidden_size, bias=False)
-        #: route ``forward`` to :meth:`recurrent_forward` (tests compare the two).
-        self.use_recurrent_reference = False
 
     def _project(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None):
-        """``q, k [B, L, H, K]``, ``v [B, L, H, V]``, ``g [B, L, H V]``, gate logits ``[B, L, H, K]``."""
-        batch, length, _ = hidden_states.shape
+        """``q`` (scaled), ``k`` (0 on padding), ``v``, ``g`` and the gate logits ``[B, L, H, K]``."""
         dtype = compute_dtype(hidden_states.dtype)
-        heads = (batch, length, self.num_heads, -1)
+        heads = (*hidden_states.shape[:2], self.num_heads, -1)
         q = self.q_proj(hidden_states).to(dtype).view(heads) * self.head_k ** -0.5
         k = self.k_proj(hidden_states).to(dtype).view(heads)
         v = self.v_proj(hidden_states).to(dtype).view(heads)
         g = self.g_proj(hidden_states).to(dtype)
         gate_logits = self.gk_proj(hidden_states).to(dtype).view(heads)
-        if attention_mask is not None:  # padding tokens write nothing into the state
-            k = k * attention_mask.to(dtype)[:, :, None, None]
-        return q, k, v, g, gate_logits
+        return q, self._mask_keys(k, attention_mask), v, g, gate_logits
 
-    def _output(self, y: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self.o_proj((F.silu(g) * self.group_norm(y)).to(dtype))
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        """``[B, L, D] -> [B, L, D]`` by the chunkwise parallel form."""
-        if self.use_recurrent_reference:
-            return self.recurrent_forward(hidden_states, attention_mask)
-        q, k, v, g, gate_logits = self._project(hidden_states, attention_mask)
+    def _parallel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  gate_logits: torch.Tensor) -> torch.Tensor:
+        """The chunkwise form, ``log alpha = logsigmoid(.) / tau``."""
         log_alpha = F.logsigmoid(gate_logits) / self.gate_logit_normalizer
-        y = chunked_gla(q, k, v, log_alpha, self.chunk_size)
-        return self._output(y, g, hidden_states.dtype)
+        return chunked_gla(q, k, v, log_alpha, self.chunk_size)
 
-    def recurrent_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """The paper's ``S_t = diag(alpha_t) S_{t-1} + k_t^T v_t, o_t = q_t S_t``, one token at a time."""
-        q, k, v, g, gate_logits = self._project(hidden_states, attention_mask)
-        alpha = torch.sigmoid(gate_logits) ** (1 / self.gate_logit_normalizer)
-        batch, length = q.shape[:2]
-        state = q.new_zeros(batch, self.num_heads, self.head_k, self.head_v)
-        ys = []
-        for t in range(length):
-            state = alpha[:, t, :, :, None] * state + k[:, t, :, :, None] * v[:, t, :, None, :]
-            ys.append(torch.einsum("bhk,bhkv->bhv", q[:, t], state))
-        return self._output(torch.stack(ys, dim=1), g, hidden_states.dtype)
+    def _decay(self, q: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+        """``[B, L, H, K]`` ``alpha = sigmoid(.)^(1/tau)``."""
+        return torch.sigmoid(gate_logits) ** (1 / self.gate_logit_normalizer)
 
 
 class GLAMLP(GatedMLP):
@@ -158,23 +115,14 @@ class GLABlock(PreNormBlock):
     norm_class, mixer_class, mlp_class = GLARMSNorm, GLAAttention, GLAMLP
 
 
-class GLAPreTrainedModel(PreTrainedModel):
+class GLAPreTrainedModel(HeadNormInit, PreTrainedModel):
     config_class = GLAConfig
     base_model_prefix = "model"
     _no_split_modules = ["GLABlock"]
 
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, GLAHeadNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-
 
 class GLAModel(BlockStackModel, GLAPreTrainedModel):
     block_class = GLABlock
-
-    def _final_norm(self, config: GLAConfig) -> nn.Module:
-        return GLARMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class GLAForCausalLM(CausalLMHead, GLAPreTrainedModel, GenerationMixin):

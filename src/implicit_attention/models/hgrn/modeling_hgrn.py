@@ -29,13 +29,8 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 
-from .._scaffold import BlockStackModel, CausalLMHead, GatedMLP, PreNormBlock, RMSNorm
+from .._scaffold import BlockStackModel, CausalLMHead, GatedMLP, PreNormBlock, RMSNorm, compute_dtype
 from .configuration_hgrn import HGRNConfig
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The recurrence runs in at least float32 (half-precision models upcast)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def chunked_scan(log_f: torch.Tensor, x: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -158,9 +153,6 @@ class HGRNPreTrainedModel(PreTrainedModel):
 
 class HGRNModel(BlockStackModel, HGRNPreTrainedModel):
     block_class = HGRNBlock
-
-    def _final_norm(self, config: HGRNConfig) -> nn.Module:
-        return HGRNRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def _build_extra(self, config: HGRNConfig) -> None:
         width = int(config.expand_ratio * config.hidden_size)

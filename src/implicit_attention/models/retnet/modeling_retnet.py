@@ -19,18 +19,11 @@ epsilon; the rotation is plain rotary (no xPos length extrapolation scale).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers import initialization as init
 
-from .._scaffold import BlockStackModel, CausalLMHead, GatedMLP, PreNormBlock, RMSNorm
+from .._scaffold import (BlockStackModel, CausalLMHead, GatedMLP, HeadGatedMixer, HeadGroupNorm, HeadNormInit,
+                         PreNormBlock, RMSNorm, compute_dtype)
 from .configuration_retnet import RetNetConfig
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The recurrence runs in at least float32 (half-precision models upcast)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def log_gammas(num_heads: int, dtype: torch.dtype, device=None) -> torch.Tensor:
@@ -73,86 +66,39 @@ class RetNetRMSNorm(RMSNorm):
     """The RMS norm of RetNet (:class:`~implicit_attention.models._scaffold.RMSNorm`)."""
 
 
-class RetNetHeadNorm(nn.Module):
-    """GroupNorm with one group per head (a LayerNorm over each head's ``V`` values), affine."""
-
-    def __init__(self, num_heads: int, width: int, eps: float):
-        super().__init__()
-        self.num_heads, self.eps = num_heads, eps
-        self.weight = nn.Parameter(torch.ones(width))
-        self.bias = nn.Parameter(torch.zeros(width))
-
-    def scale(self, y: torch.Tensor) -> torch.Tensor:
-        """``[B, L, H, 1]`` ``1 / sqrt(var_h + eps)`` of ``y [B, L, H, V]``."""
-        centred = y - y.mean(-1, keepdim=True)
-        return torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps)
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        """``[B, L, H, V] -> [B, L, H * V]``."""
-        normed = ((y - y.mean(-1, keepdim=True)) * self.scale(y)).flatten(2)
-        return normed * self.weight.to(y.dtype) + self.bias.to(y.dtype)
+class RetNetHeadNorm(HeadGroupNorm):
+    """The per-head group norm of RetNet (:class:`~implicit_attention.models._scaffold.HeadGroupNorm`)."""
 
 
-class RetNetRetention(nn.Module):
+class RetNetRetention(HeadGatedMixer):
     """Multi-scale retention (the token mixer). ``forward`` is the parallel form; ``recurrent_forward``
     the paper's token-by-token recurrence (slow reference)."""
 
+    head_norm_class = RetNetHeadNorm
+
     def __init__(self, config: RetNetConfig, layer_idx: int = 0):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.num_heads = config.num_heads
-        self.key_dim = config.hidden_size
-        self.value_dim = int(config.value_factor * config.hidden_size)
-        self.head_k = self.key_dim // self.num_heads
-        self.head_v = self.value_dim // self.num_heads
+        super().__init__(config, layer_idx, config.hidden_size, int(config.value_factor * config.hidden_size))
         self.rotary_base = config.rotary_base
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.key_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.key_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.value_dim, bias=bias)
-        self.g_proj = nn.Linear(config.hidden_size, self.value_dim, bias=bias)
-        self.group_norm = RetNetHeadNorm(self.num_heads, self.value_dim, config.group_norm_eps)
-        self.o_proj = nn.Linear(self.value_dim, config.hidden_size, bias=False)
-        #: route ``forward`` to :meth:`recurrent_forward` (tests compare the two).
-        self.use_recurrent_reference = False
 
     def _project(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None):
-        batch, length, _ = hidden_states.shape
+        """Rotated ``q``, rotated and scaled ``k`` (0 on padding), ``v``, ``g``; no ``extra`` (``None``)."""
         dtype = compute_dtype(hidden_states.dtype)
-        q = self.q_proj(hidden_states).to(dtype).view(batch, length, self.num_heads, self.head_k)
-        k = self.k_proj(hidden_states).to(dtype).view(batch, length, self.num_heads, self.head_k)
-        v = self.v_proj(hidden_states).to(dtype).view(batch, length, self.num_heads, self.head_v)
+        heads = (*hidden_states.shape[:2], self.num_heads, -1)
+        q, k, v = (proj(hidden_states).to(dtype).view(heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
         g = self.g_proj(hidden_states).to(dtype)
         q = rotary(q, self.rotary_base)
         k = rotary(k, self.rotary_base) * self.head_k ** -0.5
-        if attention_mask is not None:  # padding tokens write nothing into the state
-            k = k * attention_mask.to(dtype)[:, :, None, None]
-        return q, k, v, g
+        return q, self._mask_keys(k, attention_mask), v, g, None
 
-    def _output(self, y: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        out = F.silu(g) * self.group_norm(y)
-        return self.o_proj(out.to(dtype))
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        """``[B, L, D] -> [B, L, D]`` by the parallel form ``(Q K^T ⊙ D) V``."""
-        if self.use_recurrent_reference:
-            return self.recurrent_forward(hidden_states, attention_mask)
-        q, k, v, g = self._project(hidden_states, attention_mask)
+    def _parallel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: None) -> torch.Tensor:
+        """``(Q K^T ⊙ D) V``."""
         log_gamma = log_gammas(self.num_heads, q.dtype, q.device)
-        y = torch.einsum("bhnm,bmhv->bnhv", retention_matrices(q, k, log_gamma), v)
-        return self._output(y, g, hidden_states.dtype)
+        return torch.einsum("bhnm,bmhv->bnhv", retention_matrices(q, k, log_gamma), v)
 
-    def recurrent_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """The paper's recurrence ``S_n = gamma S_{n-1} + k_n^T v_n, y_n = q_n S_n``, one token at a time."""
-        q, k, v, g = self._project(hidden_states, attention_mask)
-        batch, length = q.shape[:2]
+    def _decay(self, q: torch.Tensor, extra: None) -> torch.Tensor:
+        """``[H, 1]`` ``gamma_h = 1 - 2^(-5-h)``, the same for every key row."""
         gamma = 1 - torch.pow(2.0, -5.0 - torch.arange(self.num_heads, dtype=q.dtype, device=q.device))
-        state = q.new_zeros(batch, self.num_heads, self.head_k, self.head_v)
-        ys = []
-        for n in range(length):
-            state = gamma[:, None, None] * state + k[:, n, :, :, None] * v[:, n, :, None, :]
-            ys.append(torch.einsum("bhk,bhkv->bhv", q[:, n], state))
-        return self._output(torch.stack(ys, dim=1), g, hidden_states.dtype)
+        return gamma[:, None]
 
 
 class RetNetMLP(GatedMLP):
@@ -165,23 +111,14 @@ class RetNetBlock(PreNormBlock):
     norm_class, mixer_class, mlp_class = RetNetRMSNorm, RetNetRetention, RetNetMLP
 
 
-class RetNetPreTrainedModel(PreTrainedModel):
+class RetNetPreTrainedModel(HeadNormInit, PreTrainedModel):
     config_class = RetNetConfig
     base_model_prefix = "model"
     _no_split_modules = ["RetNetBlock"]
 
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, RetNetHeadNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-
 
 class RetNetModel(BlockStackModel, RetNetPreTrainedModel):
     block_class = RetNetBlock
-
-    def _final_norm(self, config: RetNetConfig) -> nn.Module:
-        return RetNetRMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class RetNetForCausalLM(CausalLMHead, RetNetPreTrainedModel, GenerationMixin):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from transformers import PretrainedConfig
+from .._scaffold import RwkvBaseConfig
 
 
-class Rwkv6Config(PretrainedConfig):
+class Rwkv6Config(RwkvBaseConfig):
     """Hyper-parameters of :class:`~implicit_attention.models.rwkv6.Rwkv6ForCausalLM`.
 
     Names follow the RWKV-6 reference code (``RWKV-LM/RWKV-v5``, ``RWKV_Tmix_x060``) where it has
@@ -35,30 +35,16 @@ class Rwkv6Config(PretrainedConfig):
                  group_norm_epsilon: float = 64e-5, chunk_size: int = 32, wkv_mode: str = "chunk",
                  initializer_range: float = 0.02, bos_token_id: int | None = 0, eos_token_id: int | None = 0,
                  pad_token_id: int | None = None, tie_word_embeddings: bool = False, **kwargs):
-        if hidden_size % head_size:
-            raise ValueError(f"hidden_size {hidden_size} is not a multiple of head_size {head_size}")
-        if wkv_mode not in ("chunk", "recurrent"):
-            raise ValueError(f"wkv_mode must be 'chunk' or 'recurrent', got {wkv_mode!r}")
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.head_size = head_size
         if intermediate_size is None:  # the reference's 3.5 C rounded down to a multiple of 32
             intermediate_size = int(hidden_size * 3.5) // 32 * 32 or int(hidden_size * 3.5)
-        self.intermediate_size = intermediate_size
         self.time_mix_extra_dim = time_mix_extra_dim
         self.time_decay_extra_dim = time_decay_extra_dim
-        self.layer_norm_epsilon = layer_norm_epsilon
-        self.group_norm_epsilon = group_norm_epsilon
-        self.chunk_size = chunk_size
-        self.wkv_mode = wkv_mode
-        self.initializer_range = initializer_range
-        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        super().__init__(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                         head_size=head_size, intermediate_size=intermediate_size,
+                         layer_norm_epsilon=layer_norm_epsilon, group_norm_epsilon=group_norm_epsilon,
+                         chunk_size=chunk_size, wkv_mode=wkv_mode, initializer_range=initializer_range,
+                         bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
-
-    @property
-    def num_heads(self) -> int:
-        return self.hidden_size // self.head_size
 
 
 __all__ = ["Rwkv6Config"]

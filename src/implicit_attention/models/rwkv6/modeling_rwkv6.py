@@ -33,38 +33,14 @@ which is a config field here), plain normal init for the linear layers.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers import initialization as init
 
-from .._scaffold import BlockStackModel, CausalLMHead, WithoutStateCache
+from .._scaffold import (RwkvBlock, RwkvLayerInit, RwkvLMHead, RwkvMixing, RwkvReferenceInit, RwkvStack,
+                         RwkvTimeMix, init_low_rank, init_to, strict_segsum, token_shift, zero_padding)
 from .configuration_rwkv6 import Rwkv6Config
-
-
-def token_shift(x: torch.Tensor) -> torch.Tensor:
-    """``[B, T, C]``: ``x_{t-1}``, zero at ``t = 0``."""
-    return F.pad(x, (0, 0, 1, -1))
-
-
-def segsum(x: torch.Tensor) -> torch.Tensor:
-    """``[..., T] -> [..., T, T]``: ``out[i, j] = sum_{s=j+1..i} x[s]`` for ``j <= i``, ``-inf`` above.
-
-    The segments are summed directly (masked cumulative sums), so ``exp(out)`` is accurate even
-    where the cumulative sum of ``x`` is huge.
-    """
-    length = x.shape[-1]
-    lower = torch.ones(length, length, dtype=torch.bool, device=x.device).tril(-1)
-    rows = x.unsqueeze(-1).expand(*x.shape, length).masked_fill(~lower, 0).cumsum(dim=-2)
-    return rows.masked_fill(~torch.ones_like(lower).tril(), -math.inf)
-
-
-def strict_segsum(x: torch.Tensor) -> torch.Tensor:
-    """``[..., T] -> [..., T, T]``: ``out[i, j] = sum_{s=j+1..i-1} x[s]`` for ``j < i``, ``-inf`` elsewhere."""
-    return F.pad(segsum(x)[..., :-1, :], (0, 0, 1, 0), value=-math.inf)
 
 
 def wkv6_chunked(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_w: torch.Tensor, u: torch.Tensor,
@@ -107,17 +83,15 @@ def wkv6_recurrent(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_w: tor
     return out
 
 
-class Rwkv6TimeMix(nn.Module):
+class Rwkv6TimeMix(RwkvTimeMix):
     """RWKV-6 time mixing (token mixing): ddlerp token shift, data-dependent decay, multi-head wkv."""
 
+    linear_names = ("receptance", "key", "value", "gate", "output")
+    wkv_chunked, wkv_recurrent = staticmethod(wkv6_chunked), staticmethod(wkv6_recurrent)
+
     def __init__(self, config: Rwkv6Config, layer_id: int):
-        super().__init__()
-        self.config = config
-        self.layer_id = layer_id
-        C, H, N = config.hidden_size, config.num_heads, config.head_size
-        self.num_heads, self.head_size, self.hidden_size = H, N, C
-        self.chunk_size = config.chunk_size
-        self.wkv_mode = config.wkv_mode
+        super().__init__(config, layer_id)
+        C, H, N = self.hidden_size, self.num_heads, self.head_size
         self.time_maa_x = nn.Parameter(torch.empty(C))
         self.time_maa_w = nn.Parameter(torch.empty(C))
         self.time_maa_k = nn.Parameter(torch.empty(C))
@@ -130,18 +104,10 @@ class Rwkv6TimeMix(nn.Module):
         self.time_decay_w1 = nn.Parameter(torch.empty(C, config.time_decay_extra_dim))
         self.time_decay_w2 = nn.Parameter(torch.empty(config.time_decay_extra_dim, C))
         self.time_faaaa = nn.Parameter(torch.empty(H, N))
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.gate = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
-        self.ln_x = nn.GroupNorm(H, C, eps=config.group_norm_epsilon)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, T, C] -> [B, T, C]``; ``attention_mask [B, T]`` zeroes padding tokens' input."""
-        x = hidden_states
-        if attention_mask is not None:
-            x = x * attention_mask[..., None].to(x.dtype)
+        x = zero_padding(hidden_states, attention_mask)
         batch, length, C = x.shape
         dx = token_shift(x) - x
         lora = torch.tanh((x + dx * self.time_maa_x) @ self.time_maa_w1).view(batch, length, 5, -1)
@@ -156,25 +122,26 @@ class Rwkv6TimeMix(nn.Module):
         v = self.value(xv)
         g = F.silu(self.gate(xg))
         log_w = -torch.exp(self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2)
+        return self.output(self._normed_wkv((r, k, v, log_w), x.dtype, self.time_faaaa) * g)
 
-        heads = (batch, length, self.num_heads, self.head_size)
-        compute = torch.promote_types(x.dtype, torch.float32)  # half precision: run the wkv in float32
-        args = [t.view(heads).to(compute) for t in (r, k, v, log_w)] + [self.time_faaaa.to(compute)]
-        if self.wkv_mode == "recurrent":
-            y = wkv6_recurrent(*args)
-        else:
-            y = wkv6_chunked(*args, chunk_size=self.chunk_size)
-        y = self.ln_x(y.reshape(batch * length, C).to(x.dtype)).view(batch, length, C)
-        return self.output(y * g)
+    def reference_init(self, ramps: RwkvLayerInit) -> None:
+        ratio_0_to_1, ratio_1_to_0, ddd, n = ramps
+        for p in (self.time_maa_x, self.time_maa_w, self.time_maa_k):
+            init_to(p, 1.0 - ddd ** ratio_1_to_0)
+        init_to(self.time_maa_v, 1.0 - (ddd ** ratio_1_to_0 + 0.3 * ratio_0_to_1))
+        init_to(self.time_maa_r, 1.0 - ddd ** (0.5 * ratio_1_to_0))
+        init_to(self.time_maa_g, 1.0 - ddd ** (0.5 * ratio_1_to_0))
+        init_to(self.time_decay, -6 + 5 * n ** (0.7 + 1.3 * ratio_0_to_1))
+        zigzag = ((torch.arange(self.hidden_size) + 1) % 3 - 1).to(torch.float64) * 0.1
+        init_to(self.time_faaaa, (ratio_0_to_1 * (1 - n) + zigzag).view(self.num_heads, self.head_size))
+        init_low_rank(self, ("time_maa_w1", "time_maa_w2"), ("time_decay_w1", "time_decay_w2"))
 
 
-class Rwkv6ChannelMix(nn.Module):
+class Rwkv6ChannelMix(RwkvMixing):
     """RWKV-6 channel mixing: ``sigmoid(W_r xr) * W_v relu(W_k xk)^2`` with a static token shift."""
 
     def __init__(self, config: Rwkv6Config, layer_id: int):
-        super().__init__()
-        self.config = config
-        self.layer_id = layer_id
+        super().__init__(config, layer_id)
         C, Fw = config.hidden_size, config.intermediate_size
         self.time_maa_k = nn.Parameter(torch.empty(C))
         self.time_maa_r = nn.Parameter(torch.empty(C))
@@ -183,86 +150,43 @@ class Rwkv6ChannelMix(nn.Module):
         self.value = nn.Linear(Fw, C, bias=False)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = hidden_states
-        if attention_mask is not None:
-            x = x * attention_mask[..., None].to(x.dtype)
+        x = zero_padding(hidden_states, attention_mask)
         dx = token_shift(x) - x
         k = torch.relu(self.key(x + dx * self.time_maa_k)) ** 2
         return torch.sigmoid(self.receptance(x + dx * self.time_maa_r)) * self.value(k)
 
+    def reference_init(self, ramps: RwkvLayerInit) -> None:
+        init_to(self.time_maa_k, 1.0 - ramps.ddd ** ramps.ratio_1_to_0)
+        init_to(self.time_maa_r, 1.0 - ramps.ddd ** ramps.ratio_1_to_0)
 
-class Rwkv6Block(nn.Module):
+
+class Rwkv6Block(RwkvBlock):
     """Pre-norm block: ``x + TimeMix(ln1 x)``, then ``x + ChannelMix(ln2 x)`` (block 0: ``ln0`` first)."""
 
-    def __init__(self, config: Rwkv6Config, layer_id: int):
-        super().__init__()
-        self.layer_id = layer_id
-        eps = config.layer_norm_epsilon
-        if layer_id == 0:
-            self.pre_ln = nn.LayerNorm(config.hidden_size, eps=eps)
-        self.ln1 = nn.LayerNorm(config.hidden_size, eps=eps)
-        self.ln2 = nn.LayerNorm(config.hidden_size, eps=eps)
-        self.attention = Rwkv6TimeMix(config, layer_id)
-        self.feed_forward = Rwkv6ChannelMix(config, layer_id)
+    time_mix_class, channel_mix_class = Rwkv6TimeMix, Rwkv6ChannelMix
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.layer_id == 0:
-            hidden_states = self.pre_ln(hidden_states)
+        hidden_states = self._block_input(hidden_states)
         hidden_states = hidden_states + self.attention(self.ln1(hidden_states), attention_mask=attention_mask)
         return hidden_states + self.feed_forward(self.ln2(hidden_states), attention_mask=attention_mask)
 
 
-class Rwkv6PreTrainedModel(PreTrainedModel):
+class Rwkv6PreTrainedModel(RwkvReferenceInit, PreTrainedModel):
     config_class = Rwkv6Config
-    base_model_prefix = "rwkv"
     _no_split_modules = ["Rwkv6Block"]
-    supports_gradient_checkpointing = False
-
-    def _init_weights(self, module: nn.Module):
-        """The reference's layer-dependent init of the mixing parameters; normal init elsewhere."""
-        super()._init_weights(module)
-        if isinstance(module, (Rwkv6TimeMix, Rwkv6ChannelMix)):
-            layers, C = module.config.num_hidden_layers, module.config.hidden_size
-            ratio_0_to_1 = module.layer_id / max(layers - 1, 1)
-            ratio_1_to_0 = 1.0 - module.layer_id / layers
-            ddd = torch.arange(C, dtype=torch.float64) / C
-            like = lambda t, p: init.copy_(p, t.to(p.dtype))  # noqa: E731
-            if isinstance(module, Rwkv6ChannelMix):
-                like(1.0 - ddd ** ratio_1_to_0, module.time_maa_k)
-                like(1.0 - ddd ** ratio_1_to_0, module.time_maa_r)
-                return
-            for p in (module.time_maa_x, module.time_maa_w, module.time_maa_k):
-                like(1.0 - ddd ** ratio_1_to_0, p)
-            like(1.0 - (ddd ** ratio_1_to_0 + 0.3 * ratio_0_to_1), module.time_maa_v)
-            like(1.0 - ddd ** (0.5 * ratio_1_to_0), module.time_maa_r)
-            like(1.0 - ddd ** (0.5 * ratio_1_to_0), module.time_maa_g)
-            n = torch.arange(C, dtype=torch.float64) / max(C - 1, 1)
-            like(-6 + 5 * n ** (0.7 + 1.3 * ratio_0_to_1), module.time_decay)
-            zigzag = ((torch.arange(C) + 1) % 3 - 1).to(torch.float64) * 0.1
-            like((ratio_0_to_1 * (1 - n) + zigzag).view(module.num_heads, module.head_size), module.time_faaaa)
-            init.zeros_(module.time_maa_w1)
-            init.uniform_(module.time_maa_w2, -0.01, 0.01)
-            init.zeros_(module.time_decay_w1)
-            init.uniform_(module.time_decay_w2, -0.01, 0.01)
 
 
-class Rwkv6Model(BlockStackModel, Rwkv6PreTrainedModel):
+class Rwkv6Model(RwkvStack, Rwkv6PreTrainedModel):
     """Embeddings, RWKV-6 blocks and the final layer norm: ``input_ids [B, T] -> [B, T, C]``."""
 
     block_class = Rwkv6Block
-    embed_attr, layers_attr, norm_attr = "embeddings", "blocks", "ln_out"
-
-    def _final_norm(self, config: Rwkv6Config) -> nn.Module:
-        return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
 
-class Rwkv6ForCausalLM(WithoutStateCache, CausalLMHead, Rwkv6PreTrainedModel, GenerationMixin):
+class Rwkv6ForCausalLM(RwkvLMHead, Rwkv6PreTrainedModel, GenerationMixin):
     """:class:`Rwkv6Model` with a linear LM head: ``logits [B, T, V]``."""
 
     _tied_weights_keys = {"head.weight": "rwkv.embeddings.weight"}
     model_class = Rwkv6Model
-    head_attr = "head"
-    loss_in_float32 = False  # float64 logits keep a float64 loss
 
 
 __all__ = ["Rwkv6ChannelMix", "Rwkv6Block", "Rwkv6ForCausalLM", "Rwkv6Model", "Rwkv6PreTrainedModel",

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from transformers import PretrainedConfig
+from .._scaffold import RwkvBaseConfig
 
 
-class Rwkv7Config(PretrainedConfig):
+class Rwkv7Config(RwkvBaseConfig):
     """Hyper-parameters of :class:`~implicit_attention.models.rwkv7.Rwkv7ForCausalLM`.
 
     The low-rank widths are the reference code's (``RWKV-LM/RWKV-v7``, ``RWKV_Tmix_x070``)
@@ -38,30 +38,17 @@ class Rwkv7Config(PretrainedConfig):
                  wkv_mode: str = "chunk", initializer_range: float = 0.02, bos_token_id: int | None = 0,
                  eos_token_id: int | None = 0, pad_token_id: int | None = None,
                  tie_word_embeddings: bool = False, **kwargs):
-        if hidden_size % head_size:
-            raise ValueError(f"hidden_size {hidden_size} is not a multiple of head_size {head_size}")
-        if wkv_mode not in ("chunk", "recurrent"):
-            raise ValueError(f"wkv_mode must be 'chunk' or 'recurrent', got {wkv_mode!r}")
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.head_size = head_size
-        self.intermediate_size = intermediate_size if intermediate_size is not None else 4 * hidden_size
         self.decay_low_rank_dim = decay_low_rank_dim
         self.a_low_rank_dim = a_low_rank_dim
         self.v_low_rank_dim = v_low_rank_dim
         self.gate_low_rank_dim = gate_low_rank_dim
-        self.layer_norm_epsilon = layer_norm_epsilon
-        self.group_norm_epsilon = group_norm_epsilon
-        self.chunk_size = chunk_size
-        self.wkv_mode = wkv_mode
-        self.initializer_range = initializer_range
-        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        super().__init__(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                         head_size=head_size,
+                         intermediate_size=intermediate_size if intermediate_size is not None else 4 * hidden_size,
+                         layer_norm_epsilon=layer_norm_epsilon, group_norm_epsilon=group_norm_epsilon,
+                         chunk_size=chunk_size, wkv_mode=wkv_mode, initializer_range=initializer_range,
+                         bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
-
-    @property
-    def num_heads(self) -> int:
-        return self.hidden_size // self.head_size
 
 
 __all__ = ["Rwkv7Config"]

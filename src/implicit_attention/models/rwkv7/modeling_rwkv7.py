@@ -49,8 +49,8 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 
-from .._scaffold import BlockStackModel, CausalLMHead, WithoutStateCache
-from ..rwkv6.modeling_rwkv6 import segsum, strict_segsum, token_shift
+from .._scaffold import (RwkvBlock, RwkvLayerInit, RwkvLMHead, RwkvMixing, RwkvReferenceInit, RwkvStack,
+                         RwkvTimeMix, init_low_rank, init_to, segsum, strict_segsum, token_shift, zero_padding)
 from .configuration_rwkv7 import Rwkv7Config
 
 
@@ -101,17 +101,14 @@ def wkv7_recurrent(r: torch.Tensor, log_w: torch.Tensor, k: torch.Tensor, v: tor
     return out
 
 
-class Rwkv7TimeMix(nn.Module):
+class Rwkv7TimeMix(RwkvTimeMix):
     """RWKV-7 time mixing (token mixing): the generalised delta rule with value residual."""
 
+    wkv_chunked, wkv_recurrent = staticmethod(wkv7_chunked), staticmethod(wkv7_recurrent)
+
     def __init__(self, config: Rwkv7Config, layer_id: int):
-        super().__init__()
-        self.config = config
-        self.layer_id = layer_id
-        C, H, N = config.hidden_size, config.num_heads, config.head_size
-        self.num_heads, self.head_size, self.hidden_size = H, N, C
-        self.chunk_size = config.chunk_size
-        self.wkv_mode = config.wkv_mode
+        super().__init__(config, layer_id)
+        C, H, N = self.hidden_size, self.num_heads, self.head_size
         for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a"):
             setattr(self, name, nn.Parameter(torch.empty(C)))
         self.w1 = nn.Parameter(torch.empty(C, config.decay_low_rank_dim))
@@ -125,18 +122,11 @@ class Rwkv7TimeMix(nn.Module):
         self.g1 = nn.Parameter(torch.empty(C, config.gate_low_rank_dim))
         self.g2 = nn.Parameter(torch.empty(config.gate_low_rank_dim, C))
         self.r_k = nn.Parameter(torch.empty(H, N))
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
-        self.ln_x = nn.GroupNorm(H, C, eps=config.group_norm_epsilon)
 
     def forward(self, hidden_states: torch.Tensor, v_first: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, T, C] -> ([B, T, C], v_first [B, T, C])``; ``attention_mask [B, T]`` zeroes padding."""
-        x = hidden_states
-        if attention_mask is not None:
-            x = x * attention_mask[..., None].to(x.dtype)
+        x = zero_padding(hidden_states, attention_mask)
         batch, length, C = x.shape
         heads = (batch, length, self.num_heads, self.head_size)
         dx = token_shift(x) - x
@@ -154,103 +144,64 @@ class Rwkv7TimeMix(nn.Module):
         kk = F.normalize((k * self.k_k).view(heads), dim=-1, p=2.0).view(batch, length, C)
         k = k * (1 + (a - 1) * self.k_a)
         log_w = -torch.exp(w)
-
-        compute = torch.promote_types(x.dtype, torch.float32)  # half precision: run the wkv in float32
-        args = [t.view(heads).to(compute) for t in (r, log_w, k, v, -kk, kk * a)]
-        if self.wkv_mode == "recurrent":
-            y = wkv7_recurrent(*args)
-        else:
-            y = wkv7_chunked(*args, chunk_size=self.chunk_size)
-        y = self.ln_x(y.reshape(batch * length, C).to(x.dtype)).view(batch, length, C)
+        y = self._normed_wkv((r, log_w, k, v, -kk, kk * a), x.dtype)
         bonus = (r.view(heads) * k.view(heads) * self.r_k).sum(-1, keepdim=True) * v.view(heads)
         return self.output((y + bonus.view(batch, length, C)) * g), v_first
 
+    def reference_init(self, ramps: RwkvLayerInit) -> None:
+        ratio_0_to_1, ratio_1_to_0, ddd, n = ramps
+        for name, power in (("x_r", 0.2), ("x_w", 0.9), ("x_k", 0.7), ("x_v", 0.7), ("x_a", 0.9), ("x_g", 0.2)):
+            init_to(getattr(self, name), 1.0 - ddd ** (power * ratio_1_to_0))
+        init_to(self.w0, -7 + 5 * n ** (0.85 + ratio_0_to_1 ** 0.5) + 0.5)
+        init.zeros_(self.a0)
+        init.constant_(self.k_k, 0.85)
+        init.ones_(self.k_a)
+        init.zeros_(self.r_k)
+        init_low_rank(self, ("w1", "w2"), ("a1", "a2"), ("g1", "g2"), ("v1", "v2"))
+        if hasattr(self, "v0"):
+            init.ones_(self.v0)
 
-class Rwkv7ChannelMix(nn.Module):
+
+class Rwkv7ChannelMix(RwkvMixing):
     """RWKV-7 channel mixing: ``W_v relu(W_k xk)^2`` with a static token shift."""
 
     def __init__(self, config: Rwkv7Config, layer_id: int):
-        super().__init__()
-        self.config = config
-        self.layer_id = layer_id
+        super().__init__(config, layer_id)
         self.x_k = nn.Parameter(torch.empty(config.hidden_size))
         self.key = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.value = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = hidden_states
-        if attention_mask is not None:
-            x = x * attention_mask[..., None].to(x.dtype)
+        x = zero_padding(hidden_states, attention_mask)
         k = torch.relu(self.key(x + (token_shift(x) - x) * self.x_k)) ** 2
         return self.value(k)
 
+    def reference_init(self, ramps: RwkvLayerInit) -> None:
+        init_to(self.x_k, 1.0 - ramps.ddd ** (ramps.ratio_1_to_0 ** 4))
 
-class Rwkv7Block(nn.Module):
+
+class Rwkv7Block(RwkvBlock):
     """Pre-norm block: ``x + TimeMix(ln1 x, v_first)``, then ``x + ChannelMix(ln2 x)`` (block 0: ``ln0`` first)."""
 
-    def __init__(self, config: Rwkv7Config, layer_id: int):
-        super().__init__()
-        self.layer_id = layer_id
-        eps = config.layer_norm_epsilon
-        if layer_id == 0:
-            self.pre_ln = nn.LayerNorm(config.hidden_size, eps=eps)
-        self.ln1 = nn.LayerNorm(config.hidden_size, eps=eps)
-        self.ln2 = nn.LayerNorm(config.hidden_size, eps=eps)
-        self.attention = Rwkv7TimeMix(config, layer_id)
-        self.feed_forward = Rwkv7ChannelMix(config, layer_id)
+    time_mix_class, channel_mix_class = Rwkv7TimeMix, Rwkv7ChannelMix
 
     def forward(self, hidden_states: torch.Tensor, v_first: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.layer_id == 0:
-            hidden_states = self.pre_ln(hidden_states)
+        hidden_states = self._block_input(hidden_states)
         mixed, v_first = self.attention(self.ln1(hidden_states), v_first=v_first, attention_mask=attention_mask)
         hidden_states = hidden_states + mixed
         return hidden_states + self.feed_forward(self.ln2(hidden_states), attention_mask=attention_mask), v_first
 
 
-class Rwkv7PreTrainedModel(PreTrainedModel):
+class Rwkv7PreTrainedModel(RwkvReferenceInit, PreTrainedModel):
     config_class = Rwkv7Config
-    base_model_prefix = "rwkv"
     _no_split_modules = ["Rwkv7Block"]
-    supports_gradient_checkpointing = False
-
-    def _init_weights(self, module: nn.Module):
-        """The reference's layer-dependent init of the mixing parameters; normal init elsewhere."""
-        super()._init_weights(module)
-        if not isinstance(module, (Rwkv7TimeMix, Rwkv7ChannelMix)):
-            return
-        layers, C = module.config.num_hidden_layers, module.config.hidden_size
-        ratio_0_to_1 = module.layer_id / max(layers - 1, 1)
-        ratio_1_to_0 = 1.0 - module.layer_id / layers
-        ddd = torch.arange(C, dtype=torch.float64) / C
-        like = lambda t, p: init.copy_(p, t.to(p.dtype))  # noqa: E731
-        if isinstance(module, Rwkv7ChannelMix):
-            like(1.0 - ddd ** (ratio_1_to_0 ** 4), module.x_k)
-            return
-        for name, power in (("x_r", 0.2), ("x_w", 0.9), ("x_k", 0.7), ("x_v", 0.7), ("x_a", 0.9), ("x_g", 0.2)):
-            like(1.0 - ddd ** (power * ratio_1_to_0), getattr(module, name))
-        n = torch.arange(C, dtype=torch.float64) / max(C - 1, 1)
-        like(-7 + 5 * n ** (0.85 + ratio_0_to_1 ** 0.5) + 0.5, module.w0)
-        init.zeros_(module.a0)
-        init.constant_(module.k_k, 0.85)
-        init.ones_(module.k_a)
-        init.zeros_(module.r_k)
-        for first, second in (("w1", "w2"), ("a1", "a2"), ("g1", "g2"), ("v1", "v2")):
-            if hasattr(module, first):
-                init.zeros_(getattr(module, first))
-                init.uniform_(getattr(module, second), -0.01, 0.01)
-        if hasattr(module, "v0"):
-            init.ones_(module.v0)
 
 
-class Rwkv7Model(BlockStackModel, Rwkv7PreTrainedModel):
+class Rwkv7Model(RwkvStack, Rwkv7PreTrainedModel):
     """Embeddings, RWKV-7 blocks and the final layer norm: ``input_ids [B, T] -> [B, T, C]``."""
 
     block_class = Rwkv7Block
-    embed_attr, layers_attr, norm_attr = "embeddings", "blocks", "ln_out"
-
-    def _final_norm(self, config: Rwkv7Config) -> nn.Module:
-        return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
     def _run_block(self, index: int, block: nn.Module, hidden_states: torch.Tensor,
                    attention_mask: torch.Tensor | None, v_first: torch.Tensor | None):
@@ -258,13 +209,11 @@ class Rwkv7Model(BlockStackModel, Rwkv7PreTrainedModel):
         return block(hidden_states, v_first=v_first, attention_mask=attention_mask)
 
 
-class Rwkv7ForCausalLM(WithoutStateCache, CausalLMHead, Rwkv7PreTrainedModel, GenerationMixin):
+class Rwkv7ForCausalLM(RwkvLMHead, Rwkv7PreTrainedModel, GenerationMixin):
     """:class:`Rwkv7Model` with a linear LM head: ``logits [B, T, V]``."""
 
     _tied_weights_keys = {"head.weight": "rwkv.embeddings.weight"}
     model_class = Rwkv7Model
-    head_attr = "head"
-    loss_in_float32 = False  # float64 logits keep a float64 loss
 
 
 __all__ = ["Rwkv7Block", "Rwkv7ChannelMix", "Rwkv7ForCausalLM", "Rwkv7Model", "Rwkv7PreTrainedModel",
