@@ -53,7 +53,8 @@ from torch import nn  # noqa: E402
 import implicit_attention as ia  # noqa: E402
 from implicit_attention import cli  # noqa: E402
 from implicit_attention.bundled import bundled_model_path  # noqa: E402
-from implicit_attention.capture import execution_device, select_layers  # noqa: E402
+from implicit_attention.devices import execution_device  # noqa: E402
+from implicit_attention.hooks import select_layers  # noqa: E402
 
 tf.logging.set_verbosity_error()
 #: (method, channel aggregation): rollout with "mean" takes the fast (on CUDA: fused) aggregates

@@ -18,7 +18,8 @@ import implicit_attention as ia
 from implicit_attention.architectures import AGGREGATES, LayerDecomposition, find_layers
 from implicit_attention.architectures.attention import (AttentionLayerDecomposition, additive_mask,
                                                         attention_probabilities, attention_probabilities_naive)
-from implicit_attention.capture import capture, prepare_model_inputs, select_layers
+from implicit_attention.hooks import capture, select_layers
+from implicit_attention.inputs import prepare_model_inputs
 
 from conftest import assert_close, left_padded, tiny_mamba
 

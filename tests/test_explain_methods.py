@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import implicit_attention as ia
-from implicit_attention.capture import capture, select_layers
+from implicit_attention.hooks import capture, select_layers
 
 from conftest import assert_close, left_padded, tiny_mamba
 

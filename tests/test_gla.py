@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 import implicit_attention as ia
 from implicit_attention.architectures.base import LayerDecomposition
 from implicit_attention.architectures.gla import VARIANTS, gla_block, gla_heads, gla_heads_tiled, gla_naive
-from implicit_attention.capture import capture, select_layers
+from implicit_attention.hooks import capture, select_layers
 from implicit_attention.models.gla import GLAAttention, GLAConfig, GLAForCausalLM, GLAModel
 
 from conftest import assert_close, left_padded, fresh_aggregates, check_long_fast_mean

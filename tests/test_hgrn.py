@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import implicit_attention as ia
 from implicit_attention.architectures.hgrn import VARIANTS, hgrn_block, hgrn_naive
-from implicit_attention.capture import capture, select_layers
+from implicit_attention.hooks import capture, select_layers
 from implicit_attention.models.hgrn import HGRNConfig, HGRNForCausalLM, HGRNModel, HGRNRecurrence
 from implicit_attention.models.hgrn.modeling_hgrn import chunked_scan
 

@@ -15,7 +15,7 @@ from implicit_attention.architectures import find_layers
 from implicit_attention.architectures.mamba.factors import jamba_factors, zamba_factors
 from implicit_attention.architectures.mamba.naive import naive_mamba
 from implicit_attention.architectures.mamba.operator import VARIANTS
-from implicit_attention.capture import capture
+from implicit_attention.hooks import capture
 
 from conftest import assert_close, left_padded
 

@@ -7,7 +7,7 @@ import torch
 
 import implicit_attention as ia
 from implicit_attention.architectures.mamba import mamba_factors
-from implicit_attention.capture import capture, select_layers
+from implicit_attention.hooks import capture, select_layers
 
 from conftest import MAMBA_CLASSES, assert_close, left_padded, tiny_mamba
 

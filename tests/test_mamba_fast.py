@@ -10,7 +10,7 @@ from implicit_attention.architectures.base import LayerDecomposition
 from implicit_attention.architectures.mamba import mamba_factors
 from implicit_attention.architectures.mamba.fast import exact_channel_mean, matrix_rows, signed_mean
 from implicit_attention.architectures.mamba.operator import VARIANTS, mamba_block
-from implicit_attention.capture import capture, select_layers
+from implicit_attention.hooks import capture, select_layers
 
 from conftest import assert_close, left_padded, tiny_mamba
 

@@ -9,7 +9,7 @@ from implicit_attention.architectures.mamba import mamba_factors
 from implicit_attention.architectures.mamba.naive import naive_mamba
 from implicit_attention.architectures.mamba.operator import VARIANTS, mamba_block
 from implicit_attention.architectures.primitives import conv_right, naive_conv_matrix, segment_sums
-from implicit_attention.capture import capture, select_layers
+from implicit_attention.hooks import capture, select_layers
 
 from conftest import assert_close, left_padded, tiny_mamba
 

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import implicit_attention as ia
 from implicit_attention import memory
-from implicit_attention.capture import select_layers
+from implicit_attention.hooks import select_layers
 from implicit_attention.decompose import PHASE, ensure_decomposition_fits, estimate_memory
 from implicit_attention.models.gla import GLAConfig, GLAForCausalLM
 from implicit_attention.models.hgrn import HGRNConfig, HGRNForCausalLM

@@ -24,7 +24,8 @@ import transformers as tf
 
 import implicit_attention as ia
 from implicit_attention.architectures.registry import CapturedLayer
-from implicit_attention.capture import execution_device, record_on_device, select_layers
+from implicit_attention.devices import execution_device, record_on_device
+from implicit_attention.hooks import select_layers
 from implicit_attention.explain import MATRIX_METHODS, combine, layer_maps
 
 from conftest import assert_close, left_padded, tiny_mamba

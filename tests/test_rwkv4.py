@@ -12,7 +12,7 @@ from implicit_attention.architectures.base import LayerDecomposition
 from implicit_attention.architectures.rwkv4 import (VARIANTS, rwkv_block, rwkv_factors, wkv_log_normaliser,
                                                     wkv_matrices)
 from implicit_attention.architectures.rwkv4.naive import naive_rwkv, naive_wkv_recurrence
-from implicit_attention.capture import capture, select_layers
+from implicit_attention.hooks import capture, select_layers
 
 from conftest import assert_close, left_padded, fresh_aggregates, check_fast_aggregates, check_long_fast_mean
 

@@ -11,7 +11,7 @@ import implicit_attention as ia
 from implicit_attention.architectures.base import LayerDecomposition
 from implicit_attention.architectures.xlstm import VARIANTS, XlstmLayerDecomposition, xlstm_block, xlstm_factors
 from implicit_attention.architectures.xlstm.naive import naive_xlstm
-from implicit_attention.capture import capture, select_layers
+from implicit_attention.hooks import capture, select_layers
 from implicit_attention.explain import BASELINE_METHODS, MATRIX_METHODS
 
 from conftest import assert_close, left_padded

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import CapturedLayer, LayerDecomposition
-from .capture import (call_model, capture, execution_device, layer_indices, model_dtype, offloaded_parameters,
-                      on_device, prepare_inputs, record_on_device, select_layers)
-from .capture import prepare_model_inputs
+from .devices import execution_device, model_dtype, offloaded_parameters, on_device, record_on_device
 from .errors import MemoryBudgetError, OffloadedLayerError, ReconstructionError
+from .hooks import capture, layer_indices, select_layers
+from .inputs import prepare_model_inputs
 from .memory import budget_bytes, estimate
 
 #: Default relative-error tolerance of the exactness check, by the dtype the *model* runs in.
@@ -32,7 +33,8 @@ class Decomposition:
     Attributes:
         layers: one :class:`~implicit_attention.architectures.LayerDecomposition` per decomposed
             token-mixing layer, in model order.
-        input_ids: ``[B, L]`` the ids that were run (``[B, channels, height, width]`` pixels for image models).
+        input_values: the model input that was run: ``[B, L]`` token ids, or
+            ``[B, channels, height, width]`` pixel values for image models.
         attention_mask: ``[B, L]`` or ``None``.
         logits: the model's output logits (``[B, L, V]`` for a causal LM), or ``None`` for a model
             without a head.
@@ -40,11 +42,17 @@ class Decomposition:
     """
 
     layers: list[LayerDecomposition]
-    input_ids: torch.Tensor
+    input_values: torch.Tensor
     attention_mask: torch.Tensor | None
     logits: torch.Tensor | None
     variant: str
-    extras: dict = field(default_factory=dict)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """Deprecated name of :attr:`input_values` (which holds pixel values for image models)."""
+        warnings.warn("Decomposition.input_ids is deprecated; use Decomposition.input_values (token ids, or "
+                      "pixel values for image models)", DeprecationWarning, stacklevel=2)
+        return self.input_values
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -61,11 +69,11 @@ class Decomposition:
         return [layer.error for layer in self.layers]
 
     def aggregate(self, how: str = "mean") -> torch.Tensor:
-        """``[layers, B, L, L]`` every layer's aggregated map stacked, on the device of ``input_ids``."""
+        """``[layers, B, L, L]`` every layer's aggregated map stacked, on the device of :attr:`input_values`."""
         maps = []
         for layer in self.layers:
             with on_device(layer.device):
-                maps.append(layer.aggregate(how).to(self.input_ids.device))
+                maps.append(layer.aggregate(how).to(self.input_values.device))
         return torch.stack(maps)
 
 
@@ -91,7 +99,7 @@ def estimate_memory(targets, batch: int, length: int, dtype: torch.dtype, *, met
                     home: torch.device | str | None = None) -> dict:
     """``{device: DeviceEstimate}``: what decomposing ``targets`` (and running ``method``) allocates.
 
-    ``targets`` are ``(name, module, architecture)`` as :func:`~.capture.select_layers` returns;
+    ``targets`` are ``(name, module, architecture)`` as :func:`~.hooks.select_layers` returns;
     each layer is counted on the device it computes on. See :func:`~.memory.estimate`.
     """
     layers = [(name, module, arch, execution_device(module)) for name, module, arch in targets]
@@ -100,17 +108,10 @@ def estimate_memory(targets, batch: int, length: int, dtype: torch.dtype, *, met
     return estimate(layers, batch, length, dtype, model_dtype=model_dtype_, method=method, home=home)
 
 
-def estimate_bytes(targets, batch: int, length: int, itemsize: int, *, method: str = "decompose") -> int:
-    """Bytes the call allocates on its most loaded device (see :func:`estimate_memory`)."""
-    dtype = {8: torch.float64, 4: torch.float32}[itemsize]
-    per_device = estimate_memory(targets, batch, length, dtype, method=method)
-    return max((entry.total for entry in per_device.values()), default=0)
-
-
 def ensure_decomposition_fits(targets, inputs, dtype: torch.dtype, *, method: str = "decompose") -> None:
     """Raise :class:`~implicit_attention.errors.MemoryBudgetError` before running if a device would not hold it.
 
-    ``inputs`` is the :class:`~.capture.ModelInputs` (or anything with ``.shape`` ``(B, L)`` and
+    ``inputs`` is the :class:`~.inputs.ModelInputs` (or anything with ``.shape`` ``(B, L)`` and
     ``.device``, the home device where maps are combined). Every device the selected layers
     compute on is checked against its own free memory (:func:`~.memory.budget_bytes`). Layers
     whose parameters were offloaded (``meta`` device) are refused first: their weights are needed.
@@ -211,5 +212,5 @@ def decompose(model: nn.Module, input_ids, attention_mask=None, *, variant: str 
     with torch.profiler.record_function(PHASE):
         built = build_layers(captured, layer_indices(model, captured), variant=variant, dtype=compute_dtype,
                              check=check, tolerance=tol, progress=progress)
-    return Decomposition(layers=built, input_ids=ids, attention_mask=mask,
+    return Decomposition(layers=built, input_values=ids, attention_mask=mask,
                          logits=getattr(outputs, "logits", None), variant=variant)

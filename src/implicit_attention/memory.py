@@ -290,7 +290,7 @@ def estimate(layers: Sequence[tuple[str, object, object, torch.device]], batch: 
 
     Args:
         layers: ``(name, module, architecture, device)`` of each selected layer, ``device`` the one
-            it computes on (:func:`~implicit_attention.capture.execution_device`).
+            it computes on (:func:`~implicit_attention.devices.execution_device`).
         batch, length: ``B`` and ``L`` of the input.
         dtype: the compute dtype; ``model_dtype`` the model's (default: the same).
         method: ``"decompose"`` or a matrix method of :func:`~implicit_attention.explain`.

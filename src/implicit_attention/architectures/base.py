@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 
+from ..catalog import AGGREGATES
 from ..errors import format_bytes
 from ..memory import channels_per_block, default_block_bytes, ensure_fits
 
@@ -31,7 +32,6 @@ Aggregate = Literal["mean", "abs", "pos"]
 FULL_CHECK_ENTRIES = 2 ** 26
 #: How many channels a sampled exactness check covers.
 SAMPLED_CHANNELS = 32
-AGGREGATES: tuple[str, ...] = ("mean", "abs", "pos")
 
 
 class LayerDecomposition(ABC):

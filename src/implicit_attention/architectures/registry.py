@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from .base import LayerDecomposition
 
 
@@ -149,6 +150,20 @@ def architectures() -> tuple[Architecture, ...]:
 def supported_model_classes() -> list[str]:
     """Names of the model classes whose token-mixing layers can be decomposed."""
     return [name for a in _REGISTRY for name in a.model_classes]
+
+
+def unsupported_model(what: str) -> UnsupportedModelError:
+    """The error for a model (named by ``what``) in which no registered layer class was found."""
+    return UnsupportedModelError(f"{what} contains no token-mixing layer implicit_attention can decompose. "
+                                 f"Supported model classes: {', '.join(supported_model_classes())}.")
+
+
+def model_layers(model: nn.Module) -> list[tuple[str, nn.Module, Architecture]]:
+    """:func:`find_layers`, raising :class:`~implicit_attention.errors.UnsupportedModelError` when there are none."""
+    found = find_layers(model)
+    if not found:
+        raise unsupported_model(type(model).__name__)
+    return found
 
 
 def find_layers(model: nn.Module) -> list[tuple[str, nn.Module, Architecture]]:

@@ -152,7 +152,8 @@ def resolve_device_map(value: str) -> str | dict[str, str | int]:
 
 def layer_devices(model, layers: Sequence[int] | None) -> list[str]:
     """The devices the selected token-mixing layers compute on, sorted (one entry on a single device)."""
-    from ..capture import execution_device, select_layers
+    from ..devices import execution_device
+    from ..hooks import select_layers
 
     return sorted({str(execution_device(module)) for _, module, _ in select_layers(model, layers)})
 

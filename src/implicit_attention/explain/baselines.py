@@ -6,7 +6,7 @@ replaced by a forward hook, and the relevance of each patch is placed at its tok
 tokens, which no pixel feeds, get 0). Every function returns relevance ``[B, L]``.
 
 ``input_ids`` may be token ids ``[B, L]`` or a prepared
-:class:`~implicit_attention.capture.ModelInputs` (needed for images).
+:class:`~implicit_attention.inputs.ModelInputs` (needed for images).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..capture import ModelInputs, prepare_model_inputs, run_model
+from ..inputs import ModelInputs, prepare_model_inputs, run_model
 from .target import Target
 
 

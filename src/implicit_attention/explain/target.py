@@ -40,7 +40,7 @@ def resolve_target(logits: torch.Tensor | None, target, position: int, length: i
     """Turn the user's ``target`` / ``position`` into a :class:`Target`, validating both.
 
     ``row`` is the map row a classifier (logits ``[B, K]``) is explained from, given by the
-    input (:meth:`~implicit_attention.capture.ModelInputs.classifier_row`, which may be passed
+    input (:meth:`~implicit_attention.inputs.ModelInputs.classifier_row`, which may be passed
     uncalled: it is only asked for classifiers); default the last token. ``position`` is
     ignored for classifiers.
     """

@@ -1,0 +1,28 @@
+"""What the library offers, by name, importable without torch.
+
+The command line builds its parser from these names, so that ``implicit-attention --help`` starts
+without importing torch or transformers. Each tuple is the one source of its names: the modules
+that implement them import them from here (:data:`VARIANTS` is the union of what the registered
+architectures offer; ``tests/test_catalog.py`` checks it against the registry).
+"""
+
+from __future__ import annotations
+
+#: Methods built on the implicit attention matrices (they honour ``variant``).
+MATRIX_METHODS: tuple[str, ...] = ("raw", "rollout", "attribution", "paper")
+#: Methods that only use the model's gradients or outputs.
+BASELINE_METHODS: tuple[str, ...] = ("random", "grad_x_input", "integrated_gradients", "occlusion")
+#: Every explanation method.
+METHODS: tuple[str, ...] = MATRIX_METHODS + BASELINE_METHODS
+
+#: Channel aggregations of the per-channel matrices: signed mean, mean of ``|A|``, mean of ``relu(A)``.
+AGGREGATES: tuple[str, ...] = ("mean", "abs", "pos")
+
+#: Every formulation a registered architecture offers; ``unified`` (the exact one) first.
+VARIANTS: tuple[str, ...] = ("unified", "recurrence", "rglru", "no_conv", "no_gate", "s6", "no_act", "ssd",
+                             "no_shift", "wkv", "mlstm")
+
+#: Compute dtypes by name.
+COMPUTE_DTYPES: tuple[str, ...] = ("float32", "float64")
+
+__all__ = ["AGGREGATES", "BASELINE_METHODS", "COMPUTE_DTYPES", "MATRIX_METHODS", "METHODS", "VARIANTS"]
