@@ -18,8 +18,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from implicit_attention import bundled, cli, render  # noqa: E402
-from implicit_attention.bundled import (BUNDLED_MODEL, ModelLoadError, bundled_model_path,  # noqa: E402
-                                        encode, load_model, predict_label, resolve_target, token_strings)
+from implicit_attention.bundled import BUNDLED_MODEL, bundled_model_path  # noqa: E402
+from implicit_attention.loading import ModelLoadError, load_model  # noqa: E402
+from implicit_attention.text import encode, predict_label, target_token_id, token_strings  # noqa: E402
 from implicit_attention.errors import EmptyInputError, UnsupportedModelError  # noqa: E402
 
 TASK = {"template": "{text} sentiment:", "add_bos_token": True,
@@ -160,12 +161,12 @@ def test_load_encode_predict(tiny_dir: Path) -> None:
     logits = loaded.model(input_ids=ids, attention_mask=mask).logits
     preds = predict_label(loaded, logits)
     assert all(p.label in loaded.label_ids and math.isclose(sum(p.probabilities.values()), 1.0) for p in preds)
-    assert resolve_target(loaded, "negative") == resolve_target(loaded, " negative") == loaded.label_ids["negative"]
-    assert resolve_target(loaded, "7") == 7
+    assert target_token_id(loaded, "negative") == target_token_id(loaded, " negative") == loaded.label_ids["negative"]
+    assert target_token_id(loaded, "7") == 7
     with pytest.raises(EmptyInputError):
         encode(loaded, ["fine", " \n\t "])
     with pytest.raises(ValueError):
-        resolve_target(loaded, "two words")
+        target_token_id(loaded, "two words")
 
 
 def test_load_errors(tmp_path: Path, tiny_dir: Path, unsupported_dir: Path) -> None:

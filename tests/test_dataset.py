@@ -6,6 +6,7 @@ timings steady on a busy two-core machine.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -259,8 +260,8 @@ def test_help_and_device_map(capsys, monkeypatch, files, tmp_path: Path) -> None
         assert option in stdout, option
     assert "explain-dataset" in run(capsys, "--help")[1]
 
-    real_spec = runner.importlib.util.find_spec
-    monkeypatch.setattr(runner.importlib.util, "find_spec",
+    real_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "accelerate" else real_spec(name, *a))
     code, _, err = run(capsys, "explain-dataset", files["txt"], "--out", tmp_path / "o", "--device-map", "auto")
     assert code == 2 and "needs the accelerate package" in err
@@ -268,7 +269,7 @@ def test_help_and_device_map(capsys, monkeypatch, files, tmp_path: Path) -> None
     # with accelerate "installed", load_model's from_pretrained receives device_map="auto"
     from transformers import AutoModelForCausalLM
     seen, real_load = [], AutoModelForCausalLM.from_pretrained
-    monkeypatch.setattr(runner.importlib.util, "find_spec",
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "accelerate" else real_spec(name, *a))
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
                         lambda *a, device_map=None, **k: seen.append(device_map) or real_load(*a, **k))

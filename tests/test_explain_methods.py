@@ -71,7 +71,7 @@ def test_raw_and_rollout_are_built_from_the_aggregated_maps():
     only_last = ia.explain(model, ids, mask, method="raw", layers=[-1], aggregate="pos")
     pos_last = ia.decompose(model, ids, mask, layers=[-1]).layers[0].aggregate("pos")
     assert_close(only_last, pos_last[:, -1, :] * mask, 1e-12, "raw, last layer, pos")
-    from implicit_attention.explain.rules import rollout
+    from implicit_attention.explanations.rules import rollout
     assert_close(ia.explain(model, ids, mask, method="rollout"), rollout(list(maps))[:, -1, :] * mask, 1e-12, "rollout")
 
 

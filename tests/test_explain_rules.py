@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from implicit_attention.architectures.base import LayerDecomposition
-from implicit_attention.explain.rules import attribution_rollout, minmax, normalize_rows, paper_rollout, rollout
+from implicit_attention.explanations.rules import attribution_rollout, minmax, normalize_rows, paper_rollout, rollout
 
 D = torch.float64
 

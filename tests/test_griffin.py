@@ -12,7 +12,7 @@ from implicit_attention.architectures.attention import attention_probabilities_n
 from implicit_attention.architectures.griffin import VARIANTS, griffin_block, griffin_factors, rglru_matrices
 from implicit_attention.architectures.griffin.naive import naive_griffin, naive_rglru_scan
 from implicit_attention.hooks import capture, select_layers
-from implicit_attention.explain import BASELINE_METHODS, MATRIX_METHODS
+from implicit_attention.explanations import BASELINE_METHODS, MATRIX_METHODS
 
 from conftest import assert_close, left_padded, fresh_aggregates, check_fast_aggregates, check_long_fast_mean
 

@@ -1,7 +1,7 @@
 """The memory estimate bounds what each path really allocates, and a budget below it refuses early.
 
 Peaks are measured with the PyTorch profiler's allocation events on the CPU, inside the profiler
-range the library puts around its own work (:data:`~implicit_attention.decompose.PHASE`:
+range the library puts around its own work (:data:`~implicit_attention.decomposition.PHASE`:
 building the layers, then combining their maps), and over the whole call. Small block sizes
 (:func:`~implicit_attention.memory.block_bytes`) make the chunked loops split, so the bound is
 tested where the chunking matters rather than swamped by a 64 MiB block.
@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 import implicit_attention as ia
 from implicit_attention import memory
 from implicit_attention.hooks import select_layers
-from implicit_attention.decompose import PHASE, ensure_decomposition_fits, estimate_memory
+from implicit_attention.decomposition import PHASE, ensure_decomposition_fits, estimate_memory
 from implicit_attention.models.gla import GLAConfig, GLAForCausalLM
 from implicit_attention.models.hgrn import HGRNConfig, HGRNForCausalLM
 from implicit_attention.models.rwkv6 import Rwkv6Config, Rwkv6ForCausalLM

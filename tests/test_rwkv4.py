@@ -7,7 +7,7 @@ import torch
 from transformers import RwkvConfig, RwkvForCausalLM, RwkvModel
 
 import implicit_attention as ia
-from implicit_attention.explain import BASELINE_METHODS, MATRIX_METHODS
+from implicit_attention.explanations import BASELINE_METHODS, MATRIX_METHODS
 from implicit_attention.architectures.base import LayerDecomposition
 from implicit_attention.architectures.rwkv4 import (VARIANTS, rwkv_block, rwkv_factors, wkv_log_normaliser,
                                                     wkv_matrices)

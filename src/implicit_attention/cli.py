@@ -22,23 +22,11 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .catalog import AGGREGATES, COMPUTE_DTYPES, METHODS, VARIANTS
 from .errors import ImplicitAttentionError, ReconstructionError
 
 PROG = "implicit-attention"
 
-
-def variant_choices() -> tuple[str, ...]:
-    """Every variant name a registered architecture offers (``unified`` first)."""
-    from .architectures import architectures
-    names = ["unified"]
-    for arch in architectures():
-        names += [v for v in arch.variants if v not in names]
-    return tuple(names)
-
-
-VARIANT_CHOICES = variant_choices()
-AGGREGATE_CHOICES = ("abs", "pos", "mean")
-DTYPE_CHOICES = ("float32", "float64")
 
 EXPLAIN_EPILOG = """\
 examples:
@@ -133,7 +121,7 @@ def _add_model_option(parser: argparse.ArgumentParser) -> None:
              "state-spaces/mamba-130m-hf (needs network access or the local HF cache); default: the bundled "
              "sentiment model rt-sentiment-mamba. A task.json in the directory (prompt template and label "
              "words) turns predictions into labels.")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+    parser.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
                         help="dtype the model is loaded and run in, and the decomposition computed in "
                              "(default: %(default)s; float64 gives much smaller reconstruction errors and "
                              "checks them against 1e-6 instead of 1e-4)")
@@ -142,9 +130,7 @@ def _add_model_option(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``implicit-attention`` command."""
-    from .explain import METHODS
-
+    """The argument parser of the ``implicit-attention`` command (built without importing torch)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Explain predictions of Mamba models with their exact implicit attention matrices.",
@@ -176,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
              "Chefer et al.), paper (the paper's ViM recipe). Baselines without matrices: random, grad_x_input, "
              "integrated_gradients, occlusion.")
     explain.add_argument(
-        "--variant", choices=VARIANT_CHOICES, default="unified",
+        "--variant", choices=VARIANTS, default="unified",
         help="implicit attention formulation (default: %(default)s, the exact one). For Mamba, s6 is the earlier "
              "S6-only hidden attention; no_conv, no_gate and no_act leave out the convolution, the gate or the "
              "activation (ablations; their reconstruction error shows what they miss). Other architectures offer "
@@ -187,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="token-mixing layers to use, as comma-separated indices; negatives count from the end "
              "(e.g. 0,1,-1 or --layers=-1). Default: all layers.")
     explain.add_argument(
-        "--aggregate", choices=AGGREGATE_CHOICES, default="abs",
+        "--aggregate", choices=AGGREGATES, default="abs",
         help="how the per-channel matrices are averaged for the raw and rollout methods: abs = mean of |A|, "
              "pos = mean of max(A, 0), mean = signed mean (default: %(default)s)")
     explain.add_argument(
@@ -263,11 +249,11 @@ def _add_dataset_parser(sub, methods: Sequence[str]) -> None:
                          "decomposed on its GPU and the maps are combined on the inputs' GPU. For one process only")
     ds.add_argument("--method", choices=methods, default="attribution",
                     help="how relevance is computed, as for explain (default: %(default)s)")
-    ds.add_argument("--variant", choices=VARIANT_CHOICES, default="unified",
+    ds.add_argument("--variant", choices=VARIANTS, default="unified",
                     help="implicit attention formulation, as for explain (default: %(default)s)")
     ds.add_argument("--layers", type=parse_layers, default=None, metavar="I,J,...",
                     help="token-mixing layers to use, e.g. 0,1,-1 or --layers=-1 (default: all)")
-    ds.add_argument("--aggregate", choices=AGGREGATE_CHOICES, default="abs",
+    ds.add_argument("--aggregate", choices=AGGREGATES, default="abs",
                     help="channel aggregation of raw and rollout (default: %(default)s)")
     ds.add_argument("--target", default=None,
                     help="explain this label / token for every text (default: each text's prediction)")
@@ -289,9 +275,16 @@ def _add_dataset_parser(sub, methods: Sequence[str]) -> None:
 
 
 def version_string() -> str:
-    import torch
-    import transformers
-    return f"{PROG} {__version__} (torch {torch.__version__}, transformers {transformers.__version__})"
+    """``implicit-attention X (torch Y, transformers Z)``, read from the installed packages' metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"{PROG} {__version__} (torch {installed('torch')}, transformers {installed('transformers')})"
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -346,15 +339,6 @@ def _use_color(flag: bool | None) -> bool:
     return sys.stdout.isatty()
 
 
-def _target_info(loaded, token_id: int, position: int, padding: int) -> dict:
-    """The explained score of one example; ``position`` indexes its real tokens (padding removed)."""
-    from .bundled import _decode
-    label = next((name for name, tid in loaded.label_ids.items() if tid == token_id), None)
-    inside = position - padding
-    return {"id": int(token_id), "token": _decode(loaded, int(token_id)), "label": label,
-            "position": inside if inside >= 0 else None, "batch_position": int(position)}
-
-
 def _prediction_line(pred) -> str:
     if pred.is_label:
         others = ", ".join(f"{k} {v:.4f}" for k, v in pred.probabilities.items())
@@ -364,11 +348,10 @@ def _prediction_line(pred) -> str:
 
 # -------------------------------------------------------------------------------------- explain
 def cmd_explain(args: argparse.Namespace) -> int:
-    import torch
-
-    from .bundled import encode, load_model, predict, resolve_target, token_strings
-    from .decompose import decompose
-    from .explain import run_explanation
+    from .decomposition import decompose
+    from .explanations.texts import explain_texts
+    from .loading import load_model
+    from .render import color_tokens
 
     _check_device(args.device)
     if args.force and args.out is None:
@@ -382,55 +365,29 @@ def cmd_explain(args: argparse.Namespace) -> int:
                              "to replace the report files in it (other files are kept)")
 
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    ids, mask = encode(loaded, args.texts)
-    length = ids.shape[1]
-    if not -length <= args.position < length:
-        raise ValueError(f"--position {args.position} out of range for {length} tokens")
-    at_end = args.position % length == length - 1
-
-    target = resolve_target(loaded, args.target)
-    if target is None and loaded.label_ids and at_end:
-        with torch.no_grad():
-            first = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        target = [p.token_id for p in predict(loaded, first, args.position)]
-
-    explanation = run_explanation(
-        loaded.model, ids, mask, method=args.method, variant=args.variant, layers=args.layers,
-        target=target, position=args.position, aggregate=args.aggregate, check=args.check)
-    decomposition = explanation.decomposition
+    result = explain_texts(loaded, args.texts, method=args.method, variant=args.variant, layers=args.layers,
+                           target=args.target, position=args.position, aggregate=args.aggregate, check=args.check)
+    decomposition = result.explanation.decomposition
     if decomposition is None and args.out is not None:
-        decomposition = decompose(loaded.model, ids, mask, variant=args.variant, layers=args.layers,
-                                  check=args.check)
-
-    if loaded.label_ids and at_end:
-        predictions = predict(loaded, explanation.logits, args.position)
-    else:
-        from .bundled import predict_next_token
-        predictions = predict_next_token(loaded, explanation.logits, args.position)
+        decomposition = decompose(loaded.model, result.input_ids, result.attention_mask, variant=args.variant,
+                                  layers=args.layers, check=args.check)
 
     color = _use_color(args.color)
-    from .render import color_tokens
     print(f"model: {loaded.name} ({type(loaded.model).__name__}, {args.dtype})")
     print(f"method: {args.method}   variant: {args.variant}"
           + (f"   layers: {','.join(map(str, args.layers))}" if args.layers else ""))
-    per_example = []
-    for b, text in enumerate(args.texts):
-        row_mask = mask[b].bool()
-        tokens = token_strings(loaded, ids[b], mask[b])
-        relevance = explanation.relevance[b][row_mask].detach().cpu().double()
-        padding = int((~row_mask).sum())
-        tgt = _target_info(loaded, int(explanation.target.ids[b]), explanation.target.position, padding)
+    for example in result:
+        tgt = example.target
         print()
-        print(f"[{b + 1}] {text!r}" if len(args.texts) > 1 else f"text: {text!r}")
-        print(f"  {_prediction_line(predictions[b])}")
-        explained = tgt["label"] or repr(tgt["token"])
-        where = (f"after token {tgt['position']} ({tokens[tgt['position']]!r})" if tgt["position"] is not None
-                 else f"at padded position {tgt['batch_position']} (inside the left padding of this text)")
-        print(f"  explaining: the logit of {explained} (token id {tgt['id']}) {where}")
-        scale = float(relevance.abs().max()) if relevance.numel() else 0.0
+        print(f"[{example.row + 1}] {example.text!r}" if len(result) > 1 else f"text: {example.text!r}")
+        print(f"  {_prediction_line(example.prediction)}")
+        explained = tgt.label or repr(tgt.token)
+        where = (f"after token {tgt.position} ({example.tokens[tgt.position]!r})" if tgt.position is not None
+                 else f"at padded position {tgt.batch_position} (inside the left padding of this text)")
+        print(f"  explaining: the logit of {explained} (token id {tgt.id}) {where}")
+        scale = float(example.relevance.abs().max()) if example.relevance.numel() else 0.0
         print(f"  relevance (red +, blue -; max |r| = {scale:.3g}):")
-        print("  " + color_tokens(tokens, relevance, color=color))
-        per_example.append((text, tokens, relevance, predictions[b], tgt, b, row_mask))
+        print("  " + color_tokens(example.tokens, example.relevance, color=color))
 
     print()
     if decomposition is not None:
@@ -442,28 +399,34 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"max reconstruction error: n/a (the {args.method} baseline does not decompose the layers)")
 
     if args.out is not None:
-        from .render import ReportExample, ReportLayer, write_report
-        names = {name: arch.name for name, _, arch in _layers_of(loaded.model)}
-        layers = [ReportLayer(index=l.index, name=l.name, error=float(l.error), architecture=names.get(l.name, ""),
-                              exact=bool(l.exact)) for l in decomposition.layers]
-        examples = []
-        for text, tokens, relevance, pred, tgt, b, row_mask in per_example:
-            keep = row_mask.nonzero().reshape(-1)
-            matrices = {}
-            for layer in decomposition.layers:
-                matrices[layer.index] = {
-                    how: layer.aggregate(how)[b].index_select(0, keep).index_select(1, keep).detach().cpu().double()
-                    for how in ("mean", "abs")}
-            examples.append(ReportExample(text=text, tokens=tokens, relevance=relevance, prediction=pred.to_dict(),
-                                          target=tgt, token_ids=ids[b][row_mask].tolist(), matrices=matrices))
-        settings = {"layers": ",".join(map(str, args.layers)) if args.layers else "all",
-                    "aggregate": args.aggregate if args.method in ("raw", "rollout") else None,
-                    "position": args.position, "target": args.target, "dtype": args.dtype,
-                    "check": args.check, "device": str(loaded.device)}
-        report = write_report(args.out, examples=examples, layers=layers, method=args.method, variant=args.variant,
-                              model=loaded.name, settings=settings, overwrite=args.force)
+        report = _write_report(args, loaded, result, decomposition)
         print(f"report: {report}")
     return 0
+
+
+def _write_report(args: argparse.Namespace, loaded, result, decomposition) -> str:
+    """``report.html`` and ``explanation.json`` of an ``explain`` run, with each layer's aggregated maps."""
+    from .render import ReportExample, ReportLayer, write_report
+
+    names = {name: arch.name for name, _, arch in _layers_of(loaded.model)}
+    layers = [ReportLayer(index=layer.index, name=layer.name, error=float(layer.error),
+                          architecture=names.get(layer.name, ""), exact=bool(layer.exact))
+              for layer in decomposition.layers]
+    examples = []
+    for example in result:
+        keep = result.attention_mask[example.row].bool().nonzero().reshape(-1)
+        matrices = {layer.index: {how: layer.aggregate(how)[example.row].index_select(0, keep).index_select(1, keep)
+                                  .detach().cpu().double() for how in ("mean", "abs")}
+                    for layer in decomposition.layers}
+        examples.append(ReportExample(text=example.text, tokens=example.tokens, relevance=example.relevance,
+                                      prediction=example.prediction.to_dict(), target=example.target.to_dict(),
+                                      token_ids=example.token_ids, matrices=matrices))
+    settings = {"layers": ",".join(map(str, args.layers)) if args.layers else "all",
+                "aggregate": args.aggregate if args.method in ("raw", "rollout") else None,
+                "position": args.position, "target": args.target, "dtype": args.dtype,
+                "check": args.check, "device": str(loaded.device)}
+    return write_report(args.out, examples=examples, layers=layers, method=args.method, variant=args.variant,
+                        model=loaded.name, settings=settings, overwrite=args.force)
 
 
 def _layers_of(model):
@@ -473,8 +436,9 @@ def _layers_of(model):
 
 # ----------------------------------------------------------------------------------------- info
 def cmd_info(args: argparse.Namespace) -> int:
-    from .bundled import load_model
-    from .explain import BASELINE_METHODS, MATRIX_METHODS
+    from .architectures import skipped_architectures
+    from .catalog import BASELINE_METHODS, MATRIX_METHODS
+    from .loading import load_model
 
     _check_device(args.device)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -508,6 +472,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         variants = ", ".join(f"{v} (default, exact)" if i == 0 else v for i, v in enumerate(arch.variants))
         print(f"variants ({arch.name}): {variants}")
     print(f"methods: {', '.join(MATRIX_METHODS)} (implicit attention); {', '.join(BASELINE_METHODS)} (baselines)")
+    for package, reason in skipped_architectures().items():
+        print(f"not available: the {package} architectures ({reason})")
     return 0
 
 

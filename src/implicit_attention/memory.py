@@ -31,7 +31,7 @@ channels, ``s`` the bytes of the compute dtype; a *vector* is ``B * L * C * s`` 
    were sized for, since a step holds a few temporaries beside its block. The estimate does not
    depend on the channel aggregation: the exactness check builds channel blocks in any case.
 4. **combining**, on the home device (the inputs' device) only: the maps being combined (one at a
-   time, see :func:`~implicit_attention.explain.layer_maps`) and the rule's accumulators.
+   time, see :func:`~implicit_attention.explanations.layer_maps`) and the rule's accumulators.
 
 Not counted: the model's parameters and the activations of its own forward pass (and, for the
 gradient methods ``attribution`` and ``paper``, its backward pass), which running the model at

@@ -154,7 +154,7 @@ def supported_model_classes() -> list[str]:
 
 def unsupported_model(what: str) -> UnsupportedModelError:
     """The error for a model (named by ``what``) in which no registered layer class was found."""
-    return UnsupportedModelError(f"{what} contains no token-mixing layer implicit_attention can decompose. "
+    return UnsupportedModelError(f"{what} has no token-mixing layer implicit_attention can decompose. "
                                  f"Supported model classes: {', '.join(supported_model_classes())}.")
 
 

@@ -55,7 +55,7 @@ Large models
     there, and its reconstruction error is measured against the output captured there); gradients
     reach every layer through ``accelerate``'s device moves. The matrix methods then move each
     layer's map to the inputs' device one layer at a time and combine it there (rollout,
-    attribution, ...: see :func:`~implicit_attention.explain.combine`), so no device holds the maps
+    attribution, ...: see :func:`~implicit_attention.explanations.combine`), so no device holds the maps
     of all layers. The memory estimate checks each device against its own free memory. Layers
     offloaded to the CPU or disk (parameters on the ``meta`` device) cannot be decomposed and are
     refused with a clear error. ``summary.json`` lists the devices of the selected layers

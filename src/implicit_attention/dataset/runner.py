@@ -6,9 +6,7 @@ torch and transformers are imported inside the functions that need them.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
-import math
 import os
 import sys
 import time
@@ -98,29 +96,11 @@ class DatasetOptions:
 
 # ----------------------------------------------------------------------------------- explaining
 def load_for_run(options: DatasetOptions, device: str | None):
-    """Load the model on ``device``, or with ``device_map`` through ``accelerate``."""
-    from ..bundled import load_model
+    """Load the model on ``device``, or with ``device_map`` spread over the GPUs through ``accelerate``."""
+    from ..loading import load_model
 
-    if options.device_map is None:
-        return load_model(options.model, dtype=options.dtype, device=device)
-    device_map = resolve_device_map(options.device_map)
-    if importlib.util.find_spec("accelerate") is None:
-        raise DatasetError(f"--device-map {options.device_map} needs the accelerate package, which is not "
-                           "installed: pip install accelerate")
-    from unittest import mock
-
-    from transformers import AutoModelForCausalLM
-
-    original = AutoModelForCausalLM.from_pretrained
-
-    def with_device_map(*args, **kwargs):
-        kwargs.setdefault("device_map", device_map)
-        return original(*args, **kwargs)
-
-    # load_model has no device_map argument: give it one for this call (its checks and task stay)
-    with mock.patch.object(AutoModelForCausalLM, "from_pretrained", with_device_map):
-        loaded = load_model(options.model, dtype=options.dtype, device=None)
-    return loaded
+    device_map = None if options.device_map is None else resolve_device_map(options.device_map)
+    return load_model(options.model, dtype=options.dtype, device=device, device_map=device_map)
 
 
 #: ``device_map`` strategies ``accelerate`` understands by name.
@@ -158,46 +138,28 @@ def layer_devices(model, layers: Sequence[int] | None) -> list[str]:
     return sorted({str(execution_device(module)) for _, module, _ in select_layers(model, layers)})
 
 
-def _finite(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
-
-
 def explain_batch(loaded, batch: Sequence[InputRecord], options: DatasetOptions, target_id: int | None,
                   gold: dict[int, str]) -> list[dict]:
-    """Explain one batch of non-empty inputs; returns their result objects (see :mod:`implicit_attention.dataset`)."""
-    import torch
+    """Explain one batch of non-empty inputs; returns their result objects (see the package doc)."""
+    from ..explanations.texts import explain_texts
+    from ..text import finite
 
-    from ..bundled import _decode, encode, predict, token_strings
-    from ..explain import run_explanation
-
-    ids, mask = encode(loaded, [record.text for record in batch])
-    target: Any = target_id
-    if target is None and loaded.label_ids:
-        with torch.no_grad():
-            first = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        target = [p.token_id for p in predict(loaded, first, -1)]
-    explanation = run_explanation(loaded.model, ids, mask, method=options.method, variant=options.variant,
-                                  layers=options.layers, target=target, position=-1,
-                                  aggregate=options.aggregate, check=options.check)
-    predictions = predict(loaded, explanation.logits, -1)
-    decomposition = explanation.decomposition
-    error = max(decomposition.errors) if decomposition is not None and decomposition.errors else None
+    result = explain_texts(loaded, [record.text for record in batch], method=options.method,
+                           variant=options.variant, layers=options.layers, target=target_id, position=-1,
+                           aggregate=options.aggregate, check=options.check)
+    error = result.max_error
     rows = []
-    for b, record in enumerate(batch):
-        keep = mask[b].bool()
-        relevance = explanation.relevance[b].detach().cpu()[keep.cpu()].double().tolist()
-        pred, tid = predictions[b], int(explanation.target.ids[b])
-        label = gold.get(record.index)
+    for record, example in zip(batch, result):
+        pred, label = example.prediction, gold.get(record.index)
         guess = pred.label if pred.is_label else pred.label.strip()
         rows.append({
-            "index": record.index, "text": record.text, "tokens": token_strings(loaded, ids[b], mask[b]),
-            "relevance": [_finite(r) for r in relevance], "prediction": pred.label,
-            "probability": _finite(pred.probability),
-            "probabilities": {k: _finite(v) for k, v in pred.probabilities.items()},
+            "index": record.index, "text": record.text, "tokens": example.tokens,
+            "relevance": [finite(r) for r in example.relevance.tolist()], "prediction": pred.label,
+            "probability": finite(pred.probability),
+            "probabilities": {k: finite(v) for k, v in pred.probabilities.items()},
             "gold": label, "gold_raw": record.gold, "correct": None if label is None else guess == label.strip(),
-            "target": {"id": tid, "token": _decode(loaded, tid),
-                       "label": next((n for n, t in loaded.label_ids.items() if t == tid), None)},
-            "batch_max_error": None if error is None else _finite(float(error)),
+            "target": {"id": example.target.id, "token": example.target.token, "label": example.target.label},
+            "batch_max_error": None if error is None else finite(float(error)),
         })
     return rows
 
@@ -305,8 +267,8 @@ def _run(options: DatasetOptions, dist: Distributed, stack: contextlib.ExitStack
     check_run(options.out, settings, options.force)
     loaded = load_for_run(options, _rank_device(options, dist))
     gold = map_gold(records, gold_aliases(loaded, options.label_map), loaded.labels)
-    from ..bundled import resolve_target
-    target_id = resolve_target(loaded, options.target)
+    from ..text import target_token_id
+    target_id = target_token_id(loaded, options.target)
 
     dist.barrier()  # every rank has checked run.json before rank 0 touches the directory
     if dist.rank == 0:

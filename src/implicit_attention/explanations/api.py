@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..catalog import AGGREGATES, BASELINE_METHODS, METHODS
-from ..decompose import (DEFAULT_TOLERANCE, PHASE, Decomposition, build_layers, check_variant, compute_dtype_for,
+from ..decomposition import (DEFAULT_TOLERANCE, PHASE, Decomposition, build_layers, check_variant, compute_dtype_for,
                          ensure_decomposition_fits)
 from ..devices import model_dtype
 from ..hooks import capture, layer_indices, select_layers

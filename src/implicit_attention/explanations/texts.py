@@ -1,0 +1,157 @@
+"""Explaining raw strings with a loaded model: the task's template, tokens, padding, target and prediction.
+
+:func:`explain_texts` is what the ``explain`` and ``explain-dataset`` commands run, and what a
+Python user calls on strings::
+
+    from implicit_attention import explain_texts, load_model
+    loaded = load_model()                                   # the bundled sentiment model
+    result = explain_texts(loaded, ["an utterly charming film", "a dull mess"])
+    for example in result:
+        print(example.prediction.label, list(zip(example.tokens, example.relevance.tolist())))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..loading import LoadedModel
+from ..text import Prediction, decode_token, encode, predict, predict_next_token, target_token_id, token_strings
+from .api import Explanation, run_explanation
+
+
+@dataclass
+class ExplainedTarget:
+    """The explained score of one text: the logit of token ``id`` at one output position.
+
+    Attributes:
+        id: the token id whose logit is explained.
+        token: its display string.
+        label: the task label it is the label word of, or ``None``.
+        position: the explained position among the text's own tokens (``None`` when it falls inside
+            the text's left padding).
+        batch_position: the explained position in the padded batch.
+    """
+
+    id: int
+    token: str
+    label: str | None
+    position: int | None
+    batch_position: int
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "token": self.token, "label": self.label, "position": self.position,
+                "batch_position": self.batch_position}
+
+
+@dataclass
+class TextExplanation:
+    """One text's explanation.
+
+    Attributes:
+        text: the text as given.
+        tokens: display strings of the prompt's tokens (the task template filled in, padding removed).
+        token_ids: their ids.
+        relevance: ``[T]`` float64 on the CPU, one value per token of :attr:`tokens`.
+        prediction: what the model predicts at the explained position.
+        target: the explained score.
+        row: the text's row in the batch.
+    """
+
+    text: str
+    tokens: list[str]
+    token_ids: list[int]
+    relevance: torch.Tensor
+    prediction: Prediction
+    target: ExplainedTarget
+    row: int
+
+
+@dataclass
+class TextExplanations:
+    """The explanations of a batch of texts (iterate over it for one :class:`TextExplanation` per text).
+
+    Attributes:
+        examples: one per text, in input order.
+        explanation: the batch's :class:`~.api.Explanation` (relevance ``[B, L]``, target, logits and,
+            for the matrix methods, the decomposition).
+        input_ids: ``[B, L]`` the left-padded prompts; attention_mask: ``[B, L]``.
+    """
+
+    examples: list[TextExplanation]
+    explanation: Explanation
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def __iter__(self) -> Iterator[TextExplanation]:
+        return iter(self.examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> TextExplanation:
+        return self.examples[index]
+
+    @property
+    def max_error(self) -> float | None:
+        """The largest reconstruction error of the decomposed layers (``None`` for the baselines)."""
+        decomposition = self.explanation.decomposition
+        return max(decomposition.errors) if decomposition is not None and decomposition.errors else None
+
+
+def explain_texts(loaded: LoadedModel, texts: str | Sequence[str], *, method: str = "attribution",
+                  variant: str = "unified", layers: int | Sequence[int] | None = None,
+                  target: str | int | None = None, position: int = -1, aggregate: str = "abs",
+                  check: bool = True, **options) -> TextExplanations:
+    """Explain the prediction of ``loaded`` for each text, from raw strings.
+
+    Each text goes into the task's prompt template (if the model has a ``task.json``), is tokenised
+    and left-padded into one batch. The explained score is the logit of ``target`` at ``position``:
+    by default, at the end of the prompt, the predicted label (task models) or the predicted next
+    token.
+
+    Args:
+        loaded: a model from :func:`~implicit_attention.loading.load_model`.
+        texts: one text or a list of texts (each non-empty).
+        method, variant, layers, aggregate, check, **options: as for :func:`~.api.explain`.
+        target: a task label (``"positive"``), a label word, a token id, or a string that is one
+            token (``" Paris"``); default the prediction.
+        position: the explained output position in the padded batch; negatives count from the end.
+
+    Returns:
+        :class:`TextExplanations`: per text the tokens, relevance, prediction and explained target.
+    """
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    ids, mask = encode(loaded, texts)
+    length = ids.shape[1]
+    if not -length <= position < length:
+        raise ValueError(f"position {position} out of range for {length} tokens")
+    at_end = position % length == length - 1
+    task_prediction = bool(loaded.label_ids) and at_end
+    target_id = target_token_id(loaded, target)
+    if target_id is None and task_prediction:
+        # explain the predicted label (the argmax over the label words), not the likeliest token
+        with torch.no_grad():
+            first = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        target_id = [p.token_id for p in predict(loaded, first, position)]
+    explanation = run_explanation(loaded.model, ids, mask, method=method, variant=variant, layers=layers,
+                                  target=target_id, position=position, aggregate=aggregate, check=check, **options)
+    predictions = (predict(loaded, explanation.logits, position) if task_prediction
+                   else predict_next_token(loaded, explanation.logits, position))
+    examples = []
+    for b, text in enumerate(texts):
+        real = mask[b].bool()
+        padding = int((~real).sum())
+        token_id = int(explanation.target.ids[b])
+        inside = explanation.target.position - padding
+        explained = ExplainedTarget(
+            id=token_id, token=decode_token(loaded, token_id),
+            label=next((name for name, tid in loaded.label_ids.items() if tid == token_id), None),
+            position=inside if inside >= 0 else None, batch_position=int(explanation.target.position))
+        examples.append(TextExplanation(
+            text=text, tokens=token_strings(loaded, ids[b], mask[b]), token_ids=ids[b][real].tolist(),
+            relevance=explanation.relevance[b][real].detach().cpu().double(), prediction=predictions[b],
+            target=explained, row=b))
+    return TextExplanations(examples=examples, explanation=explanation, input_ids=ids, attention_mask=mask)

@@ -1,0 +1,239 @@
+"""Loading a model to explain: the bundled sentiment model, a local directory or a Hub id.
+
+Any model directory may carry a ``task.json``; the keys read here are
+
+- ``template`` (required): the prompt, with one ``{text}`` placeholder;
+- ``label_words`` (required): ``{label name: label word}``, each label word a single token;
+- ``label_token_ids`` (optional): ``{label name: token id}``, checked against the tokenizer;
+- ``add_bos_token`` (optional, default true): start the prompt with the tokenizer's BOS token.
+
+Other keys (accuracy, data set, training details) are kept in :attr:`LoadedModel.task` as-is.
+
+Example::
+
+    from implicit_attention.loading import load_model
+    from implicit_attention.text import encode, predict
+    loaded = load_model()                      # the bundled model
+    ids, mask = encode(loaded, ["an utterly charming film"])
+    logits = loaded.model(input_ids=ids, attention_mask=mask).logits
+    print(predict(loaded, logits)[0])          # Prediction(label='positive', probability=0.9..., ...)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import find_layers
+from .architectures.registry import unsupported_model
+from .bundled import BUNDLED_MODEL, bundled_model_path
+from .errors import ImplicitAttentionError
+
+#: dtype names accepted by :func:`load_model` (and the CLI's ``--dtype``).
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
+}
+
+__all__ = ["DTYPES", "LoadedModel", "ModelLoadError", "TaskError", "load_model"]
+
+
+class ModelLoadError(ImplicitAttentionError, OSError):
+    """A model or tokenizer could not be loaded from the given directory or Hub id."""
+
+
+class TaskError(ImplicitAttentionError, ValueError):
+    """A ``task.json`` is malformed or does not fit the tokenizer (e.g. a label word of several tokens)."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to explain.
+
+    Attributes:
+        model: the model, in eval mode, on the requested device and dtype.
+        tokenizer: its tokenizer.
+        task: the parsed ``task.json`` of the model directory, or ``None``.
+        name: what was loaded, for display (``"rt-sentiment-mamba (bundled)"``, a path or a Hub id).
+        source: the directory or Hub id passed to ``from_pretrained``.
+        label_ids: ``{label name: token id}`` of the task's label words (empty without a task).
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    task: dict | None = None
+    name: str = ""
+    source: str = ""
+    label_ids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> list[str]:
+        """The task's label names, in ``task.json`` order (empty without a task)."""
+        return list(self.label_ids)
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id used for left padding: the tokenizer's pad token, else EOS, else 0."""
+        for attr in ("pad_token_id", "eos_token_id"):
+            value = getattr(self.tokenizer, attr, None)
+            if isinstance(value, int):
+                return value
+        return 0
+
+    @property
+    def device(self) -> torch.device:
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+
+def _parse_dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A Hub id is ``name`` or ``owner/name``; anything else with slashes is meant as a path."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, *, dtype=None, device=None,
+               device_map: str | dict | None = None) -> LoadedModel:
+    """Load a supported causal LM and its tokenizer (and ``task.json`` if the directory has one).
+
+    Args:
+        name_or_path: a local model directory, a Hugging Face Hub id (``"state-spaces/mamba-130m-hf"``;
+            needs network access or a copy in the local Hugging Face cache), or ``None`` /
+            ``"rt-sentiment-mamba"`` for the bundled model.
+        dtype: ``torch.float32`` (default), ``torch.float64`` (much smaller reconstruction errors), ... or their
+            names (``"float64"``).
+        device: where to put the model (``"cpu"``, ``"cuda"``, ...); default CPU.
+        device_map: instead of ``device``, spread the model over the visible GPUs with ``accelerate``
+            (``"auto"``, ``"balanced"``, ``"sequential"``, or a dict mapping module names to devices), as
+            ``from_pretrained(device_map=...)`` does.
+
+    Raises:
+        ModelLoadError: the directory / id could not be loaded (the message says what was tried).
+        UnsupportedModelError: the model has no layer this library can decompose.
+        TaskError: the directory's ``task.json`` is malformed or does not fit the tokenizer.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import models  # noqa: F401  registers our RetNet/HGRN/GLA/RWKV-6/RWKV-7 with the Auto classes
+
+    torch_dtype = _parse_dtype(dtype)
+    if device_map is not None:
+        if device is not None:
+            raise ValueError("device and device_map exclude each other")
+        if importlib.util.find_spec("accelerate") is None:
+            raise ModelLoadError(f"device_map={device_map!r} needs the accelerate package, which is not installed: "
+                                 "pip install accelerate")
+    if name_or_path is None or str(name_or_path) == BUNDLED_MODEL:
+        path = bundled_model_path()
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"the bundled model {BUNDLED_MODEL!r} is missing: expected its files in {path}. "
+                "Reinstall implicit-attention, or pass a model directory or Hub id (--model).")
+        source, name, local = str(path), f"{BUNDLED_MODEL} (bundled)", True
+    else:
+        raw = os.fspath(name_or_path)
+        expanded = os.path.expanduser(raw)
+        if os.path.isdir(expanded):
+            source, name, local = expanded, raw, True
+            if not os.path.isfile(os.path.join(expanded, "config.json")):
+                raise ModelLoadError(f"could not load model from directory {raw!r}: it has no config.json "
+                                     "(a directory written by save_pretrained() is expected)")
+        elif os.path.exists(expanded):
+            raise ModelLoadError(f"could not load model {raw!r}: it is a file, not a model directory")
+        elif _looks_like_path(raw):
+            raise ModelLoadError(f"could not load model {raw!r}: no such directory (a Hub id looks like "
+                                 "'owner/name')")
+        else:
+            source, name, local = raw, raw, False
+
+    where = f"directory {source!r}" if local else f"Hugging Face Hub id {source!r}"
+    kwargs: dict[str, Any] = {"local_files_only": True} if local else {}
+    try:
+        placement = {} if device_map is None else {"device_map": device_map}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **placement, **kwargs)
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc) or "does not recognize this architecture" in str(exc):
+            raise unsupported_model(f"the model in {where} (not a causal LM transformers can load)") from exc
+        raise ModelLoadError(f"could not load the model from {where}: {_describe(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - OSError, SafetensorError, ...: all mean "cannot load this"
+        hint = "" if local else (" (no such local directory either; loading a Hub id needs network access "
+                                 "or a copy in the local Hugging Face cache)")
+        raise ModelLoadError(f"could not load the model from {where}{hint}: {_describe(exc)}") from exc
+    if not find_layers(model):
+        raise unsupported_model(f"{type(model).__name__} (from {where})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"could not load the tokenizer from {where}: {_describe(exc)}") from exc
+    if not tokenizer("a b", add_special_tokens=False)["input_ids"]:
+        # transformers builds an empty tokenizer from the config when the files are missing
+        raise ModelLoadError(f"the tokenizer loaded from {where} is empty: the tokenizer files (tokenizer.json, "
+                             "tokenizer_config.json, or a vocabulary) are missing")
+    model.eval()
+    if device is not None:
+        model.to(device)
+
+    task = _read_task(Path(source)) if local else None
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, task=task, name=name, source=source)
+    if task is not None:
+        loaded.label_ids = _label_ids(tokenizer, task, where)
+    return loaded
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if isinstance(exc, (OSError, ValueError)) and first:
+        return first
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _read_task(directory: Path) -> dict | None:
+    path = directory / "task.json"
+    if not path.is_file():
+        return None
+    try:
+        task = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TaskError(f"could not read {path}: {exc}") from exc
+    if not isinstance(task, dict):
+        raise TaskError(f"{path} must hold a JSON object")
+    template = task.get("template")
+    if not isinstance(template, str) or template.count("{text}") != 1:
+        raise TaskError(f"{path}: 'template' must be a string with exactly one {{text}} placeholder, got {template!r}")
+    words = task.get("label_words")
+    if not isinstance(words, dict) or not words or not all(isinstance(w, str) and w for w in words.values()):
+        raise TaskError(f"{path}: 'label_words' must map each label name to a non-empty label word")
+    return task
+
+
+def _label_ids(tokenizer, task: dict, where: str) -> dict[str, int]:
+    ids = {}
+    given = task.get("label_token_ids") or {}
+    for label, word in task["label_words"].items():
+        pieces = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(pieces) != 1:
+            raise TaskError(f"task.json of {where}: label word {word!r} of label {label!r} is {len(pieces)} tokens "
+                            f"({pieces}), it must be exactly one")
+        if label in given and int(given[label]) != pieces[0]:
+            raise TaskError(f"task.json of {where}: label_token_ids[{label!r}] = {given[label]} but the tokenizer "
+                            f"encodes {word!r} as {pieces[0]}")
+        ids[str(label)] = int(pieces[0])
+    if len(set(ids.values())) != len(ids):
+        raise TaskError(f"task.json of {where}: two labels share a token: {ids}")
+    return ids
