@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test lint install bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/implicit-attention explain "an utterly charming film" --out out/demo --force
 
+# lint first (unused imports and variables, undefined names, import order), then the suite
 test: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks scripts
 	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks scripts
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_mamba.py

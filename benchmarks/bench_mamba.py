@@ -39,8 +39,7 @@ from dataclasses import replace
 import torch
 
 import implicit_attention as ia
-from implicit_attention.architectures.mamba import MambaLayerDecomposition, mamba_factors
-from implicit_attention.architectures.mamba import operator
+from implicit_attention.architectures.mamba import MambaLayerDecomposition, mamba_factors, operator
 from implicit_attention.architectures.mamba import triton as triton_mean
 from implicit_attention.architectures.mamba.fast import exact_channel_mean, signed_mean
 from implicit_attention.architectures.mamba.naive import naive_mamba

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (FalconMambaConfig, FalconMambaForCausalLM, MambaConfig, MambaForCausalLM,
-                          MambaModel)
+from transformers import FalconMambaConfig, FalconMambaForCausalLM, MambaConfig, MambaForCausalLM, MambaModel
 
 MAMBA_CLASSES = {
     "MambaForCausalLM": (MambaConfig, MambaForCausalLM),
@@ -61,7 +60,6 @@ def model_f32():
 
 def fresh_aggregates(layer, how, rows=None):
     """(generic per-channel-block result, fast result) of ``aggregate`` or ``aggregate_rows``, uncached."""
-    from implicit_attention.architectures.base import LayerDecomposition
 
     layer._aggregates.clear()
     generic = layer.aggregate_by_blocks(how) if rows is None \
@@ -88,7 +86,6 @@ def check_fast_aggregates(layer, blocks, rows, label: str, tolerance: float = 1e
 
 def check_long_fast_mean(f64, f32, label: str = "L=1024") -> None:
     """float32 and float64 fast means of one long layer against the float64 generic blocks."""
-    from implicit_attention.architectures.base import LayerDecomposition
 
     reference = f64.aggregate_by_blocks("mean")
     fast = f32.aggregate("mean")

@@ -16,8 +16,12 @@ import transformers as tf
 
 import implicit_attention as ia
 from implicit_attention.architectures import AGGREGATES, LayerDecomposition, find_layers
-from implicit_attention.architectures.attention import (AttentionLayerDecomposition, additive_mask,
-                                                        attention_probabilities, attention_probabilities_naive)
+from implicit_attention.architectures.attention import (
+    AttentionLayerDecomposition,
+    additive_mask,
+    attention_probabilities,
+    attention_probabilities_naive,
+)
 from implicit_attention.hooks import capture, select_layers
 from implicit_attention.inputs import prepare_model_inputs
 

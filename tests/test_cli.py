@@ -19,9 +19,9 @@ import torch  # noqa: E402
 
 from implicit_attention import bundled, cli, render  # noqa: E402
 from implicit_attention.bundled import BUNDLED_MODEL, bundled_model_path  # noqa: E402
+from implicit_attention.errors import EmptyInputError, UnsupportedModelError  # noqa: E402
 from implicit_attention.loading import ModelLoadError, load_model  # noqa: E402
 from implicit_attention.text import encode, predict_label, target_token_id, token_strings  # noqa: E402
-from implicit_attention.errors import EmptyInputError, UnsupportedModelError  # noqa: E402
 
 TASK = {"template": "{text} sentiment:", "add_bos_token": True,
         "label_words": {"positive": " positive", "negative": " negative"}}

@@ -24,9 +24,18 @@ import torch  # noqa: E402
 
 from implicit_attention import cli, dataset  # noqa: E402
 from implicit_attention.bundled import bundled_model_path  # noqa: E402
-from implicit_attention.dataset import (DatasetError, DatasetOptions, Distributed, InputRecord,  # noqa: E402
-                                        parse_label_map, read_inputs, read_results, run_dataset, shard_path)
-from implicit_attention.dataset import runner  # noqa: E402  (explain_batch and load_for_run's importlib live there)
+from implicit_attention.dataset import (  # noqa: E402
+    DatasetError,
+    DatasetOptions,
+    Distributed,
+    InputRecord,
+    parse_label_map,
+    read_inputs,
+    read_results,
+    run_dataset,
+    runner,  # noqa: E402  (explain_batch and load_for_run's importlib live there)
+    shard_path,
+)
 
 pytestmark = pytest.mark.skipif(not (bundled_model_path() / "model.safetensors").is_file(),
                                 reason="bundled model not present")

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import implicit_attention as ia
-from implicit_attention.architectures import registry
 from implicit_attention import memory
+from implicit_attention.architectures import registry
 
 from conftest import tiny_mamba
 
@@ -111,3 +110,46 @@ def test_hooks_are_removed_after_errors():
         ia.explain(model, [[1, 2]], position=7)
     for module in model.modules():
         assert not module._forward_pre_hooks
+
+
+def test_matrix_property_refuses_above_its_limit_and_full_matrix_allocates(monkeypatch):
+    """`.matrix` is for small inputs: above MATRIX_PROPERTY_BYTES it names the alternatives instead of allocating."""
+    layer = ia.decompose(tiny_mamba(), torch.randint(0, 40, (1, 32))).layers[0]      # 1 * 24 * 32 * 32 * 4 bytes
+    monkeypatch.setattr(memory, "MATRIX_PROPERTY_BYTES", 24 * 32 * 32 * 4 - 1)
+    with pytest.raises(ia.MemoryBudgetError, match=r"\.matrix would allocate \[B=1, C=24, L=32, L=32\].*"
+                                                    r"\.aggregate.*\.blocks\(\).*\.full_matrix\(\)"):
+        layer.matrix
+    full = layer.full_matrix()
+    assert full.shape == (1, 24, 32, 32)
+    rebuilt = torch.einsum("bcij,bjc->bic", full, layer.values) + layer.offset
+    assert float((rebuilt - layer.output).norm() / layer.output.norm()) <= 1e-4
+    monkeypatch.setattr(memory, "MATRIX_PROPERTY_BYTES", 24 * 32 * 32 * 4)
+    assert torch.equal(layer.matrix, full)
+
+
+def test_block_bytes_is_per_context():
+    """memory.block_bytes(n) holds in its own thread only; another thread keeps the default."""
+    import threading
+
+    seen = {}
+    inside, release = threading.Event(), threading.Event()
+
+    def worker():
+        with memory.block_bytes(12345):
+            seen["worker"] = memory.default_block_bytes("cpu")
+            inside.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    inside.wait(5)
+    seen["main"] = memory.default_block_bytes("cpu")
+    release.set()
+    thread.join()
+    assert seen["worker"] == 12345
+    assert seen["main"] == min(memory.CPU_BLOCK_BYTES, max(2**20, int(0.05 * memory.available_bytes("cpu")))) != 12345
+    with memory.block_bytes(777):
+        assert memory.default_block_bytes("cpu") == 777
+        with memory.block_bytes(888):
+            assert memory.default_block_bytes("cpu") == 888
+        assert memory.default_block_bytes("cpu") == 777

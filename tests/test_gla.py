@@ -7,12 +7,11 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import implicit_attention as ia
-from implicit_attention.architectures.base import LayerDecomposition
 from implicit_attention.architectures.gla import VARIANTS, gla_block, gla_heads, gla_heads_tiled, gla_naive
 from implicit_attention.hooks import capture, select_layers
 from implicit_attention.models.gla import GLAAttention, GLAConfig, GLAForCausalLM, GLAModel
 
-from conftest import assert_close, left_padded, fresh_aggregates, check_long_fast_mean
+from conftest import assert_close, check_long_fast_mean, fresh_aggregates, left_padded
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-6}
 

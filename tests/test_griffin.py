@@ -7,14 +7,13 @@ import torch
 from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM, RecurrentGemmaModel
 
 import implicit_attention as ia
-from implicit_attention.architectures.base import LayerDecomposition
 from implicit_attention.architectures.attention import attention_probabilities_naive, repeat_kv
 from implicit_attention.architectures.griffin import VARIANTS, griffin_block, griffin_factors, rglru_matrices
 from implicit_attention.architectures.griffin.naive import naive_griffin, naive_rglru_scan
-from implicit_attention.hooks import capture, select_layers
 from implicit_attention.explanations import BASELINE_METHODS, MATRIX_METHODS
+from implicit_attention.hooks import capture, select_layers
 
-from conftest import assert_close, left_padded, fresh_aggregates, check_fast_aggregates, check_long_fast_mean
+from conftest import assert_close, check_fast_aggregates, check_long_fast_mean, fresh_aggregates, left_padded
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-6}
 RECURRENT = ["model.layers.0.temporal_block", "model.layers.1.temporal_block"]

@@ -12,7 +12,7 @@ from implicit_attention.hooks import capture, select_layers
 from implicit_attention.models.hgrn import HGRNConfig, HGRNForCausalLM, HGRNModel, HGRNRecurrence
 from implicit_attention.models.hgrn.modeling_hgrn import chunked_scan
 
-from conftest import assert_close, left_padded, fresh_aggregates, check_fast_aggregates, check_long_fast_mean
+from conftest import assert_close, check_fast_aggregates, check_long_fast_mean, fresh_aggregates, left_padded
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-6}
 

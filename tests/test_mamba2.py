@@ -15,8 +15,8 @@ import implicit_attention as ia
 from implicit_attention.architectures import find_layers
 from implicit_attention.architectures.mamba2 import Mamba2LayerDecomposition, mamba2_factors
 from implicit_attention.architectures.mamba2.naive import naive_mamba2, naive_scan
-from implicit_attention.architectures.primitives import naive_conv_matrix
 from implicit_attention.architectures.mamba2.operator import VARIANTS, mamba2_block, signed_mean, ssd_output
+from implicit_attention.architectures.primitives import naive_conv_matrix
 from implicit_attention.hooks import capture
 
 from conftest import assert_close, left_padded

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import implicit_attention as ia
-from implicit_attention.architectures.base import LayerDecomposition
 from implicit_attention.architectures.mamba import mamba_factors
 from implicit_attention.architectures.mamba.fast import exact_channel_mean, matrix_rows, signed_mean
 from implicit_attention.architectures.mamba.operator import VARIANTS, mamba_block

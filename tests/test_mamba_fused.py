@@ -65,10 +65,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @pytest.mark.parametrize("length", [17, 64, 200, 1000])
 def test_fused_mean_on_cuda_equals_direct_mean(variant, length):
     sys.path.insert(0, str(HERE))
-    from conftest import left_padded, tiny_mamba
+    from implicit_attention.architectures.mamba.fast import exact_channel_mean, signed_mean
     from test_mamba_fast import factors_of
 
-    from implicit_attention.architectures.mamba.fast import exact_channel_mean, signed_mean
+    from conftest import left_padded, tiny_mamba
 
     model = tiny_mamba(dtype=torch.float64, hidden_size=48, state_size=16, seed=length)
     ids, mask = left_padded(batch=2, length=length, seed=length)
@@ -83,10 +83,10 @@ def test_fused_mean_on_cuda_equals_direct_mean(variant, length):
 @cuda
 def test_fused_mean_is_stable_at_16k_tokens_on_cuda():
     sys.path.insert(0, str(HERE))
-    from conftest import tiny_mamba
+    from implicit_attention.architectures.mamba.fast import matrix_rows, signed_mean
     from test_mamba_fast import factors_of
 
-    from implicit_attention.architectures.mamba.fast import matrix_rows, signed_mean
+    from conftest import tiny_mamba
 
     model = tiny_mamba(dtype=torch.float64, hidden_size=16, state_size=16, num_hidden_layers=1)
     with torch.no_grad():

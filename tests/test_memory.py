@@ -19,8 +19,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import implicit_attention as ia
 from implicit_attention import memory
-from implicit_attention.hooks import select_layers
 from implicit_attention.decomposition import PHASE, ensure_decomposition_fits, estimate_memory
+from implicit_attention.hooks import select_layers
 from implicit_attention.models.gla import GLAConfig, GLAForCausalLM
 from implicit_attention.models.hgrn import HGRNConfig, HGRNForCausalLM
 from implicit_attention.models.rwkv6 import Rwkv6Config, Rwkv6ForCausalLM

@@ -25,8 +25,8 @@ import transformers as tf
 import implicit_attention as ia
 from implicit_attention.architectures.registry import CapturedLayer
 from implicit_attention.devices import execution_device, record_on_device
-from implicit_attention.hooks import select_layers
 from implicit_attention.explanations import MATRIX_METHODS, combine, layer_maps
+from implicit_attention.hooks import select_layers
 
 from conftest import assert_close, left_padded, tiny_mamba
 

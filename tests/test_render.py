@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from implicit_attention import render
-from implicit_attention.render import (OutputDirectoryError, ReportExample, ReportLayer, color_tokens, display_token,
-                                       matrix_png, normalize_relevance, relevance_rgb, write_report)
+from implicit_attention.render import (
+    OutputDirectoryError,
+    ReportExample,
+    ReportLayer,
+    color_tokens,
+    display_token,
+    matrix_png,
+    normalize_relevance,
+    relevance_rgb,
+    write_report,
+)
 
 TOKENS = ["a", " b", " c"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

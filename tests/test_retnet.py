@@ -7,7 +7,6 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import implicit_attention as ia
-from implicit_attention.architectures.base import LayerDecomposition
 from implicit_attention.architectures.retnet import VARIANTS, retnet_block, retnet_naive
 from implicit_attention.models.retnet import RetNetConfig, RetNetForCausalLM, RetNetModel, RetNetRetention
 

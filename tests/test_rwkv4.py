@@ -7,14 +7,12 @@ import torch
 from transformers import RwkvConfig, RwkvForCausalLM, RwkvModel
 
 import implicit_attention as ia
-from implicit_attention.explanations import BASELINE_METHODS, MATRIX_METHODS
-from implicit_attention.architectures.base import LayerDecomposition
-from implicit_attention.architectures.rwkv4 import (VARIANTS, rwkv_block, rwkv_factors, wkv_log_normaliser,
-                                                    wkv_matrices)
+from implicit_attention.architectures.rwkv4 import VARIANTS, rwkv_block, rwkv_factors, wkv_log_normaliser, wkv_matrices
 from implicit_attention.architectures.rwkv4.naive import naive_rwkv, naive_wkv_recurrence
+from implicit_attention.explanations import BASELINE_METHODS, MATRIX_METHODS
 from implicit_attention.hooks import capture, select_layers
 
-from conftest import assert_close, left_padded, fresh_aggregates, check_fast_aggregates, check_long_fast_mean
+from conftest import assert_close, check_fast_aggregates, check_long_fast_mean, fresh_aggregates, left_padded
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-6}
 

@@ -9,8 +9,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 import implicit_attention as ia
 from implicit_attention.architectures.rwkv6 import VARIANTS, decay_matrices, rwkv6_attention, rwkv6_factors
 from implicit_attention.architectures.rwkv6.naive import naive_rwkv6, naive_rwkv6_attention
-from implicit_attention.hooks import capture, select_layers
 from implicit_attention.explanations import MATRIX_METHODS
+from implicit_attention.hooks import capture, select_layers
 from implicit_attention.models.rwkv6 import Rwkv6Config, Rwkv6ForCausalLM, Rwkv6Model
 from implicit_attention.models.rwkv6.modeling_rwkv6 import Rwkv6TimeMix, wkv6_chunked, wkv6_recurrent
 

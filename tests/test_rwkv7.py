@@ -9,8 +9,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 import implicit_attention as ia
 from implicit_attention.architectures.rwkv7 import VARIANTS, rwkv7_attention, rwkv7_factors
 from implicit_attention.architectures.rwkv7.naive import naive_rwkv7, naive_rwkv7_attention, naive_transition
-from implicit_attention.hooks import capture, select_layers
 from implicit_attention.explanations import MATRIX_METHODS
+from implicit_attention.hooks import capture, select_layers
 from implicit_attention.models.rwkv7 import Rwkv7Config, Rwkv7ForCausalLM, Rwkv7Model
 from implicit_attention.models.rwkv7.modeling_rwkv7 import Rwkv7TimeMix, wkv7_chunked, wkv7_recurrent
 

@@ -17,10 +17,24 @@ from pathlib import Path
 import pytest
 
 from implicit_attention.dataset import DatasetError, store
-from implicit_attention.dataset.store import (LOCK_FILE, RESULTS_FILE, RESUME_KEYS, RUN_FILE, RUN_VERSION,
-                                              SUMMARY_FILE, append_results, check_run, done_indices, merge_results,
-                                              read_results, run_lock, shard_indices, shard_path, start_run,
-                                              write_atomic)
+from implicit_attention.dataset.store import (
+    LOCK_FILE,
+    RESULTS_FILE,
+    RESUME_KEYS,
+    RUN_FILE,
+    RUN_VERSION,
+    SUMMARY_FILE,
+    append_results,
+    check_run,
+    done_indices,
+    merge_results,
+    read_results,
+    run_lock,
+    shard_indices,
+    shard_path,
+    start_run,
+    write_atomic,
+)
 
 SETTINGS = {"input": "/data/reviews.csv", "input_sha256": "ab" * 32, "format": "csv", "text_key": "text",
             "label_key": "label", "label_map": {}, "model": "rt-sentiment-mamba", "method": "attribution",

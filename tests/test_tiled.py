@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from implicit_attention.architectures.base import channel_transform
-from implicit_attention.architectures.tiled import (DiagonalOperator, Tiling, assemble, diagonal_rows,
-                                                    diagonal_sum)
+from implicit_attention.architectures.tiled import DiagonalOperator, Tiling, assemble, diagonal_rows, diagonal_sum
 
 from conftest import assert_close
 

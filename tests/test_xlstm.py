@@ -8,11 +8,10 @@ from transformers import xLSTMConfig, xLSTMForCausalLM, xLSTMModel
 from transformers.initialization import no_init_weights
 
 import implicit_attention as ia
-from implicit_attention.architectures.base import LayerDecomposition
 from implicit_attention.architectures.xlstm import VARIANTS, XlstmLayerDecomposition, xlstm_block, xlstm_factors
 from implicit_attention.architectures.xlstm.naive import naive_xlstm
-from implicit_attention.hooks import capture, select_layers
 from implicit_attention.explanations import BASELINE_METHODS, MATRIX_METHODS
+from implicit_attention.hooks import capture, select_layers
 
 from conftest import assert_close, left_padded
 

@@ -19,8 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from . import autoregister
 from .catalog import BASELINE_METHODS, MATRIX_METHODS, METHODS
-from .errors import (EmptyInputError, ImplicitAttentionError, MemoryBudgetError, OffloadedLayerError,
-                     ReconstructionError, UnsupportedModelError)
+from .errors import (
+    EmptyInputError,
+    ImplicitAttentionError,
+    MemoryBudgetError,
+    OffloadedLayerError,
+    ReconstructionError,
+    UnsupportedModelError,
+)
 
 __version__ = "0.1.0"
 
@@ -36,8 +42,7 @@ _LAZY: dict[str, str] = {
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __getattr__
     from .architectures import LayerDecomposition, supported_model_classes
     from .decomposition import Decomposition, decompose
-    from .explanations import (Explanation, TextExplanation, TextExplanations, explain, explain_texts,
-                               run_explanation)
+    from .explanations import Explanation, TextExplanation, TextExplanations, explain, explain_texts, run_explanation
     from .loading import LoadedModel, load_model
 
 

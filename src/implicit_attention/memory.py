@@ -46,6 +46,7 @@ with :func:`register_footprint` (the built-in ones are registered below).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -61,12 +62,19 @@ USABLE_FRACTION = 0.6
 DEFAULT_BLOCK_BYTES = 256 * 2**20
 #: Temporaries of a chunked step relative to the bytes its chunk was sized for (see the module doc).
 CHUNK_SAFETY = 2
-#: Channels of one group of the sampled exactness check (``SAMPLED_CHANNELS // 4`` in ``base``).
-_SAMPLED_GROUP = 8
-#: Above this many matrix entries the exactness check samples channels (``base.FULL_CHECK_ENTRIES``).
-_FULL_CHECK_ENTRIES = 2 ** 26
+#: Above this many matrix entries (``B * C * L * L``) the exactness check samples channels.
+FULL_CHECK_ENTRIES = 2 ** 26
+#: How many channels a sampled exactness check covers, in :data:`SAMPLED_GROUPS` contiguous groups
+#: spread over the width.
+SAMPLED_CHANNELS = 32
+SAMPLED_GROUPS = 4
+#: Above this many bytes ``LayerDecomposition.matrix`` refuses to allocate ``[B, C, L, L]``
+#: (``full_matrix()`` allocates whatever fits; the aggregates and ``blocks()`` never need it).
+MATRIX_PROPERTY_BYTES = 2**30
 
-_block_bytes_override: int | None = None
+# The size set by :func:`block_bytes` in this context (a context variable: concurrent calls in
+# other threads or tasks keep their own).
+_block_bytes_override: contextvars.ContextVar[int | None] = contextvars.ContextVar("block_bytes", default=None)
 
 
 #: Block bytes on a CPU: blocks that stay near the caches are several times faster there than
@@ -81,8 +89,9 @@ def default_block_bytes(device: torch.device | str) -> int:
 
     Inside :func:`block_bytes` the given size instead.
     """
-    if _block_bytes_override is not None:
-        return _block_bytes_override
+    override = _block_bytes_override.get()
+    if override is not None:
+        return override
     if torch.device(device).type == "cpu":
         return int(min(CPU_BLOCK_BYTES, max(2**20, 0.05 * available_bytes(device))))
     return int(min(2 * 2**30, max(64 * 2**20, 0.05 * available_bytes(device))))
@@ -93,16 +102,16 @@ def block_bytes(size: int) -> Iterator[None]:
     """Size the chunks of layers decomposed inside the context for ``size`` bytes per temporary.
 
     Smaller chunks lower the working memory (and make the computation slower); layers keep the
-    size they were built with.
+    size they were built with. The setting is a context variable: other threads and asyncio tasks
+    are not affected.
     """
-    global _block_bytes_override
     if size < 1:
         raise ValueError(f"block bytes must be positive, got {size}")
-    previous, _block_bytes_override = _block_bytes_override, int(size)
+    token = _block_bytes_override.set(int(size))
     try:
         yield
     finally:
-        _block_bytes_override = previous
+        _block_bytes_override.reset(token)
 
 
 def available_bytes(device: torch.device | str) -> int:
@@ -343,9 +352,9 @@ def _working(fp: LayerFootprint, module, channels: int, batch: int, length: int,
     # chunked loops (blocks of channels, chunks of heads): sized for ``block`` with the declared
     # temporaries; the steps around them hold up to as many again (CHUNK_SAFETY)
     chunks = CHUNK_SAFETY * _chunked(units, _BLOCK_TEMPORARIES * grid, block)
-    if fp.units is None and batch * channels * length * length > _FULL_CHECK_ENTRIES:
+    if fp.units is None and batch * channels * length * length > FULL_CHECK_ENTRIES:
         # the sampled exactness check builds groups of channels whatever the block size
-        chunks = max(chunks, CHUNK_SAFETY * _SAMPLED_GROUP * _BLOCK_TEMPORARIES * grid)
+        chunks = max(chunks, CHUNK_SAFETY * (SAMPLED_CHANNELS // SAMPLED_GROUPS) * _BLOCK_TEMPORARIES * grid)
     build = fp.count("build_vectors", module) * vector + fp.count("build_maps", module) * grid + chunks
     if method == "decompose":
         return build

@@ -8,8 +8,16 @@ the import loudly; a package whose optional third-party dependency is missing is
 """
 
 from .base import AGGREGATES, LayerDecomposition
-from .registry import (Architecture, CapturedLayer, architectures, discover, find_layers, register,
-                       skipped_architectures, supported_model_classes)
+from .registry import (
+                       Architecture,
+                       CapturedLayer,
+                       architectures,
+                       discover,
+                       find_layers,
+                       register,
+                       skipped_architectures,
+                       supported_model_classes,
+)
 
 discover(__name__, __path__)
 

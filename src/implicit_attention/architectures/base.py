@@ -23,15 +23,19 @@ from typing import Literal
 
 import torch
 
+from .. import memory
 from ..catalog import AGGREGATES
-from ..errors import format_bytes
-from ..memory import channels_per_block, default_block_bytes, ensure_fits
+from ..errors import MemoryBudgetError, format_bytes
+from ..memory import (
+    FULL_CHECK_ENTRIES,
+    SAMPLED_CHANNELS,
+    SAMPLED_GROUPS,
+    channels_per_block,
+    default_block_bytes,
+    ensure_fits,
+)
 
 Aggregate = Literal["mean", "abs", "pos"]
-#: Above this many matrix entries (``B * C * L * L``) the exactness check samples channels.
-FULL_CHECK_ENTRIES = 2 ** 26
-#: How many channels a sampled exactness check covers.
-SAMPLED_CHANNELS = 32
 
 
 class LayerDecomposition(ABC):
@@ -129,20 +133,41 @@ class LayerDecomposition(ABC):
 
     @property
     def matrix(self) -> torch.Tensor:
-        """``[B, C, L, L]`` the per-channel implicit attention matrices (computed once, cached).
+        """``[B, C, L, L]`` the per-channel implicit attention matrices, allocated on first access (cached).
 
-        Raises :class:`~implicit_attention.errors.MemoryBudgetError` before allocating if the
-        tensor would not fit; the aggregates and :meth:`blocks` never need it.
+        A convenience for small inputs: above :data:`~implicit_attention.memory.MATRIX_PROPERTY_BYTES`
+        (1 GiB) it refuses with :class:`~implicit_attention.errors.MemoryBudgetError` instead of
+        allocating. :meth:`aggregate` and :meth:`blocks` never hold more than a block of channels;
+        :meth:`full_matrix` allocates whatever fits in memory.
         """
         if self._matrix is None:
-            needed = self.batch_size * self.channels * self.length ** 2 * self.dtype.itemsize
-            ensure_fits(
-                f"layer {self.name!r}: the per-channel matrices [B={self.batch_size}, C={self.channels}, "
-                f"L={self.length}, L={self.length}]", needed, self.device,
-                "Use .aggregate('mean'|'abs'|'pos') or .blocks() instead (they never hold all "
-                "channels), pass fewer layers= or a shorter input.")
-            self._matrix = torch.cat([block for _, block in self.blocks()], dim=1)
+            needed = self._matrix_bytes()
+            if needed > memory.MATRIX_PROPERTY_BYTES:  # read at call time: users may raise the limit
+                raise MemoryBudgetError(
+                    f"layer {self.name!r}: .matrix would allocate {self._matrix_shape()}", needed,
+                    memory.MATRIX_PROPERTY_BYTES,
+                    "The property refuses above implicit_attention.memory.MATRIX_PROPERTY_BYTES. Use "
+                    ".aggregate('mean'|'abs'|'pos') or .blocks() (they never hold all channels), or call "
+                    ".full_matrix() to allocate it anyway.")
+            self._matrix = self.full_matrix()
         return self._matrix
+
+    def full_matrix(self) -> torch.Tensor:
+        """``[B, C, L, L]`` every channel's matrix in one tensor (not cached: :attr:`matrix` caches).
+
+        Raises :class:`~implicit_attention.errors.MemoryBudgetError` before allocating if the tensor
+        would not fit in the memory free on the layer's device.
+        """
+        ensure_fits(f"layer {self.name!r}: the per-channel matrices {self._matrix_shape()}", self._matrix_bytes(),
+                    self.device, "Use .aggregate('mean'|'abs'|'pos') or .blocks() instead (they never hold all "
+                    "channels), pass fewer layers= or a shorter input.")
+        return torch.cat([block for _, block in self.blocks()], dim=1)
+
+    def _matrix_bytes(self) -> int:
+        return self.batch_size * self.channels * self.length ** 2 * self.dtype.itemsize
+
+    def _matrix_shape(self) -> str:
+        return f"[B={self.batch_size}, C={self.channels}, L={self.length}, L={self.length}]"
 
     @property
     def offset(self) -> torch.Tensor:
@@ -180,7 +205,7 @@ class LayerDecomposition(ABC):
             rec, ref = self.reconstruct(), self.output
             self.error_channels = self.channels
         else:
-            groups = _sample_groups(self.channels, SAMPLED_CHANNELS)
+            groups = _sample_groups(self.channels, SAMPLED_CHANNELS, SAMPLED_GROUPS)
             recs, refs = [], []
             for sl in groups:
                 block, off = self._block(sl)
@@ -324,7 +349,7 @@ class LayerDecomposition(ABC):
 
     def memory_estimate(self) -> str:
         """A one-line estimate of what :attr:`matrix` would take."""
-        return format_bytes(self.batch_size * self.channels * self.length ** 2 * self.dtype.itemsize)
+        return format_bytes(self._matrix_bytes())
 
 
 def check_aggregate(how: str) -> None:
@@ -352,7 +377,7 @@ def scaled_head_sum(A: torch.Tensor, row: torch.Tensor, how: str, equation: str)
             + torch.einsum(equation, (-A).clamp(min=0), (-row).clamp(min=0).sum(-1)))
 
 
-def _sample_groups(channels: int, count: int, groups: int = 4) -> list[slice]:
+def _sample_groups(channels: int, count: int, groups: int = SAMPLED_GROUPS) -> list[slice]:
     """``groups`` contiguous channel slices of ``count // groups`` channels, evenly spread."""
     size = max(1, min(channels, count) // groups)
     starts = sorted({round(k * (channels - size) / max(groups - 1, 1)) for k in range(groups)})

@@ -78,20 +78,44 @@ Modules (one concern each; their public names are re-exported here)
 
 from __future__ import annotations
 
-# every public name of the former single module stays importable from here (RUN_VERSION, RESUME_KEYS,
-# DEVICE_MAP_STRATEGIES and file_sha256 too, though, as before, they are not in __all__)
 from .distributed import Distributed
 from .errors import DatasetError
 from .formats import FORMATS, InputRecord, detect_format, file_sha256, read_inputs
 from .labels import gold_aliases, map_gold, parse_label_map
-from .runner import (DEVICE_MAP_STRATEGIES, GPU_BATCH_SIZE, DatasetOptions, batch_size, explain_batch, layer_devices,
-                     load_for_run, resolve_device_map, run_dataset, summarize)
-from .store import (LOCK_FILE, RESULTS_FILE, RESUME_KEYS, RUN_FILE, RUN_VERSION, SUMMARY_FILE, append_results,
-                    check_run, done_indices, merge_results, read_results, run_lock, shard_indices, shard_path,
-                    start_run, write_atomic)
+from .runner import (
+                     DEVICE_MAP_STRATEGIES,
+                     GPU_BATCH_SIZE,
+                     DatasetOptions,
+                     batch_size,
+                     explain_batch,
+                     layer_devices,
+                     load_for_run,
+                     resolve_device_map,
+                     run_dataset,
+                     summarize,
+)
+from .store import (
+                     LOCK_FILE,
+                     RESULTS_FILE,
+                     RESUME_KEYS,
+                     RUN_FILE,
+                     RUN_VERSION,
+                     SUMMARY_FILE,
+                     append_results,
+                     check_run,
+                     done_indices,
+                     merge_results,
+                     read_results,
+                     run_lock,
+                     shard_indices,
+                     shard_path,
+                     start_run,
+                     write_atomic,
+)
 
 __all__ = [
-    "FORMATS", "GPU_BATCH_SIZE", "LOCK_FILE", "RESULTS_FILE", "RUN_FILE", "SUMMARY_FILE", "DatasetError",
+    "DEVICE_MAP_STRATEGIES", "FORMATS", "GPU_BATCH_SIZE", "LOCK_FILE", "RESULTS_FILE", "RESUME_KEYS", "RUN_FILE",
+    "RUN_VERSION", "SUMMARY_FILE", "DatasetError", "file_sha256",
     "DatasetOptions", "Distributed", "InputRecord", "append_results", "batch_size", "check_run", "detect_format",
     "done_indices", "explain_batch", "gold_aliases", "layer_devices", "load_for_run", "map_gold", "merge_results",
     "parse_label_map", "read_inputs", "read_results", "resolve_device_map", "run_dataset", "run_lock",

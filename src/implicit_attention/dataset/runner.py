@@ -20,8 +20,18 @@ from .distributed import Distributed
 from .errors import DatasetError
 from .formats import InputRecord, detect_format, file_sha256, read_inputs
 from .labels import gold_aliases, map_gold
-from .store import (SUMMARY_FILE, append_results, check_run, done_indices, merge_results, run_lock, shard_indices,
-                    shard_path, start_run, write_atomic)
+from .store import (
+    SUMMARY_FILE,
+    append_results,
+    check_run,
+    done_indices,
+    merge_results,
+    run_lock,
+    shard_indices,
+    shard_path,
+    start_run,
+    write_atomic,
+)
 
 __all__ = [
     "DEVICE_MAP_STRATEGIES", "GPU_BATCH_SIZE", "DatasetOptions", "batch_size", "explain_batch", "layer_devices",

@@ -1,6 +1,6 @@
 """Explanations: relevance of the input tokens for a prediction.
 
-``api`` holds :func:`explain` and :func:`run_explanation`, ``combine`` turns the decomposed layers'
+``api`` holds :func:`explain` and :func:`run_explanation`, ``combination`` turns the decomposed layers'
 maps into relevance by a matrix method, ``rules`` the rules themselves (rollout, attribution
 rollout, the paper's recipe) as small tensor functions, ``baselines`` the methods without matrices
 (random, gradient x input, integrated gradients, occlusion), ``target`` which score is explained,
@@ -9,7 +9,7 @@ rollout, the paper's recipe) as small tensor functions, ``baselines`` the method
 
 from ..catalog import BASELINE_METHODS, MATRIX_METHODS, METHODS
 from .api import Explanation, explain, run_explanation
-from .combine import combine, layer_maps
+from .combination import combine, layer_maps
 from .texts import ExplainedTarget, TextExplanation, TextExplanations, explain_texts
 
 __all__ = ["BASELINE_METHODS", "ExplainedTarget", "Explanation", "MATRIX_METHODS", "METHODS", "TextExplanation",

@@ -10,13 +10,20 @@ import torch
 from torch import nn
 
 from ..catalog import AGGREGATES, BASELINE_METHODS, METHODS
-from ..decomposition import (DEFAULT_TOLERANCE, PHASE, Decomposition, build_layers, check_variant, compute_dtype_for,
-                         ensure_decomposition_fits)
+from ..decomposition import (
+    DEFAULT_TOLERANCE,
+    PHASE,
+    Decomposition,
+    build_layers,
+    check_variant,
+    compute_dtype_for,
+    ensure_decomposition_fits,
+)
 from ..devices import model_dtype
 from ..hooks import capture, layer_indices, select_layers
 from ..inputs import prepare_model_inputs
 from . import baselines
-from .combine import combine
+from .combination import combine
 from .target import Target, resolve_target
 
 

@@ -19,8 +19,15 @@ reference. The only variant is ``unified`` (the attention probabilities).
 """
 
 from ..registry import Architecture, layer_builder, register
-from .factors import (attention_factors, attention_reader, bert_qkv, gpt2_qkv, projection_qkv, record_arguments,
-                      recurrent_gemma_qkv)
+from .factors import (
+    attention_factors,
+    attention_reader,
+    bert_qkv,
+    gpt2_qkv,
+    projection_qkv,
+    record_arguments,
+    recurrent_gemma_qkv,
+)
 from .layer import AttentionLayerDecomposition
 from .naive import attention_probabilities_naive
 from .operator import AttentionFactors, additive_mask, attention_probabilities, repeat_kv, split_heads

@@ -5,7 +5,7 @@
 slow reference; the local attention is decomposed by :mod:`..attention`.
 """
 
-from ..attention import attention_builder, recurrent_gemma_qkv, record_arguments
+from ..attention import attention_builder, record_arguments, recurrent_gemma_qkv
 from ..registry import Architecture, layer_builder, register
 from .factors import griffin_factors
 from .layer import GriffinLayerDecomposition

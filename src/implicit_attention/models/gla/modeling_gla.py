@@ -23,8 +23,17 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 
-from .._scaffold import (BlockStackModel, CausalLMHead, GatedMLP, HeadGatedMixer, HeadGroupNorm, HeadNormInit,
-                         PreNormBlock, RMSNorm, compute_dtype)
+from .._scaffold import (
+    BlockStackModel,
+    CausalLMHead,
+    GatedMLP,
+    HeadGatedMixer,
+    HeadGroupNorm,
+    HeadNormInit,
+    PreNormBlock,
+    RMSNorm,
+    compute_dtype,
+)
 from .configuration_gla import GLAConfig
 
 

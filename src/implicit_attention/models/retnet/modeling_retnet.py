@@ -21,8 +21,17 @@ from __future__ import annotations
 import torch
 from transformers import GenerationMixin, PreTrainedModel
 
-from .._scaffold import (BlockStackModel, CausalLMHead, GatedMLP, HeadGatedMixer, HeadGroupNorm, HeadNormInit,
-                         PreNormBlock, RMSNorm, compute_dtype)
+from .._scaffold import (
+    BlockStackModel,
+    CausalLMHead,
+    GatedMLP,
+    HeadGatedMixer,
+    HeadGroupNorm,
+    HeadNormInit,
+    PreNormBlock,
+    RMSNorm,
+    compute_dtype,
+)
 from .configuration_retnet import RetNetConfig
 
 

@@ -38,8 +38,20 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 
-from .._scaffold import (RwkvBlock, RwkvLayerInit, RwkvLMHead, RwkvMixing, RwkvReferenceInit, RwkvStack,
-                         RwkvTimeMix, init_low_rank, init_to, strict_segsum, token_shift, zero_padding)
+from .._scaffold import (
+    RwkvBlock,
+    RwkvLayerInit,
+    RwkvLMHead,
+    RwkvMixing,
+    RwkvReferenceInit,
+    RwkvStack,
+    RwkvTimeMix,
+    init_low_rank,
+    init_to,
+    strict_segsum,
+    token_shift,
+    zero_padding,
+)
 from .configuration_rwkv6 import Rwkv6Config
 
 

@@ -49,8 +49,21 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 
-from .._scaffold import (RwkvBlock, RwkvLayerInit, RwkvLMHead, RwkvMixing, RwkvReferenceInit, RwkvStack,
-                         RwkvTimeMix, init_low_rank, init_to, segsum, strict_segsum, token_shift, zero_padding)
+from .._scaffold import (
+    RwkvBlock,
+    RwkvLayerInit,
+    RwkvLMHead,
+    RwkvMixing,
+    RwkvReferenceInit,
+    RwkvStack,
+    RwkvTimeMix,
+    init_low_rank,
+    init_to,
+    segsum,
+    strict_segsum,
+    token_shift,
+    zero_padding,
+)
 from .configuration_rwkv7 import Rwkv7Config
 
 

@@ -1,0 +1,76 @@
+"""explain_texts: raw strings through the task's template, padding, the label target and the prediction."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import implicit_attention as ia  # noqa: E402
+from implicit_attention.loading import load_model  # noqa: E402
+from implicit_attention.text import encode, predict, predict_next_token, token_strings  # noqa: E402
+
+TEXTS = ["an utterly charming film", "a dull, lifeless and tedious mess of a movie"]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model(dtype="float64")
+
+
+def test_matches_the_steps_done_by_hand(loaded):
+    result = ia.explain_texts(loaded, TEXTS, method="attribution")
+    ids, mask = encode(loaded, TEXTS)
+    assert torch.equal(result.input_ids, ids) and torch.equal(result.attention_mask, mask)
+    with torch.no_grad():
+        logits = loaded.model(input_ids=ids, attention_mask=mask).logits
+    labels = predict(loaded, logits)                                   # argmax over the label words
+    by_hand = ia.explain(loaded.model, ids, mask, method="attribution", target=[p.token_id for p in labels])
+    assert [p.label for p in labels] == ["positive", "negative"]
+    for b, example in enumerate(result):
+        real = mask[b].bool()
+        assert example.tokens == token_strings(loaded, ids[b], mask[b]) and example.tokens[0] == "<s>"
+        assert "".join(example.tokens[1:]).endswith(" sentiment:")    # the task's template
+        assert example.token_ids == ids[b][real].tolist()
+        assert torch.allclose(example.relevance, by_hand[b][real].double(), rtol=0, atol=1e-12)
+        assert example.prediction.label == labels[b].label and example.prediction.is_label
+        assert example.target.label == labels[b].label and example.target.id == labels[b].token_id
+        assert example.target.position == len(example.tokens) - 1
+    assert result.max_error is not None and result.max_error <= 1e-6
+
+
+def test_explicit_target_and_a_position_inside_the_padding(loaded):
+    result = ia.explain_texts(loaded, TEXTS, method="rollout", target="negative")
+    assert [ex.target.label for ex in result] == ["negative", "negative"]
+    assert [ex.prediction.label for ex in result] == ["positive", "negative"]    # the prediction is still shown
+    # position 1 of the batch lies inside the shorter text's left padding
+    padding = int((result.attention_mask[0] == 0).sum())
+    assert padding >= 2
+    with pytest.warns(UserWarning, match="position 1 is padding in example.*0"):
+        early = ia.explain_texts(loaded, TEXTS, method="raw", position=1, target=" positive")
+    assert early[0].target.position is None and early[0].target.batch_position == 1
+    assert early[1].target.position == 1
+    with torch.no_grad():
+        logits = loaded.model(input_ids=early.input_ids, attention_mask=early.attention_mask).logits
+    assert early[1].prediction == predict_next_token(loaded, logits, 1)[1]     # not at the end: the next token
+    with pytest.raises(ValueError, match="position 99 out of range"):
+        ia.explain_texts(loaded, TEXTS, position=99)
+    with pytest.raises(ia.EmptyInputError):
+        ia.explain_texts(loaded, ["fine", "  "])
+
+
+def test_baselines_have_no_decomposition(loaded):
+    result = ia.explain_texts(loaded, "great acting", method="occlusion")
+    assert len(result) == 1 and result.max_error is None and result.explanation.decomposition is None
+    assert result[0].relevance.shape == (len(result[0].tokens),)
+
+
+def test_decomposition_input_values_and_the_deprecated_name(loaded):
+    ids, mask = encode(loaded, TEXTS)
+    decomposition = ia.decompose(loaded.model, ids, mask)
+    assert torch.equal(decomposition.input_values, ids)
+    with pytest.warns(DeprecationWarning, match="input_values"):
+        assert decomposition.input_ids is decomposition.input_values
