@@ -349,7 +349,7 @@ class BlockStackModel:
 
 class CausalLMHead:
     """Mixin for a ``PreTrainedModel``: ``model_class`` (stored under ``base_model_prefix``) and a
-    bias-free linear LM head (stored under ``head_attr``); ``_tied_weights_keys`` stays on the subclass.
+    bias-free linear LM head (stored under ``head_attr``), tied to the embeddings when the config says so.
 
     ``loss_in_float32``: the loss is computed on logits cast to float32 (``True``) or to at least
     float32 (``False``: float64 logits stay float64).
@@ -358,6 +358,7 @@ class CausalLMHead:
     model_class: ClassVar[type[nn.Module]]
     head_attr: ClassVar[str] = "lm_head"
     loss_in_float32: ClassVar[bool] = True
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: PretrainedConfig):
         super().__init__(config)  # the model's PreTrainedModel
@@ -412,7 +413,13 @@ class WithoutStateCache:
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-class HeadNormInit:
+class DecoderPreTrained:
+    """Mixin for the ``PreTrainedModel`` of a :class:`BlockStackModel` decoder: the backbone is stored as ``model``."""
+
+    base_model_prefix = "model"
+
+
+class HeadNormInit(DecoderPreTrained):
     """Mixin for a ``PreTrainedModel``: every :class:`HeadGroupNorm` starts as the identity (weight 1, bias 0)."""
 
     def _init_weights(self, module):

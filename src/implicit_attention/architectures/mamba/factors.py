@@ -73,16 +73,24 @@ def _check_activation(mixer: nn.Module) -> None:
                                   "only SiLU is written as a gate")
 
 
+def _scan_inputs(mixer: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                 dtype: torch.dtype):
+    """``x, z [B, L, E]``, ``mask [B, L]``, the conv ``(c, taps, bias)`` and ``x_proj(silu(c) mask)`` split
+    into ``(dt~ [B, L, R], B, C [B, L, N])``: the steps Mamba and Jamba mixers share."""
+    h, mask = masked_input(hidden_states, attention_mask, dtype)
+    x, z = F.linear(h, _param(mixer.in_proj.weight, dtype), _param(mixer.in_proj.bias, dtype)).chunk(2, dim=-1)
+    conv = _conv(x, mixer.conv1d, dtype)
+    u = F.silu(conv[0]) * mask[..., None]
+    rank, state = mixer.time_step_rank, mixer.ssm_state_size
+    projections = torch.split(F.linear(u, _param(mixer.x_proj.weight, dtype)), [rank, state, state], dim=-1)
+    return x, z, mask, conv, projections
+
+
 def mamba_factors(mixer: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
                   dtype: torch.dtype) -> MambaFactors:
     """Every data-controlled factor of a ``MambaMixer`` / ``FalconMambaMixer`` for ``hidden_states [B, L, H]``."""
-    h, mask = masked_input(hidden_states, attention_mask, dtype)
-    x, z = F.linear(h, _param(mixer.in_proj.weight, dtype), _param(mixer.in_proj.bias, dtype)).chunk(2, dim=-1)
-    conv_out, conv_weight, conv_bias = _conv(x, mixer.conv1d, dtype)
-    u = F.silu(conv_out) * mask[..., None]
-
-    rank, state = mixer.time_step_rank, mixer.ssm_state_size
-    time_step, B, C = torch.split(F.linear(u, _param(mixer.x_proj.weight, dtype)), [rank, state, state], dim=-1)
+    x, z, mask, (conv_out, conv_weight, conv_bias), (time_step, B, C) = _scan_inputs(
+        mixer, hidden_states, attention_mask, dtype)
     if hasattr(mixer, "b_layernorm"):  # FalconMamba
         time_step, B, C = (_weightless_rms(t, mixer.rms_eps) for t in (time_step, B, C))
     dt = F.softplus(F.linear(time_step, _param(mixer.dt_proj.weight, dtype), _param(mixer.dt_proj.bias, dtype)))
@@ -96,13 +104,8 @@ def jamba_factors(mixer: nn.Module, hidden_states: torch.Tensor, attention_mask:
                   dtype: torch.dtype) -> MambaFactors:
     """Every data-controlled factor of a ``JambaMambaMixer`` for its input ``hidden_states [B, L, H]``."""
     _check_activation(mixer)
-    h, mask = masked_input(hidden_states, attention_mask, dtype)
-    x, z = F.linear(h, _param(mixer.in_proj.weight, dtype), _param(mixer.in_proj.bias, dtype)).chunk(2, dim=-1)
-    conv_out, conv_weight, conv_bias = _conv(x, mixer.conv1d, dtype)
-    u = F.silu(conv_out) * mask[..., None]
-
-    rank, state = mixer.time_step_rank, mixer.ssm_state_size
-    time_step, B, C = torch.split(F.linear(u, _param(mixer.x_proj.weight, dtype)), [rank, state, state], dim=-1)
+    x, z, mask, (conv_out, conv_weight, conv_bias), (time_step, B, C) = _scan_inputs(
+        mixer, hidden_states, attention_mask, dtype)
     time_step = _rms_norm(time_step, mixer.dt_layernorm, dtype)
     B = _rms_norm(B, mixer.b_layernorm, dtype)
     C = _rms_norm(C, mixer.c_layernorm, dtype)

@@ -114,19 +114,14 @@ class GLAAttention(HeadGatedMixer):
         return torch.sigmoid(gate_logits) ** (1 / self.gate_logit_normalizer)
 
 
-class GLAMLP(GatedMLP):
-    """GLU: ``W_down (silu(W_gate x) ⊙ W_up x)``."""
-
-
 class GLABlock(PreNormBlock):
     """Pre-norm block: ``x + GLA(norm(x))``, then ``x + MLP(norm(x))``."""
 
-    norm_class, mixer_class, mlp_class = GLARMSNorm, GLAAttention, GLAMLP
+    norm_class, mixer_class, mlp_class = GLARMSNorm, GLAAttention, GatedMLP
 
 
 class GLAPreTrainedModel(HeadNormInit, PreTrainedModel):
     config_class = GLAConfig
-    base_model_prefix = "model"
     _no_split_modules = ["GLABlock"]
 
 
@@ -135,7 +130,6 @@ class GLAModel(BlockStackModel, GLAPreTrainedModel):
 
 
 class GLAForCausalLM(CausalLMHead, GLAPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     model_class = GLAModel
 
 

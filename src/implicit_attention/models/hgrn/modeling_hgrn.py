@@ -29,7 +29,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 
-from .._scaffold import BlockStackModel, CausalLMHead, GatedMLP, PreNormBlock, RMSNorm, compute_dtype
+from .._scaffold import BlockStackModel, CausalLMHead, DecoderPreTrained, GatedMLP, PreNormBlock, RMSNorm, compute_dtype
 from .configuration_hgrn import HGRNConfig
 
 
@@ -126,23 +126,18 @@ class HGRNRecurrence(nn.Module):
         return self._output(torch.stack(hs, dim=1), g, hidden_states.dtype)
 
 
-class HGRNMLP(GatedMLP):
-    """GLU: ``W_down (silu(W_gate x) ⊙ W_up x)``."""
-
-
 class HGRNBlock(PreNormBlock):
     """Pre-norm block: ``x + HGRU(norm(x))``, then ``x + MLP(norm(x))``."""
 
-    norm_class, mixer_class, mlp_class = HGRNRMSNorm, HGRNRecurrence, HGRNMLP
+    norm_class, mixer_class, mlp_class = HGRNRMSNorm, HGRNRecurrence, GatedMLP
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 lower_bound: torch.Tensor | None = None) -> torch.Tensor:
         return super().forward(hidden_states, attention_mask, lower_bound=lower_bound)
 
 
-class HGRNPreTrainedModel(PreTrainedModel):
+class HGRNPreTrainedModel(DecoderPreTrained, PreTrainedModel):
     config_class = HGRNConfig
-    base_model_prefix = "model"
     _no_split_modules = ["HGRNBlock"]
 
     def _init_weights(self, module):
@@ -176,7 +171,6 @@ class HGRNModel(BlockStackModel, HGRNPreTrainedModel):
 
 
 class HGRNForCausalLM(CausalLMHead, HGRNPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     model_class = HGRNModel
 
 

@@ -110,19 +110,14 @@ class RetNetRetention(HeadGatedMixer):
         return gamma[:, None]
 
 
-class RetNetMLP(GatedMLP):
-    """GLU: ``W_down (silu(W_gate x) ⊙ W_up x)``."""
-
-
 class RetNetBlock(PreNormBlock):
     """Pre-norm block: ``x + MSR(norm(x))``, then ``x + MLP(norm(x))``."""
 
-    norm_class, mixer_class, mlp_class = RetNetRMSNorm, RetNetRetention, RetNetMLP
+    norm_class, mixer_class, mlp_class = RetNetRMSNorm, RetNetRetention, GatedMLP
 
 
 class RetNetPreTrainedModel(HeadNormInit, PreTrainedModel):
     config_class = RetNetConfig
-    base_model_prefix = "model"
     _no_split_modules = ["RetNetBlock"]
 
 
@@ -131,7 +126,6 @@ class RetNetModel(BlockStackModel, RetNetPreTrainedModel):
 
 
 class RetNetForCausalLM(CausalLMHead, RetNetPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     model_class = RetNetModel
 
 
