@@ -21,3 +21,13 @@ def test_readme_python_example_runs():
     assert torch.allclose(namespace["rebuilt"], layer.output, rtol=1e-4, atol=1e-5)
     assert namespace["relevance"].shape == namespace["ids"].shape
     assert torch.isfinite(namespace["relevance_s6"]).all()
+
+
+def test_readme_text_example_runs(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    namespace: dict = {}
+    for block in blocks[:2]:                              # the second uses the first's imports
+        exec(compile(block, "README.md", "exec"), namespace)
+    lines = capsys.readouterr().out.splitlines()[-2:]
+    assert [line.split()[0] for line in lines] == ["positive", "negative"]
+    assert "(' utterly'," in lines[0] and "(' dull'," in lines[1] and "(':'," in lines[1]  # the template's tokens too

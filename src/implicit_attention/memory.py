@@ -40,7 +40,7 @@ the memory available, leaving room for them. ``tests/test_memory.py`` measures t
 allocations of each path on the CPU and checks that the estimate bounds them.
 
 An architecture whose layers keep more than the generic :class:`LayerFootprint` declares its own
-with :func:`register_footprint` (the built-in ones are registered below).
+in its registration (``Architecture(..., footprint=...)``).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def channels_per_block(batch: int, length: int, channels: int, itemsize: int,
 
 
 # ------------------------------------------------------------------------------ footprints
-def _heads(module) -> int:
+def heads(module) -> int:
     """Number of (query) heads of an attention-like module, read from its attributes or config."""
     for owner in (module, getattr(module, "config", None)):
         for name in ("num_heads", "num_attention_heads", "n_head", "n_heads", "n_mamba_heads"):
@@ -217,52 +217,18 @@ class LayerFootprint:
         return int(value(module) if callable(value) else value)
 
 
-_FOOTPRINTS: dict[str, LayerFootprint] = {}
-#: Used for an architecture that registered no footprint.
+#: Used for an architecture that declares no footprint.
 GENERIC_FOOTPRINT = LayerFootprint()
 
 
-def register_footprint(architecture: str, footprint: LayerFootprint) -> None:
-    """Declare the :class:`LayerFootprint` of a registered architecture (by its name)."""
-    _FOOTPRINTS[architecture] = footprint
+def per_head(extra: int = 0, factor: int = 1) -> Callable:
+    """A footprint count of ``factor`` per (query) head of the module plus ``extra``."""
+    return lambda module: factor * heads(module) + extra
 
 
-def footprint(architecture: str) -> LayerFootprint:
-    """The :class:`LayerFootprint` of ``architecture`` (:data:`GENERIC_FOOTPRINT` if none was registered)."""
-    return _FOOTPRINTS.get(architecture, GENERIC_FOOTPRINT)
-
-
-def _per_head(extra: int = 0, factor: int = 1) -> Callable:
-    return lambda module: factor * _heads(module) + extra
-
-
-def _eager_weights(module) -> int:
-    return _heads(module) if _eager(module) else 0
-
-
-# softmax attention: probabilities recomputed per chunk of heads, the additive mask per chunk
-_ATTENTION = LayerFootprint(vectors=8, build_vectors=8, build_maps=2, units=_heads, path_vectors=4, path_maps=4,
-                            captured_maps=_eager_weights)
-for _name in ("attention", "attention_gpt2", "attention_bert"):
-    register_footprint(_name, _ATTENTION)
-# Griffin's local attention keeps its probabilities [B, H, L, L]
-register_footprint("griffin_attention", LayerFootprint(
-    vectors=8, maps=_per_head(), build_vectors=8, build_maps=_per_head(2, 3), units=_heads, path_vectors=4,
-    path_maps=_per_head(4), captured_maps=_eager_weights))
-# per-head matrices kept by the factors; building them takes a few more of their size
-register_footprint("rwkv6", LayerFootprint(maps=_per_head(), build_maps=_per_head(2, 4), path_maps=_per_head(4, 2)))
-register_footprint("rwkv7", LayerFootprint(maps=_per_head(), build_maps=_per_head(2, 8), path_maps=_per_head(4, 2)))
-register_footprint("xlstm", LayerFootprint(maps=_per_head(), build_maps=_per_head(2, 6), path_maps=_per_head(4, 2)))
-# Zamba's Mamba heads: the signed mean stacks one map per head
-register_footprint("zamba_mamba", LayerFootprint(path_maps=_per_head(4), cuda_path_bytes=2**30))
-# the fused signed mean of Mamba on CUDA sizes its factor tensors for up to 1 GiB
-register_footprint("mamba", LayerFootprint(cuda_path_bytes=2**30))
-register_footprint("jamba_mamba", LayerFootprint(cuda_path_bytes=2**30))
-# HGRN's and GLA's factors run the model's chunked scan: [B, T, T, width] temporaries for chunks of
-# T tokens (GLA's width is its key width)
-register_footprint("hgrn", LayerFootprint(build_vectors=lambda m: 24 + 4 * getattr(m, "chunk_size", 64)))
-register_footprint("gla", LayerFootprint(build_vectors=lambda m: 24 + -(-4 * getattr(m, "chunk_size", 64) * getattr(
-    m, "key_dim", 1) // getattr(m, "value_dim", 1))))
+def eager_weights(module) -> int:
+    """Maps an attention module returns (its ``[B, H, L, L]`` weights) when it runs the eager path."""
+    return heads(module) if _eager(module) else 0
 
 
 # -------------------------------------------------------------------------------- estimate
@@ -320,7 +286,7 @@ def estimate(layers: Sequence[tuple[str, object, object, torch.device]], batch: 
         if not entry.layers:
             entry.captured += square * max(sm, 4)            # the padding mask the layers receive
         entry.layers.append(name)
-        fp = footprint(arch.name)
+        fp = arch.footprint or GENERIC_FOOTPRINT
         channels = arch.channels(module)
         vector, grid = batch * length * channels, square
         width = _input_width(module, channels)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..memory import LayerFootprint
 from .base import LayerDecomposition
 
 
@@ -64,6 +65,8 @@ class Architecture:
             further hooks that fill ``record.extra`` (internal quantities the layer does not return).
         block_input: optional ``block_input(model, name) -> nn.Module`` the module whose input is
             the residual stream of this layer (default: the layer's parent module).
+        footprint: the :class:`~implicit_attention.memory.LayerFootprint` of a decomposed layer, for
+            the memory estimates (``None``: the generic one).
     """
 
     name: str
@@ -75,6 +78,7 @@ class Architecture:
     channels: Callable[[nn.Module], int]
     extra_hooks: Callable | None = None
     block_input: Callable | None = None
+    footprint: LayerFootprint | None = None
     _classes: list = field(default_factory=list, compare=False, repr=False)
 
     def classes(self) -> tuple[type, ...]:

@@ -18,6 +18,7 @@ masks and probabilities, ``layer`` the :class:`~..base.LayerDecomposition`, ``na
 reference. The only variant is ``unified`` (the attention probabilities).
 """
 
+from ...memory import LayerFootprint, eager_weights, heads
 from ..registry import Architecture, layer_builder, register
 from .factors import (
     attention_factors,
@@ -33,6 +34,10 @@ from .naive import attention_probabilities_naive
 from .operator import AttentionFactors, additive_mask, attention_probabilities, repeat_kv, split_heads
 
 VARIANTS: tuple[str, ...] = ("unified",)
+#: Probabilities recomputed per chunk of heads, the additive mask per chunk; eager modules return
+#: their [B, H, L, L] weights, which the hooks capture.
+FOOTPRINT = LayerFootprint(vectors=8, build_vectors=8, build_maps=2, units=heads, path_vectors=4, path_maps=4,
+                           captured_maps=eager_weights)
 _HF = "transformers.models"
 
 
@@ -43,12 +48,12 @@ def attention_builder(qkv):
 
 register(Architecture(
     "attention_gpt2", (f"{_HF}.gpt2.modeling_gpt2.GPT2Attention",), ("GPT2LMHeadModel", "GPT2Model"), VARIANTS,
-    "c_proj", attention_builder(gpt2_qkv), lambda m: m.embed_dim, extra_hooks=record_arguments))
+    "c_proj", attention_builder(gpt2_qkv), lambda m: m.embed_dim, extra_hooks=record_arguments, footprint=FOOTPRINT))
 register(Architecture(
     # the pre-5.x ViTSelfAttention is BERT-like; the output projection is BertSelfOutput.dense, outside the module
     "attention_bert", (f"{_HF}.bert.modeling_bert.BertSelfAttention", f"{_HF}.vit.modeling_vit.ViTSelfAttention"),
     ("BertModel", "BertForSequenceClassification"), VARIANTS, None, attention_builder(bert_qkv),
-    lambda m: m.all_head_size, extra_hooks=record_arguments))
+    lambda m: m.all_head_size, extra_hooks=record_arguments, footprint=FOOTPRINT))
 register(Architecture(
     "attention", tuple(f"{_HF}.{path}" for path in (
         "llama.modeling_llama.LlamaAttention", "vit.modeling_vit.ViTAttention", "deit.modeling_deit.DeiTAttention",
@@ -61,8 +66,8 @@ register(Architecture(
      "ZambaForCausalLM", "Zamba2ForCausalLM", "BambaForCausalLM", "NemotronHForCausalLM",
      "GraniteMoeHybridForCausalLM", "FalconH1ForCausalLM"),
     VARIANTS, "o_proj", attention_builder(projection_qkv), lambda m: m.o_proj.in_features,
-    extra_hooks=record_arguments))
+    extra_hooks=record_arguments, footprint=FOOTPRINT))
 
-__all__ = ["VARIANTS", "AttentionFactors", "AttentionLayerDecomposition", "additive_mask", "attention_builder",
+__all__ = ["FOOTPRINT", "VARIANTS", "AttentionFactors", "AttentionLayerDecomposition", "additive_mask", "attention_builder",
            "attention_factors", "attention_probabilities", "attention_probabilities_naive", "bert_qkv", "gpt2_qkv",
            "projection_qkv", "record_arguments", "recurrent_gemma_qkv", "repeat_kv", "split_heads"]

@@ -5,6 +5,7 @@
 slow reference; the local attention is decomposed by :mod:`..attention`.
 """
 
+from ..attention import FOOTPRINT as ATTENTION_FOOTPRINT
 from ..attention import attention_builder, record_arguments, recurrent_gemma_qkv
 from ..registry import Architecture, layer_builder, register
 from .factors import griffin_factors
@@ -25,7 +26,7 @@ register(Architecture(
     # softmax attention within a sliding window, exact under every recurrent variant name
     "griffin_attention", (f"{_RG}.RecurrentGemmaAttention",), (), VARIANTS, "o_proj",
     attention_builder(recurrent_gemma_qkv), lambda attn: attn.num_attention_heads * attn.head_dim,
-    extra_hooks=record_arguments))
+    extra_hooks=record_arguments, footprint=ATTENTION_FOOTPRINT))
 
 __all__ = ["EXACT_VARIANTS", "VARIANTS", "GriffinFactors", "GriffinLayerDecomposition", "griffin_block",
            "griffin_factors", "griffin_operator", "rglru_matrices"]
