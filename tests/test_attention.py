@@ -20,8 +20,8 @@ from implicit_attention.architectures.attention import (
     AttentionLayerDecomposition,
     additive_mask,
     attention_probabilities,
-    attention_probabilities_naive,
 )
+from implicit_attention.architectures.attention.naive import attention_probabilities_naive
 from implicit_attention.hooks import capture, select_layers
 from implicit_attention.inputs import prepare_model_inputs
 

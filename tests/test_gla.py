@@ -7,7 +7,8 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import implicit_attention as ia
-from implicit_attention.architectures.gla import VARIANTS, gla_block, gla_heads, gla_heads_tiled, gla_naive
+from implicit_attention.architectures.gla import VARIANTS, gla_block, gla_heads, gla_heads_tiled
+from implicit_attention.architectures.gla.naive import gla_naive
 from implicit_attention.hooks import capture, select_layers
 from implicit_attention.models.gla import GLAAttention, GLAConfig, GLAForCausalLM, GLAModel
 

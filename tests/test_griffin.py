@@ -7,7 +7,8 @@ import torch
 from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM, RecurrentGemmaModel
 
 import implicit_attention as ia
-from implicit_attention.architectures.attention import attention_probabilities_naive, repeat_kv
+from implicit_attention.architectures.attention import repeat_kv
+from implicit_attention.architectures.attention.naive import attention_probabilities_naive
 from implicit_attention.architectures.griffin import VARIANTS, griffin_block, griffin_factors, rglru_matrices
 from implicit_attention.architectures.griffin.naive import naive_griffin, naive_rglru_scan
 from implicit_attention.explanations import BASELINE_METHODS, MATRIX_METHODS

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import implicit_attention as ia
-from implicit_attention.architectures.hgrn import VARIANTS, hgrn_block, hgrn_naive
+from implicit_attention.architectures.hgrn import VARIANTS, hgrn_block
+from implicit_attention.architectures.hgrn.naive import hgrn_naive
 from implicit_attention.hooks import capture, select_layers
 from implicit_attention.models.hgrn import HGRNConfig, HGRNForCausalLM, HGRNModel, HGRNRecurrence
 from implicit_attention.models.hgrn.modeling_hgrn import chunked_scan

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import implicit_attention as ia
-from implicit_attention.architectures.retnet import VARIANTS, retnet_block, retnet_naive
+from implicit_attention.architectures.retnet import VARIANTS, retnet_block
+from implicit_attention.architectures.retnet.naive import retnet_naive
 from implicit_attention.models.retnet import RetNetConfig, RetNetForCausalLM, RetNetModel, RetNetRetention
 
 from conftest import assert_close, left_padded

@@ -30,7 +30,6 @@ from .factors import (
     recurrent_gemma_qkv,
 )
 from .layer import AttentionLayerDecomposition
-from .naive import attention_probabilities_naive
 from .operator import AttentionFactors, additive_mask, attention_probabilities, repeat_kv, split_heads
 
 VARIANTS: tuple[str, ...] = ("unified",)
@@ -69,5 +68,5 @@ register(Architecture(
     extra_hooks=record_arguments, footprint=FOOTPRINT))
 
 __all__ = ["FOOTPRINT", "VARIANTS", "AttentionFactors", "AttentionLayerDecomposition", "additive_mask", "attention_builder",
-           "attention_factors", "attention_probabilities", "attention_probabilities_naive", "bert_qkv", "gpt2_qkv",
+           "attention_factors", "attention_probabilities", "bert_qkv", "gpt2_qkv",
            "projection_qkv", "record_arguments", "recurrent_gemma_qkv", "repeat_kv", "split_heads"]

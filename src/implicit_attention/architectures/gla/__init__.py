@@ -9,7 +9,6 @@ from ..registry import Architecture, input_and_mask, layer_builder, register
 from .factors import gla_factors
 from .fast import gla_heads_tiled, key_dim_operator
 from .layer import GLALayerDecomposition
-from .naive import gla_naive
 from .operator import VARIANTS, GLAFactors, gla_block, gla_heads
 
 register(Architecture(
@@ -21,4 +20,4 @@ register(Architecture(
         m, "key_dim", 1) // getattr(m, "value_dim", 1)))))
 
 __all__ = ["VARIANTS", "GLAFactors", "GLALayerDecomposition", "gla_block", "gla_factors", "gla_heads",
-           "gla_heads_tiled", "gla_naive", "key_dim_operator"]
+           "gla_heads_tiled", "key_dim_operator"]

@@ -8,7 +8,6 @@ from ...memory import LayerFootprint
 from ..registry import Architecture, layer_builder, register
 from .factors import hgrn_factors
 from .layer import HGRNLayerDecomposition
-from .naive import hgrn_naive
 from .operator import VARIANTS, HGRNFactors, hgrn_block, hgrn_operator, recurrence_matrices
 
 
@@ -23,5 +22,5 @@ register(Architecture(
     # the factors run the model's chunked scan: [B, T, T, E] temporaries for chunks of T tokens
     footprint=LayerFootprint(build_vectors=lambda m: 24 + 4 * getattr(m, "chunk_size", 64))))
 
-__all__ = ["VARIANTS", "HGRNFactors", "HGRNLayerDecomposition", "hgrn_block", "hgrn_factors", "hgrn_naive",
+__all__ = ["VARIANTS", "HGRNFactors", "HGRNLayerDecomposition", "hgrn_block", "hgrn_factors",
            "hgrn_operator", "recurrence_matrices"]

@@ -7,7 +7,6 @@
 from ..registry import Architecture, input_and_mask, layer_builder, register
 from .factors import retnet_factors
 from .layer import RetNetLayerDecomposition
-from .naive import retnet_naive
 from .operator import VARIANTS, RetNetFactors, retention_heads, retnet_block
 
 register(Architecture(
@@ -16,4 +15,4 @@ register(Architecture(
     lambda module: module.value_dim))
 
 __all__ = ["VARIANTS", "RetNetFactors", "RetNetLayerDecomposition", "retention_heads", "retnet_block",
-           "retnet_factors", "retnet_naive"]
+           "retnet_factors"]
