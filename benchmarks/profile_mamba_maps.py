@@ -1,12 +1,17 @@
-"""Profile the fast signed-mean map of one Mamba-130M-shaped layer (top kernels by device time)."""
+"""Profile the fast signed-mean map of one Mamba-130M-shaped layer (top kernels by device time).
 
+    python benchmarks/profile_mamba_maps.py [--length 2048]
+"""
+
+import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, "benchmarks")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_mamba, wherever this is run from
 from bench_mamba import build_model, layer_inputs  # noqa: E402
 
 from implicit_attention.architectures.mamba import MambaLayerDecomposition, mamba_factors  # noqa: E402
@@ -42,4 +47,6 @@ def main(length: int = 2048) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2048)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--length", type=int, default=2048, help="tokens L (default: %(default)s)")
+    main(parser.parse_args().length)

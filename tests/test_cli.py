@@ -196,8 +196,11 @@ def test_help_and_version(capsys) -> None:
         assert option in out, option
     code, out, _ = run(capsys, "--version")
     assert code == 0 and out.startswith("implicit-attention ")
-    code, _, err = run(capsys, "explain")  # no text: argparse usage error
-    assert code == 2 and "usage:" in err
+    code, _, err = run(capsys, "explain")  # no text: a usage error, one line naming the fix
+    assert code == 2 and err.splitlines() == [
+        "error: the following arguments are required: TEXT (see 'implicit-attention explain --help')"]
+    code, _, err = run(capsys, "explain", "good", "--layers=abc")
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: argument --layers: expected a comma")
 
 
 def test_explain_writes_report(capsys, tiny_dir: Path, tmp_path: Path) -> None:
@@ -257,6 +260,16 @@ def test_info(capsys, tiny_dir: Path) -> None:
     assert code == 0, err
     assert "MambaForCausalLM" in stdout and "backbone.layers.1.mixer" in stdout
     assert "unified (default, exact)" in stdout and "no_gate" in stdout and "32" in stdout  # channels
+    assert "variants (mamba): unified (default, exact), s6, no_conv (exact), no_gate, no_act" in stdout
+
+
+def test_ablation_variants_say_so(capsys, tiny_dir: Path) -> None:
+    code, stdout, err = run(capsys, "explain", "great acting", "--model", tiny_dir, "--variant", "s6", "--no-color")
+    assert code == 0, err
+    line = next(line for line in stdout.splitlines() if line.startswith("max reconstruction error:"))
+    assert "variant s6); s6 is an ablation, not an exact identity" in line
+    code, stdout, err = run(capsys, "explain", "great acting", "--model", tiny_dir, "--variant", "no_conv")
+    assert code == 0 and "ablation" not in stdout
 
 
 @pytest.mark.parametrize("text", ["", "   \t "])

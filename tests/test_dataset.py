@@ -211,7 +211,7 @@ def test_refuse_other_settings(capsys, files, tmp_path: Path) -> None:
     base = ["explain-dataset", files["txt"], "--out", out, "--limit", "2", "--no-progress"]
     assert run(capsys, *base)[0] == 0
     code, _, err = run(capsys, *base, "--method", "rollout")
-    assert code == 2 and "other settings" in err and "method: 'attribution' there, 'rollout' now" in err
+    assert code == 2 and "other settings" in err and "--method: 'attribution' there, 'rollout' now" in err
     code, _, err = run(capsys, *base, "--dtype", "float64")
     assert code == 2 and "dtype" in err and "--force" in err
     code, _, err = run(capsys, *base, "--method", "rollout", "--force")

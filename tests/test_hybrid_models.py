@@ -133,7 +133,7 @@ def test_every_layer_found_in_model_order_and_decomposed_in_call_order(class_nam
     ids, mask = left_padded(batch=2, length=6, vocab=VOCAB)
     if not any(not k.startswith("attention") for k in kinds):
         pytest.skip(f"the Mamba mixers of {class_name} are not registered yet (architectures/mamba2, "
-                    "hybrid_mamba.py): only its attention layers are found")
+                    "architectures/mamba): only its attention layers are found")
     result = ia.decompose(model, ids, mask)
     # rollout multiplies maps in the order the layers run: decompose keeps the call order (Zamba2
     # registers a hybrid layer's Mamba block before the shared attention block it calls first)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ from implicit_attention.dataset.store import (
     RESUME_KEYS,
     RUN_FILE,
     RUN_VERSION,
+    SETTING_OPTIONS,
     SUMMARY_FILE,
     append_results,
     check_run,
@@ -220,12 +222,13 @@ def test_check_run_refuses_other_settings(tmp_path: Path) -> None:
         check_run(tmp_path, dict(SETTINGS, method="rollout", layers=[-1]), False)
     message = str(info.value)
     assert "holds a run with other settings" in message and "--force" in message
-    assert "method: 'attribution' there, 'rollout' now; layers: None there, [-1] now" in message
+    assert "--method: 'attribution' there, 'rollout' now; --layers: all there, -1 now" in message
     assert "contents changed" not in message
-    with pytest.raises(DatasetError, match=r"other settings \(the input file's contents changed\) \(input_sha256"):
+    with pytest.raises(DatasetError, match=r"other settings \(the input file's contents changed\) \(the input file's "
+                                           r"contents: sha256 "):
         check_run(tmp_path, dict(SETTINGS, input_sha256="cd" * 32), False)
     for key in RESUME_KEYS:
-        with pytest.raises(DatasetError, match=f"{key}: "):
+        with pytest.raises(DatasetError, match=re.escape(SETTING_OPTIONS[key]) + ": "):
             check_run(tmp_path, dict(SETTINGS, **{key: "changed"}), False)
         check_run(tmp_path, dict(SETTINGS, **{key: "changed"}), True)  # force: accepted
     assert json.loads((tmp_path / RUN_FILE).read_text())["settings"] == SETTINGS  # check_run writes nothing

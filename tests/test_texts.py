@@ -74,3 +74,30 @@ def test_decomposition_input_values_and_the_deprecated_name(loaded):
     assert torch.equal(decomposition.input_values, ids)
     with pytest.warns(DeprecationWarning, match="input_values"):
         assert decomposition.input_ids is decomposition.input_values
+
+
+def test_models_inputs_and_text_are_told_apart(loaded):
+    ids, mask = encode(loaded, TEXTS)
+    with pytest.raises(TypeError, match="got text.*explain_texts"):
+        ia.decompose(loaded.model, "an utterly charming film")
+    with pytest.raises(TypeError, match="got text.*explain_texts"):
+        ia.explain(loaded.model, TEXTS)
+    with pytest.raises(TypeError, match="explain_texts needs a LoadedModel.*MambaForCausalLM"):
+        ia.explain_texts(loaded.model, TEXTS)
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        ia.explain(object(), ids)
+    # a LoadedModel where a model is expected: its model is used
+    assert torch.equal(ia.explain(loaded, ids, mask, method="raw"), ia.explain(loaded.model, ids, mask, method="raw"))
+    assert ia.decompose(loaded, ids, mask).errors == ia.decompose(loaded.model, ids, mask).errors
+
+
+def test_registry_knows_which_variants_are_exact(loaded):
+    """Architecture.is_exact (what `info` prints) agrees with the layers each variant builds."""
+    from implicit_attention.architectures import find_layers
+
+    ids, mask = encode(loaded, TEXTS[:1])
+    arch = find_layers(loaded.model)[0][2]
+    for variant in arch.variants:
+        layers = ia.decompose(loaded.model, ids, mask, variant=variant, check=False).layers
+        assert {layer.exact for layer in layers} == {arch.is_exact(variant)}, variant
+        assert all(layer.error <= 1e-6 for layer in layers) == arch.is_exact(variant), variant

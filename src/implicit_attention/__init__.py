@@ -35,15 +35,18 @@ _LAZY: dict[str, str] = {
     "decompose": "decomposition", "Decomposition": "decomposition",
     "explain": "explanations", "run_explanation": "explanations", "Explanation": "explanations",
     "explain_texts": "explanations", "TextExplanation": "explanations", "TextExplanations": "explanations",
-    "load_model": "loading", "LoadedModel": "loading",
+    "load_model": "loading", "LoadedModel": "loading", "ModelLoadError": "loading", "TaskError": "loading",
+    "DatasetError": "dataset", "OutputDirectoryError": "render",
     "LayerDecomposition": "architectures", "supported_model_classes": "architectures",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __getattr__
     from .architectures import LayerDecomposition, supported_model_classes
+    from .dataset import DatasetError
     from .decomposition import Decomposition, decompose
     from .explanations import Explanation, TextExplanation, TextExplanations, explain, explain_texts, run_explanation
-    from .loading import LoadedModel, load_model
+    from .loading import LoadedModel, ModelLoadError, TaskError, load_model
+    from .render import OutputDirectoryError
 
 
 def __getattr__(name: str) -> Any:
@@ -62,8 +65,9 @@ def __dir__() -> list[str]:
 autoregister.install()
 
 __all__ = [
-    "BASELINE_METHODS", "Decomposition", "EmptyInputError", "Explanation", "ImplicitAttentionError",
-    "LayerDecomposition", "LoadedModel", "MATRIX_METHODS", "METHODS", "MemoryBudgetError", "OffloadedLayerError",
-    "ReconstructionError", "TextExplanation", "TextExplanations", "UnsupportedModelError", "decompose", "explain",
-    "explain_texts", "load_model", "run_explanation", "supported_model_classes",
+    "BASELINE_METHODS", "DatasetError", "Decomposition", "EmptyInputError", "Explanation", "ImplicitAttentionError",
+    "LayerDecomposition", "LoadedModel", "MATRIX_METHODS", "METHODS", "MemoryBudgetError", "ModelLoadError",
+    "OffloadedLayerError", "OutputDirectoryError", "ReconstructionError", "TaskError", "TextExplanation",
+    "TextExplanations", "UnsupportedModelError", "decompose", "explain", "explain_texts", "load_model",
+    "run_explanation", "supported_model_classes",
 ]

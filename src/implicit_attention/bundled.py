@@ -1,8 +1,9 @@
 """The model shipped with the package, :data:`BUNDLED_MODEL` (``rt-sentiment-mamba``).
 
 A stock ``MambaForCausalLM`` trained by ``scripts/train_sentiment.py`` on Rotten Tomatoes review
-sentences as a prompted next-token task (``"<s>{text} sentiment:"`` -> ``" positive"`` |
-``" negative"``). Its directory holds the usual ``config.json``, ``model.safetensors``,
+sentences as a prompted next-token task: the prompt ``"{text} sentiment:"`` after the tokenizer's
+BOS token ``<s>`` (``task.json``: ``template`` and ``add_bos_token``) -> ``" positive"`` |
+``" negative"``. Its directory holds the usual ``config.json``, ``model.safetensors``,
 ``tokenizer.json`` and a ``task.json`` describing the prompt and the label words (see
 :mod:`~implicit_attention.loading`). Load it with :func:`~implicit_attention.loading.load_model`
 (the default) or with ``from_pretrained(bundled_model_path())``.

@@ -96,6 +96,13 @@ examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (``error: ...``), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
 def _negative_number_lists(parser: argparse.ArgumentParser) -> None:
     """Let option values such as ``-1,0`` (layer lists) be read as values, not as options."""
     if hasattr(parser, "_negative_number_matcher"):
@@ -131,9 +138,11 @@ def _add_model_option(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``implicit-attention`` command (built without importing torch)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
-        description="Explain predictions of Mamba models with their exact implicit attention matrices.",
+        description="Explain the predictions of gated-linear RNNs, state-space models (Mamba, Mamba-2, RWKV, "
+                    "Griffin, xLSTM, RetNet, HGRN, GLA, hybrids) and Transformers with the exact implicit "
+                    "attention matrices of their token-mixing layers.",
         epilog=f"Run '{PROG} explain --help', '{PROG} explain-dataset --help' or '{PROG} info --help' for the "
                "options of each command.\n\n"
                + EXPLAIN_EPILOG.split("\n\n")[0] + "\n",
@@ -164,10 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--variant", choices=VARIANTS, default="unified",
         help="implicit attention formulation (default: %(default)s, the exact one). For Mamba, s6 is the earlier "
-             "S6-only hidden attention; no_conv, no_gate and no_act leave out the convolution, the gate or the "
-             "activation (ablations; their reconstruction error shows what they miss). Other architectures offer "
-             "their own (ssd for Mamba-2, wkv for RWKV, rglru for Griffin, recurrence for RetNet/HGRN/GLA, ...; "
-             "'implicit-attention info' lists a model's). Baselines ignore it.")
+             "S6-only hidden attention; no_conv puts the convolution's output in the values (still exact); no_gate "
+             "and no_act leave out the gate or the activation (ablations: their reconstruction error shows what "
+             "they miss). Other architectures offer their own (ssd for Mamba-2, wkv for RWKV, rglru for Griffin, "
+             "recurrence for RetNet/HGRN/GLA, ...; 'implicit-attention info' lists a model's, exact ones marked). "
+             "Baselines ignore it.")
     explain.add_argument(
         "--layers", type=parse_layers, default=None, metavar="I,J,...",
         help="token-mixing layers to use, as comma-separated indices; negatives count from the end "
@@ -391,10 +401,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     print()
     if decomposition is not None:
-        errors = decomposition.errors
-        worst = max(range(len(errors)), key=lambda i: errors[i])
-        print(f"max reconstruction error: {errors[worst]:.2e} (worst of {len(errors)} decomposed layers: "
-              f"layer {decomposition.layers[worst].index}; variant {args.variant})")
+        print(_error_line(decomposition, args.variant))
     else:
         print(f"max reconstruction error: n/a (the {args.method} baseline does not decompose the layers)")
 
@@ -402,6 +409,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
         report = _write_report(args, loaded, result, decomposition)
         print(f"report: {report}")
     return 0
+
+
+def _error_line(decomposition, variant: str) -> str:
+    """The reconstruction check in one line, saying when a variant is an ablation or channels were sampled."""
+    layers = decomposition.layers
+    worst = max(layers, key=lambda layer: layer.error)
+    line = (f"max reconstruction error: {worst.error:.2e} (worst of {len(layers)} decomposed "
+            f"layer{'s' if len(layers) != 1 else ''}: layer {worst.index}; variant {variant})")
+    if not all(layer.exact for layer in layers):
+        line += f"; {variant} is an ablation, not an exact identity: the error measures what it leaves out"
+    if any(layer.error_channels < layer.channels for layer in layers):
+        line += "; long input: a sample of channels was checked"
+    return line
 
 
 def _write_report(args: argparse.Namespace, loaded, result, decomposition) -> str:
@@ -469,7 +489,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         if arch not in seen:
             seen.append(arch)
     for arch in seen:
-        variants = ", ".join(f"{v} (default, exact)" if i == 0 else v for i, v in enumerate(arch.variants))
+        variants = ", ".join(v + (" (default, exact)" if i == 0 else " (exact)" if arch.is_exact(v) else "")
+                             for i, v in enumerate(arch.variants))
         print(f"variants ({arch.name}): {variants}")
     print(f"methods: {', '.join(MATRIX_METHODS)} (implicit attention); {', '.join(BASELINE_METHODS)} (baselines)")
     for package, reason in skipped_architectures().items():

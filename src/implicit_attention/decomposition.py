@@ -14,7 +14,7 @@ from .architectures import CapturedLayer, LayerDecomposition
 from .devices import execution_device, model_dtype, offloaded_parameters, on_device, record_on_device
 from .errors import MemoryBudgetError, OffloadedLayerError, ReconstructionError
 from .hooks import capture, layer_indices, select_layers
-from .inputs import prepare_model_inputs
+from .inputs import as_module, prepare_model_inputs
 from .memory import budget_bytes, estimate
 
 #: Default relative-error tolerance of the exactness check, by the dtype the *model* runs in.
@@ -149,7 +149,7 @@ def check_variant(targets, variant: str) -> None:
     for name, _, arch in targets:
         if variant not in arch.variants:
             raise ValueError(f"variant {variant!r} is not offered for {arch.name} layers ({name}); "
-                             f"choose one of {arch.variants}")
+                             f"choose one of {', '.join(arch.variants)}")
 
 
 def build_layers(captured: list[CapturedLayer], indices: list[int], *, variant: str, dtype: torch.dtype,
@@ -200,6 +200,7 @@ def decompose(model: nn.Module, input_ids, attention_mask=None, *, variant: str 
         ``einsum("bcij,bjc->bic", matrix, values) + offset`` reproduces the layer's output before
         its output projection, to the relative error ``result.layers[l].error``.
     """
+    model = as_module(model)
     inputs = prepare_model_inputs(model, input_ids, attention_mask)  # token ids or pixel_values
     ids, mask = inputs.values, inputs.attention_mask
     targets = select_layers(model, layers)

@@ -19,12 +19,32 @@ from .devices import model_device, model_dtype
 from .errors import EmptyInputError
 
 
+def as_module(model) -> nn.Module:
+    """The ``nn.Module`` to run: ``model`` itself, or the model inside a
+    :class:`~implicit_attention.loading.LoadedModel` (anything with ``.model`` and ``.tokenizer``)."""
+    if not isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), nn.Module) \
+            and hasattr(model, "tokenizer"):
+        return model.model
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a Hugging Face model), got {type(model).__name__}")
+    return model
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and bool(value)
+                                      and all(isinstance(v, str) for v in value))
+
+
 def prepare_inputs(model: nn.Module, input_ids, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Validate ``input_ids`` (``[L]``, ``[B, L]``, list or tensor) and the mask; move them to the model.
 
     Returns ``input_ids [B, L]`` (long) and ``attention_mask [B, L]`` (long) or ``None``.
     Raises :class:`EmptyInputError` for an empty input or a row with no real token.
     """
+    if _is_text(input_ids):
+        raise TypeError("input_ids must be token ids ([L] or [B, L] integers), got text: tokenise it first, or "
+                        "explain raw strings with implicit_attention.explain_texts(implicit_attention.load_model("
+                        "...), texts), which applies the model's prompt template and tokenizer")
     ids = torch.as_tensor(input_ids)
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)

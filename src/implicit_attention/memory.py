@@ -6,7 +6,7 @@ Two levels:
   ``[B, C, L, L]`` tensor with it).
 - :func:`estimate` bounds what a whole :func:`~implicit_attention.decompose` or
   :func:`~implicit_attention.explain` call allocates on each device, from the selected layers
-  and the input's shape alone (before the forward pass); ``decompose.ensure_decomposition_fits``
+  and the input's shape alone (before the forward pass); ``decomposition.ensure_decomposition_fits``
   raises :class:`~implicit_attention.errors.MemoryBudgetError` with advice when a device would
   not hold it.
 

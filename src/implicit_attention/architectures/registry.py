@@ -67,6 +67,8 @@ class Architecture:
             the residual stream of this layer (default: the layer's parent module).
         footprint: the :class:`~implicit_attention.memory.LayerFootprint` of a decomposed layer, for
             the memory estimates (``None``: the generic one).
+        exact_variants: the variants that are exact identities of the layer (the others leave a
+            factor out on purpose); default the first variant alone.
     """
 
     name: str
@@ -79,7 +81,12 @@ class Architecture:
     extra_hooks: Callable | None = None
     block_input: Callable | None = None
     footprint: LayerFootprint | None = None
+    exact_variants: frozenset[str] | None = None
     _classes: list = field(default_factory=list, compare=False, repr=False)
+
+    def is_exact(self, variant: str) -> bool:
+        """Whether ``variant`` is an exact identity of this architecture's layers."""
+        return variant in (self.exact_variants if self.exact_variants is not None else {self.variants[0]})
 
     def classes(self) -> tuple[type, ...]:
         """The layer classes that exist in the installed ``transformers``."""

@@ -1,4 +1,4 @@
-"""The error of the data set modules (no other import of the package: every module can use it)."""
+"""The error of the data set modules (it imports nothing else of the data set package, so every module can use it)."""
 
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ class DatasetOptions:
         label_key: CSV column / JSONL field holding the gold label, or ``None``.
         label_map: ``{gold value: label name}`` added to the default mapping (see
             :func:`~implicit_attention.dataset.labels.gold_aliases`).
-        model, dtype, device: as for :func:`~implicit_attention.bundled.load_model`.
+        model, dtype, device: as for :func:`~implicit_attention.loading.load_model`.
         device_map: load the model through ``accelerate`` with this ``device_map``: ``"auto"``,
             ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``, or the path of a JSON file mapping
             module names to devices (``{"backbone.layers.0": "cuda:0", ...}``); see :func:`resolve_device_map`.
@@ -193,7 +193,7 @@ def _explain_share(loaded, share: list[InputRecord], options: DatasetOptions, ta
 
     desc = "explaining" if dist.world_size == 1 else f"explaining (rank 0 of {dist.world_size})"
     bar = tqdm(total=len(share), desc=desc, unit="text", file=sys.stderr, dynamic_ncols=True,
-               disable=not options.progress or dist.rank != 0)
+               disable=not options.progress or dist.rank != 0 or not share)
     try:
         with open(shard_path(options.out, dist.rank), "a", encoding="utf-8", newline="\n") as handle:
             for batch in _batches(share, batch_size(options, loaded)):

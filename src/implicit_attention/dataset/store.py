@@ -25,7 +25,8 @@ from pathlib import Path
 from .errors import DatasetError
 
 __all__ = [
-    "LOCK_FILE", "RESULTS_FILE", "RESUME_KEYS", "RUN_FILE", "RUN_VERSION", "SUMMARY_FILE", "append_results",
+    "LOCK_FILE", "RESULTS_FILE", "RESUME_KEYS", "RUN_FILE", "RUN_VERSION", "SETTING_OPTIONS", "SUMMARY_FILE",
+    "append_results",
     "check_run", "done_indices", "merge_results", "read_results", "run_lock", "shard_indices", "shard_path",
     "start_run", "write_atomic",
 ]
@@ -41,6 +42,13 @@ RUN_VERSION = 1
 RESUME_KEYS: tuple[str, ...] = (
     "input_sha256", "format", "text_key", "label_key", "label_map", "model", "method", "variant", "layers",
     "aggregate", "dtype", "target", "check")
+#: How the ``explain-dataset`` command line sets each of :data:`RESUME_KEYS` (for the refusal message).
+SETTING_OPTIONS: dict[str, str] = {
+    "input_sha256": "the input file's contents", "format": "--format", "text_key": "--text-column/--text-field",
+    "label_key": "--label-column/--label-field", "label_map": "--label-map", "model": "--model",
+    "method": "--method", "variant": "--variant", "layers": "--layers", "aggregate": "--aggregate",
+    "dtype": "--dtype", "target": "--target", "check": "--no-check",
+}
 
 
 # ---------------------------------------------------------------------------- result files
@@ -183,10 +191,24 @@ def check_run(out: str | os.PathLike, settings: dict, force: bool) -> None:
                            "to start over")
     changed = [key for key in RESUME_KEYS if before.get(key) != settings.get(key)]
     if changed:
-        what = "; ".join(f"{key}: {before.get(key)!r} there, {settings.get(key)!r} now" for key in changed)
+        what = "; ".join(f"{SETTING_OPTIONS.get(key, key)}: {_shown(key, before.get(key))} there, "
+                         f"{_shown(key, settings.get(key))} now" for key in changed)
         hint = " (the input file's contents changed)" if "input_sha256" in changed else ""
         raise DatasetError(f"{os.fspath(out)!r} holds a run with other settings{hint} ({what}); rerun with the "
                            "same arguments to resume it, choose another --out, or pass --force to start over")
+
+
+def _shown(key: str, value) -> str:
+    """A stored setting as the user would write it on the command line."""
+    if key == "layers":
+        return "all" if value is None else ",".join(map(str, value)) if isinstance(value, list) else repr(value)
+    if key == "check":
+        return "on" if value is True else "off" if value is False else repr(value)
+    if key == "input_sha256":
+        return f"sha256 {str(value)[:12]}..."
+    if key == "label_map" and isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items()) or "none"
+    return "none" if value is None else repr(value)
 
 
 def start_run(out: str | os.PathLike, settings: dict, force: bool) -> list[dict]:

@@ -21,7 +21,7 @@ from ..decomposition import (
 )
 from ..devices import model_dtype
 from ..hooks import capture, layer_indices, select_layers
-from ..inputs import prepare_model_inputs
+from ..inputs import as_module, prepare_model_inputs
 from . import baselines
 from .combination import combine
 from .target import Target, resolve_target
@@ -84,6 +84,7 @@ def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     # input adapter: token ids or pixels; tokens L, causal or not, the class token's row
+    model = as_module(model)
     inputs = prepare_model_inputs(model, input_ids, attention_mask)
     ids, mask, length = inputs.values, inputs.attention_mask, inputs.length
     compute_dtype = compute_dtype_for(model, dtype)

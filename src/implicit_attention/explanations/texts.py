@@ -54,7 +54,8 @@ class TextExplanation:
         text: the text as given.
         tokens: display strings of the prompt's tokens (the task template filled in, padding removed).
         token_ids: their ids.
-        relevance: ``[T]`` float64 on the CPU, one value per token of :attr:`tokens`.
+        relevance: ``[T]`` on the CPU (the compute dtype of :func:`~.api.explain`), one value per token of
+            :attr:`tokens`.
         prediction: what the model predicts at the explained position.
         target: the explained score.
         row: the text's row in the batch.
@@ -123,6 +124,10 @@ def explain_texts(loaded: LoadedModel, texts: str | Sequence[str], *, method: st
     Returns:
         :class:`TextExplanations`: per text the tokens, relevance, prediction and explained target.
     """
+    if not isinstance(loaded, LoadedModel):
+        raise TypeError(f"explain_texts needs a LoadedModel from implicit_attention.load_model(...) (it reads the "
+                        f"tokenizer and the task's prompt template), got {type(loaded).__name__}; for a model and "
+                        "token ids use implicit_attention.explain")
     texts = [texts] if isinstance(texts, str) else list(texts)
     ids, mask = encode(loaded, texts)
     length = ids.shape[1]
@@ -152,6 +157,6 @@ def explain_texts(loaded: LoadedModel, texts: str | Sequence[str], *, method: st
             position=inside if inside >= 0 else None, batch_position=int(explanation.target.position))
         examples.append(TextExplanation(
             text=text, tokens=token_strings(loaded, ids[b], mask[b]), token_ids=ids[b][real].tolist(),
-            relevance=explanation.relevance[b][real].detach().cpu().double(), prediction=predictions[b],
+            relevance=explanation.relevance[b][real].detach().cpu(), prediction=predictions[b],
             target=explained, row=b))
     return TextExplanations(examples=examples, explanation=explanation, input_ids=ids, attention_mask=mask)

@@ -13,7 +13,7 @@ from .operator import GLAFactors
 
 def key_dim_operator(f: GLAFactors, heads: slice, row: torch.Tensor | None = None,
                      heads_on_batch: bool = True) -> DiagonalOperator:
-    """The heads' key dims as the channels of a :class:`~.tiled.DiagonalOperator`.
+    """The heads' key dims as the channels of a :class:`~..tiled.DiagonalOperator`.
 
     ``A_h[i, j] = sum_k q_i[k] exp(G_i[k] - G_j[k]) k_j[k]`` is a sum over diagonal channels ``k``
     with rows ``q[k]`` and columns ``k[k]``. ``heads_on_batch``: batch ``B * h`` and channels ``K``
@@ -32,7 +32,7 @@ def key_dim_operator(f: GLAFactors, heads: slice, row: torch.Tensor | None = Non
 
 
 def gla_heads_tiled(f: GLAFactors, heads: slice, chunk_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
-    """``[B, h, L, L]`` the same ``A_h`` as :func:`gla_heads` by hierarchical tiles (:mod:`.tiled`):
+    """``[B, h, L, L]`` the same ``A_h`` as :func:`gla_heads` by hierarchical tiles (:mod:`..tiled`):
     ``O(L^2 K)`` multiply-adds in matrix products instead of ``L^2 K`` exponentials."""
     batch, length = f.q.shape[:2]
     return diagonal_sum(key_dim_operator(f, heads), chunk_bytes=chunk_bytes).view(batch, -1, length, length)

@@ -16,7 +16,7 @@ class GLALayerDecomposition(HeadSharedDecomposition):
 
     Aggregates never build per-channel blocks. The signed mean folds each head's channel sum of
     row scales ``rsum_h[i] = sum_{c in h} r_i[c]`` into its queries, which makes it one factorised
-    channel sum over all ``H K`` key dims (:func:`~.tiled.diagonal_sum`); ``abs`` and ``pos`` need
+    channel sum over all ``H K`` key dims (:func:`~..tiled.diagonal_sum`); ``abs`` and ``pos`` need
     each head's ``A_h`` (from tiles, :func:`gla_heads_tiled`); single rows cost ``O(R L H K)``.
     The per-channel blocks (:attr:`matrix`, attribution) keep the direct :func:`gla_heads`.
     """

@@ -37,7 +37,7 @@ VARIANTS: tuple[str, ...] = ("unified", "recurrence")
 
 @dataclass
 class GLAFactors(HeadGatedFactors):
-    """GLA's data-controlled quantities for one input (plus :class:`~.retnet.HeadGatedFactors`).
+    """GLA's data-controlled quantities for one input (plus :class:`~..heads.HeadGatedFactors`).
 
     Attributes:
         q: ``[B, L, H, K]`` scaled queries; k: ``[B, L, H, K]`` keys (0 on padding).

@@ -21,12 +21,13 @@ def _read(captured, dtype) -> GriffinFactors:
 
 register(Architecture(
     "griffin", (f"{_RG}.RecurrentGemmaRecurrentBlock",), ("RecurrentGemmaForCausalLM", "RecurrentGemmaModel"),
-    VARIANTS, "linear_out", layer_builder(GriffinLayerDecomposition, _read), lambda block: block.lru_width))
+    VARIANTS, "linear_out", layer_builder(GriffinLayerDecomposition, _read), lambda block: block.lru_width,
+    exact_variants=EXACT_VARIANTS))
 register(Architecture(
     # softmax attention within a sliding window, exact under every recurrent variant name
     "griffin_attention", (f"{_RG}.RecurrentGemmaAttention",), (), VARIANTS, "o_proj",
     attention_builder(recurrent_gemma_qkv), lambda attn: attn.num_attention_heads * attn.head_dim,
-    extra_hooks=record_arguments, footprint=ATTENTION_FOOTPRINT))
+    extra_hooks=record_arguments, footprint=ATTENTION_FOOTPRINT, exact_variants=frozenset(VARIANTS)))
 
 __all__ = ["EXACT_VARIANTS", "VARIANTS", "GriffinFactors", "GriffinLayerDecomposition", "griffin_block",
            "griffin_factors", "griffin_operator", "rglru_matrices"]

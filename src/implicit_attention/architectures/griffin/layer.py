@@ -11,7 +11,7 @@ from .operator import EXACT_VARIANTS, GriffinFactors, griffin_block, griffin_ope
 class GriffinLayerDecomposition(DiagonalDecomposition):
     """A Griffin recurrent block as per-channel implicit attention over its width ``E``.
 
-    The signed channel mean (and single rows) come from hierarchical tiles (:mod:`.tiled`), never
+    The signed channel mean (and single rows) come from hierarchical tiles (:mod:`..tiled`), never
     from per-channel blocks; ``rglru``'s ``alpha >= 0`` makes its ``abs`` and ``pos`` maps the mean.
     """
 

@@ -123,7 +123,7 @@ def griffin_block(f: GriffinFactors, channels: slice, variant: str) -> tuple[tor
 
 
 def griffin_operator(f: GriffinFactors, variant: str) -> DiagonalOperator:
-    """``variant``'s matrices as a :class:`~.tiled.DiagonalOperator` (decays ``a``, columns ``m i``,
+    """``variant``'s matrices as a :class:`~..tiled.DiagonalOperator` (decays ``a``, columns ``m i``,
     rows ``y``, the conv taps, the resets), for the factorised channel aggregates."""
     # a reset at the first token crosses nothing: only later ones (packed documents) need the masks
     reset = f.reset if bool(f.reset[:, 1:].any()) else None

@@ -11,7 +11,7 @@ from .operator import HGRNFactors, hgrn_block, hgrn_operator
 class HGRNLayerDecomposition(DiagonalDecomposition):
     """An HGRN recurrence layer as per-channel implicit attention over its width ``E``.
 
-    The signed channel mean (and single rows) come from hierarchical tiles (:mod:`.tiled`), never
+    The signed channel mean (and single rows) come from hierarchical tiles (:mod:`..tiled`), never
     from per-channel blocks; ``recurrence``'s ``R >= 0`` makes its ``abs`` and ``pos`` maps the mean.
     """
 

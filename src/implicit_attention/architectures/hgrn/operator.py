@@ -102,7 +102,7 @@ def hgrn_block(f: HGRNFactors, channels: slice, variant: str) -> tuple[torch.Ten
 
 
 def hgrn_operator(f: HGRNFactors, variant: str) -> DiagonalOperator:
-    """``variant``'s matrices as a :class:`~.tiled.DiagonalOperator` (decays ``f``, columns
+    """``variant``'s matrices as a :class:`~..tiled.DiagonalOperator` (decays ``f``, columns
     ``(1 - f) m`` times ``sigmoid(c) m``, the conv and its column mask, rows ``w s g``), for the
     factorised channel aggregates."""
     col = f.one_minus_f * f.mask[..., None]

@@ -27,7 +27,8 @@ register(Architecture(
         "falcon_h1.modeling_falcon_h1.FalconH1Mixer")),
     ("Mamba2ForCausalLM", "Mamba2Model", "BambaForCausalLM", "Zamba2ForCausalLM", "NemotronHForCausalLM",
      "GraniteMoeHybridForCausalLM", "FalconH1ForCausalLM"),
-    VARIANTS, "out_proj", layer_builder(Mamba2LayerDecomposition, _read), lambda mixer: mixer.intermediate_size))
+    VARIANTS, "out_proj", layer_builder(Mamba2LayerDecomposition, _read), lambda mixer: mixer.intermediate_size,
+    exact_variants=EXACT_VARIANTS))
 
 __all__ = ["EXACT_VARIANTS", "VARIANTS", "Mamba2Factors", "Mamba2LayerDecomposition", "mamba2_block",
            "mamba2_factors"]
