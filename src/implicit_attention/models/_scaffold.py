@@ -293,6 +293,11 @@ class BlockStackModel:
     layers_attr: ClassVar[str] = "layers"
     norm_attr: ClassVar[str] = "norm"
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "block_class" in cls.__dict__:  # accelerate keeps each block on one device
+            cls._no_split_modules = [cls.block_class.__name__]
+
     def __init__(self, config: PretrainedConfig):
         super().__init__(config)  # the model's PreTrainedModel
         setattr(self, self.embed_attr, nn.Embedding(config.vocab_size, config.hidden_size))
@@ -359,6 +364,11 @@ class CausalLMHead:
     head_attr: ClassVar[str] = "lm_head"
     loss_in_float32: ClassVar[bool] = True
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "model_class" in cls.__dict__:
+            cls._no_split_modules = list(cls.model_class._no_split_modules)
 
     def __init__(self, config: PretrainedConfig):
         super().__init__(config)  # the model's PreTrainedModel

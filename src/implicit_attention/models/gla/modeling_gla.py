@@ -122,7 +122,6 @@ class GLABlock(PreNormBlock):
 
 class GLAPreTrainedModel(HeadNormInit, PreTrainedModel):
     config_class = GLAConfig
-    _no_split_modules = ["GLABlock"]
 
 
 class GLAModel(BlockStackModel, GLAPreTrainedModel):

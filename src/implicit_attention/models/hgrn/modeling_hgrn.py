@@ -138,7 +138,6 @@ class HGRNBlock(PreNormBlock):
 
 class HGRNPreTrainedModel(DecoderPreTrained, PreTrainedModel):
     config_class = HGRNConfig
-    _no_split_modules = ["HGRNBlock"]
 
     def _init_weights(self, module):
         super()._init_weights(module)

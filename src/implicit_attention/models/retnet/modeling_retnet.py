@@ -118,7 +118,6 @@ class RetNetBlock(PreNormBlock):
 
 class RetNetPreTrainedModel(HeadNormInit, PreTrainedModel):
     config_class = RetNetConfig
-    _no_split_modules = ["RetNetBlock"]
 
 
 class RetNetModel(BlockStackModel, RetNetPreTrainedModel):

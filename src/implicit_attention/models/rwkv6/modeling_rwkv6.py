@@ -185,7 +185,6 @@ class Rwkv6Block(RwkvBlock):
 
 class Rwkv6PreTrainedModel(RwkvReferenceInit, PreTrainedModel):
     config_class = Rwkv6Config
-    _no_split_modules = ["Rwkv6Block"]
 
 
 class Rwkv6Model(RwkvStack, Rwkv6PreTrainedModel):

@@ -208,7 +208,6 @@ class Rwkv7Block(RwkvBlock):
 
 class Rwkv7PreTrainedModel(RwkvReferenceInit, PreTrainedModel):
     config_class = Rwkv7Config
-    _no_split_modules = ["Rwkv7Block"]
 
 
 class Rwkv7Model(RwkvStack, Rwkv7PreTrainedModel):
