@@ -72,7 +72,9 @@ def test_raw_and_rollout_are_built_from_the_aggregated_maps():
     pos_last = ia.decompose(model, ids, mask, layers=[-1]).layers[0].aggregate("pos")
     assert_close(only_last, pos_last[:, -1, :] * mask, 1e-12, "raw, last layer, pos")
     from implicit_attention.explanations.rules import rollout
-    assert_close(ia.explain(model, ids, mask, method="rollout"), rollout(list(maps))[:, -1, :] * mask, 1e-12, "rollout")
+    real = (mask[:, :, None] * mask[:, None, :]).double()     # padding rows and columns carry no mass
+    assert_close(ia.explain(model, ids, mask, method="rollout"), rollout([M * real for M in maps])[:, -1, :] * mask,
+                 1e-12, "rollout")
 
 
 def test_attribution_uses_the_true_gradient_of_the_layer_output():
@@ -105,27 +107,47 @@ def test_s6_attribution_folds_the_gate_into_the_gradient():
     assert not torch.allclose(unified.relevance, s6.relevance)
 
 
-def test_paper_recipe_uses_residual_gradients():
-    model = tiny_mamba(dtype=torch.float64, num_hidden_layers=4)
-    ids, mask = left_padded(batch=2, length=6)
-    rel = ia.explain(model, ids, mask, method="paper")
-    assert rel.shape == (2, 6) and torch.isfinite(rel).all() and (rel >= 0).all()
-    assert torch.all(rel[1, :1] == 0)
-    # one layer from the start: the recipe by hand from decompose + autograd on the residual
-    expl = ia.run_explanation(model, ids[:1], method="paper", start_layer=3)
-    targets = select_layers(model, None)
-    embeds = model.get_input_embeddings()(ids[:1]).detach()
-    with capture(model, targets, keep_graph=True, block_inputs=True) as captured:
+def published_paper_recipe(model, ids, start_layer: int) -> torch.Tensor:
+    """A literal transcription of the authors' ``generate_ours`` (UnifiedImplicitAttnRepr,
+    MambaVision/imagenet_seg_eval.py) for one unpadded causal-LM example, read at the last token:
+    per layer the channel mean of relu(A) times the min-max normalised max_c relu(gradient at the
+    block input) on its columns, min-max normalised over the whole matrix; then their rollout
+    (I added, rows normalised, multiplied from start_layer on)."""
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    with capture(model, select_layers(model, None), keep_graph=True, block_inputs=True) as captured:
         logits = model(inputs_embeds=embeds).logits
-        (g,) = torch.autograd.grad(logits[0, -1, expl.target.ids[0]], captured[3].block_input)
-    a = ia.decompose(model, ids[:1]).layers[3].aggregate("pos")[0, -1]
-    s = g[0].clamp(min=0).amax(-1)
-    s = (s - s.min()) / (s.max() - s.min())
-    e = a * s
-    e = (e - e.min()) / (e.max() - e.min())
-    # single layer: normalize_rows(I + tril(1 e^T)), last row = (e + onehot_last) / (1 + sum e)
-    expected = (e + torch.eye(6, dtype=torch.float64)[-1]) / (1 + e.sum())
-    assert_close(expl.relevance[0], expected, 1e-9, "paper")
+        index = logits[0, -1].argmax()
+        grads = torch.autograd.grad(logits[0, -1, index], [record.block_input for record in captured])
+    all_layer_attentions = []
+    for layer, grad in zip(ia.decompose(model, ids).layers, grads):
+        attn_vecs = layer.matrix.clamp(min=0)                         # [1, D, L, L]
+        s = grad[0].clamp(min=0).max(dim=1)[0].unsqueeze(0)           # [1, L]
+        s = (s - s.min()) / (s.max() - s.min())
+        avg_heads = attn_vecs.sum(dim=1) / attn_vecs.shape[1]
+        avg_heads = avg_heads * s
+        avg_heads = (avg_heads - avg_heads.min()) / (avg_heads.max() - avg_heads.min())
+        all_layer_attentions.append(avg_heads)
+    num_tokens = all_layer_attentions[0].shape[1]
+    eye = torch.eye(num_tokens, dtype=embeds.dtype).expand(1, num_tokens, num_tokens)
+    matrices = [m + eye for m in all_layer_attentions]
+    matrices_aug = [m / m.sum(dim=-1, keepdim=True) for m in matrices]
+    joint_attention = matrices_aug[start_layer]
+    for i in range(start_layer + 1, len(matrices_aug)):
+        joint_attention = matrices_aug[i].bmm(joint_attention)
+    return joint_attention[0, -1, :]
+
+
+@pytest.mark.parametrize("start_layer", [0, 1, 3])
+def test_paper_is_the_published_recipe(start_layer):
+    """Over several layers (the full matrices are rolled out, not the target rows)."""
+    model = tiny_mamba(dtype=torch.float64, num_hidden_layers=4)
+    ids = torch.randint(1, 40, (1, 7), generator=torch.Generator().manual_seed(start_layer))
+    relevance = ia.explain(model, ids, method="paper", start_layer=start_layer)[0]
+    assert_close(relevance, published_paper_recipe(model, ids, start_layer), 1e-10, f"paper from {start_layer}")
+    assert (relevance > 0).sum() > 2                                       # more than the token itself
+    if start_layer == 0:   # the default starts at the second half: layer 2 of 4
+        assert_close(ia.explain(model, ids, method="paper")[0], published_paper_recipe(model, ids, 2), 1e-10,
+                     "default start")
 
 
 @pytest.mark.parametrize("method", ia.METHODS)

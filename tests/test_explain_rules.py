@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 
 from implicit_attention.architectures.base import LayerDecomposition
-from implicit_attention.explanations.rules import attribution_rollout, minmax, normalize_rows, paper_rollout, rollout
+from implicit_attention.explanations.rules import (
+    attribution_rollout,
+    mask_map,
+    minmax,
+    normalize_rows,
+    paper_layer_map,
+    paper_rollout,
+    rollout,
+)
 
 D = torch.float64
 
@@ -41,15 +49,30 @@ def test_attribution_rollout_by_hand():
 
 
 def test_paper_rollout_by_hand():
-    a = t([[0.2, 0.8]])                 # target-row attention of the layer
-    s = t([[1.0, 0.5]])                 # saliency
+    A = t([[[1.0, 0.0], [0.5, 0.5]]])   # a layer's mean relu(A)
+    s = t([[1.0, 0.5]])                 # saliency, scaling the columns
     mask = t([[1, 1]])
-    # e = minmax([0.2, 0.4]) = [0, 1]; M = tril(1 e^T) = [[0, 0], [0, 1]]; I + M = [[1, 0], [0, 2]]
-    # normalised rows: identity -> relevance of row 1 is [0, 1]
-    assert torch.allclose(paper_rollout([a], [s], mask, row=1), t([[0, 1]]))
-    # two layers with e = [1, 0]: I + M = [[2, 0], [1, 1]] -> [[1, 0], [0.5, 0.5]]; squared row 1 = [0.75, 0.25]
-    a2 = t([[0.9, 0.1]])
-    assert torch.allclose(paper_rollout([a2, a2], [s, s], mask, row=1), t([[0.75, 0.25]]))
+    # E = A diag(s) = [[1, 0], [0.5, 0.25]], min-max over the matrix keeps it; I + E = [[2, 0], [0.5, 1.25]]
+    # -> rows [[1, 0], [2/7, 5/7]]
+    assert torch.allclose(paper_layer_map(A, s, mask), t([[[1, 0], [0.5, 0.25]]]))
+    assert torch.allclose(paper_rollout([A], [s], mask, row=1), t([[2 / 7, 5 / 7]]))
+    # two layers: row 1 of N @ N = [2/7 + (5/7)(2/7), (5/7)^2] = [24/49, 25/49]
+    assert torch.allclose(paper_rollout([A, A], [s, s], mask, row=1), t([[24 / 49, 25 / 49]]))
+    # min-max over the whole matrix: [[2, 1], [0, 3]] -> [[2/3, 1/3], [0, 1]]
+    B = t([[[2.0, 1.0], [0.0, 3.0]]])
+    assert torch.allclose(paper_layer_map(B, t([[1.0, 1.0]]), mask), t([[[2 / 3, 1 / 3], [0, 1]]]))
+
+
+def test_padding_rows_and_columns_change_nothing():
+    """A left-padded copy of a 2-token example gets its relevance, whatever the maps hold on padding."""
+    A = t([[[1.0, 0.0], [0.5, 0.5]]])
+    s = t([[1.0, 0.5]])
+    padded = t([[[9.0, 9.0, 9.0], [7.0, 1.0, 0.0], [3.0, 0.5, 0.5]]])   # row/column 0 is padding
+    mask = t([[0, 1, 1]])
+    expected = paper_rollout([A, A], [s, s], t([[1, 1]]), row=1)
+    got = paper_rollout([padded, padded], [t([[5.0, 1.0, 0.5]])] * 2, mask, row=2)
+    assert torch.allclose(got[:, 1:], expected) and got[0, 0] == 0
+    assert torch.allclose(rollout([mask_map(padded, mask)])[:, 2, 1:], rollout([A])[:, 1])
 
 
 class FixedLayer(LayerDecomposition):

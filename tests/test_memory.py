@@ -51,7 +51,7 @@ MODELS = {
                                             chunk_size=32)),
 }
 #: (method, aggregate) pairs: every path of explain, and decompose alone
-PATHS = [("decompose", None), ("raw", "abs"), ("rollout", "abs"), ("rollout", "mean"), ("attribution", None),
+PATHS = [("decompose", None), ("raw", "abs"), ("raw", "mean"), ("rollout", "abs"), ("rollout", "pos"), ("attribution", None),
          ("paper", None)]
 BATCH, LENGTH, BLOCK = 2, 40, 192 * 1024
 

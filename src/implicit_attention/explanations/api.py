@@ -100,6 +100,10 @@ def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method:
     check_variant(targets, variant)
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be 'abs', 'pos' or 'mean', got {aggregate!r}")
+    if method == "rollout" and aggregate == "mean":
+        raise ValueError("rollout multiplies row-normalised maps and needs them non-negative: aggregate='mean' "
+                         "is the signed channel mean, whose row sums can be zero or negative; use 'abs' or 'pos' "
+                         "(the signed mean is available with method='raw')")
     ensure_decomposition_fits(targets, inputs, compute_dtype, method=method)
     need_grad = method in ("attribution", "paper")
     embeds = inputs.embed(model).requires_grad_(need_grad)
@@ -119,8 +123,7 @@ def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method:
                              check=check, tolerance=tol, progress=progress)
         captured.clear()  # the layers' inputs and call arguments: no longer needed
         mask_f = inputs.token_mask(compute_dtype)
-        relevance = combine(method, built, grads, tgt.row, mask_f, aggregate=aggregate, start_layer=start_layer,
-                            causal=inputs.causal)
+        relevance = combine(method, built, grads, tgt.row, mask_f, aggregate=aggregate, start_layer=start_layer)
     decomposition = Decomposition(layers=built, input_values=ids, attention_mask=mask,
                                   logits=logits.detach(), variant=variant)
     return Explanation(_finish(relevance, mask, compute_dtype), tgt, logits.detach(), decomposition, method, variant)

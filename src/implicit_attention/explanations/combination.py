@@ -10,7 +10,7 @@ import torch
 from ..architectures import LayerDecomposition
 from ..catalog import MATRIX_METHODS
 from ..devices import on_device
-from .rules import attribution_rollout, minmax, paper_rollout, rollout
+from .rules import attribution_rollout, mask_map, minmax, paper_rollout, rollout
 
 
 def layer_maps(layers: Sequence[LayerDecomposition], compute: Callable[[int, LayerDecomposition], torch.Tensor],
@@ -32,8 +32,7 @@ def layer_maps(layers: Sequence[LayerDecomposition], compute: Callable[[int, Lay
 
 
 def combine(method: str, layers: Sequence[LayerDecomposition], grads: list[torch.Tensor], row: int,
-            mask: torch.Tensor, *, aggregate: str = "abs", start_layer: int | None = None,
-            causal: bool = True) -> torch.Tensor:
+            mask: torch.Tensor, *, aggregate: str = "abs", start_layer: int | None = None) -> torch.Tensor:
     """Relevance ``[B, L]`` of ``row`` from the decomposed layers by a matrix ``method``, on ``mask``'s device.
 
     Args:
@@ -47,7 +46,9 @@ def combine(method: str, layers: Sequence[LayerDecomposition], grads: list[torch
             maps are gathered and combined (the device of the model's inputs).
         aggregate: channel aggregation of ``"raw"`` and ``"rollout"``.
         start_layer: first layer of the ``"paper"`` rollout (default: the second half).
-        causal: whether the model mixes tokens causally (``"paper"`` keeps its maps causal).
+
+    Every layer's map has its padding rows and columns zeroed before it is combined, so that a
+    padded example gets the relevance it gets alone (row normalisation loses no mass to padding).
     """
     home, dtype = mask.device, mask.dtype
 
@@ -62,9 +63,11 @@ def combine(method: str, layers: Sequence[LayerDecomposition], grads: list[torch
             total += part
         return total / len(layers)
     if method == "rollout":
-        return rollout(layer_maps(layers, lambda _, layer: layer.aggregate(aggregate), home))[:, row, :]
+        maps = layer_maps(layers, lambda _, layer: layer.aggregate(aggregate), home)
+        return rollout(mask_map(M, mask) for M in maps)[:, row, :]
     if method == "attribution":
-        cams = layer_maps(layers, lambda i, layer: layer.attribution(gradient(i, layer.device)), home)
+        cams = (mask_map(cam, mask) for cam in
+                layer_maps(layers, lambda i, layer: layer.attribution(gradient(i, layer.device)), home))
         # Read the propagated part only (R - I), as Chefer et al. drop the explained token's own
         # identity term: otherwise it dwarfs every other token.
         relevance = attribution_rollout(cams)[:, row, :]
@@ -76,6 +79,6 @@ def combine(method: str, layers: Sequence[LayerDecomposition], grads: list[torch
     if not -len(layers) <= start < len(layers):
         raise IndexError(f"start_layer {start} out of range for {len(layers)} layers")
     start %= len(layers)
-    rows = list(layer_maps(layers[start:], lambda _, layer: layer.aggregate_rows([row], "pos")[:, 0], home))
-    saliency = [minmax(gradient(i, home).clamp(min=0).amax(dim=-1), mask) for i in range(start, len(layers))]
-    return paper_rollout(rows, saliency, mask, row, causal=causal)
+    attention = layer_maps(layers[start:], lambda _, layer: layer.aggregate("pos"), home)   # masked by the rule
+    saliency = (minmax(gradient(i, home).clamp(min=0).amax(dim=-1), mask) for i in range(start, len(layers)))
+    return paper_rollout(attention, saliency, mask, row)

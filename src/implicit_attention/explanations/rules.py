@@ -6,7 +6,7 @@ token attended to (input position).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 
@@ -65,28 +65,45 @@ def attribution_rollout(cams: Iterable[torch.Tensor]) -> torch.Tensor:
     return R
 
 
-def paper_rollout(row_attention: Sequence[torch.Tensor], saliency: Sequence[torch.Tensor],
-                  mask: torch.Tensor, row: int, causal: bool = True) -> torch.Tensor:
-    """The paper's recipe for Vision Mamba, as published; returns the relevance ``[B, L]`` of ``row``.
+def real_block(mask: torch.Tensor) -> torch.Tensor:
+    """``[B, L, L]`` bool: entries whose row and column are both real tokens (``mask [B, L]``)."""
+    real = mask.to(torch.bool)
+    return real[:, :, None] & real[:, None, :]
 
-    Per layer ``e_l = minmax(a_l * s_l)`` with ``a_l [B, L]`` the target row of the channel mean
-    of ``relu(A_l)`` and ``s_l [B, L]`` the min-max normalised ``max_c relu(d y / d residual_l)``;
-    then rollout of ``normalize_rows(I + 1 e_l^T)`` over the given layers. For causal models the
-    rank-one matrix is kept causal (``tril``): for the last row this is exactly the published
-    recipe.
+
+def mask_map(M: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, L, L]`` ``M`` with padding rows and columns set to 0 (so rules never route mass through padding)."""
+    return M.masked_fill(~real_block(mask), 0)
+
+
+def paper_layer_map(attention: torch.Tensor, saliency: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``E_l = minmax(A_l diag(s_l))`` ``[B, L, L]``, one layer of the paper's recipe.
+
+    ``attention [B, L, L]`` is the layer's channel mean of ``relu(A)``, ``saliency [B, L]`` the
+    min-max normalised ``max_c relu(d y / d residual)`` of its tokens, which scales the columns;
+    the product is min-max normalised over the whole matrix (its real rows and columns; padding
+    gets 0).
+    """
+    E = attention * saliency[:, None, :]
+    real = real_block(mask)
+    big = torch.finfo(E.dtype).max
+    lo = torch.where(real, E, big).amin(dim=(-2, -1), keepdim=True)
+    hi = torch.where(real, E, -big).amax(dim=(-2, -1), keepdim=True)
+    span = (hi - lo).clamp_min(torch.finfo(E.dtype).tiny)
+    return torch.where(real, (E - lo) / span, torch.zeros_like(E))
+
+
+def paper_rollout(attention: Iterable[torch.Tensor], saliency: Iterable[torch.Tensor], mask: torch.Tensor,
+                  row: int) -> torch.Tensor:
+    """The paper's recipe (Zimerman, Ali, Wolf 2025, as published for Vision Mamba): relevance ``[B, L]`` of ``row``.
+
+    ``R = prod_l normalize_rows(I + E_l)`` over the given layers (first layer first), with ``E_l``
+    from :func:`paper_layer_map`, read at ``row``.
 
     Args:
-        row_attention: per layer ``[B, L]``.
-        saliency: per layer ``[B, L]`` (already min-max normalised).
-        mask: ``[B, L]`` padding mask (padding gets no relevance).
-        row: the target row (the explained output position).
-        causal: keep the rank-one maps causal (``False`` for bidirectional models: BERT, ViT).
+        attention: per layer ``[B, L, L]``, the channel mean of ``relu(A_l)``.
+        saliency: per layer ``[B, L]``, already min-max normalised.
+        mask: ``[B, L]`` padding mask.
+        row: the explained row (the class token, or the explained output position).
     """
-    if not row_attention:
-        raise ValueError("paper_rollout needs at least one layer")
-    length = row_attention[0].shape[-1]
-    visible = torch.ones(length, length, dtype=torch.bool, device=mask.device)
-    visible = visible.tril() if causal else visible
-    maps = (minmax(a * s, mask)[:, None, :].expand(-1, length, -1).masked_fill(~visible, 0)  # e_l: [B, L, L]
-            for a, s in zip(row_attention, saliency))
-    return rollout(maps)[:, row, :]
+    return rollout(paper_layer_map(a, s, mask) for a, s in zip(attention, saliency))[:, row, :]
