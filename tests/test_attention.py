@@ -193,7 +193,12 @@ def test_per_head_aggregates_and_attribution_equal_the_generic_code(class_name):
         assert_close(layer.aggregate_rows(rows, how), layer.rows_by_blocks(rows, how), 1e-12, how)
     for channel in (0, layer.head_dim, -1):
         assert torch.equal(layer.aggregate(channel=channel), LayerDecomposition.channel_matrix(layer, channel % layer.channels))
-    assert_close(layer.attribution(grad), layer.attribution_by_blocks(layer.matrix_gradient(grad)), 1e-12, "attribution")
+    # Chefer et al.'s rule per head: mean_h clamp(dP_h * P_h, 0) with dP_h = G_h V_h^T
+    heads = lambda t: t.unflatten(-1, (layer.heads, layer.head_dim)).transpose(1, 2)  # noqa: E731
+    dP = torch.einsum("bhid,bhjd->bhij", heads(grad), heads(layer.values))
+    assert_close(layer.attribution(grad), (dP * layer.probs).clamp(min=0).mean(dim=1), 1e-12, "attribution")
+    # not the per-channel clamp of the recurrent layers
+    assert not torch.allclose(layer.attribution(grad), layer.attribution_by_blocks(grad))
     assert_close(layer.reconstruct(), LayerDecomposition.reconstruct(layer), 1e-12, "per-head reconstruction")
     # a few heads at a time (tiny blocks) gives the same
     layer.block_bytes, layer._aggregates = 1, {}
@@ -340,3 +345,50 @@ def test_pretrained_all_minilm_l6_v2():
         attentions = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
     for layer, weights in zip(result.layers, attentions, strict=True):
         assert_close(layer.probs, weights, 1e-5, layer.name)
+
+
+def _probe_attention(eager, store):
+    """An attention function for ``AttentionInterface``: the model file's eager attention, keeping the
+    probabilities (with ``retain_grad``) so that autograd's ``d score / d P_h`` can be read."""
+    def probe(module, query, key, value, attention_mask, **kwargs):
+        if attention_mask is None and getattr(module, "is_causal", False):   # eager needs the causal mask
+            length = query.shape[-2]
+            attention_mask = torch.full((length, length), torch.finfo(query.dtype).min, dtype=query.dtype)
+            attention_mask = attention_mask.triu(1)[None, None]
+        out, weights = eager(module, query, key, value, attention_mask, **kwargs)
+        weights.retain_grad()
+        store.append(weights)
+        return out, weights
+    return probe
+
+
+@pytest.mark.parametrize("class_name", ["GPT2LMHeadModel", "BertForSequenceClassification"])
+def test_attribution_is_chefers_rule_with_autograds_gradient(class_name):
+    """R = I; R += mean_h clamp(dP_h * P_h, 0) @ R per layer, dP_h read by autograd on the probabilities."""
+    import copy
+
+    import transformers.models.bert.modeling_bert as bert
+    import transformers.models.gpt2.modeling_gpt2 as gpt2
+
+    store: list = []
+    eager = (gpt2 if class_name.startswith("GPT2") else bert).eager_attention_forward
+    name = f"test_probe_{class_name}"
+    tf.AttentionInterface.register(name, _probe_attention(eager, store))
+    model = tiny(class_name, attn="eager", n_layer=3) if class_name.startswith("GPT2") else \
+        tiny(class_name, attn="eager", num_hidden_layers=3)
+    probe = copy.deepcopy(model)
+    probe.set_attn_implementation(name)
+    ids = torch.randint(1, VOCAB, (1, 7), generator=torch.Generator().manual_seed(3))
+    explanation = ia.run_explanation(model, ids, method="attribution")
+    logits = probe(input_ids=ids).logits
+    assert torch.allclose(logits, explanation.logits)
+    row = explanation.target.row
+    score = logits[0, -1, explanation.target.ids[0]] if logits.dim() == 3 else logits[0, explanation.target.ids[0]]
+    score.backward()
+    assert len(store) == 3
+    R = torch.eye(7, dtype=torch.float64)[None]
+    for P in store:
+        cam = (P.grad * P).clamp(min=0).mean(dim=1)                         # mean over heads
+        R = R + cam @ R
+    expected = R[0, row] - torch.eye(7, dtype=torch.float64)[row]
+    assert_close(explanation.relevance[0], expected, 1e-10, f"Chefer, {class_name}")

@@ -10,8 +10,9 @@ in ``BertSelfOutput``, outside the module, and the module's own first return val
 
 Because all ``D`` channels of a head share one matrix, the layer computes aggregates and
 attributions per head (``H`` matrices, not ``C``), and keeps ``q, k, v`` (``[B, L, C]``-sized),
-recomputing ``P`` for a few heads at a time. Since ``P >= 0``: ``mean = abs = pos = mean_h P_h`` and
-``clamp(g_i P_ij v_j, 0) = P_ij (g+_i v+_j + g-_i v-_j)``.
+recomputing ``P`` for a few heads at a time. Since ``P >= 0``: ``mean = abs = pos = mean_h P_h``.
+Attribution follows Chefer et al. per head: ``mean_h clamp(dP_h * P_h, 0)`` with ``dP_h = G_h V_h^T``
+the exact gradient with respect to the head's probabilities.
 
 ``factors`` reads a module (``q, k, v`` per class, mask, rotary embeddings), ``operator`` holds the
 masks and probabilities, ``layer`` the :class:`~..base.LayerDecomposition`, ``naive`` the slow

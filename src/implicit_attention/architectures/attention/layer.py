@@ -95,13 +95,17 @@ class AttentionLayerDecomposition(LayerDecomposition):
         return self.head_probs(rows=rows).mean(dim=1)
 
     def _fast_attribution(self, grad: torch.Tensor) -> torch.Tensor:
-        """``mean_c clamp(g_i P[i, j] v_j, 0)`` as ``(1/C) sum_h P_h * (G+_h V+_h^T + G-_h V-_h^T)``."""
+        """Chefer et al.'s rule per head: ``mean_h clamp(dP_h * P_h, min=0)``.
+
+        ``dP_h[i, j] = sum_{d in h} g_i[d] v_j[d]`` is the exact gradient of the score with respect to
+        the head's probabilities (``out_i = sum_j P_h[i, j] v_j``): ``G_h V_h^T``, one ``[L, D] x [D, L]``
+        product per head. (Recurrent layers have no heads of probabilities: there the channel is the
+        head, and the base class clamps per channel.)
+        """
         g_all = split_heads(grad, self.head_dim)                            # [B, H, L, D]
         v_all = split_heads(self.values, self.head_dim)
         total = torch.zeros(self.batch_size, self.length, self.length, dtype=self.dtype, device=self.device)
         for heads in self._head_chunks():
-            g, v = g_all[:, heads], v_all[:, heads]
-            weight = g.clamp(min=0) @ v.clamp(min=0).transpose(-1, -2)     # [B, h, L, L]
-            weight += (-g).clamp(min=0) @ (-v).clamp(min=0).transpose(-1, -2)
-            total += (self.head_probs(heads) * weight).sum(dim=1)
-        return total / self.channels
+            dP = g_all[:, heads] @ v_all[:, heads].transpose(-1, -2)        # [B, h, L, L]
+            total += (dP * self.head_probs(heads)).clamp_(min=0).sum(dim=1)
+        return total / self.heads
