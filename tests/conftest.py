@@ -93,3 +93,42 @@ def check_long_fast_mean(f64, f32, label: str = "L=1024") -> None:
     assert_close(fast.double(), reference, 1e-5, f"float32 fast mean, {label}")
     f64._aggregates.clear()                                              # the reference was cached
     assert_close(f64.aggregate("mean"), reference, 1e-10, f"float64 fast mean, {label}")
+
+
+def check_explanation(model, x, mask=None, *, method: str, causal: bool = True, tol: float | None = None,
+                      **options):
+    """Run ``method`` with assertions that fail if it is wrong, and return the ``Explanation``.
+
+    - A model that reads padding refuses a padded batch (``PaddingError``); it then runs unpadded.
+    - Each example gets the relevance it gets alone (batching mixes nothing), within ``tol``.
+    - Some token gets non-zero relevance (``random`` aside, a seeded draw).
+    - In a causal model explained one position earlier, the last token, which cannot influence
+      that prediction, gets no relevance.
+    """
+    import implicit_attention as ia
+    from implicit_attention.architectures.registry import padding_leaks
+
+    if mask is not None and bool((mask == 0).any()) and padding_leaks(model):
+        with pytest.raises(ia.PaddingError):
+            ia.explain(model, x, mask, method=method, **options)
+        x, mask = x.clamp(min=1), None
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    # float32 gradients of tiny models cancel: batched and single reductions differ by ~1e-3 of the largest value
+    tol = tol if tol is not None else (1e-6 if dtype == torch.float64 else 5e-3)
+    expl = ia.run_explanation(model, x, mask, method=method, **options)
+    rel = expl.relevance
+    assert rel.shape[0] == x.shape[0] and torch.isfinite(rel).all()
+    if method == "random":
+        return expl
+    assert torch.count_nonzero(rel) > 0
+    for b in range(x.shape[0]):
+        real = mask[b].bool() if mask is not None else torch.ones(rel.shape[1], dtype=torch.bool)
+        alone = ia.explain(model, x[b:b + 1] if mask is None else x[b:b + 1, real], method=method,
+                           target=int(expl.target.ids[b]), **options)[0]
+        difference = float((rel[b][real] - alone).abs().max())
+        scale = max(float(alone.abs().max()), float(rel[b].abs().max()))
+        assert difference <= tol * scale, (method, b, difference, scale)
+    if causal:
+        early = ia.explain(model, x, mask, method=method, position=-2, **options)
+        assert float(early[:, -1].abs().max()) <= 1e-7 * float(early.abs().max()), (method, early[:, -1])
+    return expl

@@ -54,6 +54,8 @@ def tiny_jamba() -> torch.nn.Module:
                 param.copy_(torch.rand_like(param) * 2 - 1)
             elif name.endswith(("bias", ".D")):
                 param.add_(torch.randn_like(param) * 0.5)
+            if name.endswith("in_proj.bias"):   # as released checkpoints: padding stays out of real tokens
+                param.zero_()
     model.set_attn_implementation("sdpa")
     return model.double().eval()
 

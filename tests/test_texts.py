@@ -24,7 +24,8 @@ def loaded():
 def test_matches_the_steps_done_by_hand(loaded):
     result = ia.explain_texts(loaded, TEXTS, method="attribution")
     ids, mask = encode(loaded, TEXTS)
-    assert torch.equal(result.input_ids, ids) and torch.equal(result.attention_mask, mask)
+    (run,) = result.runs                                               # the bundled Mamba: one padded batch
+    assert torch.equal(run.input_ids, ids) and torch.equal(run.attention_mask, mask)
     with torch.no_grad():
         logits = loaded.model(input_ids=ids, attention_mask=mask).logits
     labels = predict(loaded, logits)                                   # argmax over the label words
@@ -47,16 +48,16 @@ def test_explicit_target_and_a_position_inside_the_padding(loaded):
     assert [ex.target.label for ex in result] == ["negative", "negative"]
     assert [ex.prediction.label for ex in result] == ["positive", "negative"]    # the prediction is still shown
     # position 1 of the batch lies inside the shorter text's left padding
-    padding = int((result.attention_mask[0] == 0).sum())
+    padding = int((result.runs[0].attention_mask[0] == 0).sum())
     assert padding >= 2
     with pytest.warns(UserWarning, match="position 1 is padding in example.*0"):
         early = ia.explain_texts(loaded, TEXTS, method="raw", position=1, target=" positive")
     assert early[0].target.position is None and early[0].target.batch_position == 1
     assert early[1].target.position == 1
     with torch.no_grad():
-        logits = loaded.model(input_ids=early.input_ids, attention_mask=early.attention_mask).logits
+        logits = loaded.model(input_ids=early.runs[0].input_ids, attention_mask=early.runs[0].attention_mask).logits
     assert early[1].prediction == predict_next_token(loaded, logits, 1)[1]     # not at the end: the next token
-    with pytest.raises(ValueError, match="position 99 out of range"):
+    with pytest.raises(ValueError, match="position 99 out of range for 13 tokens .the prompt template and BOS included"):
         ia.explain_texts(loaded, TEXTS, position=99)
     with pytest.raises(ia.EmptyInputError):
         ia.explain_texts(loaded, ["fine", "  "])
@@ -64,7 +65,7 @@ def test_explicit_target_and_a_position_inside_the_padding(loaded):
 
 def test_baselines_have_no_decomposition(loaded):
     result = ia.explain_texts(loaded, "great acting", method="occlusion")
-    assert len(result) == 1 and result.max_error is None and result.explanation.decomposition is None
+    assert len(result) == 1 and result.max_error is None and result.runs[0].explanation.decomposition is None
     assert result[0].relevance.shape == (len(result[0].tokens),)
 
 

@@ -24,6 +24,7 @@ from .errors import (
     ImplicitAttentionError,
     MemoryBudgetError,
     OffloadedLayerError,
+    PaddingError,
     ReconstructionError,
     UnsupportedModelError,
 )
@@ -67,7 +68,7 @@ autoregister.install()
 __all__ = [
     "BASELINE_METHODS", "DatasetError", "Decomposition", "EmptyInputError", "Explanation", "ImplicitAttentionError",
     "LayerDecomposition", "LoadedModel", "MATRIX_METHODS", "METHODS", "MemoryBudgetError", "ModelLoadError",
-    "OffloadedLayerError", "OutputDirectoryError", "ReconstructionError", "TaskError", "TextExplanation",
+    "OffloadedLayerError", "OutputDirectoryError", "PaddingError", "ReconstructionError", "TaskError", "TextExplanation",
     "TextExplanations", "UnsupportedModelError", "decompose", "explain", "explain_texts", "load_model",
     "run_explanation", "supported_model_classes",
 ]

@@ -377,10 +377,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     result = explain_texts(loaded, args.texts, method=args.method, variant=args.variant, layers=args.layers,
                            target=args.target, position=args.position, aggregate=args.aggregate, check=args.check)
-    decomposition = result.explanation.decomposition
-    if decomposition is None and args.out is not None:
-        decomposition = decompose(loaded.model, result.input_ids, result.attention_mask, variant=args.variant,
-                                  layers=args.layers, check=args.check)
+    # the decomposed layers of each run (a baseline decomposes them only for the report)
+    decompositions = {id(run): run.explanation.decomposition for run in result.runs}
+    if args.out is not None:
+        for run in result.runs:
+            if decompositions[id(run)] is None:
+                decompositions[id(run)] = decompose(loaded.model, run.input_ids, run.attention_mask,
+                                                    variant=args.variant, layers=args.layers, check=args.check)
 
     color = _use_color(args.color)
     print(f"model: {loaded.name} ({type(loaded.model).__name__}, {args.dtype})")
@@ -400,20 +403,21 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print("  " + color_tokens(example.tokens, example.relevance, color=color))
 
     print()
-    if decomposition is not None:
-        print(_error_line(decomposition, args.variant))
+    layers = [layer for d in decompositions.values() if d is not None for layer in d.layers]
+    if layers:
+        print(_error_line(layers, args.variant))
     else:
         print(f"max reconstruction error: n/a (the {args.method} baseline does not decompose the layers)")
 
     if args.out is not None:
-        report = _write_report(args, loaded, result, decomposition)
+        report = _write_report(args, loaded, result, decompositions)
         print(f"report: {report}")
     return 0
 
 
-def _error_line(decomposition, variant: str) -> str:
-    """The reconstruction check in one line, saying when a variant is an ablation or channels were sampled."""
-    layers = decomposition.layers
+def _error_line(layers, variant: str) -> str:
+    """The reconstruction check of the decomposed ``layers`` in one line, saying when a variant is an
+    ablation or channels were sampled."""
     worst = max(layers, key=lambda layer: layer.error)
     line = (f"max reconstruction error: {worst.error:.2e} (worst of {len(layers)} decomposed "
             f"layer{'s' if len(layers) != 1 else ''}: layer {worst.index}; variant {variant})")
@@ -424,20 +428,22 @@ def _error_line(decomposition, variant: str) -> str:
     return line
 
 
-def _write_report(args: argparse.Namespace, loaded, result, decomposition) -> str:
-    """``report.html`` and ``explanation.json`` of an ``explain`` run, with each layer's aggregated maps."""
+def _write_report(args: argparse.Namespace, loaded, result, decompositions: dict) -> str:
+    """``report.html`` and ``explanation.json`` of an ``explain`` run, with each layer's aggregated maps
+    (``decompositions``: the decomposition of each of the result's runs, by ``id`` of the run)."""
     from .render import ReportExample, ReportLayer, write_report
 
     names = {name: arch.name for name, _, arch in _layers_of(loaded.model)}
-    layers = [ReportLayer(index=layer.index, name=layer.name, error=float(layer.error),
+    runs = [decompositions[id(run)] for run in result.runs]
+    layers = [ReportLayer(index=layer.index, name=layer.name, error=max(float(d.layers[i].error) for d in runs),
                           architecture=names.get(layer.name, ""), exact=bool(layer.exact))
-              for layer in decomposition.layers]
+              for i, layer in enumerate(runs[0].layers)]                  # the worst error over the runs
     examples = []
     for example in result:
-        keep = result.attention_mask[example.row].bool().nonzero().reshape(-1)
+        keep = example.real_positions
         matrices = {layer.index: {how: layer.aggregate(how)[example.row].index_select(0, keep).index_select(1, keep)
                                   .detach().cpu().double() for how in ("mean", "abs")}
-                    for layer in decomposition.layers}
+                    for layer in decompositions[id(example.run)].layers}
         examples.append(ReportExample(text=example.text, tokens=example.tokens, relevance=example.relevance,
                                       prediction=example.prediction.to_dict(), target=example.target.to_dict(),
                                       token_ids=example.token_ids, matrices=matrices))

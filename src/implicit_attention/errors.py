@@ -15,6 +15,10 @@ class UnsupportedModelError(ImplicitAttentionError, TypeError):
     """The model contains no token-mixing layer this library can decompose."""
 
 
+class PaddingError(ImplicitAttentionError, ValueError):
+    """A padded batch for a model whose predictions depend on the padding (it reads padding tokens)."""
+
+
 class MemoryBudgetError(ImplicitAttentionError, MemoryError):
     """The requested tensors would not fit in the memory available.
 

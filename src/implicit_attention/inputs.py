@@ -75,14 +75,26 @@ def first_tensor(args, kwargs, key: str) -> torch.Tensor:
 
 def call_model(model: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                inputs_embeds: torch.Tensor | None = None):
-    """Run ``model`` on ids (or embeddings) and the mask, without a cache where the model has one."""
+    """Run ``model`` on ids (or embeddings) and the mask, without a cache where the model has one.
+
+    With left padding in the mask, a model that takes ``position_ids`` gets each row's positions
+    shifted back by its left padding (0 on the padding): each text's tokens keep the positions they
+    have alone (GPT-2's absolute positions would otherwise shift by the padding). Rows padded on
+    the right keep the default positions.
+    """
     kwargs = {"attention_mask": attention_mask}
     if inputs_embeds is not None:
         kwargs["inputs_embeds"] = inputs_embeds
     else:
         kwargs["input_ids"] = input_ids
-    if "use_cache" in inspect.signature(model.forward).parameters:
+    parameters = inspect.signature(model.forward).parameters
+    if "use_cache" in parameters:
         kwargs["use_cache"] = False
+    if attention_mask is not None and "position_ids" in parameters:
+        left = (attention_mask.long().cumsum(dim=-1) == 0).sum(dim=-1)          # [B] left padding per row
+        if bool(left.any()):
+            positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+            kwargs["position_ids"] = (positions[None, :] - left[:, None]).clamp(min=0)
     return model(**kwargs)
 
 

@@ -14,6 +14,13 @@ import torch
 import torch.nn.functional as F
 
 
+def no_in_proj_bias(module) -> bool:
+    """Whether a Mamba-style mixer's ``in_proj`` has no (non-zero) bias: with one, the zeroed input
+    of a padding token still projects to the bias, which the causal conv carries into real tokens."""
+    bias = getattr(getattr(module, "in_proj", None), "bias", None)
+    return bias is None or not bool(bias.detach().any())
+
+
 def padding_mask(attention_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """``[B, L]`` 1 for real tokens, 0 for padding, in the dtype and on the device of ``like [B, L, ...]``."""
     if attention_mask is None:

@@ -69,6 +69,10 @@ class Architecture:
             the memory estimates (``None``: the generic one).
         exact_variants: the variants that are exact identities of the layer (the others leave a
             factor out on purpose); default the first variant alone.
+        ignores_padding: whether the layer's outputs at real tokens do not depend on left padding
+            (a bool, or a function of the module): ``False`` for layers that read padding tokens
+            (RWKV-4 and xLSTM ignore the attention mask; a Mamba in-projection bias reaches real
+            tokens through the conv). Padded batches of such models are refused by ``explain``.
     """
 
     name: str
@@ -82,6 +86,7 @@ class Architecture:
     block_input: Callable | None = None
     footprint: LayerFootprint | None = None
     exact_variants: frozenset[str] | None = None
+    ignores_padding: bool | Callable[[nn.Module], bool] = True
     _classes: list = field(default_factory=list, compare=False, repr=False)
 
     def is_exact(self, variant: str) -> bool:
@@ -175,6 +180,12 @@ def model_layers(model: nn.Module) -> list[tuple[str, nn.Module, Architecture]]:
     if not found:
         raise unsupported_model(type(model).__name__)
     return found
+
+
+def padding_leaks(model: nn.Module) -> list[str]:
+    """Names of the token-mixing layers of ``model`` whose real-token outputs depend on left padding."""
+    return [name for name, module, arch in find_layers(model)
+            if not (arch.ignores_padding(module) if callable(arch.ignores_padding) else arch.ignores_padding)]
 
 
 def find_layers(model: nn.Module) -> list[tuple[str, nn.Module, Architecture]]:

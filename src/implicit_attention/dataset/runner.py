@@ -157,9 +157,9 @@ def explain_batch(loaded, batch: Sequence[InputRecord], options: DatasetOptions,
     result = explain_texts(loaded, [record.text for record in batch], method=options.method,
                            variant=options.variant, layers=options.layers, target=target_id, position=-1,
                            aggregate=options.aggregate, check=options.check)
-    error = result.max_error
     rows = []
     for record, example in zip(batch, result):
+        error = example.run.max_error
         pred, label = example.prediction, gold.get(record.index)
         guess = pred.label if pred.is_label else pred.label.strip()
         rows.append({

@@ -10,7 +10,7 @@ rollout, the paper's recipe) as small tensor functions, ``baselines`` the method
 from ..catalog import BASELINE_METHODS, MATRIX_METHODS, METHODS
 from .api import Explanation, explain, run_explanation
 from .combination import combine, layer_maps
-from .texts import ExplainedTarget, TextExplanation, TextExplanations, explain_texts
+from .texts import ExplainedTarget, TextExplanation, TextExplanations, TextRun, explain_texts
 
 __all__ = ["BASELINE_METHODS", "ExplainedTarget", "Explanation", "MATRIX_METHODS", "METHODS", "TextExplanation",
-           "TextExplanations", "combine", "explain", "explain_texts", "layer_maps", "run_explanation"]
+           "TextExplanations", "TextRun", "combine", "explain", "explain_texts", "layer_maps", "run_explanation"]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..architectures.registry import padding_leaks
 from ..catalog import AGGREGATES, BASELINE_METHODS, METHODS
 from ..decomposition import (
     DEFAULT_TOLERANCE,
@@ -20,6 +21,7 @@ from ..decomposition import (
     ensure_decomposition_fits,
 )
 from ..devices import model_dtype
+from ..errors import PaddingError
 from ..hooks import capture, layer_indices, select_layers
 from ..inputs import as_module, prepare_model_inputs
 from . import baselines
@@ -87,6 +89,7 @@ def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method:
     model = as_module(model)
     inputs = prepare_model_inputs(model, input_ids, attention_mask)
     ids, mask, length = inputs.values, inputs.attention_mask, inputs.length
+    refuse_padding_that_leaks(model, mask)
     compute_dtype = compute_dtype_for(model, dtype)
     if method in BASELINE_METHODS:
         with torch.no_grad():
@@ -127,6 +130,23 @@ def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method:
     decomposition = Decomposition(layers=built, input_values=ids, attention_mask=mask,
                                   logits=logits.detach(), variant=variant)
     return Explanation(_finish(relevance, mask, compute_dtype), tgt, logits.detach(), decomposition, method, variant)
+
+
+def refuse_padding_that_leaks(model: nn.Module, mask: torch.Tensor | None) -> None:
+    """Raise :class:`~implicit_attention.errors.PaddingError` for a padded batch of a model that reads padding.
+
+    Its prediction for a padded text differs from the text's own, so no explanation of the batch
+    explains the text; each text must run alone.
+    """
+    if mask is None or bool(mask.all()):
+        return
+    leaks = padding_leaks(model)
+    if leaks:
+        shown = ", ".join(leaks[:2]) + (", ..." if len(leaks) > 2 else "")
+        raise PaddingError(
+            f"{type(model).__name__} reads padding tokens (its layers {shown} ignore the attention mask, or carry "
+            "a bias into real tokens), so padding changes its predictions: explain one text at a time (an "
+            "unpadded row); implicit_attention.explain_texts and the command line do so for this model")
 
 
 def _baseline(method: str, model, ids, mask, tgt: Target, *, steps: int, seed: int) -> torch.Tensor:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..architectures.registry import padding_leaks
+from ..inputs import call_model
 from ..loading import LoadedModel
 from ..text import Prediction, decode_token, encode, predict, predict_next_token, target_token_id, token_strings
 from .api import Explanation, run_explanation
@@ -47,6 +49,27 @@ class ExplainedTarget:
 
 
 @dataclass
+class TextRun:
+    """One forward and backward pass over a left-padded batch of texts (or one text alone).
+
+    Attributes:
+        explanation: its :class:`~.api.Explanation` (relevance ``[B, L]``, target, logits and, for
+            the matrix methods, the decomposition).
+        input_ids: ``[B, L]`` the left-padded prompts; attention_mask: ``[B, L]``.
+    """
+
+    explanation: Explanation
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    @property
+    def max_error(self) -> float | None:
+        """The largest reconstruction error of the decomposed layers (``None`` for the baselines)."""
+        decomposition = self.explanation.decomposition
+        return max(decomposition.errors) if decomposition is not None and decomposition.errors else None
+
+
+@dataclass
 class TextExplanation:
     """One text's explanation.
 
@@ -58,7 +81,7 @@ class TextExplanation:
             :attr:`tokens`.
         prediction: what the model predicts at the explained position.
         target: the explained score.
-        row: the text's row in the batch.
+        run: the :class:`TextRun` the text was explained in; row: the text's row in it.
     """
 
     text: str
@@ -67,24 +90,27 @@ class TextExplanation:
     relevance: torch.Tensor
     prediction: Prediction
     target: ExplainedTarget
+    run: TextRun
     row: int
+
+    @property
+    def real_positions(self) -> torch.Tensor:
+        """``[T]`` the positions of :attr:`tokens` in its run's padded batch."""
+        return self.run.attention_mask[self.row].bool().nonzero().reshape(-1)
 
 
 @dataclass
 class TextExplanations:
-    """The explanations of a batch of texts (iterate over it for one :class:`TextExplanation` per text).
+    """The explanations of several texts (iterate over it for one :class:`TextExplanation` per text).
 
     Attributes:
         examples: one per text, in input order.
-        explanation: the batch's :class:`~.api.Explanation` (relevance ``[B, L]``, target, logits and,
-            for the matrix methods, the decomposition).
-        input_ids: ``[B, L]`` the left-padded prompts; attention_mask: ``[B, L]``.
+        runs: the passes they ran in: one left-padded batch, or one per text for a model whose
+            predictions depend on padding (``PaddingError``).
     """
 
     examples: list[TextExplanation]
-    explanation: Explanation
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    runs: list[TextRun]
 
     def __iter__(self) -> Iterator[TextExplanation]:
         return iter(self.examples)
@@ -98,8 +124,8 @@ class TextExplanations:
     @property
     def max_error(self) -> float | None:
         """The largest reconstruction error of the decomposed layers (``None`` for the baselines)."""
-        decomposition = self.explanation.decomposition
-        return max(decomposition.errors) if decomposition is not None and decomposition.errors else None
+        errors = [run.max_error for run in self.runs if run.max_error is not None]
+        return max(errors) if errors else None
 
 
 def explain_texts(loaded: LoadedModel, texts: str | Sequence[str], *, method: str = "attribution",
@@ -109,9 +135,10 @@ def explain_texts(loaded: LoadedModel, texts: str | Sequence[str], *, method: st
     """Explain the prediction of ``loaded`` for each text, from raw strings.
 
     Each text goes into the task's prompt template (if the model has a ``task.json``), is tokenised
-    and left-padded into one batch. The explained score is the logit of ``target`` at ``position``:
-    by default, at the end of the prompt, the predicted label (task models) or the predicted next
-    token.
+    and left-padded into one batch; a model whose predictions depend on padding (it reads padding
+    tokens) runs one text at a time instead. The explained score is the logit of ``target`` at
+    ``position``: by default, at the end of the prompt, the predicted label (task models) or the
+    predicted next token.
 
     Args:
         loaded: a model from :func:`~implicit_attention.loading.load_model`.
@@ -119,7 +146,8 @@ def explain_texts(loaded: LoadedModel, texts: str | Sequence[str], *, method: st
         method, variant, layers, aggregate, check, **options: as for :func:`~.api.explain`.
         target: a task label (``"positive"``), a label word, a token id, or a string that is one
             token (``" Paris"``); default the prediction.
-        position: the explained output position in the padded batch; negatives count from the end.
+        position: the explained output position in the padded batch (negatives count from the end);
+            ``-1``, the end of every prompt, is the one position that means the same alone and in a batch.
 
     Returns:
         :class:`TextExplanations`: per text the tokens, relevance, prediction and explained target.
@@ -129,20 +157,37 @@ def explain_texts(loaded: LoadedModel, texts: str | Sequence[str], *, method: st
                         f"tokenizer and the task's prompt template), got {type(loaded).__name__}; for a model and "
                         "token ids use implicit_attention.explain")
     texts = [texts] if isinstance(texts, str) else list(texts)
+    encode(loaded, texts)                                   # every text is valid before anything runs
+    groups = [[text] for text in texts] if len(texts) > 1 and padding_leaks(loaded.model) else [texts]
+    settings = dict(method=method, variant=variant, layers=layers, target=target, position=position,
+                    aggregate=aggregate, check=check, **options)
+    runs, examples = [], []
+    for group in groups:
+        run, group_examples = _explain_batch(loaded, group, **settings)
+        runs.append(run)
+        examples += group_examples
+    return TextExplanations(examples=examples, runs=runs)
+
+
+def _explain_batch(loaded: LoadedModel, texts: list[str], *, method: str, variant: str, layers, target,
+                   position: int, aggregate: str, check: bool, **options) -> tuple[TextRun, list[TextExplanation]]:
+    """One left-padded batch of texts through :func:`~.api.run_explanation`."""
     ids, mask = encode(loaded, texts)
     length = ids.shape[1]
     if not -length <= position < length:
-        raise ValueError(f"position {position} out of range for {length} tokens")
+        raise ValueError(f"position {position} out of range for {length} tokens (the prompt template and BOS "
+                         "included)")
     at_end = position % length == length - 1
     task_prediction = bool(loaded.label_ids) and at_end
     target_id = target_token_id(loaded, target)
     if target_id is None and task_prediction:
         # explain the predicted label (the argmax over the label words), not the likeliest token
         with torch.no_grad():
-            first = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            first = call_model(loaded.model, ids, mask).logits
         target_id = [p.token_id for p in predict(loaded, first, position)]
     explanation = run_explanation(loaded.model, ids, mask, method=method, variant=variant, layers=layers,
                                   target=target_id, position=position, aggregate=aggregate, check=check, **options)
+    run = TextRun(explanation=explanation, input_ids=ids, attention_mask=mask)
     predictions = (predict(loaded, explanation.logits, position) if task_prediction
                    else predict_next_token(loaded, explanation.logits, position))
     examples = []
@@ -158,5 +203,5 @@ def explain_texts(loaded: LoadedModel, texts: str | Sequence[str], *, method: st
         examples.append(TextExplanation(
             text=text, tokens=token_strings(loaded, ids[b], mask[b]), token_ids=ids[b][real].tolist(),
             relevance=explanation.relevance[b][real].detach().cpu(), prediction=predictions[b],
-            target=explained, row=b))
-    return TextExplanations(examples=examples, explanation=explanation, input_ids=ids, attention_mask=mask)
+            target=explained, run=run, row=b))
+    return run, examples

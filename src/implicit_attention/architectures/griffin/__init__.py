@@ -22,7 +22,7 @@ def _read(captured, dtype) -> GriffinFactors:
 register(Architecture(
     "griffin", (f"{_RG}.RecurrentGemmaRecurrentBlock",), ("RecurrentGemmaForCausalLM", "RecurrentGemmaModel"),
     VARIANTS, "linear_out", layer_builder(GriffinLayerDecomposition, _read), lambda block: block.lru_width,
-    exact_variants=EXACT_VARIANTS))
+    exact_variants=EXACT_VARIANTS, ignores_padding=False))   # the recurrent block ignores the mask
 register(Architecture(
     # softmax attention within a sliding window, exact under every recurrent variant name
     "griffin_attention", (f"{_RG}.RecurrentGemmaAttention",), (), VARIANTS, "o_proj",

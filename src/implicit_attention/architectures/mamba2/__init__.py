@@ -6,6 +6,7 @@ rows), ``layer`` the :class:`~..base.LayerDecomposition`, ``naive`` the slow ref
 """
 
 from ...memory import default_block_bytes
+from ..primitives import no_in_proj_bias
 from ..registry import Architecture, layer_builder, register
 from .factors import mamba2_factors
 from .layer import Mamba2LayerDecomposition
@@ -28,7 +29,7 @@ register(Architecture(
     ("Mamba2ForCausalLM", "Mamba2Model", "BambaForCausalLM", "Zamba2ForCausalLM", "NemotronHForCausalLM",
      "GraniteMoeHybridForCausalLM", "FalconH1ForCausalLM"),
     VARIANTS, "out_proj", layer_builder(Mamba2LayerDecomposition, _read), lambda mixer: mixer.intermediate_size,
-    exact_variants=EXACT_VARIANTS))
+    exact_variants=EXACT_VARIANTS, ignores_padding=no_in_proj_bias))
 
 __all__ = ["EXACT_VARIANTS", "VARIANTS", "Mamba2Factors", "Mamba2LayerDecomposition", "mamba2_block",
            "mamba2_factors"]

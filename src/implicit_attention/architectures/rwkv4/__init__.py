@@ -19,7 +19,7 @@ def _read(captured, dtype) -> RwkvFactors:
 register(Architecture(
     "rwkv4", ("transformers.models.rwkv.modeling_rwkv.RwkvSelfAttention",), ("RwkvForCausalLM", "RwkvModel"),
     VARIANTS, "output", layer_builder(RwkvLayerDecomposition, _read), lambda layer: layer.attention_hidden_size,
-    exact_variants=EXACT_VARIANTS))
+    exact_variants=EXACT_VARIANTS, ignores_padding=False))   # RwkvModel reads every token, mask or not
 
 __all__ = ["EXACT_VARIANTS", "VARIANTS", "RwkvFactors", "RwkvLayerDecomposition", "rwkv_block", "rwkv_factors",
            "shift_left", "wkv_channel_sum", "wkv_log_normaliser", "wkv_matrices", "wkv_rows"]

@@ -19,7 +19,8 @@ register(Architecture(
     "xlstm", ("transformers.models.xlstm.modeling_xlstm.xLSTMLayer",), ("xLSTMForCausalLM", "xLSTMModel"),
     VARIANTS, "out_proj", layer_builder(XlstmLayerDecomposition, _read), lambda layer: layer.v_dim,
     # per-head matrices kept by the factors; building them takes a few more of their size
-    footprint=LayerFootprint(maps=per_head(), build_maps=per_head(2, 6), path_maps=per_head(4, 2))))
+    footprint=LayerFootprint(maps=per_head(), build_maps=per_head(2, 6), path_maps=per_head(4, 2)),
+    ignores_padding=False))   # xLSTMModel takes no attention mask
 
 __all__ = ["EXACT_VARIANTS", "VARIANTS", "XlstmFactors", "XlstmLayerDecomposition", "mlstm_matrices",
            "projections", "row_scale", "xlstm_block", "xlstm_factors"]
