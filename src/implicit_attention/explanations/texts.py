@@ -178,7 +178,7 @@ def _explain_batch(loaded: LoadedModel, texts: list[str], *, method: str, varian
         raise ValueError(f"position {position} out of range for {length} tokens (the prompt template and BOS "
                          "included)")
     at_end = position % length == length - 1
-    task_prediction = bool(loaded.label_ids) and at_end
+    task_prediction = bool(loaded.label_ids) and (at_end or loaded.is_classifier)
     target_id = target_token_id(loaded, target)
     if target_id is None and task_prediction:
         # explain the predicted label (the argmax over the label words), not the likeliest token
@@ -193,13 +193,13 @@ def _explain_batch(loaded: LoadedModel, texts: list[str], *, method: str, varian
     examples = []
     for b, text in enumerate(texts):
         real = mask[b].bool()
-        padding = int((~real).sum())
         token_id = int(explanation.target.ids[b])
-        inside = explanation.target.position - padding
+        row = int(explanation.target.row)                     # the explained position (a classifier's class token)
+        positions = real.nonzero().reshape(-1).tolist()
         explained = ExplainedTarget(
             id=token_id, token=decode_token(loaded, token_id),
             label=next((name for name, tid in loaded.label_ids.items() if tid == token_id), None),
-            position=inside if inside >= 0 else None, batch_position=int(explanation.target.position))
+            position=positions.index(row) if row in positions else None, batch_position=row)
         examples.append(TextExplanation(
             text=text, tokens=token_strings(loaded, ids[b], mask[b]), token_ids=ids[b][real].tolist(),
             relevance=explanation.relevance[b][real].detach().cpu(), prediction=predictions[b],
