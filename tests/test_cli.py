@@ -432,7 +432,7 @@ def test_a_sequence_classifier_loads_as_declared(capsys, tmp_path: Path, tokeniz
         assert torch.allclose(example.relevance, alone, atol=1e-12)
     code, stdout, err = run(capsys, "explain", *texts, "--model", path, "--target", "NEGATIVE", "--no-color")
     assert code == 0, err
-    assert "prediction:" in stdout and "explaining: the logit of NEGATIVE (token id 0)" in stdout
+    assert "prediction:" in stdout and "explaining: logit(NEGATIVE) (token id 0) after token 0" in stdout
 
 
 def test_pretrained_minilm_is_not_given_a_random_head(capsys) -> None:

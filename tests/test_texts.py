@@ -10,6 +10,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import implicit_attention as ia  # noqa: E402
+from implicit_attention.explanations.target import Contrast, LogProb  # noqa: E402
 from implicit_attention.loading import load_model  # noqa: E402
 from implicit_attention.text import encode, predict, predict_next_token, token_strings  # noqa: E402
 
@@ -29,8 +30,16 @@ def test_matches_the_steps_done_by_hand(loaded):
     with torch.no_grad():
         logits = loaded.model(input_ids=ids, attention_mask=mask).logits
     labels = predict(loaded, logits)                                   # argmax over the label words
-    by_hand = ia.explain(loaded.model, ids, mask, method="attribution", target=[p.token_id for p in labels])
     assert [p.label for p in labels] == ["positive", "negative"]
+    chosen = [p.token_id for p in labels]
+    other = [[i for i in loaded.label_ids.values() if i != c] for c in chosen]
+    # the default score of a task model: the label contrast, logit(label) - logit(other label)
+    by_hand = ia.explain(loaded.model, ids, mask, method="attribution", target=Contrast(chosen, other))
+    as_logit = ia.explain_texts(loaded, TEXTS, method="attribution", score="logit")
+    logit_by_hand = ia.explain(loaded.model, ids, mask, method="attribution", target=chosen)
+    for b, example in enumerate(as_logit):
+        assert torch.allclose(example.relevance, logit_by_hand[b][mask[b].bool()], rtol=0, atol=1e-12)
+        assert example.target.score == f"logit({labels[b].label})"
     for b, example in enumerate(result):
         real = mask[b].bool()
         assert example.tokens == token_strings(loaded, ids[b], mask[b]) and example.tokens[0] == "<s>"
@@ -40,6 +49,7 @@ def test_matches_the_steps_done_by_hand(loaded):
         assert example.prediction.label == labels[b].label and example.prediction.is_label
         assert example.target.label == labels[b].label and example.target.id == labels[b].token_id
         assert example.target.position == len(example.tokens) - 1
+        assert example.target.score == ("logit(positive) - logit(negative)", "logit(negative) - logit(positive)")[b]
     assert result.max_error is not None and result.max_error <= 1e-6
 
 
@@ -102,3 +112,34 @@ def test_registry_knows_which_variants_are_exact(loaded):
         layers = ia.decompose(loaded.model, ids, mask, variant=variant, check=False).layers
         assert {layer.exact for layer in layers} == {arch.is_exact(variant)}, variant
         assert all(layer.error <= 1e-6 for layer in layers) == arch.is_exact(variant), variant
+
+
+def test_scores_of_a_target(loaded):
+    """Gradients are linear in the score: a contrast is the difference of the two logits' relevances; a
+    callable gives what its value gives; log-probabilities match autograd on log_softmax."""
+    ids, mask = encode(loaded, TEXTS)
+    model = loaded.model
+    gx = lambda target: ia.explain(model, ids, mask, method="grad_x_input", target=target)  # noqa: E731
+    pos, neg, other = loaded.label_ids["positive"], loaded.label_ids["negative"], 7
+    # (the stock Mamba runs its scan in float32 even in a float64 model: linearity holds to ~1e-7)
+    close = lambda a, b: float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())  # noqa: E731
+    assert close(gx(Contrast(pos, neg)), gx(pos) - gx(neg))
+    assert close(gx(Contrast(pos, [neg, other])), gx(pos) - (gx(neg) + gx(other)) / 2)
+    assert not close(gx(Contrast(pos, neg)), gx(pos))
+    assert torch.equal(gx(lambda logits: logits[:, pos] - logits[:, neg]), gx(Contrast(pos, neg)))
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    for target, over in ((LogProb(pos), None), (LogProb(pos, over=[pos, neg]), [pos, neg])):
+        logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, -1]
+        chosen = logits if over is None else logits[:, over]
+        log_p = chosen.log_softmax(-1)[:, 0 if over is not None else pos]
+        (grad,) = torch.autograd.grad(log_p.sum(), embeds)
+        assert close(gx(target), (grad * embeds.detach()).sum(-1) * mask)
+    for method in ("attribution", "integrated_gradients"):   # every method takes every score
+        contrast = ia.run_explanation(model, ids, mask, method=method, target=Contrast(pos, neg), steps=4)
+        assert contrast.target.describe() == f"logit({pos}) - logit({neg})"
+    with pytest.raises(ValueError, match="must be one of its 'over' ids"):
+        ia.explain(model, ids, mask, target=LogProb(other, over=[pos, neg]))
+    result = ia.explain_texts(loaded, TEXTS, score="log_prob", target="negative")
+    assert [ex.target.score for ex in result] == ["log p(negative) over positive, negative"] * 2
+    with pytest.raises(ValueError, match="score must be one of"):
+        ia.explain_texts(loaded, TEXTS, score="odds")

@@ -22,7 +22,10 @@ AGGREGATES: tuple[str, ...] = ("mean", "abs", "pos")
 VARIANTS: tuple[str, ...] = ("unified", "recurrence", "rglru", "no_conv", "no_gate", "s6", "no_act", "ssd",
                              "no_shift", "wkv", "mlstm")
 
+#: Scores of a target that the text tools explain: the label contrast, the logit, the log-probability.
+SCORES: tuple[str, ...] = ("contrast", "logit", "log_prob")
+
 #: Compute dtypes by name.
 COMPUTE_DTYPES: tuple[str, ...] = ("float32", "float64")
 
-__all__ = ["AGGREGATES", "BASELINE_METHODS", "COMPUTE_DTYPES", "MATRIX_METHODS", "METHODS", "VARIANTS"]
+__all__ = ["AGGREGATES", "BASELINE_METHODS", "COMPUTE_DTYPES", "MATRIX_METHODS", "METHODS", "SCORES", "VARIANTS"]

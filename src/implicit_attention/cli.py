@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .catalog import AGGREGATES, COMPUTE_DTYPES, METHODS, VARIANTS
+from .catalog import AGGREGATES, COMPUTE_DTYPES, METHODS, SCORES, VARIANTS
 from .errors import ImplicitAttentionError, ReconstructionError
 
 PROG = "implicit-attention"
@@ -190,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", default=None,
         help="what to explain. Task models: a label (e.g. positive, negative); otherwise (or also) a token id "
              "or a string that is exactly one token (e.g. ' Paris'). Default: the predicted label / token.")
+    explain.add_argument("--score", choices=SCORES, default=None, help="which score of the target is explained: contrast (its logit minus the other labels' mean logit, "
+             "e.g. logit(positive) - logit(negative): the default for models with a task.json), logit (the "
+             "default otherwise; what the Python explain() explains), or log_prob (its log-probability, over the "
+             "label words for task models)")
     explain.add_argument(
         "--position", type=int, default=-1,
         help="output position whose prediction is explained; negatives count from the end (default: -1, the "
@@ -267,6 +271,10 @@ def _add_dataset_parser(sub, methods: Sequence[str]) -> None:
                     help="channel aggregation of raw and rollout (default: %(default)s)")
     ds.add_argument("--target", default=None,
                     help="explain this label / token for every text (default: each text's prediction)")
+    ds.add_argument("--score", choices=SCORES, default=None, help="which score of the target is explained: contrast (its logit minus the other labels' mean logit, "
+             "e.g. logit(positive) - logit(negative): the default for models with a task.json), logit (the "
+             "default otherwise; what the Python explain() explains), or log_prob (its log-probability, over the "
+             "label words for task models)")
     ds.add_argument("--batch-size", type=int, default=None, metavar="N",
                     help="texts per batch (left-padded together); results are written after each batch. Default: "
                          "1 on the CPU (larger batches were slower per text there: padding, memory traffic), "
@@ -376,7 +384,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     result = explain_texts(loaded, args.texts, method=args.method, variant=args.variant, layers=args.layers,
-                           target=args.target, position=args.position, aggregate=args.aggregate, check=args.check)
+                           target=args.target, score=args.score, position=args.position, aggregate=args.aggregate,
+                           check=args.check)
     # the decomposed layers of each run (a baseline decomposes them only for the report)
     decompositions = {id(run): run.explanation.decomposition for run in result.runs}
     if args.out is not None:
@@ -394,10 +403,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print()
         print(f"[{example.row + 1}] {example.text!r}" if len(result) > 1 else f"text: {example.text!r}")
         print(f"  {_prediction_line(example.prediction)}")
-        explained = tgt.label or repr(tgt.token)
         where = (f"after token {tgt.position} ({example.tokens[tgt.position]!r})" if tgt.position is not None
                  else f"at padded position {tgt.batch_position} (inside the left padding of this text)")
-        print(f"  explaining: the logit of {explained} (token id {tgt.id}) {where}")
+        print(f"  explaining: {tgt.score} (token id {tgt.id}) {where}")
         scale = float(example.relevance.abs().max()) if example.relevance.numel() else 0.0
         print(f"  relevance (red +, blue -; max |r| = {scale:.3g}):")
         print("  " + color_tokens(example.tokens, example.relevance, color=color))
@@ -449,7 +457,8 @@ def _write_report(args: argparse.Namespace, loaded, result, decompositions: dict
                                       token_ids=example.token_ids, matrices=matrices))
     settings = {"layers": ",".join(map(str, args.layers)) if args.layers else "all",
                 "aggregate": args.aggregate if args.method in ("raw", "rollout") else None,
-                "position": args.position, "target": args.target, "dtype": args.dtype,
+                "position": args.position, "target": args.target, "score": result[0].target.score,
+                "dtype": args.dtype,
                 "check": args.check, "device": str(loaded.device)}
     return write_report(args.out, examples=examples, layers=layers, method=args.method, variant=args.variant,
                         model=loaded.name, settings=settings, overwrite=args.force)
@@ -519,7 +528,7 @@ def cmd_explain_dataset(args: argparse.Namespace) -> int:
         text_key=texts.pop() if texts else "text", label_key=labels.pop() if labels else None,
         label_map=parse_label_map(args.label_map), model=args.model, dtype=args.dtype, device=args.device,
         device_map=args.device_map, method=args.method, variant=args.variant, layers=args.layers,
-        aggregate=args.aggregate, check=args.check, target=args.target, batch_size=args.batch_size,
+        aggregate=args.aggregate, check=args.check, target=args.target, score=args.score, batch_size=args.batch_size,
         limit=args.limit, force=args.force, progress=args.progress)
     summary = run_dataset(options)
     if summary is None:  # not rank 0 of a torchrun run

@@ -62,6 +62,9 @@ class DatasetOptions:
         method, variant, layers, aggregate, check: as for :func:`~implicit_attention.run_explanation`.
         target: a fixed target for every input (label name, token id or one-token string); ``None``
             explains each prediction.
+        score: ``"contrast"``, ``"logit"`` or ``"log_prob"`` (see
+            :func:`~implicit_attention.explanations.texts.explain_texts`); ``None``: the model's default
+            (the label contrast for task models).
         batch_size: inputs per forward/backward pass (left-padded together); ``None``: 1 on the CPU, where
             larger batches were slower per text (padding, memory traffic; measured on the bundled model
             with one thread: 13 texts/s with batches of 1, 3 with batches of 8), and :data:`GPU_BATCH_SIZE` on a GPU.
@@ -86,6 +89,7 @@ class DatasetOptions:
     aggregate: str = "abs"
     check: bool = True
     target: str | None = None
+    score: str | None = None
     batch_size: int | None = None
     limit: int | None = None
     force: bool = False
@@ -100,7 +104,7 @@ class DatasetOptions:
             "label_map": dict(sorted(self.label_map.items())), "model": self.model or "rt-sentiment-mamba",
             "method": self.method, "variant": self.variant,
             "layers": list(self.layers) if self.layers else None, "aggregate": self.aggregate,
-            "dtype": self.dtype, "target": self.target, "check": self.check,
+            "dtype": self.dtype, "target": self.target, "score": self.score, "check": self.check,
         }
 
 
@@ -155,8 +159,8 @@ def explain_batch(loaded, batch: Sequence[InputRecord], options: DatasetOptions,
     from ..text import finite
 
     result = explain_texts(loaded, [record.text for record in batch], method=options.method,
-                           variant=options.variant, layers=options.layers, target=target_id, position=-1,
-                           aggregate=options.aggregate, check=options.check)
+                           variant=options.variant, layers=options.layers, target=target_id, score=options.score,
+                           position=-1, aggregate=options.aggregate, check=options.check)
     rows = []
     for record, example in zip(batch, result):
         error = example.run.max_error
@@ -168,7 +172,8 @@ def explain_batch(loaded, batch: Sequence[InputRecord], options: DatasetOptions,
             "probability": finite(pred.probability),
             "probabilities": {k: finite(v) for k, v in pred.probabilities.items()},
             "gold": label, "gold_raw": record.gold, "correct": None if label is None else guess == label.strip(),
-            "target": {"id": example.target.id, "token": example.target.token, "label": example.target.label},
+            "target": {"id": example.target.id, "token": example.target.token, "label": example.target.label,
+                       "score": example.target.score},
             "batch_max_error": None if error is None else finite(float(error)),
         })
     return rows
@@ -217,7 +222,8 @@ def summarize(rows: Sequence[dict], records: Sequence[InputRecord], *, settings:
     return {
         "model": model_name, "method": settings["method"], "variant": settings["variant"],
         "layers": settings["layers"], "aggregate": settings["aggregate"], "dtype": settings["dtype"],
-        "target": settings["target"], "check": settings["check"], "input": settings["input"],
+        "target": settings["target"], "score": (rows[0]["target"].get("score") if rows else settings.get("score")),
+        "check": settings["check"], "input": settings["input"],
         "format": settings["format"],
         "counts": {"inputs": len(records), "empty_skipped": sum(1 for r in records if r.empty),
                    "explained": len(rows), "explained_this_run": this_run, "remaining": len(wanted - done),

@@ -23,15 +23,19 @@ def _inputs(model: nn.Module, input_ids, attention_mask) -> ModelInputs:
 
 
 def _score_fn(model: nn.Module, inputs: ModelInputs, target: Target):
-    """``f(embeds, attention_mask, target_ids, values) -> [B]``, the form captum expects.
+    """``f(embeds, attention_mask, target_ids, other_ids, values) -> [B]``, the form captum expects.
 
-    ``values`` (ids or pixels) rides along as a forward argument so that captum expands it with
-    the embeddings when it batches interpolation steps.
+    ``values`` (ids or pixels) and the target's ids ride along as forward arguments so that captum
+    expands them with the embeddings when it batches interpolation steps.
     """
-    def score(embeds, attention_mask, target_ids, values):
+    def score(embeds, attention_mask, target_ids, other_ids, values):
         out = run_model(model, inputs.name, values, attention_mask, embeds)
-        return Target(ids=target_ids, position=target.position).score(out.logits)
+        return target.with_ids(target_ids, other_ids).score(out.logits)
     return score
+
+
+def _forward_args(inputs: ModelInputs, target: Target) -> tuple:
+    return inputs.attention_mask, target.ids, target.other, inputs.values
 
 
 def random_relevance(input_ids, seed: int = 0) -> torch.Tensor:
@@ -48,7 +52,7 @@ def grad_x_input(model: nn.Module, input_ids, attention_mask, target: Target) ->
     inputs = _inputs(model, input_ids, attention_mask)
     embeds = inputs.embed(model).requires_grad_(True)
     with torch.enable_grad():
-        score = _score_fn(model, inputs, target)(embeds, inputs.attention_mask, target.ids, inputs.values)
+        score = _score_fn(model, inputs, target)(embeds, *_forward_args(inputs, target))
         (grad,) = torch.autograd.grad(score.sum(), embeds)
     return inputs.to_tokens((grad * embeds).sum(dim=-1).detach())
 
@@ -63,7 +67,7 @@ def integrated_gradients(model: nn.Module, input_ids, attention_mask, target: Ta
     method = IntegratedGradients(_score_fn(model, inputs, target))
     with torch.enable_grad():
         attr = method.attribute(embeds, baselines=torch.zeros_like(embeds), n_steps=steps,
-                                additional_forward_args=(inputs.attention_mask, target.ids, inputs.values),
+                                additional_forward_args=_forward_args(inputs, target),
                                 internal_batch_size=max(1, embeds.shape[0]) * min(steps, 8))
     return inputs.to_tokens(attr.sum(dim=-1).detach())
 
@@ -78,6 +82,6 @@ def occlusion(model: nn.Module, input_ids, attention_mask, target: Target) -> to
     with torch.no_grad():
         attr = Occlusion(_score_fn(model, inputs, target)).attribute(
             embeds, sliding_window_shapes=(1, hidden), strides=(1, hidden), baselines=0.0,
-            additional_forward_args=(inputs.attention_mask, target.ids, inputs.values))
+            additional_forward_args=_forward_args(inputs, target))
     # captum gives every hidden unit of the occluded token the same score difference
     return inputs.to_tokens(attr.mean(dim=-1).detach())

@@ -12,16 +12,39 @@ Python user calls on strings::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..architectures.registry import padding_leaks
+from ..catalog import SCORES
 from ..inputs import call_model
 from ..loading import LoadedModel
 from ..text import Prediction, decode_token, encode, predict, predict_next_token, target_token_id, token_strings
 from .api import Explanation, run_explanation
+from .target import Contrast, LogProb
+
+
+def text_score(loaded: LoadedModel, target_id, score: str, batch: int):
+    """The ``target`` of :func:`~.api.run_explanation` for ``score`` about ``target_id`` (an id, ``[B]`` ids or ``None``)."""
+    if score == "logit":
+        return target_id
+    labels = list(loaded.label_ids.values())
+    if score == "log_prob":
+        return LogProb(target_id, over=labels if loaded.label_ids else None)
+    ids = torch.as_tensor(target_id).long().reshape(-1).expand(batch)
+    others = [[label for label in labels if label != int(i)] for i in ids]
+    if any(len(row) != len(labels) - 1 for row in others):
+        raise ValueError("score='contrast' explains a label of the task: give target as one of "
+                         f"{', '.join(loaded.label_ids)}")
+    return Contrast(ids, others)
+
+
+def _label_or_token(loaded: LoadedModel, token_id: int) -> str:
+    return next((name for name, tid in loaded.label_ids.items() if tid == token_id), None) or \
+        repr(decode_token(loaded, token_id))
 
 
 @dataclass
@@ -35,6 +58,7 @@ class ExplainedTarget:
         position: the explained position among the text's own tokens (``None`` when it falls inside
             the text's left padding).
         batch_position: the explained position in the padded batch.
+        score: the explained score in words (``"logit(positive) - logit(negative)"``).
     """
 
     id: int
@@ -42,10 +66,11 @@ class ExplainedTarget:
     label: str | None
     position: int | None
     batch_position: int
+    score: str = ""
 
     def to_dict(self) -> dict:
         return {"id": self.id, "token": self.token, "label": self.label, "position": self.position,
-                "batch_position": self.batch_position}
+                "batch_position": self.batch_position, "score": self.score}
 
 
 @dataclass
@@ -128,15 +153,21 @@ class TextExplanations:
         return max(errors) if errors else None
 
 
+
+def default_score(loaded: LoadedModel) -> str:
+    """``"contrast"`` for a model with a ``task.json`` (the label words' logit difference), else ``"logit"``."""
+    return "contrast" if loaded.task is not None and len(loaded.label_ids) > 1 else "logit"
+
+
 def explain_texts(loaded: LoadedModel, texts: str | Sequence[str], *, method: str = "attribution",
                   variant: str = "unified", layers: int | Sequence[int] | None = None,
-                  target: str | int | None = None, position: int = -1, aggregate: str = "abs",
-                  check: bool = True, **options) -> TextExplanations:
+                  target: str | int | None = None, score: str | None = None, position: int = -1,
+                  aggregate: str = "abs", check: bool = True, **options) -> TextExplanations:
     """Explain the prediction of ``loaded`` for each text, from raw strings.
 
     Each text goes into the task's prompt template (if the model has a ``task.json``), is tokenised
     and left-padded into one batch; a model whose predictions depend on padding (it reads padding
-    tokens) runs one text at a time instead. The explained score is the logit of ``target`` at
+    tokens) runs one text at a time instead. The explained score is about ``target`` at
     ``position``: by default, at the end of the prompt, the predicted label (task models) or the
     predicted next token.
 
@@ -146,6 +177,10 @@ def explain_texts(loaded: LoadedModel, texts: str | Sequence[str], *, method: st
         method, variant, layers, aggregate, check, **options: as for :func:`~.api.explain`.
         target: a task label (``"positive"``), a label word, a token id, or a string that is one
             token (``" Paris"``); default the prediction.
+        score: ``"contrast"``: the target's logit minus the mean logit of the task's other labels (the
+            default for models with a ``task.json``: for two labels, ``logit(positive) - logit(negative)``);
+            ``"logit"``: the target's logit (the default otherwise, and what :func:`~.api.explain`
+            explains); ``"log_prob"``: its log-probability (over the label words for task models).
         position: the explained output position in the padded batch (negatives count from the end);
             ``-1``, the end of every prompt, is the one position that means the same alone and in a batch.
 
@@ -159,7 +194,13 @@ def explain_texts(loaded: LoadedModel, texts: str | Sequence[str], *, method: st
     texts = [texts] if isinstance(texts, str) else list(texts)
     encode(loaded, texts)                                   # every text is valid before anything runs
     groups = [[text] for text in texts] if len(texts) > 1 and padding_leaks(loaded.model) else [texts]
-    settings = dict(method=method, variant=variant, layers=layers, target=target, position=position,
+    score = default_score(loaded) if score is None else score
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+    if score == "contrast" and len(loaded.label_ids) < 2:
+        raise ValueError("score='contrast' subtracts the other labels' logits: it needs a model with a task.json "
+                         "of two labels or more (or a classifier); use 'logit' or 'log_prob'")
+    settings = dict(method=method, variant=variant, layers=layers, target=target, score=score, position=position,
                     aggregate=aggregate, check=check, **options)
     runs, examples = [], []
     for group in groups:
@@ -169,7 +210,7 @@ def explain_texts(loaded: LoadedModel, texts: str | Sequence[str], *, method: st
     return TextExplanations(examples=examples, runs=runs)
 
 
-def _explain_batch(loaded: LoadedModel, texts: list[str], *, method: str, variant: str, layers, target,
+def _explain_batch(loaded: LoadedModel, texts: list[str], *, method: str, variant: str, layers, target, score: str,
                    position: int, aggregate: str, check: bool, **options) -> tuple[TextRun, list[TextExplanation]]:
     """One left-padded batch of texts through :func:`~.api.run_explanation`."""
     ids, mask = encode(loaded, texts)
@@ -180,13 +221,14 @@ def _explain_batch(loaded: LoadedModel, texts: list[str], *, method: str, varian
     at_end = position % length == length - 1
     task_prediction = bool(loaded.label_ids) and (at_end or loaded.is_classifier)
     target_id = target_token_id(loaded, target)
-    if target_id is None and task_prediction:
+    if target_id is None and (task_prediction or score == "contrast"):
         # explain the predicted label (the argmax over the label words), not the likeliest token
         with torch.no_grad():
             first = call_model(loaded.model, ids, mask).logits
         target_id = [p.token_id for p in predict(loaded, first, position)]
     explanation = run_explanation(loaded.model, ids, mask, method=method, variant=variant, layers=layers,
-                                  target=target_id, position=position, aggregate=aggregate, check=check, **options)
+                                  target=text_score(loaded, target_id, score, len(texts)), position=position,
+                                  aggregate=aggregate, check=check, **options)
     run = TextRun(explanation=explanation, input_ids=ids, attention_mask=mask)
     predictions = (predict(loaded, explanation.logits, position) if task_prediction
                    else predict_next_token(loaded, explanation.logits, position))
@@ -196,10 +238,13 @@ def _explain_batch(loaded: LoadedModel, texts: list[str], *, method: str, varian
         token_id = int(explanation.target.ids[b])
         row = int(explanation.target.row)                     # the explained position (a classifier's class token)
         positions = real.nonzero().reshape(-1).tolist()
+        one = dataclasses.replace(explanation.target, ids=explanation.target.ids[b:b + 1],
+                                  other=None if explanation.target.other is None else explanation.target.other[b:b + 1])
         explained = ExplainedTarget(
             id=token_id, token=decode_token(loaded, token_id),
             label=next((name for name, tid in loaded.label_ids.items() if tid == token_id), None),
-            position=positions.index(row) if row in positions else None, batch_position=row)
+            position=positions.index(row) if row in positions else None, batch_position=row,
+            score=one.describe(lambda i: _label_or_token(loaded, i)))
         examples.append(TextExplanation(
             text=text, tokens=token_strings(loaded, ids[b], mask[b]), token_ids=ids[b][real].tolist(),
             relevance=explanation.relevance[b][real].detach().cpu(), prediction=predictions[b],
