@@ -107,7 +107,13 @@ def check_explanation(model, x, mask=None, *, method: str, causal: bool = True, 
     """
     import implicit_attention as ia
     from implicit_attention.architectures.registry import padding_leaks
+    from implicit_attention.explanations.lrp import supports_lrp
 
+    options.setdefault("samples", 2)                    # smoothgrad: two noisy copies are enough to check
+    if method == "lrp" and not supports_lrp(model):      # rules for the Mamba family only: a clear refusal
+        with pytest.raises(NotImplementedError, match="'lrp' has rules for"):
+            ia.explain(model, x, mask, method=method, **options)
+        return None
     if mask is not None and bool((mask == 0).any()) and padding_leaks(model):
         with pytest.raises(ia.PaddingError):
             ia.explain(model, x, mask, method=method, **options)

@@ -21,10 +21,16 @@ def test_variants_are_the_registered_ones():
 
 def test_methods_and_aggregates_are_the_implemented_ones():
     from implicit_attention.architectures import base
-    from implicit_attention.explanations import api, combination
+    from implicit_attention.explanations import api, combination, methods
 
     assert catalog.METHODS == catalog.MATRIX_METHODS + catalog.BASELINE_METHODS
-    assert api.METHODS is catalog.METHODS and combination.MATRIX_METHODS is catalog.MATRIX_METHODS
+    assert api.MATRIX_METHODS is catalog.MATRIX_METHODS and combination.MATRIX_METHODS is catalog.MATRIX_METHODS
+    assert tuple(methods.METHOD_CLASSES) == catalog.METHODS
+    assert all(issubclass(methods.METHOD_CLASSES[name], methods.MatrixMethod) for name in catalog.MATRIX_METHODS)
+    assert all(issubclass(methods.METHOD_CLASSES[name], methods.BaselineMethod) for name in catalog.BASELINE_METHODS)
+    own_flags = {"dtype", "variant", "layers", "check", "tolerance", "progress", "aggregate"}
+    assert catalog.METHOD_OPTIONS == {name: tuple(o for o in cls.option_names() if o not in own_flags)
+                                      for name, cls in methods.METHOD_CLASSES.items()}
     assert base.AGGREGATES is catalog.AGGREGATES
     with pytest.raises(ValueError, match="how must be one of"):
         base.check_aggregate("median")

@@ -148,8 +148,8 @@ def test_every_layer_found_in_model_order_and_decomposed_in_call_order(class_nam
 def test_explain_every_method_on_a_hybrid(class_name, method):
     model = tiny(class_name, dtype=torch.float32)
     ids, mask = left_padded(batch=2, length=5, vocab=VOCAB)
-    expl = check_explanation(model, ids, mask, method=method, steps=4)
-    if expl.decomposition is not None:
+    expl = check_explanation(model, ids, mask, method=method, steps=4, samples=2)
+    if expl is not None and expl.decomposition is not None:
         kinds = {type(layer).__name__ for layer in expl.decomposition.layers}
         assert "AttentionLayerDecomposition" in kinds
         assert len(expl.decomposition.layers) == len(find_layers(model))
@@ -160,9 +160,9 @@ def test_a_mamba_and_a_transformer_explained_alike():
     torch.manual_seed(0)
     gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_head=2, n_embd=8, n_positions=16, vocab_size=VOCAB)).eval()
     ids, mask = left_padded(batch=2, length=6, vocab=VOCAB)
-    for method in ia.METHODS:
-        a = ia.explain(mamba, ids, mask, method=method, target=3, steps=4)
-        b = ia.explain(gpt2, ids, mask, method=method, target=3, steps=4)
+    for method in (m for m in ia.METHODS if m != "lrp"):                  # lrp: rules for Mamba models only
+        a = ia.explain(mamba, ids, mask, method=method, target=3, steps=4, samples=2)
+        b = ia.explain(gpt2, ids, mask, method=method, target=3, steps=4, samples=2)
         assert a.shape == b.shape == (2, 6) and a.dtype == b.dtype, method
         assert torch.isfinite(a).all() and torch.isfinite(b).all()
         assert torch.equal(a[mask == 0], b[mask == 0])                     # both 0 on padding

@@ -96,7 +96,7 @@ def test_maps_are_combined_on_the_home_device():
     home = mask.double().to("meta")
     for method in MATRIX_METHODS:
         layers = ia.run_explanation(model, ids, mask, method=method).decomposition.layers
-        width = {"attribution": layers[0].channels, "paper": 12}.get(method, 1)
+        width = {"attribution": layers[0].channels, "signed_attribution": layers[0].channels, "paper": 12}.get(method, 1)
         grads = [torch.randn(2, 7, width, dtype=torch.float64) for _ in layers]
         relevance = combine(method, layers, list(grads), 6, home)
         assert relevance.device.type == "meta" and relevance.shape == (2, 7), method

@@ -31,3 +31,15 @@ def test_readme_text_example_runs(capsys):
     lines = capsys.readouterr().out.splitlines()[-2:]
     assert [line.split()[0] for line in lines] == ["positive", "negative"]
     assert "(' utterly'," in lines[0] and "(' dull'," in lines[1] and "(':'," in lines[1]  # the template's tokens too
+
+
+def test_readme_method_table_names_real_tests_for_every_method():
+    import implicit_attention as ia
+
+    text = README.read_text()
+    table = [line for line in text.splitlines() if line.startswith("| `")]
+    named = {re.match(r"\| `(\w+)`", line).group(1) for line in table}
+    assert set(ia.METHODS) <= named, set(ia.METHODS) - named
+    sources = "".join(path.read_text() for path in README.parent.joinpath("tests").glob("test_*.py"))
+    for test in re.findall(r"`(test_\w+)`", "\n".join(table)):
+        assert f"def {test}(" in sources, f"the README names {test}, which no test defines"

@@ -194,7 +194,9 @@ def test_aggregates_match_the_matrix():
 @pytest.mark.parametrize("method,variant", [(m, v) for m in MATRIX_METHODS for v in VARIANTS]
                          + [(m, "unified") for m in BASELINE_METHODS])
 def test_explain_every_method(method, variant):
-    model = tiny_rwkv(dtype=torch.float32)
+    # smoothgrad averages noisy gradients that mostly cancel: float32 rounding of a batch of 2 and of 1
+    # then differs by ~1% of the small mean, so its batch consistency is checked in float64
+    model = tiny_rwkv(dtype=torch.float64 if method == "smoothgrad" else torch.float32)
     ids, mask = left_padded(batch=2, length=5)
     check_explanation(model, ids, mask, method=method, variant=variant, steps=4)
 

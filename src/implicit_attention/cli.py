@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .catalog import AGGREGATES, COMPUTE_DTYPES, METHODS, SCORES, VARIANTS
+from .catalog import AGGREGATES, COMPUTE_DTYPES, METHOD_OPTIONS, METHODS, SCORES, VARIANTS, check_method_options
 from .errors import ImplicitAttentionError, ReconstructionError
 
 PROG = "implicit-attention"
@@ -121,6 +121,34 @@ def parse_layers(value: str) -> list[int]:
     return layers
 
 
+def parse_method_option(value: str) -> tuple[str, object]:
+    """``"steps=64"`` -> ``("steps", 64)``: integers, then floats, then true/false, else the text."""
+    name, sep, text = value.partition("=")
+    if not sep or not name.strip() or not text.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE such as steps=64, got {value!r}")
+    text = text.strip()
+    for convert in (int, float):
+        try:
+            return name.strip(), convert(text)
+        except ValueError:
+            pass
+    lowered = text.lower()
+    return name.strip(), (lowered == "true") if lowered in ("true", "false") else text
+
+
+def _method_options_help() -> str:
+    taking = "; ".join(f"{method}: {', '.join(names)}" for method, names in METHOD_OPTIONS.items() if names)
+    return ("an option of the method, NAME=VALUE (repeatable): " + taking + ". E.g. --option steps=64 --option "
+            "baseline=0 (a token id: integrated gradients from the pad token's embedding), --option window=3, "
+            "--option noise=0.2")
+
+
+def _method_options(args: argparse.Namespace) -> dict:
+    options = dict(args.options or [])
+    check_method_options(args.method, options)
+    return options
+
+
 def _add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", metavar="NAME_OR_DIR", default=None,
@@ -168,8 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", choices=METHODS, default="attribution",
         help="how relevance is computed (default: %(default)s). From the implicit attention: raw (row of the "
              "layer-mean map), rollout (attention rollout), attribution (gradient-weighted attention rollout, "
-             "Chefer et al.), paper (the paper's ViM recipe). Baselines without matrices: random, grad_x_input, "
-             "integrated_gradients, occlusion.")
+             "Chefer et al.), signed_attribution (the same keeping negative evidence), paper (the paper's "
+             "recipe). Baselines without matrices: random, grad_x_input, integrated_gradients, occlusion, "
+             "smoothgrad, lrp (MambaLRP, for Mamba models). Method options: --option.")
+    explain.add_argument("--option", dest="options", action="append", type=parse_method_option,
+                         metavar="NAME=VALUE", help=_method_options_help())
     explain.add_argument(
         "--variant", choices=VARIANTS, default="unified",
         help="implicit attention formulation (default: %(default)s, the exact one). For Mamba, s6 is the earlier "
@@ -263,6 +294,8 @@ def _add_dataset_parser(sub, methods: Sequence[str]) -> None:
                          "decomposed on its GPU and the maps are combined on the inputs' GPU. For one process only")
     ds.add_argument("--method", choices=methods, default="attribution",
                     help="how relevance is computed, as for explain (default: %(default)s)")
+    ds.add_argument("--option", dest="options", action="append", type=parse_method_option, metavar="NAME=VALUE",
+                    help=_method_options_help())
     ds.add_argument("--variant", choices=VARIANTS, default="unified",
                     help="implicit attention formulation, as for explain (default: %(default)s)")
     ds.add_argument("--layers", type=parse_layers, default=None, metavar="I,J,...",
@@ -382,10 +415,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
             raise ValueError(f"--out directory {args.out!r} is not empty; choose a new directory or pass --force "
                              "to replace the report files in it (other files are kept)")
 
+    method_options = _method_options(args)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     result = explain_texts(loaded, args.texts, method=args.method, variant=args.variant, layers=args.layers,
                            target=args.target, score=args.score, position=args.position, aggregate=args.aggregate,
-                           check=args.check)
+                           check=args.check, **method_options)
     # the decomposed layers of each run (a baseline decomposes them only for the report)
     decompositions = {id(run): run.explanation.decomposition for run in result.runs}
     if args.out is not None:
@@ -409,6 +443,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         scale = float(example.relevance.abs().max()) if example.relevance.numel() else 0.0
         print(f"  relevance (red +, blue -; max |r| = {scale:.3g}):")
         print("  " + color_tokens(example.tokens, example.relevance, color=color))
+        for key, value in example.diagnostics.items():
+            print(f"  {DIAGNOSTICS.get(key, key)}: {value:.3g}")
 
     print()
     layers = [layer for d in decompositions.values() if d is not None for layer in d.layers]
@@ -421,6 +457,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         report = _write_report(args, loaded, result, decompositions)
         print(f"report: {report}")
     return 0
+
+
+#: What each method's diagnostics mean, as printed.
+DIAGNOSTICS = {
+    "convergence_delta": "convergence delta (relevance sum minus the score difference to the baseline)",
+    "conservation_delta": "conservation delta (the score minus the relevance sum; biases absorb it)",
+}
 
 
 def _error_line(layers, variant: str) -> str:
@@ -528,7 +571,8 @@ def cmd_explain_dataset(args: argparse.Namespace) -> int:
         text_key=texts.pop() if texts else "text", label_key=labels.pop() if labels else None,
         label_map=parse_label_map(args.label_map), model=args.model, dtype=args.dtype, device=args.device,
         device_map=args.device_map, method=args.method, variant=args.variant, layers=args.layers,
-        aggregate=args.aggregate, check=args.check, target=args.target, score=args.score, batch_size=args.batch_size,
+        aggregate=args.aggregate, check=args.check, method_options=_method_options(args), target=args.target,
+        score=args.score, batch_size=args.batch_size,
         limit=args.limit, force=args.force, progress=args.progress)
     summary = run_dataset(options)
     if summary is None:  # not rank 0 of a torchrun run

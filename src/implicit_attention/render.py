@@ -350,6 +350,7 @@ def _write_files(tmp: Path, *, examples, layers, method, variant, model, setting
             "relevance_normalized": normalize_relevance(ex.relevance),
             "prediction": ex.prediction,
             "target": ex.target,
+            "diagnostics": getattr(ex, "diagnostics", {}),
             "images": images[i],
         } for i, ex in enumerate(examples)],
         "files": files,

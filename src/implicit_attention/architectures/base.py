@@ -253,19 +253,21 @@ class LayerDecomposition(ABC):
         fast = self._fast_rows(rows, how)
         return fast if fast is not None else self.rows_by_blocks(rows, how)
 
-    def attribution(self, grad: torch.Tensor) -> torch.Tensor:
+    def attribution(self, grad: torch.Tensor, signed: bool = False) -> torch.Tensor:
         """``[B, L, L]`` gradient-weighted map ``mean_c clamp(grad_i * A[i, j] * v_j, min=0)``.
 
         ``grad`` is ``[B, L, C]``, the gradient of the explained score with respect to this
         layer's output (before the output projection). Since ``out_i = sum_j A[i, j] v_j``, the
         gradient with respect to ``A[i, j]`` is ``grad_i * v_j``: this is Chefer et al.'s
-        ``grad ⊙ A`` with the exact gradient, computed without any extra autograd graph.
+        ``grad ⊙ A`` with the exact gradient, computed without any extra autograd graph. Each
+        channel is a head of this rule (softmax attention clamps per head instead).
+        ``signed=True`` keeps the sign (no clamp), so that negative evidence shows.
         """
         if grad.shape != self.output.shape:
             raise ValueError(f"grad must have shape {tuple(self.output.shape)}, got {tuple(grad.shape)}")
         grad = self.matrix_gradient(grad.to(self.dtype))
-        fast = self._fast_attribution(grad)
-        return fast if fast is not None else self.attribution_by_blocks(grad)
+        fast = self._fast_attribution(grad, signed)
+        return fast if fast is not None else self.attribution_by_blocks(grad, signed)
 
     # ------------------------------------------- the generic per-channel-block computations
     def channel_matrix(self, channel: int) -> torch.Tensor:
@@ -293,7 +295,7 @@ class LayerDecomposition(ABC):
             total += channel_transform(block[:, :, rows], how).sum(dim=1)
         return total / self.channels
 
-    def attribution_by_blocks(self, grad: torch.Tensor) -> torch.Tensor:
+    def attribution_by_blocks(self, grad: torch.Tensor, signed: bool = False) -> torch.Tensor:
         """``[B, L, L]`` :meth:`attribution` from the channel blocks, for ``grad`` already at the
         matrix output (:meth:`matrix_gradient` applied)."""
         if self.fold is not None:
@@ -302,7 +304,8 @@ class LayerDecomposition(ABC):
         for sl, block in self.blocks():
             g = grad[..., sl].transpose(1, 2).unsqueeze(-1)        # [B, c, L, 1]
             v = self.values[..., sl].transpose(1, 2).unsqueeze(-2)  # [B, c, 1, L]
-            total += (g * block * v).clamp_(min=0).sum(dim=1)
+            cam = g * block * v
+            total += (cam if signed else cam.clamp_(min=0)).sum(dim=1)
         return total / self.channels
 
     # ----------------------------------------------------- what architectures may provide
@@ -319,7 +322,7 @@ class LayerDecomposition(ABC):
         blocks, or ``None`` where there is no fast path."""
         return None
 
-    def _fast_attribution(self, grad: torch.Tensor) -> torch.Tensor | None:
+    def _fast_attribution(self, grad: torch.Tensor, signed: bool = False) -> torch.Tensor | None:
         """:meth:`attribution` without per-channel blocks (``grad`` at the matrix output), or ``None``."""
         return None
 

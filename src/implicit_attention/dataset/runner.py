@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..catalog import check_method_options
 from .distributed import Distributed
 from .errors import DatasetError
 from .formats import InputRecord, detect_format, file_sha256, read_inputs
@@ -60,6 +61,8 @@ class DatasetOptions:
             ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``, or the path of a JSON file mapping
             module names to devices (``{"backbone.layers.0": "cuda:0", ...}``); see :func:`resolve_device_map`.
         method, variant, layers, aggregate, check: as for :func:`~implicit_attention.run_explanation`.
+        method_options: the method's own options (``{"steps": 64}`` for integrated gradients; see
+            :data:`~implicit_attention.catalog.METHOD_OPTIONS`).
         target: a fixed target for every input (label name, token id or one-token string); ``None``
             explains each prediction.
         score: ``"contrast"``, ``"logit"`` or ``"log_prob"`` (see
@@ -88,12 +91,16 @@ class DatasetOptions:
     layers: list[int] | None = None
     aggregate: str = "abs"
     check: bool = True
+    method_options: dict[str, Any] = field(default_factory=dict)
     target: str | None = None
     score: str | None = None
     batch_size: int | None = None
     limit: int | None = None
     force: bool = False
     progress: bool = True
+
+    def __post_init__(self):
+        check_method_options(self.method, self.method_options)
 
     def settings(self, fmt: str, sha256: str) -> dict[str, Any]:
         """The settings stored in ``run.json``; those in :data:`~implicit_attention.dataset.store.RESUME_KEYS`
@@ -105,6 +112,7 @@ class DatasetOptions:
             "method": self.method, "variant": self.variant,
             "layers": list(self.layers) if self.layers else None, "aggregate": self.aggregate,
             "dtype": self.dtype, "target": self.target, "score": self.score, "check": self.check,
+            "method_options": dict(sorted(self.method_options.items())),
         }
 
 
@@ -160,7 +168,7 @@ def explain_batch(loaded, batch: Sequence[InputRecord], options: DatasetOptions,
 
     result = explain_texts(loaded, [record.text for record in batch], method=options.method,
                            variant=options.variant, layers=options.layers, target=target_id, score=options.score,
-                           position=-1, aggregate=options.aggregate, check=options.check)
+                           position=-1, aggregate=options.aggregate, check=options.check, **options.method_options)
     rows = []
     for record, example in zip(batch, result):
         error = example.run.max_error
@@ -175,6 +183,7 @@ def explain_batch(loaded, batch: Sequence[InputRecord], options: DatasetOptions,
             "target": {"id": example.target.id, "token": example.target.token, "label": example.target.label,
                        "score": example.target.score},
             "batch_max_error": None if error is None else finite(float(error)),
+            "diagnostics": {key: finite(value) for key, value in example.diagnostics.items()},
         })
     return rows
 

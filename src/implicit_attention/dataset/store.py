@@ -37,17 +37,18 @@ RUN_FILE = "run.json"
 LOCK_FILE = ".explain-dataset.lock"
 _SHARD_PREFIX, _SHARD_SUFFIX = "results.rank", ".jsonl"
 #: Version of the ``run.json`` / result layout; a run of another version is not resumed.
-RUN_VERSION = 2
+RUN_VERSION = 3
 #: Keys of :meth:`~implicit_attention.dataset.runner.DatasetOptions.settings` that must match for a run to be resumed.
 RESUME_KEYS: tuple[str, ...] = (
     "input_sha256", "format", "text_key", "label_key", "label_map", "model", "method", "variant", "layers",
-    "aggregate", "dtype", "target", "score", "check")
+    "aggregate", "dtype", "target", "score", "check", "method_options")
 #: How the ``explain-dataset`` command line sets each of :data:`RESUME_KEYS` (for the refusal message).
 SETTING_OPTIONS: dict[str, str] = {
     "input_sha256": "the input file's contents", "format": "--format", "text_key": "--text-column/--text-field",
     "label_key": "--label-column/--label-field", "label_map": "--label-map", "model": "--model",
     "method": "--method", "variant": "--variant", "layers": "--layers", "aggregate": "--aggregate",
     "dtype": "--dtype", "target": "--target", "score": "--score", "check": "--no-check",
+    "method_options": "--option",
 }
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..architectures.registry import padding_leaks
-from ..catalog import AGGREGATES, BASELINE_METHODS, METHODS
+from ..catalog import AGGREGATES, MATRIX_METHODS
 from ..decomposition import (
     DEFAULT_TOLERANCE,
     PHASE,
@@ -23,8 +23,7 @@ from ..decomposition import (
 from ..devices import model_dtype
 from ..errors import PaddingError
 from ..hooks import capture, layer_indices, select_layers
-from ..inputs import as_module, prepare_model_inputs
-from . import baselines
+from ..inputs import ModelInputs, as_module, prepare_model_inputs
 from .combination import combine
 from .target import Target, resolve_target
 
@@ -38,7 +37,9 @@ class Explanation:
         target: the explained score (target ids and position).
         logits: the model's logits on the input.
         decomposition: the decomposed layers for matrix methods, else ``None``.
-        method, variant: what was asked.
+        method, variant: what was asked (``variant`` is ``None`` for baselines, which do not use it).
+        diagnostics: what a method reports beside the relevance, e.g. integrated gradients'
+            ``convergence_delta`` ``[B]`` or LRP's ``conservation_delta`` ``[B]``.
     """
 
     relevance: torch.Tensor
@@ -46,79 +47,101 @@ class Explanation:
     logits: torch.Tensor
     decomposition: Decomposition | None
     method: str
-    variant: str
+    variant: str | None
+    diagnostics: dict = field(default_factory=dict)
 
 
 def explain(model: nn.Module, input_ids, attention_mask=None, *, method: str = "attribution",
-            target=None, position: int = -1, variant: str = "unified",
-            layers: int | Sequence[int] | None = None, **options) -> torch.Tensor:
-    """Relevance ``[B, L]`` of the input tokens for the logit of ``target`` at ``position``.
+            target=None, position: int = -1, **options) -> torch.Tensor:
+    """Relevance ``[B, L]`` of the input tokens for the score of ``target`` at ``position``.
 
     Args:
         model: a supported model with a head (``MambaForCausalLM``, ``FalconMambaForCausalLM``, ...).
         input_ids: ``[B, L]`` or ``[L]``; pad batches on the left.
         attention_mask: ``[B, L]`` or ``None``.
-        method: ``"raw"`` (target row of the layer-mean aggregated map), ``"rollout"`` (attention
-            rollout), ``"attribution"`` (gradient-weighted attention, Chefer et al. 2021, the
-            default), ``"paper"`` (the paper's ViM recipe), or a baseline: ``"random"``,
-            ``"grad_x_input"``, ``"integrated_gradients"``, ``"occlusion"``.
-        target: id (or ``[B]`` ids) whose logit is explained; default the predicted one.
+        method: from the implicit attention: ``"raw"`` (target row of the layer-mean aggregated map),
+            ``"rollout"`` (attention rollout), ``"attribution"`` (gradient-weighted attention, Chefer
+            et al. 2021, the default), ``"signed_attribution"`` (the same without the clamp),
+            ``"paper"`` (the paper's recipe); or a baseline: ``"random"``, ``"grad_x_input"``,
+            ``"integrated_gradients"``, ``"occlusion"``, ``"smoothgrad"``, ``"lrp"`` (the MambaLRP
+            rules). Each is a class of :mod:`.methods` with its own typed options.
+        target: what is explained: a token id (or ``[B]`` ids) whose logit is the score, a
+            :class:`~.target.Contrast`, a :class:`~.target.LogProb` or a callable on the logits
+            (see :mod:`.target`); default the logit of the predicted token.
         position: output position of a causal LM (default the last).
-        variant: the implicit attention formulation (``"unified"``; ``"s6"`` gives the
-            predecessor's maps; ``"no_conv"``, ``"no_gate"``, ``"no_act"``). Baselines ignore it.
-        layers: token-mixing layers to use (default all).
-        **options: ``aggregate`` (``"abs"`` default, or ``"pos"`` / ``"mean"``) for raw and rollout;
-            ``start_layer`` for ``"paper"`` (default: the second half of the layers);
-            ``steps`` for integrated gradients (32); ``seed`` for random (0); ``dtype``,
-            ``check``, ``tolerance`` as in :func:`~implicit_attention.decompose`.
+        **options: the method's options (see its class in :mod:`.methods`): ``variant``, ``layers``,
+            ``dtype``, ``check``, ``tolerance`` for matrix methods, ``aggregate`` for raw and
+            rollout, ``start_layer`` for paper, ``steps`` and ``baseline`` for integrated gradients,
+            ``window`` and ``replacement`` for occlusion, ``samples``, ``noise`` and ``seed`` for
+            smoothgrad, ``seed`` for random. Options of other methods are ignored (so that one set
+            of settings serves every method); a name no method takes is an error.
     """
-    return run_explanation(model, input_ids, attention_mask, method=method, target=target,
-                           position=position, variant=variant, layers=layers, **options).relevance
+    return run_explanation(model, input_ids, attention_mask, method=method, target=target, position=position,
+                           **options).relevance
 
 
 def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method: str = "attribution",
-                    target=None, position: int = -1, variant: str = "unified",
-                    layers: int | Sequence[int] | None = None, aggregate: str = "abs",
-                    start_layer: int | None = None, steps: int = 32, seed: int = 0,
-                    dtype: torch.dtype | None = None, check: bool = True,
-                    tolerance: float | None = None, progress: bool | None = None) -> Explanation:
-    """:func:`explain`, returning the :class:`Explanation` with the decomposition and target."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    # input adapter: token ids or pixels; tokens L, causal or not, the class token's row
+                    target=None, position: int = -1, **options) -> Explanation:
+    """:func:`explain`, returning the :class:`Explanation` with the decomposition, target and diagnostics."""
+    from .methods import make_method
+
+    return make_method(method, model, **options).explain(input_ids, attention_mask, target=target, position=position)
+
+
+def baseline_explanation(model: nn.Module, input_ids, attention_mask, method: str,
+                         relevance_fn: Callable[[ModelInputs, Target], tuple[torch.Tensor, dict]], *,
+                         target=None, position: int = -1, dtype: torch.dtype | None = None) -> Explanation:
+    """An :class:`Explanation` by a method that runs the model only.
+
+    ``relevance_fn(inputs, target) -> (relevance [B, L], diagnostics)`` computes the relevance for
+    the prepared inputs and the resolved target.
+    """
+    model = as_module(model)
+    inputs = prepare_model_inputs(model, input_ids, attention_mask)
+    refuse_padding_that_leaks(model, inputs.attention_mask)
+    compute_dtype = compute_dtype_for(model, dtype)
+    with torch.no_grad():
+        logits = inputs.call(model).logits
+    tgt = resolve_target(logits, target, position, inputs.length, row=inputs.classifier_row)
+    _warn_if_padding(inputs.attention_mask, tgt.row)
+    relevance, diagnostics = relevance_fn(inputs, tgt)
+    return Explanation(_finish(relevance, inputs.attention_mask, compute_dtype), tgt, logits, None, method, None,
+                       diagnostics)
+
+
+def matrix_explanation(model: nn.Module, input_ids, attention_mask=None, *, method: str = "attribution",
+                       target=None, position: int = -1, variant: str = "unified",
+                       layers: int | Sequence[int] | None = None, dtype: torch.dtype | None = None,
+                       check: bool = True, tolerance: float | None = None, progress: bool | None = None,
+                       aggregate: str = "abs", start_layer: int | None = None, signed: bool = False) -> Explanation:
+    """An :class:`Explanation` by a matrix ``method`` of :data:`~implicit_attention.catalog.MATRIX_METHODS`:
+    capture the token-mixing layers, decompose them (checked), combine their maps (:func:`.combination.combine`)."""
+    if method not in MATRIX_METHODS:
+        raise ValueError(f"{method!r} is not a matrix method; choose one of {MATRIX_METHODS}")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
+    if method == "rollout" and aggregate == "mean":
+        raise ValueError(ROLLOUT_NEEDS_NON_NEGATIVE)
+    rule = "attribution" if method == "signed_attribution" else method     # the same computation and memory
     model = as_module(model)
     inputs = prepare_model_inputs(model, input_ids, attention_mask)
     ids, mask, length = inputs.values, inputs.attention_mask, inputs.length
     refuse_padding_that_leaks(model, mask)
     compute_dtype = compute_dtype_for(model, dtype)
-    if method in BASELINE_METHODS:
-        with torch.no_grad():
-            logits = inputs.call(model).logits
-        tgt = resolve_target(logits, target, position, length, row=inputs.classifier_row)
-        _warn_if_padding(mask, tgt.row)
-        relevance = _baseline(method, model, inputs, mask, tgt, steps=steps, seed=seed)
-        return Explanation(_finish(relevance, mask, compute_dtype), tgt, logits, None, method, variant)
-
     targets = select_layers(model, layers)
     check_variant(targets, variant)
-    if aggregate not in AGGREGATES:
-        raise ValueError(f"aggregate must be 'abs', 'pos' or 'mean', got {aggregate!r}")
-    if method == "rollout" and aggregate == "mean":
-        raise ValueError("rollout multiplies row-normalised maps and needs them non-negative: aggregate='mean' "
-                         "is the signed channel mean, whose row sums can be zero or negative; use 'abs' or 'pos' "
-                         "(the signed mean is available with method='raw')")
-    ensure_decomposition_fits(targets, inputs, compute_dtype, method=method)
-    need_grad = method in ("attribution", "paper")
+    ensure_decomposition_fits(targets, inputs, compute_dtype, method=rule)
+    need_grad = rule in ("attribution", "paper")
     embeds = inputs.embed(model).requires_grad_(need_grad)
     grads: list[torch.Tensor] = []
     with torch.set_grad_enabled(need_grad), \
-            capture(model, targets, keep_graph=need_grad, block_inputs=method == "paper") as captured:
+            capture(model, targets, keep_graph=need_grad, block_inputs=rule == "paper") as captured:
         out = inputs.call(model, embeds)
         logits = getattr(out, "logits", None)
         tgt = resolve_target(logits, target, position, length, row=inputs.classifier_row)
         _warn_if_padding(mask, tgt.row)
         if need_grad:
-            wrt = [r.output for r in captured] if method == "attribution" else [r.block_input for r in captured]
+            wrt = [r.output for r in captured] if rule == "attribution" else [r.block_input for r in captured]
             grads = list(torch.autograd.grad(tgt.score(logits).sum(), wrt))
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(model_dtype(model), 1e-4)
     with torch.profiler.record_function(PHASE):
@@ -126,10 +149,18 @@ def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method:
                              check=check, tolerance=tol, progress=progress)
         captured.clear()  # the layers' inputs and call arguments: no longer needed
         mask_f = inputs.token_mask(compute_dtype)
-        relevance = combine(method, built, grads, tgt.row, mask_f, aggregate=aggregate, start_layer=start_layer)
+        relevance = combine(method, built, grads, tgt.row, mask_f, aggregate=aggregate, start_layer=start_layer,
+                            signed=signed)
     decomposition = Decomposition(layers=built, input_values=ids, attention_mask=mask,
                                   logits=logits.detach(), variant=variant)
     return Explanation(_finish(relevance, mask, compute_dtype), tgt, logits.detach(), decomposition, method, variant)
+
+
+#: Why rollout refuses the signed channel mean.
+ROLLOUT_NEEDS_NON_NEGATIVE = (
+    "rollout multiplies row-normalised maps and needs them non-negative: aggregate='mean' is the signed channel "
+    "mean, whose row sums can be zero or negative; use 'abs' or 'pos' (the signed mean is available with "
+    "method='raw')")
 
 
 def refuse_padding_that_leaks(model: nn.Module, mask: torch.Tensor | None) -> None:
@@ -147,16 +178,6 @@ def refuse_padding_that_leaks(model: nn.Module, mask: torch.Tensor | None) -> No
             f"{type(model).__name__} reads padding tokens (its layers {shown} ignore the attention mask, or carry "
             "a bias into real tokens), so padding changes its predictions: explain one text at a time (an "
             "unpadded row); implicit_attention.explain_texts and the command line do so for this model")
-
-
-def _baseline(method: str, model, ids, mask, tgt: Target, *, steps: int, seed: int) -> torch.Tensor:
-    if method == "random":
-        return baselines.random_relevance(ids, seed=seed)
-    if method == "grad_x_input":
-        return baselines.grad_x_input(model, ids, mask, tgt)
-    if method == "integrated_gradients":
-        return baselines.integrated_gradients(model, ids, mask, tgt, steps=steps)
-    return baselines.occlusion(model, ids, mask, tgt)
 
 
 def _warn_if_padding(mask: torch.Tensor | None, row: int) -> None:

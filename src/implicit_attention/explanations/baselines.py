@@ -57,31 +57,104 @@ def grad_x_input(model: nn.Module, input_ids, attention_mask, target: Target) ->
     return inputs.to_tokens((grad * embeds).sum(dim=-1).detach())
 
 
-def integrated_gradients(model: nn.Module, input_ids, attention_mask, target: Target,
-                         steps: int = 32) -> torch.Tensor:
-    """``[B, L]`` integrated gradients (captum) from an all-zero embedding, summed over the hidden size."""
+def token_embeddings(model: nn.Module, inputs: ModelInputs, token: str | int, embeds: torch.Tensor) -> torch.Tensor:
+    """``[B, L, H]``: zeros (``token="zeros"``) or the embedding of token id ``token`` at every position."""
+    if token == "zeros":
+        return torch.zeros_like(embeds)
+    if isinstance(token, bool) or not isinstance(token, int):
+        raise ValueError(f"a baseline or replacement is 'zeros' or a token id, got {token!r}")
+    if inputs.name != "input_ids":
+        raise ValueError("a token id as baseline or replacement needs a text model; image models take 'zeros'")
+    table = model.get_input_embeddings()
+    if not 0 <= token < table.num_embeddings:
+        raise ValueError(f"token id {token} is outside the vocabulary of {table.num_embeddings}")
+    with torch.no_grad():
+        row = table(torch.tensor([token], device=embeds.device)).to(embeds.dtype)
+    return row.expand_as(embeds).clone()
+
+
+def integrated_gradients(model: nn.Module, input_ids, attention_mask, target: Target, steps: int = 32,
+                         baseline: str | int = "zeros") -> tuple[torch.Tensor, torch.Tensor]:
+    """``([B, L], [B])``: integrated gradients (captum) from ``baseline`` summed over the hidden size, and
+    captum's convergence delta (relevance sum minus ``score(input) - score(baseline)``).
+
+    ``baseline``: ``"zeros"`` or a token id whose embedding fills every position (pad, unk, mask).
+    """
     from captum.attr import IntegratedGradients
 
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
     inputs = _inputs(model, input_ids, attention_mask)
     embeds = inputs.embed(model)
+    reference = token_embeddings(model, inputs, baseline, embeds)
     method = IntegratedGradients(_score_fn(model, inputs, target))
     with torch.enable_grad():
-        attr = method.attribute(embeds, baselines=torch.zeros_like(embeds), n_steps=steps,
-                                additional_forward_args=_forward_args(inputs, target),
-                                internal_batch_size=max(1, embeds.shape[0]) * min(steps, 8))
-    return inputs.to_tokens(attr.sum(dim=-1).detach())
+        attr, delta = method.attribute(embeds, baselines=reference, n_steps=steps,
+                                       additional_forward_args=_forward_args(inputs, target),
+                                       internal_batch_size=max(1, embeds.shape[0]) * min(steps, 8),
+                                       return_convergence_delta=True)
+    return inputs.to_tokens(attr.sum(dim=-1).detach()), delta.detach()
 
 
-def occlusion(model: nn.Module, input_ids, attention_mask, target: Target) -> torch.Tensor:
-    """``[B, L]`` drop of the score when one token's (or patch's) embedding is replaced by zeros (captum)."""
+def occlusion(model: nn.Module, input_ids, attention_mask, target: Target, window: int = 1,
+              replacement: str | int = "zeros") -> torch.Tensor:
+    """``[B, L]`` drop of the score when ``window`` consecutive tokens' (or patches') embeddings are
+    replaced by ``replacement`` (``"zeros"`` or a token id's embedding), stride 1 (captum); a token's
+    relevance is the mean drop over the windows that cover it."""
     from captum.attr import Occlusion
 
+    if window < 1:
+        raise ValueError(f"window must be at least 1, got {window}")
     inputs = _inputs(model, input_ids, attention_mask)
     embeds = inputs.embed(model)
-    hidden = embeds.shape[-1]
+    hidden, length = embeds.shape[-1], embeds.shape[1]
+    reference = token_embeddings(model, inputs, replacement, embeds)
     with torch.no_grad():
         attr = Occlusion(_score_fn(model, inputs, target)).attribute(
-            embeds, sliding_window_shapes=(1, hidden), strides=(1, hidden), baselines=0.0,
+            embeds, sliding_window_shapes=(min(window, length), hidden), strides=(1, hidden), baselines=reference,
             additional_forward_args=_forward_args(inputs, target))
     # captum gives every hidden unit of the occluded token the same score difference
     return inputs.to_tokens(attr.mean(dim=-1).detach())
+
+
+def smoothgrad(model: nn.Module, input_ids, attention_mask, target: Target, samples: int = 16,
+               noise: float = 0.1, seed: int = 0) -> torch.Tensor:
+    """``[B, L]`` SmoothGrad of gradient x input: the mean of captum's ``InputXGradient`` over ``samples``
+    copies of the embeddings with Gaussian noise of standard deviation ``noise * std(embeddings)``.
+
+    This is captum's ``NoiseTunnel(InputXGradient)`` with the noise drawn per example (from ``seed``,
+    aligned on the last token, the example's own embedding std): ``NoiseTunnel`` draws one noise
+    tensor for the whole batch, so an example's relevance would depend on its neighbours and padding.
+    """
+    from captum.attr import InputXGradient
+
+    if samples < 1 or noise < 0:
+        raise ValueError(f"smoothgrad needs samples >= 1 and noise >= 0, got {samples} and {noise}")
+    inputs = _inputs(model, input_ids, attention_mask)
+    embeds = inputs.embed(model).detach()
+    real = (inputs.token_mask(embeds.dtype) if inputs.name == "input_ids"
+            else torch.ones(embeds.shape[:2], dtype=embeds.dtype, device=embeds.device))
+    draws = _example_noise(embeds, real, samples, noise, seed)                      # [S, B, L, H]
+    method = InputXGradient(_score_fn(model, inputs, target))
+    total = torch.zeros(embeds.shape[:2], dtype=torch.float64, device=embeds.device)
+    with torch.enable_grad():
+        for draw in draws:
+            noisy = (embeds + draw).requires_grad_(True)
+            attr = method.attribute(noisy, additional_forward_args=_forward_args(inputs, target))
+            total += attr.sum(dim=-1).detach().double()
+    return inputs.to_tokens(total / samples)
+
+
+def _example_noise(embeds: torch.Tensor, real: torch.Tensor, samples: int, noise: float, seed: int) -> torch.Tensor:
+    """``[S, B, L, H]`` Gaussian noise; each example's real tokens get the draws an unpadded copy of it would
+    get (one generator per example from ``seed``, right-aligned), scaled by its embeddings' std."""
+    draws = torch.zeros((samples, *embeds.shape), dtype=embeds.dtype, device=embeds.device)
+    for b in range(embeds.shape[0]):
+        keep = real[b].bool()
+        n = int(keep.sum())
+        std = float(embeds[b, keep].double().std()) if n * embeds.shape[-1] > 1 else 0.0
+        generator = torch.Generator().manual_seed(seed)
+        # drawn as NoiseTunnel draws (torch.normal with a float32 std tensor), so that one example matches it
+        scale = torch.full((samples, n, embeds.shape[-1]), noise * std, dtype=torch.float32)
+        draws[:, b, keep] = torch.normal(0.0, scale, generator=generator).to(embeds.dtype).to(embeds.device)
+    return draws

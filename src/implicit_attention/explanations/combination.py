@@ -32,7 +32,8 @@ def layer_maps(layers: Sequence[LayerDecomposition], compute: Callable[[int, Lay
 
 
 def combine(method: str, layers: Sequence[LayerDecomposition], grads: list[torch.Tensor], row: int,
-            mask: torch.Tensor, *, aggregate: str = "abs", start_layer: int | None = None) -> torch.Tensor:
+            mask: torch.Tensor, *, aggregate: str = "abs", start_layer: int | None = None,
+            signed: bool = False) -> torch.Tensor:
     """Relevance ``[B, L]`` of ``row`` from the decomposed layers by a matrix ``method``, on ``mask``'s device.
 
     Args:
@@ -46,6 +47,7 @@ def combine(method: str, layers: Sequence[LayerDecomposition], grads: list[torch
             maps are gathered and combined (the device of the model's inputs).
         aggregate: channel aggregation of ``"raw"`` and ``"rollout"``.
         start_layer: first layer of the ``"paper"`` rollout (default: the second half).
+        signed: ``"attribution"`` without the clamp (negative evidence kept).
 
     Every layer's map has its padding rows and columns zeroed before it is combined, so that a
     padded example gets the relevance it gets alone (row normalisation loses no mass to padding).
@@ -65,9 +67,10 @@ def combine(method: str, layers: Sequence[LayerDecomposition], grads: list[torch
     if method == "rollout":
         maps = layer_maps(layers, lambda _, layer: layer.aggregate(aggregate), home)
         return rollout(mask_map(M, mask) for M in maps)[:, row, :]
-    if method == "attribution":
+    if method in ("attribution", "signed_attribution"):
+        signed = signed or method == "signed_attribution"
         cams = (mask_map(cam, mask) for cam in
-                layer_maps(layers, lambda i, layer: layer.attribution(gradient(i, layer.device)), home))
+                layer_maps(layers, lambda i, layer: layer.attribution(gradient(i, layer.device), signed), home))
         # Read the propagated part only (R - I), as Chefer et al. drop the explained token's own
         # identity term: otherwise it dwarfs every other token.
         relevance = attribution_rollout(cams)[:, row, :]

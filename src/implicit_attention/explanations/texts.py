@@ -119,6 +119,11 @@ class TextExplanation:
     row: int
 
     @property
+    def diagnostics(self) -> dict[str, float]:
+        """What the method reported for this text beside its relevance (e.g. ``convergence_delta``)."""
+        return {key: float(values[self.row]) for key, values in self.run.explanation.diagnostics.items()}
+
+    @property
     def real_positions(self) -> torch.Tensor:
         """``[T]`` the positions of :attr:`tokens` in its run's padded batch."""
         return self.run.attention_mask[self.row].bool().nonzero().reshape(-1)

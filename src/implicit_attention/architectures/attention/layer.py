@@ -94,7 +94,7 @@ class AttentionLayerDecomposition(LayerDecomposition):
         """Rows of :meth:`aggregate` from those rows of the queries only."""
         return self.head_probs(rows=rows).mean(dim=1)
 
-    def _fast_attribution(self, grad: torch.Tensor) -> torch.Tensor:
+    def _fast_attribution(self, grad: torch.Tensor, signed: bool = False) -> torch.Tensor:
         """Chefer et al.'s rule per head: ``mean_h clamp(dP_h * P_h, min=0)``.
 
         ``dP_h[i, j] = sum_{d in h} g_i[d] v_j[d]`` is the exact gradient of the score with respect to
@@ -107,5 +107,6 @@ class AttentionLayerDecomposition(LayerDecomposition):
         total = torch.zeros(self.batch_size, self.length, self.length, dtype=self.dtype, device=self.device)
         for heads in self._head_chunks():
             dP = g_all[:, heads] @ v_all[:, heads].transpose(-1, -2)        # [B, h, L, L]
-            total += (dP * self.head_probs(heads)).clamp_(min=0).sum(dim=1)
+            cam = dP * self.head_probs(heads)
+            total += (cam if signed else cam.clamp_(min=0)).sum(dim=1)
         return total / self.heads
