@@ -201,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
              "smoothgrad, lrp (MambaLRP, for Mamba models). Method options: --option.")
     explain.add_argument("--option", dest="options", action="append", type=parse_method_option,
                          metavar="NAME=VALUE", help=_method_options_help())
+    explain.add_argument("--all-tokens", action="store_true",
+                         help="normalise relevance over the whole prompt; by default over the text's own tokens, "
+                              "with the task's prompt template (and BOS) greyed")
+    explain.add_argument("--words", action="store_true",
+                         help="also print the text's relevance merged into words (sub-word tokens summed)")
     explain.add_argument(
         "--variant", choices=VARIANTS, default="unified",
         help="implicit attention formulation (default: %(default)s, the exact one). For Mamba, s6 is the earlier "
@@ -440,9 +445,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
         where = (f"after token {tgt.position} ({example.tokens[tgt.position]!r})" if tgt.position is not None
                  else f"at padded position {tgt.batch_position} (inside the left padding of this text)")
         print(f"  explaining: {tgt.score} (token id {tgt.id}) {where}")
-        scale = float(example.relevance.abs().max()) if example.relevance.numel() else 0.0
-        print(f"  relevance (red +, blue -; max |r| = {scale:.3g}):")
-        print("  " + color_tokens(example.tokens, example.relevance, color=color))
+        span = None if args.all_tokens else example.in_span
+        scale = example.span_scale if span is not None else float(example.relevance.abs().max())
+        template = "" if span is None or all(span) else "; the prompt template greyed"
+        print(f"  relevance (red +, blue -; normalised by max |r| = {scale:.3g} over the "
+              f"{'text' if span is not None else 'prompt'}{template}):")
+        print("  " + color_tokens(example.tokens, example.relevance, color=color, span=span))
+        if args.words:
+            print("  words: " + "  ".join(f"{word}[{value / scale if scale else 0.0:+.2f}]"
+                                          for word, value in example.words()))
         for key, value in example.diagnostics.items():
             print(f"  {DIAGNOSTICS.get(key, key)}: {value:.3g}")
 
@@ -497,7 +508,9 @@ def _write_report(args: argparse.Namespace, loaded, result, decompositions: dict
                     for layer in decompositions[id(example.run)].layers}
         examples.append(ReportExample(text=example.text, tokens=example.tokens, relevance=example.relevance,
                                       prediction=example.prediction.to_dict(), target=example.target.to_dict(),
-                                      token_ids=example.token_ids, matrices=matrices))
+                                      token_ids=example.token_ids, matrices=matrices, in_span=example.in_span,
+                                      offsets=example.offsets, span_text=example.span_text, words=example.words(),
+                                      diagnostics=example.diagnostics))
     settings = {"layers": ",".join(map(str, args.layers)) if args.layers else "all",
                 "aggregate": args.aggregate if args.method in ("raw", "rollout") else None,
                 "position": args.position, "target": args.target, "score": result[0].target.score,

@@ -43,6 +43,7 @@ __all__ = [
 
 REPORT_FILES = ("report.html", "explanation.json")
 RESET = "\x1b[0m"
+GREY = "\x1b[38;5;244m"  # prompt-template tokens in the terminal
 
 
 class OutputDirectoryError(ImplicitAttentionError, FileExistsError):
@@ -58,13 +59,15 @@ def _to_floats(relevance) -> list[float]:
     return [float(r) for r in relevance]
 
 
-def normalize_relevance(relevance) -> list[float]:
-    """``r / max |r|`` over the given (real) tokens, in ``[-1, 1]``; non-finite values become 0.
+def normalize_relevance(relevance, span: Sequence[bool] | None = None) -> list[float]:
+    """``r / max |r|`` with the maximum over the ``span`` tokens (default all); non-finite values become 0.
 
-    All zeros stay all zeros.
+    Span tokens land in ``[-1, 1]``; tokens outside it (a prompt template) share the scale and may
+    exceed it. All zeros stay all zeros.
     """
     values = [r if math.isfinite(r) else 0.0 for r in _to_floats(relevance)]
-    scale = max((abs(r) for r in values), default=0.0)
+    inside = values if span is None else [r for r, keep in zip(values, span) if keep]
+    scale = max((abs(r) for r in inside), default=0.0)
     return [r / scale for r in values] if scale > 0 else [0.0 for _ in values]
 
 
@@ -95,21 +98,26 @@ def display_token(token: str) -> str:
     return "".join(out)
 
 
-def color_tokens(tokens: Sequence[str], relevance, *, color: bool = True) -> str:
-    """One line of ``tokens`` coloured by ``relevance`` (one value per token).
+def color_tokens(tokens: Sequence[str], relevance, *, color: bool = True, span: Sequence[bool] | None = None) -> str:
+    """One line of ``tokens`` coloured by ``relevance`` (one value per token), normalised over ``span``.
 
     With ``color``, each token is wrapped as ``ESC[38;2;0;0;0;48;2;R;G;Bm`` + token + ``ESC[0m``
     (black text on the :func:`relevance_rgb` background). Without, each token is followed by
-    its normalised relevance in brackets: ``" great[+1.00]"``. Tokens are concatenated as they
-    are (word-initial tokens carry their leading space).
+    its normalised relevance in brackets: ``" great[+1.00]"``. Tokens outside ``span`` (a prompt
+    template) are greyed: grey text without background, or their value in parentheses,
+    ``" sentiment(+1.52)"``. Tokens are concatenated as they are (word-initial tokens carry their
+    leading space).
     """
-    weights = normalize_relevance(relevance)
+    weights = normalize_relevance(relevance, span)
     if len(weights) != len(tokens):
         raise ValueError(f"got {len(tokens)} tokens but {len(weights)} relevance values")
+    span = [True] * len(tokens) if span is None else list(span)
     parts = []
-    for token, weight in zip(tokens, weights):
+    for token, weight, keep in zip(tokens, weights, span):
         shown = display_token(token)
-        if color:
+        if not keep:
+            parts.append(f"{GREY}{shown}{RESET}" if color else f"{shown}({weight:+.2f})")
+        elif color:
             r, g, b = relevance_rgb(weight)
             parts.append(f"\x1b[38;2;0;0;0;48;2;{r};{g};{b}m{shown}{RESET}")
         else:
@@ -202,6 +210,12 @@ class ReportExample:
         token_ids: the ids of ``tokens`` (optional).
         matrices: ``{layer index: {"mean": [L, L], "abs": [L, L]}}`` aggregated implicit attention
             over the real tokens (optional).
+        in_span: per token, whether it is the user's text (else the prompt template: greyed, and left out
+            of the normalisation); ``None``: every token.
+        offsets: per token, ``(start, end)`` characters of ``span_text`` (``None`` outside the span).
+        span_text: the user's text as the model read it.
+        words: ``[(word, relevance), ...]`` the span merged into words (optional).
+        diagnostics: what the method reported beside the relevance (e.g. ``convergence_delta``).
     """
 
     text: str
@@ -211,6 +225,11 @@ class ReportExample:
     target: dict
     token_ids: list[int] | None = None
     matrices: dict[int, dict[str, Any]] = field(default_factory=dict)
+    in_span: list[bool] | None = None
+    offsets: list[tuple[int, int] | None] | None = None
+    span_text: str | None = None
+    words: list[tuple[str, float]] | None = None
+    diagnostics: dict[str, float] = field(default_factory=dict)
 
 
 MATRIX_TITLES = {"mean": "signed channel mean of A", "abs": "channel mean of |A|", "pos": "channel mean of max(A, 0)"}
@@ -347,10 +366,14 @@ def _write_files(tmp: Path, *, examples, layers, method, variant, model, setting
             "tokens": list(ex.tokens),
             "token_ids": list(ex.token_ids) if ex.token_ids is not None else None,
             "relevance": _to_floats(ex.relevance),
-            "relevance_normalized": normalize_relevance(ex.relevance),
+            "relevance_normalized": normalize_relevance(ex.relevance, ex.in_span),
+            "in_span": list(ex.in_span) if ex.in_span is not None else [True] * len(ex.tokens),
+            "offsets": None if ex.offsets is None else [list(o) if o is not None else None for o in ex.offsets],
+            "span_text": ex.span_text,
+            "words": None if ex.words is None else [[w, r] for w, r in ex.words],
             "prediction": ex.prediction,
             "target": ex.target,
-            "diagnostics": getattr(ex, "diagnostics", {}),
+            "diagnostics": dict(ex.diagnostics),
             "images": images[i],
         } for i, ex in enumerate(examples)],
         "files": files,
@@ -377,6 +400,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; font-family: ui-
 .tokens { font-family: ui-monospace, "SFMono-Regular", Menlo, monospace; white-space: pre-wrap;
           line-height: 2; padding: 0.6em; border: 1px solid #ddd; border-radius: 4px; }
 .tok { color: #000; border-radius: 2px; padding: 0.1em 0; cursor: help; }
+.template { color: #999; }
 .legend span { display: inline-block; padding: 0 0.5em; font-family: ui-monospace, monospace; }
 .text { font-style: italic; }
 .pred { font-size: 1.1em; }
@@ -396,11 +420,17 @@ def _fmt(x, spec: str = ".3e") -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
-def _token_html(tokens: Sequence[str], relevance: Sequence[float], normalized: Sequence[float]) -> str:
+def _token_html(tokens: Sequence[str], relevance: Sequence[float], normalized: Sequence[float],
+                in_span: Sequence[bool] | None = None) -> str:
     spans = []
-    for i, (tok, rel, w) in enumerate(zip(tokens, relevance, normalized)):
-        r, g, b = relevance_rgb(w)
+    in_span = [True] * len(tokens) if in_span is None else in_span
+    for i, (tok, rel, w, keep) in enumerate(zip(tokens, relevance, normalized, in_span)):
         tip = f"#{i} {display_token(tok)!r}: relevance {_fmt(rel, '.4g')} (normalised {w:+.3f})"
+        if not keep:   # the prompt template: greyed, its value in the tooltip
+            spans.append(f'<span class="tok template" title="{_e(tip + "; prompt template")}">'
+                         f"{_e(display_token(tok))}</span>")
+            continue
+        r, g, b = relevance_rgb(w)
         spans.append(f'<span class="tok" style="background: rgb({r}, {g}, {b})" title="{_e(tip)}">'
                      f"{_e(display_token(tok))}</span>")
     return "".join(spans)
@@ -424,7 +454,8 @@ def _html(info: dict) -> str:
     legend = ('<p class="legend">Relevance: <span style="background: rgb(255, 0, 0)">positive</span> '
               '<span style="background: rgb(255, 255, 255)">0</span> '
               '<span style="background: rgb(0, 0, 255); color: #fff">negative</span> '
-              "(normalised by the largest |relevance| of the example; hover a token for its value)</p>")
+              "(normalised by the largest |relevance| of the example's own text; the prompt template's tokens "
+              "are <span class=template>greyed</span>; hover a token for its value)</p>")
     sections = []
     for i, ex in enumerate(info["examples"]):
         pred = ex["prediction"] or {}
@@ -448,7 +479,7 @@ def _html(info: dict) -> str:
             f"<table><tr><th>{'label' if kind == 'label' else 'token'}</th><th>probability</th></tr>{probs}</table>"
             f"<p>Explained score: logit of {target}</p>"
             f"<h3>Relevance of the input tokens</h3>{legend}"
-            f"<div class=tokens>{_token_html(ex['tokens'], ex['relevance'], ex['relevance_normalized'])}</div>"
+            f"<div class=tokens>{_token_html(ex['tokens'], ex['relevance'], ex['relevance_normalized'], ex['in_span'])}</div>"
             f"{matrices}")
     return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
             f"<meta name=viewport content='width=device-width, initial-scale=1'>"

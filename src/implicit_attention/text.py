@@ -32,17 +32,64 @@ def prompt_for(loaded: LoadedModel, text: str) -> str:
     return loaded.task["template"].replace("{text}", " ".join(text.split()))
 
 
-def _encode_one(loaded: LoadedModel, text: str) -> list[int]:
+@dataclass(frozen=True)
+class EncodedText:
+    """One text as the model reads it.
+
+    Attributes:
+        ids: the prompt's token ids (BOS and the task template included).
+        text: the user's text as put into the template (whitespace collapsed for task models).
+        in_span: per token, whether it comes from the user's text (the template's ``{text}`` slot)
+            rather than the template, BOS or other special tokens.
+        offsets: per token, the ``(start, end)`` characters of :attr:`text` it covers, ``None`` outside
+            the span. A tokenizer without offsets (a slow one) puts every token in the span.
+    """
+
+    ids: list[int]
+    text: str
+    in_span: list[bool]
+    offsets: list[tuple[int, int] | None]
+
+
+def encode_text(loaded: LoadedModel, text: str) -> EncodedText:
+    """``text``'s tokens, and which of them (and which characters) come from the text itself."""
     tok = loaded.tokenizer
-    ids = list(tok(prompt_for(loaded, text))["input_ids"])
+    prompt = prompt_for(loaded, text)
+    inner = prompt if loaded.task is None else " ".join(text.split())
+    start = 0 if loaded.task is None else loaded.task["template"].index("{text}")
+    end = start + len(inner)
+    try:
+        encoded = tok(prompt, return_offsets_mapping=True)
+        spans = [(a, b) for a, b in encoded["offset_mapping"]]
+    except (NotImplementedError, TypeError, KeyError):     # a slow tokenizer: no offsets
+        encoded, spans = tok(prompt), None
+    ids = list(encoded["input_ids"])
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    if spans is None:
+        offsets: list[tuple[int, int] | None] = [None] * len(ids)
+        in_span = [i not in special for i in ids]
+    else:
+        offsets = [(max(a, start) - start, min(b, end) - start) if max(a, start) < min(b, end) and i not in special
+                   else None for (a, b), i in zip(spans, ids)]
+        in_span = [o is not None for o in offsets]
     if loaded.task is not None and loaded.task.get("add_bos_token", True):
         bos = getattr(tok, "bos_token_id", None)
         if isinstance(bos, int) and (not ids or ids[0] != bos):
-            ids.insert(0, bos)
-    return ids
+            ids, in_span, offsets = [bos, *ids], [False, *in_span], [None, *offsets]
+    return EncodedText(ids=ids, text=inner, in_span=in_span, offsets=offsets)
+
+
+def _encode_one(loaded: LoadedModel, text: str) -> list[int]:
+    return encode_text(loaded, text).ids
 
 
 def encode(loaded: LoadedModel, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode_texts` without the spans."""
+    ids, mask, _ = encode_texts(loaded, texts)
+    return ids, mask
+
+
+def encode_texts(loaded: LoadedModel, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor, list[EncodedText]]:
     """Token ids ``[B, L]`` and attention mask ``[B, L]`` of ``texts``, padded on the left for causal
     models (every text ends at the last position) and on the right for bidirectional encoders (every
     text starts with its class token at position 0).
@@ -57,17 +104,18 @@ def encode(loaded: LoadedModel, texts: str | list[str]) -> tuple[torch.Tensor, t
         texts = [texts]
     if not texts:
         raise EmptyInputError("no text given: there is nothing to explain")
-    rows = []
+    encoded: list[EncodedText] = []
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts must be strings, got {type(text).__name__}")
         label = f"text {i + 1}" if len(texts) > 1 else "the text"
         if not text.strip():
             raise EmptyInputError(f"{label} is empty (or only whitespace): there is nothing to explain")
-        ids = _encode_one(loaded, text)
-        if not ids:
+        one = encode_text(loaded, text)
+        if not one.ids:
             raise EmptyInputError(f"{label} encodes to no token: there is nothing to explain")
-        rows.append(ids)
+        encoded.append(one)
+    rows = [one.ids for one in encoded]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), loaded.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -76,7 +124,7 @@ def encode(loaded: LoadedModel, texts: str | list[str]) -> tuple[torch.Tensor, t
         place = slice(width - len(ids), width) if left else slice(0, len(ids))
         input_ids[i, place] = torch.tensor(ids, dtype=torch.long)
         mask[i, place] = 1
-    return input_ids.to(loaded.device), mask.to(loaded.device)
+    return input_ids.to(loaded.device), mask.to(loaded.device), encoded
 
 
 def token_strings(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[str]:

@@ -176,7 +176,9 @@ def explain_batch(loaded, batch: Sequence[InputRecord], options: DatasetOptions,
         guess = pred.label if pred.is_label else pred.label.strip()
         rows.append({
             "index": record.index, "text": record.text, "tokens": example.tokens,
-            "relevance": [finite(r) for r in example.relevance.tolist()], "prediction": pred.label,
+            "relevance": [finite(r) for r in example.relevance.tolist()],
+            "in_span": list(example.in_span), "offsets": [list(o) if o else None for o in example.offsets],
+            "prediction": pred.label,
             "probability": finite(pred.probability),
             "probabilities": {k: finite(v) for k, v in pred.probabilities.items()},
             "gold": label, "gold_raw": record.gold, "correct": None if label is None else guess == label.strip(),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,7 +22,16 @@ from ..architectures.registry import padding_leaks
 from ..catalog import SCORES
 from ..inputs import call_model
 from ..loading import LoadedModel
-from ..text import Prediction, decode_token, encode, predict, predict_next_token, target_token_id, token_strings
+from ..text import (
+    Prediction,
+    decode_token,
+    encode,
+    encode_texts,
+    predict,
+    predict_next_token,
+    target_token_id,
+    token_strings,
+)
 from .api import Explanation, run_explanation
 from .target import Contrast, LogProb
 
@@ -107,6 +116,11 @@ class TextExplanation:
         prediction: what the model predicts at the explained position.
         target: the explained score.
         run: the :class:`TextRun` the text was explained in; row: the text's row in it.
+        in_span: ``[T]`` whether each token comes from the user's text (the task template's ``{text}``
+            slot) rather than the template or BOS: the span that :meth:`normalized` and
+            :meth:`top_tokens` read.
+        offsets: each token's ``(start, end)`` characters in :attr:`span_text`, ``None`` outside the span.
+        span_text: the user's text as the model read it (whitespace collapsed for task models).
     """
 
     text: str
@@ -117,6 +131,55 @@ class TextExplanation:
     target: ExplainedTarget
     run: TextRun
     row: int
+    in_span: list[bool] = field(default_factory=list)
+    offsets: list[tuple[int, int] | None] = field(default_factory=list)
+    span_text: str = ""
+
+    def __post_init__(self):
+        if not self.in_span:
+            self.in_span = [True] * len(self.tokens)
+            self.offsets = self.offsets or [None] * len(self.tokens)
+
+    @property
+    def span_scale(self) -> float:
+        """``max |relevance|`` over the span (what :meth:`normalized` divides by)."""
+        inside = self.relevance[torch.tensor(self.in_span, dtype=torch.bool)]
+        return float(inside.abs().max()) if inside.numel() else 0.0
+
+    def normalized(self) -> torch.Tensor:
+        """``[T]`` relevance divided by the largest ``|relevance|`` of the span; template tokens keep their
+        values on the same scale (they may exceed 1)."""
+        scale = self.span_scale
+        return self.relevance / scale if scale > 0 else torch.zeros_like(self.relevance)
+
+    def top_tokens(self, k: int = 5) -> list[tuple[str, float]]:
+        """The ``k`` most relevant tokens of the span: ``[(token, relevance), ...]``, largest first."""
+        inside = [(tok, float(r)) for tok, r, keep in zip(self.tokens, self.relevance, self.in_span) if keep]
+        return sorted(inside, key=lambda pair: -pair[1])[:k]
+
+    def words(self) -> list[tuple[str, float]]:
+        """The span's relevance merged into words: ``[(word, summed relevance), ...]`` in order.
+
+        Sub-word tokens are merged by their character offsets (a token that starts with a space or
+        follows a space starts a word); relevance adds up, as it is additive over tokens.
+        """
+        merged: list[list] = []
+        previous_end = None
+        for r, keep, offset in zip(self.relevance.tolist(), self.in_span, self.offsets):
+            if not keep or offset is None:
+                previous_end = None
+                continue
+            start, end = offset
+            piece = self.span_text[start:end]
+            new_word = (previous_end is None or start > previous_end or piece[:1].isspace()
+                        or (start > 0 and self.span_text[start - 1].isspace()))
+            if new_word or not merged:
+                merged.append([piece.strip(), r])
+            else:
+                merged[-1][0] += piece
+                merged[-1][1] += r
+            previous_end = end
+        return [(word, value) for word, value in merged]
 
     @property
     def diagnostics(self) -> dict[str, float]:
@@ -218,7 +281,7 @@ def explain_texts(loaded: LoadedModel, texts: str | Sequence[str], *, method: st
 def _explain_batch(loaded: LoadedModel, texts: list[str], *, method: str, variant: str, layers, target, score: str,
                    position: int, aggregate: str, check: bool, **options) -> tuple[TextRun, list[TextExplanation]]:
     """One left-padded batch of texts through :func:`~.api.run_explanation`."""
-    ids, mask = encode(loaded, texts)
+    ids, mask, encoded = encode_texts(loaded, texts)
     length = ids.shape[1]
     if not -length <= position < length:
         raise ValueError(f"position {position} out of range for {length} tokens (the prompt template and BOS "
@@ -253,5 +316,6 @@ def _explain_batch(loaded: LoadedModel, texts: list[str], *, method: str, varian
         examples.append(TextExplanation(
             text=text, tokens=token_strings(loaded, ids[b], mask[b]), token_ids=ids[b][real].tolist(),
             relevance=explanation.relevance[b][real].detach().cpu(), prediction=predictions[b],
-            target=explained, run=run, row=b))
+            target=explained, run=run, row=b, in_span=encoded[b].in_span, offsets=encoded[b].offsets,
+            span_text=encoded[b].text))
     return run, examples
