@@ -89,3 +89,29 @@ def test_explain_texts_keeps_the_span_for_every_text(loaded):
     for ex in result:
         assert len(ex.in_span) == len(ex.tokens) == len(ex.offsets)
         assert [tok for tok, keep in zip(ex.tokens, ex.in_span) if not keep][-2:] == [" sentiment", ":"]
+
+
+def test_run_explanation_span_restricts_normalisation_and_ranking():
+    from conftest import left_padded, tiny_mamba
+
+    model = tiny_mamba(dtype=torch.float64)
+    ids, mask = left_padded(batch=2, length=6)
+    full = ia.run_explanation(model, ids, mask, method="grad_x_input", target=4)
+    spanned = ia.run_explanation(model, ids, mask, method="grad_x_input", target=4, span=slice(2, 5))
+    assert torch.equal(full.relevance, spanned.relevance)                   # the relevance itself is unchanged
+    r = full.relevance
+    for b in range(2):
+        inside = torch.zeros(6, dtype=torch.bool)
+        inside[2:5] = True
+        inside &= mask[b].bool()
+        scale = r[b][inside].abs().max()
+        assert torch.allclose(spanned.normalized()[b], r[b] / scale)
+        order = sorted(inside.nonzero().reshape(-1).tolist(), key=lambda i: -float(r[b, i]))
+        assert spanned.top_tokens(2)[b] == order[:2]
+    as_mask = ia.run_explanation(model, ids, mask, method="grad_x_input", target=4,
+                                 span=torch.tensor([False, False, True, True, True, False]))
+    assert torch.equal(as_mask.span, spanned.span)
+    with pytest.raises(ValueError, match="span must be a slice or a bool mask"):
+        ia.run_explanation(model, ids, mask, method="grad_x_input", span=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="no real token"):
+        ia.run_explanation(model, ids, mask, method="grad_x_input", span=slice(0, 1))

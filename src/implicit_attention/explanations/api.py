@@ -40,6 +40,8 @@ class Explanation:
         method, variant: what was asked (``variant`` is ``None`` for baselines, which do not use it).
         diagnostics: what a method reports beside the relevance, e.g. integrated gradients'
             ``convergence_delta`` ``[B]`` or LRP's ``conservation_delta`` ``[B]``.
+        span: ``[B, L]`` bool, the tokens that :meth:`normalized` and :meth:`top_tokens` read (the
+            ``span`` of :func:`run_explanation`, within the real tokens); ``None``: every real token.
     """
 
     relevance: torch.Tensor
@@ -49,6 +51,47 @@ class Explanation:
     method: str
     variant: str | None
     diagnostics: dict = field(default_factory=dict)
+    span: torch.Tensor | None = None
+
+    def _span(self) -> torch.Tensor:
+        if self.span is not None:
+            return self.span
+        return torch.ones(self.relevance.shape, dtype=torch.bool, device=self.relevance.device)
+
+    def normalized(self) -> torch.Tensor:
+        """``[B, L]`` relevance divided by each row's largest ``|relevance|`` inside the span (tokens outside
+        share the scale and may exceed 1; a row without relevance stays 0)."""
+        inside = self.relevance.abs().masked_fill(~self._span(), 0)
+        scale = inside.amax(dim=-1, keepdim=True)
+        return torch.where(scale > 0, self.relevance / scale.clamp_min(1e-300), torch.zeros_like(self.relevance))
+
+    def top_tokens(self, k: int = 5) -> list[list[int]]:
+        """Per row, the positions of the ``k`` most relevant tokens inside the span, largest first."""
+        ranked = self.relevance.masked_fill(~self._span(), float("-inf")).argsort(dim=-1, descending=True)
+        counts = self._span().sum(dim=-1).tolist()
+        return [row[: min(k, n)].tolist() for row, n in zip(ranked, counts)]
+
+
+def resolve_span(span, relevance: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``[B, L]`` bool from ``span``: a ``slice`` of positions, or a bool mask ``[L]`` or ``[B, L]``; kept
+    within the real tokens. ``None`` stays ``None``."""
+    if span is None:
+        return None
+    shape = relevance.shape
+    if isinstance(span, slice):
+        mask = torch.zeros(shape, dtype=torch.bool, device=relevance.device)
+        mask[:, span] = True
+    else:
+        mask = torch.as_tensor(span, device=relevance.device)
+        if mask.dtype != torch.bool or mask.shape not in (shape, shape[1:]):
+            raise ValueError(f"span must be a slice or a bool mask of shape {tuple(shape[1:])} or {tuple(shape)}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+        mask = mask.expand(shape).clone()
+    if attention_mask is not None:
+        mask &= attention_mask.to(device=relevance.device).bool()
+    if not bool(mask.any(dim=-1).all()):
+        raise ValueError("the span holds no real token in some row")
+    return mask
 
 
 def explain(model: nn.Module, input_ids, attention_mask=None, *, method: str = "attribution",
@@ -81,11 +124,21 @@ def explain(model: nn.Module, input_ids, attention_mask=None, *, method: str = "
 
 
 def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method: str = "attribution",
-                    target=None, position: int = -1, **options) -> Explanation:
-    """:func:`explain`, returning the :class:`Explanation` with the decomposition, target and diagnostics."""
+                    target=None, position: int = -1, span=None, **options) -> Explanation:
+    """:func:`explain`, returning the :class:`Explanation` with the decomposition, target and diagnostics.
+
+    ``span``: the tokens that the explanation's :meth:`~Explanation.normalized` and
+    :meth:`~Explanation.top_tokens` read (a ``slice`` of positions or a bool mask ``[L]`` / ``[B, L]``),
+    e.g. the user's text inside a prompt; the relevance itself is computed over every token.
+    """
     from .methods import make_method
 
-    return make_method(method, model, **options).explain(input_ids, attention_mask, target=target, position=position)
+    explanation = make_method(method, model, **options).explain(input_ids, attention_mask, target=target,
+                                                                position=position)
+    if span is not None:
+        prepared = prepare_model_inputs(as_module(model), input_ids, attention_mask)
+        explanation.span = resolve_span(span, explanation.relevance, prepared.attention_mask)
+    return explanation
 
 
 def baseline_explanation(model: nn.Module, input_ids, attention_mask, method: str,
