@@ -1,10 +1,11 @@
 """Explanations: relevance of the input tokens for a prediction.
 
-``api`` holds :func:`explain` and :func:`run_explanation`, ``combination`` turns the decomposed layers'
-maps into relevance by a matrix method, ``rules`` the rules themselves (rollout, attribution
-rollout, the paper's recipe) as small tensor functions, ``baselines`` the methods without matrices
-(random, gradient x input, integrated gradients, occlusion), ``target`` which score is explained,
-``texts`` the same from raw strings with a loaded model (:func:`explain_texts`).
+``api`` holds :func:`explain` and :func:`run_explanation`, ``methods`` one class per method (typed
+options, Captum's shape), ``combination`` turns the decomposed layers' maps into relevance by a
+matrix method, ``rules`` the rules themselves (rollout, attribution rollout, the paper's recipe) as
+small tensor functions, ``baselines`` the methods without matrices (random, gradient x input,
+integrated gradients, occlusion, SmoothGrad, through Captum), ``lrp`` the MambaLRP rules, ``target``
+which score is explained, ``texts`` the same from raw strings with a loaded model (:func:`explain_texts`).
 """
 
 from ..catalog import BASELINE_METHODS, MATRIX_METHODS, METHODS
