@@ -147,3 +147,31 @@ def test_write_report_rejects_mismatched_relevance(tmp_path: Path) -> None:
         write_report(tmp_path / "out", **args)
     assert list(tmp_path.iterdir()) == []
     assert {"implicit_attention", "torch", "transformers", "python"} <= set(render.versions())
+
+
+def test_report_says_when_the_check_sampled_channels(tmp_path: Path) -> None:
+    """A layer whose exactness check covered a sample of its channels (long inputs) is marked "sampled"."""
+    import implicit_attention as ia
+
+    from conftest import tiny_mamba
+
+    model = tiny_mamba(dtype=torch.float64, hidden_size=24)           # 48 channels > SAMPLED_CHANNELS
+    result = ia.decompose(model, torch.randint(1, 40, (1, 6), generator=torch.Generator().manual_seed(0)))
+    full = result.layers[0]
+    assert full.error_channels == full.channels == 48
+    sampled = result.layers[1]
+    sampled.measure_error(max_entries=0)                             # as above FULL_CHECK_ENTRIES
+    assert sampled.error_channels < sampled.channels and sampled.error <= 1e-6
+    layers = [ReportLayer(layer.index, layer.name, layer.error, "mamba", channels=layer.channels,
+                          error_channels=layer.error_channels) for layer in (full, sampled)]
+    args = _report_args()
+    args["examples"][0].matrices = {}
+    html_path = write_report(tmp_path / "sampled", **{**args, "layers": layers})
+    html = html_path.read_text(encoding="utf-8")
+    assert f"(sampled: {sampled.error_channels} of 48 channels)" in html
+    assert html.count("(sampled:") == 1 and "a sample of each layer&#x27;s channels" in html
+    info = json.loads((tmp_path / "sampled" / "explanation.json").read_text(encoding="utf-8"))
+    assert [layer["sampled"] for layer in info["layers"]] == [False, True]
+    assert info["layers"][1]["error_channels"] == sampled.error_channels and info["layers"][1]["channels"] == 48
+    plain = write_report(tmp_path / "full", **_report_args()).read_text(encoding="utf-8")
+    assert "sampled" not in plain                                    # layers without channel counts: not marked

@@ -188,13 +188,26 @@ def matrix_png(matrix, tokens: Sequence[str] | None, path: str | os.PathLike, ti
 # ------------------------------------------------------------------------------------- report
 @dataclass
 class ReportLayer:
-    """One decomposed layer in a report: its index, module path, architecture and reconstruction error."""
+    """One decomposed layer in a report: its index, module path, architecture and reconstruction error.
+
+    ``channels`` and ``error_channels`` are the layer's ``channels`` and the number its exactness
+    check covered (``LayerDecomposition.error_channels``; ``None``: not known); fewer checked than
+    the layer has (long inputs, above ``implicit_attention.memory.FULL_CHECK_ENTRIES``) marks the
+    error as measured on sampled channels.
+    """
 
     index: int
     name: str
     error: float
     architecture: str = ""
     exact: bool = True
+    channels: int | None = None
+    error_channels: int | None = None
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the error was measured on a sample of the layer's channels."""
+        return self.channels is not None and self.error_channels is not None and self.error_channels < self.channels
 
 
 @dataclass
@@ -271,9 +284,9 @@ def write_report(out_dir: str | os.PathLike, *, examples: Sequence[ReportExample
     path of ``report.html``.
 
     ``explanation.json`` holds ``model``, ``method``, ``variant``, ``settings``, ``layers`` (index,
-    name, architecture, exact, error), ``max_error``, ``examples`` (text, tokens, token_ids,
-    relevance, relevance_normalized, prediction, target, images), ``files`` (every file of the
-    report) and ``versions``.
+    name, architecture, exact, error, channels, error_channels, sampled), ``max_error``, ``examples``
+    (text, tokens, token_ids, relevance, relevance_normalized, prediction, target, images), ``files``
+    (every file of the report) and ``versions``.
 
     Raises:
         OutputDirectoryError: ``out_dir`` is a file, or is not empty and ``overwrite`` is false.
@@ -359,7 +372,8 @@ def _write_files(tmp: Path, *, examples, layers, method, variant, model, setting
         "variant": variant,
         "settings": settings,
         "layers": [{"index": l.index, "name": l.name, "architecture": l.architecture, "exact": l.exact,
-                    "error": l.error} for l in layers],
+                    "error": l.error, "channels": l.channels, "error_channels": l.error_channels,
+                    "sampled": l.sampled} for l in layers],
         "max_error": max(errors) if errors else None,
         "examples": [{
             "text": ex.text,
@@ -436,6 +450,11 @@ def _token_html(tokens: Sequence[str], relevance: Sequence[float], normalized: S
     return "".join(spans)
 
 
+def _sampled(layer: dict) -> str:
+    """`` (sampled: k of C channels)`` after the error of a layer whose check sampled its channels."""
+    return f" (sampled: {layer['error_channels']} of {layer['channels']} channels)" if layer.get("sampled") else ""
+
+
 def _html(info: dict) -> str:
     settings = info.get("settings") or {}
     rows = [("model", info["model"]), ("method", info["method"]), ("variant", info["variant"])]
@@ -444,13 +463,17 @@ def _html(info: dict) -> str:
     meta = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows)
     lay = "".join(
         f"<tr><td class=num>{_e(l['index'])}</td><td><code>{_e(l['name'])}</code></td><td>{_e(l['architecture'])}</td>"
-        f"<td>{'exact' if l['exact'] else 'ablation'}</td><td class=num>{_e(_fmt(l['error']))}</td></tr>"
+        f"<td>{'exact' if l['exact'] else 'ablation'}</td><td class=num>{_e(_fmt(l['error']))}"
+        f"{_e(_sampled(l))}</td></tr>"
         for l in info["layers"])
+    sampled = (" On long inputs the check covers a sample of each layer's channels (spread over the width): "
+               "the layers marked sampled were checked on those channels only.") \
+        if any(l.get("sampled") for l in info["layers"]) else ""
     layer_table = (f"<table><tr><th>layer</th><th>module</th><th>architecture</th><th>variant is</th>"
                    f"<th>relative reconstruction error</th></tr>{lay}</table>"
                    f"<p class=note>Maximum error: {_e(_fmt(info['max_error']))}. The error is "
-                   "‖reconstruction − module output‖ / ‖module output‖ over the whole batch.</p>") if info["layers"] \
-        else "<p class=note>No layer was decomposed.</p>"
+                   f"‖reconstruction − module output‖ / ‖module output‖ over the whole batch.{_e(sampled)}</p>") \
+        if info["layers"] else "<p class=note>No layer was decomposed.</p>"
     legend = ('<p class="legend">Relevance: <span style="background: rgb(255, 0, 0)">positive</span> '
               '<span style="background: rgb(255, 255, 255)">0</span> '
               '<span style="background: rgb(0, 0, 255); color: #fff">negative</span> '
