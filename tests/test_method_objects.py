@@ -185,7 +185,7 @@ def test_lrp_without_the_gate_halved_would_double_count():
 def test_lrp_refuses_models_without_rules():
     from test_mamba2 import tiny as tiny_mamba2
 
-    with pytest.raises(NotImplementedError, match="'lrp' has rules for mamba, falcon_mamba"):
+    with pytest.raises(NotImplementedError, match="'lrp' has rules for mamba, falcon_mamba, gpt2"):
         ia.explain(tiny_mamba2("Mamba2ForCausalLM"), [[1, 2, 3]], method="lrp")
 
 
@@ -206,3 +206,55 @@ def test_method_objects_are_what_explain_runs():
         methods.Rollout(model, aggregate="mean")
     with pytest.raises(ValueError, match="unknown method"):
         methods.make_method("saliency", model)
+
+
+def attnlrp_by_hand(model, ids: torch.Tensor, target: int) -> torch.Tensor:
+    """AttnLRP on a one-layer Llama, written out from the published rules: RMS scales detached, q k^T and
+    P v and the MLP's gate product by the uniform rule (half to each factor), the softmax by its gradient,
+    SiLU by the identity rule; relevance = embedding x gradient."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    def rms(x, norm):
+        return norm.weight * x * torch.rsqrt(x.detach().pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+
+    def halves(a, b):                                          # a @ b with the uniform rule
+        return 0.5 * (a @ b.detach()) + 0.5 * (a.detach() @ b)
+
+    layer, attn = model.model.layers[0], model.model.layers[0].self_attn
+    B, L = ids.shape
+    emb = model.model.embed_tokens(ids).detach().requires_grad_(True)
+    h = rms(emb, layer.input_layernorm)
+    D = attn.head_dim
+    q = attn.q_proj(h).view(B, L, -1, D).transpose(1, 2)
+    k = attn.k_proj(h).view(B, L, -1, D).transpose(1, 2)
+    v = attn.v_proj(h).view(B, L, -1, D).transpose(1, 2)
+    cos, sin = model.model.rotary_emb(h, torch.arange(L)[None])
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = halves(q, k.transpose(-1, -2)) * D ** -0.5
+    scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    out = halves(torch.softmax(scores, -1), v).transpose(1, 2).reshape(B, L, -1)
+    x = emb + attn.o_proj(out)
+    h = rms(x, layer.post_attention_layernorm)
+    gate = layer.mlp.gate_proj(h)
+    act = gate * (torch.nn.functional.silu(gate) / gate).detach()
+    product = act * layer.mlp.up_proj(h)
+    x = x + layer.mlp.down_proj(0.5 * product + 0.5 * product.detach())
+    logits = model.lm_head(rms(x, model.model.norm))
+    (grad,) = torch.autograd.grad(logits[0, -1, target], emb)
+    return (grad * emb).sum(-1)[0].detach()
+
+
+def test_lrp_on_attention_is_attnlrp_written_out():
+    from test_attention import tiny
+
+    model = tiny("LlamaForCausalLM", num_hidden_layers=1)
+    ids = torch.randint(1, 40, (1, 6), generator=torch.Generator().manual_seed(5))
+    expl = ia.run_explanation(model, ids, method="lrp", target=9)
+    # LlamaRMSNorm rounds through float32 even in a float64 model: the forward values at which the rules'
+    # gradients are taken differ from the float64 hand computation by ~1e-8
+    assert_close(expl.relevance[0], attnlrp_by_hand(model, ids, 9), 1e-7, "AttnLRP, one Llama layer")
+    assert model.config._attn_implementation == "sdpa"                        # the model's setting is back
+    plain = ia.explain(model, ids, method="grad_x_input", target=9)[0]
+    assert float((plain - expl.relevance[0]).abs().max()) > 1e-3 * float(plain.abs().max())

@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
              "layer-mean map), rollout (attention rollout), attribution (gradient-weighted attention rollout, "
              "Chefer et al.), signed_attribution (the same keeping negative evidence), paper (the paper's "
              "recipe). Baselines without matrices: random, grad_x_input, integrated_gradients, occlusion, "
-             "smoothgrad, lrp (MambaLRP, for Mamba models). Method options: --option.")
+             "smoothgrad, lrp (MambaLRP / AttnLRP rules: Mamba, FalconMamba, GPT-2, Llama, BERT). Method options: "
+             "--option.")
     explain.add_argument("--option", dest="options", action="append", type=parse_method_option,
                          metavar="NAME=VALUE", help=_method_options_help())
     explain.add_argument("--all-tokens", action="store_true",
@@ -498,7 +499,8 @@ def _write_report(args: argparse.Namespace, loaded, result, decompositions: dict
     names = {name: arch.name for name, _, arch in _layers_of(loaded.model)}
     runs = [decompositions[id(run)] for run in result.runs]
     layers = [ReportLayer(index=layer.index, name=layer.name, error=max(float(d.layers[i].error) for d in runs),
-                          architecture=names.get(layer.name, ""), exact=bool(layer.exact))
+                          architecture=names.get(layer.name, ""), exact=bool(layer.exact), channels=layer.channels,
+                          error_channels=min(d.layers[i].error_channels for d in runs))
               for i, layer in enumerate(runs[0].layers)]                  # the worst error over the runs
     examples = []
     for example in result:

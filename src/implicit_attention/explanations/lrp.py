@@ -1,4 +1,5 @@
-"""LRP as gradient x input of a backward pass under the LRP rules (MambaLRP, Jafari et al. 2024).
+"""LRP as gradient x input of a backward pass under the LRP rules: MambaLRP (Jafari et al. 2024) for
+Mamba mixers, AttnLRP (Achtibat et al. 2024) for softmax attention and the Transformer blocks around it.
 
 Every rule keeps the model's forward values and changes only the backward pass, so that
 ``embedding * gradient`` redistributes the score layer by layer and conserves it where the model
@@ -9,7 +10,14 @@ has no biases (``sum_t R_t == score``):
 - **selective scan**: ``dt``, ``B``, ``C`` (so the discretised ``A`` and ``B``) detached, which makes
   the scan linear in its input ``u``: ``y = S(u) + D u``;
 - **gate**: the product ``y * silu(z)`` halved between its factors (the uniform rule), written
-  ``0.5 (y g) + 0.5 (y g).detach()`` for each factor's path.
+  ``0.5 (y g) + 0.5 (y g).detach()`` for each factor's path;
+- **attention** (AttnLRP): the products ``q k^T`` and ``P v`` by the uniform rule, the softmax by its
+  own gradient (which is AttnLRP's softmax rule ``R_i = x_i (R_i - s_i sum_j R_j)`` in gradient x
+  input form); LayerNorm's and RMSNorm's scales detached (the identity rule on the normalisation,
+  LayerNorm's centring kept as the linear map it is); element-wise activations (GELU, SiLU, tanh)
+  by the identity rule ``x * (act(x) / x).detach()``; a gated MLP's product by the uniform rule.
+  Attention runs through an attention function registered with ``transformers``'
+  ``AttentionInterface`` for the duration of the call (the model's own setting is restored).
 
 Each rule is a forward hook that returns ``output.detach() + (r - r.detach())`` where ``r`` is a
 recomputation of the module's output with the rule's detaches: the forward value is the module's
@@ -34,8 +42,15 @@ from .target import Target
 
 #: The token-mixing architectures (registry names) whose layers have an LRP rule here.
 MIXER_RULES = {"mamba": mamba_factors, "jamba_mamba": jamba_factors}
+#: Softmax attention, explained through the registered attention function.
+ATTENTION_ARCHITECTURES = ("attention", "attention_gpt2", "attention_bert")
 #: Model types explained end to end: every module with a non-linearity has a rule.
-SUPPORTED_MODEL_TYPES = ("mamba", "falcon_mamba")
+SUPPORTED_MODEL_TYPES = ("mamba", "falcon_mamba", "gpt2", "llama", "bert")
+#: The name of the attention function with the AttnLRP rules.
+ATTENTION_FUNCTION = "implicit_attention_lrp"
+#: Element-wise activation modules (no parameters) that take the identity rule.
+ACTIVATIONS = ("GELU", "SiLU", "Tanh", "ReLU", "GELUActivation", "NewGELUActivation", "FastGELUActivation",
+               "QuickGELUActivation", "GELUTanh", "SiLUActivation", "PytorchGELUTanh", "AccurateGELUActivation")
 
 
 def lrp_relevance(model: nn.Module, inputs: ModelInputs, target: Target) -> tuple[torch.Tensor, dict]:
@@ -45,6 +60,12 @@ def lrp_relevance(model: nn.Module, inputs: ModelInputs, target: Target) -> tupl
     with torch.enable_grad(), lrp_rules(model):
         score = target.score(inputs.call(model, embeds).logits)
         (grad,) = torch.autograd.grad(score.sum(), embeds)
+    with torch.no_grad():   # the rules change the backward only: the forward must be the model's own
+        plain = target.score(inputs.call(model, embeds.detach()).logits)
+    gap = float((plain - score.detach()).abs().max()) / (float(plain.abs().max()) + 1e-30)
+    if gap > (1e-6 if embeds.dtype == torch.float64 else 1e-3):
+        raise RuntimeError(f"under the LRP rules {type(model).__name__} computes another score (relative "
+                           f"difference {gap:.1e}): a module of this model has no faithful rule here")
     relevance = (grad.double() * embeds.detach().double()).sum(dim=-1)
     relevance = inputs.to_tokens(relevance)
     delta = score.detach().double() - relevance.sum(dim=-1)
@@ -55,7 +76,7 @@ def supports_lrp(model: nn.Module) -> bool:
     """Whether every part of ``model`` with a non-linearity has an LRP rule here."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     mixers = {arch.name for _, _, arch in model_layers(model)}
-    return model_type in SUPPORTED_MODEL_TYPES and mixers <= set(MIXER_RULES)
+    return model_type in SUPPORTED_MODEL_TYPES and mixers <= set(MIXER_RULES) | set(ATTENTION_ARCHITECTURES)
 
 
 def refuse_unsupported(model: nn.Module) -> None:
@@ -63,29 +84,46 @@ def refuse_unsupported(model: nn.Module) -> None:
     if not supports_lrp(model):
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         raise NotImplementedError(
-            f"method 'lrp' has rules for {', '.join(SUPPORTED_MODEL_TYPES)} models (MambaLRP); "
+            f"method 'lrp' has rules for {', '.join(SUPPORTED_MODEL_TYPES)} models (MambaLRP, AttnLRP); "
             f"{type(model).__name__} (model type {model_type!r}) has layers without one: use 'grad_x_input', "
             "'integrated_gradients' or a matrix method")
 
 
 @contextmanager
 def lrp_rules(model: nn.Module) -> Iterator[None]:
-    """Within the block, ``model``'s Mamba mixers and RMS norms backpropagate by the LRP rules."""
+    """Within the block, ``model``'s mixers, attention, norms, activations and gated MLPs backpropagate by
+    the LRP rules (forward values unchanged)."""
     handles, inside_mixers = [], set()
+    layers = model_layers(model)
+    uses_attention = any(arch.name in ATTENTION_ARCHITECTURES for _, _, arch in layers)
+    original = getattr(getattr(model, "config", None), "_attn_implementation", None)
     try:
-        for _, module, arch in model_layers(model):
+        for _, module, arch in layers:
             if arch.name in MIXER_RULES:
                 handles.append(module.register_forward_hook(_mixer_hook(MIXER_RULES[arch.name]), with_kwargs=True))
                 # a mixer's own norms (on dt, B, C) feed detached factors: its recomputation covers them
                 inside_mixers |= {id(m) for m in module.modules()}
         for module in model.modules():
-            if id(module) not in inside_mixers and type(module).__name__.endswith("RMSNorm") \
-                    and hasattr(module, "weight"):
+            if id(module) in inside_mixers:
+                continue
+            kind = type(module).__name__
+            if isinstance(module, nn.LayerNorm):
+                handles.append(module.register_forward_hook(_layer_norm_hook))
+            elif kind.endswith("RMSNorm") and hasattr(module, "weight"):
                 handles.append(module.register_forward_hook(_rms_norm_hook))
+            elif kind in ACTIVATIONS:
+                handles.append(module.register_forward_hook(_identity_hook))
+            elif all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+                handles.append(module.register_forward_hook(_gated_mlp_hook))
+        if uses_attention:
+            _register_attention_function()
+            model.set_attn_implementation(ATTENTION_FUNCTION)
         yield
     finally:
         for handle in handles:
             handle.remove()
+        if uses_attention and original is not None:
+            model.set_attn_implementation(original)
 
 
 # ----------------------------------------------------------------------------------------- rules
@@ -152,9 +190,74 @@ def _rms_norm_hook(module: nn.Module, args, output):
     """``w * x * rsqrt(mean(x^2) + eps)`` with the scale detached."""
     x = args[0]
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
-    h = x.float()
+    h = x if x.dtype == torch.float64 else x.float()   # at least float32, as the module; float64 kept
     scale = torch.rsqrt(h.detach().pow(2).mean(-1, keepdim=True) + eps)
     return _same_value(module.weight * (h * scale).to(x.dtype), output, module)
+
+
+def _layer_norm_hook(module: nn.LayerNorm, args, output):
+    """``(x - mean(x)) * rsqrt(var(x) + eps) * w + b`` with the scale detached (centring is linear)."""
+    x = args[0]
+    centred = x - x.mean(-1, keepdim=True)
+    scale = torch.rsqrt(centred.detach().pow(2).mean(-1, keepdim=True) + module.eps)
+    recomputed = centred * scale
+    if module.weight is not None:
+        recomputed = recomputed * module.weight
+    if module.bias is not None:
+        recomputed = recomputed + module.bias
+    return _same_value(recomputed, output, module)
+
+
+def _identity_hook(module: nn.Module, args, output):
+    """The identity rule for an element-wise activation: ``x * (act(x) / x).detach()`` (0 where ``x = 0``)."""
+    x = args[0]
+    ratio = torch.where(x == 0, torch.zeros_like(output), output / torch.where(x == 0, torch.ones_like(x), x))
+    return _same_value(x * ratio.detach(), output, module)
+
+
+def _gated_mlp_hook(module: nn.Module, args, output):
+    """``down(act(gate(x)) * up(x))`` with the product by the uniform rule (``act`` by its own hook)."""
+    x = args[0]
+    recomputed = module.down_proj(uniform_product(module.act_fn(module.gate_proj(x)), module.up_proj(x)))
+    return _same_value(recomputed, output, module)
+
+
+def lrp_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                  **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager softmax attention with AttnLRP's rules, for ``AttentionInterface``.
+
+    ``query [B, H, Lq, D]``, ``key, value [B, Hkv, Lk, D]``; returns ``([B, Lq, H, D], P [B, H, Lq, Lk])``.
+    """
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise NotImplementedError("AttnLRP here covers plain softmax attention (no soft-capping, no sinks)")
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = (0.5 * (query @ key.detach().transpose(-1, -2)) + 0.5 * (query.detach() @ key.transpose(-1, -2)))
+    scores = scores * scaling
+    length = key.shape[-2]
+    if attention_mask is not None:
+        mask = attention_mask[..., :length]
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool \
+            else scores + mask
+    elif getattr(module, "is_causal", False) and query.shape[-2] > 1:
+        future = torch.ones(query.shape[-2], length, dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = 0.5 * (probs @ value.detach()) + 0.5 * (probs.detach() @ value)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+def _register_attention_function() -> None:
+    """Register :func:`lrp_attention` (and the eager mask format it reads) with ``transformers``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if ATTENTION_FUNCTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION_FUNCTION, lrp_attention)
+        AttentionMaskInterface.register(ATTENTION_FUNCTION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
 
 
 def _mixer_hook(factors_of):
@@ -180,5 +283,6 @@ def _mixer_hook(factors_of):
     return hook
 
 
-__all__ = ["MIXER_RULES", "SUPPORTED_MODEL_TYPES", "identity_silu", "linear_scan", "lrp_relevance", "lrp_rules",
+__all__ = ["ATTENTION_FUNCTION", "MIXER_RULES", "SUPPORTED_MODEL_TYPES", "identity_silu", "linear_scan", "lrp_attention",
+           "lrp_relevance", "lrp_rules",
            "refuse_unsupported", "supports_lrp", "uniform_product"]

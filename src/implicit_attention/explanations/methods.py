@@ -236,11 +236,13 @@ class SmoothGrad(BaselineMethod):
 @dataclass
 class LRP(BaselineMethod):
     """Layer-wise relevance propagation as gradient x input of a backward pass with the LRP rules (see
-    :mod:`.lrp`): MambaLRP (Jafari et al. 2024) for Mamba mixers: the identity rule through SiLU (the
-    sigmoid detached), the norms' scales detached, the selective scan's ``dt``, ``B``, ``C`` detached
-    (the scan is then linear in its input), the gate's product halved between its factors. Mamba,
-    FalconMamba and Jamba's Mamba mixers. The diagnostics hold ``conservation_delta`` ``[B]``: the
-    score minus the sum of relevance (0 for a model without biases)."""
+    :mod:`.lrp`). MambaLRP (Jafari et al. 2024) for Mamba mixers: the identity rule through SiLU (the
+    sigmoid detached), the norms' scales detached, the selective scan's ``dt``, ``B``, ``C`` detached (the
+    scan is then linear in its input), the gate's product halved between its factors. AttnLRP (Achtibat
+    et al. 2024) for softmax attention: ``q k^T`` and ``P v`` halved, the softmax by its gradient,
+    LayerNorm/RMSNorm scales detached, the identity rule on activations, a gated MLP's product halved.
+    Mamba, FalconMamba, GPT-2, Llama and BERT models. The diagnostics hold ``conservation_delta`` ``[B]``:
+    the score minus the sum of relevance (0 for a Mamba without biases)."""
 
     name: ClassVar[str] = "lrp"
 
