@@ -138,3 +138,16 @@ def check_explanation(model, x, mask=None, *, method: str, causal: bool = True, 
         early = ia.explain(model, x, mask, method=method, position=-2, **options)
         assert float(early[:, -1].abs().max()) <= 1e-7 * float(early.abs().max()), (method, early[:, -1])
     return expl
+
+
+def gradient_at(projection: torch.nn.Module, output: torch.Tensor, model, ids: torch.Tensor, target: int) -> torch.Tensor:
+    """``d logits[0, -1, target] / d output``: ``output`` (a layer's output before ``projection``) fed as a leaf
+    tensor into ``projection`` while ``model`` runs on ``ids``: the gradient computed independently."""
+    leaf = output.detach().clone().requires_grad_(True)
+    handle = projection.register_forward_pre_hook(lambda module, args: (leaf,))
+    try:
+        logits = model(ids).logits
+    finally:
+        handle.remove()
+    (grad,) = torch.autograd.grad(logits[0, -1, target], leaf)
+    return grad

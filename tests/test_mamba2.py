@@ -19,7 +19,7 @@ from implicit_attention.architectures.mamba2.operator import VARIANTS, mamba2_bl
 from implicit_attention.architectures.primitives import naive_conv_matrix
 from implicit_attention.hooks import capture
 
-from conftest import assert_close, check_explanation, left_padded
+from conftest import assert_close, check_explanation, gradient_at, left_padded
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-6}
 VOCAB = 40
@@ -283,13 +283,7 @@ def test_attribution_uses_the_true_gradient_of_the_layer_output():
     ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
     expl = ia.run_explanation(model, ids, method="attribution")
     layer = expl.decomposition.layers[0]
-    leaf = layer.output.clone().requires_grad_(True)
-    handle = model.backbone.layers[0].mixer.out_proj.register_forward_pre_hook(lambda module, args: (leaf,))
-    try:
-        logits = model(ids).logits
-    finally:
-        handle.remove()
-    (grad,) = torch.autograd.grad(logits[0, -1, expl.target.ids[0]], leaf)
+    grad = gradient_at(model.backbone.layers[0].mixer.out_proj, layer.output, model, ids, expl.target.ids[0])
     cam = (grad.transpose(1, 2)[..., None] * layer.matrix
            * layer.values.transpose(1, 2)[:, :, None, :]).clamp(min=0).mean(1)
     assert_close(expl.relevance[0], cam[0, -1], 1e-9, "attribution")

@@ -11,7 +11,7 @@ from implicit_attention.explanations import methods
 from implicit_attention.explanations.lrp import identity_silu, linear_scan, uniform_product
 from test_explain_methods import LinearCausalLM
 
-from conftest import assert_close, left_padded, tiny_mamba
+from conftest import assert_close, gradient_at, left_padded, tiny_mamba
 
 
 def linear_contributions(model: LinearCausalLM, ids: torch.Tensor, target: int, reference=None) -> torch.Tensor:
@@ -111,13 +111,7 @@ def test_signed_attribution_is_the_rule_without_the_clamp():
     ids = torch.randint(1, 40, (1, 6), generator=torch.Generator().manual_seed(4))
     signed = ia.run_explanation(model, ids, method="signed_attribution")
     layer = signed.decomposition.layers[0]
-    leaf = layer.output.clone().requires_grad_(True)
-    handle = model.backbone.layers[0].mixer.out_proj.register_forward_pre_hook(lambda module, args: (leaf,))
-    try:
-        logits = model(ids).logits
-    finally:
-        handle.remove()
-    (grad,) = torch.autograd.grad(logits[0, -1, signed.target.ids[0]], leaf)
+    grad = gradient_at(model.backbone.layers[0].mixer.out_proj, layer.output, model, ids, signed.target.ids[0])
     per_channel = grad.transpose(1, 2)[..., None] * layer.matrix * layer.values.transpose(1, 2)[:, :, None, :]
     assert_close(signed.relevance[0], per_channel.mean(1)[0, -1], 1e-9, "signed attribution")
     assert (signed.relevance < 0).any()                                            # negative evidence shows
