@@ -446,3 +446,22 @@ def test_pretrained_minilm_is_not_given_a_random_head(capsys) -> None:
     code, stdout, err = run(capsys, "explain", "a fine film", "--model", path)
     assert code == 2 and "prediction" not in stdout
     assert_clean_error(err, "is a BertModel, a backbone without a head")
+
+
+def test_method_options_are_checked_before_anything_runs(capsys, tiny_dir: Path, tmp_path: Path) -> None:
+    code, _, err = run(capsys, "explain", "fine", "--model", tiny_dir, "--method", "integrated_gradients",
+                       "--option", "steps=abc")
+    assert code == 2
+    assert_clean_error(err, "steps must be an integer >= 1")
+    code, _, err = run(capsys, "explain", "fine", "--model", tiny_dir, "--option", "signed=maybe")
+    assert code == 2
+    assert_clean_error(err, "signed must be true or false")
+    data = tmp_path / "in.txt"
+    data.write_text("fine\n")
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "explain-dataset", data, "--model", tiny_dir, "--out", out,
+                       "--method", "integrated_gradients", "--option", "steps=0")
+    assert code == 2 and not out.exists()                  # a refused run leaves nothing behind
+    code, _, err = run(capsys, "explain-dataset", data, "--model", tiny_dir, "--out", out,
+                       "--method", "rollout", "--aggregate", "mean")
+    assert code == 2 and not out.exists()

@@ -15,7 +15,7 @@ import implicit_attention as ia
 from implicit_attention.architectures import find_layers
 from implicit_attention.architectures.attention import AttentionLayerDecomposition
 
-from conftest import assert_close, check_explanation, left_padded, tiny_mamba
+from conftest import assert_close, check_explanation, left_padded, own_options, tiny_mamba
 
 tf.logging.set_verbosity_error()
 
@@ -161,8 +161,8 @@ def test_a_mamba_and_a_transformer_explained_alike():
     gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_head=2, n_embd=8, n_positions=16, vocab_size=VOCAB)).eval()
     ids, mask = left_padded(batch=2, length=6, vocab=VOCAB)
     for method in ia.METHODS:
-        a = ia.explain(mamba, ids, mask, method=method, target=3, steps=4, samples=2)
-        b = ia.explain(gpt2, ids, mask, method=method, target=3, steps=4, samples=2)
+        a = ia.explain(mamba, ids, mask, method=method, target=3, **own_options(method, steps=4, samples=2))
+        b = ia.explain(gpt2, ids, mask, method=method, target=3, **own_options(method, steps=4, samples=2))
         assert a.shape == b.shape == (2, 6) and a.dtype == b.dtype, method
         assert torch.isfinite(a).all() and torch.isfinite(b).all()
         assert torch.equal(a[mask == 0], b[mask == 0])                     # both 0 on padding

@@ -43,7 +43,7 @@ def test_baseline_options_are_checked():
         ia.explain(model, [[1, 2]], method="integrated_gradients", baseline=99)
     with pytest.raises(ValueError, match="'zeros' or a token id"):
         ia.explain(model, [[1, 2]], method="occlusion", replacement="pad")
-    with pytest.raises(ValueError, match="window must be at least 1"):
+    with pytest.raises(ValueError, match="window must be an integer >= 1"):
         ia.explain(model, [[1, 2]], method="occlusion", window=0)
 
 
@@ -192,7 +192,8 @@ def test_method_objects_are_what_explain_runs():
                  ia.explain(model, ids, mask, method="integrated_gradients", target=3, steps=8, baseline=1), 0,
                  "IntegratedGradients")
     assert methods.IntegratedGradients.option_names() == ("dtype", "steps", "baseline")
-    rollout = methods.make_method("rollout", model, aggregate="pos", steps=5)      # steps: another method's
+    with pytest.warns(UserWarning, match="does not take steps"):               # steps: another method's
+        rollout = methods.make_method("rollout", model, aggregate="pos", steps=5)
     assert isinstance(rollout, methods.Rollout) and rollout.aggregate == "pos"
     with pytest.raises(TypeError, match="no method takes the option"):
         methods.make_method("rollout", model, step=5)
@@ -252,3 +253,19 @@ def test_lrp_on_attention_is_attnlrp_written_out():
     assert model.config._attn_implementation == "sdpa"                        # the model's setting is back
     plain = ia.explain(model, ids, method="grad_x_input", target=9)[0]
     assert float((plain - expl.relevance[0]).abs().max()) > 1e-3 * float(plain.abs().max())
+
+
+def test_option_values_are_checked_with_clear_messages():
+    model = tiny_mamba()
+    for method, options, message in [
+            ("integrated_gradients", {"steps": "abc"}, "steps must be an integer >= 1"),
+            ("integrated_gradients", {"steps": 2.5}, "steps must be an integer >= 1"),
+            ("smoothgrad", {"noise": -1.0}, "noise must be a number >= 0"),
+            ("random", {"seed": "x"}, "seed must be an integer >= 0"),
+            ("attribution", {"signed": "no"}, "signed must be true or false"),
+            ("occlusion", {"replacement": " film"}, "replacement must be 'zeros' or a token id")]:
+        with pytest.raises(ValueError, match=message):
+            ia.explain(model, [[1, 2, 3]], method=method, **options)
+    with pytest.warns(UserWarning, match="'rollout' does not take steps"):
+        ia.explain(model, [[1, 2, 3]], method="rollout", steps=3)
+    assert ia.Contrast is __import__("implicit_attention.explanations.target", fromlist=["Contrast"]).Contrast

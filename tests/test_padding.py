@@ -27,7 +27,7 @@ from test_rwkv6 import tiny_rwkv6
 from test_rwkv7 import tiny_rwkv7
 from test_xlstm import tiny_xlstm
 
-from conftest import tiny_mamba
+from conftest import own_options, tiny_mamba
 
 tf.logging.set_verbosity_error()
 
@@ -96,8 +96,8 @@ def test_padded_and_alone_agree(name):
             with pytest.raises(NotImplementedError, match="has rules for"):
                 ia.explain(model, ids, mask, method=method)
             continue
-        padded = ia.explain(model, ids, mask, method=method, target=target, steps=4, samples=2)[1]
-        alone = ia.explain(model, ids[1:, PAD:], method=method, target=target, steps=4, samples=2)[0]
+        padded = ia.explain(model, ids, mask, method=method, target=target, **own_options(method, steps=4, samples=2))[1]
+        alone = ia.explain(model, ids[1:, PAD:], method=method, target=target, **own_options(method, steps=4, samples=2))[0]
         assert torch.count_nonzero(alone) > 0, (name, method)
         assert relative(padded[PAD:], alone) <= 1e-5, (name, method, relative(padded[PAD:], alone))
 
@@ -107,8 +107,8 @@ def test_encoders_padded_on_the_right_agree():
     ids, mask = batch(model)
     ids, mask = ids.flip(1), mask.flip(1)                          # [CLS] first, padding at the end
     for method in METHODS:
-        padded = ia.explain(model, ids, mask, method=method, target=1, steps=4, samples=2)[1]
-        alone = ia.explain(model, ids[1:, :-PAD], method=method, target=1, steps=4, samples=2)[0]
+        padded = ia.explain(model, ids, mask, method=method, target=1, **own_options(method, steps=4, samples=2))[1]
+        alone = ia.explain(model, ids[1:, :-PAD], method=method, target=1, **own_options(method, steps=4, samples=2))[0]
         assert relative(padded[:-PAD], alone) <= 1e-5, (method, relative(padded[:-PAD], alone))
 
 

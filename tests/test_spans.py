@@ -59,7 +59,7 @@ def test_cli_report_and_dataset_show_the_span(capsys, loaded, tmp_path):
     code = cli.main(["explain", "a gorgeous, witty, seductive movie", "--no-color", "--words", "--out",
                      str(tmp_path / "report")])
     out = capsys.readouterr().out
-    assert code == 0 and "over the text; the prompt template greyed" in out
+    assert code == 0 and "over the text; the prompt template's values in parentheses" in out
     assert " sentiment(" in out and "[+1.00]" in out and "words: a[" in out
     info = json.loads((tmp_path / "report" / "explanation.json").read_text())
     (ex,) = info["examples"]

@@ -39,6 +39,7 @@ _LAZY: dict[str, str] = {
     "load_model": "loading", "LoadedModel": "loading", "ModelLoadError": "loading", "TaskError": "loading",
     "DatasetError": "dataset", "OutputDirectoryError": "render",
     "LayerDecomposition": "architectures", "supported_model_classes": "architectures",
+    "Contrast": "explanations.target", "LogProb": "explanations.target", "make_method": "explanations.methods",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __getattr__
@@ -46,6 +47,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __g
     from .dataset import DatasetError
     from .decomposition import Decomposition, decompose
     from .explanations import Explanation, TextExplanation, TextExplanations, explain, explain_texts, run_explanation
+    from .explanations.methods import make_method
+    from .explanations.target import Contrast, LogProb
     from .loading import LoadedModel, ModelLoadError, TaskError, load_model
     from .render import OutputDirectoryError
 
@@ -66,9 +69,9 @@ def __dir__() -> list[str]:
 autoregister.install()
 
 __all__ = [
-    "BASELINE_METHODS", "DatasetError", "Decomposition", "EmptyInputError", "Explanation", "ImplicitAttentionError",
-    "LayerDecomposition", "LoadedModel", "MATRIX_METHODS", "METHODS", "MemoryBudgetError", "ModelLoadError",
+    "BASELINE_METHODS", "Contrast", "DatasetError", "Decomposition", "EmptyInputError", "Explanation", "ImplicitAttentionError",
+    "LayerDecomposition", "LoadedModel", "LogProb", "MATRIX_METHODS", "METHODS", "MemoryBudgetError", "ModelLoadError",
     "OffloadedLayerError", "OutputDirectoryError", "PaddingError", "ReconstructionError", "TaskError", "TextExplanation",
     "TextExplanations", "UnsupportedModelError", "decompose", "explain", "explain_texts", "load_model",
-    "run_explanation", "supported_model_classes",
+    "make_method", "run_explanation", "supported_model_classes",
 ]

@@ -122,7 +122,8 @@ def parse_layers(value: str) -> list[int]:
 
 
 def parse_method_option(value: str) -> tuple[str, object]:
-    """``"steps=64"`` -> ``("steps", 64)``: integers, then floats, then true/false, else the text."""
+    """``"steps=64"`` -> ``("steps", 64)``: integers, then floats, then true/yes/false/no, else the text
+    (the method's own checks then say what a value must be)."""
     name, sep, text = value.partition("=")
     if not sep or not name.strip() or not text.strip():
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE such as steps=64, got {value!r}")
@@ -133,7 +134,9 @@ def parse_method_option(value: str) -> tuple[str, object]:
         except ValueError:
             pass
     lowered = text.lower()
-    return name.strip(), (lowered == "true") if lowered in ("true", "false") else text
+    if lowered in ("true", "yes", "false", "no"):
+        return name.strip(), lowered in ("true", "yes")
+    return name.strip(), text
 
 
 def _method_options_help() -> str:
@@ -448,7 +451,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"  explaining: {tgt.score} (token id {tgt.id}) {where}")
         span = None if args.all_tokens else example.in_span
         scale = example.span_scale if span is not None else float(example.relevance.abs().max())
-        template = "" if span is None or all(span) else "; the prompt template greyed"
+        template = ("" if span is None or all(span) else "; the prompt template greyed" if color
+                    else "; the prompt template's values in parentheses")
         print(f"  relevance (red +, blue -; normalised by max |r| = {scale:.3g} over the "
               f"{'text' if span is not None else 'prompt'}{template}):")
         print("  " + color_tokens(example.tokens, example.relevance, color=color, span=span))

@@ -500,8 +500,11 @@ def _html(info: dict) -> str:
             f"<p class=pred>Prediction ({kind}): <strong>{_e(pred.get('label', ''))}</strong> "
             f"with probability {_e(_fmt(pred.get('probability'), '.4f'))}</p>"
             f"<table><tr><th>{'label' if kind == 'label' else 'token'}</th><th>probability</th></tr>{probs}</table>"
-            f"<p>Explained score: logit of {target}</p>"
-            f"<h3>Relevance of the input tokens</h3>{legend}"
+            + (f"<p>Explained score: <strong>{_e(tgt['score'])}</strong> at output position "
+               f"{_e(tgt.get('position'))} (target {_e(tgt.get('label') or repr(tgt.get('token')))}, token id "
+               f"{_e(tgt.get('id'))})</p>" if tgt.get("score") else
+               f"<p>Explained score: logit of {target}</p>")
+            + f"<h3>Relevance of the input tokens</h3>{legend}"
             f"<div class=tokens>{_token_html(ex['tokens'], ex['relevance'], ex['relevance_normalized'], ex['in_span'])}</div>"
             f"{matrices}")
     return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"

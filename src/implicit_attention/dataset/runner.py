@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..catalog import check_method_options
+from ..catalog import ROLLOUT_NEEDS_NON_NEGATIVE, check_method_options
 from .distributed import Distributed
 from .errors import DatasetError
 from .formats import InputRecord, detect_format, file_sha256, read_inputs
@@ -100,7 +100,10 @@ class DatasetOptions:
     progress: bool = True
 
     def __post_init__(self):
+        # every setting is checked before anything is written, so that a refused run leaves no files behind
         check_method_options(self.method, self.method_options)
+        if self.method == "rollout" and self.aggregate == "mean":
+            raise ValueError(ROLLOUT_NEEDS_NON_NEGATIVE)
 
     def settings(self, fmt: str, sha256: str) -> dict[str, Any]:
         """The settings stored in ``run.json``; those in :data:`~implicit_attention.dataset.store.RESUME_KEYS`

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..architectures.registry import padding_leaks
-from ..catalog import AGGREGATES, MATRIX_METHODS
+from ..catalog import AGGREGATES, MATRIX_METHODS, ROLLOUT_NEEDS_NON_NEGATIVE
 from ..decomposition import (
     DEFAULT_TOLERANCE,
     PHASE,
@@ -207,13 +207,6 @@ def matrix_explanation(model: nn.Module, input_ids, attention_mask=None, *, meth
     decomposition = Decomposition(layers=built, input_values=ids, attention_mask=mask,
                                   logits=logits.detach(), variant=variant)
     return Explanation(_finish(relevance, mask, compute_dtype), tgt, logits.detach(), decomposition, method, variant)
-
-
-#: Why rollout refuses the signed channel mean.
-ROLLOUT_NEEDS_NON_NEGATIVE = (
-    "rollout multiplies row-normalised maps and needs them non-negative: aggregate='mean' is the signed channel "
-    "mean, whose row sums can be zero or negative; use 'abs' or 'pos' (the signed mean is available with "
-    "method='raw')")
 
 
 def refuse_padding_that_leaks(model: nn.Module, mask: torch.Tensor | None) -> None:

@@ -17,6 +17,7 @@ a callable (see :mod:`.target`).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -24,10 +25,17 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..catalog import AGGREGATES, METHODS
+from ..catalog import (
+    AGGREGATES,
+    METHOD_OPTIONS,
+    METHODS,
+    OPTION_KINDS,
+    ROLLOUT_NEEDS_NON_NEGATIVE,
+    check_option_value,
+)
 from ..inputs import as_module
 from . import baselines
-from .api import ROLLOUT_NEEDS_NON_NEGATIVE, Explanation, baseline_explanation, matrix_explanation
+from .api import Explanation, baseline_explanation, matrix_explanation
 
 
 @dataclass
@@ -39,6 +47,10 @@ class Method:
 
     #: the method's name in :func:`~.api.explain` and on the command line
     name: ClassVar[str] = ""
+
+    def __post_init__(self):
+        for option in METHOD_OPTIONS.get(self.name, ()):
+            check_option_value(option, getattr(self, option))
 
     def attribute(self, input_ids, attention_mask=None, *, target=None, position: int = -1) -> torch.Tensor:
         """Relevance ``[B, L]`` of the input tokens (0 on padding) for ``target`` at ``position``."""
@@ -87,6 +99,7 @@ class Raw(MatrixMethod):
     name: ClassVar[str] = "raw"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {self.aggregate!r}")
 
@@ -266,18 +279,24 @@ assert tuple(METHOD_CLASSES) == METHODS, "catalog.METHODS and the method classes
 def make_method(name: str, model: nn.Module, **options) -> Method:
     """The method ``name`` for ``model`` with the ``options`` it takes.
 
-    Options that only other methods take are ignored (one set of settings serves every method, as on
-    the command line); a name that no method takes raises ``TypeError``.
+    The settings that :func:`~.api.explain` and the text tools pass to every method (``variant``,
+    ``layers``, ``aggregate``, ``check``, ``dtype``, ...) are dropped for methods without them; another
+    method's own option (``steps`` for rollout) is dropped with a warning; a name that no method takes
+    raises ``TypeError``.
     """
     if name not in METHOD_CLASSES:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHOD_CLASSES)}")
     known = {option for method in METHOD_CLASSES.values() for option in method.option_names()}
     unknown = sorted(set(options) - known)
+    cls = METHOD_CLASSES[name]
     if unknown:
         raise TypeError(f"no method takes the option(s) {', '.join(unknown)}; {name!r} takes "
-                        f"{', '.join(METHOD_CLASSES[name].option_names())}")
-    cls = METHOD_CLASSES[name]
+                        f"{', '.join(cls.option_names())}")
     taken = cls.option_names()
+    foreign = sorted(set(options) & set(OPTION_KINDS) - set(taken))
+    if foreign:
+        warnings.warn(f"method {name!r} does not take {', '.join(foreign)} (ignored); it takes "
+                      f"{', '.join(METHOD_OPTIONS[name]) or 'no options of its own'}", UserWarning, stacklevel=3)
     return cls(model, **{key: value for key, value in options.items() if key in taken})
 
 
