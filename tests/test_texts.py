@@ -134,8 +134,8 @@ def test_scores_of_a_target(loaded):
         log_p = chosen.log_softmax(-1)[:, 0 if over is not None else pos]
         (grad,) = torch.autograd.grad(log_p.sum(), embeds)
         assert close(gx(target), (grad * embeds.detach()).sum(-1) * mask)
-    for method in ("attribution", "integrated_gradients"):   # every method takes every score
-        contrast = ia.run_explanation(model, ids, mask, method=method, target=Contrast(pos, neg), steps=4)
+    for method, options in (("attribution", {}), ("integrated_gradients", {"steps": 4})):   # any method, any score
+        contrast = ia.run_explanation(model, ids, mask, method=method, target=Contrast(pos, neg), **options)
         assert contrast.target.describe() == f"logit({pos}) - logit({neg})"
     with pytest.raises(ValueError, match="must be one of its 'over' ids"):
         ia.explain(model, ids, mask, target=LogProb(other, over=[pos, neg]))
