@@ -260,6 +260,12 @@ def _register_attention_function() -> None:
         AttentionMaskInterface.register(ATTENTION_FUNCTION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
 
 
+def _linear(h: torch.Tensor, layer: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+    """``layer(h)`` with its parameters in ``dtype`` (differentiable in ``h``)."""
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    return F.linear(h, layer.weight.to(dtype), bias)
+
+
 def _mixer_hook(factors_of):
     """A forward hook recomputing a Mamba mixer's output under the MambaLRP rules."""
     def hook(module: nn.Module, args, kwargs, output):
@@ -269,16 +275,11 @@ def _mixer_hook(factors_of):
         factors = factors_of(module, hidden_states, attention_mask, dtype)     # detached dt, B, C, A, D
         mask = padding_mask(attention_mask, hidden_states).to(dtype)[..., None]
         h = hidden_states.to(dtype) * mask
-        weight = module.in_proj.weight.to(dtype)
-        bias = None if module.in_proj.bias is None else module.in_proj.bias.to(dtype)
-        x, z = F.linear(h, weight, bias).chunk(2, dim=-1)
-        conv_bias = None if module.conv1d.bias is None else module.conv1d.bias.to(dtype)
-        c = causal_conv(x, module.conv1d.weight.to(dtype)[:, 0, :], conv_bias)
+        x, z = _linear(h, module.in_proj, dtype).chunk(2, dim=-1)
+        c = causal_conv(x, factors.conv_weight, factors.conv_bias)       # the factors hold the taps in dtype
         u = identity_silu(c) * mask
         y = linear_scan(u, factors.dt, factors.A, factors.B, factors.C) + factors.D * u
-        gated = uniform_product(y, identity_silu(z))
-        out_bias = None if module.out_proj.bias is None else module.out_proj.bias.to(dtype)
-        recomputed = F.linear(gated, module.out_proj.weight.to(dtype), out_bias)
+        recomputed = _linear(uniform_product(y, identity_silu(z)), module.out_proj, dtype)
         return _same_value(recomputed, output, module)
     return hook
 
