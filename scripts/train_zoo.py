@@ -1,0 +1,236 @@
+#!/usr/bin/env python
+"""Train the model zoo: one small causal LM per architecture, on the sentiment and ground-truth tasks.
+
+Stages (each resumable: a finished stage's directory is kept and skipped on the next run):
+
+    tokenizer  one shared BPE tokenizer (work/tokenizer)
+    pretrain   language modelling on the English corpus (work/<model>/pretrained, and
+               work/<model>/pretrained-small for the smaller ground-truth model)
+    sentiment  Rotten Tomatoes sentences, prompted (work/<model>/sentiment, float16)
+    groundtruth the planted-keyword task (work/<model>/groundtruth, float16)
+
+Inputs are built once with ``python scripts/build_corpus.py`` (the English corpus) and
+``python -m implicit_attention.benchmark.groundtruth`` (the ground-truth splits). Models train in
+parallel worker processes (``--jobs``), spread over the visible GPUs. ``--export zoo`` then copies
+the sentiment models into the repository's ``zoo/`` and writes ``zoo/zoo.json`` (accuracy with its
+95% Wilson interval, calibration, parameter counts, time and hardware).
+
+Examples::
+
+    python scripts/train_zoo.py --device cuda --jobs 13            # everything, resumable
+    python scripts/train_zoo.py --models mamba,gpt2 --pretrain-steps 50 --epochs 1   # a quick try
+    python scripts/train_zoo.py --export zoo                       # ship the sentiment models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+try:
+    import implicit_attention  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT / "src"))
+
+import torch  # noqa: E402
+
+from implicit_attention.benchmark import training  # noqa: E402
+from implicit_attention.benchmark.tasks import groundtruth_task, sentiment_task  # noqa: E402
+from implicit_attention.benchmark.zoo import ZOO, ZOO_LAYERS, ZOO_WIDTH  # noqa: E402
+
+STAGES = ("tokenizer", "pretrain", "sentiment", "groundtruth")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=REPO_ROOT / "out" / "zoo", help="checkpoints and logs")
+    parser.add_argument("--corpus", type=Path, default=REPO_ROOT / "out" / "corpus" / "english.jsonl.gz",
+                        help="the English corpus (scripts/build_corpus.py)")
+    parser.add_argument("--groundtruth", type=Path, default=REPO_ROOT / "out" / "groundtruth",
+                        help="directory of the ground-truth splits")
+    parser.add_argument("--models", default="all", help=f"comma-separated subset of: {', '.join(ZOO)}")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--jobs", type=int, default=1, help="models trained at once (worker processes)")
+    parser.add_argument("--vocab-size", type=int, default=3072)
+    parser.add_argument("--groundtruth-width", type=int, default=64, help="width of the ground-truth models")
+    parser.add_argument("--groundtruth-layers", type=int, default=2, help="depth of the ground-truth models")
+    parser.add_argument("--pretrain-steps", type=int, default=training.PretrainSettings.steps)
+    parser.add_argument("--epochs", type=int, default=training.TaskSettings.epochs, help="sentiment epochs")
+    parser.add_argument("--groundtruth-epochs", type=int, default=1)
+    parser.add_argument("--limit", type=int, default=0, help="use only N training examples per task (a quick try)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--export", type=Path, default=None,
+                        help="copy the trained sentiment models here (e.g. zoo) and write zoo.json; trains nothing")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.models = list(ZOO) if args.models == "all" else [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in ZOO]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(ZOO)}")
+    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if bad := [s for s in args.stages if s not in STAGES]:
+        parser.error(f"unknown stage(s) {', '.join(bad)}; choose from {', '.join(STAGES)}")
+    return args
+
+
+def load_tasks(args) -> dict[str, training.PromptTask]:
+    tasks = {"sentiment": sentiment_task()}
+    if "groundtruth" in args.stages:
+        tasks["groundtruth"] = groundtruth_task(args.groundtruth)
+    if args.limit:
+        for task in tasks.values():
+            task.splits["train"] = task.splits["train"][: args.limit]
+    return tasks
+
+
+def build_tokenizer(args, tasks) -> Path:
+    out = args.work / "tokenizer"
+    if (out / "tokenizer.json").is_file():
+        return out
+    from implicit_attention.corpora import read_english_corpus
+
+    texts = [row["text"] for row in read_english_corpus(args.corpus)]
+    extra: list[str] = []
+    for task in tasks.values():
+        texts += [text for text, _ in task.splits["train"]]
+        extra += task.prompt_lines()
+    start = time.perf_counter()
+    tokenizer = training.train_tokenizer(texts, args.vocab_size, extra_lines=extra)
+    out.mkdir(parents=True, exist_ok=True)
+    training.save_tokenizer(tokenizer, out)
+    print(f"tokenizer: {len(tokenizer)} tokens from {len(texts):,} texts in {time.perf_counter() - start:.0f}s")
+    return out
+
+
+def run_model(name: str, args, tasks) -> None:
+    """Every requested stage of one model, skipping the finished ones.
+
+    The sentiment model is pre-trained at the zoo's width and depth; the ground-truth task, which
+    only needs keyword spotting, gets a smaller model of the same architecture
+    (``--groundtruth-width`` / ``--groundtruth-layers``), pre-trained the same way.
+    """
+    from transformers import AutoTokenizer
+
+    from implicit_attention.corpora import read_english_corpus
+
+    torch.set_num_threads(1 if args.jobs > 1 else torch.get_num_threads())
+    home = args.work / name
+    shapes = {"sentiment": (ZOO_WIDTH, ZOO_LAYERS, home / "pretrained"),
+              "groundtruth": (args.groundtruth_width, args.groundtruth_layers, home / "pretrained-small")}
+    rows = None
+    for task_name, task in tasks.items():
+        width, layers, pretrained = shapes[task_name]
+        if "pretrain" in args.stages and not (pretrained / "pretrain.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(args.work / "tokenizer")
+            settings = training.PretrainSettings(steps=args.pretrain_steps, seed=args.seed)
+            if rows is None:
+                passages = [r["text"] for r in read_english_corpus(args.corpus)]
+                rows = training.pack_tokens(tokenizer, passages, settings.seq_len)
+            training.pretrain(name, tokenizer, rows, pretrained, settings, device=args.device,
+                              width=width, layers=layers)
+        out = home / task_name
+        if task_name not in args.stages or (out / "task.json").is_file():
+            continue
+        if not (pretrained / "pretrain.json").is_file():
+            raise SystemExit(f"{name}: stage {task_name} needs the pretrain stage first ({pretrained})")
+        epochs = args.epochs if task_name == "sentiment" else args.groundtruth_epochs
+        settings = training.TaskSettings(epochs=epochs, seed=args.seed)
+        training.train_task(name, task, pretrained, out, settings, device=args.device)
+
+
+def run_all(args) -> int:
+    tasks = load_tasks(args)
+    if "tokenizer" in args.stages or not (args.work / "tokenizer" / "tokenizer.json").is_file():
+        build_tokenizer(args, tasks)
+    if args.jobs <= 1:
+        for name in args.models:
+            run_model(name, args, tasks)
+        return 0
+    gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
+    pending, running, failed = list(args.models), [], []
+    start = time.perf_counter()
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name = pending.pop(0)
+            env = dict(os.environ)
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = str(len(running) % gpus) if gpus > 1 else env.get("CUDA_VISIBLE_DEVICES", "0")
+            (args.work / name).mkdir(parents=True, exist_ok=True)
+            log = open(args.work / name / "log.txt", "a")
+            command = [sys.executable, __file__, "--worker", name, *sys.argv[1:]]
+            running.append((name, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(2)
+        for item in list(running):
+            name, process, log = item
+            if process.poll() is not None:
+                running.remove(item)
+                log.close()
+                status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
+                print(f"[{time.perf_counter() - start:5.0f}s] {name}: {status}; log {args.work / name / 'log.txt'}",
+                      flush=True)
+                if process.returncode:
+                    failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+def export(args) -> int:
+    """Copy every finished sentiment model to ``args.export/<model>`` and summarise them in zoo.json."""
+    from implicit_attention.benchmark.stats import wilson_interval
+
+    args.export.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    for name in args.models:
+        source = args.work / name / "sentiment"
+        if not (source / "task.json").is_file():
+            print(f"{name}: no finished sentiment model in {source}; skipped")
+            continue
+        target = args.export / name
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        for file in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json", "task.json"):
+            if (source / file).is_file():
+                shutil.copy2(source / file, target / file)
+        task = json.loads((source / "task.json").read_text())
+        pretrain = json.loads((args.work / name / "pretrained" / "pretrain.json").read_text())
+        n = task["num_examples"]["test"]
+        interval = wilson_interval(round(task["test_accuracy"] * n), n)
+        summary[name] = {
+            "title": ZOO[name].title, "test_accuracy": task["test_accuracy"],
+            "test_accuracy_95": [round(interval.low, 4), round(interval.high, 4)],
+            "test_ece": task["test_ece"], "validation_accuracy": task["validation_accuracy"],
+            "parameters": task["num_parameters"], "pretrain_validation_loss": round(pretrain["validation_loss"], 4),
+            "pretrain_seconds": pretrain["seconds"], "finetune_seconds": task["training_time_seconds"],
+            "machine": task["machine"], "size_bytes": sum(f.stat().st_size for f in target.iterdir()),
+        }
+        print(f"{name:8s} test accuracy {task['test_accuracy']:.3f} ECE {task['test_ece']:.3f} -> {target}")
+    (args.export / "zoo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.export is not None:
+        return export(args)
+    if args.worker:
+        run_model(args.worker, args, load_tasks(args))
+        return 0
+    return run_all(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
