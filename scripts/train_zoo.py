@@ -87,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_tasks(args) -> dict[str, training.PromptTask]:
     tasks = {"sentiment": sentiment_task()}
-    if "groundtruth" in args.stages:
+    if {"tokenizer", "groundtruth"} & set(args.stages):  # the tokenizer learns both prompts
         tasks["groundtruth"] = groundtruth_task(args.groundtruth)
     if args.limit:
         for task in tasks.values():

@@ -134,7 +134,8 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, *, extra_lines: Seque
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     # the prompt pieces are repeated so that the template and label words become whole tokens
-    tok.train_from_iterator(list(texts) + list(extra_lines) * 50, trainer=trainer)
+    # even in a small vocabulary (label_token_ids checks it)
+    tok.train_from_iterator(list(texts) + list(extra_lines) * 2000, trainer=trainer)
     bos = SPECIAL_TOKENS["bos"]
     tok.post_processor = processors.Sequence([
         processors.ByteLevel(trim_offsets=False),

