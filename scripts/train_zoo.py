@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--groundtruth-width", type=int, default=64, help="width of the ground-truth models")
     parser.add_argument("--groundtruth-layers", type=int, default=2, help="depth of the ground-truth models")
     parser.add_argument("--pretrain-steps", type=int, default=training.PretrainSettings.steps)
+    parser.add_argument("--groundtruth-pretrain-steps", type=int, default=300,
+                        help="pre-training steps of the smaller ground-truth models")
     parser.add_argument("--epochs", type=int, default=training.TaskSettings.epochs, help="sentiment epochs")
     parser.add_argument("--groundtruth-epochs", type=int, default=1)
     parser.add_argument("--limit", type=int, default=0, help="use only N training examples per task (a quick try)")
@@ -134,7 +136,8 @@ def run_model(name: str, args, tasks) -> None:
         width, layers, pretrained = shapes[task_name]
         if "pretrain" in args.stages and not (pretrained / "pretrain.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(args.work / "tokenizer")
-            settings = training.PretrainSettings(steps=args.pretrain_steps, seed=args.seed)
+            steps = args.pretrain_steps if task_name == "sentiment" else args.groundtruth_pretrain_steps
+            settings = training.PretrainSettings(steps=steps, seed=args.seed)
             if rows is None:
                 passages = [r["text"] for r in read_english_corpus(args.corpus)]
                 rows = training.pack_tokens(tokenizer, passages, settings.seq_len)

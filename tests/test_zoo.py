@@ -68,3 +68,24 @@ def test_a_zoo_model_pretrains_and_learns_a_prompted_task(tmp_path):
     from safetensors import safe_open
     with safe_open(str(tmp_path / "toy" / "model.safetensors"), "pt") as handle:
         assert {handle.get_slice(key).get_dtype() for key in handle.keys()} == {"F16"}
+
+
+def test_the_parallel_rwkv4_wkv_used_in_training_is_the_stock_token_loop():
+    from transformers.models.rwkv import modeling_rwkv
+
+    generator = torch.Generator().manual_seed(0)
+    time_decay, time_first = torch.randn(6, generator=generator), torch.randn(6, generator=generator)
+    key, value = torch.randn(2, 9, 6, generator=generator) * 3, torch.randn(2, 9, 6, generator=generator)
+    expected, _ = modeling_rwkv.rwkv_linear_attention_cpu(time_decay, time_first, key, value)
+    got, _ = training.parallel_rwkv4_wkv(time_decay, time_first, key, value)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    model = build_model("rwkv4", VOCAB, width=32, layers=2)
+    ids = torch.randint(4, VOCAB, (2, 11), generator=generator)
+    stock = model(ids, use_cache=False).logits
+    training.enable_fast_training(model)
+    try:
+        fast = model(ids, use_cache=False).logits
+    finally:
+        training.disable_fast_training(model)
+    assert modeling_rwkv.rwkv_linear_attention is not training.parallel_rwkv4_wkv
+    torch.testing.assert_close(fast, stock, rtol=1e-4, atol=1e-5)

@@ -84,7 +84,7 @@ class PromptTask:
 class PretrainSettings:
     """Language-model pre-training: ``steps`` AdamW steps of ``batch_size`` rows of ``seq_len`` tokens."""
 
-    steps: int = 2000
+    steps: int = 700
     batch_size: int = 32
     seq_len: int = 128
     lr: float = 2e-3
@@ -97,7 +97,7 @@ class PretrainSettings:
 class TaskSettings:
     """Prompted classification fine-tuning (validation ``evals_per_epoch`` times per epoch)."""
 
-    epochs: int = 4
+    epochs: int = 3
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -178,9 +178,38 @@ def label_token_ids(tokenizer, task: PromptTask) -> list[int]:
 # --------------------------------------------------------------------------- speed-ups for training
 
 
+def parallel_rwkv4_wkv(time_decay, time_first, key, value, state=None, return_state=False):
+    """RWKV-4's WKV in parallel form, for training: per channel it is a causal softmax attention,
+    ``out_t = sum_i softmax_i(S[t, i]) v_i`` with ``S[t, i] = (t - 1 - i) w + k_i`` for ``i < t``,
+    ``S[t, t] = u + k_t`` and ``w = -exp(time_decay)``, ``u = time_first``: the same numbers as
+    ``transformers``' token loop (checked by ``tests/test_zoo.py``) with one kernel instead of ``L``.
+
+    Memory is ``[B, L, L, C]``, which is small at the zoo's lengths. Falls back to the stock loop
+    when a state is passed or asked for (generation).
+    """
+    from transformers.models.rwkv import modeling_rwkv
+
+    if state is not None or return_state:
+        return modeling_rwkv.rwkv_linear_attention_cpu(time_decay, time_first, key, value, state, return_state)
+    length = key.shape[1]
+    steps = torch.arange(length, device=key.device)
+    distance = (steps[:, None] - 1 - steps[None, :]).float()                     # [t, i]: t - 1 - i
+    decay = -torch.exp(time_decay.float())                                       # [C]
+    scores = distance[None, :, :, None] * decay + key.float()[:, None, :, :]     # [B, t, i, C]
+    diagonal = time_first.float() + key.float()                                  # [B, L, C]
+    eye = torch.eye(length, dtype=torch.bool, device=key.device)[None, :, :, None]
+    scores = torch.where(eye, diagonal[:, :, None, :], scores)
+    scores = scores.masked_fill((steps[None, :] > steps[:, None])[None, :, :, None], float("-inf"))
+    weights = scores.softmax(dim=2)
+    output = torch.einsum("btic,bic->btc", weights, value.float())
+    return output.to(key.dtype), None
+
+
 def enable_fast_training(model: torch.nn.Module) -> list[str]:
-    """Switch on the parallel scans ``transformers`` already supports (mambapy for Mamba mixers) when
-    the package is installed; returns what was switched on. Saved configs keep the defaults."""
+    """Switch on parallel forms for training: mambapy's scan for Mamba mixers (``transformers``
+    supports it; when the package is installed) and :func:`parallel_rwkv4_wkv` for RWKV-4.
+    Returns what was switched on. Saved configs keep the defaults; :func:`disable_fast_training`
+    restores the stock code before the shipped copy is evaluated."""
     import importlib.util
 
     switched = []
@@ -189,6 +218,11 @@ def enable_fast_training(model: torch.nn.Module) -> list[str]:
             if hasattr(module, "use_mambapy"):
                 module.use_mambapy = True
                 switched.append(name)
+    if getattr(model.config, "model_type", None) == "rwkv":
+        from transformers.models.rwkv import modeling_rwkv
+
+        modeling_rwkv.rwkv_linear_attention = parallel_rwkv4_wkv
+        switched.append("rwkv4 parallel wkv")
     return switched
 
 
@@ -196,6 +230,19 @@ def disable_fast_training(model: torch.nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "use_mambapy"):
             module.use_mambapy = False
+    if getattr(model.config, "model_type", None) == "rwkv":
+        from transformers.models.rwkv import modeling_rwkv
+
+        modeling_rwkv.rwkv_linear_attention = _STOCK_RWKV4_WKV
+
+
+def _stock_rwkv4_wkv():
+    from transformers.models.rwkv import modeling_rwkv
+
+    return modeling_rwkv.rwkv_linear_attention
+
+
+_STOCK_RWKV4_WKV = _stock_rwkv4_wkv()
 
 
 # --------------------------------------------------------------------------- schedules and batches
