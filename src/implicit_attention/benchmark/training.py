@@ -221,6 +221,8 @@ def enable_fast_training(model: torch.nn.Module) -> list[str]:
     if getattr(model.config, "model_type", None) == "rwkv":
         from transformers.models.rwkv import modeling_rwkv
 
+        if modeling_rwkv.rwkv_linear_attention is not parallel_rwkv4_wkv:
+            _STOCK["rwkv4"] = modeling_rwkv.rwkv_linear_attention
         modeling_rwkv.rwkv_linear_attention = parallel_rwkv4_wkv
         switched.append("rwkv4 parallel wkv")
     return switched
@@ -230,19 +232,13 @@ def disable_fast_training(model: torch.nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "use_mambapy"):
             module.use_mambapy = False
-    if getattr(model.config, "model_type", None) == "rwkv":
+    if getattr(model.config, "model_type", None) == "rwkv" and "rwkv4" in _STOCK:
         from transformers.models.rwkv import modeling_rwkv
 
-        modeling_rwkv.rwkv_linear_attention = _STOCK_RWKV4_WKV
+        modeling_rwkv.rwkv_linear_attention = _STOCK["rwkv4"]
 
 
-def _stock_rwkv4_wkv():
-    from transformers.models.rwkv import modeling_rwkv
-
-    return modeling_rwkv.rwkv_linear_attention
-
-
-_STOCK_RWKV4_WKV = _stock_rwkv4_wkv()
+_STOCK: dict[str, Callable] = {}  # the stock functions replaced while training
 
 
 # --------------------------------------------------------------------------- schedules and batches
