@@ -9,7 +9,9 @@
 #
 #   scripts/accelerator.sh wheels              # here, once
 #   scripts/accelerator.sh train [ARGS...]     # there: scripts/train_zoo.py --device cuda ARGS
-#   scripts/accelerator.sh benchmark [ARGS...] # there: benchmarks/faithfulness.py --device cuda ARGS
+#   scripts/accelerator.sh benchmark [ARGS...] # there: benchmarks/faithfulness.py run --device cuda ARGS
+#                                              # (here first: faithfulness.py prepare, and
+#                                              #  tar -C out -cf out/groundtruth-models.tar zoo/*/groundtruth)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/accelerator}
@@ -38,7 +40,7 @@ train)
     shift; setup
     mkdir -p out/zoo
     timeout "$LIMIT" python scripts/train_zoo.py --device cuda "$@" || status=$?
-    tar -C out -czf "$OUT/zoo-logs.tar.gz" --wildcards zoo/*/log.txt zoo/*/*/task.json zoo/*/*/pretrain.json 2>/dev/null || true
+    (cd out && tar -czf "$OUT/zoo-logs.tar.gz" zoo/*/log.txt zoo/*/*/pretrain.json 2>/dev/null) || true
     # the trained models, in files under the device tool's 16 MiB limit
     (cd out && ls -d zoo/*/sentiment 2>/dev/null | head -7 | xargs -r tar -czf "$OUT/zoo-sentiment-1.tar.gz")
     (cd out && ls -d zoo/*/sentiment 2>/dev/null | tail -n +8 | xargs -r tar -czf "$OUT/zoo-sentiment-2.tar.gz")
@@ -47,8 +49,10 @@ train)
     ;;
 benchmark)
     shift; setup
-    timeout "$LIMIT" python benchmarks/faithfulness.py --device cuda "$@" || status=$?
-    tar -C out -czf "$OUT/benchmark.tar.gz" benchmark 2>/dev/null || true
+    # the ground-truth models travel packed (the device tool carries at most 8 paths)
+    if [ -f out/groundtruth-models.tar ]; then tar -C out -xf out/groundtruth-models.tar; fi
+    timeout "$LIMIT" python benchmarks/faithfulness.py run --device cuda "$@" || status=$?
+    (cd out && tar -czf "$OUT/benchmark-results.tar.gz" benchmark/results benchmark/logs) || true
     exit "${status:-0}"
     ;;
 *)

@@ -209,15 +209,16 @@ def export(args) -> int:
             if (source / file).is_file():
                 shutil.copy2(source / file, target / file)
         task = json.loads((source / "task.json").read_text())
-        pretrain = json.loads((args.work / name / "pretrained" / "pretrain.json").read_text())
+        pretrain_file = args.work / name / "pretrained" / "pretrain.json"
+        pretrain = json.loads(pretrain_file.read_text()) if pretrain_file.is_file() else {}
         n = task["num_examples"]["test"]
         interval = wilson_interval(round(task["test_accuracy"] * n), n)
         summary[name] = {
             "title": ZOO[name].title, "test_accuracy": task["test_accuracy"],
             "test_accuracy_95": [round(interval.low, 4), round(interval.high, 4)],
             "test_ece": task["test_ece"], "validation_accuracy": task["validation_accuracy"],
-            "parameters": task["num_parameters"], "pretrain_validation_loss": round(pretrain["validation_loss"], 4),
-            "pretrain_seconds": pretrain["seconds"], "finetune_seconds": task["training_time_seconds"],
+            "parameters": task["num_parameters"], "pretrain_validation_loss": pretrain.get("validation_loss"),
+            "pretrain_seconds": pretrain.get("seconds"), "finetune_seconds": task["training_time_seconds"],
             "machine": task["machine"], "size_bytes": sum(f.stat().st_size for f in target.iterdir()),
         }
         print(f"{name:8s} test accuracy {task['test_accuracy']:.3f} ECE {task['test_ece']:.3f} -> {target}")

@@ -209,3 +209,25 @@ def non_embedding_count(model) -> int:
     if output is not None:
         embeddings.add(id(output.weight))
     return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+
+
+def zoo_model_dir(name: str, task: str = "sentiment", *, repo: str | None = None, work: str | None = None):
+    """Where a trained zoo model lives: the sentiment models in the repository's ``zoo/<name>``
+    (the Mamba is the package's bundled model), the ground-truth models in the training work
+    directory (``out/zoo/<name>/groundtruth``, not shipped).
+
+    Args:
+        repo: the repository root (default: found from this file, for a checkout).
+        work: the training work directory (default ``<repo>/out/zoo``).
+    """
+    from pathlib import Path
+
+    zoo_entry(name)
+    root = Path(repo) if repo else Path(__file__).resolve().parents[3]
+    if task == "sentiment":
+        if name == "mamba":
+            from ..bundled import bundled_model_path
+
+            return bundled_model_path()
+        return root / "zoo" / name
+    return (Path(work) if work else root / "out" / "zoo") / name / task

@@ -1,0 +1,162 @@
+#!/usr/bin/env python
+"""The faithfulness benchmark: every explanation method on every zoo model, with intervals.
+
+Three steps, each resumable (results are appended example by example and never recomputed):
+
+    prepare   write the evaluation examples: the Rotten Tomatoes test sentences and the
+              ground-truth test texts with their planted spans (out/benchmark/examples/)
+    run       explain every example with every method and score it (out/benchmark/results/)
+    report    tables with bootstrap 95% intervals, paired tests, CSV and plots (out/benchmark/report/)
+
+On the sentiment task each explanation gets the perturbation tests (deletion and pad
+replacement, positive and negative), ERASER comprehensiveness / sufficiency and dA; on the
+ground-truth task the localisation scores (ROC AUC against the planted tokens, pointing game).
+
+Examples::
+
+    python benchmarks/faithfulness.py prepare
+    python benchmarks/faithfulness.py run --device cuda --jobs 13 --limit 500
+    python benchmarks/faithfulness.py run --models mamba,gpt2 --limit 20      # a quick look on the CPU
+    python benchmarks/faithfulness.py report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+try:
+    import implicit_attention  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT / "src"))
+
+from implicit_attention.benchmark.zoo import ZOO, zoo_model_dir  # noqa: E402
+
+TASKS = ("sentiment", "groundtruth")
+DEFAULT_ROOT = REPO_ROOT / "out" / "benchmark"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", choices=("prepare", "run", "report"))
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="examples, results and report go here")
+    parser.add_argument("--models", default="all", help=f"comma-separated subset of: {', '.join(ZOO)}")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of: sentiment, groundtruth")
+    parser.add_argument("--limit", type=int, default=500, help="examples per task")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--jobs", type=int, default=1, help="models run at once (worker processes)")
+    parser.add_argument("--time-limit", type=float, default=None, help="seconds per model and task, then stop")
+    parser.add_argument("--work", type=Path, default=REPO_ROOT / "out" / "zoo",
+                        help="the zoo's training directory (ground-truth models)")
+    parser.add_argument("--groundtruth", type=Path, default=REPO_ROOT / "out" / "groundtruth")
+    parser.add_argument("--no-ablations", action="store_true", help="skip the no_conv / no_gate / ... rows")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.models = list(ZOO) if args.models == "all" else [m.strip() for m in args.models.split(",") if m.strip()]
+    if unknown := [m for m in args.models if m not in ZOO]:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(ZOO)}")
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if bad := [t for t in args.tasks if t not in TASKS]:
+        parser.error(f"unknown task(s) {', '.join(bad)}; choose from {', '.join(TASKS)}")
+    return args
+
+
+def prepare(args) -> None:
+    """The examples of both tasks as JSON lines (id, text, label, planted character spans)."""
+    from implicit_attention.benchmark.groundtruth import read_split
+    from implicit_attention.data import load_rotten_tomatoes
+
+    directory = args.root / "examples"
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "sentiment.jsonl", "w") as handle:
+        for i, (text, label) in enumerate(load_rotten_tomatoes("test")):
+            handle.write(json.dumps({"id": f"rt-test-{i}", "text": " ".join(text.split()), "label": label}) + "\n")
+    with open(directory / "groundtruth.jsonl", "w") as handle:
+        for i, example in enumerate(read_split(args.groundtruth / "test.jsonl")):
+            if example.text != " ".join(example.text.split()):
+                raise ValueError(f"ground-truth example {i}: text is not whitespace-normalised")
+            handle.write(json.dumps({"id": f"gt-test-{i}", "text": example.text, "label": example.label,
+                                     "planted": [list(span) for span in example.planted]}) + "\n")
+    print(f"wrote {directory}/sentiment.jsonl and groundtruth.jsonl")
+
+
+def run_one(name: str, args) -> None:
+    """Both tasks of one model."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from implicit_attention.benchmark.runner import load_examples, method_specs, run_model_task
+    from implicit_attention.loading import load_model
+
+    torch.set_num_threads(1 if args.jobs > 1 else torch.get_num_threads())
+    for task in args.tasks:
+        model_dir = zoo_model_dir(name, task, work=str(args.work))
+        if not (Path(model_dir) / "config.json").is_file():
+            print(f"{name} {task}: no trained model in {model_dir}; skipped", flush=True)
+            continue
+        examples = load_examples(args.root / "examples" / f"{task}.jsonl", limit=args.limit)
+        specs = method_specs(load_model(model_dir).model, ablations=not args.no_ablations)
+        bar = tqdm(total=len(examples), desc=f"{name} {task}", disable=not sys.stderr.isatty() or args.jobs > 1)
+        progress = lambda done, total: bar.update(done - bar.n)  # noqa: E731
+        result = run_model_task(model_dir, examples, args.root / "results" / name / f"{task}.jsonl", specs=specs,
+                                device=args.device, progress=progress, time_limit=args.time_limit, model_name=name,
+                                task_name=task, perturbation=task == "sentiment")
+        bar.close()
+        print(f"{name} {task}: {result}", flush=True)
+
+
+def run(args) -> int:
+    if not (args.root / "examples" / "sentiment.jsonl").is_file():
+        raise SystemExit(f"no examples in {args.root / 'examples'}: run `python {sys.argv[0]} prepare` first")
+    if args.jobs <= 1:
+        for name in args.models:
+            run_one(name, args)
+        return 0
+    pending, running, failed, start = list(args.models), [], [], time.perf_counter()
+    (args.root / "logs").mkdir(parents=True, exist_ok=True)
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name = pending.pop(0)
+            log = open(args.root / "logs" / f"{name}.txt", "a")
+            command = [sys.executable, __file__, "run", "--worker", name, *sys.argv[2:]]
+            running.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(2)
+        for item in list(running):
+            name, process, log = item
+            if process.poll() is not None:
+                running.remove(item)
+                log.close()
+                print(f"[{time.perf_counter() - start:5.0f}s] {name}: exit {process.returncode}", flush=True)
+                if process.returncode:
+                    failed.append(name)
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.step == "prepare":
+        prepare(args)
+        return 0
+    if args.step == "report":
+        from implicit_attention.benchmark.report import write_report
+
+        write_report(args.root / "results", args.root / "report", titles={k: v.title for k, v in ZOO.items()})
+        print((args.root / "report" / "tables.md").read_text())
+        return 0
+    if args.worker:
+        run_one(args.worker, args)
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""The benchmark's tables: means with bootstrap 95% intervals, paired comparisons, CSV, Markdown, plots.
+
+Reads the ``<results>/<model>/<task>.jsonl`` files of :mod:`.runner`. Only examples that every
+method of a model finished are used, so that the methods of one model are compared on the same
+examples (paired).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .stats import format_interval, mean_ci, paired_bootstrap
+
+__all__ = ["METRICS", "complete_rows", "read_results", "summarise", "write_report"]
+
+#: ``(column, title, better)``: the headline metrics; ``better`` is ``"lower"`` or ``"higher"``.
+METRICS: tuple[tuple[str, str, str], ...] = (
+    ("auc_positive_delete", "pos. AUC (delete)", "lower"),
+    ("auc_negative_delete", "neg. AUC (delete)", "higher"),
+    ("auc_positive_replace", "pos. AUC (pad)", "lower"),
+    ("auc_negative_replace", "neg. AUC (pad)", "higher"),
+    ("dA_delete", "dA (delete)", "higher"),
+    ("comprehensiveness", "compr.", "higher"),
+    ("sufficiency", "suff.", "lower"),
+    ("auc_positive_delete_accuracy", "pos. acc. AUC", "lower"),
+    ("auc_negative_delete_accuracy", "neg. acc. AUC", "higher"),
+    ("roc_auc", "loc. ROC AUC", "higher"),
+    ("pointing", "pointing", "higher"),
+)
+GRADIENT_BASELINES = ("grad_x_input", "integrated_gradients", "smoothgrad", "occlusion", "lrp")
+
+
+def read_results(directory: str | Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """``{(model, task): [record, ...]}`` from every ``<model>/<task>.jsonl`` under ``directory``."""
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for path in sorted(Path(directory).glob("*/*.jsonl")):
+        rows = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by an interruption
+                continue
+        results[(path.parent.name, path.stem)] = rows
+    return results
+
+
+def complete_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{method: {example id: record}}`` restricted to the examples every method finished."""
+    by_method: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for row in rows:
+        by_method[row["method"]][row["id"]] = row
+    if not by_method:
+        return {}
+    common = set.intersection(*(set(records) for records in by_method.values()))
+    return {method: {i: records[i] for i in sorted(common)} for method, records in by_method.items()}
+
+
+def summarise(rows: list[dict[str, Any]], *, resamples: int = 2000) -> dict[str, Any]:
+    """Per method and metric the mean and its bootstrap 95% interval, and the paired comparisons
+    ``unified vs predecessor`` and ``unified vs the best gradient baseline`` (per metric, the
+    baseline with the best mean), each as a difference with its interval and p-value."""
+    complete = complete_rows(rows)
+    summary: dict[str, Any] = {"methods": {}, "comparisons": [], "n": 0}
+    if not complete:
+        return summary
+    ids = sorted(next(iter(complete.values())))
+    summary["n"] = len(ids)
+    for method, records in complete.items():
+        entry = {}
+        for column, _, _ in METRICS:
+            values = [records[i][column] for i in ids if column in records[i]]
+            if len(values) == len(ids) and values:
+                entry[column] = mean_ci(values, resamples=resamples).to_dict()
+        entry["seconds"] = float(np.mean([records[i].get("seconds", 0.0) for i in ids]))
+        summary["methods"][method] = entry
+    for column, _, better in METRICS:
+        sign = 1 if better == "higher" else -1
+        for unified in [m for m in complete if m.endswith("/unified")]:
+            name = unified.split("/")[0]
+            rivals = [m for m in complete if m.startswith(name + "/") and m != unified and not m.split("/")[1].startswith("no_")]
+            baselines = [m for m in GRADIENT_BASELINES if m in complete and column in summary["methods"][m]]
+            if baselines and name == "attribution":
+                best = max(baselines, key=lambda m: sign * summary["methods"][m][column]["mean"])
+                rivals.append(best)
+            for rival in rivals:
+                if column not in summary["methods"].get(rival, {}) or column not in summary["methods"][unified]:
+                    continue
+                a = [complete[unified][i][column] for i in ids]
+                b = [complete[rival][i][column] for i in ids]
+                result = paired_bootstrap(a, b, resamples=resamples)
+                summary["comparisons"].append({"metric": column, "unified": unified, "rival": rival,
+                                               "better": better, **result.to_dict(),
+                                               "unified_better": bool(sign * result.difference > 0)})
+    return summary
+
+
+def _cell(entry: dict[str, Any], column: str) -> str:
+    if column not in entry:
+        return "-"
+    interval = entry[column]
+    from .stats import Interval
+
+    return format_interval(Interval(**interval), scale=100.0, digits=1)
+
+
+def write_report(results_dir: str | Path, out_dir: str | Path, *, titles: dict[str, str] | None = None,
+                 plots: bool = True) -> dict[str, Any]:
+    """Write ``summary.json``, ``results.csv`` (one row per model, task, method and metric),
+    ``tables.md`` and, with matplotlib, ``curves_<task>.png`` and ``heatmap_<task>_<metric>.png``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    titles = titles or {}
+    summaries = {f"{model}/{task}": summarise(rows) for (model, task), rows in read_results(results_dir).items()}
+    (out / "summary.json").write_text(json.dumps(summaries, indent=1) + "\n")
+    with open(out / "results.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["model", "task", "method", "metric", "mean", "low", "high", "n"])
+        for key, summary in summaries.items():
+            model, task = key.split("/")
+            for method, entry in summary["methods"].items():
+                for column, _, _ in METRICS:
+                    if column in entry:
+                        e = entry[column]
+                        writer.writerow([model, task, method, column, e["mean"], e["low"], e["high"], e["n"]])
+    lines = ["All figures x100, mean [bootstrap 95% interval] over the examples every method finished (n).", ""]
+    for key, summary in summaries.items():
+        model, task = key.split("/")
+        columns = [c for c in METRICS if any(c[0] in e for e in summary["methods"].values())]
+        lines += [f"### {titles.get(model, model)}, {task} (n = {summary['n']})", "",
+                  "| method | " + " | ".join(f"{title} ({'↓' if better == 'lower' else '↑'})"
+                                             for _, title, better in columns) + " | s/ex |",
+                  "|---" * (len(columns) + 2) + "|"]
+        for method, entry in summary["methods"].items():
+            lines.append(f"| {method} | " + " | ".join(_cell(entry, c) for c, _, _ in columns)
+                         + f" | {entry['seconds']:.2f} |")
+        lines.append("")
+        decisive = [c for c in summary["comparisons"] if c["metric"] in ("auc_positive_delete", "comprehensiveness",
+                                                                           "roc_auc", "dA_delete")]
+        if decisive:
+            lines += ["| comparison | metric | difference x100 [95%] | p | unified better |", "|---|---|---|---|---|"]
+            for c in decisive:
+                lines.append(f"| {c['unified']} vs {c['rival']} | {c['metric']} | "
+                             f"{100 * c['difference']:.1f} [{100 * c['low']:.1f}, {100 * c['high']:.1f}] | "
+                             f"{c['p_value']:.3f} | {'yes' if c['unified_better'] else 'no'} |")
+            lines.append("")
+    (out / "tables.md").write_text("\n".join(lines) + "\n")
+    if plots:
+        _plots(read_results(results_dir), summaries, out, titles)
+    return summaries
+
+
+def _plots(results, summaries, out: Path, titles: dict[str, str]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - plots are optional
+        return
+    fractions = np.linspace(0, 1, 11)
+    tasks = sorted({task for _, task in results})
+    for task in tasks:
+        models = [model for model, t in results if t == task]
+        columns = min(4, len(models))
+        rows_n = int(np.ceil(len(models) / max(1, columns)))
+        figure, axes = plt.subplots(rows_n, columns, figsize=(4 * columns, 3 * rows_n), squeeze=False)
+        for axis, model in zip(axes.flat, models):
+            complete = complete_rows(results[(model, task)])
+            for method in sorted(complete):
+                if method.split("/")[-1].startswith("no_") or "curve_positive_delete" not in next(iter(complete[method].values()), {}):
+                    continue
+                curve = np.mean([r["curve_positive_delete"] for r in complete[method].values()], axis=0)
+                axis.plot(fractions, curve, label=method, linewidth=1)
+            axis.set_title(titles.get(model, model), fontsize=9)
+            axis.set_xlabel("fraction deleted (most relevant first)", fontsize=7)
+            axis.set_ylabel("p(predicted label)", fontsize=7)
+        for axis in list(axes.flat)[len(models):]:
+            axis.axis("off")
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        if handles:
+            figure.legend(handles, labels, loc="lower center", ncol=6, fontsize=6)
+        figure.tight_layout(rect=(0, 0.08, 1, 1))
+        figure.savefig(out / f"curves_{task}.png", dpi=110)
+        plt.close(figure)
+        for column in ("auc_positive_delete", "roc_auc"):
+            methods = sorted({m for key, s in summaries.items() if key.endswith("/" + task)
+                              for m, e in s["methods"].items() if column in e})
+            if not methods:
+                continue
+            grid = np.full((len(models), len(methods)), np.nan)
+            for r, model in enumerate(models):
+                entry = summaries[f"{model}/{task}"]["methods"]
+                for c, method in enumerate(methods):
+                    if column in entry.get(method, {}):
+                        grid[r, c] = 100 * entry[method][column]["mean"]
+            figure, axis = plt.subplots(figsize=(1 + 0.55 * len(methods), 1 + 0.35 * len(models)))
+            image = axis.imshow(grid, cmap="viridis_r" if column.startswith("auc_positive") else "viridis", aspect="auto")
+            axis.set_xticks(range(len(methods)), methods, rotation=70, fontsize=7, ha="right")
+            axis.set_yticks(range(len(models)), [titles.get(m, m) for m in models], fontsize=7)
+            for (r, c), value in np.ndenumerate(grid):
+                if not np.isnan(value):
+                    axis.text(c, r, f"{value:.0f}", ha="center", va="center", fontsize=5, color="white")
+            figure.colorbar(image, ax=axis, label=column)
+            figure.tight_layout()
+            figure.savefig(out / f"heatmap_{task}_{column}.png", dpi=110)
+            plt.close(figure)

@@ -1,0 +1,319 @@
+"""Running the faithfulness benchmark: every method on every example of one model and task.
+
+For each example the model's prediction on the whole prompt is explained (the explained score is
+the label contrast, :class:`~implicit_attention.explanations.target.Contrast`), then, with the
+relevance ranked over the text's own tokens only (BOS and the template are never removed):
+
+- perturbation curves at 0%, 10%, ..., 100% removed, most relevant first (positive) and least
+  relevant first (negative), by deleting tokens and, separately, by replacing them with the pad
+  token; each curve records the predicted label's probability and whether the prediction is kept;
+- ERASER comprehensiveness and sufficiency at 5/10/20/50% (deletion);
+- MambaLRP's ``dA`` (deletion, on the probability);
+- on the ground-truth task, the localisation scores against the planted tokens.
+
+Each finished example is one line of ``<out>/<model>/<task>.jsonl`` (written and flushed as it
+finishes), so an interrupted run resumes without recomputing anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import metrics
+
+__all__ = ["BenchmarkExample", "MethodSpec", "finished_keys", "load_examples", "method_specs", "run_model_task"]
+
+#: Options of the baselines in the benchmark (the library's defaults, written out).
+BASELINE_OPTIONS: dict[str, dict[str, Any]] = {
+    "random": {"seed": 0},
+    "grad_x_input": {},
+    "integrated_gradients": {"steps": 32, "baseline": "zeros"},
+    "occlusion": {"window": 1},
+    "smoothgrad": {"samples": 16, "seed": 0},
+    "lrp": {},
+}
+MATRIX_METHODS = ("raw", "rollout", "attribution", "paper")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of the tables: a method with its options.
+
+    ``key`` names it in results (``"attribution/unified"``, ``"rollout/s6"``, ``"grad_x_input"``);
+    ``role`` is ``"unified"``, ``"predecessor"``, ``"ablation"`` or ``"baseline"``.
+    """
+
+    key: str
+    method: str
+    role: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BenchmarkExample:
+    """An example to explain: its text, true label index and, on the ground-truth task, the
+    character spans of the planted keywords in ``text``."""
+
+    id: str
+    text: str
+    label: int
+    planted: tuple[tuple[int, int], ...] = ()
+
+
+def model_variants(model: torch.nn.Module) -> tuple[str | None, list[str]]:
+    """The predecessor variant (the core recurrence alone: ``s6``, ``ssd``, ``wkv``, ...) and the
+    ablations (``no_*``) that every recurrent layer of ``model`` offers; ``(None, [])`` for a
+    Transformer."""
+    from ..architectures.registry import model_layers
+
+    offered = [arch.variants for _, _, arch in model_layers(model) if not arch.name.startswith("attention")
+               and not arch.name.endswith("_attention")]
+    if not offered:
+        return None, []
+    common = [v for v in offered[0] if all(v in other for other in offered[1:])]
+    predecessors = [v for v in common if v != "unified" and not v.startswith("no_")]
+    return (predecessors[0] if predecessors else None), [v for v in common if v.startswith("no_")]
+
+
+def lrp_supported(model: torch.nn.Module) -> bool:
+    from ..explanations.lrp import supports_lrp
+
+    return supports_lrp(model)
+
+
+def method_specs(model: torch.nn.Module, *, ablations: bool = True, baselines: Iterable[str] | None = None
+                 ) -> list[MethodSpec]:
+    """Every method the benchmark runs on ``model``: the baselines, the matrix methods with the
+    unified formulation and with the predecessor's variant, and attribution under each ablation."""
+    predecessor, ablation_variants = model_variants(model)
+    specs = []
+    for name in baselines if baselines is not None else BASELINE_OPTIONS:
+        if name == "lrp" and not lrp_supported(model):
+            continue
+        specs.append(MethodSpec(name, name, "baseline", dict(BASELINE_OPTIONS[name])))
+    for name in MATRIX_METHODS:
+        specs.append(MethodSpec(f"{name}/unified", name, "unified", {"variant": "unified"}))
+        if predecessor is not None:
+            specs.append(MethodSpec(f"{name}/{predecessor}", name, "predecessor", {"variant": predecessor}))
+    if ablations:
+        for variant in ablation_variants:
+            specs.append(MethodSpec(f"attribution/{variant}", "attribution", "ablation",
+                                    {"variant": variant, "check": False}))
+    return specs
+
+
+#: Methods that only call the model (outputs and input gradients), so a parallel scan may stand in.
+PARALLEL_SAFE = frozenset({"random", "grad_x_input", "integrated_gradients", "occlusion", "smoothgrad"})
+
+
+@contextlib.contextmanager
+def parallel_forms(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """The training module's parallel scans (mambapy, RWKV-4's parallel WKV) for the duration."""
+    from .training import disable_fast_training, enable_fast_training
+
+    if not enabled:
+        yield
+        return
+    enable_fast_training(model)
+    try:
+        yield
+    finally:
+        disable_fast_training(model)
+
+
+def load_examples(path: str | Path, limit: int | None = None) -> list[BenchmarkExample]:
+    """Examples from a JSON-lines file with ``text``, ``label`` and optionally ``id`` and ``planted``."""
+    examples = []
+    with open(path, encoding="utf-8") as handle:
+        for index, line in enumerate(handle):
+            if limit is not None and len(examples) >= limit:
+                break
+            row = json.loads(line)
+            examples.append(BenchmarkExample(str(row.get("id", index)), row["text"], int(row["label"]),
+                                             tuple(tuple(span) for span in row.get("planted", ()))))
+    return examples
+
+
+def finished_keys(path: Path) -> set[tuple[str, str]]:
+    """``(example id, method key)`` of every record already in a results file (a torn last line,
+    from an interrupted write, is ignored and recomputed)."""
+    done: set[tuple[str, str]] = set()
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done.add((row["id"], row["method"]))
+    return done
+
+
+class LabelScorer:
+    """The label words' logits at the last position of each sequence: a :class:`metrics.Scorer`.
+
+    Sequences are right-padded into batches (the models are causal, so padding after a sequence
+    never changes its last position's logits). :meth:`prefetch` scores many sequences at once and
+    keeps the results, so that the metrics' many small calls become a few large batches.
+    """
+
+    def __init__(self, model: torch.nn.Module, label_ids: Sequence[int], pad_id: int, batch_size: int = 256):
+        self.model, self.pad_id, self.batch_size = model, pad_id, batch_size
+        self.device = next(model.parameters()).device
+        self.label_ids = torch.tensor(list(label_ids), device=self.device)
+        self.cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self.recording: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def _score(self, sequences: Sequence[torch.Tensor]) -> torch.Tensor:
+        rows = []
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        for start in range(0, len(order), self.batch_size):
+            chunk = [sequences[i] for i in order[start:start + self.batch_size]]
+            width = max(len(s) for s in chunk)
+            batch = torch.full((len(chunk), width), self.pad_id, dtype=torch.long, device=self.device)
+            for row, sequence in enumerate(chunk):
+                batch[row, : len(sequence)] = sequence.to(self.device)
+            last = torch.tensor([len(s) - 1 for s in chunk], device=self.device)
+            logits = self.model(batch, use_cache=False).logits.float()
+            rows.append(logits[torch.arange(len(chunk), device=self.device), last][:, self.label_ids].cpu())
+        scores = torch.empty(len(sequences), len(self.label_ids))
+        scores[order] = torch.cat(rows)
+        return scores
+
+    def prefetch(self, sequences: Sequence[torch.Tensor]) -> None:
+        """Score every sequence not yet cached, in large batches."""
+        unique = {tuple(s.tolist()): s for s in sequences}
+        missing = [s for key, s in unique.items() if key not in self.cache]
+        if missing:
+            for sequence, row in zip(missing, self._score(missing)):
+                self.cache[tuple(sequence.tolist())] = row
+
+    def clear(self) -> None:
+        self.cache.clear()
+
+    def __call__(self, sequences: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.recording is not None:  # a dry run that only collects what will be asked
+            self.recording.extend(sequences)
+            return torch.zeros(len(sequences), len(self.label_ids))
+        self.prefetch(sequences)
+        return torch.stack([self.cache[tuple(s.tolist())] for s in sequences])
+
+
+def score_example(scorer: LabelScorer, ids: torch.Tensor, relevance: torch.Tensor, positions: torch.Tensor,
+                  target: int, pad_id: int, planted: torch.Tensor | None, *, perturbation: bool = True
+                  ) -> dict[str, Any]:
+    """Every metric of one explanation (see the module docstring); curves as lists for the plots.
+    ``perturbation=False`` keeps only the localisation scores."""
+    record: dict[str, Any] = {}
+    if planted is not None and 0 < len(planted) < len(positions):
+        record.update(metrics.localisation(relevance, positions, planted))
+    if not perturbation:
+        return record
+    curves = {}
+    for mode in ("delete", "replace"):
+        for order, first in (("positive", True), ("negative", False)):
+            curve = metrics.perturbation_curve(scorer, ids, relevance, positions, target, mode=mode, pad_id=pad_id,
+                                               most_relevant_first=first)
+            curves[f"{order}_{mode}"] = curve
+            record[f"auc_{order}_{mode}"] = curve.auc("probability")
+            record[f"auc_{order}_{mode}_accuracy"] = curve.auc("correct")
+            record[f"curve_{order}_{mode}"] = [round(p, 5) for p in curve.probability]
+            record[f"kept_{order}_{mode}"] = [bool(c) for c in curve.correct]
+    record["dA_delete"] = metrics.delta_auc(curves["negative_delete"], curves["positive_delete"])
+    record["dA_replace"] = metrics.delta_auc(curves["negative_replace"], curves["positive_replace"])
+    eraser = metrics.eraser(scorer, ids, relevance, positions, target, mode="delete", pad_id=pad_id)
+    record["comprehensiveness"] = eraser["comprehensiveness_mean"]
+    record["sufficiency"] = eraser["sufficiency_mean"]
+    for fraction, comp, suff in zip(eraser["fractions"], eraser["comprehensiveness"], eraser["sufficiency"]):
+        record[f"comprehensiveness_{round(100 * fraction)}"] = comp
+        record[f"sufficiency_{round(100 * fraction)}"] = suff
+    return record
+
+
+def run_model_task(model_dir: str | Path, examples: Sequence[BenchmarkExample], out_file: Path, *,
+                   specs: Sequence[MethodSpec] | None = None, device: str = "cpu",
+                   progress: Callable[[int, int], None] | None = None, time_limit: float | None = None,
+                   model_name: str = "", task_name: str = "", perturbation: bool = True) -> dict[str, Any]:
+    """Run every method on every example not yet in ``out_file``, appending one line per result.
+
+    ``perturbation=False`` computes only the localisation scores (the ground-truth task).
+
+    Example-major order: after an interruption the finished examples have every method, so the
+    methods are always compared on the same examples. Returns counts and timings.
+    """
+    from ..explanations.api import explain
+    from ..explanations.target import Contrast
+    from ..loading import load_model
+    from ..text import encode_text
+    from .groundtruth import planted_token_positions
+
+    loaded = load_model(model_dir, device=device)
+    model = loaded.model
+    labels = loaded.labels
+    label_ids = [loaded.label_ids[name] for name in labels]
+    pad_id = loaded.pad_token_id
+    scorer = LabelScorer(model, label_ids, pad_id)
+    specs = list(specs) if specs is not None else method_specs(model)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    done = finished_keys(out_file)
+    seconds: dict[str, float] = {spec.key: 0.0 for spec in specs}
+    written, start = 0, time.perf_counter()
+    with open(out_file, "a", encoding="utf-8") as handle:
+        for index, example in enumerate(examples):
+            if time_limit is not None and time.perf_counter() - start > time_limit:
+                break
+            todo = [spec for spec in specs if (example.id, spec.key) not in done]
+            if not todo:
+                continue
+            encoded = encode_text(loaded, example.text)
+            ids = torch.tensor(encoded.ids)
+            positions = torch.tensor([i for i, inside in enumerate(encoded.in_span) if inside])
+            planted = None
+            if example.planted:
+                offsets = [o if o is not None else (0, 0) for o in encoded.offsets]
+                planted = torch.tensor(planted_token_positions(offsets, example.planted), dtype=torch.long)
+            with parallel_forms(model):
+                probs = scorer([ids])[0].softmax(-1)
+            predicted = int(probs.argmax())
+            other = [label_ids[i] for i in range(len(label_ids)) if i != predicted]
+            target = Contrast(label_ids[predicted], other)
+            relevances, ticks = {}, {}
+            for spec in todo:
+                tick = time.perf_counter()
+                # gradient and perturbation baselines only need the model's outputs: parallel scans
+                # where available (same numbers); the matrix methods and LRP read the stock modules
+                with parallel_forms(model, spec.method in PARALLEL_SAFE):
+                    relevances[spec.key] = explain(model, ids[None].to(scorer.device), method=spec.method,
+                                                   target=target, **spec.options)[0].detach().float().cpu()
+                ticks[spec.key] = time.perf_counter() - tick
+            # a dry run collects every perturbed input of every method, scored in a few batches
+            scorer.recording = []
+            for spec in todo:
+                score_example(scorer, ids, relevances[spec.key], positions, predicted, pad_id, planted,
+                              perturbation=perturbation)
+            recorded, scorer.recording = scorer.recording, None
+            with parallel_forms(model):
+                scorer.prefetch(recorded)
+            for spec in todo:
+                record = {"id": example.id, "method": spec.key, "model": model_name, "task": task_name,
+                          "label": example.label, "predicted": predicted, "probability": float(probs[predicted]),
+                          "tokens": len(positions), "seconds": round(ticks[spec.key], 4)}
+                record.update(score_example(scorer, ids, relevances[spec.key], positions, predicted, pad_id,
+                                            planted, perturbation=perturbation))
+                seconds[spec.key] += ticks[spec.key]
+                handle.write(json.dumps(record) + "\n")
+                written += 1
+            scorer.clear()
+            handle.flush()
+            if progress is not None:
+                progress(index + 1, len(examples))
+    return {"written": written, "seconds": round(time.perf_counter() - start, 1),
+            "seconds_per_method": {k: round(v, 2) for k, v in seconds.items()}}
