@@ -1,4 +1,4 @@
-"""Checks of the bundled ``rt-sentiment-mamba`` model (see scripts/train_sentiment.py)."""
+"""Checks of the bundled ``rt-sentiment-mamba`` model (the zoo's Mamba, trained by scripts/train_zoo.py)."""
 
 from __future__ import annotations
 
@@ -88,3 +88,16 @@ def test_accuracy_on_test_sentences(model, tokenizer, task: dict) -> None:
     )
     accuracy = (predictions == labels).float().mean().item()
     assert accuracy >= 0.65, accuracy
+
+
+def test_stored_in_float16_and_loaded_in_float32(task: dict) -> None:
+    """The checkpoint is float16 on disk; load_model runs it in float32; task.json counts its parameters."""
+    from safetensors import safe_open
+
+    from implicit_attention.loading import load_model
+
+    with safe_open(str(BUNDLED / "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"F16"}
+    loaded = load_model()
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+    assert sum(p.numel() for p in loaded.model.parameters()) == task["num_parameters"]

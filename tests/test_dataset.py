@@ -310,8 +310,11 @@ def test_device_map_runs_matrix_methods_through_accelerate(capsys, monkeypatch, 
     accelerate = pytest.importorskip("accelerate")
     from transformers import MambaForCausalLM  # the class the bundled checkpoint declares
     real_load = MambaForCausalLM.from_pretrained
-    split = {"backbone.embeddings": "cpu", "backbone.layers.0": "cpu", "backbone.layers.1.norm": "cpu",
-             "backbone.layers.1.mixer": "cpu", "backbone.norm_f": "cpu", "lm_head": "cpu"}
+    # every block whole but the last, whose norm and mixer are placed apart (a map must cover every weight)
+    last = json.loads((bundled_model_path() / "config.json").read_text())["num_hidden_layers"] - 1
+    split = {"backbone.embeddings": "cpu", **{f"backbone.layers.{i}": "cpu" for i in range(last)},
+             f"backbone.layers.{last}.norm": "cpu", f"backbone.layers.{last}.mixer": "cpu",
+             "backbone.norm_f": "cpu", "lm_head": "cpu"}
 
     def dispatched(*args, device_map=None, **kwargs):
         assert device_map == "auto"

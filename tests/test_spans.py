@@ -63,7 +63,9 @@ def test_cli_report_and_dataset_show_the_span(capsys, loaded, tmp_path):
     assert " sentiment(" in out and "[+1.00]" in out and "words: a[" in out
     info = json.loads((tmp_path / "report" / "explanation.json").read_text())
     (ex,) = info["examples"]
-    assert ex["in_span"] == [False] + [True] * 7 + [False, False]
+    assert ex["tokens"][1:16] == [" a", " g", "or", "ge", "ous", ",", " wit", "ty", ",", " s", "ed", "u", "ct", "ive",
+                                  " movie"]                              # the text; then " sentiment", ":"
+    assert ex["in_span"] == [False] + [True] * 15 + [False, False]
     assert max(abs(w) for w, keep in zip(ex["relevance_normalized"], ex["in_span"]) if keep) == pytest.approx(1.0)
     assert ex["span_text"] == "a gorgeous, witty, seductive movie" and ex["offsets"][1] == [0, 1]
     assert [w for w, _ in ex["words"]] == ["a", "gorgeous,", "witty,", "seductive", "movie"]
@@ -74,8 +76,11 @@ def test_cli_report_and_dataset_show_the_span(capsys, loaded, tmp_path):
     data.write_text("an utterly charming film\n")
     assert cli.main(["explain-dataset", str(data), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     row = json.loads((tmp_path / "run" / "results.jsonl").read_text().splitlines()[0])
-    assert row["in_span"] == [False, True, True, True, True, False, False]
-    assert row["offsets"][1:5] == [[0, 2], [2, 10], [10, 19], [19, 24]]
+    # a token's span starts at the space before it
+    assert row["tokens"][1:8] == [" an", " ut", "ter", "ly", " char", "ming", " film"]
+    assert row["in_span"] == [False] + [True] * 7 + [False, False]
+    assert row["offsets"][1:8] == [[0, 2], [2, 5], [5, 8], [8, 10], [10, 15], [15, 19], [19, 24]]
+    assert row["offsets"][0] is None and row["offsets"][8:] == [None, None]
 
 
 def test_all_tokens_normalises_over_the_prompt(capsys):

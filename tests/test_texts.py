@@ -67,7 +67,10 @@ def test_explicit_target_and_a_position_inside_the_padding(loaded):
     with torch.no_grad():
         logits = loaded.model(input_ids=early.runs[0].input_ids, attention_mask=early.runs[0].attention_mask).logits
     assert early[1].prediction == predict_next_token(loaded, logits, 1)[1]     # not at the end: the next token
-    with pytest.raises(ValueError, match="position 99 out of range for 13 tokens .the prompt template and BOS included"):
+    length = encode(loaded, TEXTS)[0].shape[1]                                 # the longer prompt, BOS included
+    assert length == len(loaded.tokenizer(loaded.task["template"].format(text=TEXTS[1])).input_ids)
+    with pytest.raises(ValueError,
+                       match=f"position 99 out of range for {length} tokens .the prompt template and BOS included"):
         ia.explain_texts(loaded, TEXTS, position=99)
     with pytest.raises(ia.EmptyInputError):
         ia.explain_texts(loaded, ["fine", "  "])
@@ -140,6 +143,8 @@ def test_scores_of_a_target(loaded):
     with pytest.raises(ValueError, match="must be one of its 'over' ids"):
         ia.explain(model, ids, mask, target=LogProb(other, over=[pos, neg]))
     result = ia.explain_texts(loaded, TEXTS, score="log_prob", target="negative")
-    assert [ex.target.score for ex in result] == ["log p(negative) over positive, negative"] * 2
+    over = ", ".join(loaded.label_ids)                                 # the label names, in task.json's order
+    assert sorted(loaded.label_ids) == ["negative", "positive"]
+    assert [ex.target.score for ex in result] == [f"log p(negative) over {over}"] * 2
     with pytest.raises(ValueError, match="score must be one of"):
         ia.explain_texts(loaded, TEXTS, score="odds")
