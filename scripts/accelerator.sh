@@ -31,7 +31,7 @@ case "${1:-}" in
 wheels)
     mkdir -p wheels
     python -m pip download -q --no-deps -d wheels transformers==5.24.0 tokenizers==0.23.3 \
-        huggingface_hub==2.4.0 safetensors==0.8.0 mambapy==1.2.0 scattertext==0.2.2 typer==0.29.2
+        huggingface_hub==2.4.0 safetensors==0.8.0 mambapy==1.2.0 scattertext==0.2.2 typer==0.29.2 captum==0.9.0
     # huggingface_hub 2.4's own dependencies, which that machine's Python (3.12) lacks
     python -m pip download -q --no-deps -d wheels --python-version 3.12 --only-binary=:all: \
         httpx2==2.16.2 httpcore2==2.16.2 anyio==4.16.0 idna==3.20 truststore==0.10.5 h11==0.16.0 click==8.5.1

@@ -58,7 +58,7 @@ def test_a_zoo_model_pretrains_and_learns_a_prompted_task(tmp_path):
                             width=32, layers=2, log=lambda _: None)
     assert pre["validation_loss"] < 0.5 * torch.log(torch.tensor(float(len(tokenizer)))).item()
     result = training.train_task("gpt2", task, tmp_path / "pre", tmp_path / "toy",
-                                 training.TaskSettings(epochs=12, batch_size=8, warmup=5, lr=3e-3, evals_per_epoch=1),
+                                 training.TaskSettings(epochs=30, batch_size=8, warmup=5, lr=3e-3, evals_per_epoch=1),
                                  log=lambda _: None)
     assert result["test_accuracy"] == 1.0
     loaded = load_model(tmp_path / "toy")

@@ -37,17 +37,27 @@ GRADIENT_BASELINES = ("grad_x_input", "integrated_gradients", "smoothgrad", "occ
 
 
 def read_results(directory: str | Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    """``{(model, task): [record, ...]}`` from every ``<model>/<task>.jsonl`` under ``directory``."""
+    """``{(model, task): [record, ...]}`` from every ``<model>/<task>.jsonl`` under ``directory``,
+    without the methods that failed on that model (``<task>.failures.json``: see :func:`read_failures`)."""
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for path in sorted(Path(directory).glob("*/*.jsonl")):
+        failed = read_failures(path)
         rows = []
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:  # a line torn by an interruption
                 continue
+            if row["method"] not in failed:
+                rows.append(row)
         results[(path.parent.name, path.stem)] = rows
     return results
+
+
+def read_failures(results_file: Path) -> dict[str, str]:
+    """``{method: error}`` of the methods that refused the model of a results file."""
+    path = results_file.with_suffix(".failures.json")
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def complete_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -139,6 +149,9 @@ def write_report(results_dir: str | Path, out_dir: str | Path, *, titles: dict[s
         for method, entry in summary["methods"].items():
             lines.append(f"| {method} | " + " | ".join(_cell(entry, c) for c, _, _ in columns)
                          + f" | {entry['seconds']:.2f} |")
+        failed = read_failures(Path(results_dir) / model / f"{task}.jsonl")
+        for method, error in failed.items():
+            lines.append(f"| {method} | refused: {error[:160]} |")
         lines.append("")
         decisive = [c for c in summary["comparisons"] if c["metric"] in ("auc_positive_delete", "comprehensiveness",
                                                                            "roc_auc", "dA_delete")]

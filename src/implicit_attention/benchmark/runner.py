@@ -70,12 +70,11 @@ class BenchmarkExample:
 
 def model_variants(model: torch.nn.Module) -> tuple[str | None, list[str]]:
     """The predecessor variant (the core recurrence alone: ``s6``, ``ssd``, ``wkv``, ...) and the
-    ablations (``no_*``) that every recurrent layer of ``model`` offers; ``(None, [])`` for a
-    Transformer."""
+    ablations (``no_*``) that every layer of ``model`` offers (a variant applies to the whole model,
+    so a hybrid whose attention layers lack it gets none); ``(None, [])`` for a Transformer."""
     from ..architectures.registry import model_layers
 
-    offered = [arch.variants for _, _, arch in model_layers(model) if not arch.name.startswith("attention")
-               and not arch.name.endswith("_attention")]
+    offered = [arch.variants for _, _, arch in model_layers(model)]
     if not offered:
         return None, []
     common = [v for v in offered[0] if all(v in other for other in offered[1:])]
@@ -247,7 +246,9 @@ def run_model_task(model_dir: str | Path, examples: Sequence[BenchmarkExample], 
     ``perturbation=False`` computes only the localisation scores (the ground-truth task).
 
     Example-major order: after an interruption the finished examples have every method, so the
-    methods are always compared on the same examples. Returns counts and timings.
+    methods are always compared on the same examples. A method that raises (a model it refuses,
+    e.g. LRP where no faithful rule exists) is dropped for this model and its error kept in
+    ``<task>.failures.json`` beside the results, which the report lists. Returns counts and timings.
     """
     from ..explanations.api import explain
     from ..explanations.target import Contrast
@@ -264,6 +265,9 @@ def run_model_task(model_dir: str | Path, examples: Sequence[BenchmarkExample], 
     specs = list(specs) if specs is not None else method_specs(model)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     done = finished_keys(out_file)
+    failures_file = out_file.with_suffix(".failures.json")
+    failures: dict[str, str] = json.loads(failures_file.read_text()) if failures_file.is_file() else {}
+    specs = [spec for spec in specs if spec.key not in failures]
     seconds: dict[str, float] = {spec.key: 0.0 for spec in specs}
     written, start = 0, time.perf_counter()
     with open(out_file, "a", encoding="utf-8") as handle:
@@ -286,13 +290,20 @@ def run_model_task(model_dir: str | Path, examples: Sequence[BenchmarkExample], 
             other = [label_ids[i] for i in range(len(label_ids)) if i != predicted]
             target = Contrast(label_ids[predicted], other)
             relevances, ticks = {}, {}
-            for spec in todo:
+            for spec in list(todo):
                 tick = time.perf_counter()
                 # gradient and perturbation baselines only need the model's outputs: parallel scans
                 # where available (same numbers); the matrix methods and LRP read the stock modules
-                with parallel_forms(model, spec.method in PARALLEL_SAFE):
-                    relevances[spec.key] = explain(model, ids[None].to(scorer.device), method=spec.method,
-                                                   target=target, **spec.options)[0].detach().float().cpu()
+                try:
+                    with parallel_forms(model, spec.method in PARALLEL_SAFE):
+                        relevances[spec.key] = explain(model, ids[None].to(scorer.device), method=spec.method,
+                                                       target=target, **spec.options)[0].detach().float().cpu()
+                except Exception as error:  # a method that refuses this model: dropped, and said so
+                    failures[spec.key] = f"{type(error).__name__}: {error}"
+                    failures_file.write_text(json.dumps(failures, indent=1) + "\n")
+                    todo.remove(spec)
+                    specs.remove(spec)
+                    continue
                 ticks[spec.key] = time.perf_counter() - tick
             # a dry run collects every perturbed input of every method, scored in a few batches
             scorer.recording = []
@@ -315,5 +326,5 @@ def run_model_task(model_dir: str | Path, examples: Sequence[BenchmarkExample], 
             handle.flush()
             if progress is not None:
                 progress(index + 1, len(examples))
-    return {"written": written, "seconds": round(time.perf_counter() - start, 1),
+    return {"written": written, "seconds": round(time.perf_counter() - start, 1), "failures": failures,
             "seconds_per_method": {k: round(v, 2) for k, v in seconds.items()}}

@@ -112,9 +112,7 @@ def occlusion(model: nn.Module, input_ids, attention_mask, target: Target, windo
     with torch.no_grad():
         attr = Occlusion(_score_fn(model, inputs, target)).attribute(
             embeds, sliding_window_shapes=(min(window, length), hidden), strides=(1, hidden), baselines=reference,
-            additional_forward_args=_forward_args(inputs, target),
-            # several occluded copies per forward pass: the same numbers, far fewer passes
-            perturbations_per_eval=max(1, 64 // max(1, embeds.shape[0])))
+            additional_forward_args=_forward_args(inputs, target))
     # captum gives every hidden unit of the occluded token the same score difference
     return inputs.to_tokens(attr.mean(dim=-1).detach())
 
