@@ -271,6 +271,8 @@ def run_model_task(model_dir: str | Path, examples: Sequence[BenchmarkExample], 
     seconds: dict[str, float] = {spec.key: 0.0 for spec in specs}
     written, start = 0, time.perf_counter()
     with open(out_file, "a", encoding="utf-8") as handle:
+        if out_file.stat().st_size and not out_file.read_bytes().endswith(b"\n"):
+            handle.write("\n")  # after a torn last line, new records start on a line of their own
         for index, example in enumerate(examples):
             if time_limit is not None and time.perf_counter() - start > time_limit:
                 break

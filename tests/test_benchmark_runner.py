@@ -1,0 +1,159 @@
+"""The benchmark runner, its report and its command: real numbers on the bundled and zoo models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from implicit_attention.benchmark import report, runner
+from implicit_attention.benchmark.zoo import zoo_model_dir
+from implicit_attention.loading import load_model
+from implicit_attention.text import encode_text
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_model()
+
+
+def test_method_specs_follow_what_each_model_offers(bundled):
+    keys = [spec.key for spec in runner.method_specs(bundled.model)]
+    assert {"attribution/unified", "attribution/s6", "rollout/s6", "paper/s6", "lrp"} <= set(keys)
+    assert {"attribution/no_conv", "attribution/no_gate", "attribution/no_act"} <= set(keys)
+    gpt2 = [spec.key for spec in runner.method_specs(load_model(zoo_model_dir("gpt2")).model)]
+    assert "attribution/unified" in gpt2 and not any(k.endswith(("/s6", "/no_conv")) for k in gpt2)
+    # Jamba's attention layer offers no "s6": a whole-model variant cannot apply, so none is run
+    jamba = runner.method_specs(load_model(zoo_model_dir("jamba")).model)
+    assert {spec.role for spec in jamba} == {"baseline", "unified"}
+
+
+def test_the_batched_scorer_equals_one_forward_per_sequence(bundled):
+    label_ids = [bundled.label_ids[name] for name in bundled.labels]
+    scorer = runner.LabelScorer(bundled.model, label_ids, bundled.pad_token_id, batch_size=3)
+    sequences = [torch.tensor(encode_text(bundled, text).ids) for text in
+                 ("a gem", "an utterly charming and moving film", "dull", "it is what it is, no more")]
+    batched = scorer(sequences)
+    with torch.no_grad():
+        one_by_one = torch.stack([bundled.model(s[None]).logits[0, -1, label_ids] for s in sequences])
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-5)
+
+
+def test_a_run_scores_every_method_resumes_and_its_curves_are_real_forwards(bundled, tmp_path):
+    examples = [runner.BenchmarkExample("a", "an utterly charming and moving film", 1),
+                runner.BenchmarkExample("b", "a dull , lifeless mess", 0)]
+    specs = [spec for spec in runner.method_specs(bundled.model)
+             if spec.key in ("random", "attribution/unified", "attribution/s6")]
+    out = tmp_path / "mamba" / "sentiment.jsonl"
+    first = runner.run_model_task(REPO / "src/implicit_attention/bundled/rt-sentiment-mamba", examples, out,
+                                  specs=specs, model_name="mamba", task_name="sentiment")
+    assert first["written"] == 6 and not first["failures"]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    label_ids = [bundled.label_ids[name] for name in bundled.labels]
+    for row in rows:
+        example = next(e for e in examples if e.id == row["id"])
+        encoded = encode_text(bundled, example.text)
+        ids = torch.tensor(encoded.ids)
+        text = [i for i, inside in enumerate(encoded.in_span) if inside]
+        with torch.no_grad():
+            full = bundled.model(ids[None]).logits[0, -1, label_ids].softmax(-1)
+            # everything of the text deleted: BOS and the template remain
+            kept = [i for i in range(len(ids)) if i not in text]
+            empty = bundled.model(ids[kept][None]).logits[0, -1, label_ids].softmax(-1)
+        predicted = int(full.argmax())
+        assert row["predicted"] == predicted and row["tokens"] == len(text)
+        assert row["curve_positive_delete"][0] == pytest.approx(float(full[predicted]), abs=1e-4)
+        assert row["curve_positive_delete"][-1] == pytest.approx(float(empty[predicted]), abs=1e-4)
+        assert row["curve_negative_delete"][-1] == pytest.approx(float(empty[predicted]), abs=1e-4)
+        assert row["dA_delete"] == pytest.approx(row["auc_negative_delete"] - row["auc_positive_delete"], abs=1e-9)
+    # resumed: nothing recomputed; a torn last line (an interrupted write) is ignored and redone
+    assert runner.run_model_task(REPO / "src/implicit_attention/bundled/rt-sentiment-mamba", examples, out,
+                                 specs=specs)["written"] == 0
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    assert len(runner.finished_keys(out)) == 5
+    again = runner.run_model_task(REPO / "src/implicit_attention/bundled/rt-sentiment-mamba", examples, out,
+                                  specs=specs)
+    assert again["written"] == 1  # only the record that was torn
+    assert len(runner.finished_keys(out)) == 6
+
+
+def test_planted_keywords_are_located_at_their_tokens(bundled, tmp_path):
+    text = "we went to the market and bought a banana and a kettle for the trip"
+    start = text.index("banana")
+    example = runner.BenchmarkExample("g", text, 0, ((start, start + len("banana")),))
+    specs = [spec for spec in runner.method_specs(bundled.model) if spec.key == "random"]
+    out = tmp_path / "gt.jsonl"
+    runner.run_model_task(REPO / "src/implicit_attention/bundled/rt-sentiment-mamba", [example], out, specs=specs,
+                          perturbation=False)
+    row = json.loads(out.read_text())
+    assert "auc_positive_delete" not in row and 0.0 <= row["roc_auc"] <= 1.0
+    # the same localisation, recomputed from the method's relevance by hand
+    from implicit_attention.benchmark.groundtruth import planted_token_positions
+    from implicit_attention.explanations.api import explain
+
+    encoded = encode_text(bundled, text)
+    planted = planted_token_positions([o or (0, 0) for o in encoded.offsets], example.planted)
+    assert "".join(bundled.tokenizer.convert_ids_to_tokens([encoded.ids[i] for i in planted])).strip("Ġ") == "banana"
+    positions = [i for i, inside in enumerate(encoded.in_span) if inside]
+    relevance = explain(bundled.model, torch.tensor(encoded.ids)[None], method="random", seed=0)[0]
+    scores = relevance[positions]
+    positive = [scores[positions.index(p)] for p in planted]
+    negative = [scores[i] for i, p in enumerate(positions) if p not in planted]
+    expected = sum((float(a > b) + 0.5 * float(a == b)) for a in positive for b in negative) / (len(positive) * len(negative))
+    assert row["roc_auc"] == pytest.approx(expected)
+
+
+def _rows(method, values, key="auc_positive_delete"):
+    return [{"id": str(i), "method": method, key: v, "seconds": 0.1} for i, v in enumerate(values)]
+
+
+def test_the_summary_pairs_methods_on_common_examples_and_tests_the_difference():
+    unified = [0.2, 0.25, 0.3, 0.22, 0.28, 0.21, 0.26, 0.24]
+    rows = _rows("attribution/unified", unified) + _rows("attribution/s6", [v + 0.1 for v in unified]) \
+        + _rows("grad_x_input", [v + 0.05 for v in unified[:6]])  # two examples unfinished
+    summary = report.summarise(rows, resamples=500)
+    assert summary["n"] == 6  # only the examples every method finished
+    mean = summary["methods"]["attribution/unified"]["auc_positive_delete"]["mean"]
+    assert mean == pytest.approx(sum(unified[:6]) / 6)
+    versus = {c["rival"]: c for c in summary["comparisons"] if c["metric"] == "auc_positive_delete"}
+    assert versus["attribution/s6"]["difference"] == pytest.approx(-0.1)
+    assert versus["attribution/s6"]["unified_better"] and versus["attribution/s6"]["p_value"] < 0.05
+    assert versus["grad_x_input"]["difference"] == pytest.approx(-0.05)
+
+
+def test_the_report_skips_failed_methods_and_writes_its_files(tmp_path):
+    results = tmp_path / "results" / "toy"
+    results.mkdir(parents=True)
+    rows = _rows("attribution/unified", [0.1, 0.2, 0.3]) + _rows("lrp", [0.5])
+    (results / "sentiment.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (results / "sentiment.failures.json").write_text(json.dumps({"lrp": "RuntimeError: no faithful rule"}))
+    summaries = report.write_report(tmp_path / "results", tmp_path / "report", plots=False)
+    assert summaries["toy/sentiment"]["n"] == 3 and "lrp" not in summaries["toy/sentiment"]["methods"]
+    tables = (tmp_path / "report" / "tables.md").read_text()
+    assert "| attribution/unified | 20.0 [" in tables and "lrp | refused: RuntimeError: no faithful rule" in tables
+    assert (tmp_path / "report" / "results.csv").read_text().count("attribution/unified") == 1
+
+
+def test_the_command_prepares_runs_and_reports(tmp_path):
+    script = str(REPO / "benchmarks" / "faithfulness.py")
+    assert "resumable" in subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
+                                         check=True).stdout
+    root = tmp_path / "bench"
+    (root / "examples").mkdir(parents=True)
+    (root / "examples" / "sentiment.jsonl").write_text(
+        json.dumps({"id": "x", "text": "a gorgeous , witty , seductive movie", "label": 1}) + "\n")
+    run = subprocess.run([sys.executable, script, "run", "--root", str(root), "--models", "gpt2", "--tasks",
+                          "sentiment", "--limit", "1"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in (root / "results" / "gpt2" / "sentiment.jsonl").read_text().splitlines()]
+    assert {row["method"] for row in rows} >= {"random", "grad_x_input", "attribution/unified", "rollout/unified"}
+    done = subprocess.run([sys.executable, script, "report", "--root", str(root)], capture_output=True, text=True)
+    assert done.returncode == 0 and "GPT-2, sentiment (n = 1)" in done.stdout
+    assert (root / "report" / "curves_sentiment.png").stat().st_size > 1000
