@@ -223,7 +223,19 @@ def export(args) -> int:
         }
         print(f"{name:8s} test accuracy {task['test_accuracy']:.3f} ECE {task['test_ece']:.3f} -> {target}")
     (args.export / "zoo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (args.export / "README.md").write_text(zoo_table(summary))
     return 0
+
+
+def zoo_table(summary: dict) -> str:
+    """The zoo as a Markdown table (written to zoo/README.md and shown in the project README)."""
+    lines = ["| model | parameters | test accuracy [95% Wilson] | ECE | fine-tuning |", "|---|---|---|---|---|"]
+    for name, row in summary.items():
+        low, high = row["test_accuracy_95"]
+        lines.append(f"| {row['title']} | {row['parameters'] / 1e6:.2f} M | {100 * row['test_accuracy']:.1f} "
+                     f"[{100 * low:.1f}, {100 * high:.1f}] | {row['test_ece']:.3f} | "
+                     f"{row['finetune_seconds']:.0f} s |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:

@@ -157,3 +157,22 @@ def test_the_command_prepares_runs_and_reports(tmp_path):
     done = subprocess.run([sys.executable, script, "report", "--root", str(root)], capture_output=True, text=True)
     assert done.returncode == 0 and "GPT-2, sentiment (n = 1)" in done.stdout
     assert (root / "report" / "curves_sentiment.png").stat().st_size > 1000
+
+
+def test_the_readme_tables_are_the_reports_own():
+    """README's benchmark tables are what `faithfulness.py report` wrote, regenerated here from the
+    committed summary, and the zoo table is the export's."""
+    from implicit_attention.benchmark.zoo import ZOO
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from train_zoo import zoo_table
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    docs = REPO / "docs" / "benchmark"
+    summaries = json.loads((docs / "summary.json").read_text())
+    table = report.headline(summaries, {k: v.title for k, v in ZOO.items()})
+    readme = (REPO / "README.md").read_text()
+    assert table == (docs / "headline.md").read_text() and table in readme
+    zoo = zoo_table(json.loads((REPO / "zoo" / "zoo.json").read_text()))
+    assert zoo == (REPO / "zoo" / "README.md").read_text() and zoo in readme

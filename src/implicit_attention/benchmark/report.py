@@ -163,6 +163,7 @@ def write_report(results_dir: str | Path, out_dir: str | Path, *, titles: dict[s
                              f"{c['p_value']:.3f} | {'yes' if c['unified_better'] else 'no'} |")
             lines.append("")
     (out / "tables.md").write_text("\n".join(lines) + "\n")
+    (out / "headline.md").write_text(headline(summaries, titles))
     if plots:
         _plots(read_results(results_dir), summaries, out, titles)
     return summaries
@@ -179,11 +180,16 @@ def _plots(results, summaries, out: Path, titles: dict[str, str]) -> None:
     fractions = np.linspace(0, 1, 11)
     tasks = sorted({task for _, task in results})
     for task in tasks:
+        (out / f"curves_{task}.png").unlink(missing_ok=True)
         models = [model for model, t in results if t == task]
+        has_curves = any("curve_positive_delete" in row for model in models for row in results[(model, task)][:1])
         columns = min(4, len(models))
         rows_n = int(np.ceil(len(models) / max(1, columns)))
         figure, axes = plt.subplots(rows_n, columns, figsize=(4 * columns, 3 * rows_n), squeeze=False)
-        for axis, model in zip(axes.flat, models):
+        if not has_curves:
+            plt.close(figure)
+            figure = None
+        for axis, model in zip(axes.flat if figure is not None else (), models):
             complete = complete_rows(results[(model, task)])
             for method in sorted(complete):
                 if method.split("/")[-1].startswith("no_") or "curve_positive_delete" not in next(iter(complete[method].values()), {}):
@@ -193,14 +199,15 @@ def _plots(results, summaries, out: Path, titles: dict[str, str]) -> None:
             axis.set_title(titles.get(model, model), fontsize=9)
             axis.set_xlabel("fraction deleted (most relevant first)", fontsize=7)
             axis.set_ylabel("p(predicted label)", fontsize=7)
-        for axis in list(axes.flat)[len(models):]:
-            axis.axis("off")
-        handles, labels = axes.flat[0].get_legend_handles_labels()
-        if handles:
-            figure.legend(handles, labels, loc="lower center", ncol=6, fontsize=6)
-        figure.tight_layout(rect=(0, 0.08, 1, 1))
-        figure.savefig(out / f"curves_{task}.png", dpi=110)
-        plt.close(figure)
+        if figure is not None:
+            for axis in list(axes.flat)[len(models):]:
+                axis.axis("off")
+            handles, labels = axes.flat[0].get_legend_handles_labels()
+            if handles:
+                figure.legend(handles, labels, loc="lower center", ncol=6, fontsize=6)
+            figure.tight_layout(rect=(0, 0.08, 1, 1))
+            figure.savefig(out / f"curves_{task}.png", dpi=90)
+            plt.close(figure)
         for column in ("auc_positive_delete", "roc_auc"):
             methods = sorted({m for key, s in summaries.items() if key.endswith("/" + task)
                               for m, e in s["methods"].items() if column in e})
@@ -223,3 +230,44 @@ def _plots(results, summaries, out: Path, titles: dict[str, str]) -> None:
             figure.tight_layout()
             figure.savefig(out / f"heatmap_{task}_{column}.png", dpi=110)
             plt.close(figure)
+
+
+#: The headline metric of each task and whether lower is better.
+HEADLINE = {"sentiment": ("auc_positive_delete", "positive perturbation AUC (deletion), lower is better"),
+            "groundtruth": ("roc_auc", "localisation ROC AUC of the planted tokens, higher is better")}
+
+
+def headline(summaries: dict[str, Any], titles: dict[str, str]) -> str:
+    """One Markdown table per task: per model, attribution with the unified formulation, with the
+    predecessor's variant, the best gradient baseline and random, x100 with 95% intervals; a star
+    marks a paired difference to the unified map with p < 0.05."""
+    blocks = []
+    for task, (column, what) in HEADLINE.items():
+        better = dict((c, b) for c, _, b in METRICS)[column]
+        sign = 1 if better == "higher" else -1
+        rows = [f"**{task}**: {what}; x100, mean [95% bootstrap interval]; * paired p < 0.05 against unified.", "",
+                "| model | n | attribution, unified | attribution, predecessor | best gradient baseline | random |",
+                "|---|---|---|---|---|---|"]
+        for key, summary in summaries.items():
+            model, model_task = key.split("/")
+            methods = summary["methods"]
+            if model_task != task or "attribution/unified" not in methods or column not in methods["attribution/unified"]:
+                continue
+            tests = {c["rival"]: c for c in summary["comparisons"]
+                     if c["metric"] == column and c["unified"] == "attribution/unified"}
+
+            def cell(method: str) -> str:
+                if method not in methods or column not in methods[method]:
+                    return "-"
+                star = "*" if method in tests and tests[method]["p_value"] < 0.05 else ""
+                return _cell(methods[method], column) + star
+
+            predecessor = next((m for m in methods if m.startswith("attribution/") and m != "attribution/unified"
+                                and not m.split("/")[1].startswith("no_")), None)
+            baselines = [m for m in GRADIENT_BASELINES if column in methods.get(m, {})]
+            best = max(baselines, key=lambda m: sign * methods[m][column]["mean"]) if baselines else None
+            rows.append(f"| {titles.get(model, model)} | {summary['n']} | {cell('attribution/unified')} | "
+                        + (f"{cell(predecessor)} ({predecessor.split('/')[1]})" if predecessor else "-") + " | "
+                        + (f"{cell(best)} ({best})" if best else "-") + f" | {cell('random')} |")
+        blocks.append("\n".join(rows))
+    return "\n\n".join(blocks) + "\n"
