@@ -134,6 +134,9 @@ def run_model(name: str, args, tasks) -> None:
     rows = None
     for task_name, task in tasks.items():
         width, layers, pretrained = shapes[task_name]
+        out = home / task_name
+        if task_name not in args.stages or (out / "task.json").is_file():
+            continue  # not asked for, or finished: its pre-training is not needed either
         if "pretrain" in args.stages and not (pretrained / "pretrain.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(args.work / "tokenizer")
             steps = args.pretrain_steps if task_name == "sentiment" else args.groundtruth_pretrain_steps
@@ -143,9 +146,6 @@ def run_model(name: str, args, tasks) -> None:
                 rows = training.pack_tokens(tokenizer, passages, settings.seq_len)
             training.pretrain(name, tokenizer, rows, pretrained, settings, device=args.device,
                               width=width, layers=layers)
-        out = home / task_name
-        if task_name not in args.stages or (out / "task.json").is_file():
-            continue
         if not (pretrained / "pretrain.json").is_file():
             raise SystemExit(f"{name}: stage {task_name} needs the pretrain stage first ({pretrained})")
         epochs = args.epochs if task_name == "sentiment" else args.groundtruth_epochs

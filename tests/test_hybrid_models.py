@@ -166,3 +166,22 @@ def test_a_mamba_and_a_transformer_explained_alike():
         assert a.shape == b.shape == (2, 6) and a.dtype == b.dtype, method
         assert torch.isfinite(a).all() and torch.isfinite(b).all()
         assert torch.equal(a[mask == 0], b[mask == 0])                     # both 0 on padding
+
+
+def test_a_recurrent_variant_runs_on_a_hybrid_and_leaves_its_attention_layers_as_they_are():
+    """variant="s6" on Jamba: the Mamba layers give their S6-only matrices, the attention layer the
+    same softmax attention as under "unified"; a Transformer (no layer offers s6) still refuses it."""
+    model = tiny("JambaForCausalLM")
+    ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(0))
+    unified = ia.decompose(model, ids)
+    s6 = ia.decompose(model, ids, variant="s6")
+    attention = attention_indices(model)
+    assert attention and len(attention) < len(s6.layers)
+    for index, (a, b) in enumerate(zip(unified.layers, s6.layers)):
+        if index in attention:
+            assert b.variant == "unified"
+            torch.testing.assert_close(b.matrix, a.matrix)
+        else:
+            assert b.variant == "s6" and not torch.allclose(b.matrix, a.matrix)
+    with pytest.raises(ValueError, match="not offered for attention"):
+        ia.decompose(model, ids, variant="s6", layers=attention)

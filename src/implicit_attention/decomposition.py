@@ -145,9 +145,18 @@ def check_parameters_present(targets) -> None:
                 "baseline method")
 
 
+def layer_variant(arch, variant: str) -> str:
+    """The variant a layer is built with: a plain attention layer of a hybrid (variants ``("unified",)``)
+    has none of the parts a recurrent variant drops (S6-only, no conv, ...), so it stays unified."""
+    return variant if variant in arch.variants else "unified"
+
+
 def check_variant(targets, variant: str) -> None:
+    """Refuse a variant that a selected layer lacks, except plain attention layers of a hybrid whose
+    recurrent layers offer it (they stay as they are: :func:`layer_variant`)."""
+    offered = any(variant in arch.variants for _, _, arch in targets)
     for name, _, arch in targets:
-        if variant not in arch.variants:
+        if variant not in arch.variants and not (offered and tuple(arch.variants) == ("unified",)):
             raise ValueError(f"variant {variant!r} is not offered for {arch.name} layers ({name}); "
                              f"choose one of {', '.join(arch.variants)}")
 
@@ -163,7 +172,8 @@ def build_layers(captured: list[CapturedLayer], indices: list[int], *, variant: 
         # a layer computes on its own device (several with device_map): its record goes there
         local = record_on_device(record)
         with on_device(local.inputs.device):
-            layer = record.architecture.build(local, variant=variant, dtype=dtype, index=index)
+            layer = record.architecture.build(local, variant=layer_variant(record.architecture, variant), dtype=dtype,
+                                              index=index)
             layer.measure_error()
         if check and layer.exact and not layer.error <= tolerance:
             raise ReconstructionError(layer.name, layer.error, tolerance)

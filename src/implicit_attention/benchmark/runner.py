@@ -70,11 +70,11 @@ class BenchmarkExample:
 
 def model_variants(model: torch.nn.Module) -> tuple[str | None, list[str]]:
     """The predecessor variant (the core recurrence alone: ``s6``, ``ssd``, ``wkv``, ...) and the
-    ablations (``no_*``) that every layer of ``model`` offers (a variant applies to the whole model,
-    so a hybrid whose attention layers lack it gets none); ``(None, [])`` for a Transformer."""
+    ablations (``no_*``) that every recurrent layer of ``model`` offers (a hybrid's plain attention
+    layers stay as they are under them); ``(None, [])`` for a Transformer."""
     from ..architectures.registry import model_layers
 
-    offered = [arch.variants for _, _, arch in model_layers(model)]
+    offered = [arch.variants for _, _, arch in model_layers(model) if tuple(arch.variants) != ("unified",)]
     if not offered:
         return None, []
     common = [v for v in offered[0] if all(v in other for other in offered[1:])]

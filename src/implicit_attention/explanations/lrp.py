@@ -58,11 +58,18 @@ def lrp_relevance(model: nn.Module, inputs: ModelInputs, target: Target) -> tupl
     refuse_unsupported(model)
     embeds = inputs.embed(model).detach().requires_grad_(True)
     with torch.enable_grad(), lrp_rules(model):
-        score = target.score(inputs.call(model, embeds).logits)
+        logits = inputs.call(model, embeds).logits
+        score = target.score(logits)
         (grad,) = torch.autograd.grad(score.sum(), embeds)
     with torch.no_grad():   # the rules change the backward only: the forward must be the model's own
-        plain = target.score(inputs.call(model, embeds.detach()).logits)
-    gap = float((plain - score.detach()).abs().max()) / (float(plain.abs().max()) + 1e-30)
+        plain = inputs.call(model, embeds.detach()).logits
+    # compared on the logits of the real tokens, at their scale: a contrast near zero would make any
+    # rounding look large (padding positions' logits mean nothing and are left out)
+    difference, scale = (plain - logits.detach()).abs(), plain.abs()
+    if plain.dim() == 3 and inputs.attention_mask is not None:
+        real = inputs.attention_mask.bool()
+        difference, scale = difference[real], scale[real]
+    gap = float(difference.max()) / (float(scale.max()) + 1e-30)
     if gap > (1e-6 if embeds.dtype == torch.float64 else 1e-3):
         raise RuntimeError(f"under the LRP rules {type(model).__name__} computes another score (relative "
                            f"difference {gap:.1e}): a module of this model has no faithful rule here")
