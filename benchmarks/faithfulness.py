@@ -80,13 +80,18 @@ def prepare(args) -> None:
     with open(directory / "sentiment.jsonl", "w") as handle:
         for i, (text, label) in enumerate(load_rotten_tomatoes("test")):
             handle.write(json.dumps({"id": f"rt-test-{i}", "text": " ".join(text.split()), "label": label}) + "\n")
+    print(f"wrote {directory}/sentiment.jsonl")
+    if not (args.groundtruth / "test.jsonl").is_file():
+        print(f"no ground-truth splits in {args.groundtruth}: build them with `python scripts/build_corpus.py` "
+              "and `python -m implicit_attention.benchmark.groundtruth`, then run `prepare` again")
+        return
     with open(directory / "groundtruth.jsonl", "w") as handle:
         for i, example in enumerate(read_split(args.groundtruth / "test.jsonl")):
             if example.text != " ".join(example.text.split()):
                 raise ValueError(f"ground-truth example {i}: text is not whitespace-normalised")
             handle.write(json.dumps({"id": f"gt-test-{i}", "text": example.text, "label": example.label,
                                      "planted": [list(span) for span in example.planted]}) + "\n")
-    print(f"wrote {directory}/sentiment.jsonl and groundtruth.jsonl")
+    print(f"wrote {directory}/groundtruth.jsonl")
 
 
 def run_one(name: str, args) -> None:
@@ -103,7 +108,11 @@ def run_one(name: str, args) -> None:
         if not (Path(model_dir) / "config.json").is_file():
             print(f"{name} {task}: no trained model in {model_dir}; skipped", flush=True)
             continue
-        examples = load_examples(args.root / "examples" / f"{task}.jsonl", limit=args.limit)
+        examples_file = args.root / "examples" / f"{task}.jsonl"
+        if not examples_file.is_file():
+            print(f"{name} {task}: no examples in {examples_file} (see `prepare`); skipped", flush=True)
+            continue
+        examples = load_examples(examples_file, limit=args.limit)
         specs = method_specs(load_model(model_dir).model, ablations=not args.no_ablations)
         bar = tqdm(total=len(examples), desc=f"{name} {task}", disable=not sys.stderr.isatty() or args.jobs > 1)
         progress = lambda done, total: bar.update(done - bar.n)  # noqa: E731
