@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--models", default="all", help=f"comma-separated subset of: {', '.join(ZOO)}")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of: sentiment, groundtruth")
     parser.add_argument("--limit", type=int, default=500, help="examples per task")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device of the models (cuda on a GPU machine)")
     parser.add_argument("--jobs", type=int, default=1, help="models run at once (worker processes)")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds per model and task, then stop")
     parser.add_argument("--work", type=Path, default=REPO_ROOT / "out" / "zoo",
@@ -77,10 +77,13 @@ def prepare(args) -> None:
 
     directory = args.root / "examples"
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "sentiment.jsonl", "w") as handle:
-        for i, (text, label) in enumerate(load_rotten_tomatoes("test")):
-            handle.write(json.dumps({"id": f"rt-test-{i}", "text": " ".join(text.split()), "label": label}) + "\n")
-    print(f"wrote {directory}/sentiment.jsonl")
+    if "sentiment" in args.tasks:
+        with open(directory / "sentiment.jsonl", "w") as handle:
+            for i, (text, label) in enumerate(load_rotten_tomatoes("test")):
+                handle.write(json.dumps({"id": f"rt-test-{i}", "text": " ".join(text.split()), "label": label}) + "\n")
+        print(f"wrote {directory}/sentiment.jsonl")
+    if "groundtruth" not in args.tasks:
+        return
     if not (args.groundtruth / "test.jsonl").is_file():
         print(f"no ground-truth splits in {args.groundtruth}: build them with `python scripts/build_corpus.py` "
               "and `python -m implicit_attention.benchmark.groundtruth`, then run `prepare` again")
@@ -106,7 +109,10 @@ def run_one(name: str, args) -> None:
     for task in args.tasks:
         model_dir = zoo_model_dir(name, task, work=str(args.work))
         if not (Path(model_dir) / "config.json").is_file():
-            print(f"{name} {task}: no trained model in {model_dir}; skipped", flush=True)
+            how = ("`python scripts/train_zoo.py --models " + name + " --stages pretrain,groundtruth`"
+                   if task == "groundtruth" else "`python scripts/train_zoo.py`")
+            print(f"{name} {task}: no trained model in {model_dir} (the ground-truth models are not shipped: "
+                  f"train them with {how}); skipped", flush=True)
             continue
         examples_file = args.root / "examples" / f"{task}.jsonl"
         if not examples_file.is_file():

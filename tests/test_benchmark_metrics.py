@@ -367,8 +367,12 @@ def test_paired_bootstrap():
     symmetric = paired_bootstrap(np.tile([1.0, -1.0], 25), np.zeros(50))
     assert symmetric.difference == 0.0 and symmetric.p_value > 0.9
     shifted = paired_bootstrap(a, a - 1 + 0.1 * rng.normal(size=50))
-    assert shifted.p_value == pytest.approx(2 / 10_001)
+    assert shifted.p_value == pytest.approx(1 / 10_001)  # no random sign pattern reaches the observed shift
     assert shifted.p_value < 0.01
+    # small n: the exact sign-flip test, by hand. d = [1, 2]: |means| 1.5, 0.5, 0.5, 1.5 -> p = 2/4
+    assert paired_bootstrap(np.array([1.0, 2.0]), np.zeros(2)).p_value == pytest.approx(0.5)
+    # d = [1, 1, 1]: only all-plus and all-minus reach |mean| 1 -> p = 2/8
+    assert paired_bootstrap(np.ones(3), np.zeros(3)).p_value == pytest.approx(0.25)
     assert shifted.low < shifted.difference < shifted.high
     assert 0.9 < shifted.low and shifted.high < 1.1
     with pytest.raises(ValueError, match="paired"):

@@ -189,22 +189,30 @@ def _plots(results, summaries, out: Path, titles: dict[str, str]) -> None:
         if not has_curves:
             plt.close(figure)
             figure = None
+        # one colour per method name (predecessor variants dashed), the same in every panel
+        names = sorted({m.split("/")[0] for model in models for m in complete_rows(results[(model, task)])})
+        palette = plt.get_cmap("tab20")
+        colours = {name: palette(i % 20) for i, name in enumerate(names)}
+        drawn: dict[str, Any] = {}
         for axis, model in zip(axes.flat if figure is not None else (), models):
             complete = complete_rows(results[(model, task)])
             for method in sorted(complete):
                 if method.split("/")[-1].startswith("no_") or "curve_positive_delete" not in next(iter(complete[method].values()), {}):
                     continue
                 curve = np.mean([r["curve_positive_delete"] for r in complete[method].values()], axis=0)
-                axis.plot(fractions, curve, label=method, linewidth=1)
+                kind = method.split("/")[1] if "/" in method else ""
+                label = method if kind in ("", "unified") else f"{method.split('/')[0]}/predecessor"
+                (line,) = axis.plot(fractions, curve, linewidth=1, color=colours[method.split("/")[0]],
+                                    linestyle="-" if kind in ("", "unified") else "--")
+                drawn.setdefault(label, line)
             axis.set_title(titles.get(model, model), fontsize=9)
             axis.set_xlabel("fraction deleted (most relevant first)", fontsize=7)
             axis.set_ylabel("p(predicted label)", fontsize=7)
         if figure is not None:
             for axis in list(axes.flat)[len(models):]:
                 axis.axis("off")
-            handles, labels = axes.flat[0].get_legend_handles_labels()
-            if handles:
-                figure.legend(handles, labels, loc="lower center", ncol=6, fontsize=6)
+            if drawn:
+                figure.legend(list(drawn.values()), list(drawn), loc="lower center", ncol=6, fontsize=6)
             figure.tight_layout(rect=(0, 0.08, 1, 1))
             figure.savefig(out / f"curves_{task}.png", dpi=90)
             plt.close(figure)
