@@ -102,8 +102,7 @@ def run_one(name: str, args) -> None:
     import torch
     from tqdm.auto import tqdm
 
-    from implicit_attention.benchmark.runner import load_examples, method_specs, run_model_task
-    from implicit_attention.loading import load_model
+    from implicit_attention.benchmark.runner import load_examples, run_model_task
 
     torch.set_num_threads(1 if args.jobs > 1 else torch.get_num_threads())
     for task in args.tasks:
@@ -119,10 +118,10 @@ def run_one(name: str, args) -> None:
             print(f"{name} {task}: no examples in {examples_file} (see `prepare`); skipped", flush=True)
             continue
         examples = load_examples(examples_file, limit=args.limit)
-        specs = method_specs(load_model(model_dir).model, ablations=not args.no_ablations)
         bar = tqdm(total=len(examples), desc=f"{name} {task}", disable=not sys.stderr.isatty() or args.jobs > 1)
         progress = lambda done, total: bar.update(done - bar.n)  # noqa: E731
-        result = run_model_task(model_dir, examples, args.root / "results" / name / f"{task}.jsonl", specs=specs,
+        result = run_model_task(model_dir, examples, args.root / "results" / name / f"{task}.jsonl",
+                                ablations=not args.no_ablations,
                                 device=args.device, progress=progress, time_limit=args.time_limit, model_name=name,
                                 task_name=task, perturbation=task == "sentiment")
         bar.close()

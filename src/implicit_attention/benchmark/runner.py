@@ -240,10 +240,12 @@ def score_example(scorer: LabelScorer, ids: torch.Tensor, relevance: torch.Tenso
 def run_model_task(model_dir: str | Path, examples: Sequence[BenchmarkExample], out_file: Path, *,
                    specs: Sequence[MethodSpec] | None = None, device: str = "cpu",
                    progress: Callable[[int, int], None] | None = None, time_limit: float | None = None,
-                   model_name: str = "", task_name: str = "", perturbation: bool = True) -> dict[str, Any]:
+                   model_name: str = "", task_name: str = "", perturbation: bool = True,
+                   ablations: bool = True) -> dict[str, Any]:
     """Run every method on every example not yet in ``out_file``, appending one line per result.
 
-    ``perturbation=False`` computes only the localisation scores (the ground-truth task).
+    ``perturbation=False`` computes only the localisation scores (the ground-truth task);
+    ``specs`` default to :func:`method_specs` of the loaded model (``ablations`` included or not).
 
     Example-major order: after an interruption the finished examples have every method, so the
     methods are always compared on the same examples. A method that raises (a model it refuses,
@@ -262,7 +264,7 @@ def run_model_task(model_dir: str | Path, examples: Sequence[BenchmarkExample], 
     label_ids = [loaded.label_ids[name] for name in labels]
     pad_id = loaded.pad_token_id
     scorer = LabelScorer(model, label_ids, pad_id)
-    specs = list(specs) if specs is not None else method_specs(model)
+    specs = list(specs) if specs is not None else method_specs(model, ablations=ablations)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     done = finished_keys(out_file)
     failures_file = out_file.with_suffix(".failures.json")
