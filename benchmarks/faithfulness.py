@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,6 +36,7 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT / "src"))
 
+from implicit_attention.benchmark.workers import run_workers  # noqa: E402
 from implicit_attention.benchmark.zoo import ZOO, zoo_model_dir  # noqa: E402
 
 TASKS = ("sentiment", "groundtruth")
@@ -135,23 +134,11 @@ def run(args) -> int:
         for name in args.models:
             run_one(name, args)
         return 0
-    pending, running, failed, start = list(args.models), [], [], time.perf_counter()
-    (args.root / "logs").mkdir(parents=True, exist_ok=True)
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            name = pending.pop(0)
-            log = open(args.root / "logs" / f"{name}.txt", "a")
-            command = [sys.executable, __file__, "run", "--worker", name, *sys.argv[2:]]
-            running.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
-        time.sleep(2)
-        for item in list(running):
-            name, process, log = item
-            if process.poll() is not None:
-                running.remove(item)
-                log.close()
-                print(f"[{time.perf_counter() - start:5.0f}s] {name}: exit {process.returncode}", flush=True)
-                if process.returncode:
-                    failed.append(name)
+    import torch
+
+    gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
+    failed = run_workers(args.models, lambda name: [sys.executable, __file__, "run", "--worker", name, *sys.argv[2:]],
+                         lambda name: args.root / "logs" / f"{name}.txt", jobs=args.jobs, gpus=gpus)
     return 1 if failed else 0
 
 

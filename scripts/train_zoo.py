@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ import torch  # noqa: E402
 
 from implicit_attention.benchmark import training  # noqa: E402
 from implicit_attention.benchmark.tasks import groundtruth_task, sentiment_task  # noqa: E402
+from implicit_attention.benchmark.workers import run_workers  # noqa: E402
 from implicit_attention.benchmark.zoo import ZOO, ZOO_LAYERS, ZOO_WIDTH  # noqa: E402
 
 STAGES = ("tokenizer", "pretrain", "sentiment", "groundtruth")
@@ -162,31 +162,8 @@ def run_all(args) -> int:
             run_model(name, args, tasks)
         return 0
     gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
-    pending, running, failed = list(args.models), [], []
-    start = time.perf_counter()
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            name = pending.pop(0)
-            env = dict(os.environ)
-            if gpus:
-                env["CUDA_VISIBLE_DEVICES"] = str(len(running) % gpus) if gpus > 1 else env.get("CUDA_VISIBLE_DEVICES", "0")
-            (args.work / name).mkdir(parents=True, exist_ok=True)
-            log = open(args.work / name / "log.txt", "a")
-            command = [sys.executable, __file__, "--worker", name, *sys.argv[1:]]
-            running.append((name, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-        time.sleep(2)
-        for item in list(running):
-            name, process, log = item
-            if process.poll() is not None:
-                running.remove(item)
-                log.close()
-                status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
-                print(f"[{time.perf_counter() - start:5.0f}s] {name}: {status}; log {args.work / name / 'log.txt'}",
-                      flush=True)
-                if process.returncode:
-                    failed.append(name)
-    if failed:
-        print(f"failed: {', '.join(failed)}")
+    failed = run_workers(args.models, lambda name: [sys.executable, __file__, "--worker", name, *sys.argv[1:]],
+                         lambda name: args.work / name / "log.txt", jobs=args.jobs, gpus=gpus)
     return 1 if failed else 0
 
 

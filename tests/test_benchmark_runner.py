@@ -176,3 +176,15 @@ def test_the_readme_tables_are_the_reports_own():
     assert table == (docs / "headline.md").read_text() and table in readme
     zoo = zoo_table(json.loads((REPO / "zoo" / "zoo.json").read_text()))
     assert zoo == (REPO / "zoo" / "README.md").read_text() and zoo in readme
+
+
+def test_workers_run_at_most_jobs_at_once_log_and_report_failures(tmp_path, capsys):
+    from implicit_attention.benchmark.workers import run_workers
+
+    script = "import sys, time; print('hello', sys.argv[1]); time.sleep(0.3); sys.exit(sys.argv[1] == 'b')"
+    failed = run_workers(["a", "b", "c"], lambda name: [sys.executable, "-c", script, name],
+                         lambda name: tmp_path / "logs" / f"{name}.txt", jobs=2, poll_seconds=0.05)
+    assert failed == ["b"]
+    assert (tmp_path / "logs" / "c.txt").read_text() == "hello c\n"
+    out = capsys.readouterr().out
+    assert "b: FAILED (exit 1)" in out and "a: done" in out and "failed: b" in out
