@@ -16,6 +16,7 @@ Examples::
 
     python benchmarks/faithfulness.py prepare
     python benchmarks/faithfulness.py run --device cuda --jobs 13 --limit 500
+    python benchmarks/faithfulness.py run --device cuda --jobs 30 --shards 3  # 3 workers per model
     python benchmarks/faithfulness.py run --models mamba,gpt2 --limit 20      # a quick look on the CPU
     python benchmarks/faithfulness.py report
 """
@@ -57,12 +58,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=REPO_ROOT / "out" / "zoo",
                         help="the zoo's training directory (ground-truth models)")
     parser.add_argument("--groundtruth", type=Path, default=REPO_ROOT / "out" / "groundtruth")
+    parser.add_argument("--shards", type=int, default=1,
+                        help="workers per model, each on every n-th example (its own results file)")
     parser.add_argument("--no-ablations", action="store_true", help="skip the no_conv / no_gate / ... rows")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.models = list(ZOO) if args.models == "all" else [m.strip() for m in args.models.split(",") if m.strip()]
     if unknown := [m for m in args.models if m not in ZOO]:
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(ZOO)}")
+    if args.shards < 1:
+        parser.error(f"--shards must be at least 1, got {args.shards}")
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if bad := [t for t in args.tasks if t not in TASKS]:
         parser.error(f"unknown task(s) {', '.join(bad)}; choose from {', '.join(TASKS)}")
@@ -96,12 +101,16 @@ def prepare(args) -> None:
     print(f"wrote {directory}/groundtruth.jsonl")
 
 
-def run_one(name: str, args) -> None:
-    """Both tasks of one model."""
+def run_one(worker: str, args) -> None:
+    """Both tasks of one model (``"mamba"``), or of one shard of its examples (``"mamba@2"``: every
+    ``--shards``-th example from the third on, written to ``<task>-part2.jsonl``)."""
     import torch
     from tqdm.auto import tqdm
 
-    from implicit_attention.benchmark.runner import load_examples, run_model_task
+    from implicit_attention.benchmark.runner import load_examples, run_model_task, shard_file
+
+    name, _, shard_text = worker.partition("@")
+    shard = int(shard_text) if shard_text else None
 
     torch.set_num_threads(1 if args.jobs > 1 else torch.get_num_threads())
     for task in args.tasks:
@@ -117,28 +126,33 @@ def run_one(name: str, args) -> None:
             print(f"{name} {task}: no examples in {examples_file} (see `prepare`); skipped", flush=True)
             continue
         examples = load_examples(examples_file, limit=args.limit)
-        bar = tqdm(total=len(examples), desc=f"{name} {task}", disable=not sys.stderr.isatty() or args.jobs > 1)
+        if shard is not None:
+            examples = examples[shard::args.shards]
+        bar = tqdm(total=len(examples), desc=f"{worker} {task}", disable=not sys.stderr.isatty() or args.jobs > 1)
         progress = lambda done, total: bar.update(done - bar.n)  # noqa: E731
-        result = run_model_task(model_dir, examples, args.root / "results" / name / f"{task}.jsonl",
+        result = run_model_task(model_dir, examples, shard_file(args.root / "results" / name, task, shard),
                                 ablations=not args.no_ablations,
                                 device=args.device, progress=progress, time_limit=args.time_limit, model_name=name,
                                 task_name=task, perturbation=task == "sentiment")
         bar.close()
-        print(f"{name} {task}: {result}", flush=True)
+        print(f"{worker} {task}: {result}", flush=True)
 
 
 def run(args) -> int:
     if not (args.root / "examples" / "sentiment.jsonl").is_file():
         raise SystemExit(f"no examples in {args.root / 'examples'}: run `python {sys.argv[0]} prepare` first")
+    workers = (list(args.models) if args.shards == 1
+               else [f"{name}@{k}" for k in range(args.shards) for name in args.models])
     if args.jobs <= 1:
-        for name in args.models:
-            run_one(name, args)
+        for worker in workers:
+            run_one(worker, args)
         return 0
     import torch
 
     gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
-    failed = run_workers(args.models, lambda name: [sys.executable, __file__, "run", "--worker", name, *sys.argv[2:]],
-                         lambda name: args.root / "logs" / f"{name}.txt", jobs=args.jobs, gpus=gpus)
+    failed = run_workers(workers, lambda name: [sys.executable, __file__, "run", "--worker", name, *sys.argv[2:]],
+                         lambda name: args.root / "logs" / f"{name.replace('@', '-part')}.txt", jobs=args.jobs,
+                         gpus=gpus)
     return 1 if failed else 0
 
 

@@ -67,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--groundtruth-width", type=int, default=64, help="width of the ground-truth models")
     parser.add_argument("--groundtruth-layers", type=int, default=2, help="depth of the ground-truth models")
     parser.add_argument("--pretrain-steps", type=int, default=training.PretrainSettings.steps)
+    parser.add_argument("--pretrain-batch", type=int, default=training.PretrainSettings.batch_size,
+                        help="rows of 128 tokens per pre-training step")
+    parser.add_argument("--groundtruth-pretrain-batch", type=int, default=32,
+                        help="rows per pre-training step of the smaller ground-truth models")
     parser.add_argument("--groundtruth-pretrain-steps", type=int, default=300,
                         help="pre-training steps of the smaller ground-truth models")
     parser.add_argument("--epochs", type=int, default=training.TaskSettings.epochs, help="sentiment epochs")
@@ -139,8 +143,9 @@ def run_model(name: str, args, tasks) -> None:
             continue  # not asked for, or finished: its pre-training is not needed either
         if "pretrain" in args.stages and not (pretrained / "pretrain.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(args.work / "tokenizer")
-            steps = args.pretrain_steps if task_name == "sentiment" else args.groundtruth_pretrain_steps
-            settings = training.PretrainSettings(steps=steps, seed=args.seed)
+            steps, batch = ((args.pretrain_steps, args.pretrain_batch) if task_name == "sentiment"
+                            else (args.groundtruth_pretrain_steps, args.groundtruth_pretrain_batch))
+            settings = training.PretrainSettings(steps=steps, batch_size=batch, seed=args.seed)
             if rows is None:
                 passages = [r["text"] for r in read_english_corpus(args.corpus)]
                 rows = training.pack_tokens(tokenizer, passages, settings.seq_len)

@@ -141,6 +141,26 @@ def test_the_report_skips_failed_methods_and_writes_its_files(tmp_path):
     assert (tmp_path / "report" / "results.csv").read_text().count("attribution/unified") == 1
 
 
+def test_shard_files_are_read_as_one_task_each_record_once_with_every_shards_failures(tmp_path):
+    results = tmp_path / "toy"
+    results.mkdir()
+    row = {"method": "attribution/unified", "seconds": 0.1, "auc_positive_delete": 0.5}
+    (results / "sentiment.jsonl").write_text(json.dumps({**row, "id": "a"}) + "\n")
+    (results / "sentiment-part0.jsonl").write_text(json.dumps({**row, "id": "b"}) + "\n"
+                                                   + json.dumps({**row, "id": "a"}) + "\n")  # a seen twice
+    (results / "sentiment-part1.jsonl").write_text(json.dumps({**row, "id": "c"}) + "\n"
+                                                   + json.dumps({**row, "id": "c", "method": "lrp"}) + "\n")
+    (results / "sentiment-part1.failures.json").write_text(json.dumps({"lrp": "RuntimeError: refused"}))
+    merged = report.read_results(tmp_path)
+    assert list(merged) == [("toy", "sentiment")]
+    assert sorted(r["id"] for r in merged[("toy", "sentiment")]) == ["a", "b", "c"]
+    assert report.read_failures(results / "sentiment-part0.jsonl") == {"lrp": "RuntimeError: refused"}
+    # a shard resumes knowing what every other file of its task holds
+    assert runner.finished_keys(runner.shard_file(results, "sentiment", 2)) == {
+        ("a", "attribution/unified"), ("b", "attribution/unified"), ("c", "attribution/unified"), ("c", "lrp")}
+    assert runner.task_result_files(results, "groundtruth") == []
+
+
 def test_the_command_prepares_runs_and_reports(tmp_path):
     script = str(REPO / "benchmarks" / "faithfulness.py")
     assert "resumable" in subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
@@ -148,14 +168,23 @@ def test_the_command_prepares_runs_and_reports(tmp_path):
     root = tmp_path / "bench"
     (root / "examples").mkdir(parents=True)
     (root / "examples" / "sentiment.jsonl").write_text(
-        json.dumps({"id": "x", "text": "a gorgeous , witty , seductive movie", "label": 1}) + "\n")
+        json.dumps({"id": "x", "text": "a gorgeous , witty , seductive movie", "label": 1}) + "\n"
+        + json.dumps({"id": "y", "text": "dull", "label": 0}) + "\n")
+    # two shards: each worker takes every other example and writes its own file
     run = subprocess.run([sys.executable, script, "run", "--root", str(root), "--models", "gpt2", "--tasks",
-                          "sentiment", "--limit", "1"], capture_output=True, text=True)
+                          "sentiment", "--limit", "2", "--shards", "2", "--no-ablations"],
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
-    rows = [json.loads(line) for line in (root / "results" / "gpt2" / "sentiment.jsonl").read_text().splitlines()]
-    assert {row["method"] for row in rows} >= {"random", "grad_x_input", "attribution/unified", "rollout/unified"}
+    parts = [[json.loads(line) for line in (root / "results" / "gpt2" / f"sentiment-part{k}.jsonl").read_text()
+              .splitlines()] for k in (0, 1)]
+    assert {row["id"] for row in parts[0]} == {"x"} and {row["id"] for row in parts[1]} == {"y"}
+    assert {row["method"] for row in parts[0]} >= {"random", "grad_x_input", "attribution/unified", "rollout/unified"}
+    # unsharded again: both examples are found finished in the shards' files
+    again = subprocess.run([sys.executable, script, "run", "--root", str(root), "--models", "gpt2", "--tasks",
+                            "sentiment", "--limit", "2"], capture_output=True, text=True)
+    assert "'written': 0" in again.stdout, again.stdout + again.stderr[-2000:]
     done = subprocess.run([sys.executable, script, "report", "--root", str(root)], capture_output=True, text=True)
-    assert done.returncode == 0 and "GPT-2, sentiment (n = 1)" in done.stdout
+    assert done.returncode == 0 and "GPT-2, sentiment (n = 2)" in done.stdout
     assert (root / "report" / "curves_sentiment.png").stat().st_size > 1000
 
 

@@ -37,27 +37,36 @@ GRADIENT_BASELINES = ("grad_x_input", "integrated_gradients", "smoothgrad", "occ
 
 
 def read_results(directory: str | Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    """``{(model, task): [record, ...]}`` from every ``<model>/<task>.jsonl`` under ``directory``,
-    without the methods that failed on that model (``<task>.failures.json``: see :func:`read_failures`)."""
+    """``{(model, task): [record, ...]}`` from every ``<model>/<task>.jsonl`` under ``directory`` (and the
+    shard files ``<task>-part<k>.jsonl`` of a split run), without the methods that failed on that
+    model (``<task>.failures.json``: see :func:`read_failures`). A record seen twice is kept once."""
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for path in sorted(Path(directory).glob("*/*.jsonl")):
-        failed = read_failures(path)
-        rows = []
+        task = path.stem.split("-part")[0]
+        failed = read_failures(path.with_name(f"{task}.jsonl"))
+        rows = results.setdefault((path.parent.name, task), [])
+        seen = {(row["id"], row["method"]) for row in rows}
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:  # a line torn by an interruption
                 continue
-            if row["method"] not in failed:
+            if row["method"] not in failed and (row["id"], row["method"]) not in seen:
+                seen.add((row["id"], row["method"]))
                 rows.append(row)
-        results[(path.parent.name, path.stem)] = rows
     return results
 
 
 def read_failures(results_file: Path) -> dict[str, str]:
-    """``{method: error}`` of the methods that refused the model of a results file."""
-    path = results_file.with_suffix(".failures.json")
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """``{method: error}`` of the methods that refused the model of a results file (its task's
+    ``<task>.failures.json`` and those of its shards ``<task>-part<k>.failures.json``)."""
+    task = results_file.name.removesuffix(".jsonl").split("-part")[0]
+    failures: dict[str, str] = {}
+    for path in [results_file.with_name(f"{task}.failures.json"),
+                 *sorted(results_file.parent.glob(f"{task}-part*.failures.json"))]:
+        if path.is_file():
+            failures.update(json.loads(path.read_text()))
+    return failures
 
 
 def complete_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:

@@ -29,7 +29,8 @@ import torch
 
 from . import metrics
 
-__all__ = ["BenchmarkExample", "MethodSpec", "finished_keys", "load_examples", "method_specs", "run_model_task"]
+__all__ = ["BenchmarkExample", "MethodSpec", "finished_keys", "load_examples", "method_specs", "run_model_task",
+           "shard_file", "task_result_files"]
 
 #: Options of the baselines in the benchmark (the library's defaults, written out).
 BASELINE_OPTIONS: dict[str, dict[str, Any]] = {
@@ -141,12 +142,28 @@ def load_examples(path: str | Path, limit: int | None = None) -> list[BenchmarkE
     return examples
 
 
+def shard_file(directory: Path, task: str, shard: int | None = None) -> Path:
+    """Where the results of ``task`` go: ``<task>.jsonl``, or ``<task>-part<k>.jsonl`` for shard ``k`` of
+    a run split over several workers (each writes its own file; :func:`task_result_files` reads all)."""
+    return directory / (f"{task}.jsonl" if shard is None else f"{task}-part{shard}.jsonl")
+
+
+def task_result_files(directory: Path, task: str) -> list[Path]:
+    """Every results file of ``task`` in a model's directory: the unsharded one and each shard's."""
+    files = [directory / f"{task}.jsonl"] + sorted(directory.glob(f"{task}-part*.jsonl"))
+    return [f for f in files if f.is_file()]
+
+
 def finished_keys(path: Path) -> set[tuple[str, str]]:
-    """``(example id, method key)`` of every record already in a results file (a torn last line,
-    from an interrupted write, is ignored and recomputed)."""
+    """``(example id, method key)`` of every record already in a results file and in the other files
+    of its task (shards of earlier runs, however they were split); a torn last line, from an
+    interrupted write, is ignored and recomputed."""
     done: set[tuple[str, str]] = set()
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
+    task = path.name.removesuffix(".jsonl").split("-part")[0]
+    for file in {path, *task_result_files(path.parent, task)}:
+        if not file.is_file():
+            continue
+        for line in file.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
@@ -257,6 +274,7 @@ def run_model_task(model_dir: str | Path, examples: Sequence[BenchmarkExample], 
     from ..loading import load_model
     from ..text import encode_text
     from .groundtruth import planted_token_positions
+    from .report import read_failures
 
     loaded = load_model(model_dir, device=device)
     model = loaded.model
@@ -268,7 +286,7 @@ def run_model_task(model_dir: str | Path, examples: Sequence[BenchmarkExample], 
     out_file.parent.mkdir(parents=True, exist_ok=True)
     done = finished_keys(out_file)
     failures_file = out_file.with_suffix(".failures.json")
-    failures: dict[str, str] = json.loads(failures_file.read_text()) if failures_file.is_file() else {}
+    failures = read_failures(out_file)  # those of this task's other shards too
     specs = [spec for spec in specs if spec.key not in failures]
     seconds: dict[str, float] = {spec.key: 0.0 for spec in specs}
     written, start = 0, time.perf_counter()

@@ -17,13 +17,14 @@ def run_workers(names: Sequence[str], command: Callable[[str], list[str]], log: 
     with several GPUs each worker sees one (``CUDA_VISIBLE_DEVICES``, round robin). Prints a line as
     each worker ends and returns the names whose worker failed."""
     pending, running, failed = list(names), [], []
-    start = time.perf_counter()
+    start, started = time.perf_counter(), 0
     while pending or running:
         while pending and len(running) < jobs:
             name = pending.pop(0)
             env = dict(os.environ)
             if gpus > 1:
-                env["CUDA_VISIBLE_DEVICES"] = str(len(running) % gpus)
+                env["CUDA_VISIBLE_DEVICES"] = str(started % gpus)
+            started += 1
             log(name).parent.mkdir(parents=True, exist_ok=True)
             handle = open(log(name), "a")
             running.append((name, subprocess.Popen(command(name), env=env, stdout=handle,

@@ -136,13 +136,20 @@ def smoothgrad(model: nn.Module, input_ids, attention_mask, target: Target, samp
             else torch.ones(embeds.shape[:2], dtype=embeds.dtype, device=embeds.device))
     draws = _example_noise(embeds, real, samples, noise, seed)                      # [S, B, L, H]
     method = InputXGradient(_score_fn(model, inputs, target))
-    total = torch.zeros(embeds.shape[:2], dtype=torch.float64, device=embeds.device)
+    # every noisy copy in one batch: [S * B, L, H], the forward arguments repeated to match
+    noisy = (embeds[None] + draws).flatten(0, 1).requires_grad_(True)
+    forward_args = tuple(_repeat_batch(arg, samples) for arg in _forward_args(inputs, target))
     with torch.enable_grad():
-        for draw in draws:
-            noisy = (embeds + draw).requires_grad_(True)
-            attr = method.attribute(noisy, additional_forward_args=_forward_args(inputs, target))
-            total += attr.sum(dim=-1).detach().double()
+        attr = method.attribute(noisy, additional_forward_args=forward_args)
+    total = attr.detach().double().sum(dim=-1).unflatten(0, (samples, embeds.shape[0])).sum(dim=0)
     return inputs.to_tokens(total / samples)
+
+
+def _repeat_batch(value, times: int):
+    """``value`` repeated ``times`` along its batch dimension (``None`` and non-tensors as they are)."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    return value.repeat(times, *([1] * (value.dim() - 1)))
 
 
 def _example_noise(embeds: torch.Tensor, real: torch.Tensor, samples: int, noise: float, seed: int) -> torch.Tensor:
