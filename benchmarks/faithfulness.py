@@ -1,6 +1,12 @@
 #!/usr/bin/env python
 """The faithfulness benchmark: every explanation method on every zoo model, with intervals.
 
+Beside the thirteen zoo models, ``minilm`` is the pretrained Transformer reference: all-MiniLM-L6-v2
+fine-tuned as a sentiment classifier on the zoo's split (``python scripts/train_reference.py``
+writes it to out/zoo/minilm/sentiment; implicit_attention.benchmark.reference). It runs on the
+sentiment task only: the ground-truth task checks the zoo's operators and is not needed for it.
+``--models all`` includes it where its checkpoint exists.
+
 Three steps, each resumable (results are appended example by example and never recomputed):
 
     prepare   write the evaluation examples: the Rotten Tomatoes test sentences and the
@@ -37,11 +43,14 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT / "src"))
 
+from implicit_attention.benchmark.reference import REFERENCES, reference_model_dir  # noqa: E402
 from implicit_attention.benchmark.workers import run_workers  # noqa: E402
 from implicit_attention.benchmark.zoo import ZOO, zoo_model_dir  # noqa: E402
 
 TASKS = ("sentiment", "groundtruth")
 DEFAULT_ROOT = REPO_ROOT / "out" / "benchmark"
+#: Display names of every model the benchmark knows: the zoo's, then the pretrained references.
+TITLES = {**{k: v.title for k, v in ZOO.items()}, **{k: v.title for k, v in REFERENCES.items()}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=("prepare", "run", "report"))
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="examples, results and report go here")
-    parser.add_argument("--models", default="all", help=f"comma-separated subset of: {', '.join(ZOO)}")
+    parser.add_argument("--models", default="all", help=f"comma-separated subset of: {', '.join(TITLES)}")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of: sentiment, groundtruth")
     parser.add_argument("--limit", type=int, default=500, help="examples per task")
     parser.add_argument("--device", default="cpu", help="torch device of the models (cuda on a GPU machine)")
@@ -63,9 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-ablations", action="store_true", help="skip the no_conv / no_gate / ... rows")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.models = list(ZOO) if args.models == "all" else [m.strip() for m in args.models.split(",") if m.strip()]
-    if unknown := [m for m in args.models if m not in ZOO]:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(ZOO)}")
+    args.models = list(TITLES) if args.models == "all" else [m.strip() for m in args.models.split(",") if m.strip()]
+    if unknown := [m for m in args.models if m not in TITLES]:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(TITLES)}")
     if args.shards < 1:
         parser.error(f"--shards must be at least 1, got {args.shards}")
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -114,7 +123,12 @@ def run_one(worker: str, args) -> None:
 
     torch.set_num_threads(1 if args.jobs > 1 else torch.get_num_threads())
     for task in args.tasks:
-        model_dir = zoo_model_dir(name, task, work=str(args.work))
+        if name in REFERENCES:
+            if reference_skipped(name, task, args):
+                continue
+            model_dir = reference_model_dir(name, task, work=args.work)
+        else:
+            model_dir = zoo_model_dir(name, task, work=str(args.work))
         if not (Path(model_dir) / "config.json").is_file():
             how = ("`python scripts/train_zoo.py --models " + name + " --stages pretrain,groundtruth`"
                    if task == "groundtruth" else "`python scripts/train_zoo.py`")
@@ -138,11 +152,35 @@ def run_one(worker: str, args) -> None:
         print(f"{worker} {task}: {result}", flush=True)
 
 
+def reference_skipped(name: str, task: str, args, *, say: bool = True) -> bool:
+    """Whether reference ``name`` has nothing to run on ``task``: a task it is not trained for, or no
+    fine-tuned checkpoint yet (each said in one line)."""
+    entry = REFERENCES[name]
+    if task not in entry.tasks:
+        why = f"{entry.title} is trained for {', '.join(entry.tasks)} only (the {task} task is not needed for it)"
+    elif not (reference_model_dir(name, task, work=args.work) / "config.json").is_file():
+        why = (f"no fine-tuned model in {reference_model_dir(name, task, work=args.work)} "
+               f"(fine-tune it with `python scripts/train_reference.py`)")
+    else:
+        return False
+    if say:
+        print(f"{name} {task}: {why}; skipped", flush=True)
+    return True
+
+
 def run(args) -> int:
     if not (args.root / "examples" / "sentiment.jsonl").is_file():
         raise SystemExit(f"no examples in {args.root / 'examples'}: run `python {sys.argv[0]} prepare` first")
-    workers = (list(args.models) if args.shards == 1
-               else [f"{name}@{k}" for k in range(args.shards) for name in args.models])
+    # a reference with nothing to run (no checkpoint, or only tasks it is not trained for) gets no worker
+    models = []
+    for name in args.models:
+        if name in REFERENCES and all(reference_skipped(name, task, args, say=False) for task in args.tasks):
+            for task in args.tasks:
+                reference_skipped(name, task, args)  # says why
+            continue
+        models.append(name)
+    workers = (list(models) if args.shards == 1
+               else [f"{name}@{k}" for k in range(args.shards) for name in models])
     if args.jobs <= 1:
         for worker in workers:
             run_one(worker, args)
@@ -156,6 +194,18 @@ def run(args) -> int:
     return 1 if failed else 0
 
 
+def note_references(root: Path) -> None:
+    """Add to ``tables.md`` which tasks each pretrained reference with results ran, and why not the others."""
+    ran = {path.name for path in (root / "results").glob("*") if path.is_dir()}
+    notes = [f"- {entry.title} (`{name}`): fine-tuned from {entry.base} on {', '.join(entry.tasks)} only"
+             + ("; the ground-truth task checks the localisation of the zoo's operators and is not needed for a "
+                "pretrained reference." if "groundtruth" not in entry.tasks else ".")
+             for name, entry in REFERENCES.items() if name in ran]
+    if notes:
+        tables = root / "report" / "tables.md"
+        tables.write_text(tables.read_text() + "\nPretrained references:\n\n" + "\n".join(notes) + "\n")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.step == "prepare":
@@ -164,7 +214,8 @@ def main(argv=None) -> int:
     if args.step == "report":
         from implicit_attention.benchmark.report import write_report
 
-        write_report(args.root / "results", args.root / "report", titles={k: v.title for k, v in ZOO.items()})
+        write_report(args.root / "results", args.root / "report", titles=TITLES)
+        note_references(args.root)
         print((args.root / "report" / "tables.md").read_text())
         return 0
     if args.worker:

@@ -2,7 +2,8 @@
 
 For each example the model's prediction on the whole prompt is explained (the explained score is
 the label contrast, :class:`~implicit_attention.explanations.target.Contrast`), then, with the
-relevance ranked over the text's own tokens only (BOS and the template are never removed):
+relevance ranked over the text's own tokens only (BOS and the template are never removed; nor are a
+sequence classifier's ``[CLS]`` and ``[SEP]``):
 
 - perturbation curves at 0%, 10%, ..., 100% removed, most relevant first (positive) and least
   relevant first (negative), by deleting tokens and, separately, by replacing them with the pad
@@ -10,6 +11,11 @@ relevance ranked over the text's own tokens only (BOS and the template are never
 - ERASER comprehensiveness and sufficiency at 5/10/20/50% (deletion);
 - MambaLRP's ``dA`` (deletion, on the probability);
 - on the ground-truth task, the localisation scores against the planted tokens.
+
+A causal LM (the zoo) is scored by its label words' logits at the end of the prompt
+(:class:`LabelScorer`); a sequence classifier (the pretrained reference,
+:mod:`.reference`) by its class logits (:class:`ClassifierScorer`). Deletion and pad replacement
+are the same for both: a replaced token is the pad token as an input the model reads.
 
 Each finished example is one line of ``<out>/<model>/<task>.jsonl`` (written and flushed as it
 finishes), so an interrupted run resumes without recomputing anything.
@@ -29,8 +35,8 @@ import torch
 
 from . import metrics
 
-__all__ = ["BenchmarkExample", "MethodSpec", "finished_keys", "load_examples", "method_specs", "run_model_task",
-           "shard_file", "task_result_files"]
+__all__ = ["BenchmarkExample", "ClassifierScorer", "LabelScorer", "MethodSpec", "finished_keys", "load_examples",
+           "method_specs", "run_model_task", "shard_file", "task_result_files"]
 
 #: Options of the baselines in the benchmark (the library's defaults, written out).
 BASELINE_OPTIONS: dict[str, dict[str, Any]] = {
@@ -223,6 +229,35 @@ class LabelScorer:
         return torch.stack([self.cache[tuple(s.tolist())] for s in sequences])
 
 
+class ClassifierScorer(LabelScorer):
+    """A sequence classifier's logits of the labels ``label_ids`` (class indices): a :class:`metrics.Scorer`.
+
+    Sequences are right-padded into batches WITH their attention mask (a BERT reads in both
+    directions, so unmasked padding would change every logit; its class token stays at position 0),
+    so each row equals a forward of that sequence alone. A pad token inside a sequence (the
+    perturbation's ``"replace"`` mode) is a real input, attended as any token. Caching, prefetching
+    and the dry run are :class:`LabelScorer`'s.
+    """
+
+    @torch.no_grad()
+    def _score(self, sequences: Sequence[torch.Tensor]) -> torch.Tensor:
+        rows = []
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        for start in range(0, len(order), self.batch_size):
+            chunk = [sequences[i] for i in order[start:start + self.batch_size]]
+            width = max(len(s) for s in chunk)
+            batch = torch.full((len(chunk), width), self.pad_id, dtype=torch.long, device=self.device)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long, device=self.device)
+            for row, sequence in enumerate(chunk):
+                batch[row, : len(sequence)] = sequence.to(self.device)
+                mask[row, : len(sequence)] = 1
+            logits = self.model(input_ids=batch, attention_mask=mask).logits.float()   # [B, classes]
+            rows.append(logits[:, self.label_ids].cpu())
+        scores = torch.empty(len(sequences), len(self.label_ids))
+        scores[order] = torch.cat(rows)
+        return scores
+
+
 def score_example(scorer: LabelScorer, ids: torch.Tensor, relevance: torch.Tensor, positions: torch.Tensor,
                   target: int, pad_id: int, planted: torch.Tensor | None, *, perturbation: bool = True
                   ) -> dict[str, Any]:
@@ -263,6 +298,8 @@ def run_model_task(model_dir: str | Path, examples: Sequence[BenchmarkExample], 
 
     ``perturbation=False`` computes only the localisation scores (the ground-truth task);
     ``specs`` default to :func:`method_specs` of the loaded model (``ablations`` included or not).
+    ``model_dir`` may hold a causal LM with a ``task.json`` (the zoo) or a sequence classifier (the
+    pretrained reference, :mod:`.reference`).
 
     Example-major order: after an interruption the finished examples have every method, so the
     methods are always compared on the same examples. A method that raises (a model it refuses,
@@ -281,7 +318,8 @@ def run_model_task(model_dir: str | Path, examples: Sequence[BenchmarkExample], 
     labels = loaded.labels
     label_ids = [loaded.label_ids[name] for name in labels]
     pad_id = loaded.pad_token_id
-    scorer = LabelScorer(model, label_ids, pad_id)
+    # a classifier's label ids are its class indices (``id2label``), scored from its own logits
+    scorer = (ClassifierScorer if loaded.is_classifier else LabelScorer)(model, label_ids, pad_id)
     specs = list(specs) if specs is not None else method_specs(model, ablations=ablations)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     done = finished_keys(out_file)
