@@ -212,8 +212,8 @@ def non_embedding_count(model) -> int:
 
 
 def zoo_model_dir(name: str, task: str = "sentiment", *, repo: str | None = None, work: str | None = None):
-    """Where a trained zoo model lives: the sentiment models in the repository's ``zoo/<name>``
-    (the Mamba is the package's bundled model), the ground-truth models in the training work
+    """Where a trained zoo model lives: the sentiment models in the repository's ``zoo/<name>``,
+    the ground-truth models in the training work
     directory (``out/zoo/<name>/groundtruth``, not shipped).
 
     Args:
@@ -225,9 +225,5 @@ def zoo_model_dir(name: str, task: str = "sentiment", *, repo: str | None = None
     zoo_entry(name)
     root = Path(repo) if repo else Path(__file__).resolve().parents[3]
     if task == "sentiment":
-        if name == "mamba":
-            from ..bundled import bundled_model_path
-
-            return bundled_model_path()
         return root / "zoo" / name
     return (Path(work) if work else root / "out" / "zoo") / name / task
