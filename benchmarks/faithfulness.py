@@ -212,8 +212,10 @@ def main(argv=None) -> int:
         prepare(args)
         return 0
     if args.step == "report":
-        from implicit_attention.benchmark.report import write_report
+        from implicit_attention.benchmark.report import read_results, write_report
 
+        if not any(read_results(args.root / "results").values()):
+            raise SystemExit(f"no results in {args.root / 'results'}: run `python {sys.argv[0]} run` first")
         write_report(args.root / "results", args.root / "report", titles=TITLES)
         note_references(args.root)
         print((args.root / "report" / "tables.md").read_text())

@@ -167,6 +167,8 @@ def test_the_command_prepares_runs_and_reports(tmp_path):
                                          check=True).stdout
     root = tmp_path / "bench"
     (root / "examples").mkdir(parents=True)
+    empty = subprocess.run([sys.executable, script, "report", "--root", str(root)], capture_output=True, text=True)
+    assert empty.returncode == 1 and "no results in" in empty.stderr and not (root / "report").exists()
     (root / "examples" / "sentiment.jsonl").write_text(
         json.dumps({"id": "x", "text": "a gorgeous , witty , seductive movie", "label": 1}) + "\n"
         + json.dumps({"id": "y", "text": "dull", "label": 0}) + "\n")
@@ -219,3 +221,16 @@ def test_workers_run_at_most_jobs_at_once_log_and_report_failures(tmp_path, caps
     assert (tmp_path / "logs" / "c.txt").read_text() == "hello c\n"
     out = capsys.readouterr().out
     assert "b: FAILED (exit 1)" in out and "a: done" in out and "failed: b" in out
+
+
+def test_offered_variants_keep_a_hybrids_attention_layers_unified_and_need_every_recurrent_layer():
+    from types import SimpleNamespace
+
+    from implicit_attention.decomposition import offered_variants
+
+    attention = SimpleNamespace(name="attention", variants=("unified",))
+    mamba = SimpleNamespace(name="mamba", variants=("unified", "s6", "no_conv"))
+    rwkv = SimpleNamespace(name="rwkv4", variants=("unified", "wkv", "no_shift"))
+    assert offered_variants([("a", None, attention), ("m", None, mamba)]) == ["unified", "s6", "no_conv"]
+    assert offered_variants([("a", None, attention)]) == ["unified"]
+    assert offered_variants([("m", None, mamba), ("r", None, rwkv)]) == ["unified"]  # no variant both offer

@@ -161,6 +161,20 @@ def check_variant(targets, variant: str) -> None:
                              f"choose one of {', '.join(arch.variants)}")
 
 
+def offered_variants(targets) -> list[str]:
+    """Every variant :func:`check_variant` accepts for ``targets`` (``(name, module, architecture)``
+    triples), in the order the layers list them."""
+    candidates = list(dict.fromkeys(v for _, _, arch in targets for v in arch.variants))
+    accepted = []
+    for variant in candidates:
+        try:
+            check_variant(targets, variant)
+        except ValueError:
+            continue
+        accepted.append(variant)
+    return accepted
+
+
 def build_layers(captured: list[CapturedLayer], indices: list[int], *, variant: str, dtype: torch.dtype,
                  check: bool, tolerance: float, progress: bool | None) -> list[LayerDecomposition]:
     """Decompose captured layers and measure each reconstruction error; raise if an exact one misses."""

@@ -78,15 +78,14 @@ class BenchmarkExample:
 def model_variants(model: torch.nn.Module) -> tuple[str | None, list[str]]:
     """The predecessor variant (the core recurrence alone: ``s6``, ``ssd``, ``wkv``, ...) and the
     ablations (``no_*``) that every recurrent layer of ``model`` offers (a hybrid's plain attention
-    layers stay as they are under them); ``(None, [])`` for a Transformer."""
+    layers stay as they are under them: the rule of :func:`~implicit_attention.decomposition.check_variant`);
+    ``(None, [])`` for a Transformer."""
     from ..architectures.registry import model_layers
+    from ..decomposition import offered_variants
 
-    offered = [arch.variants for _, _, arch in model_layers(model) if tuple(arch.variants) != ("unified",)]
-    if not offered:
-        return None, []
-    common = [v for v in offered[0] if all(v in other for other in offered[1:])]
-    predecessors = [v for v in common if v != "unified" and not v.startswith("no_")]
-    return (predecessors[0] if predecessors else None), [v for v in common if v.startswith("no_")]
+    offered = offered_variants(model_layers(model))
+    predecessors = [v for v in offered if v != "unified" and not v.startswith("no_")]
+    return (predecessors[0] if predecessors else None), [v for v in offered if v.startswith("no_")]
 
 
 def lrp_supported(model: torch.nn.Module) -> bool:
