@@ -13,6 +13,8 @@ Three steps, each resumable (results are appended example by example and never r
               ground-truth test texts with their planted spans (out/benchmark/examples/)
     run       explain every example with every method and score it (out/benchmark/results/)
     report    tables with bootstrap 95% intervals, paired tests, CSV and plots (out/benchmark/report/)
+    index     list the finished (example, method) pairs in out/benchmark/done/, small enough to
+              travel to another machine whose run then skips them (scripts/accelerator.sh)
 
 On the sentiment task each explanation gets the perturbation tests (deletion and pad
 replacement, positive and negative), ERASER comprehensiveness / sufficiency and dA; on the
@@ -56,7 +58,7 @@ TITLES = {**{k: v.title for k, v in ZOO.items()}, **{k: v.title for k, v in REFE
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=("prepare", "run", "report"))
+    parser.add_argument("step", choices=("prepare", "run", "report", "index"))
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="examples, results and report go here")
     parser.add_argument("--models", default="all", help=f"comma-separated subset of: {', '.join(TITLES)}")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of: sentiment, groundtruth")
@@ -210,6 +212,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.step == "prepare":
         prepare(args)
+        return 0
+    if args.step == "index":
+        from implicit_attention.benchmark.runner import write_done_index
+
+        count = write_done_index(args.root / "results", args.root / "done")
+        print(f"{count} finished (example, method) pairs listed in {args.root / 'done'}")
         return 0
     if args.step == "report":
         from implicit_attention.benchmark.report import read_results, write_report

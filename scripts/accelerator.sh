@@ -10,8 +10,10 @@
 #   scripts/accelerator.sh wheels              # here, once
 #   scripts/accelerator.sh train [ARGS...]     # there: scripts/train_zoo.py --device cuda ARGS
 #   scripts/accelerator.sh benchmark [ARGS...] # there: benchmarks/faithfulness.py run --device cuda ARGS
-#                                              # (here first: faithfulness.py prepare, and
-#                                              #  tar -C out -cf out/groundtruth-models.tar zoo/*/groundtruth)
+#                                              # (here first: faithfulness.py prepare and index, and
+#                                              #  tar -C out -cf out/groundtruth-models.tar zoo/*/groundtruth;
+#                                              #  carry out/benchmark/examples and out/benchmark/done;
+#                                              #  unpack the results here with tar -C out -xzf)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/accelerator}
@@ -59,8 +61,23 @@ benchmark)
     shift; setup
     # the ground-truth models travel packed (the device tool carries at most 8 paths)
     if [ -f out/groundtruth-models.tar ]; then tar -C out -xf out/groundtruth-models.tar; fi
+    # what is finished elsewhere (faithfulness.py index, carried as out/benchmark/done) is skipped
+    for done in out/benchmark/done/*/*.done; do
+        [ -f "$done" ] || continue
+        mkdir -p "out/benchmark/results/$(basename "$(dirname "$done")")"
+        cp "$done" "out/benchmark/results/$(basename "$(dirname "$done")")/"
+    done
     timeout "$LIMIT" python benchmarks/faithfulness.py run --device cuda "$@" || status=$?
-    (cd out && tar -czf "$OUT/benchmark-results.tar.gz" benchmark/results benchmark/logs) || true
+    # this run's records, in six files of a few models each (the device tool: 8 files of 16 MiB)
+    models=($(cd out && ls -d benchmark/results/*/ 2>/dev/null))
+    for group in 0 1 2 3 4 5; do
+        picked=()
+        for ((i = group; i < ${#models[@]}; i += 6)); do picked+=("${models[i]}"); done
+        if [ ${#picked[@]} -gt 0 ]; then
+            tar -czf "$OUT/benchmark-results-$group.tar.gz" --exclude='*.done' -C out "${picked[@]}" || true
+        fi
+    done
+    tar -czf "$OUT/benchmark-logs.tar.gz" -C out benchmark/logs || true
     exit "${status:-0}"
     ;;
 *)

@@ -159,6 +159,14 @@ def test_shard_files_are_read_as_one_task_each_record_once_with_every_shards_fai
     assert runner.finished_keys(runner.shard_file(results, "sentiment", 2)) == {
         ("a", "attribution/unified"), ("b", "attribution/unified"), ("c", "attribution/unified"), ("c", "lrp")}
     assert runner.task_result_files(results, "groundtruth") == []
+    # the index that travels to another machine: the same pairs, which a run there skips
+    assert runner.write_done_index(tmp_path, tmp_path / "done") == 4
+    elsewhere = tmp_path / "elsewhere" / "toy"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "sentiment.done").write_bytes((tmp_path / "done" / "toy" / "sentiment.done").read_bytes())
+    assert runner.finished_keys(runner.shard_file(elsewhere, "sentiment", 0)) == runner.finished_keys(
+        results / "sentiment.jsonl")
+    assert report.read_results(tmp_path / "elsewhere") == {}  # an index is not a result
 
 
 def test_the_command_prepares_runs_and_reports(tmp_path):

@@ -161,11 +161,12 @@ def task_result_files(directory: Path, task: str) -> list[Path]:
 
 def finished_keys(path: Path) -> set[tuple[str, str]]:
     """``(example id, method key)`` of every record already in a results file and in the other files
-    of its task (shards of earlier runs, however they were split); a torn last line, from an
-    interrupted write, is ignored and recomputed."""
+    of its task (shards of earlier runs, however they were split, and a ``<task>.done`` index of
+    records kept elsewhere: :func:`write_done_index`); a torn last line, from an interrupted
+    write, is ignored and recomputed."""
     done: set[tuple[str, str]] = set()
     task = path.name.removesuffix(".jsonl").split("-part")[0]
-    for file in {path, *task_result_files(path.parent, task)}:
+    for file in {path, *task_result_files(path.parent, task), path.parent / f"{task}.done"}:
         if not file.is_file():
             continue
         for line in file.read_text(encoding="utf-8").splitlines():
@@ -173,8 +174,23 @@ def finished_keys(path: Path) -> set[tuple[str, str]]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            done.add((row["id"], row["method"]))
+            done.add((row[0], row[1]) if isinstance(row, list) else (row["id"], row["method"]))
     return done
+
+
+def write_done_index(results: Path, out: Path) -> int:
+    """Write ``out/<model>/<task>.done`` (JSON lines ``[id, method]``) for every task under ``results``:
+    what a run on another machine should skip, a small fraction of the results' size (copied beside
+    that run's results, :func:`finished_keys` reads it). Returns the number of pairs written."""
+    total = 0
+    for model in sorted(p for p in Path(results).iterdir() if p.is_dir()):
+        tasks = {f.name.removesuffix(".jsonl").split("-part")[0] for f in model.glob("*.jsonl")}
+        for task in sorted(tasks):
+            keys = sorted(finished_keys(shard_file(model, task)))
+            (out / model.name).mkdir(parents=True, exist_ok=True)
+            (out / model.name / f"{task}.done").write_text("".join(json.dumps(list(k)) + "\n" for k in keys))
+            total += len(keys)
+    return total
 
 
 class LabelScorer:
