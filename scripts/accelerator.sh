@@ -68,6 +68,12 @@ benchmark)
         cp "$done" "out/benchmark/results/$(basename "$(dirname "$done")")/"
     done
     timeout "$LIMIT" python benchmarks/faithfulness.py run --device cuda "$@" || status=$?
+    # this run's shard files get a name of their own, so that unpacking them here never overwrites
+    # the shard files of an earlier run
+    stamp=$(date +%Y%m%d%H%M%S)
+    for file in out/benchmark/results/*/*-part*.jsonl; do
+        case "$file" in *-run*|*"*"*) ;; *) mv "$file" "${file%.jsonl}-run$stamp.jsonl" ;; esac
+    done
     # this run's records, in six files of a few models each (the device tool: 8 files of 16 MiB)
     models=($(cd out && ls -d benchmark/results/*/ 2>/dev/null))
     for group in 0 1 2 3 4 5; do
