@@ -24,8 +24,12 @@ from ..registry import Architecture, layer_builder, register
 from .factors import (
     attention_factors,
     attention_reader,
+    bailing_qkv,
     bert_qkv,
+    gated_qkv,
     gpt2_qkv,
+    latent_qkv,
+    minimax_qkv,
     projection_qkv,
     record_arguments,
     recurrent_gemma_qkv,
@@ -68,6 +72,35 @@ register(Architecture(
     VARIANTS, "o_proj", attention_builder(projection_qkv), lambda m: m.o_proj.in_features,
     extra_hooks=record_arguments, footprint=FOOTPRINT))
 
+# the softmax attention layers of the newer hybrids: q/k norms, output gates, partial or no rotary embeddings
+register(Architecture(
+    "attention_lfm2", (f"{_HF}.lfm2.modeling_lfm2.Lfm2Attention", f"{_HF}.lfm2_moe.modeling_lfm2_moe.Lfm2MoeAttention"),
+    ("Lfm2ForCausalLM", "Lfm2Model", "Lfm2MoeForCausalLM", "Lfm2MoeModel"), VARIANTS, "out_proj",
+    attention_builder(gated_qkv), lambda m: m.out_proj.in_features, extra_hooks=record_arguments, footprint=FOOTPRINT))
+register(Architecture(
+    "attention_gated", tuple(f"{_HF}.{path}" for path in (
+        "lfm3.modeling_lfm3.Lfm3Attention", "qwen3_next.modeling_qwen3_next.Qwen3NextAttention",
+        "qwen3_5.modeling_qwen3_5.Qwen3_5Attention", "qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeAttention",
+        "olmo_hybrid.modeling_olmo_hybrid.OlmoHybridAttention", "lara_mini.modeling_lara_mini.LaraMiniAttention")),
+    ("Lfm3ForCausalLM", "Lfm3Model", "Qwen3NextForCausalLM", "Qwen3NextModel", "Qwen3_5ForCausalLM",
+     "Qwen3_5TextModel", "Qwen3_5MoeForCausalLM", "Qwen3_5MoeTextModel", "OlmoHybridForCausalLM",
+     "OlmoHybridModel", "LaraMiniForCausalLM", "LaraMiniModel"),
+    VARIANTS, "o_proj", attention_builder(gated_qkv), lambda m: m.o_proj.in_features,
+    extra_hooks=record_arguments, footprint=FOOTPRINT))
+register(Architecture(
+    "attention_minimax", (f"{_HF}.minimax.modeling_minimax.MiniMaxAttention",), ("MiniMaxForCausalLM", "MiniMaxModel"),
+    VARIANTS, "o_proj", attention_builder(minimax_qkv), lambda m: m.o_proj.in_features,
+    extra_hooks=record_arguments, footprint=FOOTPRINT))
+register(Architecture(
+    "attention_latent", (f"{_HF}.kimi_linear.modeling_kimi_linear.KimiLinearAttention",),
+    ("KimiLinearForCausalLM", "KimiLinearModel"), VARIANTS, "o_proj", attention_builder(latent_qkv),
+    lambda m: m.o_proj.in_features, extra_hooks=record_arguments, footprint=FOOTPRINT))
+register(Architecture(
+    "attention_bailing", (f"{_HF}.bailing_hybrid.modeling_bailing_hybrid.BailingHybridAttention",),
+    ("BailingHybridForCausalLM", "BailingHybridModel"), VARIANTS, "o_proj", attention_builder(bailing_qkv),
+    lambda m: m.o_proj.in_features, extra_hooks=record_arguments, footprint=FOOTPRINT))
+
 __all__ = ["FOOTPRINT", "VARIANTS", "AttentionFactors", "AttentionLayerDecomposition", "additive_mask", "attention_builder",
-           "attention_factors", "attention_probabilities", "bert_qkv", "gpt2_qkv",
+           "attention_factors", "attention_probabilities", "bailing_qkv", "bert_qkv", "gated_qkv", "gpt2_qkv", "latent_qkv",
+           "minimax_qkv",
            "projection_qkv", "record_arguments", "recurrent_gemma_qkv", "repeat_kv", "split_heads"]

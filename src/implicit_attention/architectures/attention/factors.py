@@ -87,6 +87,90 @@ def projection_qkv(module: nn.Module, h: torch.Tensor, args: dict):
     return q, k, v
 
 
+def _qk_norm(module: nn.Module, names: tuple[str, ...], x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``x [B, L, n * D]`` through the module's query or key RMS norm, if it has one: per head (weight of
+    size ``D``: Qwen3-Next, LFM2, LFM3, Lara) or over all heads at once (OLMo-Hybrid)."""
+    norm = next((getattr(module, name) for name in names if getattr(module, name, None) is not None), None)
+    if norm is None:
+        return x
+    if norm.weight.shape[-1] == head_dim:
+        return norm(x.unflatten(-1, (-1, head_dim))).flatten(-2)
+    return norm(x)
+
+
+def gated_qkv(module: nn.Module, h: torch.Tensor, args: dict):
+    """Llama-style ``q_proj``/``k_proj``/``v_proj`` with the hybrids' additions, each where the module has it.
+
+    - Qwen3-Next, Qwen3.5 (dense and MoE), Qwen4-Exp: ``q_proj`` gives ``2 D`` per head, the query and an
+      output gate; the gate is ``sigmoid`` of it, one per channel, applied before ``o_proj``.
+    - LFM3: ``g_proj`` gives one gate per head, ``sigmoid(g_proj(h))`` on all ``D`` channels of the head.
+    - RMS norms on ``q`` and ``k`` (``q_norm``/``k_norm``, LFM2's ``q_layernorm``/``k_layernorm``), per head
+      or over all heads (OLMo-Hybrid), before the rotary embedding.
+    - Rotary embeddings (partial for Qwen3-Next) by the model file's ``apply_rotary_pos_emb``, skipped
+      where the call gets none (OLMo-Hybrid's and Lara's NoPE layers).
+    """
+    size = module.head_dim
+    q = module.q_proj(h)
+    extra = {}
+    heads = module.k_proj.out_features // size * module.num_key_value_groups
+    if q.shape[-1] == 2 * heads * size:  # query and output gate interleaved per head
+        q, gate = q.unflatten(-1, (heads, 2 * size)).chunk(2, dim=-1)
+        q, extra["gate"] = q.flatten(-2), torch.sigmoid(gate.flatten(-2))
+    if getattr(module, "g_proj", None) is not None:  # one gate per head
+        extra["gate"] = torch.sigmoid(module.g_proj(h)).repeat_interleave(size, dim=-1)
+    q = _qk_norm(module, ("q_norm", "q_layernorm"), q, size)
+    k = _qk_norm(module, ("k_norm", "k_layernorm"), module.k_proj(h), size)
+    q, k, v = (split_heads(t, size) for t in (q, k, module.v_proj(h)))
+    return q, k, v, extra
+
+
+def minimax_qkv(module: nn.Module, h: torch.Tensor, args: dict):
+    """``MiniMaxAttention``: Llama's projections; the sliding window comes from the config (the module passes
+    ``config.sliding_window`` to the attention function)."""
+    q, k, v = projection_qkv(module, h, args)
+    return q, k, v, {"window": getattr(module.config, "sliding_window", None)}
+
+
+def _latent_query(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``[B, H, L, Dqk]`` the queries of a multi-head latent attention (low-rank ``q_a``/``q_b`` or ``q_proj``)."""
+    if getattr(module, "q_lora_rank", None) is None:
+        q = module.q_proj(h)
+    else:
+        q = module.q_b_proj(module.q_a_layernorm(module.q_a_proj(h)))
+    return q.unflatten(-1, (-1, module.qk_head_dim)).transpose(1, 2)
+
+
+def _latent_kv(module: nn.Module, h: torch.Tensor):
+    """``(kv_nope [B, 1, L, R], k_rot [B, 1, L, Dr])``: the compressed latent and the shared rotary key part."""
+    batch, length = h.shape[:2]
+    kv_nope, k_rot = torch.split(module.kv_a_proj_with_mqa(h), [module.kv_lora_rank, module.qk_rope_head_dim], dim=-1)
+    return (module.kv_a_layernorm(kv_nope).view(batch, 1, length, module.kv_lora_rank),
+            k_rot.view(batch, 1, length, module.qk_rope_head_dim))
+
+
+def latent_qkv(module: nn.Module, h: torch.Tensor, args: dict):
+    """Multi-head latent attention without rotary embeddings (Kimi Linear's MLA layers, NoPE): ``q`` from the
+    low-rank ``q_a``/``q_b`` projections (or ``q_proj``), keys and values expanded from the compressed latent
+    by the module's own ``expand_kv``. The values are per head (``v_head_dim``), as the matrix multiplies them."""
+    k, v = module.expand_kv(*_latent_kv(module, h))
+    return _latent_query(module, h), k, v, {"rotated": True}
+
+
+def bailing_qkv(module: nn.Module, h: torch.Tensor, args: dict):
+    """``BailingHybridAttention``: multi-head latent attention whose rotary part (``qk_rope_head_dim``, interleaved
+    pairs, the model file's ``apply_rotary_pos_emb_interleave``) is rotated before the keys are expanded, and a
+    head-wise output gate ``sigmoid(g_proj(h))`` computed in float32, as the module does."""
+    q = _latent_query(module, h)
+    q_pass, q_rot = torch.split(q, [module.qk_nope_head_dim, module.qk_rope_head_dim], dim=-1)
+    kv_nope, k_rot = _latent_kv(module, h)
+    cos, sin = args["position_embeddings"]
+    rotate = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb_interleave")
+    q_rot, k_rot = rotate(q_rot, k_rot, cos, sin)
+    k, v = module.expand_kv(kv_nope, k_rot)
+    gate = torch.sigmoid(module.g_proj(h).float()).to(h.dtype).repeat_interleave(module.v_head_dim, dim=-1)
+    return torch.cat((q_pass, q_rot), dim=-1), k, v, {"rotated": True, "gate": gate}
+
+
 def _rotary(module: nn.Module, args: dict) -> Callable | None:
     """The model file's ``apply_rotary_pos_emb`` when this call applies rotary embeddings, else ``None``."""
     if args.get("position_embeddings") is None:  # a named parameter of the forward, passed a value
@@ -123,24 +207,32 @@ def attention_factors(module: nn.Module, captured: CapturedLayer, qkv: Callable,
 
     ``q, k, v`` come from the module's own projections run on the captured input (in the model's
     dtype, as its forward does); rotary embeddings, scores and softmax are computed in ``dtype``.
+    ``qkv`` returns ``(q, k, v)``, or ``(q, k, v, extra)`` with ``extra`` a dict of what the module
+    does beyond Llama's attention: ``"gate"`` (``[B, L, H * D]`` output gate, after its activation),
+    ``"rotated"`` (``True``: ``q, k`` come rotated already), ``"window"`` (a sliding window the module
+    passes from its config) and ``"mask"`` (the mask the attention function really gets, when the
+    module builds its own, as the sparse attentions do).
     """
     args = captured.extra.get("arguments") or {"**": dict(captured.kwargs), **captured.kwargs}
     with torch.no_grad():
-        q, k, v = qkv(module, captured.inputs, args)
+        q, k, v, *rest = qkv(module, captured.inputs, args)
+    extra = rest[0] if rest else {}
     q, k, v = (t.to(dtype) for t in (q, k, v))
-    rope = _rotary(module, args)
+    rope = None if extra.get("rotated") else _rotary(module, args)
     if rope is not None:
         cos, sin = (t.to(dtype) for t in args["position_embeddings"])
         q, k = rope(q, k, cos, sin)
     batch, heads, length, _ = q.shape
     values = repeat_kv(v, heads // v.shape[1]).transpose(1, 2).flatten(2)   # [B, L, H * D]
-    mask = args.get("attention_mask")
+    mask = extra["mask"] if "mask" in extra else args.get("attention_mask")
     causal = _causal_default(module, args, length)
-    window = getattr(module, "sliding_window", None)
+    window = extra.get("window", getattr(module, "sliding_window", None))
     window = window if isinstance(window, int) and window > 0 else None
     bias, _ = additive_mask(mask, causal, length, dtype, q.device, window)
+    gate = extra.get("gate")
     return AttentionFactors(q=q, k=k, values=values, scale=module.scaling, mask=mask, causal=causal,
-                            token_mask=token_mask(bias, batch, length, dtype, q.device), window=window)
+                            token_mask=token_mask(bias, batch, length, dtype, q.device), window=window,
+                            gate=None if gate is None else gate.to(dtype))
 
 
 def _dropout(module: nn.Module) -> float:

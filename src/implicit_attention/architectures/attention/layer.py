@@ -1,11 +1,11 @@
 """Softmax attention layers as :class:`~..base.LayerDecomposition`: channel ``c`` of head ``c // D`` has
-matrix ``P_h``, with aggregates and attributions computed per head."""
+matrix ``P_h`` (``diag(g_c) P_h`` with an output gate ``g``), with aggregates and attributions computed per head."""
 
 from __future__ import annotations
 
 import torch
 
-from ..base import LayerDecomposition
+from ..base import LayerDecomposition, scaled_head_sum
 from .operator import AttentionFactors, attention_probabilities, split_heads
 
 
@@ -30,6 +30,17 @@ class AttentionLayerDecomposition(LayerDecomposition):
         self.head_dim = factors.values.shape[-1] // factors.q.shape[1]
         super().__init__(variant="unified", exact=True, values=factors.values,
                          offset=torch.zeros_like(factors.values), mask=factors.token_mask, **kwargs)
+        # a gated attention's map is cheap per head but its rows need the gate: read them off the map
+        self.rows_from_map = factors.gate is not None
+
+    @property
+    def gate(self) -> torch.Tensor | None:
+        """``[B, L, C]`` the output gate (the row scale of each channel), or ``None``."""
+        return self.factors.gate
+
+    def _head_gate(self, heads: slice) -> torch.Tensor:
+        """``[B, h, L, D]`` the gate of a slice of heads."""
+        return split_heads(self.gate, self.head_dim)[:, heads]
 
     @property
     def heads(self) -> int:
@@ -65,14 +76,20 @@ class AttentionLayerDecomposition(LayerDecomposition):
     def _block(self, channels: slice):
         heads = torch.arange(self.channels, device=self.device)[channels] // self.head_dim
         first, last = int(heads[0]), int(heads[-1]) + 1
-        return self.head_probs(slice(first, last)).index_select(1, heads - first), None
+        block = self.head_probs(slice(first, last)).index_select(1, heads - first)
+        if self.gate is not None:
+            block = block * self.gate[..., channels].transpose(1, 2)[..., None]
+        return block, None
 
     def reconstruct(self) -> torch.Tensor:
         """``[B, L, C]`` ``P_h V_h`` head by head (the offset is zero)."""
         parts = []
         for heads in self._head_chunks():
             v = split_heads(self.values, self.head_dim)[:, heads]               # [B, h, L, D]
-            parts.append((self.head_probs(heads) @ v).transpose(1, 2).flatten(2))
+            out = self.head_probs(heads) @ v
+            if self.gate is not None:
+                out = out * self._head_gate(heads)
+            parts.append(out.transpose(1, 2).flatten(2))
         return torch.cat(parts, dim=-1)
 
     def measure_error(self, max_entries=None) -> float:
@@ -84,14 +101,22 @@ class AttentionLayerDecomposition(LayerDecomposition):
 
     def channel_matrix(self, channel: int) -> torch.Tensor:
         head = channel // self.head_dim
-        return self.head_probs(slice(head, head + 1))[:, 0]
+        probs = self.head_probs(slice(head, head + 1))[:, 0]
+        return probs if self.gate is None else probs * self.gate[:, :, channel, None]
 
     def _fast_aggregate(self, how: str) -> torch.Tensor:
-        """Per head: every head has ``D`` channels and ``P >= 0``, so all three equal ``mean_h P_h``."""
+        """Per head: every head has ``D`` channels and ``P >= 0``, so all three equal ``mean_h P_h``.
+
+        With an output gate ``g``: ``mean_c f(g_i[c] P_h(c)[i, j])`` factorises per head
+        (:func:`~..base.scaled_head_sum`), ``H`` matrices, not ``C``.
+        """
+        if self.gate is not None:
+            return sum(scaled_head_sum(self.head_probs(heads), self._head_gate(heads), how, "bhij,bhi->bij")
+                       for heads in self._head_chunks()) / self.channels
         return sum(self.head_probs(heads).sum(dim=1) for heads in self._head_chunks()) / self.heads
 
     def _fast_rows(self, rows: torch.Tensor, how: str) -> torch.Tensor:
-        """Rows of :meth:`aggregate` from those rows of the queries only."""
+        """Rows of :meth:`aggregate` from those rows of the queries only (a gated layer reads them off its map)."""
         return self.head_probs(rows=rows).mean(dim=1)
 
     def _fast_attribution(self, grad: torch.Tensor, signed: bool = False) -> torch.Tensor:
@@ -100,8 +125,12 @@ class AttentionLayerDecomposition(LayerDecomposition):
         ``dP_h[i, j] = sum_{d in h} g_i[d] v_j[d]`` is the exact gradient of the score with respect to
         the head's probabilities (``out_i = sum_j P_h[i, j] v_j``): ``G_h V_h^T``, one ``[L, D] x [D, L]``
         product per head. (Recurrent layers have no heads of probabilities: there the channel is the
-        head, and the base class clamps per channel.)
+        head, and the base class clamps per channel.) With an output gate ``g`` the gradient at the
+        probabilities is ``(G ⊙ g)_h V_h^T``, and ``dP_h * P_h`` equals the gated matrix times its own
+        gradient (the rule is the same whichever of the two is called the head's attention).
         """
+        if self.gate is not None:
+            grad = grad * self.gate
         g_all = split_heads(grad, self.head_dim)                            # [B, H, L, D]
         v_all = split_heads(self.values, self.head_dim)
         total = torch.zeros(self.batch_size, self.length, self.length, dtype=self.dtype, device=self.device)

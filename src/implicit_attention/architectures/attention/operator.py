@@ -6,7 +6,9 @@ key/value head: GQA), ``D`` head width, ``C = H * D`` the concatenated heads, ``
 Per head ``h``: ``P_h = softmax(scale * q_h k_h^T + M)`` with ``M`` the additive form of the mask the
 module received (``0`` / ``-inf`` for boolean masks, as is for float masks; causal, within the
 module's sliding window if it has one, when there is no mask and the module is causal; a row with
-no visible key is zero, as in PyTorch's SDPA); ``out[:, h*D:(h+1)*D] = P_h v_h``.
+no visible key is zero, as in PyTorch's SDPA); ``out[:, h*D:(h+1)*D] = P_h v_h``. A gated attention
+(Qwen3-Next, LFM3, Bailing) multiplies the output by a data-controlled gate ``g [B, L, H * D]``
+before its projection: ``out_c = g_c ⊙ (P_h v_c)``, the row scale ``diag(g_c) P_h`` of channel ``c``.
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ class AttentionFactors:
         causal: whether a missing mask means causal attention.
         token_mask: ``[B, L]`` 1 for real tokens.
         window: the sliding window of a local attention (``None``: global).
+        gate: ``[B, L, H * D]`` an output gate applied before the output projection (``None``: none), the
+            row scale of each channel: ``matrix_c = diag(gate_c) P_{h(c)}`` (Qwen3-Next's ``sigmoid`` of
+            half of ``q_proj``, one per channel; LFM3's and Bailing's ``sigmoid(g_proj(h))``, one per head).
     """
 
     q: torch.Tensor
@@ -84,6 +89,7 @@ class AttentionFactors:
     causal: bool
     token_mask: torch.Tensor
     window: int | None = None
+    gate: torch.Tensor | None = None
 
     def bias(self, length: int, dtype: torch.dtype, device: torch.device):
         """:func:`additive_mask` of this call."""
