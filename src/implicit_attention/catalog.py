@@ -78,7 +78,7 @@ AGGREGATES: tuple[str, ...] = ("mean", "abs", "pos")
 
 #: Every formulation a registered architecture offers; ``unified`` (the exact one) first.
 VARIANTS: tuple[str, ...] = ("unified", "recurrence", "rglru", "no_conv", "no_gate", "s6", "no_act", "ssd",
-                             "no_shift", "wkv", "mlstm")
+                             "no_shift", "wkv", "mlstm", "delta")
 
 #: Scores of a target that the text tools explain: the label contrast, the logit, the log-probability.
 SCORES: tuple[str, ...] = ("contrast", "logit", "log_prob")
