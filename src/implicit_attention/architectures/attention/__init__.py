@@ -27,10 +27,12 @@ from .factors import (
     bailing_qkv,
     bert_qkv,
     gated_qkv,
+    glm5_qkv,
     gpt2_qkv,
     latent_qkv,
     minimax_qkv,
     projection_qkv,
+    qwen4_qkv,
     record_arguments,
     recurrent_gemma_qkv,
 )
@@ -99,8 +101,16 @@ register(Architecture(
     "attention_bailing", (f"{_HF}.bailing_hybrid.modeling_bailing_hybrid.BailingHybridAttention",),
     ("BailingHybridForCausalLM", "BailingHybridModel"), VARIANTS, "o_proj", attention_builder(bailing_qkv),
     lambda m: m.o_proj.in_features, extra_hooks=record_arguments, footprint=FOOTPRINT))
+register(Architecture(
+    # sparse attentions: the mask comes from a top-k selection of keys, recomputed by the module's own indexer
+    "attention_qwen4", (f"{_HF}.qwen4_exp.modeling_qwen4_exp.Qwen4ExpTextAttention",),
+    ("Qwen4ExpForCausalLM", "Qwen4ExpTextModel"), VARIANTS, "o_proj", attention_builder(qwen4_qkv),
+    lambda m: m.o_proj.in_features, extra_hooks=record_arguments, footprint=FOOTPRINT))
+register(Architecture(
+    "attention_glm5", (f"{_HF}.glm5_next.modeling_glm5_next.Glm5NextTextAttention",),
+    ("Glm5NextTextModel", "Glm5NextForConditionalGeneration"), VARIANTS, "o_proj", attention_builder(glm5_qkv),
+    lambda m: m.o_proj.in_features, extra_hooks=record_arguments, footprint=FOOTPRINT))
 
 __all__ = ["FOOTPRINT", "VARIANTS", "AttentionFactors", "AttentionLayerDecomposition", "additive_mask", "attention_builder",
-           "attention_factors", "attention_probabilities", "bailing_qkv", "bert_qkv", "gated_qkv", "gpt2_qkv", "latent_qkv",
-           "minimax_qkv",
-           "projection_qkv", "record_arguments", "recurrent_gemma_qkv", "repeat_kv", "split_heads"]
+           "attention_factors", "attention_probabilities", "bailing_qkv", "bert_qkv", "gated_qkv", "glm5_qkv", "gpt2_qkv", "latent_qkv",
+           "minimax_qkv", "projection_qkv", "qwen4_qkv", "record_arguments", "recurrent_gemma_qkv", "repeat_kv", "split_heads"]

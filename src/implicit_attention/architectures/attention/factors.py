@@ -124,6 +124,38 @@ def gated_qkv(module: nn.Module, h: torch.Tensor, args: dict):
     return q, k, v, extra
 
 
+def qwen4_qkv(module: nn.Module, h: torch.Tensor, args: dict):
+    """``Qwen4ExpTextAttention``: :func:`gated_qkv`, and the mask the attention really gets, the call's causal mask
+    restricted to the tokens its QSA indexer selects (the module's own ``indexer``, run on the captured input:
+    top-k of pooled key blocks, a data-controlled mask)."""
+    q, k, v, extra = gated_qkv(module, h, args)
+    mask = args["attention_mask"]
+    bias, _ = additive_mask(mask, False, h.shape[1], torch.float32, h.device)
+    extra["tokens"] = token_mask(bias, h.shape[0], h.shape[1], torch.float32, h.device)
+    selected = module.indexer(h, args["position_embeddings"], mask, None)
+    if mask.dtype == torch.bool:
+        extra["mask"] = mask & selected
+    else:
+        extra["mask"] = mask.masked_fill(~selected, torch.finfo(mask.dtype).min)
+    return q, k, v, extra
+
+
+def glm5_qkv(module: nn.Module, h: torch.Tensor, args: dict):
+    """``Glm5NextTextAttention``: multi-head latent attention without rotary embeddings, whose mask is built from
+    top-k key indices: its own indexer's (run on the captured input) or, in a layer that shares them, those the
+    previous layer passed (``prev_topk_indices``); the module's ``build_attention_mask_from_topk`` makes the mask."""
+    q_resid = module.q_a_layernorm(module.q_a_proj(h))
+    q = module.q_b_proj(q_resid).unflatten(-1, (-1, module.qk_head_dim)).transpose(1, 2)
+    k, v = module.expand_kv(*_latent_kv(module, h))
+    if module.indexer is not None:
+        topk = module.indexer(hidden_states=h, q_resid=q_resid, attention_mask=args.get("attention_mask"), cache=None)
+    else:
+        topk = args["prev_topk_indices"]
+    mask = module.build_attention_mask_from_topk(topk_indices=topk, query_states=q, kv_length=k.shape[2])
+    tokens = args.get("attention_mask")                    # the call's [B, L] padding mask
+    return q, k, v, {"rotated": True, "mask": mask, "tokens": None if tokens is None else tokens.float()}
+
+
 def minimax_qkv(module: nn.Module, h: torch.Tensor, args: dict):
     """``MiniMaxAttention``: Llama's projections; the sliding window comes from the config (the module passes
     ``config.sliding_window`` to the attention function)."""
@@ -210,8 +242,9 @@ def attention_factors(module: nn.Module, captured: CapturedLayer, qkv: Callable,
     ``qkv`` returns ``(q, k, v)``, or ``(q, k, v, extra)`` with ``extra`` a dict of what the module
     does beyond Llama's attention: ``"gate"`` (``[B, L, H * D]`` output gate, after its activation),
     ``"rotated"`` (``True``: ``q, k`` come rotated already), ``"window"`` (a sliding window the module
-    passes from its config) and ``"mask"`` (the mask the attention function really gets, when the
-    module builds its own, as the sparse attentions do).
+    passes from its config), ``"mask"`` (the mask the attention function really gets, when the
+    module builds its own, as the sparse attentions do) and ``"tokens"`` (``[B, L]`` the real tokens,
+    where that mask need not show them: a sparse selection may leave out a token's own key).
     """
     args = captured.extra.get("arguments") or {"**": dict(captured.kwargs), **captured.kwargs}
     with torch.no_grad():
@@ -229,10 +262,10 @@ def attention_factors(module: nn.Module, captured: CapturedLayer, qkv: Callable,
     window = extra.get("window", getattr(module, "sliding_window", None))
     window = window if isinstance(window, int) and window > 0 else None
     bias, _ = additive_mask(mask, causal, length, dtype, q.device, window)
-    gate = extra.get("gate")
+    gate, tokens = extra.get("gate"), extra.get("tokens")
+    tokens = token_mask(bias, batch, length, dtype, q.device) if tokens is None else tokens.to(dtype)
     return AttentionFactors(q=q, k=k, values=values, scale=module.scaling, mask=mask, causal=causal,
-                            token_mask=token_mask(bias, batch, length, dtype, q.device), window=window,
-                            gate=None if gate is None else gate.to(dtype))
+                            token_mask=tokens, window=window, gate=None if gate is None else gate.to(dtype))
 
 
 def _dropout(module: nn.Module) -> float:
