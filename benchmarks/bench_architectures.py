@@ -91,6 +91,22 @@ def configs(h: int, n: int, vocab: int) -> dict[str, tuple]:
             vocab_size=vocab, hidden_size=h, num_hidden_layers=n, head_size=64, intermediate_size=2 * h)),
         "RWKV-7": (Rwkv7Config, Rwkv7ForCausalLM, dict(
             vocab_size=vocab, hidden_size=h, num_hidden_layers=n, head_size=64, intermediate_size=2 * h)),
+        # short gated convolutions with one (gated, for LFM3) softmax attention layer in four
+        "LFM2": (tf.Lfm2Config, tf.Lfm2ForCausalLM, dict(
+            vocab_size=vocab, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=n, num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2), conv_L_cache=3, attn_implementation="sdpa",
+            layer_types=["full_attention" if i % 4 == 2 else "conv" for i in range(n)])),
+        "LFM3": (tf.Lfm3Config, tf.Lfm3ForCausalLM, dict(
+            vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size=h,
+            intermediate_size=2 * h, num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+            head_dim=64, conv_L_cache=3, attn_implementation="sdpa",
+            layer_types=["full_attention" if i % 4 == 2 else "conv" for i in range(n)])),
+        # lightning attention (fixed per-head decay) with one softmax attention layer in four
+        "MiniMax": (tf.MiniMaxConfig, tf.MiniMaxForCausalLM, dict(
+            vocab_size=vocab, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=n, num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2), head_dim=64, num_local_experts=2, num_experts_per_tok=1,
+            block_size=64, attn_implementation="sdpa",
+            layer_types=["full_attention" if i % 4 == 2 else "linear_attention" for i in range(n)])),
     }
 
 

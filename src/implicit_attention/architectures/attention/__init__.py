@@ -14,9 +14,17 @@ recomputing ``P`` for a few heads at a time. Since ``P >= 0``: ``mean = abs = po
 Attribution follows Chefer et al. per head: ``mean_h clamp(dP_h * P_h, 0)`` with ``dP_h = G_h V_h^T``
 the exact gradient with respect to the head's probabilities.
 
-``factors`` reads a module (``q, k, v`` per class, mask, rotary embeddings), ``operator`` holds the
-masks and probabilities, ``layer`` the :class:`~..base.LayerDecomposition`, ``naive`` the slow
-reference. The only variant is ``unified`` (the attention probabilities).
+The newer hybrids' attention layers add data-controlled factors that stay exact: an output gate
+before the projection is a row scale per channel, ``diag(g_c) P_h`` (Qwen3-Next, Qwen3.5, Qwen4-Exp:
+``sigmoid`` of half of ``q_proj``; LFM3 and Bailing: ``sigmoid(g_proj(h))`` per head); q/k RMS norms
+(LFM2, LFM3, the Qwens, OLMo-Hybrid, Lara) and partial or absent rotary embeddings change only ``P``;
+multi-head latent attention (Kimi Linear, Bailing, GLM-5 Next) only how ``q, k, v`` are made; the
+sparse attentions (Qwen4-Exp's QSA, GLM-5 Next's top-k) only the mask, recomputed by the module's own
+indexer. The probabilities are softmax over keys; the values are what the matrix multiplies.
+
+``factors`` reads a module (``q, k, v`` per class, mask, rotary embeddings, gate), ``operator`` holds
+the masks and probabilities, ``layer`` the :class:`~..base.LayerDecomposition`, ``naive`` the slow
+reference. The only variant is ``unified`` (the attention probabilities, gated where the module is).
 """
 
 from ...memory import LayerFootprint, eager_weights, heads
