@@ -29,6 +29,8 @@ def lightning_factors(module: nn.Module, hidden_states: torch.Tensor, attention_
     factors = LightningFactors(q=q, k=k, v=v, slope=slope, gate=torch.sigmoid(F.linear(
         h, module.output_gate.weight.detach().to(dtype))), norm_scale=None,
         norm_weight=module.norm.weight.detach().to(dtype), mask=mask)
-    y = torch.einsum("bhij,bjhd->bihd", lightning_heads(factors, slice(None)), v).flatten(2).float()
+    # one head at a time: a [B, L, L] matrix each, never [B, H, L, L]
+    y = torch.cat([torch.einsum("bij,bjd->bid", lightning_heads(factors, slice(h, h + 1))[:, 0], v[:, :, h])
+                   for h in range(heads)], dim=-1).float()
     factors.norm_scale = torch.rsqrt(y.pow(2).mean(-1) + module.norm.variance_epsilon).to(dtype)
     return factors
