@@ -107,6 +107,39 @@ def configs(h: int, n: int, vocab: int) -> dict[str, tuple]:
             num_key_value_heads=max(1, heads // 2), head_dim=64, num_local_experts=2, num_experts_per_tok=1,
             block_size=64, attn_implementation="sdpa",
             layer_types=["full_attention" if i % 4 == 2 else "linear_attention" for i in range(n)])),
+        # delta-rule mixers (Gated DeltaNet, Kimi Delta Attention) with one softmax attention layer in four
+        "Qwen3-Next": (tf.Qwen3NextConfig, tf.Qwen3NextForCausalLM, dict(
+            vocab_size=vocab, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=n, num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2), head_dim=64, num_experts=0, linear_num_key_heads=heads,
+            linear_num_value_heads=2 * heads, linear_key_head_dim=64, linear_value_head_dim=64,
+            attn_implementation="sdpa",
+            layer_types=["full_attention" if i % 4 == 2 else "linear_attention" for i in range(n)])),
+        "Qwen3.5": (tf.Qwen3_5TextConfig, tf.Qwen3_5ForCausalLM, dict(
+            vocab_size=vocab, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=n, num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2), head_dim=64, linear_num_key_heads=heads,
+            linear_num_value_heads=2 * heads, linear_key_head_dim=64, linear_value_head_dim=64,
+            attn_implementation="sdpa",
+            layer_types=["full_attention" if i % 4 == 2 else "linear_attention" for i in range(n)])),
+        "OLMo-Hybrid": (tf.OlmoHybridConfig, tf.OlmoHybridForCausalLM, dict(
+            vocab_size=vocab, pad_token_id=0, eos_token_id=2, hidden_size=h, intermediate_size=2 * h,
+            num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+            linear_num_key_heads=heads, linear_num_value_heads=heads, linear_key_head_dim=64,
+            linear_value_head_dim=64, attn_implementation="sdpa",
+            layer_types=["full_attention" if i % 4 == 2 else "linear_attention" for i in range(n)])),
+        "Kimi-Linear": (tf.KimiLinearConfig, tf.KimiLinearForCausalLM, dict(
+            vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size=h,
+            intermediate_size=2 * h, moe_intermediate_size=h, num_hidden_layers=n, num_attention_heads=heads,
+            num_key_value_heads=heads, kv_lora_rank=64, qk_rope_head_dim=32, v_head_dim=64, qk_nope_head_dim=32,
+            num_local_experts=2, num_experts_per_tok=1, attn_implementation="sdpa",
+            linear_attn_config=dict(head_dim=64, num_heads=heads, short_conv_kernel_size=4),
+            layer_types=["full_attention" if i % 4 == 2 else "linear_attention" for i in range(n)])),
+        "Bailing-Hybrid": (tf.BailingHybridConfig, tf.BailingHybridForCausalLM, dict(
+            vocab_size=vocab, pad_token_id=0, eos_token_id=2, hidden_size=h, intermediate_size=2 * h,
+            moe_intermediate_size=h, num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=heads,
+            head_dim=64, short_conv_kernel_size=4, kv_lora_rank=64, qk_rope_head_dim=32, v_head_dim=64,
+            qk_nope_head_dim=32, num_local_experts=2, num_experts_per_tok=1, n_group=1, topk_group=1,
+            first_k_dense_replace=n, attn_implementation="sdpa",
+            layer_types=["full_attention" if i % 4 == 2 else "linear_attention" for i in range(n)])),
     }
 
 
