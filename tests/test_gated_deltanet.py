@@ -285,3 +285,19 @@ def test_hybrid_models_explain_with_all_their_layers(class_name):
     assert len(result.layers) > len(mine(model)) and max(result.errors) <= 1e-4
     for method in ("rollout", "attribution"):
         check_explanation(model, ids, mask, method=method)
+
+
+def test_base_model_class_and_memory_estimate():
+    """The bare ``...Model`` decomposes like the causal LM; the memory estimate counts the per-head matrices."""
+    from implicit_attention.memory import estimate
+
+    config_cls, _, settings = CONFIGS["Qwen3NextForCausalLM"]
+    torch.manual_seed(0)
+    model = tf.Qwen3NextModel(config_cls(**_IDS, **settings)).double().eval()
+    randomise(model)
+    ids, mask = left_padded(batch=2, length=5, vocab=VOCAB)
+    layers = decompose_mine(model, ids, mask).layers
+    assert len(layers) == 1 and layers[0].error <= 1e-6
+    selected = [(name, module, arch, torch.device("cpu")) for name, module, arch in mine(model)]
+    small, large = (sum(e.total for e in estimate(selected, 2, length, torch.float64).values()) for length in (64, 128))
+    assert 0 < small < large

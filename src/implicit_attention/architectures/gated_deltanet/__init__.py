@@ -38,8 +38,9 @@ register(Architecture(
         "qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeGatedDeltaNet", "lara_mini.modeling_lara_mini.LaraMiniGatedDeltaNet",
         "qwen4_exp.modeling_qwen4_exp.Qwen4ExpTextGatedDeltaNet")),
     ("Qwen3NextForCausalLM", "Qwen3NextModel", "Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration",
-     "Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration", "LaraMiniForCausalLM", "Qwen4ExpForCausalLM",
-     "Qwen4ExpForConditionalGeneration"),
+     "Qwen3_5TextModel", "Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeTextModel",
+     "LaraMiniForCausalLM", "LaraMiniModel", "Qwen4ExpForCausalLM", "Qwen4ExpForConditionalGeneration",
+     "Qwen4ExpTextModel"),
     VARIANTS, "out_proj", _BUILD, lambda module: module.value_dim, extra_hooks=record_core, footprint=FOOTPRINT,
     exact_variants=EXACT_VARIANTS, ignores_padding=no_conv_bias))
 

@@ -18,7 +18,7 @@ register(Architecture(
         "kimi_linear.modeling_kimi_linear.KimiLinearDeltaAttention",
         "glm5_next.modeling_glm5_next.Glm5NextTextLinearAttention",
         "bailing_hybrid.modeling_bailing_hybrid.BailingHybridDeltaAttention")),
-    ("KimiLinearForCausalLM", "KimiLinearModel", "Glm5NextForConditionalGeneration", "Glm5NextModel",
+    ("KimiLinearForCausalLM", "KimiLinearModel", "Glm5NextForConditionalGeneration", "Glm5NextModel", "Glm5NextTextModel",
      "BailingHybridForCausalLM", "BailingHybridModel"),
     VARIANTS, "o_proj", layer_builder(DeltaLayerDecomposition, read_factors), lambda module: module.qkv_dim,
     extra_hooks=record_core, footprint=FOOTPRINT, exact_variants=EXACT_VARIANTS, ignores_padding=no_conv_bias))
