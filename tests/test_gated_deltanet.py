@@ -276,7 +276,7 @@ def test_explain_on_the_delta_rule_layers(method):
     check_explanation(model, ids, mask, method=method, layers=indices(model))
 
 
-@pytest.mark.parametrize("class_name", ["Qwen3NextForCausalLM", "OlmoHybridForCausalLM"])
+@pytest.mark.parametrize("class_name", list(CONFIGS))
 def test_hybrid_models_explain_with_all_their_layers(class_name):
     """Every registered layer kind of the hybrid (its softmax attention too) in one rollout / attribution."""
     model = tiny(class_name, dtype=torch.float32)

@@ -116,9 +116,11 @@ def test_fast_aggregates_match_the_blocks(variant):
     check_fast_paths(tiny("KimiLinearForCausalLM", seed=5), variant)
 
 
-@pytest.mark.parametrize("method", ["raw", "rollout", "attribution", "paper", "grad_x_input"])
-def test_explain_on_the_kda_layers(method):
-    model = tiny("KimiLinearForCausalLM", dtype=torch.float32)
+@pytest.mark.parametrize("class_name,method", [
+    ("KimiLinearForCausalLM", method) for method in ("raw", "rollout", "attribution", "paper", "grad_x_input")] + [
+    ("Glm5NextForConditionalGeneration", "paper")])      # its hyper-connections: the block input is 4-D
+def test_explain_on_the_kda_layers(class_name, method):
+    model = tiny(class_name, dtype=torch.float32)
     ids, mask = left_padded(batch=2, length=5, vocab=VOCAB)
     check_explanation(model, ids, mask, method=method, layers=indices(model))
 
