@@ -141,3 +141,24 @@ def test_float64_tolerance_is_the_kernels_float32():
     model = tiny("KimiLinearForCausalLM")
     ids, mask = left_padded(batch=2, length=9, vocab=VOCAB)
     assert max(layer.error for layer in check_exact(model, torch.float64, ids, mask)) <= TOL[torch.float64]
+
+
+def test_the_default_float64_tolerance_of_a_float32_kernel_is_the_kernels(monkeypatch):
+    """A float64 model's delta-rule layers are held to FLOAT32_KERNEL_TOLERANCE by default (their
+    module rounds through float32), a tolerance the caller gives is kept as given."""
+    from implicit_attention import decomposition
+    from implicit_attention.errors import ReconstructionError
+
+    model = tiny("KimiLinearForCausalLM", dtype=torch.float64)
+    ids, mask = left_padded(batch=2, length=9, vocab=VOCAB)
+    mine_only = indices(model)
+    layers = ia.decompose(model, ids, mask, layers=mine_only).layers
+    error = max(layer.error for layer in layers)
+    assert 1e-12 < error < decomposition.FLOAT32_KERNEL_TOLERANCE  # float32 rounding, not ours
+    with pytest.raises(ReconstructionError):
+        ia.decompose(model, ids, mask, layers=mine_only, tolerance=error / 2)
+    # even where the float64 default is stricter than that rounding, the default check passes
+    monkeypatch.setitem(decomposition.DEFAULT_TOLERANCE, torch.float64, error / 2)
+    assert max(layer.error for layer in ia.decompose(model, ids, mask, layers=mine_only).layers) == pytest.approx(error)
+    relevance = ia.explain(model, ids, mask, method="raw", layers=mine_only)
+    assert torch.isfinite(relevance).all()

@@ -25,6 +25,10 @@ DEFAULT_TOLERANCE: dict[torch.dtype, float] = {
     torch.bfloat16: 5e-2,
 }
 
+#: Default tolerance of a float64 model's layers whose module rounds through float32 inside
+#: (``Architecture.rounds_in_float32``): their float64 output is only as exact as that rounding.
+FLOAT32_KERNEL_TOLERANCE = 1e-5
+
 
 @dataclass
 class Decomposition:
@@ -176,8 +180,13 @@ def offered_variants(targets) -> list[str]:
 
 
 def build_layers(captured: list[CapturedLayer], indices: list[int], *, variant: str, dtype: torch.dtype,
-                 check: bool, tolerance: float, progress: bool | None) -> list[LayerDecomposition]:
-    """Decompose captured layers and measure each reconstruction error; raise if an exact one misses."""
+                 check: bool, tolerance: float, progress: bool | None,
+                 default_tolerance: bool = False) -> list[LayerDecomposition]:
+    """Decompose captured layers and measure each reconstruction error; raise if an exact one misses.
+
+    ``default_tolerance``: ``tolerance`` is the model dtype's default, which a layer that rounds
+    through float32 inside raises to :data:`FLOAT32_KERNEL_TOLERANCE` (a tolerance the caller
+    gave is kept as given)."""
     layers = []
     for record, index in tqdm(list(zip(captured, indices)), desc="decomposing", unit="layer",
                               disable=(not progress) if progress is not None else True):
@@ -189,8 +198,10 @@ def build_layers(captured: list[CapturedLayer], indices: list[int], *, variant: 
             layer = record.architecture.build(local, variant=layer_variant(record.architecture, variant), dtype=dtype,
                                               index=index)
             layer.measure_error()
-        if check and layer.exact and not layer.error <= tolerance:
-            raise ReconstructionError(layer.name, layer.error, tolerance)
+        limit = (max(tolerance, FLOAT32_KERNEL_TOLERANCE)
+                 if default_tolerance and record.architecture.rounds_in_float32 else tolerance)
+        if check and layer.exact and not layer.error <= limit:
+            raise ReconstructionError(layer.name, layer.error, limit)
         layers.append(layer)
     return layers
 
@@ -216,7 +227,8 @@ def decompose(model: nn.Module, input_ids, attention_mask=None, *, variant: str 
         check: raise :class:`~implicit_attention.errors.ReconstructionError` when an exact
             variant misses the module's output by more than ``tolerance``.
         tolerance: relative error allowed; default by model dtype (1e-6 float64, 1e-4 float32,
-            1e-2 float16, 5e-2 bfloat16).
+            1e-2 float16, 5e-2 bfloat16), and 1e-5 for the float64 layers of modules that round
+            through float32 inside (the delta-rule mixers, lightning attention).
         progress: show a progress bar over layers (default: off).
 
     Returns:
@@ -236,6 +248,6 @@ def decompose(model: nn.Module, input_ids, attention_mask=None, *, variant: str 
         outputs = inputs.call(model)
     with torch.profiler.record_function(PHASE):
         built = build_layers(captured, layer_indices(model, captured), variant=variant, dtype=compute_dtype,
-                             check=check, tolerance=tol, progress=progress)
+                             check=check, tolerance=tol, progress=progress, default_tolerance=tolerance is None)
     return Decomposition(layers=built, input_values=ids, attention_mask=mask,
                          logits=getattr(outputs, "logits", None), variant=variant)

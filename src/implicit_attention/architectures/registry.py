@@ -69,6 +69,10 @@ class Architecture:
             the memory estimates (``None``: the generic one).
         exact_variants: the variants that are exact identities of the layer (the others leave a
             factor out on purpose); default the first variant alone.
+        rounds_in_float32: the module computes part of its forward in float32 whatever the model's
+            dtype (the delta-rule kernels, lightning attention's decays and norm), so a float64 model's
+            output carries float32 rounding: the default tolerance for its layers is then
+            :data:`~implicit_attention.decomposition.FLOAT32_KERNEL_TOLERANCE` rather than 1e-6.
         ignores_padding: whether the layer's outputs at real tokens do not depend on left padding
             (a bool, or a function of the module): ``False`` for layers that read padding tokens
             (RWKV-4 and xLSTM ignore the attention mask; a Mamba in-projection bias reaches real
@@ -87,6 +91,7 @@ class Architecture:
     footprint: LayerFootprint | None = None
     exact_variants: frozenset[str] | None = None
     ignores_padding: bool | Callable[[nn.Module], bool] = True
+    rounds_in_float32: bool = False
     _classes: list = field(default_factory=list, compare=False, repr=False)
 
     def is_exact(self, variant: str) -> bool:

@@ -199,7 +199,7 @@ def matrix_explanation(model: nn.Module, input_ids, attention_mask=None, *, meth
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(model_dtype(model), 1e-4)
     with torch.profiler.record_function(PHASE):
         built = build_layers(captured, layer_indices(model, captured), variant=variant, dtype=compute_dtype,
-                             check=check, tolerance=tol, progress=progress)
+                             check=check, tolerance=tol, progress=progress, default_tolerance=tolerance is None)
         captured.clear()  # the layers' inputs and call arguments: no longer needed
         mask_f = inputs.token_mask(compute_dtype)
         relevance = combine(method, built, grads, tgt.row, mask_f, aggregate=aggregate, start_layer=start_layer,

@@ -42,14 +42,14 @@ register(Architecture(
      "LaraMiniForCausalLM", "LaraMiniModel", "Qwen4ExpForCausalLM", "Qwen4ExpForConditionalGeneration",
      "Qwen4ExpTextModel"),
     VARIANTS, "out_proj", _BUILD, lambda module: module.value_dim, extra_hooks=record_core, footprint=FOOTPRINT,
-    exact_variants=EXACT_VARIANTS, ignores_padding=no_conv_bias))
+    exact_variants=EXACT_VARIANTS, ignores_padding=no_conv_bias, rounds_in_float32=True))
 
 # OLMo-Hybrid's mixer has the same math; its output projection is o_proj
 register(Architecture(
     "olmo_gated_deltanet", (f"{_HF}.olmo_hybrid.modeling_olmo_hybrid.OlmoHybridGatedDeltaNet",),
     ("OlmoHybridForCausalLM", "OlmoHybridModel"),
     VARIANTS, "o_proj", _BUILD, lambda module: module.value_dim, extra_hooks=record_core, footprint=FOOTPRINT,
-    exact_variants=EXACT_VARIANTS, ignores_padding=no_conv_bias))
+    exact_variants=EXACT_VARIANTS, ignores_padding=no_conv_bias, rounds_in_float32=True))
 
 __all__ = ["EXACT_VARIANTS", "FOOTPRINT", "VARIANTS", "DeltaFactors", "DeltaLayerDecomposition", "delta_attention",
            "delta_block", "delta_factors", "no_conv_bias", "read_factors", "record_core", "value_heads"]

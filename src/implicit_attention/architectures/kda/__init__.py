@@ -30,4 +30,4 @@ register(Architecture(
      "BailingHybridForCausalLM", "BailingHybridModel"),
     VARIANTS, "o_proj", layer_builder(DeltaLayerDecomposition, read_factors), lambda module: module.qkv_dim,
     extra_hooks=record_core, block_input=block_input, footprint=FOOTPRINT, exact_variants=EXACT_VARIANTS,
-    ignores_padding=no_conv_bias))
+    ignores_padding=no_conv_bias, rounds_in_float32=True))

@@ -14,7 +14,7 @@ register(Architecture(
     "lightning", ("transformers.models.minimax.modeling_minimax.MiniMaxLightningAttention",),
     ("MiniMaxForCausalLM", "MiniMaxModel"), VARIANTS, "out_proj",
     layer_builder(LightningLayerDecomposition, input_and_mask(lightning_factors)),
-    lambda module: module.out_proj.in_features))
+    lambda module: module.out_proj.in_features, rounds_in_float32=True))
 
 __all__ = ["VARIANTS", "LightningFactors", "LightningLayerDecomposition", "lightning_block", "lightning_factors",
            "lightning_heads"]
