@@ -211,6 +211,45 @@ ROWS = [
         "Jamba, Zamba, Zamba2, Bamba, NemotronH, GraniteMoeHybrid, FalconH1", "`unified`",
         factory_cases("test_hybrid_models", "tiny", ATTENTION_HYBRIDS, attns=("sdpa", "eager")), ATTENTION_KINDS),
 ]
+
+
+def minimax_cases(seed: int) -> list[Case]:
+    """``tests/test_lightning.py::tiny``: lightning, softmax (GQA), lightning layers."""
+    return [Case("MiniMaxForCausalLM", lambda dtype, seed: tests_module("test_lightning").tiny(dtype=dtype, seed=seed))]
+
+
+def combined(*parts: Callable[[int], list[Case]]) -> Callable[[int], list[Case]]:
+    """The cases of several factories, one after the other."""
+    return lambda seed: [case for part in parts for case in part(seed)]
+
+
+GATED_DELTANET = ["Qwen3NextForCausalLM", "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "OlmoHybridForCausalLM",
+                  "LaraMiniForCausalLM", "Qwen4ExpForCausalLM"]
+KDA = ["KimiLinearForCausalLM", "BailingHybridForCausalLM", "Glm5NextForConditionalGeneration"]
+SHORT_CONV = ["Lfm2ForCausalLM", "Lfm2MoeForCausalLM", "Lfm3ForCausalLM"]
+NEW_HYBRID_ATTENTION = ["Qwen3NextForCausalLM", "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen4ExpForCausalLM",
+                        "OlmoHybridForCausalLM", "LaraMiniForCausalLM", "KimiLinearForCausalLM",
+                        "BailingHybridForCausalLM", "Glm5NextTextModel"]
+NEW_ATTENTION_KINDS = frozenset({"attention_gated", "attention_qwen4", "attention_latent", "attention_bailing",
+                                 "attention_glm5", "attention_lfm2", "attention_minimax"})
+ROWS += [
+    Row("gated_deltanet", "Gated DeltaNet", ", ".join(f"`{c}`" for c in GATED_DELTANET)
+        + " (their delta-rule mixers; float64: the modules' own float32 kernels)",
+        "`unified`, `no_conv`; `delta`, `no_gate`, `no_act`",
+        factory_cases("test_gated_deltanet", "tiny", GATED_DELTANET), frozenset({"gated_deltanet", "olmo_gated_deltanet"})),
+    Row("kda", "Kimi Delta Attention", ", ".join(f"`{c}`" for c in KDA) + " (per-channel decay; float64 as above)",
+        "as Gated DeltaNet", factory_cases("test_kda", "tiny", KDA), frozenset({"kda"})),
+    Row("shortconv", "short gated convolutions", ", ".join(f"`{c}`" for c in SHORT_CONV), "`unified`; `no_gate`",
+        factory_cases("test_shortconv", "tiny", SHORT_CONV), frozenset({"shortconv"})),
+    Row("lightning", "lightning attention", "`MiniMaxForCausalLM` (float64: its float32 decays and norm)",
+        "`unified`; `recurrence`, `no_gate`", minimax_cases, frozenset({"lightning"})),
+    Row("attention_new_hybrids", "attention layers of the new hybrids",
+        "LFM2, LFM2-MoE, LFM3, MiniMax, Qwen3-Next, Qwen3.5, Qwen3.5-MoE, Qwen4-Exp, OLMo-Hybrid, LaraMini, "
+        "Kimi Linear, Bailing, GLM-5 Next (output gates, q/k norms, latent and sparse attention)", "`unified`",
+        combined(factory_cases("test_hybrid_attention", "tiny", NEW_HYBRID_ATTENTION, attns=("sdpa", "eager")),
+                 factory_cases("test_shortconv", "tiny", SHORT_CONV, attns=("sdpa", "eager")), minimax_cases),
+        NEW_ATTENTION_KINDS),
+]
 KEYS = [row.key for row in ROWS]
 
 

@@ -263,6 +263,18 @@ def test_info(capsys, tiny_dir: Path) -> None:
     assert "variants (mamba): unified (default, exact), s6, no_conv (exact), no_gate, no_act" in stdout
 
 
+def test_info_lists_every_architecture_without_a_model(capsys) -> None:
+    from implicit_attention.architectures import architectures
+
+    code, stdout, err = run(capsys, "info", "--architectures")
+    assert code == 0, err
+    assert "class:" not in stdout  # no model loaded
+    listed = [line.split(":")[0] for line in stdout.splitlines() if not line.startswith((" ", "not available"))]
+    assert listed == [arch.name for arch in architectures()]
+    assert "gated_deltanet: Qwen3NextForCausalLM" in stdout and "kda: KimiLinearForCausalLM" in stdout
+    assert "  variants: unified (default, exact), no_conv (exact), delta, no_gate, no_act" in stdout
+
+
 def test_ablation_variants_say_so(capsys, tiny_dir: Path) -> None:
     code, stdout, err = run(capsys, "explain", "great acting", "--model", tiny_dir, "--variant", "s6", "--no-color")
     assert code == 0, err

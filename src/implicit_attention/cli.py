@@ -93,6 +93,7 @@ INFO_EPILOG = """\
 examples:
   implicit-attention info
   implicit-attention info --model ./my-mamba-model
+  implicit-attention info --architectures
 """
 
 
@@ -262,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "variants and methods offered.",
                           epilog=INFO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_option(info)
+    info.add_argument("--architectures", action="store_true",
+                      help="list every supported architecture (its model classes and variants) instead of a "
+                           "model's layers; nothing is loaded")
     info.set_defaults(handler=cmd_info)
 
     _add_dataset_parser(sub, METHODS)
@@ -537,6 +541,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .catalog import BASELINE_METHODS, MATRIX_METHODS
     from .loading import load_model
 
+    if args.architectures:
+        return print_architectures()
     _check_device(args.device)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     model = loaded.model
@@ -570,6 +576,20 @@ def cmd_info(args: argparse.Namespace) -> int:
                              for i, v in enumerate(arch.variants))
         print(f"variants ({arch.name}): {variants}")
     print(f"methods: {', '.join(MATRIX_METHODS)} (implicit attention); {', '.join(BASELINE_METHODS)} (baselines)")
+    for package, reason in skipped_architectures().items():
+        print(f"not available: the {package} architectures ({reason})")
+    return 0
+
+
+def print_architectures() -> int:
+    """Every registered architecture: its name, the model classes that contain it, its variants."""
+    from .architectures import architectures, skipped_architectures
+
+    for arch in architectures():
+        variants = ", ".join(v + (" (default, exact)" if i == 0 else " (exact)" if arch.is_exact(v) else "")
+                             for i, v in enumerate(arch.variants))
+        print(f"{arch.name}: {', '.join(arch.model_classes)}")
+        print(f"  variants: {variants}")
     for package, reason in skipped_architectures().items():
         print(f"not available: the {package} architectures ({reason})")
     return 0
