@@ -250,6 +250,24 @@ ROWS += [
                  factory_cases("test_shortconv", "tiny", SHORT_CONV, attns=("sdpa", "eager")), minimax_cases),
         NEW_ATTENTION_KINDS),
 ]
+VIM_CONFIGS = [dict(), dict(cls_position=0, conv_kernel=4, use_bias=True),
+               dict(cls_position=5, use_conv_bias=False, divide_out=False, rms_norm=False, conv_kernel=2)]
+
+
+def vim_cases(seed: int) -> list[Case]:
+    """``tests/test_vim.py::tiny_vim`` (both classes; class token in the middle, first or at index 5 of 7) on a
+    batch of random pixels (images carry no padding)."""
+    test = tests_module("test_vim")
+    config = pick(VIM_CONFIGS, seed)
+    return [Case(f"{name} {config}", lambda dtype, seed, name=name: test.tiny_vim(name, dtype=dtype, seed=seed, **config),
+                 inputs=lambda seed: (test.pixels(batch=BATCH, seed=seed), None))
+            for name in ("VimForImageClassification", "VimModel")]
+
+
+ROWS += [
+    Row("vim", "Vision Mamba (ours)", "`VimForImageClassification`, `VimModel` (bidirectional: `(A_f + J A_b J) / 2`)",
+        "as Mamba", vim_cases, frozenset({"vim"})),
+]
 KEYS = [row.key for row in ROWS]
 
 
