@@ -18,7 +18,7 @@ import implicit_attention as ia
 from implicit_attention.architectures.vim import VARIANTS, VimLayerDecomposition, vim_factors
 from implicit_attention.architectures.vim.naive import naive_vim
 from implicit_attention.inputs import prepare_model_inputs
-from implicit_attention.models.vim import VimConfig, VimForImageClassification, VimModel
+from implicit_attention.models.vim import VimConfig, VimForImageClassification, VimModel, config_from_state_dict
 
 from conftest import assert_close, check_explanation
 
@@ -140,6 +140,11 @@ def test_published_checkpoint_loads_with_one_call(tmp_path):
             cfg.expand, cfg.num_labels, cfg.class_token_index) == (8, 2, 3, 3, 2, 2, 3, 3)
     x = pixels(dtype=torch.float32)
     assert torch.equal(from_file(pixel_values=x).logits, model(pixel_values=x).logits)
+    # square grids: the image side follows from the positions (stride 8 as in the published Vim-tiny+)
+    square = published_state_dict(patches=9)
+    assert config_from_state_dict(square)["image_size"] == 12
+    assert config_from_state_dict(square, stride=2)["image_size"] == 8
+    assert VimForImageClassification.from_vim_checkpoint(square, stride=2).config.num_patches == 9
     # and the published file decomposes exactly
     result = ia.decompose(from_file, x)
     assert max(result.errors) <= TOL[torch.float32]
@@ -169,6 +174,14 @@ def test_exact_variants_reconstruct_the_module(dtype, overrides, variant):
         assert layer.length == 7
         assert_close(layer.reconstruct(), captured[i], TOL[dtype], f"layer {i} {variant}")
         assert layer.error <= TOL[dtype]
+
+
+def test_float32_model_in_float64_and_bfloat16_model_in_float32():
+    result = ia.decompose(tiny_vim(dtype=torch.float32), pixels(dtype=torch.float32), dtype=torch.float64)
+    assert result.layers[0].dtype == torch.float64 and max(result.errors) <= 1e-5
+    # bfloat16: the module rounds its in-projection and scan output to bfloat16, as Mamba's test allows
+    result = ia.decompose(tiny_vim(dtype=torch.bfloat16), pixels(dtype=torch.float32))
+    assert result.layers[0].dtype == torch.float32 and max(result.errors) <= 5e-2
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

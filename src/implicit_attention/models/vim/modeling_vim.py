@@ -294,20 +294,23 @@ class VimForImageClassification(_VimBackbone, VimPreTrainedModel):
         if "model" in state and isinstance(state["model"], dict):
             state = state["model"]
         if config is None:
-            config = VimConfig(**{**config_from_state_dict(state), **config_kwargs})
+            config = VimConfig(**{**config_from_state_dict(state, config_kwargs.get("stride")), **config_kwargs})
         model = cls(config)
         model.load_state_dict(state, strict=True)
         return model.eval()
 
 
-def config_from_state_dict(state: dict[str, torch.Tensor]) -> dict:
-    """The :class:`VimConfig` sizes of a published state dict (square images, stride = patch size)."""
+def config_from_state_dict(state: dict[str, torch.Tensor], stride: int | None = None) -> dict:
+    """The :class:`VimConfig` sizes of a published state dict (square images; ``stride`` the patch step,
+    default the patch size, e.g. 8 for the published fine-tuned ``Vim-tiny+``)."""
     hidden, channels, patch, _ = state["patch_embed.proj.weight"].shape
     layers = 1 + max(int(key.split(".")[1]) for key in state if key.startswith("layers."))
     inner, states = state["layers.0.mixer.A_log"].shape
     rank = state["layers.0.mixer.dt_proj.weight"].shape[1]
-    side = math.isqrt(state["pos_embed"].shape[1] - 1)
-    return dict(hidden_size=hidden, num_channels=channels, patch_size=patch, image_size=side * patch,
+    side = math.isqrt(state["pos_embed"].shape[1] - 1)          # patches along a side
+    stride = patch if stride is None else stride
+    return dict(hidden_size=hidden, num_channels=channels, patch_size=patch, stride=stride,
+                image_size=(side - 1) * stride + patch,
                 num_hidden_layers=layers, state_size=states, expand=inner // hidden, time_step_rank=rank,
                 conv_kernel=state["layers.0.mixer.conv1d.weight"].shape[-1],
                 use_conv_bias="layers.0.mixer.conv1d.bias" in state,
