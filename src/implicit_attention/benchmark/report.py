@@ -244,8 +244,8 @@ def _plots(results, summaries, out: Path, titles: dict[str, str]) -> None:
                 if not np.isnan(value):
                     axis.text(c, r, f"{value:.0f}", ha="center", va="center", fontsize=5, color="white")
             figure.colorbar(image, ax=axis, label=column)
-            figure.tight_layout()
-            figure.savefig(out / f"heatmap_{task}_{column}.png", dpi=110)
+            # the bounding box grows to the rotated labels (a one-model grid is too short for tight_layout)
+            figure.savefig(out / f"heatmap_{task}_{column}.png", dpi=110, bbox_inches="tight")
             plt.close(figure)
 
 
