@@ -72,12 +72,14 @@ def selective_scan(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
     Args: u, dt, z ``[B, L, E]``; A ``[E, N]``; B, C ``[B, L, N]``; D ``[E]``. One token at a time.
     """
     batch, length, channels = u.shape
+    decay = torch.exp(dt[..., None] * A)                         # [B, L, E, N]
+    inputs = (dt * u)[..., None] * B[:, :, None, :]              # [B, L, E, N]
     state = u.new_zeros(batch, channels, A.shape[1])
-    ys = []
-    for t in range(length):
-        state = torch.exp(dt[:, t, :, None] * A) * state + (dt[:, t] * u[:, t])[..., None] * B[:, t, None, :]
-        ys.append(torch.einsum("ben,bn->be", state, C[:, t]))
-    y = torch.stack(ys, dim=1) + u * D
+    states = []
+    for t in range(length):                                      # two elementwise ops a token
+        state = decay[:, t] * state + inputs[:, t]
+        states.append(state)
+    y = torch.einsum("blen,bln->ble", torch.stack(states, dim=1), C) + u * D
     return y * F.silu(z)
 
 
