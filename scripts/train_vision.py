@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from implicit_attention.benchmark.stats import wilson_interval  # noqa: E402
 from implicit_attention.vision.classifiers import KINDS, build_classifier, parameter_count, vim_available  # noqa: E402
-from implicit_attention.vision.composites import FashionComposites, normalize  # noqa: E402
+from implicit_attention.vision.composites import MEAN, STD, FashionComposites, normalize  # noqa: E402
 
 MAX_BYTES = 3_000_000
 
@@ -158,6 +158,11 @@ def train_one(kind: str, args, device: torch.device, workers: int) -> dict | Non
     accuracy = test_accuracy(model, args, device, workers)
     model = model.to("cpu", torch.float16).eval()
     model.save_pretrained(out, safe_serialization=True)
+    # how explain-image (and transformers' image processors) turn an image into this model's input
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": 64, "width": 64},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [MEAN],
+        "image_std": [STD]}, indent=2) + "\n")
     size = (out / "model.safetensors").stat().st_size
     if size > MAX_BYTES:
         raise SystemExit(f"{kind}: the float16 checkpoint is {size / 1e6:.2f} MB, above {MAX_BYTES / 1e6:.0f} MB")

@@ -8,6 +8,9 @@ Subcommands:
 - ``explain-dataset FILE --out DIR``: explain every text of a text/CSV/JSONL file into
   ``DIR/results.jsonl`` and ``DIR/summary.json``; resumable, data-parallel under ``torchrun``
   (see :mod:`implicit_attention.dataset`).
+- ``explain-image IMAGE_OR_FOLDER --model DIR``: explain an image classifier's prediction on image
+  files (the same report as ``explain``, with the patch relevance drawn over each image; see
+  :mod:`implicit_attention.vision.images`).
 
 Run ``implicit-attention explain --help`` for every option.
 """
@@ -269,7 +272,64 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=cmd_info)
 
     _add_dataset_parser(sub, METHODS)
+    _add_image_parser(sub, METHODS)
     return parser
+
+
+IMAGE_EPILOG = """\
+examples:
+  implicit-attention explain-image photo.png --model out/vision-models/vit
+  implicit-attention explain-image data/fashion-composites/test --model out/vision-models/vit --limit 20 --out rep/
+  implicit-attention explain-image shoe.jpg --model ./my-vit --method rollout --target 7
+
+Any image Pillow reads is converted to the model's channels (grey or RGB) and resized to its image size
+(config.json); a preprocessor_config.json beside the model (image_mean, image_std) normalises the pixels.
+No image model is bundled yet: --model is required.
+
+exit status: 0 on success, 2 on a usage error or an error reported by the library.
+"""
+
+
+def _add_image_parser(sub, methods: Sequence[str]) -> None:
+    """The ``explain-image`` subcommand."""
+    im = sub.add_parser(
+        "explain-image", help="explain an image classifier on image files (relevance of each patch; report)",
+        description="Predict the class of each image (a file, or every image of a folder) and show which "
+                    "patches drove the prediction; --out writes report.html, explanation.json and, per image, "
+                    "the patch relevance upsampled to the pixels over the original (overlay_*.png).",
+        epilog=IMAGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _negative_number_lists(im)
+    im.add_argument("images", metavar="IMAGE_OR_FOLDER", help="an image file, or a folder of them (not recursive)")
+    im.add_argument("--model", metavar="DIR", default=None,
+                    help="an image classifier saved with save_pretrained (ViT, DeiT, our ViM, ...); required for "
+                         "now: no image model is bundled yet")
+    im.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
+                    help="dtype the model is loaded and run in (default: %(default)s)")
+    im.add_argument("--device", default=None, help="device for the model, e.g. cpu or cuda:0 (default: cpu)")
+    im.add_argument("--method", choices=methods, default="attribution",
+                    help="how relevance is computed, as for explain (default: %(default)s)")
+    im.add_argument("--option", dest="options", action="append", type=parse_method_option, metavar="NAME=VALUE",
+                    help=_method_options_help())
+    im.add_argument("--variant", choices=VARIANTS, default="unified",
+                    help="implicit attention formulation, as for explain (default: %(default)s)")
+    im.add_argument("--layers", type=parse_layers, default=None, metavar="I,J,...",
+                    help="token-mixing layers to use, e.g. 0,1,-1 or --layers=-1 (default: all)")
+    im.add_argument("--aggregate", choices=AGGREGATES, default="abs",
+                    help="channel aggregation of raw and rollout (default: %(default)s)")
+    im.add_argument("--target", default=None,
+                    help="explain this class (an index or a label name) for every image (default: the prediction)")
+    im.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images of a folder")
+    im.add_argument("--out", metavar="DIR", default=None,
+                    help="write DIR/report.html, DIR/explanation.json and the images (atomically, as explain)")
+    im.add_argument("--force", action="store_true", help="with --out: replace the report files in a non-empty DIR")
+    im.add_argument("--matrices", action=argparse.BooleanOptionalAction, default=None,
+                    help="with --out: draw each layer's aggregated maps per image (default: for at most 8 images)")
+    im.add_argument("--no-check", dest="check", action="store_false",
+                    help="do not fail when an exact decomposition misses its layer's output by more than the "
+                         "tolerance; the error is still printed")
+    im.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="progress bar on stderr (default: for a folder)")
+    im.set_defaults(handler=cmd_explain_image)
 
 
 def _add_dataset_parser(sub, methods: Sequence[str]) -> None:
@@ -593,6 +653,89 @@ def print_architectures() -> int:
     for package, reason in skipped_architectures().items():
         print(f"not available: the {package} architectures ({reason})")
     return 0
+
+
+# --------------------------------------------------------------------------------- explain-image
+def cmd_explain_image(args: argparse.Namespace) -> int:
+    from .vision.images import NO_BUNDLED_IMAGE_MODEL, image_files
+
+    if args.model is None:
+        raise ValueError(NO_BUNDLED_IMAGE_MODEL)
+    _check_device(args.device)
+    if args.force and args.out is None:
+        raise ValueError("--force only applies together with --out DIR")
+    if args.out is not None:
+        out = os.path.expanduser(args.out)
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ValueError(f"--out {args.out!r} exists and is not a directory")
+        if not args.force and os.path.isdir(out) and os.listdir(out):
+            raise ValueError(f"--out directory {args.out!r} is not empty; choose a new directory or pass --force "
+                             "to replace the report files in it (other files are kept)")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be at least 1")
+    files = image_files(args.images, args.limit)
+    method_options = _method_options(args)
+
+    from tqdm.auto import tqdm
+
+    from .loading import DTYPES
+    from .vision.classifiers import load_classifier
+    from .vision.evaluation import patch_grid
+    from .vision.images import Preprocessing, explain_image, label_of, resolve_class
+
+    model = load_classifier(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    if getattr(model, "main_input_name", None) != "pixel_values":
+        raise ValueError(f"{args.model}: {type(model).__name__} is not an image model (it reads "
+                         f"{getattr(model, 'main_input_name', '?')}); explain texts with 'explain'")
+    preprocessing = Preprocessing.for_model(model, args.model if os.path.isdir(args.model) else None)
+    target = resolve_class(model, args.target)
+    matrices = args.out is not None and (args.matrices if args.matrices is not None else len(files) <= 8)
+    options = dict(variant=args.variant, layers=args.layers, check=args.check, **method_options)
+    if args.method in ("raw", "rollout"):
+        options["aggregate"] = args.aggregate
+    grid = patch_grid(model)
+    print(f"model: {args.model} ({type(model).__name__}, {args.dtype}; {preprocessing.channels} channel(s), "
+          f"{preprocessing.size[0]} x {preprocessing.size[1]} pixels, {grid[0]} x {grid[1]} patches)")
+    print(f"method: {args.method}   variant: {args.variant}" + (f"   layers: {','.join(map(str, args.layers))}"
+                                                                  if args.layers else ""))
+    progress = args.progress if args.progress is not None else len(files) > 1
+    explained = []
+    for path in tqdm(files, unit="image", disable=not progress, file=sys.stderr, dynamic_ncols=True):
+        item = explain_image(model, path, preprocessing, method=args.method, target=target,
+                             decompose_for_report=args.out is not None, **options)
+        explained.append(item)
+        top = next(iter(item.probabilities))
+        label = int(item.explanation.target.ids[0])
+        cells = ", ".join(f"({r},{c})" for r, c in item.top_patches(3, grid))
+        message = (f"{path}: {top} (p={item.probabilities[top]:.4f}); explaining {label_of(model, label)!r} "
+                   f"(class {label}); most relevant patches (row, column): {cells}")
+        tqdm.write(message, file=sys.stdout) if progress else print(message)
+    layers = [layer for item in explained for d in (item.decomposition or item.explanation.decomposition,)
+              if d is not None for layer in d.layers]
+    print(_error_line(layers, args.variant) if layers else
+          f"max reconstruction error: n/a (the {args.method} baseline does not decompose the layers)")
+    if args.out is not None:
+        print(f"report: {_write_image_report(args, model, explained, matrices)}")
+    return 0
+
+
+def _write_image_report(args: argparse.Namespace, model, explained, matrices: bool) -> str:
+    from .render import ReportLayer, write_report
+    from .vision.images import report_example
+
+    names = {name: arch.name for name, _, arch in _layers_of(model)}
+    runs = [item.decomposition for item in explained]
+    layers = [ReportLayer(index=layer.index, name=layer.name, error=max(float(d.layers[i].error) for d in runs),
+                          architecture=names.get(layer.name, ""), exact=bool(layer.exact), channels=layer.channels,
+                          error_channels=min(d.layers[i].error_channels for d in runs))
+              for i, layer in enumerate(runs[0].layers)] if runs and runs[0] is not None else []
+    examples = [report_example(model, item, number, matrices=matrices) for number, item in enumerate(explained)]
+    settings = {"layers": ",".join(map(str, args.layers)) if args.layers else "all",
+                "aggregate": args.aggregate if args.method in ("raw", "rollout") else None,
+                "target": args.target, "dtype": args.dtype, "check": args.check, "device": args.device or "cpu",
+                "images": args.images}
+    return str(write_report(args.out, examples=examples, layers=layers, method=args.method, variant=args.variant,
+                            model=args.model, settings=settings, overwrite=args.force))
 
 
 # ------------------------------------------------------------------------------- explain-dataset

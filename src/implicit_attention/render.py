@@ -229,6 +229,8 @@ class ReportExample:
         span_text: the user's text as the model read it.
         words: ``[(word, relevance), ...]`` the span merged into words (optional).
         diagnostics: what the method reported beside the relevance (e.g. ``convergence_delta``).
+        pictures: ``[(file name, caption, write)]`` images shown with the example (an image model's
+            relevance over the image): ``write(path)`` draws the file into the report's directory.
     """
 
     text: str
@@ -243,6 +245,7 @@ class ReportExample:
     span_text: str | None = None
     words: list[tuple[str, float]] | None = None
     diagnostics: dict[str, float] = field(default_factory=dict)
+    pictures: list[tuple[str, str, Any]] = field(default_factory=list)
 
 
 MATRIX_TITLES = {"mean": "signed channel mean of A", "abs": "channel mean of |A|", "pos": "channel mean of max(A, 0)"}
@@ -362,7 +365,13 @@ def _write_files(tmp: Path, *, examples, layers, method, variant, model, setting
                 matrix_png(matrix, example.tokens, tmp / name, title)
                 row.append({"file": name, "layer": layer.index, "aggregate": how})
         images.append(row)
-    files = [img["file"] for row in images for img in row] + list(REPORT_FILES)
+    pictures = []
+    for example in examples:
+        for name, _, write in example.pictures:
+            write(tmp / name)
+        pictures.append([{"file": name, "caption": caption} for name, caption, _ in example.pictures])
+    files = ([img["file"] for row in images for img in row] + [p["file"] for row in pictures for p in row]
+             + list(REPORT_FILES))
     errors = [layer.error for layer in layers if math.isfinite(layer.error)]
     info = {
         "format": "implicit-attention-explanation",
@@ -389,6 +398,7 @@ def _write_files(tmp: Path, *, examples, layers, method, variant, model, setting
             "target": ex.target,
             "diagnostics": dict(ex.diagnostics),
             "images": images[i],
+            **({"pictures": pictures[i]} if pictures[i] else {}),
         } for i, ex in enumerate(examples)],
         "files": files,
         "versions": versions(),
@@ -495,6 +505,9 @@ def _html(info: dict) -> str:
             for img in ex["images"])
         matrices = (f"<h3>Aggregated implicit attention per layer</h3><div class=matrices>{figures}</div>"
                     if figures else "")
+        shown = "".join(f'<figure><img src="{_e(p["file"])}" alt="{_e(p["caption"])}"><figcaption>'
+                        f'{_e(p["caption"])}</figcaption></figure>' for p in ex.get("pictures", []))
+        pictures = f"<h3>Relevance on the image</h3><div class=matrices>{shown}</div>" if shown else ""
         sections.append(
             f"<h2>Example {i + 1}</h2><p class=text>{_e(ex['text'])}</p>"
             f"<p class=pred>Prediction ({kind}): <strong>{_e(pred.get('label', ''))}</strong> "
@@ -504,7 +517,7 @@ def _html(info: dict) -> str:
                f"{_e(tgt.get('position'))} (target {_e(tgt.get('label') or repr(tgt.get('token')))}, token id "
                f"{_e(tgt.get('id'))})</p>" if tgt.get("score") else
                f"<p>Explained score: logit of {target}</p>")
-            + f"<h3>Relevance of the input tokens</h3>{legend}"
+            + pictures + f"<h3>Relevance of the input tokens</h3>{legend}"
             f"<div class=tokens>{_token_html(ex['tokens'], ex['relevance'], ex['relevance_normalized'], ex['in_span'])}</div>"
             f"{matrices}")
     return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
