@@ -7,6 +7,7 @@ the rest run on the PNGs kept in data/fashion-composites/test and on hand-made a
 from __future__ import annotations
 
 import gzip
+import lzma
 import struct
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 
 from implicit_attention.vision.composites import (
     CLASSES,
+    FILES,
     MEAN,
     STD,
     CompositeConfig,
@@ -36,11 +38,11 @@ needs_package = pytest.mark.skipif(not fashion_mnist_available(), reason="needs 
 def write_idx(path: Path, array: np.ndarray, code: int = 0x08) -> Path:
     header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     body = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-    (gzip.open if path.suffix == ".gz" else open)(path, "wb").write(body)
+    {".gz": gzip.open, ".xz": lzma.open}.get(path.suffix, open)(path, "wb").write(body)
     return path
 
 
-@pytest.mark.parametrize("suffix", [".gz", ""])
+@pytest.mark.parametrize("suffix", [".gz", ".xz", ""])
 def test_read_idx_reads_shape_and_values(tmp_path, suffix):
     images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     assert np.array_equal(read_idx(write_idx(tmp_path / f"x{suffix}", images)), images)
@@ -56,6 +58,16 @@ def test_read_idx_refuses_other_files(tmp_path):
     (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-1])
     with pytest.raises(ValueError, match="bytes follow"):
         read_idx(tmp_path / "short")
+
+
+def test_xz_recompressed_files_are_found(tmp_path):
+    images = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
+    for split, (image_file, label_file) in FILES.items():
+        write_idx(tmp_path / image_file.replace(".gz", ".xz"), images)
+        write_idx(tmp_path / label_file.replace(".gz", ""), np.array([0, 1, 9], dtype=np.uint8))
+    assert fashion_mnist_available(tmp_path)
+    loaded, labels = load_fashion_mnist("train", root=tmp_path)
+    assert np.array_equal(loaded, images) and labels.tolist() == [0, 1, 9]
 
 
 def test_missing_package_says_how_to_install(tmp_path):

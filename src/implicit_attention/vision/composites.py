@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import lzma
 import os
 import struct
 from dataclasses import asdict, dataclass
@@ -62,13 +63,13 @@ class FashionMNISTMissing(FileNotFoundError):
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """An IDX file (gzipped or not) as a numpy array of its shape (``[N, 28, 28]`` images, ``[N]`` labels).
+    """An IDX file (gzip- or xz-compressed, or not) as a numpy array of its shape (``[N, 28, 28]`` images, ``[N]`` labels).
 
     The header is two zero bytes, a type code, the number of dimensions, then each dimension as
     a big-endian 32-bit integer; the data follows.
     """
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
+    opener = {".gz": gzip.open, ".xz": lzma.open}.get(path.suffix, open)
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
@@ -88,22 +89,32 @@ def fashion_mnist_root(root: str | os.PathLike | None = None) -> Path:
     return Path(root or os.environ.get("FASHION_MNIST_DIR") or DEFAULT_ROOT)
 
 
+def _find(base: Path, name: str) -> Path | None:
+    """``base / name``, or the same file recompressed with xz (``.xz`` for ``.gz``), or uncompressed."""
+    stem = name.removesuffix(".gz")
+    for candidate in (name, stem + ".xz", stem):
+        if (base / candidate).is_file():
+            return base / candidate
+    return None
+
+
 def fashion_mnist_available(root: str | os.PathLike | None = None) -> bool:
-    """Whether both splits' IDX files are there."""
+    """Whether both splits' IDX files are there (``.gz`` as packaged, ``.xz`` or uncompressed)."""
     base = fashion_mnist_root(root)
-    return all((base / name).is_file() for files in FILES.values() for name in files)
+    return all(_find(base, name) is not None for files in FILES.values() for name in files)
 
 
 @lru_cache(maxsize=4)
 def _load(split: str, root: str) -> tuple[np.ndarray, np.ndarray]:
     images_file, labels_file = FILES[split]
     base = Path(root)
-    if not (base / images_file).is_file() or not (base / labels_file).is_file():
+    images_path, labels_path = _find(base, images_file), _find(base, labels_file)
+    if images_path is None or labels_path is None:
         raise FashionMNISTMissing(
             f"Fashion-MNIST is not installed in {base} (no {images_file}): install the Debian package with "
             "'apt-get update && apt-get install -y dataset-fashion-mnist', or set FASHION_MNIST_DIR to a directory "
-            "holding the four *-ubyte.gz files; the first test composites are also in data/fashion-composites/test")
-    images, labels = read_idx(base / images_file), read_idx(base / labels_file)
+            "holding the four *-ubyte.gz files (or *-ubyte.xz); the first test composites are also in data/fashion-composites/test")
+    images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or labels.shape != images.shape[:1]:
         raise ValueError(f"{base}: {split} images {images.shape} and labels {labels.shape} do not match")
     return images, labels.astype(np.int64)
