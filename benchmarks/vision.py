@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from implicit_attention.vision.composites import (  # noqa: E402
     CompositeFolder,
     FashionComposites,
-    fashion_mnist_available,
+    FashionMNISTMissing,
     normalize,
 )
 from implicit_attention.vision.evaluation import evaluate_batch, format_table, interval_dict, summarize  # noqa: E402
@@ -63,8 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--option", dest="options", action="append", default=[], metavar="NAME=VALUE",
                         help="a method option (steps=16 for integrated gradients, ...), repeatable")
     parser.add_argument("--data", default="generated",
-                        help="'generated' (the test split from the Debian package; the saved PNGs when it is "
-                             "absent) or a folder written by scripts/make_fashion_composites.py")
+                        help="'generated' (the test split from the Debian package's t10k files, or FASHION_MNIST_DIR; "
+                             "the saved PNGs when they are absent) or a folder written by scripts/make_fashion_composites.py")
     parser.add_argument("--limit", type=int, default=1000, help="test images (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="the composites' seed")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "vision-benchmark")
@@ -89,8 +89,10 @@ def parse_option(text: str) -> tuple[str, object]:
 
 def dataset(args):
     if args.data == "generated":
-        if fashion_mnist_available():
+        try:
             return FashionComposites("test", length=args.limit, seed=args.seed), f"generated test split, seed {args.seed}"
+        except FashionMNISTMissing:
+            pass
         print(f"Fashion-MNIST is not installed: using the {len(CompositeFolder(SAVED))} saved composites in "
               f"{SAVED.relative_to(REPO_ROOT)} (apt-get install dataset-fashion-mnist for more)", file=sys.stderr)
         folder = SAVED

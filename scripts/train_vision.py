@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--data-dir", default=None, help="directory of the Fashion-MNIST *-ubyte.gz files")
     parser.add_argument("--force", action="store_true", help="retrain models that are already finished")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                        help="bfloat16 autocast on CUDA (default: on)")
     return parser.parse_args(argv)
 
 
@@ -123,8 +125,7 @@ def train_one(kind: str, args, device: torch.device, workers: int) -> dict | Non
             print(f"{kind}: {state_path} has other settings; starting over")
     train = FashionComposites("train", length=args.steps * args.batch_size, seed=args.seed, root=args.data_dir)
     remaining = torch.utils.data.Subset(train, range(step * args.batch_size, len(train)))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
-                                                                                                          enabled=False)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
     start, running, seen = time.time(), 0.0, 0
     model.train()
 
@@ -133,26 +134,31 @@ def train_one(kind: str, args, device: torch.device, workers: int) -> dict | Non
                     "scheduler": scheduler.state_dict(), "step": step, "history": history,
                     "elapsed": elapsed + time.time() - start, "settings": settings_of(args)}, state_path)
 
-    for pixels, labels, _ in loader(remaining, args.batch_size, workers):
-        if step >= args.steps:
-            break
-        with autocast:
-            logits = model(pixel_values=normalize(pixels).to(device, non_blocking=True)).logits
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        running, seen = running + loss.item(), seen + 1
-        if step % args.log_every == 0 or step == args.steps:
-            history.append({"step": step, "loss": running / seen, "lr": scheduler.get_last_lr()[0]})
-            print(f"{kind}: step {step}/{args.steps} loss {running / seen:.4f} "
-                  f"({elapsed + time.time() - start:.0f} s)", flush=True)
-            running, seen = 0.0, 0
-        if step % args.save_every == 0 and step < args.steps:
-            save_state()
+    try:
+        for pixels, labels, _ in loader(remaining, args.batch_size, workers):
+            if step >= args.steps:
+                break
+            with autocast:
+                logits = model(pixel_values=normalize(pixels).to(device, non_blocking=True)).logits
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            running, seen = running + loss.item(), seen + 1
+            if step % args.log_every == 0 or step == args.steps:
+                history.append({"step": step, "loss": running / seen, "lr": scheduler.get_last_lr()[0]})
+                print(f"{kind}: step {step}/{args.steps} loss {running / seen:.4f} "
+                      f"({elapsed + time.time() - start:.0f} s)", flush=True)
+                running, seen = 0.0, 0
+            if step % args.save_every == 0 and step < args.steps:
+                save_state()
+    except KeyboardInterrupt:                      # Ctrl-C, or timeout --signal=INT: keep the work done
+        save_state()
+        print(f"{kind}: interrupted at step {step}; state saved to {state_path}: run again to resume", flush=True)
+        raise SystemExit(130) from None
     train_seconds = elapsed + time.time() - start
     tested = time.time()
     accuracy = test_accuracy(model, args, device, workers)
@@ -181,7 +187,7 @@ def train_one(kind: str, args, device: torch.device, workers: int) -> dict | Non
 
 def settings_of(args) -> dict:
     return {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-            "warmup": args.warmup, "limit": args.limit, "seed": args.seed}
+            "warmup": args.warmup, "limit": args.limit, "seed": args.seed, "amp": args.amp}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The image classifiers' training and the image benchmark on the offline GPU machine.
+#
+# That machine has torch, transformers 5.17 (enough for ViT, DeiT and our ViM: the vision tests pass
+# with it) and no Debian package: the Fashion-MNIST files travel recompressed with xz (26 MB, with
+# the checkout under the 64 MiB cap; no wheels needed for the default methods).
+#
+#   scripts/vision_accelerator.sh data                  # here, once: out/fashion-mnist/*.xz
+#   scripts/vision_accelerator.sh train [ARGS...]       # there (carry out/fashion-mnist only):
+#                                                       #   scripts/train_vision.py --device cuda ARGS,
+#                                                       #   stopped in time (state saved); the same call
+#                                                       #   again on the still-warm machine resumes
+#   scripts/vision_accelerator.sh benchmark [ARGS...]   # there (carry out/fashion-mnist, out/vision-models,
+#                                                       #   out/vision-benchmark): benchmarks/vision.py --device cuda ARGS
+#
+# Each call copies out/vision-models (without state.pt) or out/vision-benchmark to $OUT/ as one tar
+# file; unpack it here with `tar -C out -xf FILE`. Name out/vision-models in carry only when it is
+# here (a carried path that is absent here is removed there); on a fresh machine carry it back.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LIMIT=${LIMIT:-540}          # seconds of work per call: the device tool allows 600
+
+case "${1:-}" in
+data)
+    mkdir -p out/fashion-mnist
+    for f in /usr/share/datasets/fashion-mnist/*-ubyte.gz; do
+        zcat "$f" | xz -9e -T1 > "out/fashion-mnist/$(basename "$f" .gz).xz"
+    done
+    ls -l out/fashion-mnist
+    ;;
+train|benchmark)
+    what=$1; shift
+    export FASHION_MNIST_DIR="$PWD/out/fashion-mnist" PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
+    python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
+    status=0
+    if [ "$what" = train ]; then
+        timeout --signal=INT "$LIMIT" python scripts/train_vision.py --device cuda "$@" || status=$?
+        dir=vision-models
+    else
+        timeout --signal=INT "$LIMIT" python benchmarks/vision.py --device cuda "$@" || status=$?
+        dir=vision-benchmark
+    fi
+    # the models and results without the training state (state.pt: resumed from the warm machine's own copy)
+    if [ -n "${OUT:-}" ] && [ -d "out/$dir" ]; then tar -C out --exclude=state.pt -cf "$OUT/$dir.tar" "$dir"; fi
+    echo "exit status $status (124 or 130: stopped after $LIMIT s; run the same command again to continue)"
+    ;;
+*)
+    sed -n '2,17p' "$0"; exit 2 ;;
+esac
