@@ -217,10 +217,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not args.report_only:
-        if args.device == "cpu":
-            torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
-        run(args, models, methods)
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()                                  # no weight-loading bars between ours
+    try:
+        if not args.report_only:
+            if args.device == "cpu":
+                torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+            run(args, models, methods)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     print(report(args, models, methods))
     print(f"results: {args.out / 'results.jsonl'}; summary: {args.out / 'summary.json'}; table: "
           f"{args.out / 'table.md'}")
