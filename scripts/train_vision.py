@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -78,9 +79,15 @@ def hardware(device: torch.device) -> dict:
     return info
 
 
+def _ignore_interrupts(_worker: int) -> None:
+    # the data workers keep running on Ctrl-C / timeout --signal=INT: the main process stops them after saving
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def loader(dataset, batch_size: int, workers: int, shuffle: bool = False):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                                       persistent_workers=False, drop_last=False)
+                                       persistent_workers=False, drop_last=False,
+                                       worker_init_fn=_ignore_interrupts if workers else None)
 
 
 @torch.no_grad()
