@@ -76,8 +76,9 @@ def selective_scan(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
     inputs = (dt * u)[..., None] * B[:, :, None, :]              # [B, L, E, N]
     state = u.new_zeros(batch, channels, A.shape[1])
     states = []
-    for t in range(length):                                      # two elementwise ops a token
-        state = decay[:, t] * state + inputs[:, t]
+    # unbind, not decay[:, t]: indexing would give the backward pass one full-size gradient per token
+    for decay_t, input_t in zip(decay.unbind(1), inputs.unbind(1)):   # two elementwise ops a token
+        state = decay_t * state + input_t
         states.append(state)
     y = torch.einsum("blen,bln->ble", torch.stack(states, dim=1), C) + u * D
     return y * F.silu(z)
