@@ -216,3 +216,31 @@ def test_explain_main_methods_on_the_attention_layers(class_name, method):
     expl = check_explanation(model, ids, mask, method=method, layers=attention_indices(model))
     if expl is not None and expl.decomposition is not None:
         assert all(isinstance(layer, AttentionLayerDecomposition) for layer in expl.decomposition.layers)
+
+
+def test_float64_grouped_mm_experts_are_refused_with_the_fix_and_our_loader_applies_it(tmp_path):
+    """transformers' grouped-mm experts refuse float64: the API says how to switch to the eager experts
+    (the same function), and load_model, which makes the model itself, switches."""
+    from implicit_attention.loading import load_model
+
+    config = tf.Qwen3NextConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+                                layer_types=["linear_attention", "full_attention"], num_attention_heads=2,
+                                num_key_value_heads=1, head_dim=8, num_experts=2, num_experts_per_tok=1,
+                                moe_intermediate_size=8, linear_num_key_heads=1, linear_num_value_heads=2,
+                                linear_key_head_dim=4, linear_value_head_dim=4)
+    torch.manual_seed(0)
+    model = tf.Qwen3NextForCausalLM(config).double().eval()
+    assert model.config._experts_implementation == "grouped_mm"
+    ids = torch.randint(1, VOCAB, (1, 5))
+    with pytest.raises(ValueError, match=r"set_experts_implementation\('eager'\)"):
+        ia.decompose(model, ids)
+    model.save_pretrained(tmp_path)
+    import shutil
+    from pathlib import Path
+
+    zoo = Path(__file__).resolve().parents[1] / "zoo" / "gla"  # any tokenizer: load_model wants one
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(zoo / name, tmp_path / name)
+    loaded = load_model(tmp_path, dtype=torch.float64)
+    assert loaded.model.config._experts_implementation == "eager"
+    assert max(ia.decompose(loaded.model, ids).errors) < 1e-6

@@ -82,3 +82,19 @@ def model_dtype(model: nn.Module) -> torch.dtype:
         if param.is_floating_point():
             return param.dtype
     return torch.float32
+
+
+def refuses_float64_experts(model: nn.Module) -> bool:
+    """Whether ``model`` runs in float64 with ``transformers``' grouped-matmul mixture-of-experts
+    kernel, which refuses float64 (the eager experts compute the same function)."""
+    config = getattr(model, "config", None)
+    implementation = getattr(config, "_experts_implementation", None) if config is not None else None
+    return model_dtype(model) == torch.float64 and implementation == "grouped_mm"
+
+
+def check_float64_experts(model: nn.Module) -> None:
+    """Refuse, with the fix in one line, a float64 model whose experts run the grouped matmul."""
+    if refuses_float64_experts(model):
+        raise ValueError(f"{type(model).__name__} runs its mixture-of-experts layers with transformers' "
+                         "grouped_mm kernel, which refuses float64: call model.set_experts_implementation('eager') "
+                         "first (the same function in plain matmuls), or load it in float32")

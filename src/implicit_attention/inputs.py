@@ -15,7 +15,7 @@ from torch import nn
 
 from .architectures import find_layers
 from .architectures.registry import model_layers
-from .devices import model_device, model_dtype
+from .devices import check_float64_experts, model_device, model_dtype
 from .errors import EmptyInputError
 
 
@@ -254,6 +254,7 @@ def prepare_model_inputs(model: nn.Module, inputs, attention_mask=None) -> Model
     """
     if isinstance(inputs, ModelInputs):
         return inputs
+    check_float64_experts(model)
     causal = is_causal_model(model)
     if getattr(model, "main_input_name", "input_ids") != "pixel_values":
         ids, mask = prepare_inputs(model, inputs, attention_mask)

@@ -34,6 +34,7 @@ from torch import nn
 from .architectures import find_layers
 from .architectures.registry import unsupported_model
 from .bundled import BUNDLED_MODEL, bundled_model_path
+from .devices import refuses_float64_experts
 from .errors import ImplicitAttentionError, UnsupportedModelError
 
 #: dtype names accepted by :func:`load_model` (and the CLI's ``--dtype``).
@@ -184,6 +185,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype=None, dev
         hint = "" if local else (" (no such local directory either; loading a Hub id needs network access "
                                  "or a copy in the local Hugging Face cache)")
         raise ModelLoadError(f"could not load the model from {where}{hint}: {_describe(exc)}") from exc
+    if refuses_float64_experts(model):  # our own load: the eager experts are the same function in float64
+        model.set_experts_implementation("eager")
     missing = sorted(info.get("missing_keys") or []) + sorted(f"{key} (shape mismatch)" for key, *_ in
                                                               info.get("mismatched_keys") or [])
     if missing:
