@@ -477,3 +477,15 @@ def test_method_options_are_checked_before_anything_runs(capsys, tiny_dir: Path,
     code, _, err = run(capsys, "explain-dataset", data, "--model", tiny_dir, "--out", out,
                        "--method", "rollout", "--aggregate", "mean")
     assert code == 2 and not out.exists()
+
+
+def test_lrp_on_a_model_without_rules_is_one_line_and_writes_nothing(capsys, tmp_path: Path) -> None:
+    zoo_rwkv6 = str(Path(__file__).resolve().parents[1] / "zoo" / "rwkv6")
+    code, stdout, err = run(capsys, "explain", "a dull film", "--model", zoo_rwkv6, "--method", "lrp")
+    assert code == 2 and err.startswith("error: method 'lrp' has rules for") and "Traceback" not in err
+    data = tmp_path / "r.csv"
+    data.write_text('text,label\n"a dull film",0\n')
+    code, stdout, err = run(capsys, "explain-dataset", str(data), "--label-column", "label", "--out",
+                            str(tmp_path / "run"), "--model", zoo_rwkv6, "--method", "lrp")
+    assert code == 2 and "method 'lrp' has rules for" in err
+    assert not (tmp_path / "run").exists()  # refused before the run directory is touched

@@ -789,7 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReconstructionError as exc:
         print(f"error: {exc} (on the command line: --no-check)", file=sys.stderr)
         return 2
-    except (ImplicitAttentionError, ValueError, IndexError, OSError) as exc:
+    except (ImplicitAttentionError, ValueError, IndexError, OSError, NotImplementedError) as exc:
         message = str(exc).strip() or type(exc).__name__
         print(f"error: {' '.join(message.split())}", file=sys.stderr)
         return 2

@@ -296,6 +296,10 @@ def _run(options: DatasetOptions, dist: Distributed, stack: contextlib.ExitStack
     settings = options.settings(fmt, file_sha256(Path(options.path).expanduser()))
     check_run(options.out, settings, options.force)
     loaded = load_for_run(options, _rank_device(options, dist))
+    if options.method == "lrp":  # refused before the run directory is touched
+        from ..explanations.lrp import refuse_unsupported
+
+        refuse_unsupported(loaded.model)
     gold = map_gold(records, gold_aliases(loaded, options.label_map), loaded.labels)
     from ..text import target_token_id
     target_id = target_token_id(loaded, options.target)
