@@ -489,3 +489,12 @@ def test_lrp_on_a_model_without_rules_is_one_line_and_writes_nothing(capsys, tmp
                             str(tmp_path / "run"), "--model", zoo_rwkv6, "--method", "lrp")
     assert code == 2 and "method 'lrp' has rules for" in err
     assert not (tmp_path / "run").exists()  # refused before the run directory is touched
+
+
+def test_texts_of_a_model_that_reads_padding_are_numbered_and_its_layers_counted_once(capsys) -> None:
+    zoo_xlstm = str(Path(__file__).resolve().parents[1] / "zoo" / "xlstm")  # reads padding: one run a text
+    code, stdout, err = run(capsys, "explain", "a gorgeous, witty film", "a dull, lifeless mess", "--model",
+                            zoo_xlstm, "--no-color")
+    assert code == 0, err
+    assert "[1] 'a gorgeous, witty film'" in stdout and "[2] 'a dull, lifeless mess'" in stdout
+    assert "worst of 4 decomposed layers" in stdout and "over 2 runs, one a text" in stdout

@@ -505,10 +505,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     print(f"model: {loaded.name} ({type(loaded.model).__name__}, {args.dtype})")
     print(f"method: {args.method}   variant: {args.variant}"
           + (f"   layers: {','.join(map(str, args.layers))}" if args.layers else ""))
-    for example in result:
+    for number, example in enumerate(result, 1):
         tgt = example.target
         print()
-        print(f"[{example.row + 1}] {example.text!r}" if len(result) > 1 else f"text: {example.text!r}")
+        print(f"[{number}] {example.text!r}" if len(result) > 1 else f"text: {example.text!r}")
         print(f"  {_prediction_line(example.prediction)}")
         where = (f"after token {tgt.position} ({example.tokens[tgt.position]!r})" if tgt.position is not None
                  else f"at padded position {tgt.batch_position} (inside the left padding of this text)")
@@ -527,9 +527,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
             print(f"  {DIAGNOSTICS.get(key, key)}: {value:.3g}")
 
     print()
-    layers = [layer for d in decompositions.values() if d is not None for layer in d.layers]
+    runs = [d for d in decompositions.values() if d is not None]
+    layers = [layer for d in runs for layer in d.layers]
     if layers:
-        print(_error_line(layers, args.variant))
+        print(_error_line(layers, args.variant, runs=len(runs)))
     else:
         print(f"max reconstruction error: n/a (the {args.method} baseline does not decompose the layers)")
 
@@ -546,12 +547,15 @@ DIAGNOSTICS = {
 }
 
 
-def _error_line(layers, variant: str) -> str:
+def _error_line(layers, variant: str, runs: int = 1) -> str:
     """The reconstruction check of the decomposed ``layers`` in one line, saying when a variant is an
-    ablation or channels were sampled."""
+    ablation or channels were sampled; ``runs`` > 1 when the texts ran one at a time (a model that
+    reads padding), each decomposing the same layers."""
     worst = max(layers, key=lambda layer: layer.error)
-    line = (f"max reconstruction error: {worst.error:.2e} (worst of {len(layers)} decomposed "
-            f"layer{'s' if len(layers) != 1 else ''}: layer {worst.index}; variant {variant})")
+    count = len({layer.index for layer in layers})
+    line = (f"max reconstruction error: {worst.error:.2e} (worst of {count} decomposed "
+            f"layer{'s' if count != 1 else ''}: layer {worst.index}; variant {variant}"
+            + (f"; over {runs} runs, one a text: this model reads padding" if runs > 1 else "") + ")")
     if not all(layer.exact for layer in layers):
         line += f"; {variant} is an ablation, not an exact identity: the error measures what it leaves out"
     if any(layer.error_channels < layer.channels for layer in layers):
