@@ -242,3 +242,16 @@ def test_offered_variants_keep_a_hybrids_attention_layers_unified_and_need_every
     assert offered_variants([("a", None, attention), ("m", None, mamba)]) == ["unified", "s6", "no_conv"]
     assert offered_variants([("a", None, attention)]) == ["unified"]
     assert offered_variants([("m", None, mamba), ("r", None, rwkv)]) == ["unified"]  # no variant both offer
+
+
+def test_the_headline_has_no_table_for_a_task_nobody_ran():
+    rows = _rows("attribution/unified", [0.2, 0.3, 0.25]) + _rows("random", [0.6, 0.7, 0.65])
+    table = report.headline({"toy/sentiment": report.summarise(rows, resamples=100)}, {"toy": "Toy"})
+    assert "**sentiment**" in table and "| Toy | 3 |" in table and "**groundtruth**" not in table
+
+
+def test_a_decompositions_repr_is_one_line(bundled):
+    ids = torch.tensor([encode_text(bundled, "a gem").ids])
+    text = repr(__import__("implicit_attention").decompose(bundled.model, ids))
+    assert text.startswith("Decomposition(4 layers, variant='unified', input 1x") and "\n" not in text
+    assert "max reconstruction error" in text and "tensor" not in text

@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Explain the predictions of gated-linear RNNs, state-space models (Mamba, Mamba-2, RWKV, "
                     "Griffin, xLSTM, RetNet, HGRN, GLA, hybrids) and Transformers with the exact implicit "
                     "attention matrices of their token-mixing layers.",
-        epilog=f"Run '{PROG} explain --help', '{PROG} explain-dataset --help' or '{PROG} info --help' for the "
+        epilog=f"Run '{PROG} explain --help', '{PROG} explain-dataset --help', '{PROG} explain-image --help' or "
+               f"'{PROG} info --help' for the "
                "options of each command.\n\n"
                + EXPLAIN_EPILOG.split("\n\n")[0] + "\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -58,6 +58,12 @@ class Decomposition:
                       "pixel values for image models)", DeprecationWarning, stacklevel=2)
         return self.input_values
 
+    def __repr__(self) -> str:
+        shape = "x".join(map(str, self.input_values.shape))
+        worst = f"{max(self.errors):.2e}" if self.layers else "n/a"
+        return (f"Decomposition({len(self.layers)} layers, variant={self.variant!r}, input {shape}, "
+                f"max reconstruction error {worst})")
+
     def __len__(self) -> int:
         return len(self.layers)
 
