@@ -7,7 +7,7 @@ writes it to out/zoo/minilm/sentiment; implicit_attention.benchmark.reference). 
 sentiment task only: the ground-truth task checks the zoo's operators and is not needed for it.
 ``--models all`` includes it where its checkpoint exists.
 
-Three steps, each resumable (results are appended example by example and never recomputed):
+Four steps, each resumable (results are appended example by example and never recomputed):
 
     prepare   write the evaluation examples: the Rotten Tomatoes test sentences and the
               ground-truth test texts with their planted spans (out/benchmark/examples/)
@@ -57,8 +57,9 @@ TITLES = {**{k: v.title for k, v in ZOO.items()}, **{k: v.title for k, v in REFE
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=("prepare", "run", "report", "index"))
+                                     formatter_class=type("Help", (argparse.RawDescriptionHelpFormatter,
+                                                                        argparse.ArgumentDefaultsHelpFormatter), {}))
+    parser.add_argument("step", choices=("prepare", "run", "report", "index"), help="what to do (see below)")
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="examples, results and report go here")
     parser.add_argument("--models", default="all", help=f"comma-separated subset of: {', '.join(TITLES)}")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of: sentiment, groundtruth")
@@ -68,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--time-limit", type=float, default=None, help="seconds per model and task, then stop")
     parser.add_argument("--work", type=Path, default=REPO_ROOT / "out" / "zoo",
                         help="the zoo's training directory (ground-truth models)")
-    parser.add_argument("--groundtruth", type=Path, default=REPO_ROOT / "out" / "groundtruth")
+    parser.add_argument("--groundtruth", type=Path, default=REPO_ROOT / "out" / "groundtruth",
+                        help="the ground-truth splits (python -m implicit_attention.benchmark.groundtruth)")
     parser.add_argument("--shards", type=int, default=1,
                         help="workers per model, each on every n-th example (its own results file)")
     parser.add_argument("--no-ablations", action="store_true", help="skip the no_conv / no_gate / ... rows")

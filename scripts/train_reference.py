@@ -50,17 +50,20 @@ from implicit_attention.benchmark.tasks import sentiment_task  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     defaults = ClassifierSettings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=reference_model_dir("minilm", work=REPO_ROOT / "out" / "zoo"))
+                                     formatter_class=type("Help", (argparse.RawDescriptionHelpFormatter,
+                                                                        argparse.ArgumentDefaultsHelpFormatter), {}))
+    parser.add_argument("--out", type=Path, default=reference_model_dir("minilm", work=REPO_ROOT / "out" / "zoo"),
+                        help="where the fine-tuned classifier goes")
     parser.add_argument("--base", type=Path, default=None, help="the encoder (default: all-MiniLM-L6-v2's package)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training sentences")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="sentences per step")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate")
     parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="word pieces per sentence")
-    parser.add_argument("--evals-per-epoch", type=int, default=defaults.evals_per_epoch)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--evals-per-epoch", type=int, default=defaults.evals_per_epoch,
+                        help="validations per epoch (the best one is kept)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the head and data order")
     parser.add_argument("--limit", type=int, default=0, help="use only N training sentences (a quick try)")
     parser.add_argument("--force", action="store_true", help="train again over an existing model")
     return parser.parse_args(argv)

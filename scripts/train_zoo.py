@@ -53,7 +53,8 @@ STAGES = ("tokenizer", "pretrain", "sentiment", "groundtruth")
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=type("Help", (argparse.RawDescriptionHelpFormatter,
+                                                                        argparse.ArgumentDefaultsHelpFormatter), {}))
     parser.add_argument("--work", type=Path, default=REPO_ROOT / "out" / "zoo", help="checkpoints and logs")
     parser.add_argument("--corpus", type=Path, default=REPO_ROOT / "out" / "corpus" / "english.jsonl.gz",
                         help="the English corpus (scripts/build_corpus.py)")
@@ -61,12 +62,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="directory of the ground-truth splits")
     parser.add_argument("--models", default="all", help=f"comma-separated subset of: {', '.join(ZOO)}")
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--jobs", type=int, default=1, help="models trained at once (worker processes)")
-    parser.add_argument("--vocab-size", type=int, default=3072)
+    parser.add_argument("--vocab-size", type=int, default=3072, help="tokens of the shared BPE tokenizer")
     parser.add_argument("--groundtruth-width", type=int, default=64, help="width of the ground-truth models")
     parser.add_argument("--groundtruth-layers", type=int, default=2, help="depth of the ground-truth models")
-    parser.add_argument("--pretrain-steps", type=int, default=training.PretrainSettings.steps)
+    parser.add_argument("--pretrain-steps", type=int, default=training.PretrainSettings.steps,
+                        help="language-model pre-training steps of the sentiment models")
     parser.add_argument("--pretrain-batch", type=int, default=training.PretrainSettings.batch_size,
                         help="rows of 128 tokens per pre-training step")
     parser.add_argument("--groundtruth-pretrain-batch", type=int, default=32,
@@ -74,9 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--groundtruth-pretrain-steps", type=int, default=300,
                         help="pre-training steps of the smaller ground-truth models")
     parser.add_argument("--epochs", type=int, default=training.TaskSettings.epochs, help="sentiment epochs")
-    parser.add_argument("--groundtruth-epochs", type=int, default=1)
+    parser.add_argument("--groundtruth-epochs", type=int, default=1, help="ground-truth task epochs")
     parser.add_argument("--limit", type=int, default=0, help="use only N training examples per task (a quick try)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
     parser.add_argument("--export", type=Path, default=None,
                         help="copy the trained sentiment models here (e.g. zoo) and write zoo.json; trains nothing")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
