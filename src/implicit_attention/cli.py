@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how relevance is computed (default: %(default)s). From the implicit attention: raw (row of the "
              "layer-mean map), rollout (attention rollout), attribution (gradient-weighted attention rollout, "
              "Chefer et al.), signed_attribution (the same keeping negative evidence), paper (the paper's "
-             "recipe). Baselines without matrices: random, grad_x_input, integrated_gradients, occlusion, "
+             "recipe: rollout over the layers from start_layer, by default the second half of them). Baselines without matrices: random, grad_x_input, integrated_gradients, occlusion, "
              "smoothgrad, lrp (MambaLRP / AttnLRP rules: Mamba, FalconMamba, GPT-2, Llama, BERT). Method options: "
              "--option.")
     explain.add_argument("--option", dest="options", action="append", type=parse_method_option,
