@@ -653,7 +653,7 @@ def print_architectures() -> int:
     for arch in architectures():
         variants = ", ".join(v + (" (default, exact)" if i == 0 else " (exact)" if arch.is_exact(v) else "")
                              for i, v in enumerate(arch.variants))
-        print(f"{arch.name}: {', '.join(arch.model_classes)}")
+        print(f"{arch.name}: {', '.join(arch.model_classes) or '(layers inside the models listed above)'}")
         print(f"  variants: {variants}")
     for package, reason in skipped_architectures().items():
         print(f"not available: the {package} architectures ({reason})")
