@@ -86,15 +86,17 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 def refuses_float64_experts(model: nn.Module) -> bool:
     """Whether ``model`` runs in float64 with ``transformers``' grouped-matmul mixture-of-experts
-    kernel, which refuses float64 (the eager experts compute the same function)."""
+    kernel, which some models' experts refuse in float64 (the eager experts compute the same function)."""
     config = getattr(model, "config", None)
     implementation = getattr(config, "_experts_implementation", None) if config is not None else None
     return model_dtype(model) == torch.float64 and implementation == "grouped_mm"
 
 
-def check_float64_experts(model: nn.Module) -> None:
-    """Refuse, with the fix in one line, a float64 model whose experts run the grouped matmul."""
-    if refuses_float64_experts(model):
-        raise ValueError(f"{type(model).__name__} runs its mixture-of-experts layers with transformers' "
-                         "grouped_mm kernel, which refuses float64: call model.set_experts_implementation('eager') "
-                         "first (the same function in plain matmuls), or load it in float32")
+def float64_experts_error(model: nn.Module, error: RuntimeError) -> ValueError | None:
+    """The error to raise instead of ``error`` when it is the grouped-matmul experts refusing float64
+    (with the fix in one line), or ``None`` for any other error."""
+    if not (refuses_float64_experts(model) and "to be Float32, BFloat16 or Float16" in str(error)):
+        return None
+    return ValueError(f"{type(model).__name__} runs its mixture-of-experts layers with transformers' grouped_mm "
+                      "kernel, which refuses float64: call model.set_experts_implementation('eager') first (the "
+                      "same function in plain matmuls), or run it in float32")

@@ -15,7 +15,7 @@ from torch import nn
 
 from .architectures import find_layers
 from .architectures.registry import model_layers
-from .devices import check_float64_experts, model_device, model_dtype
+from .devices import float64_experts_error, model_device, model_dtype
 from .errors import EmptyInputError
 
 
@@ -95,7 +95,12 @@ def call_model(model: nn.Module, input_ids: torch.Tensor | None, attention_mask:
         if bool(left.any()):
             positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
             kwargs["position_ids"] = (positions[None, :] - left[:, None]).clamp(min=0)
-    return model(**kwargs)
+    try:
+        return model(**kwargs)
+    except RuntimeError as error:  # transformers' grouped-matmul experts refuse float64: say how to switch
+        if (clear := float64_experts_error(model, error)) is not None:
+            raise clear from error
+        raise
 
 
 def run_model(model: nn.Module, name: str, values: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -254,7 +259,6 @@ def prepare_model_inputs(model: nn.Module, inputs, attention_mask=None) -> Model
     """
     if isinstance(inputs, ModelInputs):
         return inputs
-    check_float64_experts(model)
     causal = is_causal_model(model)
     if getattr(model, "main_input_name", "input_ids") != "pixel_values":
         ids, mask = prepare_inputs(model, inputs, attention_mask)
