@@ -21,6 +21,9 @@ def select_layers(model: nn.Module, layers: int | Sequence[int] | None) -> list[
         return found
     if isinstance(layers, int):
         layers = [layers]
+    if len(layers) == 0:
+        raise ValueError("layers=[] selects no layer: pass layers=None for every token-mixing layer, or at least "
+                         f"one index (the model has {len(found)})")
     chosen = []
     for index in layers:
         if not -len(found) <= index < len(found):

@@ -54,6 +54,7 @@ def prepare_inputs(model: nn.Module, input_ids, attention_mask=None) -> tuple[to
         raise EmptyInputError("input_ids is empty: there is nothing to explain (empty text?)")
     if ids.is_floating_point():
         raise TypeError("input_ids must hold integer token ids")
+    _check_vocabulary(model, ids)
     device = model_device(model)
     ids = ids.long().to(device)
     mask = None
@@ -67,6 +68,23 @@ def prepare_inputs(model: nn.Module, input_ids, attention_mask=None) -> tuple[to
         if (mask.sum(dim=1) == 0).any():
             raise EmptyInputError("a row of attention_mask has no real token (all padding)")
     return ids, mask
+
+
+def _check_vocabulary(model: nn.Module, ids: torch.Tensor) -> None:
+    """Refuse a token id outside the model's input embedding table, naming it and the vocabulary size
+    (rather than the embedding's "index out of range in self")."""
+    try:
+        table = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    vocab = getattr(table, "num_embeddings", None)
+    if not isinstance(vocab, int):
+        return
+    bad = (ids < 0) | (ids >= vocab)
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"token id {int(ids[row, col])} (row {row}, position {col}) is outside the model's "
+                         f"vocabulary of {vocab} ids: ids must lie in [0, {vocab})")
 
 
 def first_tensor(args, kwargs, key: str) -> torch.Tensor:

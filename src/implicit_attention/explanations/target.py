@@ -106,16 +106,34 @@ class Target:
         return f"logit({main})"
 
 
+def _integer_ids(value, device: torch.device, what: str) -> torch.Tensor:
+    """``value`` as a long tensor; text, floats and bools are refused (they are not token ids)."""
+    if isinstance(value, str) or (isinstance(value, Sequence) and any(isinstance(v, str) for v in value)):
+        raise ValueError(f"{what} {value!r} is text, but explain() takes token ids: pass the token's id (e.g. "
+                         "tokenizer.convert_tokens_to_ids), or explain texts with implicit_attention.explain_texts "
+                         "or the command line, whose target may be a label or a one-token string")
+    try:
+        ids = torch.as_tensor(value, device=device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{what} must be integer token ids, got {value!r} ({exc})") from None
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise ValueError(f"{what} must be integer token ids, got {value!r} ({ids.dtype}); a token id is an int")
+    return ids.long()
+
+
 def _ids(value: IdLike, choices: torch.Tensor, batch: int, what: str) -> torch.Tensor:
-    """``[B]`` ids from an id or one per example (``None``: the argmax of ``choices [B, V]``), validated."""
+    """``[B]`` ids from one id (for every example) or one per example (``None``: the argmax of ``choices [B, V]``),
+    validated: a list or tensor of ids must hold exactly one id per example."""
     vocab = choices.shape[-1]
     if value is None:
         return choices.argmax(dim=-1)
-    ids = torch.as_tensor(value, device=choices.device).long().reshape(-1)
-    if ids.numel() == 1:
-        ids = ids.expand(batch)
+    ids = _integer_ids(value, choices.device, what)
+    if ids.dim() == 0:
+        ids = ids.reshape(1).expand(batch)
+    ids = ids.reshape(-1)
     if ids.numel() != batch:
-        raise ValueError(f"{what} must be one id or one per example ({batch}), got {ids.numel()}")
+        raise ValueError(f"{what} holds {ids.numel()} id(s) for a batch of {batch}: give one int (for every "
+                         f"example) or exactly one id per example")
     if ((ids < 0) | (ids >= vocab)).any():
         raise IndexError(f"{what} ids must lie in [0, {vocab})")
     return ids
@@ -123,7 +141,7 @@ def _ids(value: IdLike, choices: torch.Tensor, batch: int, what: str) -> torch.T
 
 def _id_rows(value: IdLike, choices: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     """``[B, M]`` ids: one id, ``[M]`` ids for every example, or ``[B, M]``."""
-    ids = torch.as_tensor(value, device=choices.device).long()
+    ids = _integer_ids(value, choices.device, what)
     if ids.dim() <= 1:
         ids = ids.reshape(1, -1).expand(batch, -1)
     if ids.dim() != 2 or ids.shape[0] != batch or ids.shape[1] == 0:
