@@ -86,6 +86,33 @@ class Decomposition:
                 maps.append(layer.aggregate(how).to(self.input_values.device))
         return torch.stack(maps)
 
+    def save(self, path, *, layers: int | Sequence[int] | None = None, aggregates: Sequence[str] | None = None):
+        """Save to the directory ``path``: ``meta.json`` (variant, each layer's index, name, variant, error,
+        shape) and ``tensors.safetensors`` (input, mask, logits, each layer's tensors).
+
+        ``layers``: positions in :attr:`layers` to keep (default all). ``aggregates``: ``None`` keeps the full
+        per-channel matrices ``[B, C, L, L]``; e.g. ``("mean", "abs")`` keeps only those ``[B, L, L]`` maps
+        (``C`` times smaller). See :mod:`implicit_attention.persistence`."""
+        from .persistence import save_decomposition
+
+        return save_decomposition(self, path, layers=layers, aggregates=aggregates)
+
+    @classmethod
+    def load(cls, path) -> Decomposition:
+        """The decomposition saved at ``path`` by :meth:`save`. It holds no model and recomputes nothing:
+        its layers serve what was saved (the matrices and everything read from them, or the saved
+        aggregates only); the errors are those measured when it was built."""
+        from .persistence import load_decomposition
+
+        return load_decomposition(path)
+
+    def to_bertviz(self, tokens=None, *, how: Sequence[str] | None = None, channels: Sequence[int] | None = None,
+                   example: int | None = 0):
+        """The layers as Hugging Face attentions for ``bertviz``: see :func:`implicit_attention.interop.to_bertviz`."""
+        from .interop import to_bertviz
+
+        return to_bertviz(self, tokens, how=how, channels=channels, example=example)
+
 
 def compute_dtype_for(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype:
     """float64 for float64 models, float32 otherwise, unless ``dtype`` says."""

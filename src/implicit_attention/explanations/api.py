@@ -71,6 +71,22 @@ class Explanation:
         counts = self._span().sum(dim=-1).tolist()
         return [row[: min(k, n)].tolist() for row, n in zip(ranked, counts)]
 
+    def save(self, path, *, decomposition: bool = False, layers=None, aggregates=("mean",)):
+        """Save to the directory ``path`` (``meta.json`` + ``tensors.safetensors``); ``decomposition=True``
+        also saves the decomposition (``layers``, ``aggregates`` as for :meth:`Decomposition.save`, default
+        the ``"mean"`` aggregates). See :func:`implicit_attention.persistence.save_explanation`."""
+        from ..persistence import save_explanation
+
+        return save_explanation(self, path, decomposition=decomposition, layers=layers, aggregates=aggregates)
+
+    @classmethod
+    def load(cls, path) -> Explanation:
+        """The explanation saved at ``path`` by :meth:`save` (same relevance, logits, target, span,
+        diagnostics, method and variant; a callable target comes back without its function)."""
+        from ..persistence import load_explanation
+
+        return load_explanation(path)
+
 
 def resolve_span(span, relevance: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """``[B, L]`` bool from ``span``: a ``slice`` of positions, or a bool mask ``[L]`` or ``[B, L]``; kept

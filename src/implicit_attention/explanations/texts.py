@@ -220,6 +220,20 @@ class TextExplanations:
         errors = [run.max_error for run in self.runs if run.max_error is not None]
         return max(errors) if errors else None
 
+    def save(self, path, *, decomposition: bool = False, layers=None, aggregates=("mean",)):
+        """Save to the directory ``path``: per text its tokens, relevance, prediction and target; per run its
+        :class:`~.api.Explanation` (``runs/<i>/``). See :func:`implicit_attention.persistence.save_text_explanations`."""
+        from ..persistence import save_text_explanations
+
+        return save_text_explanations(self, path, decomposition=decomposition, layers=layers, aggregates=aggregates)
+
+    @classmethod
+    def load(cls, path) -> TextExplanations:
+        """The text explanations saved at ``path`` by :meth:`save` (no model needed)."""
+        from ..persistence import load_text_explanations
+
+        return load_text_explanations(path)
+
 
 
 def default_score(loaded: LoadedModel) -> str:
