@@ -69,9 +69,9 @@ def to_bertviz(decomposition, tokens=None, *, how: Sequence[str] | None = None, 
     Each decomposed layer becomes one ``[B, heads, L, L]`` float32 CPU tensor (model order); its heads
     are the channel aggregates ``how`` (``[B, L, L]`` maps of
     :meth:`~implicit_attention.architectures.LayerDecomposition.aggregate`) followed by the single
-    channels ``channels``. A row of a head sums to what the aggregate's row sums to (the implicit
-    attention of a recurrent layer is not a softmax: rows need not sum to 1, and ``"mean"`` may be
-    negative).
+    channels ``channels``. A row of a head sums to what the aggregate's row sums to (over the real
+    tokens' columns when ``example`` drops padding); the implicit attention of a recurrent layer is
+    not a softmax: rows need not sum to 1, and ``"mean"`` and single channels may be negative.
 
     Args:
         decomposition: a :class:`~implicit_attention.decomposition.Decomposition` (a loaded one serves
@@ -89,11 +89,12 @@ def to_bertviz(decomposition, tokens=None, *, how: Sequence[str] | None = None, 
 
         from bertviz import head_view
         import implicit_attention as ia
+        from implicit_attention.interop import to_bertviz
 
         loaded = ia.load_model()
         ids = loaded.tokenizer("an utterly charming film", return_tensors="pt").input_ids
         decomposition = ia.decompose(loaded.model, ids)
-        attention, tokens, heads, _ = ia.interop.to_bertviz(decomposition, loaded.tokenizer, how=("mean", "abs"))
+        attention, tokens, heads, _ = to_bertviz(decomposition, loaded.tokenizer, how=("mean", "abs"))
         head_view(attention, tokens)                      # in a notebook; heads[h] names head h
     """
     if not decomposition.layers:
