@@ -353,3 +353,31 @@ def test_torchrun_two_processes_gloo(files, clean, tmp_path: Path) -> None:
     assert_same(rows, clean[0])
     assert summary["processes"] == 2 and summary["accuracy"] == clean[1]["accuracy"] and summary["complete"]
     assert sorted(p.name for p in out.iterdir()) == FINAL_FILES
+
+
+# ------------------------------------------------------------------------------ --keep-columns, id
+def test_results_keep_the_id_and_keep_columns(capsys, clean, tmp_path: Path) -> None:
+    assert [row["id"] for row in clean[0]] == [str(row["index"]) for row in clean[0]]   # the CSV's id column
+    path = tmp_path / "kept.jsonl"
+    path.write_text("".join(json.dumps({"id": 100 + i, "text": t, "source": f"s{i}", "meta": {"n": i}}) + "\n"
+                            for i, (t, _) in enumerate(ROWS[:2])) + json.dumps({"text": "a gorgeous film"}) + "\n")
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "explain-dataset", path, "--out", out, "--keep-columns", "source,meta",
+                       "--no-progress")
+    assert code == 0, err
+    rows = read_results(out / "results.jsonl")
+    assert [(r["index"], r.get("id"), r["source"], r["meta"]) for r in rows] == \
+        [(0, 100, "s0", {"n": 0}), (1, 101, "s1", {"n": 1}), (2, None, None, None)]
+    assert "id" not in rows[2] and rows[0]["text"] == ROWS[0][0]
+    assert json.loads((out / "run.json").read_text())["settings"]["keep_columns"] == ["source", "meta"]
+    code, _, err = run(capsys, "explain-dataset", path, "--out", out, "--keep-columns", "source", "--no-progress")
+    assert code == 2 and "--keep-columns" in err and "other settings" in err
+
+
+def test_keep_columns_refusals(capsys, files, tmp_path: Path) -> None:
+    for argv, message in (((files["csv"], "--keep-columns", "source"), "no column 'source' to keep"),
+                          ((files["txt"], "--keep-columns", "source"), "a text file has no columns"),
+                          ((files["csv"], "--keep-columns", "id,text"), "each result already has a field")):
+        code, _, err = run(capsys, "explain-dataset", *argv, "--out", tmp_path / "o", "--no-progress")
+        assert code == 2 and message in err, err
+    assert not (tmp_path / "o").exists()

@@ -360,6 +360,10 @@ def _add_dataset_parser(sub, methods: Sequence[str]) -> None:
                     help="map gold label values to the task's label names, e.g. fresh=positive,rotten=negative "
                          "(repeatable; label names, label words and the task's 'labels' keys such as 1/0 are "
                          "understood without it)")
+    ds.add_argument("--keep-columns", type=lambda v: [k.strip() for k in v.split(",") if k.strip()], default=[],
+                    metavar="A,B,...",
+                    help="CSV/TSV columns or JSONL fields copied into each input's result in results.jsonl "
+                         "(an 'id' column or field is always copied)")
     _add_model_option(ds)
     ds.add_argument("--device-map", default=None, metavar="auto|balanced|sequential|MAP.json",
                     help="load the model through accelerate (must be installed) spread over the visible GPUs, "
@@ -757,6 +761,7 @@ def cmd_explain_dataset(args: argparse.Namespace) -> int:
         path=args.file, out=os.path.expanduser(args.out), format=args.format,
         text_key=texts.pop() if texts else "text", label_key=labels.pop() if labels else None,
         label_map=parse_label_map(args.label_map), model=args.model, dtype=args.dtype, device=args.device,
+        keep_columns=args.keep_columns,
         device_map=args.device_map, method=args.method, variant=args.variant, layers=args.layers,
         aggregate=args.aggregate, check=args.check, method_options=_method_options(args), target=args.target,
         score=args.score, batch_size=args.batch_size,

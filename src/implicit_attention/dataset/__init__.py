@@ -14,7 +14,8 @@ Output, in the directory ``out``:
        "gold": "positive", "gold_raw": "1", "correct": true,
        "target": {"id": 1560, "token": " positive", "label": "positive"}, "batch_max_error": 2.1e-07}
 
-  ``relevance`` is aligned with ``tokens`` (the prompt's real tokens, padding removed);
+  An ``id`` column/field of the input, and the columns named by ``keep_columns``
+  (``--keep-columns``), are copied into the input's object. ``relevance`` is aligned with ``tokens`` (the prompt's real tokens, padding removed);
   ``batch_max_error`` is the largest relative reconstruction error of the layers decomposed for the
   batch the input ran in (``null`` for the baseline methods, which decompose nothing).
 - ``summary.json``: counts, accuracy against the gold labels (if any), mean/max reconstruction
@@ -80,11 +81,12 @@ from __future__ import annotations
 
 from .distributed import Distributed
 from .errors import DatasetError
-from .formats import FORMATS, InputRecord, detect_format, file_sha256, read_inputs
+from .formats import FORMATS, ID_KEY, InputRecord, detect_format, file_sha256, read_columns, read_inputs
 from .labels import gold_aliases, map_gold, parse_label_map
 from .runner import (
                      DEVICE_MAP_STRATEGIES,
                      GPU_BATCH_SIZE,
+                     RESULT_KEYS,
                      DatasetOptions,
                      batch_size,
                      explain_batch,
@@ -114,10 +116,11 @@ from .store import (
 )
 
 __all__ = [
-    "DEVICE_MAP_STRATEGIES", "FORMATS", "GPU_BATCH_SIZE", "LOCK_FILE", "RESULTS_FILE", "RESUME_KEYS", "RUN_FILE",
+    "DEVICE_MAP_STRATEGIES", "FORMATS", "GPU_BATCH_SIZE", "ID_KEY", "LOCK_FILE", "RESULTS_FILE", "RESULT_KEYS",
+    "RESUME_KEYS", "RUN_FILE",
     "RUN_VERSION", "SUMMARY_FILE", "DatasetError", "file_sha256",
     "DatasetOptions", "Distributed", "InputRecord", "append_results", "batch_size", "check_run", "detect_format",
     "done_indices", "explain_batch", "gold_aliases", "layer_devices", "load_for_run", "map_gold", "merge_results",
-    "parse_label_map", "read_inputs", "read_results", "resolve_device_map", "run_dataset", "run_lock",
+    "parse_label_map", "read_columns", "read_inputs", "read_results", "resolve_device_map", "run_dataset", "run_lock",
     "shard_indices", "shard_path", "start_run", "summarize", "write_atomic",
 ]

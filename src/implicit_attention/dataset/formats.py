@@ -10,13 +10,13 @@ import csv
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import DatasetError
 
-__all__ = ["FORMATS", "InputRecord", "detect_format", "file_sha256", "read_inputs"]
+__all__ = ["FORMATS", "ID_KEY", "InputRecord", "detect_format", "file_sha256", "read_columns", "read_inputs"]
 
 #: Input formats (``format=None`` picks one from the file's extension).
 FORMATS: tuple[str, ...] = ("text", "csv", "tsv", "jsonl")
@@ -26,11 +26,16 @@ _EXTENSIONS = {".txt": "text", ".text": "text", ".csv": "csv", ".tsv": "tsv", ".
 
 @dataclass(frozen=True)
 class InputRecord:
-    """One input of the data set: its 0-based index in the file, its text and raw gold label."""
+    """One input of the data set: its 0-based index in the file, its text and raw gold label.
+
+    ``columns``: ``(name, value)`` pairs copied into the input's result (its ``id`` and the
+    ``--keep-columns``; see :func:`read_columns`), not compared between records.
+    """
 
     index: int
     text: str
     gold: str | None = None
+    columns: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
 
     @property
     def empty(self) -> bool:
@@ -148,3 +153,53 @@ def read_inputs(path: str | os.PathLike, fmt: str | None = None, *, text_key: st
     except csv.Error as exc:
         raise DatasetError(f"{path}: malformed CSV ({exc})") from None
 
+
+#: The column / field an input's id is read from when the file has one (kept in its result).
+ID_KEY = "id"
+
+
+def read_columns(path: str | os.PathLike, fmt: str | None = None, keep: tuple[str, ...] | list[str] = (), *,
+                 limit: int | None = None) -> dict[int, dict[str, Any]]:
+    """``{index: {name: value}}``: the columns (CSV/TSV) or fields (JSONL) to copy into each input's result.
+
+    Always the :data:`ID_KEY` (``"id"``) column or field where the input has one, and every name in
+    ``keep`` (``--keep-columns``): a CSV column that the header lacks is an error, a JSONL field that a
+    line lacks is ``None``. CSV values are strings; JSONL values are kept as they are (any JSON).
+    A text file has no columns: ``keep`` is refused there. Indices are those of :func:`read_inputs`
+    (call it first: it validates the file).
+    """
+    path = Path(path).expanduser()
+    fmt = detect_format(path, fmt)
+    keep = list(dict.fromkeys(keep))
+    if fmt == "text":
+        if keep:
+            raise DatasetError(f"--keep-columns {','.join(keep)}: a text file has no columns (use CSV, TSV or JSONL)")
+        return {}
+    found: dict[int, dict[str, Any]] = {}
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        if fmt in ("csv", "tsv"):
+            reader = csv.DictReader(handle, delimiter="," if fmt == "csv" else "\t")
+            columns = reader.fieldnames or []
+            missing = [key for key in keep if key not in columns]
+            if missing:
+                raise DatasetError(f"{path}: no column {', '.join(map(repr, missing))} to keep; the columns are "
+                                   f"{', '.join(map(repr, columns))}")
+            names = ([ID_KEY] if ID_KEY in columns and ID_KEY not in keep else []) + keep
+            for i, row in enumerate(reader):
+                if limit is not None and i >= limit:
+                    break
+                found[i] = {name: row.get(name) for name in names}
+            return found
+        lines = handle.read().split("\n")
+    for i, line in enumerate(lines[:limit]):
+        try:
+            obj = json.loads(line) if line.strip() else None
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            continue
+        row = {ID_KEY: obj[ID_KEY]} if ID_KEY in obj else {}
+        row.update({name: obj.get(name) for name in keep})
+        if row:
+            found[i] = row
+    return found

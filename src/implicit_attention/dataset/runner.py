@@ -6,6 +6,7 @@ torch and transformers are imported inside the functions that need them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -19,7 +20,7 @@ from typing import Any
 from ..catalog import ROLLOUT_NEEDS_NON_NEGATIVE, check_method_options
 from .distributed import Distributed
 from .errors import DatasetError
-from .formats import InputRecord, detect_format, file_sha256, read_inputs
+from .formats import InputRecord, detect_format, file_sha256, read_columns, read_inputs
 from .labels import gold_aliases, map_gold
 from .store import (
     SUMMARY_FILE,
@@ -43,6 +44,12 @@ __all__ = [
 GPU_BATCH_SIZE = 16
 
 
+#: The fields of every result object (a kept column may not take one of these names).
+RESULT_KEYS: tuple[str, ...] = ("index", "text", "tokens", "relevance", "in_span", "offsets", "prediction",
+                                "probability", "probabilities", "gold", "gold_raw", "correct", "target",
+                                "batch_max_error", "diagnostics")
+
+
 # ------------------------------------------------------------------------------------ options
 @dataclass
 class DatasetOptions:
@@ -54,6 +61,9 @@ class DatasetOptions:
         format: ``"text"``, ``"csv"``, ``"tsv"`` or ``"jsonl"``; ``None`` picks by extension.
         text_key: CSV column / JSONL field holding the text (default ``"text"``; unused for text files).
         label_key: CSV column / JSONL field holding the gold label, or ``None``.
+        keep_columns: CSV columns / JSONL fields copied into each input's result (``--keep-columns``);
+            an ``id`` column or field is always copied (see :func:`~.formats.read_columns`). A name
+            that a result already holds (``text``, ``relevance``, ...) is refused.
         label_map: ``{gold value: label name}`` added to the default mapping (see
             :func:`~implicit_attention.dataset.labels.gold_aliases`).
         model, dtype, device: as for :func:`~implicit_attention.loading.load_model`.
@@ -81,6 +91,7 @@ class DatasetOptions:
     format: str | None = None
     text_key: str = "text"
     label_key: str | None = None
+    keep_columns: list[str] = field(default_factory=list)
     label_map: dict[str, str] = field(default_factory=dict)
     model: str | None = None
     dtype: str = "float32"
@@ -102,6 +113,10 @@ class DatasetOptions:
     def __post_init__(self):
         # every setting is checked before anything is written, so that a refused run leaves no files behind
         check_method_options(self.method, self.method_options)
+        taken = [key for key in self.keep_columns if key in RESULT_KEYS]
+        if taken:
+            raise DatasetError(f"--keep-columns {', '.join(taken)}: each result already has a field of that name "
+                               f"(the result fields are {', '.join(RESULT_KEYS)}); rename the column")
         if self.method == "rollout" and self.aggregate == "mean":
             raise ValueError(ROLLOUT_NEEDS_NON_NEGATIVE)
 
@@ -116,6 +131,7 @@ class DatasetOptions:
             "layers": list(self.layers) if self.layers else None, "aggregate": self.aggregate,
             "dtype": self.dtype, "target": self.target, "score": self.score, "check": self.check,
             "method_options": dict(sorted(self.method_options.items())),
+            "keep_columns": list(self.keep_columns) or None,
         }
 
 
@@ -190,6 +206,7 @@ def explain_batch(loaded, batch: Sequence[InputRecord], options: DatasetOptions,
             "batch_max_error": None if error is None else finite(float(error)),
             "diagnostics": {key: finite(value) for key, value in example.diagnostics.items()},
         })
+        rows[-1].update(record.columns)                       # its id and the --keep-columns
     return rows
 
 
@@ -293,6 +310,9 @@ def _run(options: DatasetOptions, dist: Distributed, stack: contextlib.ExitStack
     fmt = detect_format(options.path, options.format)
     records = read_inputs(options.path, fmt, text_key=options.text_key, label_key=options.label_key,
                           limit=options.limit)
+    kept = read_columns(options.path, fmt, options.keep_columns, limit=options.limit)
+    records = [dataclasses.replace(r, columns=tuple(kept[r.index].items())) if r.index in kept else r
+               for r in records]
     settings = options.settings(fmt, file_sha256(Path(options.path).expanduser()))
     check_run(options.out, settings, options.force)
     loaded = load_for_run(options, _rank_device(options, dist))

@@ -41,14 +41,14 @@ RUN_VERSION = 3
 #: Keys of :meth:`~implicit_attention.dataset.runner.DatasetOptions.settings` that must match for a run to be resumed.
 RESUME_KEYS: tuple[str, ...] = (
     "input_sha256", "format", "text_key", "label_key", "label_map", "model", "method", "variant", "layers",
-    "aggregate", "dtype", "target", "score", "check", "method_options")
+    "aggregate", "dtype", "target", "score", "check", "method_options", "keep_columns")
 #: How the ``explain-dataset`` command line sets each of :data:`RESUME_KEYS` (for the refusal message).
 SETTING_OPTIONS: dict[str, str] = {
     "input_sha256": "the input file's contents", "format": "--format", "text_key": "--text-column/--text-field",
     "label_key": "--label-column/--label-field", "label_map": "--label-map", "model": "--model",
     "method": "--method", "variant": "--variant", "layers": "--layers", "aggregate": "--aggregate",
     "dtype": "--dtype", "target": "--target", "score": "--score", "check": "--no-check",
-    "method_options": "--option",
+    "method_options": "--option", "keep_columns": "--keep-columns",
 }
 
 
@@ -68,7 +68,25 @@ def _shards(out: Path) -> list[Path]:
 
 
 def read_results(path: str | os.PathLike) -> list[dict]:
-    """The result objects of a JSONL results or shard file (``[]`` if it does not exist).
+    """The result objects of a JSONL results or shard file (``[]`` if it does not exist), in file order.
+
+    ``read_results("runs/rt/results.jsonl")`` reads what ``explain-dataset`` wrote: one ``dict`` per
+    explained (non-empty) input, sorted by ``index``, holding
+
+    - ``index``: the input's 0-based index in the file (line of a text/JSONL file, data row of a CSV);
+    - ``id`` (when the input has an ``id`` column or field) and each ``--keep-columns`` column, as read
+      (strings from a CSV, any JSON value from JSONL);
+    - ``text``: the input text; ``tokens``: the prompt's token strings (the task template filled in,
+      padding removed); ``relevance``: one float per token (``null`` for a non-finite value);
+      ``in_span``: per token, whether it comes from the text (not the template); ``offsets``: per
+      token, ``[start, end]`` characters in the text, ``null`` outside it;
+    - ``prediction``: the predicted label (or next token); ``probability``: its probability;
+      ``probabilities``: ``{label: probability}`` (task models) or the top next tokens;
+    - ``gold``: the mapped gold label (``null`` without ``--label-column``/``--label-field``);
+      ``gold_raw``: the value as read; ``correct``: ``prediction == gold`` (``null`` without gold);
+    - ``target``: the explained score: ``{"id", "token", "label", "score"}`` (``score`` in words);
+    - ``batch_max_error``: the largest reconstruction error of the batch the input ran in (``null``
+      for the baselines); ``diagnostics``: what the method reported (e.g. ``convergence_delta``).
 
     A last line without its newline is a write cut short by an interruption: it is ignored. Any
     other unreadable line means the file is damaged and raises :class:`DatasetError`.
