@@ -63,6 +63,8 @@ def test_decomposition_round_trip_full(decomposition, tmp_path):
         torch.testing.assert_close(mine.aggregate(channel=3), theirs.aggregate(channel=3))
         torch.testing.assert_close(mine.reconstruct(), theirs.reconstruct())
         assert mine.measure_error() == pytest.approx(theirs.error, abs=1e-12)
+        grad = torch.randn(theirs.output.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(mine.attribution(grad), theirs.attribution(grad))
     torch.testing.assert_close(loaded.aggregate("abs"), decomposition.aggregate("abs"))
     assert "2 layers" in repr(loaded)
 
@@ -189,3 +191,11 @@ def test_damaged_and_mismatched_files(decomposition, tiny, batch, tmp_path):
     (gone / TENSORS_FILE).unlink()
     with pytest.raises(StoredResultError, match="missing"):
         Decomposition.load(gone)
+
+
+def test_ablation_attribution_refused(tiny, batch, tmp_path):
+    ablated = decompose(tiny, *batch, variant="no_gate", layers=[0])
+    loaded = Decomposition.load(ablated.save(tmp_path / "dec"))
+    torch.testing.assert_close(loaded[0].aggregate("mean"), ablated[0].aggregate("mean"))
+    with pytest.raises(StoredResultError, match="needs an exact variant"):
+        loaded[0].attribution(torch.zeros(ablated[0].output.shape, dtype=torch.float64))

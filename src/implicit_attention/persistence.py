@@ -19,7 +19,7 @@ What a loaded :class:`~.decomposition.Decomposition` can do
 
     - with its full matrices saved (``aggregates=None``, the default): :attr:`matrix`,
       :meth:`blocks`, every :meth:`aggregate` (and ``channel=``), :meth:`reconstruct`,
-      :meth:`measure_error`, :meth:`attribution` for a gradient you give;
+      :meth:`measure_error`, :meth:`attribution` for a gradient you give (exact variants only);
     - with aggregates only (``aggregates=("mean", ...)``): those aggregates (and their rows);
       anything that needs the per-channel matrices (another aggregate, a channel, ``matrix``,
       ``reconstruct``) raises :class:`StoredResultError` saying so.
@@ -178,6 +178,14 @@ class StoredLayer(LayerDecomposition):
     def full_matrix(self) -> torch.Tensor:
         self._block(slice(0, 0))                                # raises when not stored
         return self.stored_matrix
+
+    def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """The identity for an exact variant; an ablation's output-side factor (a gate) was not saved."""
+        if not self.exact:
+            raise StoredResultError(f"layer {self.name!r} (variant {self.variant!r}) leaves out an output-side factor "
+                                    "that attribution multiplies back in; it was not saved: attribution of a loaded "
+                                    "decomposition needs an exact variant")
+        return grad
 
 
 def _select(count: int, layers: int | Sequence[int] | None) -> list[int]:
