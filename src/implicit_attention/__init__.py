@@ -40,6 +40,7 @@ _LAZY: dict[str, str] = {
     "DatasetError": "dataset", "OutputDirectoryError": "render",
     "LayerDecomposition": "architectures", "supported_model_classes": "architectures",
     "Contrast": "explanations.target", "LogProb": "explanations.target", "make_method": "explanations.methods",
+    "StoredResultError": "persistence", "to_bertviz": "interop",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __getattr__
@@ -49,7 +50,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __g
     from .explanations import Explanation, TextExplanation, TextExplanations, explain, explain_texts, run_explanation
     from .explanations.methods import make_method
     from .explanations.target import Contrast, LogProb
+    from .interop import to_bertviz
     from .loading import LoadedModel, ModelLoadError, TaskError, load_model
+    from .persistence import StoredResultError
     from .render import OutputDirectoryError
 
 
@@ -73,5 +76,5 @@ __all__ = [
     "LayerDecomposition", "LoadedModel", "LogProb", "MATRIX_METHODS", "METHODS", "MemoryBudgetError", "ModelLoadError",
     "OffloadedLayerError", "OutputDirectoryError", "PaddingError", "ReconstructionError", "TaskError", "TextExplanation",
     "TextExplanations", "UnsupportedModelError", "decompose", "explain", "explain_texts", "load_model",
-    "make_method", "run_explanation", "supported_model_classes",
+    "make_method", "run_explanation", "supported_model_classes", "StoredResultError", "to_bertviz",
 ]
