@@ -96,6 +96,7 @@ def test_bundled_model_with_its_tokenizer_and_a_loaded_decomposition(tmp_path):
     attention, tokens, _, _ = to_bertviz(decomposition, loaded.tokenizer)
     assert tokens == loaded.tokenizer.convert_ids_to_tokens(ids[0].tolist())
     assert [a.shape for a in attention] == [(1, 1, ids.shape[1], ids.shape[1])] * 2
+    assert to_bertviz(decomposition, loaded).tokens == [loaded.tokenizer.decode([i]) for i in ids[0].tolist()]
 
     stored = Decomposition.load(decomposition.save(tmp_path / "dec", aggregates=("mean",)))
     again, again_tokens, _, _ = to_bertviz(stored, loaded.tokenizer)

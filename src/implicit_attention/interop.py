@@ -46,6 +46,10 @@ def _token_strings(decomposition, tokens, rows: list[int], keep: list[torch.Tens
                 names = [str(i) for i in range(decomposition.layers[0].length)] if decomposition.layers else []
             else:
                 names = [str(int(i)) for i in ids[row]]
+        elif hasattr(tokens, "tokenizer") and hasattr(tokens, "model"):   # a LoadedModel: display strings
+            from .text import token_strings
+
+            names = token_strings(tokens, ids[row], torch.ones_like(ids[row]))
         elif hasattr(tokens, "convert_ids_to_tokens"):             # a tokenizer
             names = list(tokens.convert_ids_to_tokens(ids[row].tolist()))
         else:
@@ -77,8 +81,9 @@ def to_bertviz(decomposition, tokens=None, *, how: Sequence[str] | None = None, 
         decomposition: a :class:`~implicit_attention.decomposition.Decomposition` (a loaded one serves
             the aggregates it was saved with, and channels only if its matrices were saved).
         tokens: the token strings: a list (``[L]`` positions, or the real tokens only), one list per
-            example, a tokenizer (``convert_ids_to_tokens`` of the input ids), or ``None`` (the ids as
-            strings; positions for image models).
+            example, a :class:`~implicit_attention.LoadedModel` (each token decoded, ``" film"``), a
+            tokenizer (its ``convert_ids_to_tokens``, ``"Ġfilm"``), or ``None`` (the ids as strings;
+            positions for image models).
         how: aggregates among ``"mean"``, ``"abs"``, ``"pos"``; default ``("mean",)`` without
             ``channels``, none with them.
         channels: operator channels shown one per head (negatives count from the end).
@@ -94,7 +99,7 @@ def to_bertviz(decomposition, tokens=None, *, how: Sequence[str] | None = None, 
         loaded = ia.load_model()
         ids = loaded.tokenizer("an utterly charming film", return_tensors="pt").input_ids
         decomposition = ia.decompose(loaded.model, ids)
-        attention, tokens, heads, _ = to_bertviz(decomposition, loaded.tokenizer, how=("mean", "abs"))
+        attention, tokens, heads, _ = to_bertviz(decomposition, loaded, how=("mean", "abs"))
         head_view(attention, tokens)                      # in a notebook; heads[h] names head h
     """
     if not decomposition.layers:
