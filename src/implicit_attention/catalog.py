@@ -85,6 +85,10 @@ SCORES: tuple[str, ...] = ("contrast", "logit", "log_prob")
 
 #: Compute dtypes by name.
 COMPUTE_DTYPES: tuple[str, ...] = ("float32", "float64")
+#: Dtypes a text model may be loaded and run in (the command line's ``--dtype``): the decomposition of a
+#: float16 / bfloat16 model computes in float32.
+MODEL_DTYPES: tuple[str, ...] = COMPUTE_DTYPES + ("float16", "bfloat16")
 
 __all__ = ["AGGREGATES", "BASELINE_METHODS", "COMPUTE_DTYPES", "MATRIX_METHODS", "METHODS", "METHOD_OPTIONS",
+           "MODEL_DTYPES",
            "OPTION_KINDS", "ROLLOUT_NEEDS_NON_NEGATIVE", "check_method_options", "check_option_value", "SCORES", "VARIANTS"]

@@ -25,7 +25,16 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .catalog import AGGREGATES, COMPUTE_DTYPES, METHOD_OPTIONS, METHODS, SCORES, VARIANTS, check_method_options
+from .catalog import (
+    AGGREGATES,
+    COMPUTE_DTYPES,
+    METHOD_OPTIONS,
+    METHODS,
+    MODEL_DTYPES,
+    SCORES,
+    VARIANTS,
+    check_method_options,
+)
 from .errors import ImplicitAttentionError, ReconstructionError
 
 PROG = "implicit-attention"
@@ -100,6 +109,12 @@ examples:
 """
 
 
+#: Why ``no_gate`` changes nothing under ``attribution`` (``info`` on a model with Mamba layers, ``--variant``'s help).
+GATE_CANCELS = ("under --method attribution an output-side factor such as the gate cancels (no_gate attribution equals "
+                "unified by construction: the gradient at the matrix output carries the gate back), so the ablations "
+                "that change attribution are the value-side ones")
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line (``error: ...``), exit status 2."""
 
@@ -163,10 +178,12 @@ def _add_model_option(parser: argparse.ArgumentParser) -> None:
              "state-spaces/mamba-130m-hf (needs network access or the local HF cache); default: the bundled "
              "sentiment model rt-sentiment-mamba. A task.json in the directory (prompt template and label "
              "words) turns predictions into labels.")
-    parser.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
+    parser.add_argument("--dtype", choices=MODEL_DTYPES, default="float32",
                         help="dtype the model is loaded and run in, and the decomposition computed in "
                              "(default: %(default)s; float64 gives much smaller reconstruction errors and "
-                             "checks them against 1e-6 instead of 1e-4)")
+                             "checks them against 1e-6 instead of 1e-4; float16 and bfloat16 models are "
+                             "decomposed in float32 and checked against 1e-2 and 5e-2, the precision of their "
+                             "own outputs)")
     parser.add_argument("--device", default=None,
                         help="device for the model, e.g. cpu or cuda:0 (default: cpu)")
 
@@ -222,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
              "and no_act leave out the gate or the activation (ablations: their reconstruction error shows what "
              "they miss). Other architectures offer their own (ssd for Mamba-2, wkv for RWKV, rglru for Griffin, "
              "recurrence for RetNet/HGRN/GLA, ...; 'implicit-attention info' lists a model's, exact ones marked). "
-             "Baselines ignore it.")
+             f"Note: {GATE_CANCELS}. Baselines do not use it (refused without --out, where it picks the report's "
+             "matrices).")
     explain.add_argument(
         "--layers", type=parse_layers, default=None, metavar="I,J,...",
         help="token-mixing layers to use, as comma-separated indices; negatives count from the end "
@@ -448,6 +466,40 @@ def _quiet_transformers():
             undo()
 
 
+def _check_out_writable(path: str) -> None:
+    """Refuse an ``--out`` directory that cannot be created or written in, before any work is done."""
+    import tempfile
+
+    target = os.path.abspath(os.path.expanduser(path))
+    existing = target
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--out {path!r} cannot be created: {existing!r} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--out {path!r} is not writable: cannot write in {existing!r} "
+                         f"({exc.strerror or exc})") from None
+
+
+def _refuse_unused_matrix_options(args: argparse.Namespace, report: bool | None) -> None:
+    """Baselines decompose no layer: refuse ``--layers`` / ``--variant`` instead of printing and ignoring them.
+    ``report``: whether ``--out`` is given, where they pick the layers drawn in the report and are used
+    (``None``: the command draws no matrices)."""
+    from .catalog import BASELINE_METHODS
+
+    if args.method not in BASELINE_METHODS or report:
+        return
+    given = [option for option, value in (("--layers", args.layers is not None),
+                                          ("--variant", args.variant != "unified")) if value]
+    if given:
+        where = "" if report is None else " without --out (with it they pick the report's matrices)"
+        raise ValueError(f"{' and '.join(given)} {'do' if len(given) > 1 else 'does'} not apply to the {args.method} "
+                         f"baseline{where}: it decomposes no layer; leave {'them' if len(given) > 1 else 'it'} out")
+
+
 def _check_device(device: str | None) -> None:
     if device is None:
         return
@@ -485,6 +537,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     _check_device(args.device)
     if args.force and args.out is None:
         raise ValueError("--force only applies together with --out DIR")
+    _refuse_unused_matrix_options(args, report=args.out is not None)
     if args.out is not None:
         out = os.path.expanduser(args.out)
         if os.path.exists(out) and not os.path.isdir(out):
@@ -492,6 +545,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if not args.force and os.path.isdir(out) and os.listdir(out):
             raise ValueError(f"--out directory {args.out!r} is not empty; choose a new directory or pass --force "
                              "to replace the report files in it (other files are kept)")
+        _check_out_writable(args.out)
 
     method_options = _method_options(args)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -644,6 +698,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         variants = ", ".join(v + (" (default, exact)" if i == 0 else " (exact)" if arch.is_exact(v) else "")
                              for i, v in enumerate(arch.variants))
         print(f"variants ({arch.name}): {variants}")
+    if any("mamba" in arch.name and "no_gate" in arch.variants for arch in seen):
+        print(f"note: {GATE_CANCELS}")
     print(f"methods: {', '.join(MATRIX_METHODS)} (implicit attention); {', '.join(BASELINE_METHODS)} (baselines)")
     for package, reason in skipped_architectures().items():
         print(f"not available: the {package} architectures ({reason})")
@@ -680,6 +736,8 @@ def cmd_explain_image(args: argparse.Namespace) -> int:
         if not args.force and os.path.isdir(out) and os.listdir(out):
             raise ValueError(f"--out directory {args.out!r} is not empty; choose a new directory or pass --force "
                              "to replace the report files in it (other files are kept)")
+        _check_out_writable(args.out)
+    _refuse_unused_matrix_options(args, report=args.out is not None)
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be at least 1")
     files = image_files(args.images, args.limit)
@@ -752,6 +810,8 @@ def cmd_explain_dataset(args: argparse.Namespace) -> int:
     from .dataset import DatasetOptions, parse_label_map, run_dataset
 
     _check_device(args.device)
+    _refuse_unused_matrix_options(args, report=None)
+    _check_out_writable(args.out)
     # --text-column / --text-field (and the label ones) name the same key of a CSV row or JSON object
     texts = {args.text_column, args.text_field} - {"text"}
     labels = {args.label_column, args.label_field} - {None}
@@ -795,7 +855,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     try:
         with _quiet_transformers():
-            return args.handler(args)
+            status = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at the interpreter's exit
+        return status
+    except BrokenPipeError:  # e.g. `implicit-attention explain ... | head`: the reader has gone; exit quietly
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except ReconstructionError as exc:
         print(f"error: {exc} (on the command line: --no-check)", file=sys.stderr)
         return 2

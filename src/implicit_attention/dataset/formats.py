@@ -88,6 +88,8 @@ def _read_csv(path: Path, delimiter: str, text_key: str, label_key: str | None,
     with open(path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
         columns = reader.fieldnames or []
+        if not columns:
+            return records  # an empty file: no header, no inputs (refused by read_inputs)
         for key, what in ((text_key, "text"), (label_key, "label")):
             if key is not None and key not in columns:
                 raise DatasetError(f"{path}: no {what} column {key!r}; the columns are {', '.join(map(repr, columns))}"
@@ -95,6 +97,10 @@ def _read_csv(path: Path, delimiter: str, text_key: str, label_key: str | None,
         for i, row in enumerate(reader):
             if limit is not None and i >= limit:
                 break
+            if None in row or None in row.values():  # more fields than the header (restkey None), or fewer
+                fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, []))
+                raise DatasetError(f"{path}, line {reader.line_num}: {fields} field(s), but the header has "
+                                   f"{len(columns)} (quote a text that holds the delimiter)")
             records.append(InputRecord(i, row.get(text_key) or "",
                                        _gold_string(row.get(label_key)) if label_key else None))
     return records
@@ -144,14 +150,20 @@ def read_inputs(path: str | os.PathLike, fmt: str | None = None, *, text_key: st
     fmt = detect_format(path, fmt)
     try:
         if fmt == "text":
-            return _read_text(path, limit)
-        if fmt in ("csv", "tsv"):
-            return _read_csv(path, "," if fmt == "csv" else "\t", text_key, label_key, limit)
-        return _read_jsonl(path, text_key, label_key, limit)
+            records = _read_text(path, limit)
+        elif fmt in ("csv", "tsv"):
+            records = _read_csv(path, "," if fmt == "csv" else "\t", text_key, label_key, limit)
+        else:
+            records = _read_jsonl(path, text_key, label_key, limit)
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path}: not UTF-8 text ({exc})") from None
     except csv.Error as exc:
         raise DatasetError(f"{path}: malformed CSV ({exc})") from None
+    if not records:
+        raise DatasetError(f"{path}: no inputs: the file " + ("has a header row but no data rows"
+                                                             if fmt in ("csv", "tsv") and path.stat().st_size
+                                                             else "is empty"))
+    return records
 
 
 #: The column / field an input's id is read from when the file has one (kept in its result).

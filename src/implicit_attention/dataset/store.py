@@ -253,7 +253,8 @@ def run_lock(out: str | os.PathLike) -> Iterator[None]:
 
     A second run on the same directory while one is going is refused instead of mixing their
     files. The lock is the operating system's (``flock``): a killed run releases it. The lock file
-    stays (it holds nothing). Without ``fcntl`` (Windows) no lock is taken.
+    is removed when the run ends (a killed run leaves it behind, unlocked and harmless). Without
+    ``fcntl`` (Windows) no lock is taken.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -271,6 +272,8 @@ def run_lock(out: str | os.PathLike) -> Iterator[None]:
         try:
             yield
         finally:
+            with contextlib.suppress(OSError):  # removed while still held: no run can take it in between
+                os.unlink(out / LOCK_FILE)
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
