@@ -87,6 +87,23 @@ class Explanation:
 
         return load_explanation(path)
 
+    def __repr__(self) -> str:
+        from ..display import explanation_repr
+
+        return explanation_repr(self)
+
+    def _repr_html_(self) -> str:
+        """A relevance bar per position (token ids as labels), for Jupyter."""
+        from ..display import explanation_html
+
+        return explanation_html(self)
+
+    def show(self) -> None:
+        """Display the bars inline with IPython (a notebook), else print the one-line repr."""
+        from ..display import show
+
+        show(self)
+
 
 def resolve_span(span, relevance: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """``[B, L]`` bool from ``span``: a ``slice`` of positions, or a bool mask ``[L]`` or ``[B, L]``; kept

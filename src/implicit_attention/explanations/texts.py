@@ -191,6 +191,34 @@ class TextExplanation:
         """``[T]`` the positions of :attr:`tokens` in its run's padded batch."""
         return self.run.attention_mask[self.row].bool().nonzero().reshape(-1)
 
+    # display (implicit_attention.display): Jupyter's inline HTML, the console view, a one-line repr
+    def __repr__(self) -> str:
+        from ..display import text_repr
+
+        return text_repr(self)
+
+    def __str__(self) -> str:
+        return self.console()
+
+    def console(self, color: bool | None = None) -> str:
+        """The console view (what ``print`` shows): text, prediction, explained score and the tokens, coloured
+        with ANSI backgrounds when ``color`` (default: stdout is a terminal and ``NO_COLOR`` is unset), else
+        each followed by its normalised relevance in brackets."""
+        from ..display import text_console
+
+        return text_console(self, color)
+
+    def _repr_html_(self) -> str:
+        from ..display import text_html
+
+        return text_html(self)
+
+    def show(self) -> None:
+        """Display the HTML view inline with IPython (a notebook), else print the console view."""
+        from ..display import show
+
+        show(self)
+
 
 @dataclass
 class TextExplanations:
@@ -233,6 +261,32 @@ class TextExplanations:
         from ..persistence import load_text_explanations
 
         return load_text_explanations(path)
+
+    # display (implicit_attention.display): Jupyter's inline HTML, the console view, a one-line repr
+    def __repr__(self) -> str:
+        from ..display import texts_repr
+
+        return texts_repr(self)
+
+    def __str__(self) -> str:
+        return self.console()
+
+    def console(self, color: bool | None = None) -> str:
+        """The console view of every text (what ``print`` shows; ``color`` as :meth:`TextExplanation.console`)."""
+        from ..display import texts_console
+
+        return texts_console(self, color)
+
+    def _repr_html_(self) -> str:
+        from ..display import texts_html
+
+        return texts_html(self)
+
+    def show(self) -> None:
+        """Display the HTML view inline with IPython (a notebook), else print the console view."""
+        from ..display import show
+
+        show(self)
 
 
 
