@@ -109,6 +109,12 @@ examples:
 """
 
 
+#: A prompt longer than this many tokens gets a progress bar (``explain --progress``'s default).
+LONG_INPUT_TOKENS = 256
+#: The longest text ``explain`` echoes in full; longer ones are cut, with their length.
+ECHO_CHARACTERS = 200
+
+
 #: Why ``no_gate`` changes nothing under ``attribution`` (``info`` on a model with Mamba layers, ``--variant``'s help).
 GATE_CANCELS = ("under --method attribution an output-side factor such as the gate cancels (no_gate attribution equals "
                 "unified by construction: the gradient at the matrix output carries the gate back), so the ablations "
@@ -273,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-check", dest="check", action="store_false",
         help="do not fail when an exact decomposition misses its layer's output by more than the tolerance "
              "(1e-4 for float32, 1e-6 for float64); the error is still printed")
+    explain.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None,
+        help="a progress bar over the layers being decomposed, on stderr (default: when a prompt is longer than "
+             f"{LONG_INPUT_TOKENS} tokens)")
     explain.add_argument(
         "--color", action=argparse.BooleanOptionalAction, default=None,
         help="colour the tokens with 24-bit ANSI backgrounds (default: when stdout is a terminal and NO_COLOR "
@@ -466,6 +476,19 @@ def _quiet_transformers():
             undo()
 
 
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Print each warning as one ``warning: ...`` line on stderr (not Python's file, line and source line)."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def _check_out_writable(path: str) -> None:
     """Refuse an ``--out`` directory that cannot be created or written in, before any work is done."""
     import tempfile
@@ -529,10 +552,12 @@ def _prediction_line(pred) -> str:
 
 # -------------------------------------------------------------------------------------- explain
 def cmd_explain(args: argparse.Namespace) -> int:
+    from .catalog import MATRIX_METHODS
     from .decomposition import decompose
     from .explanations.texts import explain_texts
     from .loading import load_model
     from .render import color_tokens
+    from .text import encode_text
 
     _check_device(args.device)
     if args.force and args.out is None:
@@ -549,6 +574,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     method_options = _method_options(args)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    progress = args.progress
+    if progress is None:                  # a long input: show that work goes on
+        lengths = [len(encode_text(loaded, text).ids) for text in args.texts if text.strip()]
+        progress = bool(lengths) and max(lengths) > LONG_INPUT_TOKENS
+    if progress and args.method in MATRIX_METHODS:
+        method_options["progress"] = True
     result = explain_texts(loaded, args.texts, method=args.method, variant=args.variant, layers=args.layers,
                            target=args.target, score=args.score, position=args.position, aggregate=args.aggregate,
                            check=args.check, **method_options)
@@ -567,18 +598,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for number, example in enumerate(result, 1):
         tgt = example.target
         print()
-        print(f"[{number}] {example.text!r}" if len(result) > 1 else f"text: {example.text!r}")
+        print(f"[{number}] {_echo(example.text)}" if len(result) > 1 else f"text: {_echo(example.text)}")
         print(f"  {_prediction_line(example.prediction)}")
         where = (f"after token {tgt.position} ({example.tokens[tgt.position]!r})" if tgt.position is not None
                  else f"at padded position {tgt.batch_position} (inside the left padding of this text)")
         print(f"  explaining: {tgt.score} (token id {tgt.id}) {where}")
         span = None if args.all_tokens else example.in_span
-        scale = example.span_scale if span is not None else float(example.relevance.abs().max())
+        tokens, values, span = _characters(example.tokens, example.relevance.tolist(), span)
+        inside = [abs(v) for v, keep in zip(values, span or [True] * len(values)) if keep]
+        scale = max(inside) if inside else 0.0
         template = ("" if span is None or all(span) else "; the prompt template greyed" if color
                     else "; the prompt template's values in parentheses")
         print(f"  relevance (red +, blue -; normalised by max |r| = {scale:.3g} over the "
               f"{'text' if span is not None else 'prompt'}{template}):")
-        print("  " + color_tokens(example.tokens, example.relevance, color=color, span=span))
+        print("  " + color_tokens(tokens, values, color=color, span=span))
         if args.words:
             print("  words: " + "  ".join(f"{word}[{value / scale if scale else 0.0:+.2f}]"
                                           for word, value in example.words()))
@@ -597,6 +630,29 @@ def cmd_explain(args: argparse.Namespace) -> int:
         report = _write_report(args, loaded, result, decompositions)
         print(f"report: {report}")
     return 0
+
+
+def _echo(text: str) -> str:
+    """The text as echoed: quoted, cut after :data:`ECHO_CHARACTERS` characters with its length."""
+    if len(text) <= ECHO_CHARACTERS:
+        return repr(text)
+    return f"{text[:ECHO_CHARACTERS]!r}... ({len(text):,} characters)"
+
+
+def _characters(tokens: list[str], values: list[float], span: list[bool] | None):
+    """Tokens, relevance and span as shown: a token that only continues the previous token's character (its
+    display string is empty, see :func:`implicit_attention.text.display_strings`) is shown with that token,
+    their relevance summed (relevance adds up over tokens)."""
+    shown, summed, keep = [], [], []
+    flags = [True] * len(tokens) if span is None else list(span)
+    for token, value, flag in zip(tokens, values, flags):
+        if token == "" and shown:
+            summed[-1] += value
+            continue
+        shown.append(token)
+        summed.append(value)
+        keep.append(flag)
+    return shown, summed, None if span is None else keep
 
 
 #: What each method's diagnostics mean, as printed.
@@ -854,7 +910,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     try:
-        with _quiet_transformers():
+        with _quiet_transformers(), _one_line_warnings():
             status = args.handler(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at the interpreter's exit
         return status

@@ -15,6 +15,10 @@ class UnsupportedModelError(ImplicitAttentionError, TypeError):
     """The model contains no token-mixing layer this library can decompose."""
 
 
+class LongInputWarning(UserWarning):
+    """An input is longer than the texts the model was trained on (``max_sentence_tokens`` of its ``task.json``)."""
+
+
 class PaddingError(ImplicitAttentionError, ValueError):
     """A padded batch for a model whose predictions depend on the padding (it reads padding tokens)."""
 

@@ -5,7 +5,10 @@ Any model directory may carry a ``task.json``; the keys read here are
 - ``template`` (required): the prompt, with one ``{text}`` placeholder;
 - ``label_words`` (required): ``{label name: label word}``, each label word a single token;
 - ``label_token_ids`` (optional): ``{label name: token id}``, checked against the tokenizer;
-- ``add_bos_token`` (optional, default true): start the prompt with the tokenizer's BOS token.
+- ``add_bos_token`` (optional, default true): start the prompt with the tokenizer's BOS token;
+- ``max_sentence_tokens`` (optional): the longest text, in tokens, the model was trained on (texts were cut
+  there); longer inputs are explained with a :class:`~implicit_attention.errors.LongInputWarning`
+  (:attr:`LoadedModel.max_training_tokens`).
 
 Other keys (accuracy, data set, training details) are kept in :attr:`LoadedModel.task` as-is.
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +87,17 @@ class LoadedModel:
     def labels(self) -> list[str]:
         """The task's label names, in ``task.json`` order (empty without a task)."""
         return list(self.label_ids)
+
+    @property
+    def max_training_tokens(self) -> int | None:
+        """The longest text, in tokens, the model was trained on: ``max_sentence_tokens`` of its ``task.json``
+        (or ``max_training_tokens``, or ``settings.max_tokens``); ``None`` when unknown."""
+        task = self.task or {}
+        for value in (task.get("max_training_tokens"), task.get("max_sentence_tokens"),
+                      (task.get("settings") or {}).get("max_tokens")):
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
 
     @property
     def pad_token_id(self) -> int:
@@ -178,6 +193,14 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype=None, dev
     except (ModelLoadError, UnsupportedModelError):
         raise
     except ValueError as exc:
+        if "does not recognize this architecture" in str(exc):
+            import transformers
+
+            kind = re.search(r"model type `([^`]*)`", str(exc))
+            raise ModelLoadError(
+                f"the model in {where} has model_type {kind.group(1) if kind else '?'!r}, which the installed "
+                f"transformers {transformers.__version__} does not know: a newer transformers may (pip install "
+                "--upgrade transformers), or the model's own code must be imported first") from exc
         if "Unrecognized configuration class" in str(exc) or "does not recognize this architecture" in str(exc):
             raise unsupported_model(f"the model in {where} (not a causal LM transformers can load)") from exc
         raise ModelLoadError(f"could not load the model from {where}: {_describe(exc)}") from exc

@@ -18,7 +18,7 @@ from .errors import EmptyInputError
 from .inputs import is_causal_model
 from .loading import LoadedModel, TaskError
 
-__all__ = ["Prediction", "decode_token", "encode", "finite", "predict", "predict_label", "predict_next_token",
+__all__ = ["Prediction", "decode_token", "display_strings", "encode", "finite", "long_input_message", "predict", "predict_label", "predict_next_token",
            "prompt_for", "target_token_id", "token_strings"]
 
 
@@ -79,6 +79,27 @@ def encode_text(loaded: LoadedModel, text: str) -> EncodedText:
     return EncodedText(ids=ids, text=inner, in_span=in_span, offsets=offsets)
 
 
+def long_input_message(loaded: LoadedModel, encoded: list[EncodedText]) -> str | None:
+    """One line saying which texts are longer than the model's training length
+    (:attr:`~implicit_attention.loading.LoadedModel.max_training_tokens`), or ``None``."""
+    limit = loaded.max_training_tokens
+    if limit is None:
+        return None
+    lengths = [sum(one.in_span) for one in encoded]
+    long = [(i, n) for i, n in enumerate(lengths, 1) if n > limit]
+    if not long:
+        return None
+    if len(encoded) == 1:
+        which = f"the text is {long[0][1]:,} tokens long"
+    else:
+        which = (f"text{'s' if len(long) > 1 else ''} {', '.join(str(i) for i, _ in long[:5])}"
+                 f"{', ...' if len(long) > 5 else ''} {'are' if len(long) > 1 else 'is'} up to "
+                 f"{max(n for _, n in long):,} tokens long")
+    return (f"{which}, but {loaded.name or 'the model'} was trained on texts of at most {limit} tokens "
+            "(max_sentence_tokens of its task.json): predictions and explanations of longer texts are less "
+            "reliable, and explaining them is slow (the implicit attention grows with the square of the length)")
+
+
 def _encode_one(loaded: LoadedModel, text: str) -> list[int]:
     return encode_text(loaded, text).ids
 
@@ -135,8 +156,77 @@ def token_strings(loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: 
     """
     ids = input_ids.reshape(-1).tolist()
     keep = attention_mask.reshape(-1).tolist() if attention_mask is not None else [1] * len(ids)
-    return [loaded.tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            for i, k in zip(ids, keep) if k]
+    return display_strings(loaded.tokenizer, [i for i, k in zip(ids, keep) if k])
+
+
+def display_strings(tokenizer, ids: list[int]) -> list[str]:
+    """One readable string per token of ``ids``, which ``"".join`` reads as the decoded text.
+
+    A character whose bytes span several tokens (byte-level BPE splits "日" or "ï" into byte tokens that
+    decode alone to U+FFFD) is shown once, on the token holding its first byte; the tokens holding only
+    the rest of it show ``""``.
+    """
+    def one(i: int) -> str:
+        return tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    singles = [one(i) for i in ids]
+    if not any("\ufffd" in piece for piece in singles):
+        return singles
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if type(decoder).__name__ == "ByteLevel":
+        table = _byte_decoder()
+        pieces = []
+        for i, (token, single) in enumerate(zip(tokenizer.convert_ids_to_tokens(ids), singles)):
+            byte_level = isinstance(token, str) and token and all(ch in table for ch in token)
+            pieces.append(bytes(table[ch] for ch in token) if byte_level and "\ufffd" in single
+                          else single.encode("utf-8"))
+        return _split_characters(pieces)
+    out = list(singles)                 # other tokenizers (byte fallback): a run of broken tokens decoded together
+    i = 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and j - i < 8 and "\ufffd" in singles[j]:
+            j += 1
+        if j - i > 1:
+            group = tokenizer.decode(ids[i:j], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            if group.count("\ufffd") < sum(piece.count("\ufffd") for piece in singles[i:j]):
+                out[i:j] = [group] + [""] * (j - i - 1)
+        i = max(j, i + 1)
+    return out
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet inverted: the byte each character stands for."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    cs = list(bs)
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _split_characters(pieces: list[bytes]) -> list[str]:
+    """Each token's bytes as text, a UTF-8 character going to the token that holds its first byte."""
+    data = b"".join(pieces)
+
+    def starts(k: int) -> bool:
+        return k >= len(data) or (data[k] & 0xC0) != 0x80
+
+    out, begin = [], 0
+    for piece in pieces:
+        end = begin + len(piece)
+        a = begin
+        while a < end and not starts(a):
+            a += 1
+        b = end
+        while not starts(b):
+            b += 1
+        out.append(data[a:b].decode("utf-8", errors="replace") if a < end else "")
+        begin = end
+    return out
 
 
 @dataclass

@@ -170,13 +170,34 @@ def architectures() -> tuple[Architecture, ...]:
 
 def supported_model_classes() -> list[str]:
     """Names of the model classes whose token-mixing layers can be decomposed."""
-    return [name for a in _REGISTRY for name in a.model_classes]
+    return list(dict.fromkeys(name for a in _REGISTRY for name in a.model_classes))  # without repeats
 
 
 def unsupported_model(what: str) -> UnsupportedModelError:
     """The error for a model (named by ``what``) in which no registered layer class was found."""
     return UnsupportedModelError(f"{what} has no token-mixing layer implicit_attention can decompose. "
-                                 f"Supported model classes: {', '.join(supported_model_classes())}.")
+                                 f"Supported model classes include {_some_head_classes()} (with their "
+                                 "backbones; every class and architecture: implicit-attention info --architectures).")
+
+
+#: The head classes a model can be loaded as (the error lists these, not backbones).
+_HEADS = ("ForCausalLM", "LMHeadModel", "ForSequenceClassification", "ForImageClassification")
+#: The architectures whose classes the error names first.
+_FIRST = ("mamba", "mamba2", "rwkv4", "rwkv6", "rwkv7", "retnet", "hgrn", "gla", "griffin", "xlstm", "attention_gpt2",
+          "attention")
+
+
+def _some_head_classes(per_architecture: int = 2, most: int = 16) -> str:
+    """A readable sample of the supported model classes with a head: at most ``per_architecture`` of each
+    architecture (well-known ones first), ``most`` in all, without repeats, then how many more there are."""
+    order = sorted(_REGISTRY, key=lambda a: _FIRST.index(a.name) if a.name in _FIRST else len(_FIRST))
+    heads = list(dict.fromkeys(name for a in order for name in a.model_classes if name.endswith(_HEADS)))
+    shown: list[str] = []
+    for arch in order:
+        shown += [name for name in arch.model_classes if name.endswith(_HEADS) and name not in shown][:per_architecture]
+    shown = shown[:most]
+    rest = len(heads) - len(shown)
+    return ", ".join(shown) + (f" and {rest} more" if rest > 0 else "")
 
 
 def model_layers(model: nn.Module) -> list[tuple[str, nn.Module, Architecture]]:

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..catalog import ROLLOUT_NEEDS_NON_NEGATIVE, check_method_options
+from ..errors import LongInputWarning
 from .distributed import Distributed
 from .errors import DatasetError
 from .formats import InputRecord, detect_format, file_sha256, read_columns, read_inputs
@@ -230,11 +232,24 @@ def _explain_share(loaded, share: list[InputRecord], options: DatasetOptions, ta
     desc = "explaining" if dist.world_size == 1 else f"explaining (rank 0 of {dist.world_size})"
     bar = tqdm(total=len(share), desc=desc, unit="text", file=sys.stderr, dynamic_ncols=True,
                disable=not options.progress or dist.rank != 0 or not share)
+    limit, warned = loaded.max_training_tokens, False
     try:
-        with open(shard_path(options.out, dist.rank), "a", encoding="utf-8", newline="\n") as handle:
+        with open(shard_path(options.out, dist.rank), "a", encoding="utf-8", newline="\n") as handle, \
+                warnings.catch_warnings():
+            # explain_texts warns of every long input; a data set hears of the first one only
+            warnings.filterwarnings("ignore", message="(?!explain-dataset: )", category=LongInputWarning)
             for batch in _batches(share, batch_size(options, loaded)):
-                append_results(handle, explain_batch(loaded, batch, options, target_id, gold))
+                rows = explain_batch(loaded, batch, options, target_id, gold)
+                append_results(handle, rows)
                 bar.update(len(batch))
+                long = [row for row in rows if limit is not None and sum(row["in_span"]) > limit]
+                if long and not warned:
+                    warned = True
+                    warnings.warn(f"explain-dataset: input {long[0]['index']} is {sum(long[0]['in_span']):,} tokens "
+                                  f"long, but {loaded.name or 'the model'} was trained on texts of at most {limit} "
+                                  "tokens (max_sentence_tokens of its task.json): predictions and explanations of "
+                                  "longer texts are less reliable (later long inputs are not reported)",
+                                  LongInputWarning, stacklevel=2)
     finally:
         bar.close()
 

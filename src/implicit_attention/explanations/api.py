@@ -263,8 +263,11 @@ def _warn_if_padding(mask: torch.Tensor | None, row: int) -> None:
     """Right-padded batches put the explained position on padding: say so instead of explaining it silently."""
     if mask is not None and mask.dim() == 2 and bool((mask[:, row] == 0).any()):
         bad = (mask[:, row] == 0).nonzero().reshape(-1).tolist()
-        warnings.warn(f"the explained position {row} is padding in example(s) {bad}: pad batches on the left "
-                      "(tokenizer.padding_side = 'left') or pass position=", UserWarning, stacklevel=3)
+        warnings.warn(f"the explained position {row} is padding in example(s) {bad}: pad the batch on the left "
+                      "(tokenizer.padding_side = 'left'), so that every text ends at the last position, or explain "
+                      "raw strings with implicit_attention.explain_texts, which pads them so (position= is one "
+                      "position for the whole batch: it cannot reach the end of texts of different lengths)",
+                      UserWarning, stacklevel=3)
 
 
 def _finish(relevance: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

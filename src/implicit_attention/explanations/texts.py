@@ -13,6 +13,7 @@ Python user calls on strings::
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -20,13 +21,14 @@ import torch
 
 from ..architectures.registry import padding_leaks
 from ..catalog import SCORES
+from ..errors import LongInputWarning
 from ..inputs import call_model
 from ..loading import LoadedModel
 from ..text import (
     Prediction,
     decode_token,
-    encode,
     encode_texts,
+    long_input_message,
     predict,
     predict_next_token,
     target_token_id,
@@ -328,7 +330,10 @@ def explain_texts(loaded: LoadedModel, texts: str | Sequence[str], *, method: st
                         f"tokenizer and the task's prompt template), got {type(loaded).__name__}; for a model and "
                         "token ids use implicit_attention.explain")
     texts = [texts] if isinstance(texts, str) else list(texts)
-    encode(loaded, texts)                                   # every text is valid before anything runs
+    _, _, encoded = encode_texts(loaded, texts)             # every text is valid before anything runs
+    message = long_input_message(loaded, encoded)
+    if message is not None:
+        warnings.warn(message, LongInputWarning, stacklevel=2)
     groups = [[text] for text in texts] if len(texts) > 1 and padding_leaks(loaded.model) else [texts]
     score = default_score(loaded) if score is None else score
     if score not in SCORES:
