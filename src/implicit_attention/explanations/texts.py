@@ -324,6 +324,10 @@ def explain_texts(loaded: LoadedModel, texts: str | Sequence[str], *, method: st
 
     Returns:
         :class:`TextExplanations`: per text the tokens, relevance, prediction and explained target.
+
+    Warns:
+        :class:`~implicit_attention.errors.LongInputWarning`: a text is longer than the model was trained on
+        (``max_sentence_tokens`` of its ``task.json``; :attr:`~implicit_attention.loading.LoadedModel.max_training_tokens`).
     """
     if not isinstance(loaded, LoadedModel):
         raise TypeError(f"explain_texts needs a LoadedModel from implicit_attention.load_model(...) (it reads the "
