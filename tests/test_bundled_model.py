@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -101,3 +102,33 @@ def test_stored_in_float16_and_loaded_in_float32(task: dict) -> None:
     loaded = load_model()
     assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
     assert sum(p.numel() for p in loaded.model.parameters()) == task["num_parameters"]
+
+
+def test_temperature_scaling_finds_the_temperature_of_a_hand_made_case() -> None:
+    from implicit_attention.benchmark.training import fit_temperature
+
+    # one logit gap of 4 and 8 of 10 labels right: the best probability is 0.8 = sigmoid(4 / T)
+    scores = torch.tensor([[0.0, 4.0]] * 10)
+    labels = torch.tensor([1] * 8 + [0] * 2)
+    assert fit_temperature(scores, labels) == pytest.approx(4 / math.log(4), rel=1e-6)
+
+
+def test_the_bundled_model_shows_calibrated_probabilities(task: dict) -> None:
+    """Its task.json records a temperature fitted on the validation split (scripts/calibrate.py), which
+    lowers the test calibration error, and predictions use it (the argmax is unchanged)."""
+    import implicit_attention as ia
+    from implicit_attention.text import encode_text, predict_label
+
+    calibration = task["calibration"]
+    assert task["temperature"] > 1  # the model was overconfident
+    assert calibration["test_before"]["ece"] == pytest.approx(task["test_ece"], abs=1e-4)
+    assert calibration["test_after"]["ece"] < calibration["test_before"]["ece"] / 2
+    loaded = ia.load_model()
+    ids = torch.tensor([encode_text(loaded, "an utterly charming film").ids])
+    with torch.no_grad():
+        logits = loaded.model(ids).logits
+    word_ids = [loaded.label_ids[name] for name in loaded.labels]
+    expected = (logits[0, -1, word_ids].double() / task["temperature"]).softmax(-1)
+    prediction = predict_label(loaded, logits)[0]
+    assert prediction.probabilities == pytest.approx(dict(zip(loaded.labels, expected.tolist())), rel=1e-9)
+    assert prediction.label == loaded.labels[int(logits[0, -1, word_ids].argmax())]

@@ -271,14 +271,17 @@ def predict_label(loaded: LoadedModel, logits: torch.Tensor, position: int = -1)
     """The task prediction of each example: argmax over the label words' logits at ``position``.
 
     ``logits`` is ``[B, L, V]`` (``position`` picks the row; default the last, the end of the
-    prompt with left padding) or ``[B, V]``. Probabilities are a softmax over the label words only.
+    prompt with left padding) or ``[B, V]``. Probabilities are a softmax over the label words only,
+    of the logits divided by the task's ``temperature`` where ``task.json`` records one (fitted on
+    the validation split: calibrated probabilities; the argmax is the same).
     """
     if not loaded.label_ids:
         raise TaskError(f"{loaded.name or 'this model'} has no task (no task.json with label_words)")
     names = list(loaded.label_ids)
     ids = torch.tensor([loaded.label_ids[n] for n in names], device=logits.device)
     scores = _last(logits, position).detach().double().index_select(-1, ids)
-    probs = scores.softmax(dim=-1)
+    temperature = float((loaded.task or {}).get("temperature", 1.0))
+    probs = (scores / temperature).softmax(dim=-1)
     out = []
     for row in probs:
         best = int(row.argmax())
