@@ -177,6 +177,20 @@ def _method_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _add_method_options(parser: argparse.ArgumentParser, methods) -> None:
+    """--method, --option, --variant, --layers and --aggregate, as explain-image and explain-dataset take them."""
+    parser.add_argument("--method", choices=methods, default="attribution",
+                        help="how relevance is computed, as for explain (default: %(default)s)")
+    parser.add_argument("--option", dest="options", action="append", type=parse_method_option, metavar="NAME=VALUE",
+                        help=_method_options_help())
+    parser.add_argument("--variant", choices=VARIANTS, default="unified",
+                        help="implicit attention formulation, as for explain (default: %(default)s)")
+    parser.add_argument("--layers", type=parse_layers, default=None, metavar="I,J,...",
+                        help="token-mixing layers to use, e.g. 0,1,-1 or --layers=-1 (default: all)")
+    parser.add_argument("--aggregate", choices=AGGREGATES, default="abs",
+                        help="channel aggregation of raw and rollout (default: %(default)s)")
+
+
 def _add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", metavar="NAME_OR_DIR", default=None,
@@ -335,16 +349,7 @@ def _add_image_parser(sub, methods: Sequence[str]) -> None:
     im.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
                     help="dtype the model is loaded and run in (default: %(default)s)")
     im.add_argument("--device", default=None, help="device for the model, e.g. cpu or cuda:0 (default: cpu)")
-    im.add_argument("--method", choices=methods, default="attribution",
-                    help="how relevance is computed, as for explain (default: %(default)s)")
-    im.add_argument("--option", dest="options", action="append", type=parse_method_option, metavar="NAME=VALUE",
-                    help=_method_options_help())
-    im.add_argument("--variant", choices=VARIANTS, default="unified",
-                    help="implicit attention formulation, as for explain (default: %(default)s)")
-    im.add_argument("--layers", type=parse_layers, default=None, metavar="I,J,...",
-                    help="token-mixing layers to use, e.g. 0,1,-1 or --layers=-1 (default: all)")
-    im.add_argument("--aggregate", choices=AGGREGATES, default="abs",
-                    help="channel aggregation of raw and rollout (default: %(default)s)")
+    _add_method_options(im, methods)
     im.add_argument("--target", default=None,
                     help="explain this class (an index or a label name) for every image (default: the prediction)")
     im.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images of a folder")
@@ -398,16 +403,7 @@ def _add_dataset_parser(sub, methods: Sequence[str]) -> None:
                          "instead of --device: a device_map strategy, or a JSON file mapping module names to "
                          'devices ({"backbone.layers.0": "cuda:0", ...}). Every method works: each layer is '
                          "decomposed on its GPU and the maps are combined on the inputs' GPU. For one process only")
-    ds.add_argument("--method", choices=methods, default="attribution",
-                    help="how relevance is computed, as for explain (default: %(default)s)")
-    ds.add_argument("--option", dest="options", action="append", type=parse_method_option, metavar="NAME=VALUE",
-                    help=_method_options_help())
-    ds.add_argument("--variant", choices=VARIANTS, default="unified",
-                    help="implicit attention formulation, as for explain (default: %(default)s)")
-    ds.add_argument("--layers", type=parse_layers, default=None, metavar="I,J,...",
-                    help="token-mixing layers to use, e.g. 0,1,-1 or --layers=-1 (default: all)")
-    ds.add_argument("--aggregate", choices=AGGREGATES, default="abs",
-                    help="channel aggregation of raw and rollout (default: %(default)s)")
+    _add_method_options(ds, methods)
     ds.add_argument("--target", default=None,
                     help="explain this label / token for every text (default: each text's prediction)")
     ds.add_argument("--score", choices=SCORES, default=None, help="which score of the target is explained: contrast (its logit minus the other labels' mean logit, "

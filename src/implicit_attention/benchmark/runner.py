@@ -216,14 +216,21 @@ class LabelScorer:
             chunk = [sequences[i] for i in order[start:start + self.batch_size]]
             width = max(len(s) for s in chunk)
             batch = torch.full((len(chunk), width), self.pad_id, dtype=torch.long, device=self.device)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long, device=self.device)
             for row, sequence in enumerate(chunk):
                 batch[row, : len(sequence)] = sequence.to(self.device)
-            last = torch.tensor([len(s) - 1 for s in chunk], device=self.device)
-            logits = self.model(batch, use_cache=False).logits.float()
-            rows.append(logits[torch.arange(len(chunk), device=self.device), last][:, self.label_ids].cpu())
+                mask[row, : len(sequence)] = 1
+            rows.append(self._label_logits(batch, mask).cpu())
         scores = torch.empty(len(sequences), len(self.label_ids))
         scores[order] = torch.cat(rows)
         return scores
+
+    def _label_logits(self, batch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``[B, labels]`` of a right-padded batch: the label words' logits at each sequence's last
+        token (no mask needed: a causal model's last real token never reads the padding after it)."""
+        last = mask.sum(dim=1) - 1
+        logits = self.model(batch, use_cache=False).logits.float()
+        return logits[torch.arange(len(batch), device=self.device), last][:, self.label_ids]
 
     def prefetch(self, sequences: Sequence[torch.Tensor]) -> None:
         """Score every sequence not yet cached, in large batches."""
@@ -254,23 +261,8 @@ class ClassifierScorer(LabelScorer):
     and the dry run are :class:`LabelScorer`'s.
     """
 
-    @torch.no_grad()
-    def _score(self, sequences: Sequence[torch.Tensor]) -> torch.Tensor:
-        rows = []
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-        for start in range(0, len(order), self.batch_size):
-            chunk = [sequences[i] for i in order[start:start + self.batch_size]]
-            width = max(len(s) for s in chunk)
-            batch = torch.full((len(chunk), width), self.pad_id, dtype=torch.long, device=self.device)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long, device=self.device)
-            for row, sequence in enumerate(chunk):
-                batch[row, : len(sequence)] = sequence.to(self.device)
-                mask[row, : len(sequence)] = 1
-            logits = self.model(input_ids=batch, attention_mask=mask).logits.float()   # [B, classes]
-            rows.append(logits[:, self.label_ids].cpu())
-        scores = torch.empty(len(sequences), len(self.label_ids))
-        scores[order] = torch.cat(rows)
-        return scores
+    def _label_logits(self, batch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=batch, attention_mask=mask).logits.float()[:, self.label_ids]   # [B, labels]
 
 
 def score_example(scorer: LabelScorer, ids: torch.Tensor, relevance: torch.Tensor, positions: torch.Tensor,
