@@ -279,7 +279,11 @@ def test_explain_on_the_delta_rule_layers(method):
 @pytest.mark.parametrize("class_name", list(CONFIGS))
 def test_hybrid_models_explain_with_all_their_layers(class_name):
     """Every registered layer kind of the hybrid (its softmax attention too) in one rollout / attribution."""
-    model = tiny(class_name, dtype=torch.float32)
+    check_every_layer_explains(tiny(class_name, dtype=torch.float32))
+
+
+def check_every_layer_explains(model) -> None:
+    """All of a hybrid's layers (its softmax attention too) decompose and explain in one call."""
     ids, mask = left_padded(batch=2, length=5, vocab=VOCAB)
     result = ia.decompose(model, ids, mask)
     assert len(result.layers) > len(mine(model)) and max(result.errors) <= 1e-4

@@ -24,12 +24,12 @@ from test_gated_deltanet import (
     build,
     captured,
     check_chunkwise_against_sequential,
+    check_every_layer_explains,
     check_exact,
     check_fast_paths,
     check_variant_flags,
     check_variants_against_naive,
     indices,
-    mine,
 )
 
 from conftest import check_explanation, left_padded
@@ -128,12 +128,7 @@ def test_explain_on_the_kda_layers(class_name, method):
 @pytest.mark.parametrize("class_name", list(CONFIGS))
 def test_hybrid_models_explain_with_all_their_layers(class_name):
     """Every registered layer kind of the hybrid (its softmax attention too) in one rollout / attribution."""
-    model = tiny(class_name, dtype=torch.float32)
-    ids, mask = left_padded(batch=2, length=5, vocab=VOCAB)
-    result = ia.decompose(model, ids, mask)
-    assert len(result.layers) > len(mine(model)) and max(result.errors) <= 1e-4
-    for method in ("rollout", "attribution"):
-        check_explanation(model, ids, mask, method=method)
+    check_every_layer_explains(tiny(class_name, dtype=torch.float32))
 
 
 def test_float64_tolerance_is_the_kernels_float32():
