@@ -559,14 +559,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.force and args.out is None:
         raise ValueError("--force only applies together with --out DIR")
     _refuse_unused_matrix_options(args, report=args.out is not None)
-    if args.out is not None:
-        out = os.path.expanduser(args.out)
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise ValueError(f"--out {args.out!r} exists and is not a directory")
-        if not args.force and os.path.isdir(out) and os.listdir(out):
-            raise ValueError(f"--out directory {args.out!r} is not empty; choose a new directory or pass --force "
-                             "to replace the report files in it (other files are kept)")
-        _check_out_writable(args.out)
+    _check_report_dir(args)
 
     method_options = _method_options(args)
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -772,6 +765,19 @@ def print_architectures() -> int:
     return 0
 
 
+def _check_report_dir(args: argparse.Namespace) -> None:
+    """Before any work: ``--out`` is a directory that is empty (unless ``--force``) and writable."""
+    if args.out is None:
+        return
+    out = os.path.expanduser(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {args.out!r} exists and is not a directory")
+    if not args.force and os.path.isdir(out) and os.listdir(out):
+        raise ValueError(f"--out directory {args.out!r} is not empty; choose a new directory or pass --force "
+                         "to replace the report files in it (other files are kept)")
+    _check_out_writable(args.out)
+
+
 # --------------------------------------------------------------------------------- explain-image
 def cmd_explain_image(args: argparse.Namespace) -> int:
     from .vision.images import NO_BUNDLED_IMAGE_MODEL, image_files
@@ -781,14 +787,7 @@ def cmd_explain_image(args: argparse.Namespace) -> int:
     _check_device(args.device)
     if args.force and args.out is None:
         raise ValueError("--force only applies together with --out DIR")
-    if args.out is not None:
-        out = os.path.expanduser(args.out)
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise ValueError(f"--out {args.out!r} exists and is not a directory")
-        if not args.force and os.path.isdir(out) and os.listdir(out):
-            raise ValueError(f"--out directory {args.out!r} is not empty; choose a new directory or pass --force "
-                             "to replace the report files in it (other files are kept)")
-        _check_out_writable(args.out)
+    _check_report_dir(args)
     _refuse_unused_matrix_options(args, report=args.out is not None)
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be at least 1")
