@@ -7,7 +7,8 @@
 #
 #   scripts/vision_accelerator.sh data                  # here, once: out/fashion-mnist/*.xz
 #   scripts/vision_accelerator.sh train [ARGS...]       # there (carry out/fashion-mnist only):
-#                                                       #   scripts/train_vision.py --device cuda ARGS,
+#                                                       #   scripts/train_vision.py --device cuda ARGS, one
+#                                                       #   process per model of --models, side by side,
 #                                                       #   stopped in time (state saved); the same call
 #                                                       #   again on the still-warm machine resumes
 #   scripts/vision_accelerator.sh benchmark [ARGS...]   # there (carry out/fashion-mnist, out/vision-models,
@@ -31,10 +32,25 @@ data)
 train|benchmark)
     what=$1; shift
     export FASHION_MNIST_DIR="$PWD/out/fashion-mnist" PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
-    python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
+    python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
     status=0
     if [ "$what" = train ]; then
-        timeout --signal=INT "$LIMIT" python scripts/train_vision.py --device cuda "$@" || status=$?
+        # one process per model, side by side: the small models leave the GPU mostly idle, and the
+        # data workers (the composites are drawn on the CPU) are shared out among them
+        models=$(printf '%s\n' "$@" | sed -n '/^--models$/{n;p}' | tail -1)
+        models=${models:-vit,deit,vim}
+        count=$(echo "$models" | tr ',' '\n' | grep -c .)
+        workers=$(( ($(nproc) - count) / count )); [ "$workers" -ge 1 ] || workers=1
+        mkdir -p out/vision-models/logs
+        pids=()
+        for model in ${models//,/ }; do
+            timeout --signal=INT "$LIMIT" python scripts/train_vision.py --device "${DEVICE:-cuda}" --workers "$workers" "$@" \
+                --models "$model" > "out/vision-models/logs/$model.log" 2>&1 &
+            pids+=($!)
+        done
+        for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+        for model in ${models//,/ }; do echo "== $model"; grep -v "^$model: step" "out/vision-models/logs/$model.log" \
+            | tail -5; grep "^$model: step" "out/vision-models/logs/$model.log" | tail -2; done
         dir=vision-models
     else
         timeout --signal=INT "$LIMIT" python benchmarks/vision.py --device cuda "$@" || status=$?

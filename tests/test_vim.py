@@ -273,3 +273,21 @@ def test_explain_methods_on_pixels(method):
     expl = check_explanation(model, pixels(dtype=torch.float32), method=method, causal=False, steps=4)
     if expl is not None:                                                     # None: lrp refused, as it must be
         assert expl.relevance.shape == (2, 7)
+
+
+def test_mambapy_scan_gives_the_token_loop_values_and_gradients():
+    """``use_mambapy=True`` (the training path) only changes how the states are computed: logits and every
+    parameter's gradient agree with the token loop."""
+    pytest.importorskip("mambapy")
+    results = []
+    for parallel in (False, True):
+        model = tiny_vim(use_mambapy=parallel)
+        assert all(layer.mixer.use_mambapy is parallel for layer in model.layers)
+        logits = model(pixel_values=pixels()).logits
+        (logits * torch.arange(1.0, 4.0, dtype=torch.float64)).sum().backward()
+        results.append((logits.detach(), {name: param.grad.clone() for name, param in model.named_parameters()}))
+    (loop_logits, loop_grads), (scan_logits, scan_grads) = results
+    assert_close(scan_logits, loop_logits, 1e-10)
+    for name, grad in loop_grads.items():
+        assert grad.abs().max() > 0, name
+        assert_close(scan_grads[name], grad, 1e-9)

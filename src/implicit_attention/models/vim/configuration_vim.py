@@ -31,6 +31,9 @@ class VimConfig(PretrainedConfig):
             ``P // 2`` (published ``use_middle_cls_token``); 0 puts it first.
         dt_min, dt_max, dt_init_floor, dt_scale: the Mamba init of ``dt_proj``.
         initializer_range: std of the normal init of linear layers, the class token and positions.
+        use_mambapy: run the scans with ``mambapy``'s parallel scan (PyPI ``mambapy``, as ``transformers``'
+            Mamba does) instead of token by token: the same values, much faster to train; ignored
+            (the token loop) when ``mambapy`` is not installed.
     """
 
     model_type = "vim"
@@ -41,7 +44,7 @@ class VimConfig(PretrainedConfig):
                  use_conv_bias: bool = True, rms_norm: bool = True, norm_epsilon: float = 1e-5,
                  residual_in_fp32: bool = True, divide_out: bool = True, cls_position: int | None = None,
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4, dt_scale: float = 1.0,
-                 initializer_range: float = 0.02, **kwargs):
+                 initializer_range: float = 0.02, use_mambapy: bool = False, **kwargs):
         self.image_size = list(image_size) if isinstance(image_size, (tuple, list)) else image_size
         self.patch_size = patch_size
         self.stride = patch_size if stride is None else stride
@@ -60,6 +63,7 @@ class VimConfig(PretrainedConfig):
         self.divide_out = divide_out
         self.dt_min, self.dt_max, self.dt_init_floor, self.dt_scale = dt_min, dt_max, dt_init_floor, dt_scale
         self.initializer_range = initializer_range
+        self.use_mambapy = use_mambapy
         if cls_position is not None and not 0 <= cls_position <= self.num_patches:
             raise ValueError(f"cls_position {cls_position} must lie in [0, {self.num_patches}] "
                              f"({self.num_patches} patches)")

@@ -66,22 +66,38 @@ class VimPatchEmbed(nn.Module):
 
 
 def selective_scan(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                   D: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+                   D: torch.Tensor, z: torch.Tensor, parallel: bool = False) -> torch.Tensor:
     """``[B, L, E]`` ``y_t = (C_t . h_t + D u_t) * silu(z_t)``, ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t``.
 
-    Args: u, dt, z ``[B, L, E]``; A ``[E, N]``; B, C ``[B, L, N]``; D ``[E]``. One token at a time.
+    Args: u, dt, z ``[B, L, E]``; A ``[E, N]``; B, C ``[B, L, N]``; D ``[E]``; parallel: the states by
+    ``mambapy``'s parallel scan (when installed) rather than one token at a time.
     """
-    batch, length, channels = u.shape
     decay = torch.exp(dt[..., None] * A)                         # [B, L, E, N]
     inputs = (dt * u)[..., None] * B[:, :, None, :]              # [B, L, E, N]
-    state = u.new_zeros(batch, channels, A.shape[1])
+    pscan = _mambapy_scan() if parallel else None
+    states = pscan(decay, inputs) if pscan is not None else sequential_states(decay, inputs)
+    y = torch.einsum("blen,bln->ble", states, C) + u * D
+    return y * F.silu(z)
+
+
+def sequential_states(decay: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """``[B, L, E, N]`` ``h_t = decay_t * h_{t-1} + inputs_t`` (``h_0 = inputs_0``), one token at a time."""
+    state = torch.zeros_like(inputs[:, 0])
     states = []
     # unbind, not decay[:, t]: indexing would give the backward pass one full-size gradient per token
     for decay_t, input_t in zip(decay.unbind(1), inputs.unbind(1)):   # two elementwise ops a token
         state = decay_t * state + input_t
         states.append(state)
-    y = torch.einsum("blen,bln->ble", torch.stack(states, dim=1), C) + u * D
-    return y * F.silu(z)
+    return torch.stack(states, dim=1)
+
+
+def _mambapy_scan():
+    """``mambapy.pscan.pscan`` (``[B, L, E, N]`` decays and inputs to states), or None when not installed."""
+    try:
+        from mambapy.pscan import pscan
+    except ImportError:
+        return None
+    return pscan
 
 
 class VimMixer(nn.Module):
@@ -98,6 +114,7 @@ class VimMixer(nn.Module):
         self.hidden_size, self.intermediate_size, self.ssm_state_size, self.time_step_rank = D, E, N, R
         self.conv_kernel_size = K
         self.divide_out = config.divide_out
+        self.use_mambapy = getattr(config, "use_mambapy", False)
         self.in_proj = nn.Linear(D, 2 * E, bias=config.use_bias)
         for suffix in ("", "_b"):  # the published order: forward branch, then the backward one
             setattr(self, f"conv1d{suffix}", nn.Conv1d(E, E, K, groups=E, padding=K - 1, bias=config.use_conv_bias))
@@ -128,7 +145,7 @@ class VimMixer(nn.Module):
                                [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1)
         dt = F.softplus(F.linear(dt, p["dt_proj"].weight.to(dtype), p["dt_proj"].bias.to(dtype)))
         A = -torch.exp(p["A_log"].to(dtype))
-        return selective_scan(u, dt, A, B, C, p["D"].to(dtype), z)
+        return selective_scan(u, dt, A, B, C, p["D"].to(dtype), z, parallel=self.use_mambapy)
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         """``[B, L, D] -> [B, L, D]``; the scans run in the compute dtype."""
