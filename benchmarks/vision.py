@@ -154,34 +154,41 @@ def run(args, models: list[str], methods: list[str]) -> None:
     with open(path, "a", encoding="utf-8") as sink:
         for model_name in available:
             model = None
-            for spec in methods:
-                indices = todo[(model_name, spec)]
-                if not indices:
-                    continue
-                model = model or load_classifier(args.model_dir / model_name, device=args.device)
-                method, _, variant = spec.partition(":")
-                extra = {"variant": variant} if variant else {}
-                bar.set_description(f"{model_name} {spec}")
-                for start in range(0, len(indices), args.batch_size):
-                    chunk = indices[start:start + args.batch_size]
-                    items = [data[i] for i in chunk]
-                    pixels = normalize(torch.stack([p for p, _, _ in items])).to(args.device)
-                    began = time.time()
+            # images outer, methods inner: at any stop every method has scored the same images
+            pending = {spec: list(todo[(model_name, spec)]) for spec in methods}
+            while any(pending.values()):
+                for spec in methods:
+                    chunk, pending[spec] = pending[spec][:args.batch_size], pending[spec][args.batch_size:]
+                    if not chunk:
+                        continue
+                    model = model or load_classifier(args.model_dir / model_name, device=args.device)
+                    bar.set_description(f"{model_name} {spec}")
                     try:
-                        records = evaluate_batch(model, pixels, [lab for _, lab, _ in items],
-                                                 torch.stack([m for _, _, m in items]), method=method, fill=0.0,
-                                                 **extra, **options)
+                        records = score_chunk(model, data, chunk, spec, options, args.device)
                     except (ValueError, NotImplementedError) as exc:
                         print(f"{model_name} {spec}: {exc}; skipped", file=sys.stderr)
-                        bar.update(len(indices) - start)
-                        break
-                    seconds = (time.time() - began) / len(chunk)
+                        bar.update(len(chunk) + len(pending[spec]))
+                        pending[spec] = []
+                        continue
                     for index, record in zip(chunk, records):
-                        sink.write(json.dumps({"model": model_name, "method": spec, "index": index,
-                                               "seconds": seconds, **record}) + "\n")
+                        sink.write(json.dumps({"model": model_name, "method": spec, "index": index, **record}) + "\n")
                     sink.flush()
                     bar.update(len(chunk))
     bar.close()
+
+
+def score_chunk(model, data, chunk: list[int], spec: str, options: dict, device) -> list[dict]:
+    """The records of the images ``chunk`` explained by ``spec`` (``method`` or ``method:variant``), each with
+    the seconds per image."""
+    method, _, variant = spec.partition(":")
+    extra = {"variant": variant} if variant else {}
+    items = [data[i] for i in chunk]
+    pixels = normalize(torch.stack([p for p, _, _ in items])).to(device)
+    began = time.time()
+    records = evaluate_batch(model, pixels, [lab for _, lab, _ in items], torch.stack([m for _, _, m in items]),
+                             method=method, fill=0.0, **extra, **options)
+    seconds = (time.time() - began) / len(chunk)
+    return [{"seconds": seconds, **record} for record in records]
 
 
 def report(args, models: list[str], methods: list[str]) -> str:

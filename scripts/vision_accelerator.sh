@@ -56,8 +56,18 @@ train|benchmark)
         timeout --signal=INT "$LIMIT" python benchmarks/vision.py --device cuda "$@" || status=$?
         dir=vision-benchmark
     fi
-    # the models and results without the training state (state.pt: resumed from the warm machine's own copy)
-    if [ -n "${OUT:-}" ] && [ -d "out/$dir" ]; then tar -C out --exclude=state.pt -cf "$OUT/$dir.tar" "$dir"; fi
+        if [ -n "${OUT:-}" ] && [ -d "out/$dir" ]; then
+        if [ "$dir" = vision-models ]; then
+            # one file per model, its training state included (a model's state is under the device tool's
+            # 16 MiB a file): a stopped run resumes on a fresh machine with out/vision-models carried back
+            for model in out/vision-models/*/; do
+                name=$(basename "$model"); [ "$name" = logs ] && continue
+                tar -C out -cf "$OUT/vision-models-$name.tar" "vision-models/$name" "vision-models/logs/$name.log"
+            done
+        else
+            tar -C out -cf "$OUT/$dir.tar" "$dir"
+        fi
+    fi
     echo "exit status $status (124 or 130: stopped after $LIMIT s; run the same command again to continue)"
     ;;
 *)

@@ -26,24 +26,24 @@ from .evaluation import patch_grid, patch_relevance, upsample
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 #: What ``explain-image`` says when no ``--model`` is given.
-NO_BUNDLED_IMAGE_MODEL = (
-    "no image model is bundled yet (a Vision Mamba trained on the Fashion-MNIST composites will be): pass one with "
-    "--model DIR, a directory written by save_pretrained() holding an image classifier (ViT, DeiT, our ViM or any "
-    "AutoModelForImageClassification), e.g. one trained by 'python scripts/train_vision.py' into "
-    "out/vision-models/vit")
-
 
 def image_files(path: str | os.PathLike, limit: int | None = None) -> list[Path]:
-    """``[path]`` for a file; the image files of a folder (by extension, sorted by name, not recursive)."""
+    """``[path]`` for a file; the image files of a folder (by extension, sorted by name, not recursive),
+    without the masks of a composites folder (``NAME_mask.png`` beside ``NAME.png``)."""
     path = Path(path).expanduser()
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"{str(path)!r} is neither an image file nor a folder")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                   and not _is_mask(p))
     if not files:
         raise ValueError(f"the folder {str(path)!r} holds no image file ({', '.join(IMAGE_EXTENSIONS)})")
     return files[:limit] if limit is not None else files
+
+
+def _is_mask(path: Path) -> bool:
+    return path.stem.endswith("_mask") and path.with_name(path.stem[:-len("_mask")] + path.suffix).is_file()
 
 
 @dataclass(frozen=True)
