@@ -137,7 +137,7 @@ def check_report(info: dict, out: Path, *, n_examples: int, method: str, tol: fl
     html = (out / "report.html").read_text(encoding="utf-8")
     for name in info["files"]:
         if name.endswith(".png"):
-            assert f'src="{name}"' in html
+            assert f'href="{name}"' in html              # the matrix PNGs beside the page, linked
     assert sorted(p.name for p in out.iterdir()) == sorted(info["files"])
 
 

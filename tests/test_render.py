@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,8 @@ def _report_args(text: str = "<script>alert('x')</script> & co") -> dict:
 
 def test_write_report(tmp_path: Path) -> None:
     out = tmp_path / "nested" / "report"
-    html_path = write_report(out, **_report_args())
+    args = _report_args()
+    html_path = write_report(out, **args)
     assert html_path == out / "report.html"
     info = json.loads((out / "explanation.json").read_text(encoding="utf-8"))
     ex = info["examples"][0]
@@ -92,7 +94,13 @@ def test_write_report(tmp_path: Path) -> None:
         if name.endswith(".png"):
             assert (out / name).read_bytes().startswith(PNG_MAGIC)
     html = html_path.read_text(encoding="utf-8")
-    assert "<script>" not in html and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; co" in html
+    assert "<script>alert" not in html and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; co" in html
+    # the page's data: the tokens and matrices, with no "<" that could end its script element early
+    data = json.loads(re.search(r'<script id=report-data type="application/json">(.*?)</script>', html).group(1))
+    assert "<" not in re.search(r'<script id=report-data type="application/json">(.*?)</script>', html).group(1)
+    assert data["examples"][0]["tokens"] == ["<s>", " <b>", " &"]
+    mean = data["examples"][0]["matrices"]["1"]["mean"]
+    assert mean == pytest.approx(args["examples"][0].matrices[1]["mean"].flatten().tolist(), rel=1e-3, abs=1e-12)
     assert "tiny &lt;model&gt;" in html and "&lt;b&gt;" in html
     assert 'style="background: rgb(255, 0, 0)"' in html          # the most relevant token
     assert "title=" in html and "relevance 1" in html              # value in the tooltip

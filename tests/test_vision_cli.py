@@ -3,6 +3,7 @@ size and mode, a folder with a progress bar, the report with its overlays, and t
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import re
@@ -76,7 +77,9 @@ def test_explain_image_writes_the_report_for_a_folder(vit_dir, images, tmp_path,
     assert example["in_span"][0] is False and example["prediction"]["kind"] == "label"
     assert [p["file"] for p in example["pictures"]] == ["overlay_0_a.png"]
     assert (out / "overlay_1_b.png").is_file() and (out / "matrix_ex1_layer1_abs.png").is_file()
-    assert 'src="overlay_0_a.png"' in (out / "report.html").read_text()
+    # the page carries the overlay itself (one file that travels alone), byte for byte the PNG beside it
+    encoded = base64.b64encode((out / "overlay_0_a.png").read_bytes()).decode("ascii")
+    assert f'src="data:image/png;base64,{encoded}"' in (out / "report.html").read_text()
 
 
 def test_explain_image_with_a_target_and_a_baseline(vit_dir, images, capsys):

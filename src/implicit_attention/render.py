@@ -4,8 +4,12 @@
   positive relevance, blue for negative, intensity ``|r| / max |r|``), or writes plain text
   with the normalised relevance in brackets: ``<s>[+0.10] great[+1.00] film[-0.50]``.
 - :func:`matrix_png` draws one ``[L, L]`` map with matplotlib (Agg, no GUI, no global state).
-- :func:`write_report` writes ``report.html`` (self-contained apart from the PNG files next to
-  it) and ``explanation.json`` into a directory, atomically.
+- :func:`write_report` writes ``report.html`` and ``explanation.json`` into a directory,
+  atomically. The page is one self-contained file (inline script and images, no network): a token
+  heat map with hover values, a viewer of the aggregated implicit-attention matrices drawn in the
+  page from the saved numbers (a layer slider, an aggregate picker, the row of a hovered token
+  highlighted, each cell's value on hover) and the reconstruction errors. The matrices are also
+  written as PNG files beside it (linked from the page) for papers and slides.
 
 Output directory policy of :func:`write_report`: everything is first written into a fresh
 temporary directory next to ``out_dir`` (same file system) and only moved into place once every
@@ -354,6 +358,41 @@ def _replace_files(tmp: Path, out: Path, files: list[str]) -> None:
                 pass
 
 
+#: Matrices of at most this many tokens are embedded in the page for its viewer (above: the PNGs only).
+MAX_VIEWER_TOKENS = 256
+
+
+def _matrix_payload(matrix) -> list[float] | None:
+    """``[L, L]`` -> its rows flattened, 4 significant digits (what a heat map can show), or ``None``
+    above :data:`MAX_VIEWER_TOKENS` tokens."""
+    values = matrix.detach().cpu().double() if hasattr(matrix, "detach") else matrix
+    rows = values.tolist() if hasattr(values, "tolist") else [list(r) for r in values]
+    if len(rows) > MAX_VIEWER_TOKENS:
+        return None
+    return [float(f"{v:.4g}") if math.isfinite(v) else 0.0 for row in rows for v in row]
+
+
+def _data_uri(path: Path) -> str:
+    import base64
+    kind = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}.get(path.suffix.lower(), "image/png")
+    return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def _viewer_data(examples, layers) -> list[dict]:
+    """What the page's script draws: per example its display tokens and
+    ``{layer index: {aggregate: flattened [L, L]}}``."""
+    data = []
+    for example in examples:
+        matrices = {}
+        for layer in layers:
+            for how, matrix in example.matrices.get(layer.index, {}).items():
+                payload = _matrix_payload(matrix)
+                if payload is not None:
+                    matrices.setdefault(str(layer.index), {})[how] = payload
+        data.append({"tokens": [display_token(t) for t in example.tokens], "matrices": matrices})
+    return data
+
+
 def _write_files(tmp: Path, *, examples, layers, method, variant, model, settings) -> list[str]:
     images: list[list[dict]] = []
     for e, example in enumerate(examples):
@@ -406,7 +445,15 @@ def _write_files(tmp: Path, *, examples, layers, method, variant, model, setting
     }
     (tmp / "explanation.json").write_text(json.dumps(_clean(info), indent=2, allow_nan=False, ensure_ascii=False)
                                           + "\n", encoding="utf-8")
-    (tmp / "report.html").write_text(_html(info), encoding="utf-8")
+    for ex in info["examples"]:          # the page shows its pictures inline: one file that travels alone
+        for picture in ex.get("pictures", []):
+            picture["uri"] = _data_uri(tmp / picture["file"])
+    page = {"layers": [{"index": l.index, "name": l.name} for l in layers], "titles": MATRIX_TITLES,
+            "examples": _viewer_data(examples, layers)}
+    (tmp / "report.html").write_text(_html(info, page), encoding="utf-8")
+    for ex in info["examples"]:
+        for picture in ex.get("pictures", []):
+            del picture["uri"]
     return files
 
 
@@ -433,6 +480,9 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; font-family: ui-
 .matrices img { max-width: 34em; width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.9em; color: #555; }
 .note { color: #555; font-size: 0.9em; }
+.viewer canvas { border: 1px solid #ccc; image-rendering: pixelated; max-width: 100%; cursor: crosshair; }
+.controls { margin: 0.5em 0; display: flex; gap: 1.5em; align-items: center; flex-wrap: wrap; }
+.readout, .token-readout { font-family: ui-monospace, monospace; font-size: 0.9em; color: #333; min-height: 1.4em; }
 """
 
 
@@ -451,11 +501,11 @@ def _token_html(tokens: Sequence[str], relevance: Sequence[float], normalized: S
     for i, (tok, rel, w, keep) in enumerate(zip(tokens, relevance, normalized, in_span)):
         tip = f"#{i} {display_token(tok)!r}: relevance {_fmt(rel, '.4g')} (normalised {w:+.3f})"
         if not keep:   # the prompt template: greyed, its value in the tooltip
-            spans.append(f'<span class="tok template" title="{_e(tip + "; prompt template")}">'
+            spans.append(f'<span class="tok template" data-i="{i}" title="{_e(tip + "; prompt template")}">'
                          f"{_e(display_token(tok))}</span>")
             continue
         r, g, b = relevance_rgb(w)
-        spans.append(f'<span class="tok" style="background: rgb({r}, {g}, {b})" title="{_e(tip)}">'
+        spans.append(f'<span class="tok" data-i="{i}" style="background: rgb({r}, {g}, {b})" title="{_e(tip)}">'
                      f"{_e(display_token(tok))}</span>")
     return "".join(spans)
 
@@ -465,7 +515,125 @@ def _sampled(layer: dict) -> str:
     return f" (sampled: {layer['error_channels']} of {layer['channels']} channels)" if layer.get("sampled") else ""
 
 
-def _html(info: dict) -> str:
+def _json_for_script(data) -> str:
+    """JSON safe inside ``<script>``: no ``<`` at all, so nothing can close the element early."""
+    return json.dumps(_clean(data), allow_nan=False, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
+
+
+def _viewer_html(index: int, example: dict, page_example: dict, layers: list[dict]) -> str:
+    """The matrix viewer of example ``index``: layer slider, aggregate picker, canvas, readout, PNG links."""
+    shown = [l for l in layers if str(l["index"]) in page_example["matrices"]]
+    links = " ".join(f'<a href="{_e(img["file"])}">layer {_e(img["layer"])} {_e(img["aggregate"])}</a>'
+                     for img in example["images"])
+    if not shown:
+        return (f"<h3>Aggregated implicit attention per layer</h3><p class=note>Too many tokens to draw in the page; "
+                f"the PNG files: {links}</p>") if links else ""
+    aggregates = sorted({how for l in shown for how in page_example["matrices"][str(l["index"])]},
+                        key=lambda how: list(MATRIX_TITLES).index(how) if how in MATRIX_TITLES else 99)
+    options = "".join(f'<option value="{_e(how)}">{_e(MATRIX_TITLES.get(how, how))}</option>' for how in aggregates)
+    return (f'<h3>Aggregated implicit attention per layer</h3><div class=viewer data-example="{index}">'
+            f'<div class=controls><label>layer <input type=range class=layer-slider min=0 max={len(shown) - 1} '
+            f'value=0 step=1></label> <output class=layer-name></output> '
+            f'<label>aggregate <select class=aggregate>{options}</select></label></div>'
+            f'<canvas class=matrix width=570 height=570></canvas><div class=readout>&nbsp;</div>'
+            f'<p class=note>Row i is the output token, column j the input token it reads: A[i, j] averaged over the '
+            f"layer's channels as the picker says. Hover a cell for its value; hover a token above to mark its row. "
+            f'PNG files: {links}</p></div>')
+
+
+_SCRIPT = r"""
+(function () {
+  const data = JSON.parse(document.getElementById("report-data").textContent);
+  function colour(v, scale, signed) {
+    const w = scale > 0 ? Math.max(-1, Math.min(1, v / scale)) : 0;
+    if (!signed) { const c = Math.round(255 * (1 - Math.abs(w))); return [255, c, c]; }
+    const c = Math.round(255 * (1 - Math.abs(w)));
+    return w >= 0 ? [255, c, c] : [c, c, 255];
+  }
+  document.querySelectorAll(".viewer").forEach(function (viewer) {
+    const k = Number(viewer.dataset.example), example = data.examples[k], tokens = example.tokens;
+    const layers = data.layers.filter(l => String(l.index) in example.matrices);
+    const slider = viewer.querySelector(".layer-slider"), picker = viewer.querySelector(".aggregate");
+    const canvas = viewer.querySelector("canvas"), readout = viewer.querySelector(".readout");
+    const label = viewer.querySelector(".layer-name"), n = tokens.length;
+    const cell = Math.max(1, Math.floor(480 / n)), size = cell * n;
+    // token labels along the top and the left where a cell is tall enough to read one
+    const labelled = cell >= 9, margin = labelled ? 90 : 0;
+    canvas.width = size + margin; canvas.height = size + margin;
+    viewer.dataset.origin = margin; viewer.dataset.cell = cell;
+    const context = canvas.getContext("2d");
+    let row = -1;
+    function current() {
+      const layer = layers[Number(slider.value)];
+      return {layer: layer, values: (example.matrices[String(layer.index)] || {})[picker.value]};
+    }
+    function short(token) { return token.length > 12 ? token.slice(0, 11) + "\u2026" : token; }
+    function labels() {
+      if (!labelled) return;
+      context.fillStyle = "#333"; context.font = Math.min(13, cell - 2) + "px monospace";
+      context.textBaseline = "middle";
+      for (let i = 0; i < n; i++) {
+        context.textAlign = "right";
+        context.fillStyle = i === row ? "#0a0" : "#333";
+        context.fillText(short(tokens[i]), margin - 4, margin + (i + 0.5) * cell);
+        context.save(); context.translate(margin + (i + 0.5) * cell, margin - 4); context.rotate(-Math.PI / 2);
+        context.textAlign = "left"; context.fillStyle = "#333"; context.fillText(short(tokens[i]), 0, 0);
+        context.restore();
+      }
+    }
+    function draw() {
+      const {layer, values} = current();
+      label.textContent = "layer " + layer.index + " (" + layer.name + ")";
+      viewer.dataset.layer = layer.index;
+      context.clearRect(0, 0, canvas.width, canvas.height);
+      labels();
+      if (!values) { readout.textContent = "not computed for this layer"; return; }
+      const signed = picker.value === "mean";
+      const scale = values.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+      label.textContent += "; colour scale " + (signed ? "\u00b1" : "0 to ") + scale.toPrecision(3);
+      const image = context.createImageData(size, size);
+      for (let i = 0; i < n; i++) for (let j = 0; j < n; j++) {
+        const [r, g, b] = colour(values[i * n + j], scale, signed);
+        for (let y = i * cell; y < (i + 1) * cell; y++) for (let x = j * cell; x < (j + 1) * cell; x++) {
+          const o = 4 * (y * size + x);
+          image.data[o] = r; image.data[o + 1] = g; image.data[o + 2] = b; image.data[o + 3] = 255;
+        }
+      }
+      context.putImageData(image, margin, margin);
+      viewer.dataset.checksum = values.reduce((s, v, i) => s + v * ((i % 7) + 1), 0).toPrecision(6);
+      if (row >= 0) {
+        context.strokeStyle = "#0a0"; context.lineWidth = Math.max(1, Math.min(4, cell / 6));
+        context.strokeRect(margin + 0.5, margin + row * cell + 0.5, size - 1, cell - 1);
+      }
+    }
+    slider.addEventListener("input", draw);
+    picker.addEventListener("change", draw);
+    canvas.addEventListener("mousemove", function (event) {
+      const box = canvas.getBoundingClientRect();
+      const j = Math.floor(((event.clientX - box.left) * canvas.width / box.width - margin) / cell);
+      const i = Math.floor(((event.clientY - box.top) * canvas.height / box.height - margin) / cell);
+      const {values} = current();
+      if (!values || i < 0 || j < 0 || i >= n || j >= n) return;
+      readout.textContent = "A[" + i + ", " + j + "] = " + values[i * n + j].toPrecision(4) + "   (row " +
+        JSON.stringify(tokens[i]) + " reads " + JSON.stringify(tokens[j]) + ")";
+    });
+    document.querySelectorAll('.tokens[data-example="' + k + '"] .tok').forEach(function (span) {
+      span.addEventListener("mouseenter", function () { row = Number(span.dataset.i); draw(); });
+      span.addEventListener("mouseleave", function () { row = -1; draw(); });
+    });
+    draw();
+  });
+  document.querySelectorAll(".tokens").forEach(function (box) {
+    const status = box.nextElementSibling;
+    box.querySelectorAll(".tok").forEach(function (span) {
+      span.addEventListener("mouseenter", function () { status.textContent = span.title; });
+    });
+  });
+})();
+"""
+
+
+def _html(info: dict, page: dict | None = None) -> str:
     settings = info.get("settings") or {}
     rows = [("model", info["model"]), ("method", info["method"]), ("variant", info["variant"])]
     rows += [(k, v) for k, v in settings.items() if v is not None]
@@ -498,14 +666,9 @@ def _html(info: dict) -> str:
         tgt = ex["target"] or {}
         target = (f"{_e(tgt.get('label') or repr(tgt.get('token')))} (token id {_e(tgt.get('id'))}, "
                   f"output position {_e(tgt.get('position'))})")
-        figures = "".join(
-            f'<figure><img src="{_e(img["file"])}" alt="{_e(MATRIX_TITLES.get(img["aggregate"], img["aggregate"]))}'
-            f' of layer {_e(img["layer"])}"><figcaption>layer {_e(img["layer"])}: '
-            f'{_e(MATRIX_TITLES.get(img["aggregate"], img["aggregate"]))}</figcaption></figure>'
-            for img in ex["images"])
-        matrices = (f"<h3>Aggregated implicit attention per layer</h3><div class=matrices>{figures}</div>"
-                    if figures else "")
-        shown = "".join(f'<figure><img src="{_e(p["file"])}" alt="{_e(p["caption"])}"><figcaption>'
+        page_example = (page or {}).get("examples", [{}] * (i + 1))[i] or {"matrices": {}}
+        matrices = _viewer_html(i, ex, page_example, (page or {}).get("layers", []))
+        shown = "".join(f'<figure><img src="{_e(p.get("uri", p["file"]))}" alt="{_e(p["caption"])}"><figcaption>'
                         f'{_e(p["caption"])}</figcaption></figure>' for p in ex.get("pictures", []))
         pictures = f"<h3>Relevance on the image</h3><div class=matrices>{shown}</div>" if shown else ""
         sections.append(
@@ -518,7 +681,9 @@ def _html(info: dict) -> str:
                f"{_e(tgt.get('id'))})</p>" if tgt.get("score") else
                f"<p>Explained score: logit of {target}</p>")
             + pictures + f"<h3>Relevance of the input tokens</h3>{legend}"
-            f"<div class=tokens>{_token_html(ex['tokens'], ex['relevance'], ex['relevance_normalized'], ex['in_span'])}</div>"
+            f"<div class=tokens data-example={i}>"
+            f"{_token_html(ex['tokens'], ex['relevance'], ex['relevance_normalized'], ex['in_span'])}</div>"
+            f"<div class=token-readout>&nbsp;</div>"
             f"{matrices}")
     return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
             f"<meta name=viewport content='width=device-width, initial-scale=1'>"
@@ -526,4 +691,7 @@ def _html(info: dict) -> str:
             f"<h1>Implicit attention explanation</h1><table class=meta>{meta}</table>"
             f"<h2>Per-layer reconstruction error</h2>{layer_table}{''.join(sections)}"
             f"<p class=note>Written by implicit_attention {_e(info['versions'].get('implicit_attention', ''))}; "
-            f"the data is in <a href=explanation.json>explanation.json</a>.</p></body></html>\n")
+            f"the data is in <a href=explanation.json>explanation.json</a>.</p>"
+            + (f'<script id=report-data type="application/json">{_json_for_script(page)}</script>'
+               f"<script>{_SCRIPT}</script>" if page else "")
+            + "</body></html>\n")

@@ -1,0 +1,134 @@
+"""The HTML report in a real browser: Debian's chromium driven by playwright loads the page that
+``implicit-attention explain --out`` writes for the bundled model, and the test checks the DOM
+(the tokens and their values), the matrix viewer (the drawn pixels are the saved numbers' colours,
+the layer slider redraws another layer, a hovered token marks its row, a hovered cell reads its
+value) and writes a screenshot. Skips, saying why, where no browser is installed (``make test``
+installs one where it can)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+from implicit_attention.cli import main
+
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("no chromium on this machine (make test installs Debian's chromium where apt-get can)")
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[dev])")
+    return path
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "out"
+    assert main(["explain", "an utterly charming film", "--out", str(out)]) == 0
+    html = (out / "report.html").read_text(encoding="utf-8")
+    page_data = json.loads(re.search(r'<script id=report-data type="application/json">(.*?)</script>', html,
+                                     flags=re.S).group(1))
+    return out, json.loads((out / "explanation.json").read_text(encoding="utf-8")), page_data
+
+
+@pytest.fixture(scope="module")
+def page(report):
+    executable = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    out, _, _ = report
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 1600})
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto((out / "report.html").as_uri())
+        page.wait_for_selector(".viewer[data-checksum]")
+        page.errors = errors
+        yield page
+        browser.close()
+
+
+def _expected_colour(value: float, scale: float) -> tuple[int, int, int]:
+    """The page's signed colour map, written out: red for positive, blue for negative, white for 0."""
+    w = max(-1.0, min(1.0, value / scale)) if scale > 0 else 0.0
+    c = round(255 * (1 - abs(w)))
+    return (255, c, c) if w >= 0 else (c, c, 255)
+
+
+def _pixel(page, x: int, y: int) -> tuple[int, int, int]:
+    """The drawn colour at ``(x, y)`` of the matrix (the canvas less its margin of token labels)."""
+    origin = int(page.locator(".viewer").get_attribute("data-origin"))
+    return tuple(page.evaluate(
+        "([x, y]) => Array.from(document.querySelector('.viewer canvas').getContext('2d')"
+        ".getImageData(x, y, 1, 1).data.slice(0, 3))", [x + origin, y + origin]))
+
+
+def test_the_page_shows_the_tokens_and_their_values(page, report):
+    _, info, _ = report
+    example = info["examples"][0]
+    spans = page.locator(".tokens .tok")
+    assert spans.count() == len(example["tokens"])
+    titles = [spans.nth(i).get_attribute("title") for i in range(spans.count())]
+    for i, (title, value) in enumerate(zip(titles, example["relevance"])):
+        assert title.startswith(f"#{i} ") and f"relevance {value:.4g}" in title
+    assert "charming" in page.locator(".tokens").inner_text()
+    spans.nth(2).hover()
+    assert page.locator(".token-readout").inner_text() == titles[2]
+    assert page.errors == []
+
+
+def test_the_viewer_draws_the_saved_numbers_and_the_slider_changes_the_layer(page, report, tmp_path):
+    out, info, data = report
+    tokens = data["examples"][0]["tokens"]
+    n, layers = len(tokens), data["layers"]
+    assert len(layers) == len(info["layers"]) == 4
+    cell = max(1, 480 // n)
+    checksums = {}
+    for position, layer in enumerate(layers):
+        page.locator(".layer-slider").fill(str(position))
+        assert page.locator(".viewer").get_attribute("data-layer") == str(layer["index"])
+        assert page.locator(".layer-name").inner_text().startswith(f"layer {layer['index']} ({layer['name']}); ")
+        values = data["examples"][0]["matrices"][str(layer["index"])]["mean"]
+        scale = max(abs(v) for v in values)
+        for i, j in [(n - 1, 0), (n - 1, n - 1), (n // 2, 1), (0, n - 1)]:   # (0, n - 1): above the diagonal, 0
+            drawn = _pixel(page, j * cell + cell // 2, i * cell + cell // 2)
+            assert all(abs(a - b) <= 1 for a, b in zip(drawn, _expected_colour(values[i * n + j], scale))), (i, j)
+        assert _pixel(page, (n - 1) * cell + cell // 2, cell // 2) == (255, 255, 255)   # causal: nothing above
+        checksums[layer["index"]] = page.locator(".viewer").get_attribute("data-checksum")
+    assert len(set(checksums.values())) == len(layers)            # every layer drew a different matrix
+    page.select_option(".aggregate", "abs")
+    values = data["examples"][0]["matrices"][str(layers[-1]["index"])]["abs"]
+    peak = max(range(len(values)), key=lambda k: values[k])
+    assert _pixel(page, (peak % n) * cell + cell // 2, (peak // n) * cell + cell // 2) == (255, 0, 0)
+    page.select_option(".aggregate", "mean")
+    page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+    assert (tmp_path / "report.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_hovering_marks_a_row_and_reads_a_cell(page, report):
+    _, _, data = report
+    n = len(data["examples"][0]["tokens"])
+    cell = max(1, 480 // n)
+    page.locator(".layer-slider").fill("0")
+    row = n - 2
+    before = _pixel(page, 2, row * cell + 1)
+    page.locator(".tokens .tok").nth(row).hover()
+    marked = _pixel(page, 2, row * cell + 1)
+    assert marked != before and marked[1] > marked[0] and marked[1] > marked[2]   # the green outline
+    canvas = page.locator(".viewer canvas")
+    box = canvas.bounding_box()
+    origin = int(page.locator(".viewer").get_attribute("data-origin"))
+    assert origin > 0                                          # 10 tokens: cells tall enough for labels
+    scale = box["width"] / (origin + cell * n)
+    canvas.hover(position={"x": (origin + cell / 2) * scale, "y": (origin + (n - 1) * cell + cell / 2) * scale})
+    value = data["examples"][0]["matrices"][str(data["layers"][0]["index"])]["mean"][(n - 1) * n]
+    text = page.locator(".viewer .readout").inner_text()
+    assert text.startswith(f"A[{n - 1}, 0] = ") and float(text.split(" = ")[1].split()[0]) == pytest.approx(value,
+                                                                                                      rel=1e-3)
