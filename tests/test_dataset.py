@@ -46,7 +46,7 @@ ROWS = [("an utterly charming and moving film", "1"), ("a dull, lifeless mess", 
         ("it is not a good movie", "1"), ("a gorgeous film", "1")]
 RT = {"1": "fresh", "0": "rotten"}
 TOL = 1e-6
-FINAL_FILES = ["results.jsonl", "run.json", "summary.json"]  # the lock file is removed at the end
+FINAL_FILES = ["index.html", "results.jsonl", "run.json", "summary.json"]  # the lock file is removed at the end
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,8 +1,9 @@
-"""The HTML report in a real browser: Debian's chromium driven by playwright loads the page that
+"""The HTML pages in a real browser: Debian's chromium driven by playwright loads the report that
 ``implicit-attention explain --out`` writes for the bundled model, and the test checks the DOM
 (the tokens and their values), the matrix viewer (the drawn pixels are the saved numbers' colours,
 the layer slider redraws another layer, a hovered token marks its row, a hovered cell reads its
-value) and writes a screenshot. Skips, saying why, where no browser is installed (``make test``
+value) and writes a screenshot; then the ``index.html`` of ``explain-dataset`` (sorting by a
+column, the misclassified-only and text filters). Skips, saying why, where no browser is installed (``make test``
 installs one where it can)."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -38,21 +40,33 @@ def report(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(report):
+def browser():
     executable = _chromium()
     from playwright.sync_api import sync_playwright
 
-    out, _, _ = report
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 1600})
-        errors = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto((out / "report.html").as_uri())
-        page.wait_for_selector(".viewer[data-checksum]")
-        page.errors = errors
-        yield page
+        yield browser
         browser.close()
+
+
+def _open(browser, path: Path, **options):
+    """A new page on ``path`` whose script errors collect in ``page.errors``."""
+    page = browser.new_page(**options)
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(path.as_uri())
+    page.errors = errors
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(browser, report):
+    out, _, _ = report
+    page = _open(browser, out / "report.html", viewport={"width": 1200, "height": 1600})
+    page.wait_for_selector(".viewer[data-checksum]")
+    yield page
+    page.close()
 
 
 def _expected_colour(value: float, scale: float) -> tuple[int, int, int]:
@@ -132,3 +146,40 @@ def test_hovering_marks_a_row_and_reads_a_cell(page, report):
     text = page.locator(".viewer .readout").inner_text()
     assert text.startswith(f"A[{n - 1}, 0] = ") and float(text.split(" = ")[1].split()[0]) == pytest.approx(value,
                                                                                                       rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def dataset_page(browser, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dataset")
+    (folder / "reviews.csv").write_text(
+        "id,text,label\nr1,an utterly charming film,positive\nr2,a dull and lifeless mess,negative\n"
+        "r3,the best movie of the year,positive\nr4,not good at all,negative\nr5,boring,positive\n", encoding="utf-8")
+    out = folder / "run"
+    assert main(["explain-dataset", str(folder / "reviews.csv"), "--label-column", "label", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+    page = _open(browser, out / "index.html")
+    yield page, rows
+    page.close()
+
+
+def test_the_data_set_page_sorts_and_filters_the_examples(dataset_page):
+    page, rows = dataset_page
+    assert page.locator("table.examples tbody tr").count() == len(rows) == 5
+    ids = lambda: page.evaluate("Array.from(document.querySelectorAll('table.examples tbody tr'))"  # noqa: E731
+                                ".filter(row => !row.hidden).map(row => row.cells[1].textContent)")
+    assert ids() == [row["id"] for row in rows]                              # in the file's order
+    page.click("th:has-text('probability')")
+    assert ids() == [row["id"] for row in sorted(rows, key=lambda r: r["probability"])]
+    page.click("th:has-text('probability')")
+    assert ids() == [row["id"] for row in sorted(rows, key=lambda r: -r["probability"])]
+    page.check("#only-wrong")
+    wrong = [row["id"] for row in sorted(rows, key=lambda r: -r["probability"]) if row["correct"] is False]
+    assert ids() == wrong and page.locator("#shown").inner_text() == str(len(wrong))
+    page.uncheck("#only-wrong")
+    page.fill("#search", "film")
+    assert ids() == [row["id"] for row in rows if "film" in row["text"]]
+    accuracy = sum(row["correct"] for row in rows) / len(rows)
+    assert f"{accuracy:.4f}" in page.locator("table.meta").inner_text()
+    first = page.locator("table.examples tbody tr").first
+    assert first.locator(".tok").count() == len(rows[0]["tokens"])
+    assert page.errors == []

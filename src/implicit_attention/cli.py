@@ -902,6 +902,7 @@ def cmd_explain_dataset(args: argparse.Namespace) -> int:
         print(f"reconstruction error: max {err['max']:.2e}, mean {err['mean']:.2e}")
     print(f"results: {os.path.join(options.out, 'results.jsonl')}")
     print(f"summary: {os.path.join(options.out, 'summary.json')}")
+    print(f"page: {os.path.join(options.out, 'index.html')} (the examples, sortable, tokens coloured by relevance)")
     return 0
 
 

@@ -695,3 +695,126 @@ def _html(info: dict, page: dict | None = None) -> str:
             + (f'<script id=report-data type="application/json">{_json_for_script(page)}</script>'
                f"<script>{_SCRIPT}</script>" if page else "")
             + "</body></html>\n")
+
+
+# ------------------------------------------------------------------------------ data set index
+#: ``index.html`` of ``explain-dataset`` shows at most this many examples (all are in results.jsonl).
+MAX_INDEX_ROWS = 2000
+
+_INDEX_CSS = """
+.examples td { vertical-align: top; }
+.examples th { cursor: pointer; user-select: none; white-space: nowrap; }
+.examples th[data-order=ascending]::after { content: " \\25B2"; }
+.examples th[data-order=descending]::after { content: " \\25BC"; }
+.examples .tokens { border: none; padding: 0; line-height: 1.7; }
+.examples tr.wrong td.correct { color: #b00; font-weight: 600; }
+.examples details { font-size: 0.85em; color: #444; }
+.filters { margin: 0.8em 0; display: flex; gap: 1.5em; align-items: center; }
+"""
+
+_INDEX_SCRIPT = r"""
+(function () {
+  const table = document.querySelector("table.examples"), body = table.tBodies[0];
+  const headers = Array.from(table.tHead.rows[0].cells);
+  headers.forEach(function (header, column) {
+    if (!header.dataset.type) return;
+    header.addEventListener("click", function () {
+      const ascending = header.dataset.order !== "ascending";
+      headers.forEach(h => delete h.dataset.order);
+      header.dataset.order = ascending ? "ascending" : "descending";
+      const numeric = header.dataset.type === "number";
+      const key = row => row.cells[column].dataset.value;
+      const rows = Array.from(body.rows).sort(function (a, b) {
+        const x = key(a), y = key(b);
+        const order = numeric ? (Number(x) - Number(y)) : x.localeCompare(y);
+        return ascending ? order : -order;
+      });
+      rows.forEach(row => body.appendChild(row));
+    });
+  });
+  const wrong = document.getElementById("only-wrong"), search = document.getElementById("search");
+  const count = document.getElementById("shown");
+  function filter() {
+    const needle = search.value.toLowerCase();
+    let shown = 0;
+    Array.from(body.rows).forEach(function (row) {
+      const visible = (!wrong.checked || row.classList.contains("wrong")) &&
+        (!needle || row.dataset.text.includes(needle));
+      row.hidden = !visible; shown += visible ? 1 : 0;
+    });
+    count.textContent = shown;
+  }
+  wrong.addEventListener("change", filter);
+  search.addEventListener("input", filter);
+  filter();
+})();
+"""
+
+
+def dataset_index_html(summary: dict, rows: Sequence[dict]) -> str:
+    """``index.html`` of an ``explain-dataset`` run: the run's figures (accuracy, reconstruction error,
+    counts) and a sortable, filterable table of the examples (at most :data:`MAX_INDEX_ROWS`), each
+    with its tokens coloured by relevance and a row of its own (``index.html#ex-<index>``).
+
+    Args:
+        summary: the run's ``summary.json`` object.
+        rows: its ``results.jsonl`` objects (:func:`implicit_attention.dataset.read_results`).
+    """
+    counts = summary.get("counts", {})
+    accuracy = summary.get("accuracy")
+    error = (summary.get("reconstruction_error") or {}).get("max")
+    facts = [("model", summary.get("model")), ("method", summary.get("method")), ("variant", summary.get("variant")),
+             ("explained score", summary.get("score")), ("input", summary.get("input")),
+             ("explained", f"{counts.get('explained', len(rows))} of {counts.get('inputs', len(rows))} inputs"),
+             ("accuracy", "n/a (no gold labels)" if accuracy is None else
+              f"{accuracy:.4f} ({counts.get('correct')} of {counts.get('labelled')} labelled)"),
+             ("max reconstruction error", _fmt(error))]
+    meta = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in facts if v is not None)
+    has_id = any("id" in row for row in rows)
+    shown = list(rows[:MAX_INDEX_ROWS])
+    lines = []
+    for row in shown:
+        relevance = [0.0 if r is None else r for r in row.get("relevance") or []]
+        tokens = row.get("tokens") or []
+        normalized = normalize_relevance(relevance, row.get("in_span")) if tokens else []
+        correct = row.get("correct")
+        mark = "" if correct is None else ("yes" if correct else "no")
+        details = "".join(f"<div>{_e(k)}: {_e(_fmt(v, '.4f'))}</div>" for k, v in
+                          (row.get("probabilities") or {}).items())
+        cells = [
+            f"<td class=num data-value={row['index']}><a href=#ex-{row['index']}>{row['index']}</a></td>",
+            (f"<td data-value=\"{_e(row.get('id', ''))}\">{_e(row.get('id', ''))}</td>" if has_id else ""),
+            f"<td data-value=\"{_e(row.get('text', ''))}\"><div class=tokens>"
+            f"{_token_html(tokens, relevance, normalized, row.get('in_span'))}</div>"
+            f"<details><summary>probabilities</summary>{details}</details></td>",
+            f"<td data-value=\"{_e(row.get('gold') if row.get('gold') is not None else '')}\">"
+            f"{_e(row.get('gold') if row.get('gold') is not None else '')}</td>",
+            f"<td data-value=\"{_e(row.get('prediction', ''))}\">{_e(row.get('prediction', ''))}</td>",
+            f"<td class=num data-value={row.get('probability') or 0}>{_e(_fmt(row.get('probability'), '.4f'))}</td>",
+            f"<td class=correct data-value=\"{mark}\">{mark}</td>",
+            f"<td class=num data-value={row.get('batch_max_error') or 0}>{_e(_fmt(row.get('batch_max_error')))}</td>",
+        ]
+        lines.append(f"<tr id=ex-{row['index']} class=\"{'wrong' if correct is False else ''}\" "
+                     f"data-text=\"{_e(str(row.get('text', '')).lower())}\">{''.join(cells)}</tr>")
+    head = ("<th data-type=number>#</th>" + ("<th data-type=text>id</th>" if has_id else "")
+            + "<th data-type=text>text (tokens coloured by relevance)</th><th data-type=text>gold</th>"
+            "<th data-type=text>prediction</th><th data-type=number>probability</th><th data-type=text>correct</th>"
+            "<th data-type=number>batch max error</th>")
+    cut = (f"<p class=note>The first {len(shown)} of {len(rows)} examples; all are in results.jsonl.</p>"
+           if len(rows) > len(shown) else "")
+    legend = ('<p class="legend">Relevance: <span style="background: rgb(255, 0, 0)">positive</span> '
+              '<span style="background: rgb(255, 255, 255)">0</span> '
+              '<span style="background: rgb(0, 0, 255); color: #fff">negative</span> '
+              "(each example normalised by its own largest |relevance|; hover a token for its value; click a "
+              "column's header to sort)</p>")
+    return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+            f"<meta name=viewport content='width=device-width, initial-scale=1'>"
+            f"<title>implicit attention: {_e(summary.get('method', ''))} over a data set</title>"
+            f"<style>{_CSS}{_INDEX_CSS}</style></head><body>"
+            f"<h1>Explanations of a data set</h1><table class=meta>{meta}</table>{legend}{cut}"
+            f"<div class=filters><label><input type=checkbox id=only-wrong> only the misclassified</label>"
+            f"<label>text contains <input type=search id=search></label>"
+            f"<span><span id=shown>{len(shown)}</span> shown</span></div>"
+            f"<table class=examples><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table>"
+            f"<p class=note>The data: results.jsonl (one object per example) and summary.json.</p>"
+            f"<script>{_INDEX_SCRIPT}</script></body></html>\n")

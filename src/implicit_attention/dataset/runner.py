@@ -20,11 +20,13 @@ from typing import Any
 
 from ..catalog import ROLLOUT_NEEDS_NON_NEGATIVE, check_method_options
 from ..errors import LongInputWarning
+from ..render import dataset_index_html
 from .distributed import Distributed
 from .errors import DatasetError
 from .formats import InputRecord, detect_format, file_sha256, read_columns, read_inputs
 from .labels import gold_aliases, map_gold
 from .store import (
+    INDEX_FILE,
     SUMMARY_FILE,
     append_results,
     check_run,
@@ -362,4 +364,5 @@ def _run(options: DatasetOptions, dist: Distributed, stack: contextlib.ExitStack
                         processes=dist.world_size, elapsed=time.perf_counter() - started,
                         explain_seconds=explain_seconds, runtime=runtime)
     write_atomic(Path(options.out) / SUMMARY_FILE, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_atomic(Path(options.out) / INDEX_FILE, dataset_index_html(summary, rows))
     return summary

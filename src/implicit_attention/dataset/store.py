@@ -6,6 +6,8 @@ Files, in the directory ``out``:
 - ``results.rank{r}.jsonl``: the shard rank ``r`` appends its completed batches to (flushed and
   fsync'ed per batch); merged into ``results.jsonl`` (and removed) when a run starts and ends.
 - ``summary.json``: written by the runner at the end, atomically (:func:`write_atomic`).
+- ``index.html``: the run's page (accuracy, a sortable table of the examples with their tokens
+  coloured by relevance; :func:`implicit_attention.render.dataset_index_html`), written after it.
 - ``run.json``: the settings of the run (:data:`RUN_VERSION`, and the :data:`RESUME_KEYS` that must
   match for a run to be resumed: :func:`check_run`, :func:`start_run`).
 - ``.explain-dataset.lock``: locked (``flock``) by rank 0 while a run is going (:func:`run_lock`).
@@ -25,7 +27,7 @@ from pathlib import Path
 from .errors import DatasetError
 
 __all__ = [
-    "LOCK_FILE", "RESULTS_FILE", "RESUME_KEYS", "RUN_FILE", "RUN_VERSION", "SETTING_OPTIONS", "SUMMARY_FILE",
+    "INDEX_FILE", "LOCK_FILE", "RESULTS_FILE", "RESUME_KEYS", "RUN_FILE", "RUN_VERSION", "SETTING_OPTIONS", "SUMMARY_FILE",
     "append_results",
     "check_run", "done_indices", "merge_results", "read_results", "run_lock", "shard_indices", "shard_path",
     "start_run", "write_atomic",
@@ -33,6 +35,7 @@ __all__ = [
 
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
+INDEX_FILE = "index.html"
 RUN_FILE = "run.json"
 LOCK_FILE = ".explain-dataset.lock"
 _SHARD_PREFIX, _SHARD_SUFFIX = "results.rank", ".jsonl"
@@ -182,7 +185,7 @@ def shard_indices(pending: Sequence[int], rank: int, world_size: int) -> list[in
 
 # ------------------------------------------------------------------------------------- run state
 def _our_files(out: Path) -> list[Path]:
-    names = [RESULTS_FILE, SUMMARY_FILE, RUN_FILE]
+    names = [RESULTS_FILE, SUMMARY_FILE, INDEX_FILE, RUN_FILE]
     return [out / n for n in names if (out / n).exists()] + _shards(out) + list(out.glob(".*.tmp*"))
 
 
