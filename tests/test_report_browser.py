@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from implicit_attention.cli import main
+from implicit_attention.render import relevance_rgb
 
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -183,3 +184,69 @@ def test_the_data_set_page_sorts_and_filters_the_examples(dataset_page):
     first = page.locator("table.examples tbody tr").first
     assert first.locator(".tok").count() == len(rows[0]["tokens"])
     assert page.errors == []
+
+
+@pytest.fixture(scope="module")
+def compared(browser, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compared") / "out"
+    assert main(["explain", "an utterly charming film", "--compare", "rollout,attribution:s6,grad_x_input",
+                 "--channels", "5,-1", "--out", str(out)]) == 0
+    info = json.loads((out / "explanation.json").read_text(encoding="utf-8"))
+    html = (out / "report.html").read_text(encoding="utf-8")
+    data = json.loads(re.search(r'<script id=report-data type="application/json">(.*?)</script>', html,
+                                flags=re.S).group(1))
+    page = _open(browser, out / "report.html", viewport={"width": 1200, "height": 1600})
+    page.wait_for_selector(".viewer[data-checksum]")
+    yield page, info, data
+    page.close()
+
+
+def _backgrounds(page) -> list[str]:
+    return page.evaluate("Array.from(document.querySelectorAll('.tokens .tok')).map(s => s.style.background)")
+
+
+def test_the_switcher_recolours_the_tokens_with_another_method(compared):
+    page, info, _ = compared
+    example = info["examples"][0]
+    assert list(example["alternatives"]) == ["rollout:unified", "attribution:s6", "grad_x_input"]
+    first = _backgrounds(page)
+    for name, alternative in example["alternatives"].items():
+        page.select_option(".method-switch", name)
+        drawn = _backgrounds(page)
+        for i, (own, weight) in enumerate(zip(example["in_span"], alternative["relevance_normalized"])):
+            if own:
+                assert drawn[i] == "rgb({}, {}, {})".format(*relevance_rgb(weight)), (name, i)
+            else:                                                   # the template keeps its grey
+                assert drawn[i] == first[i]
+        assert page.locator(".tokens .tok").nth(5).get_attribute("title").startswith("#5 ")
+    page.select_option(".method-switch", "attribution:unified")
+    assert _backgrounds(page) == first
+    assert page.errors == []
+
+
+def test_the_channel_picker_draws_the_layers_own_channel(compared):
+    """A picked channel moves the viewer to its layer and draws that channel's matrix, which is the
+    decomposition's ``channel_matrix`` of the last layer."""
+    import torch
+
+    import implicit_attention as ia
+
+    page, info, data = compared
+    last = info["layers"][-1]
+    page.locator(".layer-slider").fill("0")
+    page.select_option(".aggregate", "channel 5")
+    assert page.locator(".viewer").get_attribute("data-layer") == str(last["index"])
+    loaded = ia.load_model()
+    ids = torch.tensor([info["examples"][0]["token_ids"]])
+    layer = ia.decompose(loaded.model, ids, layers=[-1]).layers[0]
+    expected = layer.channel_matrix(5)[0].flatten().tolist()
+    values = data["examples"][0]["matrices"][str(last["index"])]["channel 5"]
+    assert values == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    assert str(last["index"]) in data["examples"][0]["matrices"] and \
+        f"channel {layer.channels - 1}" in data["examples"][0]["matrices"][str(last["index"])]   # -1: the last
+    n = len(data["examples"][0]["tokens"])
+    cell = max(1, 480 // n)
+    scale = max(abs(v) for v in values)
+    i, j = max(((i, j) for i in range(n) for j in range(n)), key=lambda ij: abs(values[ij[0] * n + ij[1]]))
+    drawn = _pixel(page, j * cell + cell // 2, i * cell + cell // 2)
+    assert drawn == _expected_colour(values[i * n + j], scale) and drawn in [(255, 0, 0), (0, 0, 255)]

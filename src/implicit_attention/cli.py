@@ -290,6 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true",
         help="with --out: if DIR holds files, replace the report files in it (other files are kept)")
     explain.add_argument(
+        "--compare", type=parse_comparisons, default=[], metavar="METHOD[:VARIANT],...",
+        help="also explain the same target with these methods (and variants), e.g. rollout,attribution:s6: each "
+             "is printed, and the report's switcher recolours the tokens with it (their default options)")
+    explain.add_argument(
+        "--channels", type=parse_layers, default=None, metavar="C,D,...",
+        help="with --out: also draw these channels' own matrices (heads of an attention layer) of one layer, "
+             "--channel-layer, in the report's viewer")
+    explain.add_argument(
+        "--channel-layer", type=int, default=-1, metavar="I",
+        help="the decomposed layer whose --channels are drawn (an index among them; default: -1, the last)")
+    explain.add_argument(
         "--no-check", dest="check", action="store_false",
         help="do not fail when an exact decomposition misses its layer's output by more than the tolerance "
              "(1e-4 for float32, 1e-6 for float64); the error is still printed")
@@ -574,6 +585,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     result = explain_texts(loaded, args.texts, method=args.method, variant=args.variant, layers=args.layers,
                            target=args.target, score=args.score, position=args.position, aggregate=args.aggregate,
                            check=args.check, **method_options)
+    if args.channels is not None and args.out is None:
+        raise ValueError("--channels draws channels in the report: add --out DIR")
+    compared = {method + (f":{variant}" if variant else ""): explain_texts(
+        loaded, args.texts, method=method, variant=variant or "unified", layers=args.layers, target=args.target,
+        score=args.score,
+        position=args.position, check=args.check, **({"aggregate": args.aggregate} if method in ("raw", "rollout")
+                                                     else {}))
+        for method, variant in args.compare}
     # the decomposed layers of each run (a baseline decomposes them only for the report)
     decompositions = {id(run): run.explanation.decomposition for run in result.runs}
     if args.out is not None:
@@ -608,6 +627,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
                                           for word, value in example.words()))
         for key, value in example.diagnostics.items():
             print(f"  {DIAGNOSTICS.get(key, key)}: {value:.3g}")
+        for name, other in compared.items():
+            alt_tokens, alt_values, alt_span = _characters(example.tokens, other[number - 1].relevance.tolist(), span)
+            print(f"  {name}: " + color_tokens(alt_tokens, alt_values, color=color, span=alt_span))
 
     print()
     runs = [d for d in decompositions.values() if d is not None]
@@ -618,9 +640,30 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"max reconstruction error: n/a (the {args.method} baseline does not decompose the layers)")
 
     if args.out is not None:
-        report = _write_report(args, loaded, result, decompositions)
+        report = _write_report(args, loaded, result, decompositions, compared)
         print(f"report: {report}")
     return 0
+
+
+def parse_comparisons(text: str) -> list[tuple[str, str | None]]:
+    """``"rollout,attribution:s6,grad_x_input"`` -> ``[("rollout", "unified"), ("attribution", "s6"),
+    ("grad_x_input", None)]`` (a baseline has no variant)."""
+    from .catalog import BASELINE_METHODS
+
+    out = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        method, _, variant = item.partition(":")
+        if method not in METHODS:
+            raise argparse.ArgumentTypeError(f"unknown method {method!r} in --compare; choose from "
+                                             f"{', '.join(METHODS)}")
+        if method in BASELINE_METHODS and variant:
+            raise argparse.ArgumentTypeError(f"{item!r} in --compare: the {method} baseline has no variant")
+        out.append((method, None if method in BASELINE_METHODS else variant or "unified"))
+    if not out:
+        raise argparse.ArgumentTypeError("--compare needs at least one METHOD[:VARIANT]")
+    return out
 
 
 def _echo(text: str) -> str:
@@ -669,9 +712,10 @@ def _error_line(layers, variant: str, runs: int = 1) -> str:
     return line
 
 
-def _write_report(args: argparse.Namespace, loaded, result, decompositions: dict) -> str:
+def _write_report(args: argparse.Namespace, loaded, result, decompositions: dict, compared: dict) -> str:
     """``report.html`` and ``explanation.json`` of an ``explain`` run, with each layer's aggregated maps
-    (``decompositions``: the decomposition of each of the result's runs, by ``id`` of the run)."""
+    (``decompositions``: the decomposition of each of the result's runs, by ``id`` of the run), the
+    ``--channels`` of one layer and the ``--compare`` explanations (``{"method:variant": result}``)."""
     from .render import ReportExample, ReportLayer, write_report
 
     names = {name: arch.name for name, _, arch in _layers_of(loaded.model)}
@@ -681,16 +725,24 @@ def _write_report(args: argparse.Namespace, loaded, result, decompositions: dict
                           error_channels=min(d.layers[i].error_channels for d in runs))
               for i, layer in enumerate(runs[0].layers)]                  # the worst error over the runs
     examples = []
-    for example in result:
+    for example_number, example in enumerate(result):
         keep = example.real_positions
+        run_layers = decompositions[id(example.run)].layers
         matrices = {layer.index: {how: layer.aggregate(how)[example.row].index_select(0, keep).index_select(1, keep)
                                   .detach().cpu().double() for how in ("mean", "abs")}
-                    for layer in decompositions[id(example.run)].layers}
+                    for layer in run_layers}
+        if args.channels is not None:
+            layer = _channel_layer(run_layers, args.channel_layer)
+            for channel in _channels_of(layer, args.channels):
+                matrices[layer.index][f"channel {channel}"] = (
+                    layer.channel_matrix(channel)[example.row].index_select(0, keep).index_select(1, keep)
+                    .detach().cpu().double())
+        alternatives = {name: other[example_number].relevance for name, other in compared.items()}
         examples.append(ReportExample(text=example.text, tokens=example.tokens, relevance=example.relevance,
                                       prediction=example.prediction.to_dict(), target=example.target.to_dict(),
                                       token_ids=example.token_ids, matrices=matrices, in_span=example.in_span,
                                       offsets=example.offsets, span_text=example.span_text, words=example.words(),
-                                      diagnostics=example.diagnostics))
+                                      diagnostics=example.diagnostics, alternatives=alternatives))
     settings = {"layers": ",".join(map(str, args.layers)) if args.layers else "all",
                 "aggregate": args.aggregate if args.method in ("raw", "rollout") else None,
                 "position": args.position, "target": args.target, "score": result[0].target.score,
@@ -698,6 +750,24 @@ def _write_report(args: argparse.Namespace, loaded, result, decompositions: dict
                 "check": args.check, "device": str(loaded.device)}
     return write_report(args.out, examples=examples, layers=layers, method=args.method, variant=args.variant,
                         model=loaded.name, settings=settings, overwrite=args.force)
+
+
+def _channel_layer(layers, index: int):
+    """The decomposed layer ``index`` (negatives from the end) for ``--channel-layer``."""
+    if not -len(layers) <= index < len(layers):
+        raise ValueError(f"--channel-layer {index} is out of range: {len(layers)} layer(s) were decomposed")
+    return layers[index]
+
+
+def _channels_of(layer, channels: list[int]) -> list[int]:
+    """``--channels`` of ``layer`` (negatives from the end), checked against its channel count."""
+    out = []
+    for channel in channels:
+        if not -layer.channels <= channel < layer.channels:
+            raise ValueError(f"--channels {channel} is out of range: layer {layer.index} ({layer.name}) has "
+                             f"{layer.channels} channels")
+        out.append(channel % layer.channels)
+    return out
 
 
 def _layers_of(model):

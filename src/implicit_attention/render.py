@@ -235,6 +235,8 @@ class ReportExample:
         diagnostics: what the method reported beside the relevance (e.g. ``convergence_delta``).
         pictures: ``[(file name, caption, write)]`` images shown with the example (an image model's
             relevance over the image): ``write(path)`` draws the file into the report's directory.
+        alternatives: ``{"method:variant": relevance}`` other explanations of the same target (one value
+            per token each): the page's switcher recolours the tokens with them.
     """
 
     text: str
@@ -250,6 +252,7 @@ class ReportExample:
     words: list[tuple[str, float]] | None = None
     diagnostics: dict[str, float] = field(default_factory=dict)
     pictures: list[tuple[str, str, Any]] = field(default_factory=list)
+    alternatives: dict[str, Any] = field(default_factory=dict)
 
 
 MATRIX_TITLES = {"mean": "signed channel mean of A", "abs": "channel mean of |A|", "pos": "channel mean of max(A, 0)"}
@@ -307,9 +310,10 @@ def write_report(out_dir: str | os.PathLike, *, examples: Sequence[ReportExample
             f"output directory {str(out)!r} is not empty; choose a new directory or pass --force "
             "(overwrite=True) to replace the report files in it (other files are kept)")
     for example in examples:
-        if len(_to_floats(example.relevance)) != len(example.tokens):
-            raise ValueError(f"example {example.text!r}: {len(example.tokens)} tokens but "
-                             f"{len(_to_floats(example.relevance))} relevance values")
+        for name, relevance in [("", example.relevance), *example.alternatives.items()]:
+            if len(_to_floats(relevance)) != len(example.tokens):
+                raise ValueError(f"example {example.text!r}: {len(example.tokens)} tokens but "
+                                 f"{len(_to_floats(relevance))} relevance values{' of ' + name if name else ''}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -399,7 +403,7 @@ def _write_files(tmp: Path, *, examples, layers, method, variant, model, setting
         row = []
         for layer in layers:
             for how, matrix in example.matrices.get(layer.index, {}).items():
-                name = f"matrix_ex{e}_layer{layer.index}_{how}.png"
+                name = f"matrix_ex{e}_layer{layer.index}_{how.replace(' ', '-')}.png"
                 title = f"layer {layer.index} ({layer.name}): {MATRIX_TITLES.get(how, how)}"
                 matrix_png(matrix, example.tokens, tmp / name, title)
                 row.append({"file": name, "layer": layer.index, "aggregate": how})
@@ -438,6 +442,9 @@ def _write_files(tmp: Path, *, examples, layers, method, variant, model, setting
             "diagnostics": dict(ex.diagnostics),
             "images": images[i],
             **({"pictures": pictures[i]} if pictures[i] else {}),
+            **({"alternatives": {name: {"relevance": _to_floats(values),
+                                        "relevance_normalized": normalize_relevance(values, ex.in_span)}
+                                 for name, values in ex.alternatives.items()}} if ex.alternatives else {}),
         } for i, ex in enumerate(examples)],
         "files": files,
         "versions": versions(),
@@ -450,6 +457,12 @@ def _write_files(tmp: Path, *, examples, layers, method, variant, model, setting
             picture["uri"] = _data_uri(tmp / picture["file"])
     page = {"layers": [{"index": l.index, "name": l.name} for l in layers], "titles": MATRIX_TITLES,
             "examples": _viewer_data(examples, layers)}
+    for page_example, ex in zip(page["examples"], info["examples"]):
+        page_example["explanations"] = {
+            f"{method}:{variant}": {"values": ex["relevance"], "normalized": ex["relevance_normalized"]},
+            **{name: {"values": alt["relevance"], "normalized": alt["relevance_normalized"]}
+               for name, alt in ex.get("alternatives", {}).items()}}
+        page_example["in_span"] = ex["in_span"]
     (tmp / "report.html").write_text(_html(info, page), encoding="utf-8")
     for ex in info["examples"]:
         for picture in ex.get("pictures", []):
@@ -501,11 +514,13 @@ def _token_html(tokens: Sequence[str], relevance: Sequence[float], normalized: S
     for i, (tok, rel, w, keep) in enumerate(zip(tokens, relevance, normalized, in_span)):
         tip = f"#{i} {display_token(tok)!r}: relevance {_fmt(rel, '.4g')} (normalised {w:+.3f})"
         if not keep:   # the prompt template: greyed, its value in the tooltip
-            spans.append(f'<span class="tok template" data-i="{i}" title="{_e(tip + "; prompt template")}">'
+            spans.append(f'<span class="tok template" data-i="{i}" data-token="{_e(repr(display_token(tok)))}" '
+                         f'title="{_e(tip + "; prompt template")}">'
                          f"{_e(display_token(tok))}</span>")
             continue
         r, g, b = relevance_rgb(w)
-        spans.append(f'<span class="tok" data-i="{i}" style="background: rgb({r}, {g}, {b})" title="{_e(tip)}">'
+        spans.append(f'<span class="tok" data-i="{i}" data-token="{_e(repr(display_token(tok)))}" '
+                     f'style="background: rgb({r}, {g}, {b})" title="{_e(tip)}">'
                      f"{_e(display_token(tok))}</span>")
     return "".join(spans)
 
@@ -513,6 +528,16 @@ def _token_html(tokens: Sequence[str], relevance: Sequence[float], normalized: S
 def _sampled(layer: dict) -> str:
     """`` (sampled: k of C channels)`` after the error of a layer whose check sampled its channels."""
     return f" (sampled: {layer['error_channels']} of {layer['channels']} channels)" if layer.get("sampled") else ""
+
+
+def _switcher(index: int, info: dict, example: dict) -> str:
+    """The method and variant picker of an example computed with several (``alternatives``), or nothing."""
+    if not example.get("alternatives"):
+        return ""
+    names = [f"{info['method']}:{info['variant']}", *example["alternatives"]]
+    options = "".join(f'<option value="{_e(name)}">{_e(name)}</option>' for name in names)
+    return (f'<p class=controls><label>explanation <select class=method-switch data-example="{index}">{options}'
+            f"</select></label></p>")
 
 
 def _json_for_script(data) -> str:
@@ -528,8 +553,8 @@ def _viewer_html(index: int, example: dict, page_example: dict, layers: list[dic
     if not shown:
         return (f"<h3>Aggregated implicit attention per layer</h3><p class=note>Too many tokens to draw in the page; "
                 f"the PNG files: {links}</p>") if links else ""
-    aggregates = sorted({how for l in shown for how in page_example["matrices"][str(l["index"])]},
-                        key=lambda how: list(MATRIX_TITLES).index(how) if how in MATRIX_TITLES else 99)
+    aggregates = list(dict.fromkeys(how for l in shown for how in page_example["matrices"][str(l["index"])]))
+    aggregates.sort(key=lambda how: list(MATRIX_TITLES).index(how) if how in MATRIX_TITLES else len(MATRIX_TITLES))
     options = "".join(f'<option value="{_e(how)}">{_e(MATRIX_TITLES.get(how, how))}</option>' for how in aggregates)
     return (f'<h3>Aggregated implicit attention per layer</h3><div class=viewer data-example="{index}">'
             f'<div class=controls><label>layer <input type=range class=layer-slider min=0 max={len(shown) - 1} '
@@ -588,7 +613,7 @@ _SCRIPT = r"""
       context.clearRect(0, 0, canvas.width, canvas.height);
       labels();
       if (!values) { readout.textContent = "not computed for this layer"; return; }
-      const signed = picker.value === "mean";
+      const signed = picker.value === "mean" || picker.value.startsWith("channel");
       const scale = values.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
       label.textContent += "; colour scale " + (signed ? "\u00b1" : "0 to ") + scale.toPrecision(3);
       const image = context.createImageData(size, size);
@@ -607,7 +632,14 @@ _SCRIPT = r"""
       }
     }
     slider.addEventListener("input", draw);
-    picker.addEventListener("change", draw);
+    picker.addEventListener("change", function () {
+      // a channel's map exists for one layer only: go to a layer that has what was picked
+      if (!current().values) {
+        const at = layers.findIndex(l => picker.value in (example.matrices[String(l.index)] || {}));
+        if (at >= 0) slider.value = at;
+      }
+      draw();
+    });
     canvas.addEventListener("mousemove", function (event) {
       const box = canvas.getBoundingClientRect();
       const j = Math.floor(((event.clientX - box.left) * canvas.width / box.width - margin) / cell);
@@ -622,6 +654,25 @@ _SCRIPT = r"""
       span.addEventListener("mouseleave", function () { row = -1; draw(); });
     });
     draw();
+  });
+  document.querySelectorAll(".method-switch").forEach(function (picker) {
+    const k = Number(picker.dataset.example), example = data.examples[k];
+    picker.addEventListener("change", function () {
+      const chosen = example.explanations[picker.value];
+      document.querySelectorAll('.tokens[data-example="' + k + '"] .tok').forEach(function (span) {
+        const i = Number(span.dataset.i), w = chosen.normalized[i];
+        const tip = "#" + i + " " + span.dataset.token + ": relevance " + Number(chosen.values[i]).toPrecision(4) +
+          " (normalised " + (w >= 0 ? "+" : "") + w.toFixed(3) + ")";
+        if (example.in_span[i]) {
+          const [r, g, b] = colour(w, 1, true);
+          span.style.background = "rgb(" + r + ", " + g + ", " + b + ")";
+          span.title = tip;
+        } else {
+          span.title = tip + "; prompt template";
+        }
+      });
+      document.querySelectorAll('.tokens[data-example="' + k + '"]').forEach(box => box.dataset.shown = picker.value);
+    });
   });
   document.querySelectorAll(".tokens").forEach(function (box) {
     const status = box.nextElementSibling;
@@ -680,7 +731,7 @@ def _html(info: dict, page: dict | None = None) -> str:
                f"{_e(tgt.get('position'))} (target {_e(tgt.get('label') or repr(tgt.get('token')))}, token id "
                f"{_e(tgt.get('id'))})</p>" if tgt.get("score") else
                f"<p>Explained score: logit of {target}</p>")
-            + pictures + f"<h3>Relevance of the input tokens</h3>{legend}"
+            + pictures + f"<h3>Relevance of the input tokens</h3>{legend}{_switcher(i, info, ex)}"
             f"<div class=tokens data-example={i}>"
             f"{_token_html(ex['tokens'], ex['relevance'], ex['relevance_normalized'], ex['in_span'])}</div>"
             f"<div class=token-readout>&nbsp;</div>"
