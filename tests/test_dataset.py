@@ -352,7 +352,11 @@ def test_torchrun_two_processes_gloo(files, clean, tmp_path: Path) -> None:
     rows, summary = load(out)
     assert_same(rows, clean[0])
     assert summary["processes"] == 2 and summary["accuracy"] == clean[1]["accuracy"] and summary["complete"]
-    assert sorted(p.name for p in out.iterdir()) == FINAL_FILES
+    assert sorted(p.name for p in out.iterdir()) == sorted(FINAL_FILES + ["reports"])
+    # rank 0 wrote a full report for each of the 6 explained inputs (the command's --reports 10), linked
+    reports = sorted(int(p.name) for p in (out / "reports").iterdir())
+    assert reports == [row["index"] for row in rows]
+    assert all(f'href="reports/{i}/report.html"' in (out / "index.html").read_text() for i in reports)
 
 
 # ------------------------------------------------------------------------------ --keep-columns, id

@@ -186,6 +186,18 @@ def test_the_data_set_page_sorts_and_filters_the_examples(dataset_page):
     assert page.errors == []
 
 
+def test_the_data_set_page_links_each_example_to_its_full_report(dataset_page):
+    page, rows = dataset_page
+    page.fill("#search", "")
+    links = page.locator("a.report")
+    assert links.count() == len(rows)                          # --reports defaults to 10: every row here
+    page.locator("a.report", has_text="3").click()
+    page.wait_for_selector(".viewer[data-checksum]")           # the report, its matrices drawn
+    assert page.locator("p.text").inner_text() == rows[3]["text"]
+    assert page.locator(".tokens .tok").count() == len(rows[3]["tokens"])
+    page.go_back()
+
+
 @pytest.fixture(scope="module")
 def compared(browser, tmp_path_factory):
     out = tmp_path_factory.mktemp("compared") / "out"

@@ -214,7 +214,8 @@ def test_explain_dataset_leaves_no_lock_file(capsys, tmp_path) -> None:
     data.write_text("good film\n")
     code, _, _ = run(capsys, "explain-dataset", data, "--out", tmp_path / "o", "--method", "random", "--no-progress")
     assert code == 0
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["index.html", "results.jsonl", "run.json", "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["index.html", "reports", "results.jsonl",
+                                                                  "run.json", "summary.json"]
 
 
 # ------------------------------------------------------------------------------------- 9: broken pipe

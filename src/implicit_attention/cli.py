@@ -430,6 +430,10 @@ def _add_dataset_parser(sub, methods: Sequence[str]) -> None:
     ds.add_argument("--limit", type=int, default=None, metavar="N",
                     help="only the first N inputs of the file (empty ones included); a later run with a larger "
                          "N or none continues")
+    ds.add_argument("--reports", type=int, default=10, metavar="N",
+                    help="write the full report (report.html with the per-layer matrices, as explain --out) of the "
+                         "first N explained inputs into DIR/reports/<index>/, linked from DIR/index.html "
+                         "(default: %(default)s; 0: none)")
     ds.add_argument("--no-check", dest="check", action="store_false",
                     help="do not fail when an exact decomposition misses its layer's output by more than the "
                          "tolerance; the errors are still recorded")
@@ -562,7 +566,6 @@ def _prediction_line(pred) -> str:
 # -------------------------------------------------------------------------------------- explain
 def cmd_explain(args: argparse.Namespace) -> int:
     from .catalog import MATRIX_METHODS
-    from .decomposition import decompose
     from .explanations.texts import explain_texts
     from .loading import load_model
     from .render import color_tokens
@@ -594,12 +597,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
                                                      else {}))
         for method, variant in args.compare}
     # the decomposed layers of each run (a baseline decomposes them only for the report)
-    decompositions = {id(run): run.explanation.decomposition for run in result.runs}
     if args.out is not None:
-        for run in result.runs:
-            if decompositions[id(run)] is None:
-                decompositions[id(run)] = decompose(loaded.model, run.input_ids, run.attention_mask,
-                                                    variant=args.variant, layers=args.layers, check=args.check)
+        from .reports import decompositions_for_report
+
+        decompositions = decompositions_for_report(loaded, result, variant=args.variant, layers=args.layers,
+                                                   check=args.check)
+    else:
+        decompositions = {id(run): run.explanation.decomposition for run in result.runs}
 
     color = _use_color(args.color)
     print(f"model: {loaded.name} ({type(loaded.model).__name__}, {args.dtype})")
@@ -713,61 +717,17 @@ def _error_line(layers, variant: str, runs: int = 1) -> str:
 
 
 def _write_report(args: argparse.Namespace, loaded, result, decompositions: dict, compared: dict) -> str:
-    """``report.html`` and ``explanation.json`` of an ``explain`` run, with each layer's aggregated maps
-    (``decompositions``: the decomposition of each of the result's runs, by ``id`` of the run), the
-    ``--channels`` of one layer and the ``--compare`` explanations (``{"method:variant": result}``)."""
-    from .render import ReportExample, ReportLayer, write_report
+    """``report.html`` and ``explanation.json`` of an ``explain`` run (:func:`~.reports.write_text_report`)."""
+    from .reports import write_text_report
 
-    names = {name: arch.name for name, _, arch in _layers_of(loaded.model)}
-    runs = [decompositions[id(run)] for run in result.runs]
-    layers = [ReportLayer(index=layer.index, name=layer.name, error=max(float(d.layers[i].error) for d in runs),
-                          architecture=names.get(layer.name, ""), exact=bool(layer.exact), channels=layer.channels,
-                          error_channels=min(d.layers[i].error_channels for d in runs))
-              for i, layer in enumerate(runs[0].layers)]                  # the worst error over the runs
-    examples = []
-    for example_number, example in enumerate(result):
-        keep = example.real_positions
-        run_layers = decompositions[id(example.run)].layers
-        matrices = {layer.index: {how: layer.aggregate(how)[example.row].index_select(0, keep).index_select(1, keep)
-                                  .detach().cpu().double() for how in ("mean", "abs")}
-                    for layer in run_layers}
-        if args.channels is not None:
-            layer = _channel_layer(run_layers, args.channel_layer)
-            for channel in _channels_of(layer, args.channels):
-                matrices[layer.index][f"channel {channel}"] = (
-                    layer.channel_matrix(channel)[example.row].index_select(0, keep).index_select(1, keep)
-                    .detach().cpu().double())
-        alternatives = {name: other[example_number].relevance for name, other in compared.items()}
-        examples.append(ReportExample(text=example.text, tokens=example.tokens, relevance=example.relevance,
-                                      prediction=example.prediction.to_dict(), target=example.target.to_dict(),
-                                      token_ids=example.token_ids, matrices=matrices, in_span=example.in_span,
-                                      offsets=example.offsets, span_text=example.span_text, words=example.words(),
-                                      diagnostics=example.diagnostics, alternatives=alternatives))
     settings = {"layers": ",".join(map(str, args.layers)) if args.layers else "all",
                 "aggregate": args.aggregate if args.method in ("raw", "rollout") else None,
                 "position": args.position, "target": args.target, "score": result[0].target.score,
                 "dtype": args.dtype,
                 "check": args.check, "device": str(loaded.device)}
-    return write_report(args.out, examples=examples, layers=layers, method=args.method, variant=args.variant,
-                        model=loaded.name, settings=settings, overwrite=args.force)
-
-
-def _channel_layer(layers, index: int):
-    """The decomposed layer ``index`` (negatives from the end) for ``--channel-layer``."""
-    if not -len(layers) <= index < len(layers):
-        raise ValueError(f"--channel-layer {index} is out of range: {len(layers)} layer(s) were decomposed")
-    return layers[index]
-
-
-def _channels_of(layer, channels: list[int]) -> list[int]:
-    """``--channels`` of ``layer`` (negatives from the end), checked against its channel count."""
-    out = []
-    for channel in channels:
-        if not -layer.channels <= channel < layer.channels:
-            raise ValueError(f"--channels {channel} is out of range: layer {layer.index} ({layer.name}) has "
-                             f"{layer.channels} channels")
-        out.append(channel % layer.channels)
-    return out
+    return str(write_text_report(args.out, loaded, result, decompositions, method=args.method, variant=args.variant,
+                                 settings=settings, compared=compared, channels=args.channels,
+                                 channel_layer=args.channel_layer, overwrite=args.force))
 
 
 def _layers_of(model):
@@ -942,6 +902,8 @@ def cmd_explain_dataset(args: argparse.Namespace) -> int:
     _check_device(args.device)
     _refuse_unused_matrix_options(args, report=None)
     _check_out_writable(args.out)
+    if args.reports < 0:
+        raise ValueError(f"--reports must be 0 or more, got {args.reports}")
     # --text-column / --text-field (and the label ones) name the same key of a CSV row or JSON object
     texts = {args.text_column, args.text_field} - {"text"}
     labels = {args.label_column, args.label_field} - {None}
@@ -955,7 +917,7 @@ def cmd_explain_dataset(args: argparse.Namespace) -> int:
         device_map=args.device_map, method=args.method, variant=args.variant, layers=args.layers,
         aggregate=args.aggregate, check=args.check, method_options=_method_options(args), target=args.target,
         score=args.score, batch_size=args.batch_size,
-        limit=args.limit, force=args.force, progress=args.progress)
+        limit=args.limit, force=args.force, progress=args.progress, reports=args.reports)
     summary = run_dataset(options)
     if summary is None:  # not rank 0 of a torchrun run
         return 0

@@ -802,7 +802,7 @@ _INDEX_SCRIPT = r"""
 """
 
 
-def dataset_index_html(summary: dict, rows: Sequence[dict]) -> str:
+def dataset_index_html(summary: dict, rows: Sequence[dict], reports: dict[int, str] | None = None) -> str:
     """``index.html`` of an ``explain-dataset`` run: the run's figures (accuracy, reconstruction error,
     counts) and a sortable, filterable table of the examples (at most :data:`MAX_INDEX_ROWS`), each
     with its tokens coloured by relevance and a row of its own (``index.html#ex-<index>``).
@@ -810,7 +810,10 @@ def dataset_index_html(summary: dict, rows: Sequence[dict]) -> str:
     Args:
         summary: the run's ``summary.json`` object.
         rows: its ``results.jsonl`` objects (:func:`implicit_attention.dataset.read_results`).
+        reports: ``{index: relative path of its report.html}`` of the examples that have a full report:
+            their number links to it (the others' to their own row).
     """
+    reports = reports or {}
     counts = summary.get("counts", {})
     accuracy = summary.get("accuracy")
     error = (summary.get("reconstruction_error") or {}).get("max")
@@ -829,11 +832,13 @@ def dataset_index_html(summary: dict, rows: Sequence[dict]) -> str:
         tokens = row.get("tokens") or []
         normalized = normalize_relevance(relevance, row.get("in_span")) if tokens else []
         correct = row.get("correct")
+        link = (f'<a class=report href="{_e(reports[row["index"]])}" title="its full report">{row["index"]}</a>'
+                if row["index"] in reports else f'<a href="#ex-{row["index"]}">{row["index"]}</a>')
         mark = "" if correct is None else ("yes" if correct else "no")
         details = "".join(f"<div>{_e(k)}: {_e(_fmt(v, '.4f'))}</div>" for k, v in
                           (row.get("probabilities") or {}).items())
         cells = [
-            f"<td class=num data-value={row['index']}><a href=#ex-{row['index']}>{row['index']}</a></td>",
+            f"<td class=num data-value={row['index']}>{link}</td>",
             (f"<td data-value=\"{_e(row.get('id', ''))}\">{_e(row.get('id', ''))}</td>" if has_id else ""),
             f"<td data-value=\"{_e(row.get('text', ''))}\"><div class=tokens>"
             f"{_token_html(tokens, relevance, normalized, row.get('in_span'))}</div>"
@@ -857,7 +862,9 @@ def dataset_index_html(summary: dict, rows: Sequence[dict]) -> str:
               '<span style="background: rgb(255, 255, 255)">0</span> '
               '<span style="background: rgb(0, 0, 255); color: #fff">negative</span> '
               "(each example normalised by its own largest |relevance|; hover a token for its value; click a "
-              "column's header to sort)</p>")
+              "column's header to sort)</p>"
+              + (f"<p class=note>The first {len(reports)} examples' numbers link to their full reports (the "
+                 "per-layer matrices; --reports N for more).</p>" if reports else ""))
     return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
             f"<meta name=viewport content='width=device-width, initial-scale=1'>"
             f"<title>implicit attention: {_e(summary.get('method', ''))} over a data set</title>"

@@ -27,6 +27,7 @@ from .formats import InputRecord, detect_format, file_sha256, read_columns, read
 from .labels import gold_aliases, map_gold
 from .store import (
     INDEX_FILE,
+    REPORTS_DIR,
     SUMMARY_FILE,
     append_results,
     check_run,
@@ -88,6 +89,9 @@ class DatasetOptions:
         limit: read only the first ``limit`` inputs of the file (empty ones included).
         force: delete an earlier run's files in ``out`` and start over.
         progress: show a tqdm progress bar on stderr (rank 0 only).
+        reports: write the full report (``report.html`` with the per-layer matrices, as ``explain --out``)
+            of the first ``reports`` explained inputs into ``out/reports/<index>/``, linked from
+            ``index.html`` (0, the default here: none; the command's default is 10).
     """
 
     path: str | os.PathLike
@@ -112,6 +116,7 @@ class DatasetOptions:
     batch_size: int | None = None
     limit: int | None = None
     force: bool = False
+    reports: int = 0
     progress: bool = True
 
     def __post_init__(self):
@@ -364,5 +369,30 @@ def _run(options: DatasetOptions, dist: Distributed, stack: contextlib.ExitStack
                         processes=dist.world_size, elapsed=time.perf_counter() - started,
                         explain_seconds=explain_seconds, runtime=runtime)
     write_atomic(Path(options.out) / SUMMARY_FILE, json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    write_atomic(Path(options.out) / INDEX_FILE, dataset_index_html(summary, rows))
+    reports = write_example_reports(loaded, rows[:options.reports], options, target_id) if options.reports > 0 else {}
+    write_atomic(Path(options.out) / INDEX_FILE, dataset_index_html(summary, rows, reports))
     return summary
+
+
+def write_example_reports(loaded, rows: Sequence[dict], options: DatasetOptions, target_id: int | None) -> dict:
+    """The report of each of ``rows`` (explained again, alone, as ``explain --out`` does) in
+    ``out/reports/<index>/``; returns ``{index: path of its report.html relative to out}``."""
+    from ..explanations.texts import explain_texts
+    from ..reports import decompositions_for_report, write_text_report
+
+    written = {}
+    for row in rows:
+        with warnings.catch_warnings():          # the run itself has warned of long inputs, once
+            warnings.simplefilter("ignore", LongInputWarning)
+            result = explain_texts(loaded, [row["text"]], method=options.method, variant=options.variant,
+                                   layers=options.layers, target=target_id, score=options.score, position=-1,
+                                   aggregate=options.aggregate, check=options.check, **options.method_options)
+        decompositions = decompositions_for_report(loaded, result, variant=options.variant, layers=options.layers,
+                                                   check=options.check)
+        settings = {"layers": ",".join(map(str, options.layers)) if options.layers else "all",
+                    "target": options.target, "score": result[0].target.score, "dtype": options.dtype,
+                    "check": options.check, "device": str(loaded.device), "input": f"{options.path}, input {row['index']}"}
+        path = write_text_report(Path(options.out) / REPORTS_DIR / str(row["index"]), loaded, result, decompositions,
+                                 method=options.method, variant=options.variant, settings=settings, overwrite=True)
+        written[row["index"]] = path.relative_to(Path(options.out)).as_posix()
+    return written

@@ -8,6 +8,7 @@ Files, in the directory ``out``:
 - ``summary.json``: written by the runner at the end, atomically (:func:`write_atomic`).
 - ``index.html``: the run's page (accuracy, a sortable table of the examples with their tokens
   coloured by relevance; :func:`implicit_attention.render.dataset_index_html`), written after it.
+- ``reports/<index>/``: the full report of each of the first ``--reports`` examples, linked from it.
 - ``run.json``: the settings of the run (:data:`RUN_VERSION`, and the :data:`RESUME_KEYS` that must
   match for a run to be resumed: :func:`check_run`, :func:`start_run`).
 - ``.explain-dataset.lock``: locked (``flock``) by rank 0 while a run is going (:func:`run_lock`).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,7 +29,7 @@ from pathlib import Path
 from .errors import DatasetError
 
 __all__ = [
-    "INDEX_FILE", "LOCK_FILE", "RESULTS_FILE", "RESUME_KEYS", "RUN_FILE", "RUN_VERSION", "SETTING_OPTIONS", "SUMMARY_FILE",
+    "INDEX_FILE", "LOCK_FILE", "REPORTS_DIR", "RESULTS_FILE", "RESUME_KEYS", "RUN_FILE", "RUN_VERSION", "SETTING_OPTIONS", "SUMMARY_FILE",
     "append_results",
     "check_run", "done_indices", "merge_results", "read_results", "run_lock", "shard_indices", "shard_path",
     "start_run", "write_atomic",
@@ -36,6 +38,7 @@ __all__ = [
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
 INDEX_FILE = "index.html"
+REPORTS_DIR = "reports"
 RUN_FILE = "run.json"
 LOCK_FILE = ".explain-dataset.lock"
 _SHARD_PREFIX, _SHARD_SUFFIX = "results.rank", ".jsonl"
@@ -243,6 +246,7 @@ def start_run(out: str | os.PathLike, settings: dict, force: bool) -> list[dict]
     if force:
         for path in _our_files(out):
             path.unlink()
+        shutil.rmtree(out / REPORTS_DIR, ignore_errors=True)
     run_file = out / RUN_FILE
     if not run_file.exists():
         write_atomic(run_file, json.dumps({"version": RUN_VERSION, "settings": settings,
