@@ -45,7 +45,14 @@ from implicit_attention.vision.composites import (  # noqa: E402
     FashionMNISTMissing,
     normalize,
 )
-from implicit_attention.vision.evaluation import evaluate_batch, format_table, interval_dict, summarize  # noqa: E402
+from implicit_attention.vision.evaluation import (  # noqa: E402
+    evaluate_batch,
+    format_paired,
+    format_table,
+    interval_dict,
+    paired_comparison,
+    summarize,
+)
 
 DEFAULT_METHODS = "raw,rollout,attribution,paper,grad_x_input,random"
 SAVED = REPO_ROOT / "data" / "fashion-composites" / "test"
@@ -212,9 +219,24 @@ def report(args, models: list[str], methods: list[str]) -> str:
     table = format_table(summary, shown, methods)
     counts = ", ".join(f"{m}: {min(s['n'] for s in summary[m].values())} images, model accuracy "
                        f"{100 * next(iter(summary[m].values()))['accuracy'].mean:.1f}%" for m in shown)
+    # each variant against the method's own default (unified), image by image
+    comparisons = {}
+    for model_name in shown:
+        for method in methods:
+            base, _, variant = method.partition(":")
+            if variant and (model_name, base) in grouped and (model_name, method) in grouped:
+                comparisons[(model_name, base, method)] = paired_comparison(
+                    grouped[(model_name, base)], grouped[(model_name, method)], resamples=args.resamples)
+    paired = ""
+    if comparisons:
+        paired = ("\nPaired comparisons over the same images (mean difference a - b, 95% bootstrap interval, "
+                  "sign-flip p-value; the better side named where the interval excludes 0):\n\n"
+                  f"{format_paired(comparisons)}\n")
+        for (model_name, a, b), results in comparisons.items():
+            out[model_name].setdefault("paired", {})[f"{a} vs {b}"] = {k: v.to_dict() for k, v in results.items()}
     text = (f"Perturbation AUC (accuracy, percent, 10%..90% of the patches removed, set to the mean; positive: "
             f"lower is better, negative: higher) and segmentation (percent); 95% bootstrap intervals over images. "
-            f"{counts}.\n\n{table}\n")
+            f"{counts}.\n\n{table}\n{paired}")
     (args.out / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
     (args.out / "table.md").write_text(text)
     return text

@@ -207,3 +207,35 @@ def test_evaluate_batch_on_a_tiny_vit():
     assert summary["n"] == 2 and set(summary["segmentation"]) == {"pixel_accuracy", "miou", "map", "ap_foreground"}
     assert_close(torch.tensor(summary["positive"].mean), torch.tensor(np.mean([r["positive_auc"] for r in records])),
                  1e-12, "mean AUC")
+
+
+def _paired_record(index: int, correct_positive: list[bool], intersection, union, ap: float) -> dict:
+    from implicit_attention.benchmark.metrics import Curve
+    from implicit_attention.vision.evaluation import SegmentationCounts
+
+    def curve(correct, first):
+        return Curve(fractions=[0.0, 0.5, 1.0], probability=[0.5] * 3, score=[0.0] * 3, correct=correct,
+                     counts=[0, 1, 2], most_relevant_first=first).to_dict()
+    seg = SegmentationCounts(correct=0, pixels=10, intersection=tuple(intersection), union=tuple(union), ap=ap,
+                             ap_foreground=ap)
+    return {"index": index, "positive": curve(correct_positive, True), "negative": curve([True] * 3, False),
+            "segmentation": seg.to_dict()}
+
+
+def test_paired_comparison_by_hand():
+    """Per image: positive AUC of [1, 0, 0] is 25%, of [1, 1, 0] 75%; IoU (3/4 + 1/2) / 2 = 62.5% against
+    (2/4 + 1/4) / 2 = 37.5%; AP 90% against 60%. Images are matched by index, in any order."""
+    from implicit_attention.vision.evaluation import format_paired, paired_comparison
+
+    a = [_paired_record(i, [True, False, False], (3, 1), (4, 2), 0.9) for i in range(6)]
+    b = [_paired_record(i, [True, True, False], (2, 1), (4, 4), 0.6) for i in reversed(range(6))]
+    result = paired_comparison(a, b + [_paired_record(9, [False] * 3, (0, 0), (1, 1), 0.0)], resamples=200)
+    assert result["positive AUC"].difference == pytest.approx(25 - 75)
+    assert result["negative AUC"].difference == pytest.approx(0.0)
+    assert result["IoU"].difference == pytest.approx(62.5 - 37.5)
+    assert result["AP"].difference == pytest.approx(90 - 60)
+    assert all(r.n == 6 for r in result.values())
+    table = format_paired({("vim", "attribution", "attribution:s6"): result})
+    assert "-50.00 [-50.00, -50.00]" in table and "(attribution)" in table and "+0.00" in table
+    with pytest.raises(ValueError, match="share no image"):
+        paired_comparison(a, [_paired_record(99, [True] * 3, (1, 1), (1, 1), 1.0)])

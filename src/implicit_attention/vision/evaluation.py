@@ -349,3 +349,46 @@ def summarize(records: Sequence[dict], *, resamples: int = 10_000, seed: int = 0
             "segmentation": segmentation_summary([SegmentationCounts.from_dict(r["segmentation"]) for r in records],
                                                  resamples=resamples, seed=seed),
             "accuracy": wilson_interval(correct, len(records)), "n": len(records)}
+
+
+#: What :func:`paired_comparison` compares, per image: name -> (record -> value, higher is better).
+PAIRED_SCORES = {
+    "positive AUC": (lambda r: curve_auc(Curve.from_dict(r["positive"])), False),
+    "negative AUC": (lambda r: curve_auc(Curve.from_dict(r["negative"])), True),
+    "IoU": (lambda r: 100 * float(np.mean([i / u if u else 1.0 for i, u in zip(r["segmentation"]["intersection"],
+                                                                               r["segmentation"]["union"])])), True),
+    "AP": (lambda r: 100 * float(r["segmentation"]["ap"]), True),
+}
+
+
+def paired_comparison(records_a: Sequence[dict], records_b: Sequence[dict], *, resamples: int = 10_000,
+                      seed: int = 0) -> dict:
+    """``{score: PairedResult of a - b}`` over the images both record sets scored (matched by ``index``):
+    each image's positive and negative AUC, its IoU (the mean of its background and foreground IoUs)
+    and its AP, in percent; :data:`PAIRED_SCORES` says which direction is better."""
+    from ..benchmark.stats import paired_bootstrap
+
+    by_index = {r["index"]: r for r in records_b}
+    pairs = [(r, by_index[r["index"]]) for r in records_a if r["index"] in by_index]
+    if not pairs:
+        raise ValueError("the two record sets share no image")
+    return {name: paired_bootstrap([score(a) for a, _ in pairs], [score(b) for _, b in pairs], resamples=resamples,
+                                   seed=seed)
+            for name, (score, _) in PAIRED_SCORES.items()}
+
+
+def format_paired(comparisons: dict[tuple[str, str, str], dict]) -> str:
+    """Markdown table of :func:`paired_comparison` results keyed ``(model, method a, method b)``: the mean
+    difference ``a - b`` with its interval and p-value per score, the better side marked."""
+    header = ["model", "a vs b"] + [f"{name} a - b ({'higher' if better else 'lower'} better)"
+                                    for name, (_, better) in PAIRED_SCORES.items()]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (model, a, b), results in comparisons.items():
+        cells = []
+        for name, (_, higher) in PAIRED_SCORES.items():
+            r = results[name]
+            winner = "" if r.low <= 0 <= r.high else (a if (r.difference > 0) == higher else b)
+            cells.append(f"{r.difference:+.2f} [{r.low:+.2f}, {r.high:+.2f}], p={r.p_value:.3g}"
+                         + (f" ({winner})" if winner else ""))
+        lines.append("| " + " | ".join([model, f"{a} vs {b}"] + cells) + " |")
+    return "\n".join(lines)
