@@ -244,3 +244,35 @@ def test_float64_grouped_mm_experts_are_refused_with_the_fix_and_our_loader_appl
     loaded = load_model(tmp_path, dtype=torch.float64)
     assert loaded.model.config._experts_implementation == "eager"
     assert max(ia.decompose(loaded.model, ids).errors) < 1e-6
+
+
+# ------------------------------------------------------------------------------------ no_gate
+@pytest.mark.parametrize("class_name", ["Qwen3NextForCausalLM", "BailingHybridForCausalLM"])
+def test_no_gate_drops_the_attention_output_gate(class_name):
+    """``no_gate`` on a gated attention: each channel's matrix is the head's probabilities without the row
+    scale, ``A_c = P_h = diag(g_c)^-1 A_c(unified)``; an ablation that misses the module's output by what
+    the gate did; the hybrid's delta-rule layers drop their own gate under the same name."""
+    model = tiny(class_name)
+    ids, mask = left_padded(batch=2, length=6, vocab=VOCAB)
+    unified = ia.decompose(model, ids, mask, layers=attention_indices(model)).layers[0]
+    ablated = ia.decompose(model, ids, mask, layers=attention_indices(model), variant="no_gate").layers[0]
+    assert (unified.variant, unified.exact, ablated.variant, ablated.exact) == ("unified", True, "no_gate", False)
+    gate = unified.factors.gate                                                   # [B, L, C]
+    expected = unified.matrix / gate.transpose(1, 2)[..., None]               # [B, C, L, L]
+    real = mask.bool()
+    keep = (real[:, None, :, None] & real[:, None, None, :]).expand_as(expected)  # real rows and columns
+    assert_close(ablated.matrix[keep], expected[keep], 1e-10, "ungated matrices")
+    assert unified.error < 1e-6 < ablated.error
+    whole = ia.decompose(model, ids, mask, variant="no_gate")
+    assert [layer.variant for layer in whole.layers] == ["no_gate", "no_gate"]
+
+
+def test_a_gateless_attention_under_no_gate_stays_exact_and_other_variants_keep_it_unified():
+    model = tiny("OlmoHybridForCausalLM")                               # its attention has no output gate
+    ids, mask = left_padded(batch=2, length=6, vocab=VOCAB)
+    layer = ia.decompose(model, ids, mask, variant="no_gate").layers[-1]
+    assert layer.variant == "no_gate" and layer.exact and layer.error < 1e-6
+    delta = ia.decompose(model, ids, mask, variant="delta").layers       # the delta-rule core alone
+    assert [(layer.variant, layer.exact) for layer in delta][-1] == ("unified", True)
+    with pytest.raises(ValueError, match="variant 's6' is not offered"):
+        ia.decompose(model, ids, mask, variant="s6")

@@ -183,17 +183,17 @@ def check_parameters_present(targets) -> None:
 
 
 def layer_variant(arch, variant: str) -> str:
-    """The variant a layer is built with: a plain attention layer of a hybrid (variants ``("unified",)``)
+    """The variant a layer is built with: an attention layer of a hybrid (``Architecture.keeps_unified``)
     has none of the parts a recurrent variant drops (S6-only, no conv, ...), so it stays unified."""
     return variant if variant in arch.variants else "unified"
 
 
 def check_variant(targets, variant: str) -> None:
-    """Refuse a variant that a selected layer lacks, except plain attention layers of a hybrid whose
+    """Refuse a variant that a selected layer lacks, except attention layers of a hybrid whose
     recurrent layers offer it (they stay as they are: :func:`layer_variant`)."""
     offered = any(variant in arch.variants for _, _, arch in targets)
     for name, _, arch in targets:
-        if variant not in arch.variants and not (offered and tuple(arch.variants) == ("unified",)):
+        if variant not in arch.variants and not (offered and arch.keeps_unified):
             raise ValueError(f"variant {variant!r} is not offered for {arch.name} layers ({name}); "
                              f"choose one of {', '.join(arch.variants)}")
 

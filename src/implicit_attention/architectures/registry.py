@@ -73,6 +73,9 @@ class Architecture:
             dtype (the delta-rule kernels, lightning attention's decays and norm), so a float64 model's
             output carries float32 rounding: the default tolerance for its layers is then
             :data:`~implicit_attention.decomposition.FLOAT32_KERNEL_TOLERANCE` rather than 1e-6.
+        keeps_unified: a layer of this family that lacks a variant the model's other layers offer keeps
+            its exact formulation under it (softmax attention inside a hybrid: it has none of the parts a
+            recurrent variant such as ``s6`` or ``no_conv`` drops) instead of refusing it.
         ignores_padding: whether the layer's outputs at real tokens do not depend on left padding
             (a bool, or a function of the module): ``False`` for layers that read padding tokens
             (RWKV-4 and xLSTM ignore the attention mask; a Mamba in-projection bias reaches real
@@ -90,6 +93,7 @@ class Architecture:
     block_input: Callable | None = None
     footprint: LayerFootprint | None = None
     exact_variants: frozenset[str] | None = None
+    keeps_unified: bool = False
     ignores_padding: bool | Callable[[nn.Module], bool] = True
     rounds_in_float32: bool = False
     _classes: list = field(default_factory=list, compare=False, repr=False)

@@ -24,7 +24,9 @@ indexer. The probabilities are softmax over keys; the values are what the matrix
 
 ``factors`` reads a module (``q, k, v`` per class, mask, rotary embeddings, gate), ``operator`` holds
 the masks and probabilities, ``layer`` the :class:`~..base.LayerDecomposition`, ``naive`` the slow
-reference. The only variant is ``unified`` (the attention probabilities, gated where the module is).
+reference. The variant is ``unified`` (the attention probabilities, gated where the module is); a
+gated layer also offers ``no_gate``, its gate left out (an ablation). Inside a hybrid an attention
+layer keeps ``unified`` under the recurrent layers' other variants (``Architecture.keeps_unified``).
 """
 
 from ...memory import LayerFootprint, eager_weights, heads
@@ -48,6 +50,8 @@ from .layer import AttentionLayerDecomposition
 from .operator import AttentionFactors, additive_mask, attention_probabilities, repeat_kv, split_heads
 
 VARIANTS: tuple[str, ...] = ("unified",)
+#: An attention layer with an output gate also offers ``no_gate`` (the gate left out: an ablation).
+GATED_VARIANTS: tuple[str, ...] = ("unified", "no_gate")
 #: Probabilities recomputed per chunk of heads, the additive mask per chunk; eager modules return
 #: their [B, H, L, L] weights, which the hooks capture.
 FOOTPRINT = LayerFootprint(vectors=8, build_vectors=8, build_maps=2, units=heads, path_vectors=4, path_maps=4,
@@ -62,12 +66,12 @@ def attention_builder(qkv):
 
 register(Architecture(
     "attention_gpt2", (f"{_HF}.gpt2.modeling_gpt2.GPT2Attention",), ("GPT2LMHeadModel", "GPT2Model"), VARIANTS,
-    "c_proj", attention_builder(gpt2_qkv), lambda m: m.embed_dim, extra_hooks=record_arguments, footprint=FOOTPRINT))
+    "c_proj", attention_builder(gpt2_qkv), lambda m: m.embed_dim, extra_hooks=record_arguments, footprint=FOOTPRINT, keeps_unified=True))
 register(Architecture(
     # the pre-5.x ViTSelfAttention is BERT-like; the output projection is BertSelfOutput.dense, outside the module
     "attention_bert", (f"{_HF}.bert.modeling_bert.BertSelfAttention", f"{_HF}.vit.modeling_vit.ViTSelfAttention"),
     ("BertModel", "BertForSequenceClassification"), VARIANTS, None, attention_builder(bert_qkv),
-    lambda m: m.all_head_size, extra_hooks=record_arguments, footprint=FOOTPRINT))
+    lambda m: m.all_head_size, extra_hooks=record_arguments, footprint=FOOTPRINT, keeps_unified=True))
 register(Architecture(
     "attention", tuple(f"{_HF}.{path}" for path in (
         "llama.modeling_llama.LlamaAttention", "vit.modeling_vit.ViTAttention", "deit.modeling_deit.DeiTAttention",
@@ -80,13 +84,13 @@ register(Architecture(
      "ZambaForCausalLM", "Zamba2ForCausalLM", "BambaForCausalLM", "NemotronHForCausalLM",
      "GraniteMoeHybridForCausalLM", "FalconH1ForCausalLM"),
     VARIANTS, "o_proj", attention_builder(projection_qkv), lambda m: m.o_proj.in_features,
-    extra_hooks=record_arguments, footprint=FOOTPRINT))
+    extra_hooks=record_arguments, footprint=FOOTPRINT, keeps_unified=True))
 
 # the softmax attention layers of the newer hybrids: q/k norms, output gates, partial or no rotary embeddings
 register(Architecture(
     "attention_lfm2", (f"{_HF}.lfm2.modeling_lfm2.Lfm2Attention", f"{_HF}.lfm2_moe.modeling_lfm2_moe.Lfm2MoeAttention"),
     ("Lfm2ForCausalLM", "Lfm2Model", "Lfm2MoeForCausalLM", "Lfm2MoeModel"), VARIANTS, "out_proj",
-    attention_builder(gated_qkv), lambda m: m.out_proj.in_features, extra_hooks=record_arguments, footprint=FOOTPRINT))
+    attention_builder(gated_qkv), lambda m: m.out_proj.in_features, extra_hooks=record_arguments, footprint=FOOTPRINT, keeps_unified=True))
 register(Architecture(
     "attention_gated", tuple(f"{_HF}.{path}" for path in (
         "lfm3.modeling_lfm3.Lfm3Attention", "qwen3_next.modeling_qwen3_next.Qwen3NextAttention",
@@ -95,29 +99,29 @@ register(Architecture(
     ("Lfm3ForCausalLM", "Lfm3Model", "Qwen3NextForCausalLM", "Qwen3NextModel", "Qwen3_5ForCausalLM",
      "Qwen3_5TextModel", "Qwen3_5MoeForCausalLM", "Qwen3_5MoeTextModel", "OlmoHybridForCausalLM",
      "OlmoHybridModel", "LaraMiniForCausalLM", "LaraMiniModel"),
-    VARIANTS, "o_proj", attention_builder(gated_qkv), lambda m: m.o_proj.in_features,
-    extra_hooks=record_arguments, footprint=FOOTPRINT))
+    GATED_VARIANTS, "o_proj", attention_builder(gated_qkv), lambda m: m.o_proj.in_features,
+    extra_hooks=record_arguments, footprint=FOOTPRINT, keeps_unified=True))
 register(Architecture(
     "attention_minimax", (f"{_HF}.minimax.modeling_minimax.MiniMaxAttention",), ("MiniMaxForCausalLM", "MiniMaxModel"),
     VARIANTS, "o_proj", attention_builder(minimax_qkv), lambda m: m.o_proj.in_features,
-    extra_hooks=record_arguments, footprint=FOOTPRINT))
+    extra_hooks=record_arguments, footprint=FOOTPRINT, keeps_unified=True))
 register(Architecture(
     "attention_latent", (f"{_HF}.kimi_linear.modeling_kimi_linear.KimiLinearAttention",),
     ("KimiLinearForCausalLM", "KimiLinearModel"), VARIANTS, "o_proj", attention_builder(latent_qkv),
-    lambda m: m.o_proj.in_features, extra_hooks=record_arguments, footprint=FOOTPRINT))
+    lambda m: m.o_proj.in_features, extra_hooks=record_arguments, footprint=FOOTPRINT, keeps_unified=True))
 register(Architecture(
     "attention_bailing", (f"{_HF}.bailing_hybrid.modeling_bailing_hybrid.BailingHybridAttention",),
-    ("BailingHybridForCausalLM", "BailingHybridModel"), VARIANTS, "o_proj", attention_builder(bailing_qkv),
-    lambda m: m.o_proj.in_features, extra_hooks=record_arguments, footprint=FOOTPRINT))
+    ("BailingHybridForCausalLM", "BailingHybridModel"), GATED_VARIANTS, "o_proj", attention_builder(bailing_qkv),
+    lambda m: m.o_proj.in_features, extra_hooks=record_arguments, footprint=FOOTPRINT, keeps_unified=True))
 register(Architecture(
     # sparse attentions: the mask comes from a top-k selection of keys, recomputed by the module's own indexer
     "attention_qwen4", (f"{_HF}.qwen4_exp.modeling_qwen4_exp.Qwen4ExpTextAttention",),
-    ("Qwen4ExpForCausalLM", "Qwen4ExpTextModel"), VARIANTS, "o_proj", attention_builder(qwen4_qkv),
-    lambda m: m.o_proj.in_features, extra_hooks=record_arguments, footprint=FOOTPRINT))
+    ("Qwen4ExpForCausalLM", "Qwen4ExpTextModel"), GATED_VARIANTS, "o_proj", attention_builder(qwen4_qkv),
+    lambda m: m.o_proj.in_features, extra_hooks=record_arguments, footprint=FOOTPRINT, keeps_unified=True))
 register(Architecture(
     "attention_glm5", (f"{_HF}.glm5_next.modeling_glm5_next.Glm5NextTextAttention",),
     ("Glm5NextTextModel", "Glm5NextForConditionalGeneration"), VARIANTS, "o_proj", attention_builder(glm5_qkv),
-    lambda m: m.o_proj.in_features, extra_hooks=record_arguments, footprint=FOOTPRINT))
+    lambda m: m.o_proj.in_features, extra_hooks=record_arguments, footprint=FOOTPRINT, keeps_unified=True))
 
 __all__ = ["FOOTPRINT", "VARIANTS", "AttentionFactors", "AttentionLayerDecomposition", "additive_mask", "attention_builder",
            "attention_factors", "attention_probabilities", "bailing_qkv", "bert_qkv", "gated_qkv", "glm5_qkv", "gpt2_qkv", "latent_qkv",

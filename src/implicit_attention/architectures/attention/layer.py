@@ -3,6 +3,8 @@ matrix ``P_h`` (``diag(g_c) P_h`` with an output gate ``g``), with aggregates an
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..base import LayerDecomposition, scaled_head_sum
@@ -24,12 +26,16 @@ class AttentionLayerDecomposition(LayerDecomposition):
     block_temporaries = 3
 
     def __init__(self, factors: AttentionFactors, *, variant: str = "unified", **kwargs):
-        # softmax attention is exact under every variant name a hybrid model offers (``variant`` is
-        # accepted so that one variant applies to a whole model; the layer records "unified")
+        # softmax attention has none of the parts a recurrent ablation drops: under such a variant of a
+        # hybrid it stays exact and records "unified". ``no_gate`` drops its output gate, if it has one.
+        ablated = variant == "no_gate" and factors.gate is not None
+        if ablated:
+            factors = dataclasses.replace(factors, gate=None)
         self.factors = factors
         self.head_dim = factors.values.shape[-1] // factors.q.shape[1]
-        super().__init__(variant="unified", exact=True, values=factors.values,
-                         offset=torch.zeros_like(factors.values), mask=factors.token_mask, **kwargs)
+        super().__init__(variant="no_gate" if variant == "no_gate" else "unified", exact=not ablated,
+                         values=factors.values, offset=torch.zeros_like(factors.values), mask=factors.token_mask,
+                         **kwargs)
         # a gated attention's map is cheap per head but its rows need the gate: read them off the map
         self.rows_from_map = factors.gate is not None
 
