@@ -245,7 +245,8 @@ ROWS += [
         "`unified`; `recurrence`, `no_gate`", minimax_cases, frozenset({"lightning"})),
     Row("attention_new_hybrids", "attention layers of the new hybrids",
         "LFM2, LFM2-MoE, LFM3, MiniMax, Qwen3-Next, Qwen3.5, Qwen3.5-MoE, Qwen4-Exp, OLMo-Hybrid, LaraMini, "
-        "Kimi Linear, Bailing, GLM-5 Next (output gates, q/k norms, latent and sparse attention)", "`unified`",
+        "Kimi Linear, Bailing, GLM-5 Next (output gates, q/k norms, latent and sparse attention)",
+        "`unified` (and `no_gate` where the layer has an output gate: an ablation)",
         combined(factory_cases("test_hybrid_attention", "tiny", NEW_HYBRID_ATTENTION, attns=("sdpa", "eager")),
                  factory_cases("test_shortconv", "tiny", SHORT_CONV, attns=("sdpa", "eager")), minimax_cases),
         NEW_ATTENTION_KINDS),
