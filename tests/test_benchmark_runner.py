@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import implicit_attention as ia
 from implicit_attention.benchmark import report, runner
 from implicit_attention.benchmark.zoo import zoo_model_dir
 from implicit_attention.loading import load_model
@@ -27,11 +28,24 @@ def test_method_specs_follow_what_each_model_offers(bundled):
     keys = [spec.key for spec in runner.method_specs(bundled.model)]
     assert {"attribution/unified", "attribution/s6", "rollout/s6", "paper/s6", "lrp"} <= set(keys)
     assert {"attribution/no_conv", "attribution/no_gate", "attribution/no_act"} <= set(keys)
+    assert {"paper/no_conv", "paper/no_gate", "paper/no_act"} <= set(keys)
     gpt2 = [spec.key for spec in runner.method_specs(load_model(zoo_model_dir("gpt2")).model)]
     assert "attribution/unified" in gpt2 and not any(k.endswith(("/s6", "/no_conv")) for k in gpt2)
     # Jamba: its Mamba layers' variants (its attention layer stays as it is under them)
     jamba = [spec.key for spec in runner.method_specs(load_model(zoo_model_dir("jamba")).model)]
     assert {"attribution/s6", "rollout/s6", "attribution/no_conv"} <= set(jamba)
+
+
+def test_the_gate_ablation_cancels_under_attribution_but_not_under_the_papers_recipe(bundled):
+    """Why the ablations also run under ``paper``: Mamba's output gate is a row scale of every channel's
+    matrix, which attribution's gradient carries back (``no_gate`` = ``unified``), while the paper's
+    ``relu(A)`` channel mean weighs the channels by it."""
+    ids = torch.tensor([encode_text(bundled, "an utterly charming and moving film").ids])
+    maps = {(method, variant): ia.explain(bundled.model, ids, method=method, variant=variant, check=False)
+            for method in runner.ABLATED_METHODS for variant in ("unified", "no_gate")}
+    torch.testing.assert_close(maps["attribution", "no_gate"], maps["attribution", "unified"], rtol=1e-5, atol=1e-9)
+    difference = (maps["paper", "no_gate"] - maps["paper", "unified"]).abs().max()
+    assert difference > 1e-2 * maps["paper", "unified"].abs().max()
 
 
 def test_the_batched_scorer_equals_one_forward_per_sequence(bundled):
@@ -236,12 +250,16 @@ def test_offered_variants_keep_a_hybrids_attention_layers_unified_and_need_every
 
     from implicit_attention.decomposition import offered_variants
 
-    attention = SimpleNamespace(name="attention", variants=("unified",))
-    mamba = SimpleNamespace(name="mamba", variants=("unified", "s6", "no_conv"))
-    rwkv = SimpleNamespace(name="rwkv4", variants=("unified", "wkv", "no_shift"))
+    attention = SimpleNamespace(name="attention", variants=("unified",), keeps_unified=True)
+    gated = SimpleNamespace(name="attention_gated", variants=("unified", "no_gate"), keeps_unified=True)
+    mamba = SimpleNamespace(name="mamba", variants=("unified", "s6", "no_conv"), keeps_unified=False)
+    rwkv = SimpleNamespace(name="rwkv4", variants=("unified", "wkv", "no_shift"), keeps_unified=False)
     assert offered_variants([("a", None, attention), ("m", None, mamba)]) == ["unified", "s6", "no_conv"]
     assert offered_variants([("a", None, attention)]) == ["unified"]
     assert offered_variants([("m", None, mamba), ("r", None, rwkv)]) == ["unified"]  # no variant both offer
+    # an attention layer with a variant of its own keeps unified under the others' variants too, and its
+    # own variant is offered only where every recurrent layer has it as well
+    assert offered_variants([("g", None, gated), ("m", None, mamba)]) == ["unified", "s6", "no_conv"]
 
 
 def test_the_headline_has_no_table_for_a_task_nobody_ran():

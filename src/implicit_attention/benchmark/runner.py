@@ -97,7 +97,8 @@ def lrp_supported(model: torch.nn.Module) -> bool:
 def method_specs(model: torch.nn.Module, *, ablations: bool = True, baselines: Iterable[str] | None = None
                  ) -> list[MethodSpec]:
     """Every method the benchmark runs on ``model``: the baselines, the matrix methods with the
-    unified formulation and with the predecessor's variant, and attribution under each ablation."""
+    unified formulation and with the predecessor's variant, and attribution and the paper's recipe
+    under each ablation."""
     predecessor, ablation_variants = model_variants(model)
     specs = []
     for name in baselines if baselines is not None else BASELINE_OPTIONS:
@@ -109,10 +110,17 @@ def method_specs(model: torch.nn.Module, *, ablations: bool = True, baselines: I
         if predecessor is not None:
             specs.append(MethodSpec(f"{name}/{predecessor}", name, "predecessor", {"variant": predecessor}))
     if ablations:
-        for variant in ablation_variants:
-            specs.append(MethodSpec(f"attribution/{variant}", "attribution", "ablation",
-                                    {"variant": variant, "check": False}))
+        # under attribution an output-side factor (a gate, a norm: a row scale) cancels by construction,
+        # the gradient carrying it back; the paper's recipe (relu(A) scaled by token saliency) keeps it,
+        # so the ablations run under both
+        for method in ABLATED_METHODS:
+            for variant in ablation_variants:
+                specs.append(MethodSpec(f"{method}/{variant}", method, "ablation", {"variant": variant, "check": False}))
     return specs
+
+
+#: The matrix methods the ablation rows run under (see :func:`method_specs`).
+ABLATED_METHODS = ("attribution", "paper")
 
 
 #: Methods that only call the model (outputs and input gradients), so a parallel scan may stand in.
