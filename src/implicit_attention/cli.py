@@ -283,9 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
              "end of the text or prompt)")
     explain.add_argument(
         "--out", metavar="DIR", default=None,
-        help="write DIR/report.html (tokens as a heatmap, prediction, per-layer errors and aggregated matrices "
-             "as images) and DIR/explanation.json. The files are written to a temporary directory first and "
-             "moved into place when complete; DIR must not exist or be empty unless --force is given")
+        help="write DIR/report.html (one self-contained interactive page: tokens as a heat map, prediction, "
+             "per-layer errors, the aggregated matrices drawn in the page with a layer slider), DIR/explanation.json "
+             "and the matrices as PNG files. The files are written to a temporary directory first and moved into "
+             "place when complete; DIR must not exist or be empty unless --force is given")
     explain.add_argument(
         "--force", action="store_true",
         help="with --out: if DIR holds files, replace the report files in it (other files are kept)")
