@@ -64,8 +64,9 @@ def test_compare_a_mamba_and_a_transformer(tmp_path, monkeypatch):
 def test_explain_a_data_set(tmp_path, monkeypatch):
     out = run_tutorial(_title(3), tmp_path, monkeypatch)
     assert out.splitlines()[0] == "accuracy 0.667 on 3 labelled texts"     # "boring" is read as negative
-    assert "['index.html', 'results.jsonl', 'run.json', 'summary.json']" in out
-    assert (tmp_path / "runs" / "reviews" / "index.html").read_text().count("<tr id=ex-") == 3
+    assert "['index.html', 'reports', 'results.jsonl', 'run.json', 'summary.json']" in out
+    page = (tmp_path / "out" / "tutorial" / "reviews" / "index.html").read_text()
+    assert page.count("<tr id=ex-") == 3 and page.count('class=report href="reports/') == 3
 
 
 def test_evaluate_faithfulness(tmp_path, monkeypatch):

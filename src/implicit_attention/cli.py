@@ -873,11 +873,11 @@ def cmd_explain_image(args: argparse.Namespace) -> int:
     print(_error_line(layers, args.variant) if layers else
           f"max reconstruction error: n/a (the {args.method} baseline does not decompose the layers)")
     if args.out is not None:
-        print(f"report: {_write_image_report(args, model, explained, matrices)}")
+        print(f"report: {_write_image_report(args, model, explained, matrices, model_name)}")
     return 0
 
 
-def _write_image_report(args: argparse.Namespace, model, explained, matrices: bool) -> str:
+def _write_image_report(args: argparse.Namespace, model, explained, matrices: bool, model_name: str) -> str:
     from .render import ReportLayer, write_report
     from .vision.images import report_example
 
@@ -893,7 +893,7 @@ def _write_image_report(args: argparse.Namespace, model, explained, matrices: bo
                 "target": args.target, "dtype": args.dtype, "check": args.check, "device": args.device or "cpu",
                 "images": args.images}
     return str(write_report(args.out, examples=examples, layers=layers, method=args.method, variant=args.variant,
-                            model=args.model, settings=settings, overwrite=args.force))
+                            model=model_name, settings=settings, overwrite=args.force))
 
 
 # ------------------------------------------------------------------------------- explain-dataset

@@ -187,8 +187,8 @@ def text_html(example, *, title: str | None = None) -> str:
     label = prediction.label if prediction.is_label else repr(prediction.label)
     kind = "label" if prediction.is_label else "next token"
     templated = not all(example.in_span)
-    legend = (f'<span style="background: rgb(255, 0, 0); padding: 0 0.4em">positive</span> '
-              f'<span style="background: rgb(0, 0, 255); color: #fff; padding: 0 0.4em">negative</span> '
+    legend = (f'<span style="background: rgb(255, 0, 0); padding: 0 0.4em">for the explained score</span> '
+              f'<span style="background: rgb(0, 0, 255); color: #fff; padding: 0 0.4em">against it</span> '
               f"normalised by max |r| = {_e(f'{example.span_scale:.3g}')} over the text"
               + ('; the prompt template <span style="color: #999">greyed</span>' if templated else "")
               + "; hover a token for its value")

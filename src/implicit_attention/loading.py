@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -188,8 +189,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype=None, dev
     try:
         placement = {} if device_map is None else {"device_map": device_map}
         model_class = _declared_class(source, kwargs)
-        model, info = model_class.from_pretrained(source, dtype=torch_dtype, output_loading_info=True,
-                                                  **placement, **kwargs)
+        with _quiet_weight_loading():
+            model, info = model_class.from_pretrained(source, dtype=torch_dtype, output_loading_info=True,
+                                                      **placement, **kwargs)
     except (ModelLoadError, UnsupportedModelError):
         raise
     except ValueError as exc:
@@ -313,3 +315,17 @@ def _label_ids(tokenizer, task: dict, where: str) -> dict[str, int]:
     if len(set(ids.values())) != len(ids):
         raise TaskError(f"task.json of {where}: two labels share a token: {ids}")
     return ids
+
+
+@contextlib.contextmanager
+def _quiet_weight_loading():
+    """``transformers``' per-tensor "Loading weights" bar off while a (small) model loads; restored after."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()

@@ -481,7 +481,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
 th { background: #f4f4f4; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; font-family: ui-monospace, monospace; }
 .meta td:first-child { font-weight: 600; }
-.tokens { font-family: ui-monospace, "SFMono-Regular", Menlo, monospace; white-space: pre-wrap;
+.tokens { font-family: ui-monospace, "SFMono-Regular", Menlo, monospace; white-space: pre-wrap; overflow-wrap: anywhere;
           line-height: 2; padding: 0.6em; border: 1px solid #ddd; border-radius: 4px; }
 .tok { color: #000; border-radius: 2px; padding: 0.1em 0; cursor: help; }
 .template { color: #999; }
@@ -703,11 +703,12 @@ def _html(info: dict, page: dict | None = None) -> str:
                    f"<p class=note>Maximum error: {_e(_fmt(info['max_error']))}. The error is "
                    f"‖reconstruction − module output‖ / ‖module output‖ over the whole batch.{_e(sampled)}</p>") \
         if info["layers"] else "<p class=note>No layer was decomposed.</p>"
-    legend = ('<p class="legend">Relevance: <span style="background: rgb(255, 0, 0)">positive</span> '
+    legend = ('<p class="legend">Relevance: <span style="background: rgb(255, 0, 0)">for the explained score</span> '
               '<span style="background: rgb(255, 255, 255)">0</span> '
-              '<span style="background: rgb(0, 0, 255); color: #fff">negative</span> '
-              "(normalised by the largest |relevance| of the example's own text; the prompt template's tokens "
-              "are <span class=template>greyed</span>; hover a token for its value)</p>")
+              '<span style="background: rgb(0, 0, 255); color: #fff">against it</span> '
+              "(normalised by the largest |relevance| of the example's own input; tokens that are not the user's "
+              "input, a prompt template or a class token, are <span class=template>greyed</span>; hover a token "
+              "for its value)</p>")
     sections = []
     for i, ex in enumerate(info["examples"]):
         pred = ex["prediction"] or {}
@@ -858,10 +859,11 @@ def dataset_index_html(summary: dict, rows: Sequence[dict], reports: dict[int, s
             "<th data-type=number>batch max error</th>")
     cut = (f"<p class=note>The first {len(shown)} of {len(rows)} examples; all are in results.jsonl.</p>"
            if len(rows) > len(shown) else "")
-    legend = ('<p class="legend">Relevance: <span style="background: rgb(255, 0, 0)">positive</span> '
+    legend = ('<p class="legend">Relevance: <span style="background: rgb(255, 0, 0)">for the explained score</span> '
               '<span style="background: rgb(255, 255, 255)">0</span> '
-              '<span style="background: rgb(0, 0, 255); color: #fff">negative</span> '
-              "(each example normalised by its own largest |relevance|; hover a token for its value; click a "
+              '<span style="background: rgb(0, 0, 255); color: #fff">against it</span> '
+              "(the score of each example's prediction; each example normalised by its own largest |relevance|; "
+              "hover a token for its value; click a "
               "column's header to sort)</p>"
               + (f"<p class=note>The first {len(reports)} examples' numbers link to their full reports (the "
                  "per-layer matrices; --reports N for more).</p>" if reports else ""))
