@@ -562,7 +562,7 @@ def _viewer_html(index: int, example: dict, page_example: dict, layers: list[dic
             f'<label>aggregate <select class=aggregate>{options}</select></label></div>'
             f'<canvas class=matrix width=570 height=570></canvas><div class=readout>&nbsp;</div>'
             f'<p class=note>Row i is the output token, column j the input token it reads: A[i, j] averaged over the '
-            f"layer's channels as the picker says. Hover a cell for its value; hover a token above to mark its row. "
+            f"layer's channels, or one channel's own, as the picker says. Hover a cell for its value; hover a token above to mark its row. "
             f'PNG files: {links}</p></div>')
 
 
