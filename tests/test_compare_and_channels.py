@@ -51,3 +51,15 @@ def test_channels_of_a_chosen_layer_are_its_channel_matrices(tmp_path):
     assert drawn == ["abs", "channel 0", "channel 7", "mean"]
     assert (out / "matrix_ex0_layer1_channel-7.png").is_file()
     assert all(not img["aggregate"].startswith("channel") for img in info["examples"][0]["images"] if img["layer"] != 1)
+
+
+def test_a_baseline_prints_no_variant(tmp_path, capsys):
+    assert main(["explain", "a dull mess", "--method", "grad_x_input"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("method: "))
+    assert line == "method: grad_x_input"
+    assert main(["explain", "a dull mess", "--method", "grad_x_input", "--variant", "s6", "--out",
+                 str(tmp_path / "r")]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("method: "))
+    assert line == "method: grad_x_input   variant of the report's matrices: s6"
+    assert main(["explain", "a dull mess", "--method", "rollout", "--variant", "s6"]) == 0
+    assert "method: rollout   variant: s6" in capsys.readouterr().out

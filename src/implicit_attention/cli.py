@@ -608,8 +608,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     color = _use_color(args.color)
     print(f"model: {loaded.name} ({type(loaded.model).__name__}, {args.dtype})")
-    print(f"method: {args.method}   variant: {args.variant}"
-          + (f"   layers: {','.join(map(str, args.layers))}" if args.layers else ""))
+    print(_method_line(args))
     for number, example in enumerate(result, 1):
         tgt = example.target
         print()
@@ -648,6 +647,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
         report = _write_report(args, loaded, result, decompositions, compared)
         print(f"report: {report}")
     return 0
+
+
+def _method_line(args: argparse.Namespace) -> str:
+    """``method: ...   variant: ...   layers: ...`` as printed: a baseline uses no variant (with ``--out`` the
+    variant only picks the report's matrices)."""
+    from .catalog import BASELINE_METHODS
+
+    line = f"method: {args.method}"
+    if args.method not in BASELINE_METHODS:
+        line += f"   variant: {args.variant}"
+    elif args.out is not None:
+        line += f"   variant of the report's matrices: {args.variant}"
+    return line + (f"   layers: {','.join(map(str, args.layers))}" if args.layers else "")
 
 
 def parse_comparisons(text: str) -> list[tuple[str, str | None]]:
@@ -854,8 +866,7 @@ def cmd_explain_image(args: argparse.Namespace) -> int:
     grid = patch_grid(model)
     print(f"model: {model_name} ({type(model).__name__}, {args.dtype}; {preprocessing.channels} channel(s), "
           f"{preprocessing.size[0]} x {preprocessing.size[1]} pixels, {grid[0]} x {grid[1]} patches)")
-    print(f"method: {args.method}   variant: {args.variant}" + (f"   layers: {','.join(map(str, args.layers))}"
-                                                                  if args.layers else ""))
+    print(_method_line(args))
     progress = args.progress if args.progress is not None else len(files) > 1
     explained = []
     for path in tqdm(files, unit="image", disable=not progress, file=sys.stderr, dynamic_ncols=True):
