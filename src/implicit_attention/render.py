@@ -452,21 +452,16 @@ def _write_files(tmp: Path, *, examples, layers, method, variant, model, setting
     }
     (tmp / "explanation.json").write_text(json.dumps(_clean(info), indent=2, allow_nan=False, ensure_ascii=False)
                                           + "\n", encoding="utf-8")
-    for ex in info["examples"]:          # the page shows its pictures inline: one file that travels alone
-        for picture in ex.get("pictures", []):
-            picture["uri"] = _data_uri(tmp / picture["file"])
-    page = {"layers": [{"index": l.index, "name": l.name} for l in layers], "titles": MATRIX_TITLES,
-            "examples": _viewer_data(examples, layers)}
+    # the page shows its pictures inline: one file that travels alone
+    inline = {p["file"]: _data_uri(tmp / p["file"]) for ex in info["examples"] for p in ex.get("pictures", [])}
+    page = {"layers": [{"index": l.index, "name": l.name} for l in layers], "examples": _viewer_data(examples, layers)}
     for page_example, ex in zip(page["examples"], info["examples"]):
         page_example["explanations"] = {
             f"{method}:{variant}": {"values": ex["relevance"], "normalized": ex["relevance_normalized"]},
             **{name: {"values": alt["relevance"], "normalized": alt["relevance_normalized"]}
                for name, alt in ex.get("alternatives", {}).items()}}
         page_example["in_span"] = ex["in_span"]
-    (tmp / "report.html").write_text(_html(info, page), encoding="utf-8")
-    for ex in info["examples"]:
-        for picture in ex.get("pictures", []):
-            del picture["uri"]
+    (tmp / "report.html").write_text(_html(info, page, inline), encoding="utf-8")
     return files
 
 
@@ -684,7 +679,7 @@ _SCRIPT = r"""
 """
 
 
-def _html(info: dict, page: dict | None = None) -> str:
+def _html(info: dict, page: dict | None = None, inline: dict[str, str] | None = None) -> str:
     settings = info.get("settings") or {}
     rows = [("model", info["model"]), ("method", info["method"]), ("variant", info["variant"])]
     rows += [(k, v) for k, v in settings.items() if v is not None]
@@ -720,7 +715,7 @@ def _html(info: dict, page: dict | None = None) -> str:
                   f"output position {_e(tgt.get('position'))})")
         page_example = (page or {}).get("examples", [{}] * (i + 1))[i] or {"matrices": {}}
         matrices = _viewer_html(i, ex, page_example, (page or {}).get("layers", []))
-        shown = "".join(f'<figure><img src="{_e(p.get("uri", p["file"]))}" alt="{_e(p["caption"])}"><figcaption>'
+        shown = "".join(f'<figure><img src="{_e((inline or {}).get(p["file"], p["file"]))}" alt="{_e(p["caption"])}"><figcaption>'
                         f'{_e(p["caption"])}</figcaption></figure>' for p in ex.get("pictures", []))
         pictures = f"<h3>Relevance on the image</h3><div class=matrices>{shown}</div>" if shown else ""
         sections.append(
