@@ -64,6 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--data-dir", default=None, help="directory of the Fashion-MNIST *-ubyte.gz files")
     parser.add_argument("--force", action="store_true", help="retrain models that are already finished")
+    parser.add_argument("--vim-scan", choices=("auto", "sequential", "mambapy"), default="auto",
+                        help="how the ViM's scans run while training: token by token, mambapy's parallel scan, "
+                             "or auto: the faster of the two on this device, timed on a few steps (same numbers; "
+                             "the saved model runs token by token unless its config says otherwise)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                         help="bfloat16 autocast on CUDA (default: on)")
     return parser.parse_args(argv)
@@ -109,6 +113,8 @@ def train_one(kind: str, args, device: torch.device, workers: int) -> dict | Non
         return json.loads((out / "train.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     model = build_classifier(kind, seed=args.seed).to(device)
+    if kind == "vim":
+        set_vim_scan(model, choose_vim_scan(model, args, device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
 
@@ -170,6 +176,8 @@ def train_one(kind: str, args, device: torch.device, workers: int) -> dict | Non
     tested = time.time()
     accuracy = test_accuracy(model, args, device, workers)
     model = model.to("cpu", torch.float16).eval()
+    if kind == "vim":  # the saved model runs as its config says (token by token by default)
+        set_vim_scan(model, bool(getattr(model.config, "use_mambapy", False)))
     model.save_pretrained(out, safe_serialization=True)
     # how explain-image (and transformers' image processors) turn an image into this model's input
     (out / "preprocessor_config.json").write_text(json.dumps({
@@ -190,6 +198,46 @@ def train_one(kind: str, args, device: torch.device, workers: int) -> dict | Non
           f"{100 * accuracy['high']:.2f}] on {accuracy['n']} test composites; {size / 1e6:.2f} MB; "
           f"{train_seconds:.0f} s training")
     return record
+
+
+def set_vim_scan(model, parallel: bool) -> None:
+    """Run every ViM mixer's scans with mambapy's parallel scan (``parallel``) or token by token."""
+    for module in model.modules():
+        if hasattr(module, "use_mambapy"):
+            module.use_mambapy = parallel
+
+
+def choose_vim_scan(model, args, device: torch.device) -> bool:
+    """Whether the ViM trains with mambapy's parallel scan: ``--vim-scan``, or for ``auto`` the faster of
+    the two on a few forward and backward passes of a training-sized batch (the numbers are the same)."""
+    from implicit_attention.models.vim.modeling_vim import _mambapy_scan
+
+    if args.vim_scan != "auto":
+        return args.vim_scan == "mambapy"
+    if _mambapy_scan() is None:
+        print("vim: mambapy is not installed; the scans run token by token")
+        return False
+    pixels = torch.randn(args.batch_size, 1, 64, 64, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
+    seconds = {}
+    for parallel in (False, True):
+        set_vim_scan(model, parallel)
+        for repeat in range(4):  # the first pass warms up
+            if repeat == 1:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                tick = time.perf_counter()
+            with autocast:
+                model(pixel_values=pixels).logits.float().sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds[parallel] = (time.perf_counter() - tick) / 3
+    model.zero_grad(set_to_none=True)
+    parallel = seconds[True] < seconds[False]
+    print(f"vim: one training step's forward and backward takes {seconds[False]:.3f} s token by token, "
+          f"{seconds[True]:.3f} s with mambapy: training with {'mambapy' if parallel else 'the token loop'}",
+          flush=True)
+    return parallel
 
 
 def settings_of(args) -> dict:

@@ -188,10 +188,13 @@ def export(args) -> int:
         target = args.export / name
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
-        for file in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer_config.json", "task.json"):
+        for file in ("config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json",
+                     "task.json"):
             if (source / file).is_file():
                 shutil.copy2(source / file, target / file)
+        # the zoo shares one tokenizer: stored once (EXPORT/tokenizer.json), each model links to it
+        shutil.copy2(source / "tokenizer.json", args.export / "tokenizer.json")
+        (target / "tokenizer.json").symlink_to(Path("..") / "tokenizer.json")
         task = json.loads((source / "task.json").read_text())
         pretrain_file = args.work / name / "pretrained" / "pretrain.json"
         pretrain = json.loads(pretrain_file.read_text()) if pretrain_file.is_file() else {}

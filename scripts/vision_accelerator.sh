@@ -6,7 +6,8 @@
 # the checkout under the 64 MiB cap; no wheels needed for the default methods).
 #
 #   scripts/vision_accelerator.sh data                  # here, once: out/fashion-mnist/*.xz
-#   scripts/vision_accelerator.sh train [ARGS...]       # there (carry out/fashion-mnist only):
+#   scripts/vision_accelerator.sh train [ARGS...]       # there (carry out/fashion-mnist, and out/vision-wheels
+#                                                       #   with mambapy's wheel if the ViM may use it):
 #                                                       #   scripts/train_vision.py --device cuda ARGS, one
 #                                                       #   process per model of --models, side by side,
 #                                                       #   stopped in time (state saved); the same call
@@ -31,6 +32,10 @@ data)
     ;;
 train|benchmark)
     what=$1; shift
+    # wheels carried in out/vision-wheels (mambapy: the ViM's parallel scan while training)
+    for wheel in out/vision-wheels/*.whl; do
+        [ -f "$wheel" ] && python -m pip install -q --no-deps "$wheel" 2>&1 | grep -v "dependency conflicts" || true
+    done
     export FASHION_MNIST_DIR="$PWD/out/fashion-mnist" PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
     python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
     status=0
@@ -42,13 +47,18 @@ train|benchmark)
         count=$(echo "$models" | tr ',' '\n' | grep -c .)
         workers=$(( ($(nproc) - count) / count )); [ "$workers" -ge 1 ] || workers=1
         mkdir -p out/vision-models/logs
-        pids=()
+        # several GPUs: the models are dealt out to them in --models order (CUDA_VISIBLE_DEVICES)
+        gpus=$(python -c "import torch; print(torch.cuda.device_count())")
+        pids=(); index=0
         for model in ${models//,/ }; do
+            if [ "$gpus" -gt 1 ]; then export CUDA_VISIBLE_DEVICES=$(( index % gpus )); fi
+            index=$(( index + 1 ))
             timeout --signal=INT "$LIMIT" python scripts/train_vision.py --device "${DEVICE:-cuda}" --workers "$workers" "$@" \
                 --models "$model" > "out/vision-models/logs/$model.log" 2>&1 &
             pids+=($!)
         done
         for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+        unset CUDA_VISIBLE_DEVICES
         for model in ${models//,/ }; do echo "== $model"; grep -v "^$model: step" "out/vision-models/logs/$model.log" \
             | tail -5; grep "^$model: step" "out/vision-models/logs/$model.log" | tail -2; done
         dir=vision-models
