@@ -41,6 +41,8 @@ class HeadGatedFactors:
         norm_scale: ``[B, L, H]`` ``1 / sqrt(var + eps)`` of the group norm, per head and token.
         norm_weight, norm_bias: ``[C]`` the group norm's affine parameters.
         mask: ``[B, L]`` 1 for real tokens, 0 for padding.
+        centred: whether the norm centres each head (a group norm: head-centred values); ``False`` for
+            an RMS norm (``flash-linear-attention``'s layers), whose values are ``v`` itself.
     """
 
     v: torch.Tensor
@@ -49,6 +51,7 @@ class HeadGatedFactors:
     norm_weight: torch.Tensor
     norm_bias: torch.Tensor
     mask: torch.Tensor
+    centred: bool = True
 
     @property
     def head_v(self) -> int:
@@ -61,8 +64,8 @@ class HeadGatedFactors:
         return self.gate * self.norm_weight * scale
 
     def values(self, variant: str) -> torch.Tensor:
-        """``[B, L, C]`` head-centred values (``unified``) or the raw ``v`` (``recurrence``)."""
-        v = self.v - self.v.mean(-1, keepdim=True) if variant == "unified" else self.v
+        """``[B, L, C]`` head-centred values (``unified`` under a group norm) or the raw ``v``."""
+        v = self.v - self.v.mean(-1, keepdim=True) if variant == "unified" and self.centred else self.v
         return v.flatten(2)
 
     def head_gradient(self, grad: torch.Tensor) -> torch.Tensor:
@@ -71,13 +74,14 @@ class HeadGatedFactors:
         ``out = r ⊙ P(Y)`` with ``P`` the centring over each head (symmetric), so ``dY = P(r ⊙ grad)``.
         """
         g = (grad * self.row_scale).unflatten(-1, (-1, self.head_v))
-        return (g - g.mean(-1, keepdim=True)).flatten(2)
+        return (g - g.mean(-1, keepdim=True)).flatten(2) if self.centred else g.flatten(2)
 
 
-def head_norm_scale(y: torch.Tensor, eps: float) -> torch.Tensor:
-    """``[B, L, H]`` the group norm's ``1 / sqrt(var + eps)`` of ``y [B, L, H, V]`` (biased variance)."""
-    centred = y - y.mean(-1, keepdim=True)
-    return torch.rsqrt(centred.pow(2).mean(-1) + eps)
+def head_norm_scale(y: torch.Tensor, eps: float, centred: bool = True) -> torch.Tensor:
+    """``[B, L, H]`` the group norm's ``1 / sqrt(var + eps)`` of ``y [B, L, H, V]`` (biased variance), or
+    with ``centred=False`` the RMS norm's ``1 / sqrt(mean y^2 + eps)``."""
+    centred_y = y - y.mean(-1, keepdim=True) if centred else y
+    return torch.rsqrt(centred_y.pow(2).mean(-1) + eps)
 
 
 def channel_heads(channels: slice, head_v: int) -> tuple[slice, torch.Tensor]:

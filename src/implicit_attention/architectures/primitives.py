@@ -80,3 +80,19 @@ def naive_conv_matrix(conv_weight: torch.Tensor, channel: int, length: int) -> t
             if 0 <= i - j <= width - 1:
                 M[i, j] = conv_weight[channel, width - 1 - (i - j)]
     return M
+
+
+def to_batch(tensor: torch.Tensor, inputs: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, L, ...]``: a layer tensor recorded for the real tokens only (``[1, T, ...]``, the batch unpadded
+    into one sequence as ``flash-linear-attention`` runs it) put back in the batch layout of ``inputs [B, L, D]``,
+    zero on padding; a tensor already in that layout is returned as it is."""
+    batch, length = inputs.shape[:2]
+    if tensor.shape[:2] == (batch, length):
+        return tensor
+    real = padding_mask(attention_mask, inputs).bool()
+    if tensor.shape[0] != 1 or tensor.shape[1] != int(real.sum()):
+        raise ValueError(f"a layer tensor of shape {tuple(tensor.shape)} fits neither the batch {batch} x {length} "
+                         f"nor its {int(real.sum())} real tokens")
+    out = tensor.new_zeros(batch, length, *tensor.shape[2:])
+    out[real] = tensor[0]
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..memory import LayerFootprint
 from .base import LayerDecomposition
+from .primitives import to_batch
 
 
 @dataclass
@@ -96,32 +98,40 @@ class Architecture:
     keeps_unified: bool = False
     ignores_padding: bool | Callable[[nn.Module], bool] = True
     rounds_in_float32: bool = False
-    _classes: list = field(default_factory=list, compare=False, repr=False)
+    _classes: dict = field(default_factory=dict, compare=False, repr=False)
 
     def is_exact(self, variant: str) -> bool:
         """Whether ``variant`` is an exact identity of this architecture's layers."""
         return variant in (self.exact_variants if self.exact_variants is not None else {self.variants[0]})
 
     def classes(self) -> tuple[type, ...]:
-        """The layer classes that exist in the installed ``transformers``."""
-        if not self._classes:
-            for path in self.module_classes:
-                module_name, _, class_name = path.rpartition(".")
-                try:
-                    self._classes.append(getattr(importlib.import_module(module_name), class_name))
-                except (ImportError, AttributeError):
-                    continue
-            self._classes.append(type(None))  # marks the lookup as done
-        return tuple(c for c in self._classes if c is not type(None))
+        """The layer classes that exist in the installed packages.
+
+        A path whose top package is not imported yet is left for a later call: no model can hold an
+        instance of it yet, and importing it here would cost every user its import (``fla`` imports Triton).
+        """
+        for path in self.module_classes:
+            if path in self._classes:
+                continue
+            module_name, _, class_name = path.rpartition(".")
+            if module_name.partition(".")[0] not in sys.modules:
+                continue
+            try:
+                self._classes[path] = getattr(importlib.import_module(module_name), class_name)
+            except (ImportError, AttributeError):
+                self._classes[path] = None
+        return tuple(c for c in self._classes.values() if c is not None)
 
 
 def layer_builder(decomposition: Callable[..., LayerDecomposition],
                   read_factors: Callable[[CapturedLayer, torch.dtype], Any]) -> Callable[..., LayerDecomposition]:
     """The ``build`` of an :class:`Architecture`: ``decomposition(read_factors(captured, dtype), variant=...,
-    index=..., name=..., output=...)`` with the captured output in the compute dtype."""
+    index=..., name=..., output=...)`` with the captured output in the compute dtype (in the batch layout:
+    :func:`~.primitives.to_batch`)."""
     def build(captured: CapturedLayer, *, variant: str, dtype: torch.dtype, index: int) -> LayerDecomposition:
+        output = to_batch(captured.output.detach().to(dtype), captured.inputs, captured.attention_mask)
         return decomposition(read_factors(captured, dtype), variant=variant, index=index, name=captured.name,
-                             output=captured.output.detach().to(dtype))
+                             output=output)
     return build
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..architectures.primitives import to_batch
 from ..architectures.registry import padding_leaks
 from ..catalog import AGGREGATES, MATRIX_METHODS, ROLLOUT_NEEDS_NON_NEGATIVE
 from ..decomposition import (
@@ -229,6 +230,8 @@ def matrix_explanation(model: nn.Module, input_ids, attention_mask=None, *, meth
         if need_grad:
             wrt = [r.output for r in captured] if rule == "attribution" else [r.block_input for r in captured]
             grads = list(torch.autograd.grad(tgt.score(logits).sum(), wrt))
+            if rule == "attribution":  # layers that ran the batch unpadded: back to [B, L, C]
+                grads = [to_batch(g, r.inputs, r.attention_mask) for g, r in zip(grads, captured)]
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(model_dtype(model), 1e-4)
     with torch.profiler.record_function(PHASE):
         built = build_layers(captured, layer_indices(model, captured), variant=variant, dtype=compute_dtype,

@@ -23,6 +23,9 @@ recurrence in float32 (rounded the same way here).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,30 +89,74 @@ def _l2norm_div(x: torch.Tensor) -> torch.Tensor:
     return x / torch.sqrt((x * x).sum(dim=-1, keepdim=True) + 1e-6)
 
 
-def delta_factors(module: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
-                  dtype: torch.dtype, core: torch.Tensor | None = None,
-                  chunk_size: int = CHUNK_SIZE) -> DeltaFactors:
-    """Recompute every data-controlled factor of a delta-rule mixer for its input ``[B, L, D]``.
+@dataclass
+class DeltaInputs:
+    """What a delta-rule mixer computes from its input before the shared math (in the compute dtype).
 
-    ``core`` (``[B * L, Dv]`` or ``[B, L, H, Dv]``, optional) is the input the module's gated norm
-    received (recorded by :func:`record_core`): the norm scale is read from it, in float32 as the
-    module computes it. Without it, the recurrence's output is recomputed as ``A_h u``.
+    Attributes:
+        qkv: ``[B, L, 2 Kd + V]`` the projections ``[q; k; v]`` at the conv input.
+        z: ``[B, L, V]`` the output gate's pre-activation, or ``None`` (no gate).
+        beta: ``[B, L, Hv]``; log_decay: ``[B, L, Hv, 1 or Dk]``.
+        conv_weight: ``[2 Kd + V, K]`` and conv_bias ``[2 Kd + V]`` (or ``None``) of the causal conv over
+            ``[q; k; v]`` (one tap of weight 1 where the module has no conv).
+        k_heads, v_heads, dk, dv: head counts and sizes; l2norm: the module's L2 norm of ``q, k``.
+        gate_activation: ``act(z)`` of the gated norm (float32 in, float32 out).
+        norm: the gated norm (``weight`` per ``Dv``, or ``None``) and its ``eps``.
     """
+
+    qkv: torch.Tensor
+    z: torch.Tensor | None
+    beta: torch.Tensor
+    log_decay: torch.Tensor
+    conv_weight: torch.Tensor
+    conv_bias: torch.Tensor | None
+    k_heads: int
+    v_heads: int
+    dk: int
+    dv: int
+    l2norm: Callable[[torch.Tensor], torch.Tensor]
+    gate_activation: Callable[[torch.Tensor], torch.Tensor]
+    norm_weight: torch.Tensor | None
+    norm_eps: float
+
+
+def transformers_inputs(module: nn.Module, h: torch.Tensor, dtype: torch.dtype) -> DeltaInputs:
+    """:class:`DeltaInputs` of the ``transformers`` delta-rule mixers (module docstring)."""
     kda = hasattr(module, "forget_gate")
     if module.activation not in ("silu", "swish"):
         raise NotImplementedError(f"{type(module).__name__} with conv activation {module.activation!r}: "
                                   "only SiLU is written as a gate")
-    h, mask = masked_input(hidden_states, attention_mask, dtype)
-    batch, length, _ = h.shape
     qkv, z, beta, g = (kda_inputs if kda else gated_deltanet_inputs)(module, h, dtype)
     if kda:
         k_heads = v_heads = module.num_heads
         dk = dv = module.head_dim
     else:
         k_heads, v_heads, dk, dv = module.num_k_heads, module.num_v_heads, module.head_k_dim, module.head_v_dim
+    norm = module.o_norm if hasattr(module, "o_norm") else module.norm
+    return DeltaInputs(qkv=qkv, z=z, beta=beta, log_decay=g, conv_weight=module.conv1d.weight.detach().to(dtype)[:, 0, :],
+                       conv_bias=None if module.conv1d.bias is None else module.conv1d.bias.detach().to(dtype),
+                       k_heads=k_heads, v_heads=v_heads, dk=dk, dv=dv, l2norm=_l2norm_div if kda else _l2norm_rsqrt,
+                       gate_activation=ACT2FN[norm.activation], norm_weight=norm.weight.detach(),
+                       norm_eps=norm.variance_epsilon)
+
+
+def delta_factors(module: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                  dtype: torch.dtype, core: torch.Tensor | None = None, chunk_size: int = CHUNK_SIZE,
+                  read_inputs: Callable[[nn.Module, torch.Tensor, torch.dtype], DeltaInputs] = transformers_inputs
+                  ) -> DeltaFactors:
+    """Recompute every data-controlled factor of a delta-rule mixer for its input ``[B, L, D]``.
+
+    ``read_inputs`` reads the module's projections (:func:`transformers_inputs`, or the adapters of
+    :mod:`..fla`). ``core`` (``[B * L, Dv]`` or ``[B, L, H, Dv]``, optional) is the input the module's
+    gated norm received (recorded by :func:`record_core`): the norm scale is read from it, in float32 as
+    the module computes it. Without it, the recurrence's output is recomputed as ``A_h u``.
+    """
+    h, mask = masked_input(hidden_states, attention_mask, dtype)
+    batch, length, _ = h.shape
+    inputs = read_inputs(module, h, dtype)
+    qkv, k_heads, v_heads, dk, dv = inputs.qkv, inputs.k_heads, inputs.v_heads, inputs.dk, inputs.dv
     key_dim = k_heads * dk
-    conv_weight = module.conv1d.weight.detach().to(dtype)[:, 0, :]               # [conv_dim, K]
-    conv_bias = None if module.conv1d.bias is None else module.conv1d.bias.detach().to(dtype)
+    conv_weight, conv_bias = inputs.conv_weight, inputs.conv_bias
     conv_all = causal_conv(qkv, conv_weight, conv_bias)
     activated = F.silu(conv_all)
     q = activated[..., :key_dim].reshape(batch, length, k_heads, dk)
@@ -117,24 +164,25 @@ def delta_factors(module: nn.Module, hidden_states: torch.Tensor, attention_mask
     if v_heads != k_heads:
         q, k = (t.repeat_interleave(v_heads // k_heads, dim=2) for t in (q, k))
     # the kernel: cast to float32, L2-normalise in float32, scale the queries by Dk^-1/2
-    l2norm = _l2norm_div if kda else _l2norm_rsqrt
-    q = (l2norm(q.float()) * dk ** -0.5).to(dtype)
-    k = l2norm(k.float()).to(dtype)
-    beta, g = _f32(beta, dtype), _f32(g, dtype)
+    q = (inputs.l2norm(q.float()) * dk ** -0.5).to(dtype)
+    k = inputs.l2norm(k.float()).to(dtype)
+    beta, g = _f32(inputs.beta, dtype), _f32(inputs.log_decay, dtype)
     # the gated norm: rsqrt(mean o^2 + eps) and the gate act(z) in float32, as the module computes them
-    norm = module.o_norm if hasattr(module, "o_norm") else module.norm
-    weight = norm.weight.detach()
+    value_width = v_heads * dv
+    gate = (inputs.gate_activation(inputs.z.float()).to(dtype) if inputs.z is not None
+            else h.new_ones(batch, length, value_width))
+    weight = inputs.norm_weight if inputs.norm_weight is not None else h.new_ones(dv)
     f = DeltaFactors(x=qkv[..., 2 * key_dim:], conv_out=conv_all[..., 2 * key_dim:],
                      conv_weight=conv_weight[2 * key_dim:],
                      conv_bias=None if conv_bias is None else conv_bias[2 * key_dim:],
-                     q=q, k=k, beta=beta, log_decay=g, gate=ACT2FN[norm.activation](z.float()).to(dtype),
+                     q=q, k=k, beta=beta, log_decay=g, gate=gate,
                      norm_weight=weight.to(dtype).repeat(v_heads), norm_scale=None, attention=None, mask=mask)
     f.attention = delta_attention(q, k, beta, g, chunk_size)
-    if core is None:
+    if core is None or core.numel() != batch * length * value_width:
         u = f.u.view(batch, length, v_heads, dv)
         core = torch.einsum("bhij,bjhp->bihp", f.attention, u)
     core = core.reshape(batch, length, v_heads, dv).float()
-    f.norm_scale = torch.rsqrt(core.pow(2).mean(-1) + norm.variance_epsilon).to(dtype)
+    f.norm_scale = torch.rsqrt(core.pow(2).mean(-1) + inputs.norm_eps).to(dtype)
     return f
 
 

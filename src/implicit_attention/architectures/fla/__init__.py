@@ -1,0 +1,63 @@
+"""``flash-linear-attention``'s layers (PyPI ``flash-linear-attention``, ``pip install implicit-attention[fla]``).
+
+Adapters only: each ``fla`` layer is read (:mod:`.factors`) into the factors of the architecture with
+the same math, whose operator, fast paths and slow reference it shares:
+
+- ``fla.layers.GatedDeltaNet`` and ``fla.layers.DeltaNet`` -> :mod:`..gated_deltanet`;
+- ``fla.layers.GatedLinearAttention`` -> :mod:`..gla` (an RMS norm per head instead of our GLA's group norm).
+
+``fla`` imports Triton, whose kernels need a GPU driver (or ``TRITON_INTERPRET=1``, slowly, on a CPU);
+without ``fla`` installed this package registers classes that never match, and
+``implicit-attention info`` lists them as absent.
+"""
+
+from __future__ import annotations
+
+from ...memory import LayerFootprint
+from ..gated_deltanet import FOOTPRINT, record_core
+from ..gated_deltanet.factors import delta_factors
+from ..gated_deltanet.layer import DeltaLayerDecomposition
+from ..gated_deltanet.operator import EXACT_VARIANTS, VARIANTS
+from ..gla.layer import GLALayerDecomposition
+from ..gla.operator import VARIANTS as GLA_VARIANTS
+from ..registry import Architecture, CapturedLayer, input_and_mask, layer_builder, register
+from .factors import fla_deltanet_inputs, fla_gated_deltanet_inputs, fla_gla_factors
+
+
+def _short_conv_bias_free(module) -> bool:
+    """Padding stays out of real tokens unless a short convolution has a non-zero bias (``fla`` runs a
+    padded batch unpadded, so only that could differ from the zero-padded recomputation)."""
+    if not getattr(module, "use_short_conv", False):
+        return True
+    return all(conv.bias is None or not bool(conv.bias.detach().any())
+               for conv in (module.q_conv1d, module.k_conv1d, module.v_conv1d))
+
+
+def _reader(read_inputs):
+    def read(captured: CapturedLayer, dtype):
+        return delta_factors(captured.module, captured.inputs, captured.attention_mask, dtype,
+                             core=captured.extra.get("core"), read_inputs=read_inputs)
+    return read
+
+
+register(Architecture(
+    "fla_gated_deltanet", ("fla.layers.gated_deltanet.GatedDeltaNet",),
+    ("fla.models.GatedDeltaNetForCausalLM", "fla.models.GatedDeltaNetModel"), VARIANTS, "o_proj",
+    layer_builder(DeltaLayerDecomposition, _reader(fla_gated_deltanet_inputs)), lambda module: module.value_dim,
+    extra_hooks=record_core, footprint=FOOTPRINT, exact_variants=EXACT_VARIANTS,
+    ignores_padding=_short_conv_bias_free, rounds_in_float32=True))
+
+register(Architecture(
+    "fla_deltanet", ("fla.layers.delta_net.DeltaNet",), ("fla.models.DeltaNetForCausalLM", "fla.models.DeltaNetModel"), VARIANTS, "o_proj",
+    layer_builder(DeltaLayerDecomposition, _reader(fla_deltanet_inputs)), lambda module: module.value_dim,
+    extra_hooks=record_core, footprint=FOOTPRINT, exact_variants=EXACT_VARIANTS,
+    ignores_padding=_short_conv_bias_free, rounds_in_float32=True))
+
+register(Architecture(
+    "fla_gla", ("fla.layers.gla.GatedLinearAttention",), ("fla.models.GLAForCausalLM", "fla.models.GLAModel"), GLA_VARIANTS, "o_proj",
+    layer_builder(GLALayerDecomposition, input_and_mask(fla_gla_factors)), lambda module: module.value_dim,
+    # the factors run our chunked scan: [B, T, T, K] temporaries for chunks of 64 tokens
+    footprint=LayerFootprint(build_vectors=lambda m: 24 + -(-4 * 64 * m.key_dim // m.value_dim)),
+    ignores_padding=_short_conv_bias_free))
+
+__all__ = ["fla_deltanet_inputs", "fla_gated_deltanet_inputs", "fla_gla_factors"]

@@ -1,0 +1,153 @@
+"""Reading ``flash-linear-attention`` layers into the factors of our own architectures.
+
+``fla`` (PyPI ``flash-linear-attention``) writes the same mixers as separate ``q_proj``, ``k_proj``,
+``v_proj`` with one ``ShortConvolution`` (a depthwise causal ``nn.Conv1d`` with a SiLU) each, runs the
+recurrences in Triton kernels in float32, and feeds a padded batch to them unpadded (one long
+sequence, ``cu_seqlens``): the recorded norm input is then ``[1, T, H, Dv]``, which the delta-rule
+factors recompute as ``A_h u`` instead (see :func:`..gated_deltanet.factors.delta_factors`).
+
+- ``GatedDeltaNet``: ``beta = sigmoid(b)`` (doubled with ``allow_neg_eigval``),
+  ``g = -exp(A_log) softplus(a + dt_bias)``, ``q, k`` L2-normalised as ``x / sqrt(sum x^2 + 1e-6)``,
+  value heads ``num_v_heads`` sharing key heads ``num_heads``; ``o_norm`` a gated RMS norm
+  (``FusedRMSNormGated``, SiLU or sigmoid gate) or a plain ``RMSNorm`` without ``use_gate``.
+- ``DeltaNet``: the delta rule without decay (``g = 0``), ``beta = sigmoid(b)`` or 1 (``use_beta``);
+  the default ``qk_activation="silu"``, ``qk_norm="l2"`` (others are refused).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..gated_deltanet.factors import DeltaInputs, _f32, _l2norm_div
+
+_GATES = {"swish": F.silu, "silu": F.silu, "sigmoid": torch.sigmoid}
+
+
+def _short_convs(module: nn.Module, widths: tuple[int, ...], dtype: torch.dtype):
+    """``(weight [sum widths, K], bias or None)`` of the q, k, v short convolutions as one conv; one tap
+    of weight 1 (the identity) where the module has none."""
+    if not getattr(module, "use_short_conv", False):
+        return torch.ones(sum(widths), 1, dtype=dtype, device=module.q_proj.weight.device), None
+    convs = (module.q_conv1d, module.k_conv1d, module.v_conv1d)
+    for conv in convs:
+        if conv.activation not in ("silu", "swish"):
+            raise NotImplementedError(f"{type(module).__name__} with a short convolution activated by "
+                                      f"{conv.activation!r}: only SiLU is written as a gate")
+    weight = torch.cat([conv.weight.detach()[:, 0, :] for conv in convs]).to(dtype)
+    bias = None if convs[0].bias is None else torch.cat([conv.bias.detach() for conv in convs]).to(dtype)
+    return weight, bias
+
+
+def _norm(module: nn.Module):
+    """``(gate activation, weight or None, eps)`` of the output norm ``o_norm``."""
+    norm = module.o_norm
+    activation = getattr(norm, "activation", "swish")
+    if activation not in _GATES:
+        raise NotImplementedError(f"{type(module).__name__}: output gate {activation!r} is not written here")
+    weight = getattr(norm, "weight", None)
+    return _GATES[activation], None if weight is None else weight.detach(), norm.eps
+
+
+def _projections(module: nn.Module, h: torch.Tensor, dtype: torch.dtype):
+    p = lambda t: t.detach().to(dtype)  # noqa: E731
+    return lambda proj: F.linear(h, p(proj.weight), None if proj.bias is None else p(proj.bias))
+
+
+def fla_gated_deltanet_inputs(module: nn.Module, h: torch.Tensor, dtype: torch.dtype) -> DeltaInputs:
+    """:class:`~..gated_deltanet.factors.DeltaInputs` of ``fla.layers.GatedDeltaNet``."""
+    lin = _projections(module, h, dtype)
+    qkv = torch.cat([lin(module.q_proj), lin(module.k_proj), lin(module.v_proj)], dim=-1)
+    weight, bias = _short_convs(module, (module.key_dim, module.key_dim, module.value_dim), dtype)
+    beta = torch.sigmoid(lin(module.b_proj))
+    if module.allow_neg_eigval:
+        beta = beta * 2.0
+    # the kernel's gate, in float32: -exp(A_log) * softplus(a + dt_bias)
+    g = -torch.exp(module.A_log.detach().float()).to(dtype) * F.softplus(
+        _f32(lin(module.a_proj), dtype) + module.dt_bias.detach().float().to(dtype))
+    gate, norm_weight, eps = _norm(module)
+    return DeltaInputs(qkv=qkv, z=lin(module.g_proj) if module.use_gate else None, beta=beta, log_decay=g[..., None],
+                       conv_weight=weight, conv_bias=bias, k_heads=module.num_heads, v_heads=module.num_v_heads,
+                       dk=module.head_k_dim, dv=module.head_v_dim, l2norm=_l2norm_div, gate_activation=gate,
+                       norm_weight=norm_weight, norm_eps=eps)
+
+
+def fla_deltanet_inputs(module: nn.Module, h: torch.Tensor, dtype: torch.dtype) -> DeltaInputs:
+    """:class:`~..gated_deltanet.factors.DeltaInputs` of ``fla.layers.DeltaNet`` (no decay)."""
+    if module.qk_activation != "silu" or module.qk_norm != "l2":
+        raise NotImplementedError(f"DeltaNet with qk_activation={module.qk_activation!r} and qk_norm="
+                                  f"{module.qk_norm!r}: only the default silu and l2 are written here")
+    lin = _projections(module, h, dtype)
+    qkv = torch.cat([lin(module.q_proj), lin(module.k_proj), lin(module.v_proj)], dim=-1)
+    weight, bias = _short_convs(module, (module.key_dim, module.key_dim, module.value_dim), dtype)
+    batch, length, _ = h.shape
+    beta = torch.sigmoid(lin(module.b_proj)) if module.use_beta else h.new_ones(batch, length, module.num_heads)
+    if module.allow_neg_eigval:
+        beta = beta * 2.0
+    gate, norm_weight, eps = _norm(module)
+    return DeltaInputs(qkv=qkv, z=lin(module.g_proj) if module.use_gate else None, beta=beta,
+                       log_decay=h.new_zeros(batch, length, module.num_heads, 1), conv_weight=weight, conv_bias=bias,
+                       k_heads=module.num_heads, v_heads=module.num_heads, dk=module.head_k_dim,
+                       dv=module.head_v_dim, l2norm=_l2norm_div, gate_activation=gate, norm_weight=norm_weight,
+                       norm_eps=eps)
+
+
+def fla_gla_factors(module: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                    dtype: torch.dtype):
+    """:class:`~..gla.operator.GLAFactors` of ``fla.layers.GatedLinearAttention``.
+
+    As our GLA, with: keys, decays and values shared by ``num_kv_groups`` query heads; optional short
+    convolutions (SiLU) on ``q, k, v``, whose outputs are the values (the conv is not folded into the
+    matrices); an optional feature map on ``q, k``; the decay clamped below by ``clamp_min``; and a
+    per-head RMS norm (no centring, no bias) before the output gate (``swish`` when fused).
+    """
+    from ...models.gla.modeling_gla import chunked_gla  # lazy: the model package registers Auto classes
+    from ..gla.operator import GLAFactors
+    from ..heads import head_norm_scale
+    from ..primitives import causal_conv, padding_mask
+
+    h = hidden_states.detach().to(dtype)
+    mask = padding_mask(attention_mask, h)
+    h = h * mask[..., None]
+    batch, length, _ = h.shape
+    lin = _projections(module, h, dtype)
+    q, k, v = lin(module.q_proj), lin(module.k_proj), lin(module.v_proj)
+    if module.use_short_conv:
+        convs = (module.q_conv1d, module.k_conv1d, module.v_conv1d)
+        if any(conv.activation not in ("silu", "swish") for conv in convs):
+            raise NotImplementedError("GatedLinearAttention with a short convolution not activated by SiLU")
+        q, k, v = (F.silu(causal_conv(x, conv.weight.detach()[:, 0, :].to(dtype),
+                                      None if conv.bias is None else conv.bias.detach().to(dtype)))
+                   for x, conv in zip((q, k, v), convs))
+    low, up = module.gk_proj
+    gk = F.linear(lin(low), up.weight.detach().to(dtype), None if up.bias is None else up.bias.detach().to(dtype))
+    heads, groups = module.num_heads, module.num_kv_groups
+    split = lambda x, d: x.view(batch, length, -1, d).repeat_interleave(groups, dim=2)  # noqa: E731
+    q = q.view(batch, length, heads, module.head_k_dim)
+    k, gk, v = split(k, module.head_k_dim), split(gk, module.head_k_dim), split(v, module.head_v_dim)
+    log_alpha = F.logsigmoid(gk) / module.gate_logit_normalizer
+    if module.clamp_min is not None:
+        log_alpha = log_alpha.clamp_min(module.clamp_min)
+    if module.feature_map_fn is not None:
+        q, k = module.feature_map_fn(q), module.feature_map_fn(k)
+    q = q * module.head_k_dim ** -0.5
+    k = k * mask[:, :, None, None]                        # padding never enters the state (fla drops it)
+    v = v * mask[:, :, None, None]
+    y = chunked_gla(q, k, v, log_alpha, 64)
+    value_width = heads * module.head_v_dim
+    if module.use_output_gate:
+        g = lin(module.g_proj)
+        gate = F.silu(g) if module.fuse_norm_and_gate else module.gate_fn(g)
+    else:
+        gate = h.new_ones(batch, length, value_width)
+    norm = module.g_norm_swish_gate if module.fuse_norm_and_gate else module.g_norm
+    weight = getattr(norm, "weight", None)
+    weight = h.new_ones(module.head_v_dim) if weight is None else weight.detach().to(dtype)
+    bias = getattr(norm, "bias", None)
+    bias = h.new_zeros(module.head_v_dim) if bias is None else bias.detach().to(dtype)
+    if bool(bias.any()):
+        raise NotImplementedError("GatedLinearAttention with an RMS norm bias is not written here")
+    return GLAFactors(v=v, gate=gate, norm_scale=head_norm_scale(y, norm.eps, centred=False),
+                      norm_weight=weight.repeat(heads), norm_bias=bias.repeat(heads), mask=mask,
+                      centred=False, q=q, k=k, log_alpha=log_alpha)

@@ -1,0 +1,182 @@
+"""Measurements of the flash-linear-attention adapters, run by tests/test_fla.py in a subprocess.
+
+``fla`` runs its recurrences in Triton kernels: on a CUDA machine natively, elsewhere in Triton's
+interpreter (``TRITON_INTERPRET=1``, which must be set before the kernels are defined, hence the
+subprocess). The interpreter has no driver for Triton's autotuner to time configurations with, so
+on a CPU a stand-in driver times every configuration as 0 s (the first one is used: the same numbers).
+The interpreter cannot run ``fla``'s chunked kernels (``chunk`` mode, which the layers pick for
+gradients and for padded batches), so those checks run on CUDA only.
+
+    python tests/fla_checks.py            # prints one JSON object of measurements
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+ON_CUDA = torch.cuda.is_available()
+if not ON_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _interpreter_driver() -> None:
+    """Give Triton's autotuner a driver under the interpreter (CPU): every configuration takes 0 s."""
+    from triton.runtime import driver
+
+    class InterpreterDriver:
+        def get_benchmarker(self):
+            def bench(kernel_call, quantiles=None, **kwargs):
+                kernel_call()
+                return [0.0] * len(quantiles) if quantiles else 0.0
+            return bench
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_device_capability(self, device=None):
+            return (8, 0)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def get_empty_cache_for_benchmark(self):
+            return torch.empty(1)
+
+        def clear_cache(self, cache):
+            pass
+
+    driver.set_active(InterpreterDriver())
+
+
+def randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter perturbed (convs, norms, decays and their biases too), in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(0.3 * torch.randn(param.shape, generator=generator).to(param))
+    return module.eval()
+
+
+def tiny_gated_deltanet(seed: int = 0):
+    from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+
+    torch.manual_seed(seed)
+    config = GatedDeltaNetConfig(hidden_size=32, num_hidden_layers=2, num_heads=2, num_v_heads=4, head_dim=8,
+                                 expand_v=1, vocab_size=50, use_short_conv=True, conv_size=4, fuse_norm=False,
+                                 fuse_cross_entropy=False)
+    return randomised(GatedDeltaNetForCausalLM(config), seed)
+
+
+def tiny_deltanet(seed: int = 0):
+    from fla.models import DeltaNetConfig, DeltaNetForCausalLM
+
+    torch.manual_seed(seed)
+    config = DeltaNetConfig(hidden_size=32, num_hidden_layers=2, num_heads=4, vocab_size=50, use_short_conv=True,
+                            conv_size=4, use_gate=True, fuse_norm=False, fuse_cross_entropy=False)
+    return randomised(DeltaNetForCausalLM(config), seed)
+
+
+def tiny_gla(seed: int = 0, **overrides):
+    from fla.models import GLAConfig, GLAForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(hidden_size=32, num_hidden_layers=2, num_heads=2, expand_k=0.5, expand_v=1, vocab_size=50,
+                    fuse_norm=False, fuse_cross_entropy=False)
+    return randomised(GLAForCausalLM(GLAConfig(**{**settings, **overrides})), seed)
+
+
+def decomposition_errors(model, ids, mask=None, variants=("unified", "no_conv")) -> dict:
+    """Each exact variant's largest relative reconstruction error over the layers, against fla's forward."""
+    import implicit_attention as ia
+
+    return {variant: max(layer.error for layer in ia.decompose(model, ids, mask, variant=variant).layers)
+            for variant in variants}
+
+
+def same_maps_as_olmo_hybrid(seed: int = 0) -> dict:
+    """One fla ``GatedDeltaNet`` layer and ``transformers``' ``OlmoHybridGatedDeltaNet`` (a port of it) with the
+    same weights: the largest relative difference of their per-channel matrices, and of their outputs."""
+    from fla.layers import GatedDeltaNet
+    from transformers import OlmoHybridConfig
+    from transformers.models.olmo_hybrid.modeling_olmo_hybrid import OlmoHybridGatedDeltaNet
+
+    from implicit_attention.architectures.fla.factors import fla_gated_deltanet_inputs
+    from implicit_attention.architectures.gated_deltanet.factors import delta_factors
+    from implicit_attention.architectures.gated_deltanet.operator import delta_block
+
+    torch.manual_seed(seed)
+    ours = randomised(GatedDeltaNet(hidden_size=32, num_heads=2, num_v_heads=4, head_dim=8, expand_v=1,
+                                    use_short_conv=True, conv_size=4, layer_idx=0), seed)
+    config = OlmoHybridConfig(hidden_size=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                              linear_value_head_dim=8, linear_conv_kernel_dim=4, num_hidden_layers=2, linear_allow_neg_eigval=False,
+                              layer_types=["linear_attention", "full_attention"], num_attention_heads=2,
+                              rms_norm_eps=1e-5)
+    theirs = OlmoHybridGatedDeltaNet(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "v_proj", "a_proj", "b_proj", "g_proj", "o_proj"):
+            getattr(theirs, name).weight.copy_(getattr(ours, name).weight)
+        theirs.conv1d.weight.copy_(torch.cat([ours.q_conv1d.weight, ours.k_conv1d.weight, ours.v_conv1d.weight]))
+        theirs.A_log.copy_(ours.A_log)
+        theirs.dt_bias.copy_(ours.dt_bias)
+        theirs.o_norm.weight.copy_(ours.o_norm.weight)
+    hidden = torch.randn(2, 13, 32, generator=torch.Generator().manual_seed(seed))
+    maps = []
+    for module, read in ((ours, fla_gated_deltanet_inputs), (theirs, None)):
+        kwargs = {"read_inputs": read} if read is not None else {}
+        factors = delta_factors(module, hidden, None, torch.float64, **kwargs)
+        maps.append(delta_block(factors, slice(None), "unified")[0])
+    result = {"maps": float((maps[0] - maps[1]).abs().max() / maps[1].abs().max())}
+    if ON_CUDA:  # transformers runs OLMo-Hybrid with fla's chunked kernel when fla is installed
+        with torch.no_grad():
+            out_ours = ours.cuda()(hidden.cuda())[0]
+            out_theirs = theirs.cuda()(hidden.cuda())
+            out_theirs = out_theirs[0] if isinstance(out_theirs, tuple) else out_theirs
+        result["outputs"] = float((out_ours - out_theirs).abs().max() / out_theirs.abs().max())
+    return result
+
+
+def measurements() -> dict:
+    if not ON_CUDA:
+        _interpreter_driver()
+    import implicit_attention as ia
+
+    ids = torch.randint(0, 50, (2, 13), generator=torch.Generator().manual_seed(1))
+    device = "cuda" if ON_CUDA else "cpu"
+    results = {"device": device}
+    gdn, deltanet = tiny_gated_deltanet().to(device), tiny_deltanet().to(device)
+    ids = ids.to(device)
+    results["gated_deltanet"] = decomposition_errors(gdn, ids)
+    results["deltanet"] = decomposition_errors(deltanet, ids)
+    results["olmo_hybrid"] = same_maps_as_olmo_hybrid()
+    # GLA: fla's defaults (fused RMS norm and swish gate), and short convs, shared key heads, a clamped
+    # decay and the unfused norm with its own gate
+    gla_default = tiny_gla(fuse_norm=True).to(device)
+    gla_variant = tiny_gla(seed=1, use_short_conv=True, num_kv_heads=1, clamp_min=-0.2, fuse_norm=False).to(device)
+    results["gla"] = decomposition_errors(gla_default, ids, variants=("unified",))
+    results["gla_conv_gqa"] = decomposition_errors(gla_variant, ids, variants=("unified",))
+    results["found"] = {name: [type(m).__name__ for _, m, _ in ia.architectures.find_layers(model)]
+                        for name, model in (("gated_deltanet", gdn), ("deltanet", deltanet), ("gla", gla_default))}
+    if ON_CUDA:  # chunked kernels: padded batches (fla unpads them) and gradients
+        mask = torch.ones_like(ids)
+        mask[1, :4] = 0
+        results["gated_deltanet_padded"] = decomposition_errors(gdn, ids, mask)
+        results["deltanet_padded"] = decomposition_errors(deltanet, ids, mask)
+        results["gla_padded"] = decomposition_errors(gla_variant, ids, mask, variants=("unified",))
+        # the padded row explained as the same text alone (fla ran the batch unpadded: to_batch put it back)
+        for method in ("attribution", "rollout"):
+            batch = ia.explain(gdn, ids, mask, method=method)[1, 4:]
+            alone = ia.explain(gdn, ids[1:, 4:], method=method)[0]
+            results[f"{method}_padded_vs_alone"] = float((batch - alone).abs().max() / alone.abs().max())
+    return results
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+    print(json.dumps(measurements()))

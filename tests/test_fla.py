@@ -1,0 +1,63 @@
+"""flash-linear-attention's layers (``pip install implicit-attention[fla]``: GatedDeltaNet, DeltaNet,
+GatedLinearAttention): exact against fla's own forward, and the same maps as the ``transformers`` port
+of the same layer (OLMo-Hybrid's Gated DeltaNet).
+
+The measurements run in a subprocess (tests/fla_checks.py): on a CPU in Triton's interpreter, where
+fla's chunked kernels cannot run (padded batches and gradients are checked on CUDA only).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from implicit_attention.decomposition import FLOAT32_KERNEL_TOLERANCE
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("fla") is None or importlib.util.find_spec("triton") is None,
+                                reason="flash-linear-attention is not installed (pip install implicit-attention[fla])")
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def measured() -> dict:
+    done = subprocess.run([sys.executable, str(HERE / "fla_checks.py")], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_fla_layers_are_found_in_model_order(measured):
+    assert measured["found"] == {"gated_deltanet": ["GatedDeltaNet"] * 2, "deltanet": ["DeltaNet"] * 2,
+                                 "gla": ["GatedLinearAttention"] * 2}
+
+
+@pytest.mark.parametrize("model", ["gated_deltanet", "deltanet", "gla", "gla_conv_gqa"])
+def test_fla_layers_decompose_exactly(measured, model):
+    """The exact variants reconstruct fla's own output (its kernels run in float32) on a batch of two
+    randomised tiny models: grouped value heads for Gated DeltaNet, a gated output norm for DeltaNet; GLA
+    with fla's defaults (fused RMS norm and swish gate) and with short convolutions, one key head for
+    two query heads, a clamped decay and the unfused norm."""
+    for variant, error in measured[model].items():
+        assert error < FLOAT32_KERNEL_TOLERANCE, (model, variant, error)
+
+
+def test_fla_and_transformers_gated_deltanet_give_the_same_maps(measured):
+    """The same weights in fla's GatedDeltaNet and in OLMo-Hybrid's port give the same per-channel matrices."""
+    assert measured["olmo_hybrid"]["maps"] < 1e-6
+    if "outputs" in measured["olmo_hybrid"]:
+        assert measured["olmo_hybrid"]["outputs"] < FLOAT32_KERNEL_TOLERANCE
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's chunked kernels (padding, gradients) need CUDA")
+def test_padded_batches_and_gradients_on_cuda(measured):
+    for model in ("gated_deltanet_padded", "deltanet_padded", "gla_padded"):
+        for variant, error in measured[model].items():
+            assert error < FLOAT32_KERNEL_TOLERANCE, (model, variant, error)
+    assert measured["attribution_padded_vs_alone"] < 1e-4
+    assert measured["rollout_padded_vs_alone"] < 1e-4
