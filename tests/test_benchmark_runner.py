@@ -245,6 +245,20 @@ def test_workers_run_at_most_jobs_at_once_log_and_report_failures(tmp_path, caps
     assert "b: FAILED (exit 1)" in out and "a: done" in out and "failed: b" in out
 
 
+def test_workers_share_the_cpus_unless_told(tmp_path, monkeypatch):
+    """Each worker's OMP_NUM_THREADS is its share of the CPUs (8 CPUs, 2 at once: 4), unless already set."""
+    from implicit_attention.benchmark import workers
+
+    script = "import os; print(os.environ['OMP_NUM_THREADS'])"
+    log = lambda name: tmp_path / f"{name}.txt"  # noqa: E731
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    workers.run_workers(["a"], lambda name: [sys.executable, "-c", script], log, jobs=2, poll_seconds=0.05)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    workers.run_workers(["b"], lambda name: [sys.executable, "-c", script], log, jobs=2, poll_seconds=0.05)
+    assert log("a").read_text() == "4\n" and log("b").read_text() == "3\n"
+
+
 def test_offered_variants_keep_a_hybrids_attention_layers_unified_and_need_every_recurrent_layer():
     from types import SimpleNamespace
 
