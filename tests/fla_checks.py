@@ -92,6 +92,15 @@ def tiny_gla(seed: int = 0, **overrides):
     return randomised(GLAForCausalLM(GLAConfig(**{**settings, **overrides})), seed)
 
 
+def tiny_retnet(seed: int = 0, **overrides):
+    from fla.models import RetNetConfig, RetNetForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(hidden_size=32, num_hidden_layers=2, num_heads=2, expand_k=1, expand_v=1, vocab_size=50,
+                    fuse_norm=False, fuse_cross_entropy=False)
+    return randomised(RetNetForCausalLM(RetNetConfig(**{**settings, **overrides})), seed)
+
+
 def decomposition_errors(model, ids, mask=None, variants=("unified", "no_conv")) -> dict:
     """Each exact variant's largest relative reconstruction error over the layers, against fla's forward."""
     import implicit_attention as ia
@@ -161,14 +170,19 @@ def measurements() -> dict:
     gla_variant = tiny_gla(seed=1, use_short_conv=True, num_kv_heads=1, clamp_min=-0.2, fuse_norm=False).to(device)
     results["gla"] = decomposition_errors(gla_default, ids, variants=("unified",))
     results["gla_conv_gqa"] = decomposition_errors(gla_variant, ids, variants=("unified",))
+    retnet = tiny_retnet().to(device)
+    retnet_gqa = tiny_retnet(seed=1, num_kv_heads=1, fuse_norm=True).to(device)
+    results["retnet"] = decomposition_errors(retnet, ids, variants=("unified",))
+    results["retnet_gqa"] = decomposition_errors(retnet_gqa, ids, variants=("unified",))
     results["found"] = {name: [type(m).__name__ for _, m, _ in ia.architectures.find_layers(model)]
-                        for name, model in (("gated_deltanet", gdn), ("deltanet", deltanet), ("gla", gla_default))}
+                        for name, model in (("gated_deltanet", gdn), ("deltanet", deltanet), ("gla", gla_default), ("retnet", retnet))}
     if ON_CUDA:  # chunked kernels: padded batches (fla unpads them) and gradients
         mask = torch.ones_like(ids)
         mask[1, :4] = 0
         results["gated_deltanet_padded"] = decomposition_errors(gdn, ids, mask)
         results["deltanet_padded"] = decomposition_errors(deltanet, ids, mask)
         results["gla_padded"] = decomposition_errors(gla_variant, ids, mask, variants=("unified",))
+        results["retnet_padded"] = decomposition_errors(retnet_gqa, ids, mask, variants=("unified",))
         # the padded row explained as the same text alone (fla ran the batch unpadded: to_batch put it back)
         for method in ("attribution", "rollout"):
             batch = ia.explain(gdn, ids, mask, method=method)[1, 4:]

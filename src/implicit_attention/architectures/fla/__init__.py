@@ -4,7 +4,8 @@ Adapters only: each ``fla`` layer is read (:mod:`.factors`) into the factors of 
 the same math, whose operator, fast paths and slow reference it shares:
 
 - ``fla.layers.GatedDeltaNet`` and ``fla.layers.DeltaNet`` -> :mod:`..gated_deltanet`;
-- ``fla.layers.GatedLinearAttention`` -> :mod:`..gla` (an RMS norm per head instead of our GLA's group norm).
+- ``fla.layers.GatedLinearAttention`` -> :mod:`..gla` (an RMS norm per head instead of our GLA's group norm);
+- ``fla.layers.MultiScaleRetention`` (RetNet) -> :mod:`..gla` with a fixed decay per head and rotary ``q, k``.
 
 ``fla`` imports Triton, whose kernels need a GPU driver (or ``TRITON_INTERPRET=1``, slowly, on a CPU);
 without ``fla`` installed this package registers classes that never match, and
@@ -21,7 +22,7 @@ from ..gated_deltanet.operator import EXACT_VARIANTS, VARIANTS
 from ..gla.layer import GLALayerDecomposition
 from ..gla.operator import VARIANTS as GLA_VARIANTS
 from ..registry import Architecture, CapturedLayer, input_and_mask, layer_builder, register
-from .factors import fla_deltanet_inputs, fla_gated_deltanet_inputs, fla_gla_factors
+from .factors import fla_deltanet_inputs, fla_gated_deltanet_inputs, fla_gla_factors, fla_retnet_factors
 
 
 def _short_conv_bias_free(module) -> bool:
@@ -60,4 +61,11 @@ register(Architecture(
     footprint=LayerFootprint(build_vectors=lambda m: 24 + -(-4 * 64 * m.key_dim // m.value_dim)),
     ignores_padding=_short_conv_bias_free))
 
-__all__ = ["fla_deltanet_inputs", "fla_gated_deltanet_inputs", "fla_gla_factors"]
+register(Architecture(
+    "fla_retnet", ("fla.layers.multiscale_retention.MultiScaleRetention",),
+    ("fla.models.RetNetForCausalLM", "fla.models.RetNetModel"), GLA_VARIANTS, "o_proj",
+    layer_builder(GLALayerDecomposition, input_and_mask(fla_retnet_factors)), lambda module: module.value_dim,
+    footprint=LayerFootprint(build_vectors=lambda m: 24 + -(-4 * 64 * m.key_dim // m.value_dim)),
+    ignores_padding=_short_conv_bias_free))
+
+__all__ = ["fla_deltanet_inputs", "fla_gated_deltanet_inputs", "fla_gla_factors", "fla_retnet_factors"]

@@ -93,6 +93,49 @@ def fla_deltanet_inputs(module: nn.Module, h: torch.Tensor, dtype: torch.dtype) 
                        norm_eps=eps)
 
 
+def _short_conv_qkv(module: nn.Module, q, k, v, dtype: torch.dtype):
+    """``q, k, v`` through the module's SiLU short convolutions, when it has them."""
+    from ..primitives import causal_conv
+
+    if not module.use_short_conv:
+        return q, k, v
+    convs = (module.q_conv1d, module.k_conv1d, module.v_conv1d)
+    if any(conv.activation not in ("silu", "swish") for conv in convs):
+        raise NotImplementedError(f"{type(module).__name__} with a short convolution not activated by SiLU")
+    return tuple(F.silu(causal_conv(x, conv.weight.detach()[:, 0, :].to(dtype),
+                                    None if conv.bias is None else conv.bias.detach().to(dtype)))
+                 for x, conv in zip((q, k, v), convs))
+
+
+def _head_gated(module: nn.Module, h: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype, q, k, v, log_alpha):
+    """:class:`~..gla.operator.GLAFactors` from per-head ``q [B, L, H, K]`` (scaled here by ``K^-1/2``),
+    ``k``, ``log_alpha [B, L, H, K]`` and ``v [B, L, H, V]``, with the output side fla's GLA and RetNet share:
+    a per-head RMS norm (no centring, no bias) and an output gate (``swish`` when fused with the norm)."""
+    from ...models.gla.modeling_gla import chunked_gla  # lazy: the model package registers Auto classes
+    from ..gla.operator import GLAFactors
+    from ..heads import head_norm_scale
+
+    batch, length, heads, _ = q.shape
+    q = q * module.head_k_dim ** -0.5
+    k = k * mask[:, :, None, None]                        # padding never enters the state (fla drops it)
+    v = v * mask[:, :, None, None]
+    y = chunked_gla(q, k, v, log_alpha, 64)
+    if module.use_output_gate:
+        g = _projections(module, h, dtype)(module.g_proj)
+        gate = F.silu(g) if module.fuse_norm_and_gate else module.gate_fn(g)
+    else:
+        gate = h.new_ones(batch, length, heads * module.head_v_dim)
+    norm = module.g_norm_swish_gate if module.fuse_norm_and_gate else module.g_norm
+    weight = getattr(norm, "weight", None)
+    weight = h.new_ones(module.head_v_dim) if weight is None else weight.detach().to(dtype)
+    bias = getattr(norm, "bias", None)
+    if bias is not None and bool(bias.detach().any()):
+        raise NotImplementedError(f"{type(module).__name__} with an RMS norm bias is not written here")
+    return GLAFactors(v=v, gate=gate, norm_scale=head_norm_scale(y, norm.eps, centred=False),
+                      norm_weight=weight.repeat(heads), norm_bias=h.new_zeros(heads * module.head_v_dim), mask=mask,
+                      centred=False, q=q, k=k, log_alpha=log_alpha)
+
+
 def fla_gla_factors(module: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
                     dtype: torch.dtype):
     """:class:`~..gla.operator.GLAFactors` of ``fla.layers.GatedLinearAttention``.
@@ -102,24 +145,14 @@ def fla_gla_factors(module: nn.Module, hidden_states: torch.Tensor, attention_ma
     matrices); an optional feature map on ``q, k``; the decay clamped below by ``clamp_min``; and a
     per-head RMS norm (no centring, no bias) before the output gate (``swish`` when fused).
     """
-    from ...models.gla.modeling_gla import chunked_gla  # lazy: the model package registers Auto classes
-    from ..gla.operator import GLAFactors
-    from ..heads import head_norm_scale
-    from ..primitives import causal_conv, padding_mask
+    from ..primitives import padding_mask
 
     h = hidden_states.detach().to(dtype)
     mask = padding_mask(attention_mask, h)
     h = h * mask[..., None]
     batch, length, _ = h.shape
     lin = _projections(module, h, dtype)
-    q, k, v = lin(module.q_proj), lin(module.k_proj), lin(module.v_proj)
-    if module.use_short_conv:
-        convs = (module.q_conv1d, module.k_conv1d, module.v_conv1d)
-        if any(conv.activation not in ("silu", "swish") for conv in convs):
-            raise NotImplementedError("GatedLinearAttention with a short convolution not activated by SiLU")
-        q, k, v = (F.silu(causal_conv(x, conv.weight.detach()[:, 0, :].to(dtype),
-                                      None if conv.bias is None else conv.bias.detach().to(dtype)))
-                   for x, conv in zip((q, k, v), convs))
+    q, k, v = _short_conv_qkv(module, lin(module.q_proj), lin(module.k_proj), lin(module.v_proj), dtype)
     low, up = module.gk_proj
     gk = F.linear(lin(low), up.weight.detach().to(dtype), None if up.bias is None else up.bias.detach().to(dtype))
     heads, groups = module.num_heads, module.num_kv_groups
@@ -131,23 +164,45 @@ def fla_gla_factors(module: nn.Module, hidden_states: torch.Tensor, attention_ma
         log_alpha = log_alpha.clamp_min(module.clamp_min)
     if module.feature_map_fn is not None:
         q, k = module.feature_map_fn(q), module.feature_map_fn(k)
-    q = q * module.head_k_dim ** -0.5
-    k = k * mask[:, :, None, None]                        # padding never enters the state (fla drops it)
-    v = v * mask[:, :, None, None]
-    y = chunked_gla(q, k, v, log_alpha, 64)
-    value_width = heads * module.head_v_dim
-    if module.use_output_gate:
-        g = lin(module.g_proj)
-        gate = F.silu(g) if module.fuse_norm_and_gate else module.gate_fn(g)
-    else:
-        gate = h.new_ones(batch, length, value_width)
-    norm = module.g_norm_swish_gate if module.fuse_norm_and_gate else module.g_norm
-    weight = getattr(norm, "weight", None)
-    weight = h.new_ones(module.head_v_dim) if weight is None else weight.detach().to(dtype)
-    bias = getattr(norm, "bias", None)
-    bias = h.new_zeros(module.head_v_dim) if bias is None else bias.detach().to(dtype)
-    if bool(bias.any()):
-        raise NotImplementedError("GatedLinearAttention with an RMS norm bias is not written here")
-    return GLAFactors(v=v, gate=gate, norm_scale=head_norm_scale(y, norm.eps, centred=False),
-                      norm_weight=weight.repeat(heads), norm_bias=bias.repeat(heads), mask=mask,
-                      centred=False, q=q, k=k, log_alpha=log_alpha)
+    return _head_gated(module, h, mask, dtype, q, k, v, log_alpha)
+
+
+def _rotary(rotary: nn.Module, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``fla``'s non-interleaved rotary embedding of ``x [B, L, H, K]`` at ``positions [B, L]`` (float32 angles)."""
+    if rotary.scale_base is not None or rotary.interleaved:
+        raise NotImplementedError("an xPos (scale_base) or interleaved rotary embedding is not written here")
+    inv_freq = rotary._compute_inv_freq(device=x.device)                                 # [R/2], float32
+    angles = positions.float()[..., None] * inv_freq                                    # [B, L, R/2]
+    cos, sin = (t.to(x.dtype).repeat(1, 1, 2)[:, :, None] for t in (angles.cos(), angles.sin()))
+    rotated = x[..., :rotary.dim]
+    half = rotated.shape[-1] // 2
+    turned = torch.cat([-rotated[..., half:], rotated[..., :half]], dim=-1)
+    return torch.cat([rotated * cos + turned * sin, x[..., rotary.dim:]], dim=-1)
+
+
+def fla_retnet_factors(module: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                       dtype: torch.dtype):
+    """:class:`~..gla.operator.GLAFactors` of ``fla.layers.MultiScaleRetention`` (RetNet): GLA with the fixed
+    decay ``gamma_h = 1 - 2^(-5 - h)`` of head ``h`` on every key dim, rotary embeddings on ``q, k`` (each
+    sequence's positions counted from its first real token, as fla's unpadded batch does), keys and
+    values shared by ``num_kv_groups`` query heads, and fla's RMS-normed, gated output."""
+    from ..primitives import padding_mask
+
+    h = hidden_states.detach().to(dtype)
+    mask = padding_mask(attention_mask, h)
+    h = h * mask[..., None]
+    batch, length, _ = h.shape
+    lin = _projections(module, h, dtype)
+    q, k, v = _short_conv_qkv(module, lin(module.q_proj), lin(module.k_proj), lin(module.v_proj), dtype)
+    heads, groups = module.num_heads, module.num_kv_groups
+    q = q.view(batch, length, heads, module.head_k_dim)
+    k = k.view(batch, length, -1, module.head_k_dim)
+    if module.feature_map_fn is not None:
+        q, k = module.feature_map_fn(q), module.feature_map_fn(k)
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    q, k = _rotary(module.rotary, q, positions), _rotary(module.rotary, k, positions)
+    k = k.repeat_interleave(groups, dim=2)
+    v = v.view(batch, length, -1, module.head_v_dim).repeat_interleave(groups, dim=2)
+    gamma = (1 - 2.0 ** (-5.0 - torch.arange(heads, dtype=torch.float32, device=h.device))).log().to(dtype)
+    log_alpha = gamma[None, None, :, None].expand(batch, length, heads, module.head_k_dim)
+    return _head_gated(module, h, mask, dtype, q, k, v, log_alpha)
