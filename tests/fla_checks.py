@@ -101,6 +101,14 @@ def tiny_retnet(seed: int = 0, **overrides):
     return randomised(RetNetForCausalLM(RetNetConfig(**{**settings, **overrides})), seed)
 
 
+def tiny_hgrn(seed: int = 0, **overrides):
+    from fla.models import HGRNConfig, HGRNForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(hidden_size=32, num_hidden_layers=3, vocab_size=50, fuse_norm=False, fuse_cross_entropy=False)
+    return randomised(HGRNForCausalLM(HGRNConfig(**{**settings, **overrides})), seed)
+
+
 def decomposition_errors(model, ids, mask=None, variants=("unified", "no_conv")) -> dict:
     """Each exact variant's largest relative reconstruction error over the layers, against fla's forward."""
     import implicit_attention as ia
@@ -174,8 +182,12 @@ def measurements() -> dict:
     retnet_gqa = tiny_retnet(seed=1, num_kv_heads=1, fuse_norm=True).to(device)
     results["retnet"] = decomposition_errors(retnet, ids, variants=("unified",))
     results["retnet_gqa"] = decomposition_errors(retnet_gqa, ids, variants=("unified",))
+    # HGRN: three layers (the lower bound applies from the second), and with short convolutions
+    hgrn, hgrn_conv = tiny_hgrn().to(device), tiny_hgrn(seed=1, use_short_conv=True).to(device)
+    results["hgrn"] = decomposition_errors(hgrn, ids, variants=("unified",))
+    results["hgrn_conv"] = decomposition_errors(hgrn_conv, ids, variants=("unified",))
     results["found"] = {name: [type(m).__name__ for _, m, _ in ia.architectures.find_layers(model)]
-                        for name, model in (("gated_deltanet", gdn), ("deltanet", deltanet), ("gla", gla_default), ("retnet", retnet))}
+                        for name, model in (("gated_deltanet", gdn), ("deltanet", deltanet), ("gla", gla_default), ("retnet", retnet), ("hgrn", hgrn))}
     if ON_CUDA:  # chunked kernels: padded batches (fla unpads them) and gradients
         mask = torch.ones_like(ids)
         mask[1, :4] = 0
@@ -183,6 +195,7 @@ def measurements() -> dict:
         results["deltanet_padded"] = decomposition_errors(deltanet, ids, mask)
         results["gla_padded"] = decomposition_errors(gla_variant, ids, mask, variants=("unified",))
         results["retnet_padded"] = decomposition_errors(retnet_gqa, ids, mask, variants=("unified",))
+        results["hgrn_padded"] = decomposition_errors(hgrn_conv, ids, mask, variants=("unified",))
         # the padded row explained as the same text alone (fla ran the batch unpadded: to_batch put it back)
         for method in ("attribution", "rollout"):
             batch = ia.explain(gdn, ids, mask, method=method)[1, 4:]

@@ -5,7 +5,8 @@ the same math, whose operator, fast paths and slow reference it shares:
 
 - ``fla.layers.GatedDeltaNet`` and ``fla.layers.DeltaNet`` -> :mod:`..gated_deltanet`;
 - ``fla.layers.GatedLinearAttention`` -> :mod:`..gla` (an RMS norm per head instead of our GLA's group norm);
-- ``fla.layers.MultiScaleRetention`` (RetNet) -> :mod:`..gla` with a fixed decay per head and rotary ``q, k``.
+- ``fla.layers.MultiScaleRetention`` (RetNet) -> :mod:`..gla` with a fixed decay per head and rotary ``q, k``;
+- ``fla.layers.HGRNAttention`` -> :mod:`..hgrn` (the swish output gate after the RMS norm).
 
 ``fla`` imports Triton, whose kernels need a GPU driver (or ``TRITON_INTERPRET=1``, slowly, on a CPU);
 without ``fla`` installed this package registers classes that never match, and
@@ -21,8 +22,16 @@ from ..gated_deltanet.layer import DeltaLayerDecomposition
 from ..gated_deltanet.operator import EXACT_VARIANTS, VARIANTS
 from ..gla.layer import GLALayerDecomposition
 from ..gla.operator import VARIANTS as GLA_VARIANTS
+from ..hgrn.layer import HGRNLayerDecomposition
+from ..hgrn.operator import VARIANTS as HGRN_VARIANTS
 from ..registry import Architecture, CapturedLayer, input_and_mask, layer_builder, register
-from .factors import fla_deltanet_inputs, fla_gated_deltanet_inputs, fla_gla_factors, fla_retnet_factors
+from .factors import (
+    fla_deltanet_inputs,
+    fla_gated_deltanet_inputs,
+    fla_gla_factors,
+    fla_hgrn_factors,
+    fla_retnet_factors,
+)
 
 
 def _short_conv_bias_free(module) -> bool:
@@ -68,4 +77,18 @@ register(Architecture(
     footprint=LayerFootprint(build_vectors=lambda m: 24 + -(-4 * 64 * m.key_dim // m.value_dim)),
     ignores_padding=_short_conv_bias_free))
 
-__all__ = ["fla_deltanet_inputs", "fla_gated_deltanet_inputs", "fla_gla_factors", "fla_retnet_factors"]
+def _hgrn_short_conv_bias_free(module) -> bool:
+    return not module.use_short_conv or all(conv.bias is None or not bool(conv.bias.detach().any())
+                                            for conv in (module.i_conv1d, module.f_conv1d))
+
+
+register(Architecture(
+    "fla_hgrn", ("fla.layers.hgrn.HGRNAttention",), ("fla.models.HGRNForCausalLM", "fla.models.HGRNModel"),
+    HGRN_VARIANTS, "o_proj",
+    layer_builder(HGRNLayerDecomposition, lambda captured, dtype: fla_hgrn_factors(
+        captured.module, captured.inputs, captured.attention_mask, captured.kwargs.get("lower_bound"), dtype)),
+    lambda module: module.input_dim,
+    footprint=LayerFootprint(build_vectors=lambda m: 24 + 4 * 64), ignores_padding=_hgrn_short_conv_bias_free))
+
+__all__ = ["fla_deltanet_inputs", "fla_gated_deltanet_inputs", "fla_gla_factors", "fla_hgrn_factors",
+           "fla_retnet_factors"]

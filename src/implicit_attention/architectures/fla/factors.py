@@ -206,3 +206,42 @@ def fla_retnet_factors(module: nn.Module, hidden_states: torch.Tensor, attention
     gamma = (1 - 2.0 ** (-5.0 - torch.arange(heads, dtype=torch.float32, device=h.device))).log().to(dtype)
     log_alpha = gamma[None, None, :, None].expand(batch, length, heads, module.head_k_dim)
     return _head_gated(module, h, mask, dtype, q, k, v, log_alpha)
+
+
+def fla_hgrn_factors(module: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                     lower_bound: torch.Tensor | None, dtype: torch.dtype):
+    """:class:`~..hgrn.operator.HGRNFactors` of ``fla.layers.HGRNAttention``.
+
+    As our HGRN (``h_t = f_t h_{t-1} + (1 - f_t) silu(c_t)``, the forget gate lower-bounded by the model's
+    ``lower_bound`` from the second layer on), with fla's differences: the optional short convolutions
+    (no activation) run on both the input and the forget branch, and the output is ``RMSNorm(h) w silu(g)``
+    (the swish gate after the norm, not a sigmoid gate inside it).
+    """
+    from ...models.hgrn.modeling_hgrn import chunked_scan  # lazy: the model package registers Auto classes
+    from ..hgrn.operator import HGRNFactors
+    from ..primitives import causal_conv, padding_mask
+
+    h = hidden_states.detach().to(dtype)
+    mask = padding_mask(attention_mask, h)
+    lin = _projections(module, h, dtype)
+    x = lin(module.i_proj) * mask[..., None]
+    z = lin(module.f_proj) * mask[..., None]
+    conv_out, conv_weight, conv_bias = x, None, None
+    if module.use_short_conv:
+        conv = lambda t, c: causal_conv(t, c.weight.detach()[:, 0, :].to(dtype),  # noqa: E731
+                                        None if c.bias is None else c.bias.detach().to(dtype))
+        if module.i_conv1d.activation is not None or module.f_conv1d.activation is not None:
+            raise NotImplementedError("HGRNAttention with activated short convolutions is not written here")
+        conv_weight = module.i_conv1d.weight.detach()[:, 0, :].to(dtype)
+        conv_bias = None if module.i_conv1d.bias is None else module.i_conv1d.bias.detach().to(dtype)
+        conv_out, z = conv(x, module.i_conv1d), conv(z, module.f_conv1d)
+    bound = 0.0 if lower_bound is None or not module.layer_idx else lower_bound.detach().to(dtype)
+    forget = bound + (1 - bound) * torch.sigmoid(z)
+    one_minus_f = (1 - bound) * torch.sigmoid(-z)
+    state = chunked_scan(torch.log(forget), one_minus_f * F.silu(conv_out) * mask[..., None], 64)
+    norm = module.g_norm
+    weight = getattr(norm, "weight", None)
+    weight = h.new_ones(module.input_dim) if weight is None else weight.detach().to(dtype)
+    return HGRNFactors(x=x, conv_out=conv_out, conv_weight=conv_weight, conv_bias=conv_bias, forget=forget,
+                       one_minus_f=one_minus_f, out_gate=F.silu(lin(module.g_proj)),
+                       norm_scale=torch.rsqrt(state.pow(2).mean(-1) + norm.eps), norm_weight=weight, mask=mask)
