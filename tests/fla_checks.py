@@ -109,6 +109,23 @@ def tiny_hgrn(seed: int = 0, **overrides):
     return randomised(HGRNForCausalLM(HGRNConfig(**{**settings, **overrides})), seed)
 
 
+def tiny_rwkv6(seed: int = 0, **overrides):
+    from fla.models import RWKV6Config, RWKV6ForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(hidden_size=32, num_hidden_layers=2, num_heads=2, expand_k=0.5, expand_v=1, vocab_size=50,
+                    proj_low_rank_dim=8, gate_low_rank_dim=16, fuse_norm=False, fuse_cross_entropy=False)
+    return randomised(RWKV6ForCausalLM(RWKV6Config(**{**settings, **overrides})), seed)
+
+
+def exact_variants(model) -> set[str]:
+    """The exact variants every layer of ``model`` offers."""
+    import implicit_attention as ia
+
+    layers = ia.architectures.find_layers(model)
+    return set.intersection(*({v for v in arch.variants if arch.is_exact(v)} for _, _, arch in layers))
+
+
 def decomposition_errors(model, ids, mask=None, variants=("unified", "no_conv")) -> dict:
     """Each exact variant's largest relative reconstruction error over the layers, against fla's forward."""
     import implicit_attention as ia
@@ -186,8 +203,11 @@ def measurements() -> dict:
     hgrn, hgrn_conv = tiny_hgrn().to(device), tiny_hgrn(seed=1, use_short_conv=True).to(device)
     results["hgrn"] = decomposition_errors(hgrn, ids, variants=("unified",))
     results["hgrn_conv"] = decomposition_errors(hgrn_conv, ids, variants=("unified",))
+    rwkv6 = tiny_rwkv6().to(device)
+    results["rwkv6"] = decomposition_errors(rwkv6, ids, variants=sorted(exact_variants(rwkv6)))
     results["found"] = {name: [type(m).__name__ for _, m, _ in ia.architectures.find_layers(model)]
-                        for name, model in (("gated_deltanet", gdn), ("deltanet", deltanet), ("gla", gla_default), ("retnet", retnet), ("hgrn", hgrn))}
+                        for name, model in (("gated_deltanet", gdn), ("deltanet", deltanet), ("gla", gla_default), ("retnet", retnet), ("hgrn", hgrn),
+                                                              ("rwkv6", rwkv6))}
     if ON_CUDA:  # chunked kernels: padded batches (fla unpads them) and gradients
         mask = torch.ones_like(ids)
         mask[1, :4] = 0
@@ -196,6 +216,7 @@ def measurements() -> dict:
         results["gla_padded"] = decomposition_errors(gla_variant, ids, mask, variants=("unified",))
         results["retnet_padded"] = decomposition_errors(retnet_gqa, ids, mask, variants=("unified",))
         results["hgrn_padded"] = decomposition_errors(hgrn_conv, ids, mask, variants=("unified",))
+        results["rwkv6_padded"] = decomposition_errors(rwkv6, ids, mask, variants=("unified",))
         # the padded row explained as the same text alone (fla ran the batch unpadded: to_batch put it back)
         for method in ("attribution", "rollout"):
             batch = ia.explain(gdn, ids, mask, method=method)[1, 4:]

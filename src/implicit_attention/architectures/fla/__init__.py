@@ -6,7 +6,8 @@ the same math, whose operator, fast paths and slow reference it shares:
 - ``fla.layers.GatedDeltaNet`` and ``fla.layers.DeltaNet`` -> :mod:`..gated_deltanet`;
 - ``fla.layers.GatedLinearAttention`` -> :mod:`..gla` (an RMS norm per head instead of our GLA's group norm);
 - ``fla.layers.MultiScaleRetention`` (RetNet) -> :mod:`..gla` with a fixed decay per head and rotary ``q, k``;
-- ``fla.layers.HGRNAttention`` -> :mod:`..hgrn` (the swish output gate after the RMS norm).
+- ``fla.layers.HGRNAttention`` -> :mod:`..hgrn` (the swish output gate after the RMS norm);
+- ``fla.layers.RWKV6Attention`` -> :mod:`..rwkv6` (fla's LoRA token shift, run with the module's own submodules).
 
 ``fla`` imports Triton, whose kernels need a GPU driver (or ``TRITON_INTERPRET=1``, slowly, on a CPU);
 without ``fla`` installed this package registers classes that never match, and
@@ -25,12 +26,16 @@ from ..gla.operator import VARIANTS as GLA_VARIANTS
 from ..hgrn.layer import HGRNLayerDecomposition
 from ..hgrn.operator import VARIANTS as HGRN_VARIANTS
 from ..registry import Architecture, CapturedLayer, input_and_mask, layer_builder, register
+from ..rwkv6.layer import Rwkv6LayerDecomposition
+from ..rwkv6.operator import EXACT_VARIANTS as RWKV6_EXACT_VARIANTS
+from ..rwkv6.operator import VARIANTS as RWKV6_VARIANTS
 from .factors import (
     fla_deltanet_inputs,
     fla_gated_deltanet_inputs,
     fla_gla_factors,
     fla_hgrn_factors,
     fla_retnet_factors,
+    fla_rwkv6_factors,
 )
 
 
@@ -90,5 +95,12 @@ register(Architecture(
     lambda module: module.input_dim,
     footprint=LayerFootprint(build_vectors=lambda m: 24 + 4 * 64), ignores_padding=_hgrn_short_conv_bias_free))
 
+register(Architecture(
+    "fla_rwkv6", ("fla.layers.rwkv6.RWKV6Attention",), ("fla.models.RWKV6ForCausalLM", "fla.models.RWKV6Model"),
+    RWKV6_VARIANTS, "o_proj", layer_builder(Rwkv6LayerDecomposition, input_and_mask(fla_rwkv6_factors)),
+    lambda module: module.value_dim, exact_variants=RWKV6_EXACT_VARIANTS, rounds_in_float32=True,
+    footprint=LayerFootprint(maps=lambda m: m.num_heads, build_maps=lambda m: 2 * m.num_heads + 4,
+                             path_maps=lambda m: 4 * m.num_heads + 2)))
+
 __all__ = ["fla_deltanet_inputs", "fla_gated_deltanet_inputs", "fla_gla_factors", "fla_hgrn_factors",
-           "fla_retnet_factors"]
+           "fla_retnet_factors", "fla_rwkv6_factors"]

@@ -245,3 +245,43 @@ def fla_hgrn_factors(module: nn.Module, hidden_states: torch.Tensor, attention_m
     return HGRNFactors(x=x, conv_out=conv_out, conv_weight=conv_weight, conv_bias=conv_bias, forget=forget,
                        one_minus_f=one_minus_f, out_gate=F.silu(lin(module.g_proj)),
                        norm_scale=torch.rsqrt(state.pow(2).mean(-1) + norm.eps), norm_weight=weight, mask=mask)
+
+
+def fla_rwkv6_factors(module: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                      dtype: torch.dtype):
+    """:class:`~..rwkv6.operator.Rwkv6Factors` of ``fla.layers.RWKV6Attention``.
+
+    fla's parametrisation of the data-dependent token shift (one shared LoRA ``x_proj`` plus ``x_bias``
+    giving the five mixing offsets, then ``DDLerpLinear`` projections, a LoRA for the decay) is run with
+    the module's own submodules on the masked input and its token shift (zero before the first token, as
+    fla's masked batch has it); the recurrence, bonus, group norm and gate are RWKV-6's.
+    """
+    from ..primitives import masked_input
+    from ..rwkv6.factors import token_shift
+    from ..rwkv6.operator import Rwkv6Factors
+
+    norm = module.g_norm
+    if getattr(norm, "is_rms_norm", False):
+        raise NotImplementedError("RWKV6Attention with an RMS group norm is not written here")
+    x, mask = masked_input(hidden_states, attention_mask, dtype)
+    batch, length, width = x.shape
+    model_dtype = module.o_proj.weight.dtype
+    with torch.no_grad():                       # the module's own LoRA and lerp projections, in its dtype
+        xm = x.to(model_dtype)
+        delta = token_shift(xm) - xm
+        mix = module.x_proj[0](xm, delta).view(batch, length, -1, module.proj_low_rank_dim)
+        mix = torch.einsum("btnr,hnr->btnh", module.x_proj[1](mix), module.x_proj[2].weight.view(width, 5, -1))
+        r, w, k, v, g = (mix + module.x_bias).unbind(-2)
+        r, w, k, v, g = (proj(xm, mu, delta) for proj, mu in zip(
+            (module.r_proj, module.w_proj, module.k_proj, module.v_proj, module.g_proj), (r, w, k, v, g)))
+    heads = module.num_heads
+    cast = lambda t, d: t.to(dtype).view(batch, length, heads, d)  # noqa: E731
+    weight = getattr(norm, "weight", None)
+    bias = getattr(norm, "bias", None)
+    return Rwkv6Factors(r=cast(r, module.head_k_dim), k=cast(k, module.head_k_dim),
+                        v=cast(v, module.head_v_dim) * mask[:, :, None, None],
+                        log_w=-torch.exp(cast(w, module.head_k_dim)), u=module.bonus.detach().to(dtype),
+                        gate=module.gate_fn(g.to(dtype)),
+                        gn_weight=x.new_ones(module.value_dim) if weight is None else weight.detach().to(dtype),
+                        gn_bias=x.new_zeros(module.value_dim) if bias is None else bias.detach().to(dtype),
+                        gn_eps=norm.eps, mask=mask)
