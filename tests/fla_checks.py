@@ -118,6 +118,16 @@ def tiny_rwkv6(seed: int = 0, **overrides):
     return randomised(RWKV6ForCausalLM(RWKV6Config(**{**settings, **overrides})), seed)
 
 
+def tiny_rwkv7(seed: int = 0, **overrides):
+    from fla.models import RWKV7Config, RWKV7ForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(hidden_size=32, num_hidden_layers=3, head_dim=8, vocab_size=50, decay_low_rank_dim=8,
+                    gate_low_rank_dim=8, a_low_rank_dim=8, v_low_rank_dim=8, fuse_norm=False,
+                    fuse_cross_entropy=False)
+    return randomised(RWKV7ForCausalLM(RWKV7Config(**{**settings, **overrides})), seed)
+
+
 def exact_variants(model) -> set[str]:
     """The exact variants every layer of ``model`` offers."""
     import implicit_attention as ia
@@ -205,9 +215,11 @@ def measurements() -> dict:
     results["hgrn_conv"] = decomposition_errors(hgrn_conv, ids, variants=("unified",))
     rwkv6 = tiny_rwkv6().to(device)
     results["rwkv6"] = decomposition_errors(rwkv6, ids, variants=sorted(exact_variants(rwkv6)))
+    rwkv7 = tiny_rwkv7().to(device)          # three layers: the value residual reaches the second and third
+    results["rwkv7"] = decomposition_errors(rwkv7, ids, variants=sorted(exact_variants(rwkv7)))
     results["found"] = {name: [type(m).__name__ for _, m, _ in ia.architectures.find_layers(model)]
                         for name, model in (("gated_deltanet", gdn), ("deltanet", deltanet), ("gla", gla_default), ("retnet", retnet), ("hgrn", hgrn),
-                                                              ("rwkv6", rwkv6))}
+                                                              ("rwkv6", rwkv6), ("rwkv7", rwkv7))}
     if ON_CUDA:  # chunked kernels: padded batches (fla unpads them) and gradients
         mask = torch.ones_like(ids)
         mask[1, :4] = 0
@@ -217,6 +229,7 @@ def measurements() -> dict:
         results["retnet_padded"] = decomposition_errors(retnet_gqa, ids, mask, variants=("unified",))
         results["hgrn_padded"] = decomposition_errors(hgrn_conv, ids, mask, variants=("unified",))
         results["rwkv6_padded"] = decomposition_errors(rwkv6, ids, mask, variants=("unified",))
+        results["rwkv7_padded"] = decomposition_errors(rwkv7, ids, mask, variants=("unified",))
         # the padded row explained as the same text alone (fla ran the batch unpadded: to_batch put it back)
         for method in ("attribution", "rollout"):
             batch = ia.explain(gdn, ids, mask, method=method)[1, 4:]

@@ -7,7 +7,8 @@ the same math, whose operator, fast paths and slow reference it shares:
 - ``fla.layers.GatedLinearAttention`` -> :mod:`..gla` (an RMS norm per head instead of our GLA's group norm);
 - ``fla.layers.MultiScaleRetention`` (RetNet) -> :mod:`..gla` with a fixed decay per head and rotary ``q, k``;
 - ``fla.layers.HGRNAttention`` -> :mod:`..hgrn` (the swish output gate after the RMS norm);
-- ``fla.layers.RWKV6Attention`` -> :mod:`..rwkv6` (fla's LoRA token shift, run with the module's own submodules).
+- ``fla.layers.RWKV6Attention`` -> :mod:`..rwkv6` (fla's LoRA token shift, run with the module's own submodules);
+- ``fla.layers.RWKV7Attention`` -> :mod:`..rwkv7` (fla's LoRAs likewise; ``v_first`` from the model's call).
 
 ``fla`` imports Triton, whose kernels need a GPU driver (or ``TRITON_INTERPRET=1``, slowly, on a CPU);
 without ``fla`` installed this package registers classes that never match, and
@@ -29,6 +30,8 @@ from ..registry import Architecture, CapturedLayer, input_and_mask, layer_builde
 from ..rwkv6.layer import Rwkv6LayerDecomposition
 from ..rwkv6.operator import EXACT_VARIANTS as RWKV6_EXACT_VARIANTS
 from ..rwkv6.operator import VARIANTS as RWKV6_VARIANTS
+from ..rwkv7.layer import Rwkv7LayerDecomposition
+from ..rwkv7.operator import VARIANTS as RWKV7_VARIANTS
 from .factors import (
     fla_deltanet_inputs,
     fla_gated_deltanet_inputs,
@@ -36,6 +39,7 @@ from .factors import (
     fla_hgrn_factors,
     fla_retnet_factors,
     fla_rwkv6_factors,
+    fla_rwkv7_factors,
 )
 
 
@@ -102,5 +106,14 @@ register(Architecture(
     footprint=LayerFootprint(maps=lambda m: m.num_heads, build_maps=lambda m: 2 * m.num_heads + 4,
                              path_maps=lambda m: 4 * m.num_heads + 2)))
 
+register(Architecture(
+    "fla_rwkv7", ("fla.layers.rwkv7.RWKV7Attention",), ("fla.models.RWKV7ForCausalLM", "fla.models.RWKV7Model"),
+    RWKV7_VARIANTS, "o_proj",
+    layer_builder(Rwkv7LayerDecomposition, lambda captured, dtype: fla_rwkv7_factors(
+        captured.module, captured.inputs, captured.attention_mask, captured.kwargs.get("v_first"), dtype)),
+    lambda module: module.value_dim, rounds_in_float32=True,
+    footprint=LayerFootprint(maps=lambda m: m.num_heads, build_maps=lambda m: 2 * m.num_heads + 8,
+                             path_maps=lambda m: 4 * m.num_heads + 2)))
+
 __all__ = ["fla_deltanet_inputs", "fla_gated_deltanet_inputs", "fla_gla_factors", "fla_hgrn_factors",
-           "fla_retnet_factors", "fla_rwkv6_factors"]
+           "fla_retnet_factors", "fla_rwkv6_factors", "fla_rwkv7_factors"]

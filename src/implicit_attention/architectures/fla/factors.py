@@ -285,3 +285,47 @@ def fla_rwkv6_factors(module: nn.Module, hidden_states: torch.Tensor, attention_
                         gn_weight=x.new_ones(module.value_dim) if weight is None else weight.detach().to(dtype),
                         gn_bias=x.new_zeros(module.value_dim) if bias is None else bias.detach().to(dtype),
                         gn_eps=norm.eps, mask=mask)
+
+
+def fla_rwkv7_factors(module: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                      v_first: torch.Tensor | None, dtype: torch.dtype):
+    """:class:`~..rwkv7.operator.Rwkv7Factors` of ``fla.layers.RWKV7Attention``.
+
+    fla's parametrisation (LoRA modules ``w_lora``, ``v_lora``, ``a_lora``, ``g_lora``, run as the module's
+    own submodules in its dtype) of RWKV-7: log-decay ``w = -e^{-1/2} sigmoid(w_lora(x_w))``, the value
+    residual ``lerp(v, v_first, sigmoid(v_lora(x_v)))`` from the second layer on (``v_first`` is the first
+    layer's values, passed by the model), ``k`` scaled by ``1 + (a - 1) k_a``, the delta rule with
+    ``alpha = -kk``, ``beta = kk a``, the group norm, the bonus ``(r k r_k) v`` and the gate.
+    """
+    from ..primitives import masked_input
+    from ..rwkv6.factors import token_shift
+    from ..rwkv7.operator import Rwkv7Factors
+
+    x, mask = masked_input(hidden_states, attention_mask, dtype)
+    batch, length, _ = x.shape
+    heads, dk, dv = module.num_heads, module.head_dim, module.head_v_dim
+    model_dtype = module.o_proj.weight.dtype
+    with torch.no_grad():                       # the module's own projections and LoRAs, in its dtype
+        xm = x.to(model_dtype)
+        delta = token_shift(xm) - xm
+        xr, xw, xk, xv, xa, xg = (xm + delta * mu for mu in (module.x_r, module.x_w, module.x_k, module.x_v,
+                                                             module.x_a, module.x_g))
+        r, k, v = module.r_proj(xr), module.k_proj(xk), module.v_proj(xv)
+        log_w = -0.6065306597126334 * module.w_lora(xw).sigmoid()
+        if module.layer_idx > 0:
+            if v_first is None:
+                raise ValueError(f"RWKV7Attention layer {module.layer_idx} was called without v_first")
+            v = torch.lerp(v, v_first.to(model_dtype), module.v_lora(xv).sigmoid())
+        a = module.a_lora(xa).sigmoid()
+        g = module.g_lora(xg)
+    r, k, v, log_w, a, g = (t.to(dtype) for t in (r, k, v, log_w, a, g))
+    p = lambda t: t.detach().to(dtype)  # noqa: E731
+    kk = F.normalize((k * p(module.k_k)).view(batch, length, heads, dk), dim=-1, p=2.0)
+    k = (k * (1 + (a - 1) * p(module.k_a))).view(batch, length, heads, dk)
+    r = r.view(batch, length, heads, dk)
+    a = a.view(batch, length, heads, dk)
+    bonus = (r * k * p(module.r_k)).sum(-1)
+    norm = module.g_norm
+    return Rwkv7Factors(r=r, k=k, v=(v * mask[..., None]).view(batch, length, heads, dv),
+                        log_w=log_w.view(batch, length, heads, dk), alpha=-kk, beta=kk * a, bonus=bonus, gate=g,
+                        gn_weight=p(norm.weight), gn_bias=p(norm.bias), gn_eps=norm.eps, mask=mask)
