@@ -12,7 +12,7 @@ steps and picked up by the same command; a finished model (train.json) is skippe
 Examples::
 
     python scripts/train_vision.py --models vit --steps 20 --batch-size 16 --limit 64      # a CPU try
-    python scripts/train_vision.py --device cuda --models vit,deit,vim --steps 6000        # the real run
+    python scripts/train_vision.py --device cuda --models vit,deit,vim --steps 8000        # the real run
 
 Needs the Debian package dataset-fashion-mnist (or FASHION_MNIST_DIR).
 """
@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma-separated kinds among vit, deit, vim (vim is skipped, with a message, when "
                              "implicit_attention.models.vim is not importable); default %(default)s")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "vision-models")
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=8000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)

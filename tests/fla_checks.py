@@ -186,6 +186,22 @@ def same_maps_as_olmo_hybrid(seed: int = 0) -> dict:
     return result
 
 
+def load_model_imports_fla(model, folder: str) -> str:
+    """Save ``model`` (with the zoo's tokenizer) and load it with ``ia.load_model`` in a fresh process, where
+    ``fla`` is not imported yet: the class it loaded."""
+    import shutil
+    import subprocess
+
+    model.save_pretrained(folder)
+    zoo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "zoo")
+    shutil.copy(os.path.join(zoo, "tokenizer.json"), folder)
+    shutil.copy(os.path.join(zoo, "mamba", "tokenizer_config.json"), folder)
+    script = ("import sys; sys.path.insert(0, %r); from implicit_attention.loading import load_model; "
+              "print(type(load_model(%r).model).__name__)") % (sys.path[0], folder)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    return done.stdout.strip().splitlines()[-1] if done.returncode == 0 else done.stderr[-500:]
+
+
 def measurements() -> dict:
     if not ON_CUDA:
         _interpreter_driver()
@@ -199,6 +215,10 @@ def measurements() -> dict:
     results["gated_deltanet"] = decomposition_errors(gdn, ids)
     results["deltanet"] = decomposition_errors(deltanet, ids)
     results["olmo_hybrid"] = same_maps_as_olmo_hybrid()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        results["load_model"] = load_model_imports_fla(tiny_gated_deltanet().cpu(), folder)
     # GLA: fla's defaults (fused RMS norm and swish gate), and short convs, shared key heads, a clamped
     # decay and the unfused norm with its own gate
     gla_default = tiny_gla(fuse_norm=True).to(device)

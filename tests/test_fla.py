@@ -1,4 +1,4 @@
-"""flash-linear-attention's layers (``pip install implicit-attention[fla]``: GatedDeltaNet, DeltaNet,
+"""flash-linear-attention's layers (the ``fla`` extra: GatedDeltaNet, DeltaNet,
 GatedLinearAttention, MultiScaleRetention, HGRNAttention, RWKV6Attention,
 RWKV7Attention): exact against fla's own forward, and the same maps as the ``transformers`` port
 of the same layer (OLMo-Hybrid's Gated DeltaNet).
@@ -21,7 +21,7 @@ import torch
 from implicit_attention.decomposition import FLOAT32_KERNEL_TOLERANCE
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("fla") is None or importlib.util.find_spec("triton") is None,
-                                reason="flash-linear-attention is not installed (pip install implicit-attention[fla])")
+                                reason="flash-linear-attention is not installed (the fla extra: pip install -e \".[fla]\")")
 
 HERE = Path(__file__).parent
 
@@ -53,6 +53,12 @@ def test_fla_layers_decompose_exactly(measured, model):
     reach the others through the value residual)."""
     for variant, error in measured[model].items():
         assert error < FLOAT32_KERNEL_TOLERANCE, (model, variant, error)
+
+
+def test_load_model_imports_fla_for_its_checkpoints(measured):
+    """A saved fla GatedDeltaNet (model_type unknown to transformers) loads with ia.load_model in a process
+    that has not imported fla."""
+    assert measured["load_model"] == "GatedDeltaNetForCausalLM"
 
 
 def test_fla_and_transformers_gated_deltanet_give_the_same_maps(measured):

@@ -111,7 +111,7 @@ def test_a_missing_bundled_image_model_is_a_clear_error(images, monkeypatch, tmp
     assert main(["explain-image", str(images)]) == 2
     err = capsys.readouterr().err
     assert "bundled image model 'fashion-vim' is missing" in err and "--model DIR" in err
-    assert main(["explain-image", str(images / "missing.png"), "--model", "x"]) == 2
+    assert main(["explain-image", str(images / "missing.png"), "--model", str(tmp_path)]) == 2
     assert "neither an image file nor a folder" in capsys.readouterr().err
 
 
@@ -127,6 +127,11 @@ def test_the_bundled_deit_explains_by_name(capsys):
     assert sum(predicted[name] == labels[name] for name in predicted) / len(predicted) > 0.65
     with pytest.raises(ValueError, match="the bundled ones are fashion-vim, fashion-deit"):
         bundled.bundled_image_model_path("fashion-vit")
+    # a name that is neither a folder nor a bundled model, or a missing folder: said at once, no Hub attempt
+    for model in ("fashion-vit", "./no-such-model"):
+        assert main(["explain-image", str(folder / "00000.png"), "--model", model]) == 2
+        err = capsys.readouterr().err
+        assert "no such directory and not a bundled image model" in err and "fashion-deit" in err
 
 
 def test_a_folder_lists_images_without_the_composites_masks(tmp_path):

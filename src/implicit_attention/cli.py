@@ -359,8 +359,9 @@ def _add_image_parser(sub, methods: Sequence[str]) -> None:
         epilog=IMAGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _negative_number_lists(im)
     im.add_argument("images", metavar="IMAGE_OR_FOLDER", help="an image file, or a folder of them (not recursive)")
-    im.add_argument("--model", metavar="DIR", default=None,
-                    help="an image classifier saved with save_pretrained (ViT, DeiT, our ViM, ...), or a bundled "
+    im.add_argument("--model", metavar="DIR_OR_NAME", default=None,
+                    help="an image classifier saved with save_pretrained (ViT, DeiT, our ViM, ...), a Hub id, or a "
+                         "bundled "
                          "one by name: fashion-vim (the default, a Vision Mamba) or fashion-deit (Fashion-MNIST "
                          "composites)")
     im.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
@@ -840,6 +841,10 @@ def cmd_explain_image(args: argparse.Namespace) -> int:
         if not os.path.isfile(os.path.join(args.model, "config.json")):
             raise ValueError(f"the bundled image model {bundled!r} is missing: expected its files in "
                              f"{args.model}; reinstall the package or pass --model DIR")
+    elif not os.path.isdir(os.path.expanduser(args.model)) and (
+            args.model.count("/") != 1 or args.model.startswith((".", "/", "~"))):
+        raise ValueError(f"--model {args.model!r}: no such directory and not a bundled image model (those are "
+                         f"{', '.join(BUNDLED_IMAGE_MODELS)}); a Hub id looks like 'owner/name'")
     _check_device(args.device)
     if args.force and args.out is None:
         raise ValueError("--force only applies together with --out DIR")

@@ -16,6 +16,7 @@ from .errors import MemoryBudgetError, OffloadedLayerError, ReconstructionError
 from .hooks import capture, layer_indices, select_layers
 from .inputs import as_module, prepare_model_inputs
 from .memory import budget_bytes, estimate
+from .scans import parallel_scans
 
 #: Default relative-error tolerance of the exactness check, by the dtype the *model* runs in.
 DEFAULT_TOLERANCE: dict[torch.dtype, float] = {
@@ -277,7 +278,7 @@ def decompose(model: nn.Module, input_ids, attention_mask=None, *, variant: str 
     compute_dtype = compute_dtype_for(model, dtype)
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(model_dtype(model), 1e-4)
     ensure_decomposition_fits(targets, inputs, compute_dtype)
-    with torch.no_grad(), capture(model, targets) as captured:
+    with torch.no_grad(), parallel_scans(model), capture(model, targets) as captured:
         outputs = inputs.call(model)
     with torch.profiler.record_function(PHASE):
         built = build_layers(captured, layer_indices(model, captured), variant=variant, dtype=compute_dtype,

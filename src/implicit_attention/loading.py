@@ -195,6 +195,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype=None, dev
     except (ModelLoadError, UnsupportedModelError):
         raise
     except ValueError as exc:
+        if "does not recognize this architecture" in str(exc) and _import_fla():
+            # a flash-linear-attention checkpoint (fla-hub): fla registers its model types on import
+            return load_model(name_or_path, dtype=dtype, device=device, device_map=device_map)
         if "does not recognize this architecture" in str(exc):
             import transformers
 
@@ -245,6 +248,18 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype=None, dev
         id2label = getattr(model.config, "id2label", None) or {}
         loaded.label_ids = {str(id2label.get(k, k)): k for k in range(int(model.config.num_labels))}
     return loaded
+
+
+def _import_fla() -> bool:
+    """Import ``flash-linear-attention`` (which registers its model types with the Auto classes) if it is
+    installed and not imported yet; whether that happened."""
+    import importlib.util
+    import sys
+
+    if "fla" in sys.modules or importlib.util.find_spec("fla") is None:
+        return False
+    import fla  # noqa: F401
+    return True
 
 
 def _declared_class(source: str, kwargs: dict):

@@ -25,6 +25,7 @@ from ..devices import model_dtype
 from ..errors import PaddingError
 from ..hooks import capture, layer_indices, select_layers
 from ..inputs import ModelInputs, as_module, prepare_model_inputs
+from ..scans import parallel_scans
 from .combination import combine
 from .target import Target, resolve_target
 
@@ -221,7 +222,7 @@ def matrix_explanation(model: nn.Module, input_ids, attention_mask=None, *, meth
     need_grad = rule in ("attribution", "paper")
     embeds = inputs.embed(model).requires_grad_(need_grad)
     grads: list[torch.Tensor] = []
-    with torch.set_grad_enabled(need_grad), \
+    with torch.set_grad_enabled(need_grad), parallel_scans(model), \
             capture(model, targets, keep_graph=need_grad, block_inputs=rule == "paper") as captured:
         out = inputs.call(model, embeds)
         logits = getattr(out, "logits", None)

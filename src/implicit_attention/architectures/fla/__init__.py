@@ -1,4 +1,4 @@
-"""``flash-linear-attention``'s layers (PyPI ``flash-linear-attention``, ``pip install implicit-attention[fla]``).
+"""``flash-linear-attention``'s layers (PyPI ``flash-linear-attention``; the ``fla`` extra: ``pip install -e ".[fla]"``).
 
 Adapters only: each ``fla`` layer is read (:mod:`.factors`) into the factors of the architecture with
 the same math, whose operator, fast paths and slow reference it shares:

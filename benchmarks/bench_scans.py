@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""End-to-end explanations with the model's scans token by token (stock) or in parallel (mambapy).
+
+``implicit_attention.scans.parallel_scans`` runs ``transformers``' Mamba mixers with mambapy's parallel
+scan while ``explain`` and ``decompose`` run the model (the default). This times, in one run and on one
+machine, the model's forward + backward and each matrix method, both ways, and prints the ratios.
+
+Examples::
+
+    python benchmarks/bench_scans.py                          # the bundled model, L = 512, CPU
+    python benchmarks/bench_scans.py --lengths 128,512 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+try:
+    import implicit_attention  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+import torch  # noqa: E402
+
+import implicit_attention as ia  # noqa: E402
+from implicit_attention import scans  # noqa: E402
+from implicit_attention.loading import load_model  # noqa: E402
+
+METHODS = ("raw", "paper", "rollout", "attribution")
+
+
+def seconds(run, repeats: int) -> float:
+    run()                                             # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return (time.perf_counter() - start) / repeats
+
+
+def forward_backward(model, ids):
+    model.zero_grad(set_to_none=True)
+    model(ids).logits[0, -1].sum().backward()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model directory or Hub id (default: the bundled model)")
+    parser.add_argument("--lengths", default="512", help="comma-separated input lengths")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (after a warm-up)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model).model
+    vocab = model.config.vocab_size
+    print(f"{type(model).__name__}, {model.config.num_hidden_layers} layers, width {model.config.hidden_size}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; seconds per call, stock / parallel")
+    print("| L | what | token loop (s) | mambapy (s) | speed-up |")
+    print("|---|---|---|---|---|")
+    for length in (int(x) for x in args.lengths.split(",")):
+        ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(length))
+        for name, run in [("forward + backward", lambda: forward_backward(model, ids))] + [
+                (f"explain {m}", lambda m=m: ia.explain(model, ids, method=m)) for m in METHODS]:
+            timed = {}
+            for enabled in (False, True):
+                scans.ENABLED = enabled
+                if name == "forward + backward":    # the model alone: switch the scans as explain does
+                    with scans.parallel_scans(model):
+                        timed[enabled] = seconds(run, args.repeats)
+                else:
+                    timed[enabled] = seconds(run, args.repeats)
+            scans.ENABLED = True
+            print(f"| {length} | {name} | {timed[False]:.2f} | {timed[True]:.2f} | "
+                  f"{timed[False] / timed[True]:.1f}x |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
