@@ -1,9 +1,9 @@
 """The model's own scans, run in parallel while the library runs the model.
 
 Without the CUDA kernels (``mamba_ssm``), ``transformers``' Mamba mixers run their selective scan
-token by token in Python: its forward and, worse, its backward through the loop dominate every
-explanation (on this project's 2-core CPU, the bundled model at 512 tokens: forward and backward 15 s
-token by token, 0.17 s with the parallel scan). The mixers already offer ``mambapy``'s parallel scan
+token by token in Python, and its backward runs through the loop (on this project's 2-core CPU, the
+bundled model at 512 tokens: forward and backward 3.0 s token by token, 0.15 s with the parallel scan;
+``benchmarks/bench_scans.py``). The mixers already offer ``mambapy``'s parallel scan
 (``use_mambapy``, PyPI ``mambapy``, a dependency of this package), which computes the same states
 (to float32 rounding; every decomposition's reconstruction check still compares against what the
 model computed). :func:`parallel_scans` switches it on, for float32 mixers (``transformers``' mambapy path

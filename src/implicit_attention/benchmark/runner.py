@@ -368,7 +368,8 @@ def run_model_task(model_dir: str | Path, examples: Sequence[BenchmarkExample], 
             for spec in list(todo):
                 tick = time.perf_counter()
                 # gradient and perturbation baselines only need the model's outputs: parallel scans
-                # where available (same numbers); the matrix methods and LRP read the stock modules
+                # where available (same numbers); the matrix methods switch the Mamba scans themselves
+                # (implicit_attention.scans) and LRP reads the stock modules
                 try:
                     with parallel_forms(model, spec.method in PARALLEL_SAFE):
                         relevances[spec.key] = explain(model, ids[None].to(scorer.device), method=spec.method,
