@@ -498,3 +498,14 @@ def test_texts_of_a_model_that_reads_padding_are_numbered_and_its_layers_counted
     assert code == 0, err
     assert "[1] 'a gorgeous, witty film'" in stdout and "[2] 'a dull, lifeless mess'" in stdout
     assert "worst of 4 decomposed layers" in stdout and "over 2 runs, one a text" in stdout
+
+
+def test_error_line_names_no_worst_layer_when_every_layer_is_exact():
+    from types import SimpleNamespace
+
+    from implicit_attention.cli import _error_line
+
+    layer = lambda index, error: SimpleNamespace(error=error, index=index, exact=True, error_channels=4,  # noqa: E731
+                                                 channels=4)
+    assert "(all 2 decomposed layers; variant unified)" in _error_line([layer(0, 0.0), layer(1, 0.0)], "unified")
+    assert "(worst of 2 decomposed layers: layer 1;" in _error_line([layer(0, 1e-8), layer(1, 2e-8)], "unified")

@@ -723,8 +723,9 @@ def _error_line(layers, variant: str, runs: int = 1) -> str:
     reads padding), each decomposing the same layers."""
     worst = max(layers, key=lambda layer: layer.error)
     count = len({layer.index for layer in layers})
-    line = (f"max reconstruction error: {worst.error:.2e} (worst of {count} decomposed "
-            f"layer{'s' if count != 1 else ''}: layer {worst.index}; variant {variant}"
+    which = (f"worst of {count} decomposed layer{'s' if count != 1 else ''}: layer {worst.index}" if worst.error > 0
+             else f"all {count} decomposed layer{'s' if count != 1 else ''}")
+    line = (f"max reconstruction error: {worst.error:.2e} ({which}; variant {variant}"
             + (f"; over {runs} runs, one a text: this model reads padding" if runs > 1 else "") + ")")
     if not all(layer.exact for layer in layers):
         line += f"; {variant} is an ablation, not an exact identity: the error measures what it leaves out"

@@ -711,7 +711,8 @@ def _html(info: dict, page: dict | None = None, inline: dict[str, str] | None = 
                         for k, v in (pred.get("probabilities") or {}).items())
         kind = "label" if pred.get("kind") == "label" else "next token"
         tgt = ex["target"] or {}
-        target = (f"{_e(tgt.get('label') or repr(tgt.get('token')))} (token id {_e(tgt.get('id'))}, "
+        id_word = "class id" if kind == "label" else "token id"    # a classifier's target is a class
+        target = (f"{_e(tgt.get('label') or repr(tgt.get('token')))} ({id_word} {_e(tgt.get('id'))}, "
                   f"output position {_e(tgt.get('position'))})")
         page_example = (page or {}).get("examples", [{}] * (i + 1))[i] or {"matrices": {}}
         matrices = _viewer_html(i, ex, page_example, (page or {}).get("layers", []))
@@ -724,10 +725,11 @@ def _html(info: dict, page: dict | None = None, inline: dict[str, str] | None = 
             f"with probability {_e(_fmt(pred.get('probability'), '.4f'))}</p>"
             f"<table><tr><th>{'label' if kind == 'label' else 'token'}</th><th>probability</th></tr>{probs}</table>"
             + (f"<p>Explained score: <strong>{_e(tgt['score'])}</strong> at output position "
-               f"{_e(tgt.get('position'))} (target {_e(tgt.get('label') or repr(tgt.get('token')))}, token id "
+               f"{_e(tgt.get('position'))} (target {_e(tgt.get('label') or repr(tgt.get('token')))}, {id_word} "
                f"{_e(tgt.get('id'))})</p>" if tgt.get("score") else
                f"<p>Explained score: logit of {target}</p>")
-            + pictures + f"<h3>Relevance of the input tokens</h3>{legend}{_switcher(i, info, ex)}"
+            + pictures + f"<h3>Relevance of the input {'patches' if shown else 'tokens'}</h3>{legend}"
+            f"{_switcher(i, info, ex)}"
             f"<div class=tokens data-example={i}>"
             f"{_token_html(ex['tokens'], ex['relevance'], ex['relevance_normalized'], ex['in_span'])}</div>"
             f"<div class=token-readout>&nbsp;</div>"
