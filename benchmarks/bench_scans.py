@@ -7,7 +7,7 @@ machine, the model's forward + backward and each matrix method, both ways, and p
 
 Examples::
 
-    python benchmarks/bench_scans.py                          # the bundled model, L = 512, CPU
+    python benchmarks/bench_scans.py                          # the bundled model, L = 512, CPU (~3 minutes)
     python benchmarks/bench_scans.py --lengths 128,512 --repeats 3
 """
 
@@ -50,14 +50,18 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model directory or Hub id (default: the bundled model)")
     parser.add_argument("--lengths", default="512", help="comma-separated input lengths")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (after a warm-up)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (after a warm-up)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()        # the missing-CUDA-kernel notes: both columns lack them
     model = load_model(args.model).model
     vocab = model.config.vocab_size
     print(f"{type(model).__name__}, {model.config.num_hidden_layers} layers, width {model.config.hidden_size}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; seconds per call, stock / parallel")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; seconds per call (mean of "
+          f"{args.repeats} after a warm-up), the model's scans token by token / with mambapy")
     print("| L | what | token loop (s) | mambapy (s) | speed-up |")
     print("|---|---|---|---|---|")
     for length in (int(x) for x in args.lengths.split(",")):
