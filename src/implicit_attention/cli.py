@@ -361,8 +361,7 @@ def _add_image_parser(sub, methods: Sequence[str]) -> None:
     im.add_argument("images", metavar="IMAGE_OR_FOLDER", help="an image file, or a folder of them (not recursive)")
     im.add_argument("--model", metavar="DIR_OR_NAME", default=None,
                     help="an image classifier saved with save_pretrained (ViT, DeiT, our ViM, ...), a Hub id, or a "
-                         "bundled "
-                         "one by name: fashion-vim (the default, a Vision Mamba) or fashion-deit (Fashion-MNIST "
+                         "bundled one by name: fashion-vim (the default, a Vision Mamba) or fashion-deit (Fashion-MNIST "
                          "composites)")
     im.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
                     help="dtype the model is loaded and run in (default: %(default)s)")

@@ -50,14 +50,15 @@ def _norm(module: nn.Module):
     return _GATES[activation], None if weight is None else weight.detach(), norm.eps
 
 
-def _projections(module: nn.Module, h: torch.Tensor, dtype: torch.dtype):
+def _projections(h: torch.Tensor, dtype: torch.dtype):
+    """``lin(proj)``: the linear layer ``proj`` applied to ``h`` in ``dtype``."""
     p = lambda t: t.detach().to(dtype)  # noqa: E731
     return lambda proj: F.linear(h, p(proj.weight), None if proj.bias is None else p(proj.bias))
 
 
 def fla_gated_deltanet_inputs(module: nn.Module, h: torch.Tensor, dtype: torch.dtype) -> DeltaInputs:
     """:class:`~..gated_deltanet.factors.DeltaInputs` of ``fla.layers.GatedDeltaNet``."""
-    lin = _projections(module, h, dtype)
+    lin = _projections(h, dtype)
     qkv = torch.cat([lin(module.q_proj), lin(module.k_proj), lin(module.v_proj)], dim=-1)
     weight, bias = _short_convs(module, (module.key_dim, module.key_dim, module.value_dim), dtype)
     beta = torch.sigmoid(lin(module.b_proj))
@@ -78,7 +79,7 @@ def fla_deltanet_inputs(module: nn.Module, h: torch.Tensor, dtype: torch.dtype) 
     if module.qk_activation != "silu" or module.qk_norm != "l2":
         raise NotImplementedError(f"DeltaNet with qk_activation={module.qk_activation!r} and qk_norm="
                                   f"{module.qk_norm!r}: only the default silu and l2 are written here")
-    lin = _projections(module, h, dtype)
+    lin = _projections(h, dtype)
     qkv = torch.cat([lin(module.q_proj), lin(module.k_proj), lin(module.v_proj)], dim=-1)
     weight, bias = _short_convs(module, (module.key_dim, module.key_dim, module.value_dim), dtype)
     batch, length, _ = h.shape
@@ -107,6 +108,19 @@ def _short_conv_qkv(module: nn.Module, q, k, v, dtype: torch.dtype):
                  for x, conv in zip((q, k, v), convs))
 
 
+def _masked_qkv(module: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                dtype: torch.dtype):
+    """``(h, mask, lin, (q, k, v))``: the input in ``dtype`` with padding zeroed, the padding mask, the
+    projection helper, and ``q, k, v`` ``[B, L, width]`` after the module's short convolutions."""
+    from ..primitives import padding_mask
+
+    h = hidden_states.detach().to(dtype)
+    mask = padding_mask(attention_mask, h)
+    h = h * mask[..., None]
+    lin = _projections(h, dtype)
+    return h, mask, lin, _short_conv_qkv(module, lin(module.q_proj), lin(module.k_proj), lin(module.v_proj), dtype)
+
+
 def _head_gated(module: nn.Module, h: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype, q, k, v, log_alpha):
     """:class:`~..gla.operator.GLAFactors` from per-head ``q [B, L, H, K]`` (scaled here by ``K^-1/2``),
     ``k``, ``log_alpha [B, L, H, K]`` and ``v [B, L, H, V]``, with the output side fla's GLA and RetNet share:
@@ -121,7 +135,7 @@ def _head_gated(module: nn.Module, h: torch.Tensor, mask: torch.Tensor, dtype: t
     v = v * mask[:, :, None, None]
     y = chunked_gla(q, k, v, log_alpha, 64)
     if module.use_output_gate:
-        g = _projections(module, h, dtype)(module.g_proj)
+        g = _projections(h, dtype)(module.g_proj)
         gate = F.silu(g) if module.fuse_norm_and_gate else module.gate_fn(g)
     else:
         gate = h.new_ones(batch, length, heads * module.head_v_dim)
@@ -145,14 +159,8 @@ def fla_gla_factors(module: nn.Module, hidden_states: torch.Tensor, attention_ma
     matrices); an optional feature map on ``q, k``; the decay clamped below by ``clamp_min``; and a
     per-head RMS norm (no centring, no bias) before the output gate (``swish`` when fused).
     """
-    from ..primitives import padding_mask
-
-    h = hidden_states.detach().to(dtype)
-    mask = padding_mask(attention_mask, h)
-    h = h * mask[..., None]
+    h, mask, lin, (q, k, v) = _masked_qkv(module, hidden_states, attention_mask, dtype)
     batch, length, _ = h.shape
-    lin = _projections(module, h, dtype)
-    q, k, v = _short_conv_qkv(module, lin(module.q_proj), lin(module.k_proj), lin(module.v_proj), dtype)
     low, up = module.gk_proj
     gk = F.linear(lin(low), up.weight.detach().to(dtype), None if up.bias is None else up.bias.detach().to(dtype))
     heads, groups = module.num_heads, module.num_kv_groups
@@ -186,14 +194,8 @@ def fla_retnet_factors(module: nn.Module, hidden_states: torch.Tensor, attention
     decay ``gamma_h = 1 - 2^(-5 - h)`` of head ``h`` on every key dim, rotary embeddings on ``q, k`` (each
     sequence's positions counted from its first real token, as fla's unpadded batch does), keys and
     values shared by ``num_kv_groups`` query heads, and fla's RMS-normed, gated output."""
-    from ..primitives import padding_mask
-
-    h = hidden_states.detach().to(dtype)
-    mask = padding_mask(attention_mask, h)
-    h = h * mask[..., None]
+    h, mask, _, (q, k, v) = _masked_qkv(module, hidden_states, attention_mask, dtype)
     batch, length, _ = h.shape
-    lin = _projections(module, h, dtype)
-    q, k, v = _short_conv_qkv(module, lin(module.q_proj), lin(module.k_proj), lin(module.v_proj), dtype)
     heads, groups = module.num_heads, module.num_kv_groups
     q = q.view(batch, length, heads, module.head_k_dim)
     k = k.view(batch, length, -1, module.head_k_dim)
@@ -223,7 +225,7 @@ def fla_hgrn_factors(module: nn.Module, hidden_states: torch.Tensor, attention_m
 
     h = hidden_states.detach().to(dtype)
     mask = padding_mask(attention_mask, h)
-    lin = _projections(module, h, dtype)
+    lin = _projections(h, dtype)
     x = lin(module.i_proj) * mask[..., None]
     z = lin(module.f_proj) * mask[..., None]
     conv_out, conv_weight, conv_bias = x, None, None
