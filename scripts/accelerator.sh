@@ -13,7 +13,8 @@
 #                                              # (here first: faithfulness.py prepare and index, and
 #                                              #  tar -C out -cf out/groundtruth-models.tar zoo/*/groundtruth;
 #                                              #  carry out/benchmark/examples and out/benchmark/done;
-#                                              #  unpack the results here with tar -C out -xzf)
+#                                              #  unpack the results here with tar -C out -xzf;
+#                                              #  CPU_MODELS=xlstm,rwkv7 runs those on the CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/accelerator}
@@ -67,7 +68,16 @@ benchmark)
         mkdir -p "out/benchmark/results/$(basename "$(dirname "$done")")"
         cp "$done" "out/benchmark/results/$(basename "$(dirname "$done")")/"
     done
+    # models whose explanations are dominated by short Python loops (xLSTM, RWKV-7) run faster on a
+    # CPU core each than as one of a dozen processes sharing a GPU: CPU_MODELS=xlstm,rwkv7 runs them
+    # there, CPU_SHARDS workers per model, beside the GPU run (whose --models should leave them out)
+    if [ -n "${CPU_MODELS:-}" ]; then
+        OMP_NUM_THREADS=1 timeout "$LIMIT" python benchmarks/faithfulness.py run --device cpu "$@" \
+            --models "$CPU_MODELS" --shards "${CPU_SHARDS:-4}" --jobs 64 > "$OUT/cpu-run.txt" 2>&1 &
+        cpu_run=$!
+    fi
     timeout "$LIMIT" python benchmarks/faithfulness.py run --device cuda "$@" || status=$?
+    if [ -n "${cpu_run:-}" ]; then wait "$cpu_run" || status=${status:-$?}; fi
     # this run's shard files get a name of their own, so that unpacking them here never overwrites
     # the shard files of an earlier run
     stamp=$(date +%Y%m%d%H%M%S)
