@@ -9,6 +9,8 @@ Examples::
 
     python benchmarks/bench_scans.py                          # the bundled model, L = 512, CPU (~3 minutes)
     python benchmarks/bench_scans.py --lengths 128,512 --repeats 3
+    python benchmarks/bench_scans.py --device cuda --random-layers 24 --random-width 768 \
+        --lengths 1024,2048 --stock-max-length 1024   # a random Mamba shaped like Mamba-130M on a GPU
 """
 
 from __future__ import annotations
@@ -40,6 +42,25 @@ def seconds(run, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def random_mamba(layers: int, width: int, vocab: int = 1024):
+    """A randomly initialised ``MambaForCausalLM`` of ``layers`` x ``width`` (inner ``2 * width``, state
+    16, conv 4: the shape of Mamba-130M at 24 x 768), with the seed fixed."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, state_size=16,
+                         num_hidden_layers=layers, conv_kernel=4)
+    return MambaForCausalLM(config).eval()
+
+
+def synchronised(run, device: torch.device):
+    def call():
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return call
+
+
 def forward_backward(model, ids):
     model.zero_grad(set_to_none=True)
     model(ids).logits[0, -1].sum().backward()
@@ -52,33 +73,43 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", default="512", help="comma-separated input lengths")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (after a warm-up)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="torch device (cuda on a GPU machine)")
+    parser.add_argument("--random-layers", type=int, default=0,
+                        help="time a randomly initialised Mamba of this depth instead of --model")
+    parser.add_argument("--random-width", type=int, default=768, help="its width (inner size twice that)")
+    parser.add_argument("--stock-max-length", type=int, default=None,
+                        help="time the token-loop column only up to this length (it is slow on long inputs)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers
 
     transformers.logging.set_verbosity_error()        # the missing-CUDA-kernel notes: both columns lack them
-    model = load_model(args.model).model
+    device = torch.device(args.device)
+    model = (random_mamba(args.random_layers, args.random_width) if args.random_layers
+             else load_model(args.model).model).to(device)
     vocab = model.config.vocab_size
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"{type(model).__name__}, {model.config.num_hidden_layers} layers, width {model.config.hidden_size}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; seconds per call (mean of "
+          f"torch {torch.__version__}, {where}; seconds per call (mean of "
           f"{args.repeats} after a warm-up), the model's scans token by token / with mambapy")
     print("| L | what | token loop (s) | mambapy (s) | speed-up |")
     print("|---|---|---|---|---|")
     for length in (int(x) for x in args.lengths.split(",")):
-        ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(length))
+        ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
+        stock = args.stock_max_length is None or length <= args.stock_max_length
         for name, run in [("forward + backward", lambda: forward_backward(model, ids))] + [
                 (f"explain {m}", lambda m=m: ia.explain(model, ids, method=m)) for m in METHODS]:
             timed = {}
-            for enabled in (False, True):
+            for enabled in (False, True) if stock else (True,):
                 scans.ENABLED = enabled
                 if name == "forward + backward":    # the model alone: switch the scans as explain does
                     with scans.parallel_scans(model):
-                        timed[enabled] = seconds(run, args.repeats)
+                        timed[enabled] = seconds(synchronised(run, device), args.repeats)
                 else:
-                    timed[enabled] = seconds(run, args.repeats)
+                    timed[enabled] = seconds(synchronised(run, device), args.repeats)
             scans.ENABLED = True
-            print(f"| {length} | {name} | {timed[False]:.2f} | {timed[True]:.2f} | "
-                  f"{timed[False] / timed[True]:.1f}x |", flush=True)
+            loop, ratio = (f"{timed[False]:.2f}", f"{timed[False] / timed[True]:.1f}x") if stock else ("-", "-")
+            print(f"| {length} | {name} | {loop} | {timed[True]:.2f} | {ratio} |", flush=True)
     return 0
 
 

@@ -232,3 +232,17 @@ def test_fast_aggregates_match_the_blocks(class_name, variant):
             layer._aggregates.clear()
             expected = reduce(full[:, :, [0, 4, 6]]).mean(dim=1)
             assert_close(layer.aggregate_rows([0, 4, -1], how), expected, 1e-12, f"{variant} {how} rows")
+
+
+@pytest.mark.parametrize("class_name", list(CONFIGS))
+def test_tile_reductions_equal_the_blocks(class_name):
+    """|A|, relu(A) and the attribution of the hybrids' mixers (Zamba's heads side by side) from the
+    per-channel tiles equal the generic channel blocks."""
+    model = tiny(class_name)
+    ids, mask = left_padded(batch=2, length=23, vocab=VOCAB)
+    layers = mine_of(ia.decompose(model, ids, mask, layers=indices(model, class_name)), model, class_name)
+    for layer in layers:
+        for how in ("abs", "pos"):
+            assert_close(layer.aggregate(how), layer.aggregate_by_blocks(how), 1e-12, how)
+        grad = torch.randn(layer.output.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+        assert_close(layer.attribution(grad), layer.attribution_by_blocks(layer.matrix_gradient(grad)), 1e-12, "cam")

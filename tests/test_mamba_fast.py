@@ -7,7 +7,8 @@ import torch
 
 import implicit_attention as ia
 from implicit_attention.architectures.mamba import mamba_factors
-from implicit_attention.architectures.mamba.fast import exact_channel_mean, matrix_rows, signed_mean
+from implicit_attention.architectures.mamba.fast import (ChannelReduction, channel_reduced, exact_channel_mean,
+                                                         matrix_rows, signed_mean)
 from implicit_attention.architectures.mamba.operator import VARIANTS, mamba_block
 from implicit_attention.hooks import capture, select_layers
 
@@ -120,3 +121,51 @@ def test_float32_fast_mean_is_stable_at_16k_tokens():
     reference = matrix_rows(f64, "unified", rows).mean(dim=2)      # [B, R, L] exact, float64
     assert torch.isfinite(fast).all()
     assert_close(fast[:, rows].double(), reference, 1e-5, "float32 fast mean, L=16384")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("conv_kernel", [2, 4])
+@pytest.mark.parametrize("length,tiles", [(9, (1,)), (33, (3,)), (40, (16, 4)), (70, (32, 4)), (90, (64, 8))])
+def test_channel_reductions_equal_the_blocks(variant, conv_kernel, length, tiles):
+    """Mean of |A| and relu(A), and the attribution (clamped and signed), formed tile by tile per channel,
+    against the materialised channel blocks transformed entry by entry."""
+    model = tiny_mamba(dtype=torch.float64, conv_kernel=conv_kernel, seed=conv_kernel)
+    ids, mask = left_padded(batch=2, length=length, seed=length)
+    f = factors_of(model, ids, mask)
+    block, _ = mamba_block(f, slice(0, f.x.shape[-1]), variant)                       # [B, E, L, L]
+    for how, transform in (("abs", torch.abs), ("pos", lambda a: a.clamp(min=0))):
+        expected = transform(block).mean(1)
+        assert_close(channel_reduced(f, variant, ChannelReduction(how), tile_sizes=tiles), expected, 1e-12, how)
+    generator = torch.Generator().manual_seed(length)
+    grad, values = (torch.randn(f.x.shape, dtype=torch.float64, generator=generator) for _ in range(2))
+    cam = grad.transpose(1, 2)[..., None] * block * values.transpose(1, 2)[..., None, :]
+    for signed in (False, True):
+        expected = (cam if signed else cam.clamp(min=0)).mean(1)
+        reduction = ChannelReduction(grad=grad, values=values, signed=signed)
+        assert_close(channel_reduced(f, variant, reduction, tile_sizes=tiles), expected, 1e-12, f"signed={signed}")
+
+
+def test_channel_reductions_with_huge_steps():
+    """Steps far beyond exp's range: every exponent of the per-channel tiles stays <= 0."""
+    model = tiny_mamba(dtype=torch.float64)
+    ids, mask = left_padded(batch=2, length=40)
+    f = factors_of(model, ids, mask)
+    f.dt = f.dt * 500
+    block, _ = mamba_block(f, slice(0, f.x.shape[-1]), "unified")
+    assert_close(channel_reduced(f, "unified", ChannelReduction("abs"), tile_sizes=(16, 4)), block.abs().mean(1),
+                 1e-12, "huge")
+
+
+@pytest.mark.parametrize("variant", ["unified", "s6", "no_gate"])
+def test_layer_serves_abs_pos_and_attribution_without_blocks(variant):
+    """The layer's aggregate('abs'|'pos') and attribution take the tile path and equal the generic blocks."""
+    model = tiny_mamba(dtype=torch.float64)
+    ids, mask = left_padded(batch=2, length=37)
+    layer = ia.decompose(model, ids, attention_mask=mask, variant=variant, layers=[-1])[0]
+    for how in ("abs", "pos"):
+        assert layer._fast_aggregate(how) is not None
+        assert_close(layer.aggregate(how), layer.aggregate_by_blocks(how), 1e-12, how)
+    grad = torch.randn(layer.output.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for signed in (False, True):
+        expected = layer.attribution_by_blocks(layer.matrix_gradient(grad), signed)
+        assert_close(layer.attribution(grad, signed), expected, 1e-12, f"signed={signed}")

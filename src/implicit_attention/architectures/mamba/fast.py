@@ -1,4 +1,5 @@
-"""Fast Mamba aggregates: the signed channel mean as factorised products, and single rows.
+"""Fast Mamba aggregates: the signed channel mean as factorised products, the per-channel
+reductions (mean of ``|A|`` and ``relu(A)``, the attribution) tile by tile, and single rows.
 
 Every Mamba variant has the form, per channel ``d`` (see :mod:`.operator`)::
 
@@ -29,9 +30,12 @@ fused GPU kernels of :mod:`.triton` follow the same plan with tiles of 64 and 16
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ...memory import default_block_bytes
+from ..base import channel_transform
 from . import triton
 from .operator import MambaFactors, mamba_block
 from .tiling import band_entries, tile_pairs
@@ -80,6 +84,48 @@ def _scatter_tiles(out: torch.Tensor, tiles: torch.Tensor, row_starts: torch.Ten
 
 #: Tile sizes of the eager hierarchy, largest first; the exact band covers what the smallest leaves.
 TILE_SIZES: tuple[int, ...] = (32, 4)
+#: Tile sizes of the per-channel reductions (:func:`channel_reduced`), fastest on a CPU at L = 512-1024.
+CHANNEL_TILE_SIZES: tuple[int, ...] = (64, 8)
+
+
+@dataclass
+class ChannelReduction:
+    """How per-channel entries become one map: ``sum_d f(A_d[i, j])`` with ``f`` the transform of
+    aggregate ``how`` (``|.|``, ``relu``, identity), or, given ``grad`` and ``values`` (``[B, L, E]``),
+    the attribution ``sum_d clamp(grad[i, d] A_d[i, j] values[j, d], min=0)`` (no clamp if ``signed``)."""
+
+    how: str = "mean"
+    grad: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    signed: bool = False
+
+    def combine(self, entries: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None,
+                dim: int) -> torch.Tensor:
+        """``entries`` summed over the channel axis ``dim`` after the transform; ``rows`` and ``cols`` are
+        the gradient at each entry's row and the value at its column, broadcastable to ``entries``."""
+        if self.grad is None:
+            return channel_transform(entries, self.how).sum(dim)
+        cam = entries * rows * cols
+        return (cam if self.signed else cam.clamp_(min=0)).sum(dim)
+
+    def blocked(self, span: int, rows: slice, size: int, blocks: int):
+        """``(grad, values)`` ``[B, blocks, size, E]`` by row block and by key block (``None`` without grad)."""
+        if self.grad is None:
+            return None, None
+        g = _padded(self.grad, span, 0.0)[:, rows].unflatten(1, (blocks, size))
+        v = _padded(self.values, span, 0.0)[:, : blocks * size].unflatten(1, (blocks, size))
+        return g, v
+
+    def banded(self, offsets: int):
+        """``(grad [B, L, 1, E], values [B, L, offsets, E])``: the gradient of row ``i`` and the value of
+        column ``i - o`` (zero before the first token); ``None`` without grad."""
+        if self.grad is None:
+            return None, None
+        length = self.values.shape[1]
+        ahead = torch.cat([self.values.new_zeros(self.values.shape[0], offsets, self.values.shape[2]), self.values], 1)
+        # window w of the padded values holds tokens w - offsets .. w - 1; row i needs i - o, o < offsets
+        shifted = ahead.unfold(1, offsets, 1)[:, 1: length + 1].flip(-1).transpose(2, 3)   # [B, L, offsets, E]
+        return self.grad[:, :, None], shifted
 
 
 def _padded(t: torch.Tensor, length: int, value: float | None = None) -> torch.Tensor:
@@ -92,7 +138,7 @@ def _padded(t: torch.Tensor, length: int, value: float | None = None) -> torch.T
 
 
 def _level_tiles(f: MambaFactors, variant: str, cums: torch.Tensor, size: int, parent: int | None,
-                 chunk_bytes: int, out: torch.Tensor) -> None:
+                 chunk_bytes: int, out: torch.Tensor, reduction: ChannelReduction | None = None) -> None:
     """Add one level's tiles (summed over channels) to ``out [B, L, L]``.
 
     Row block ``I`` is referenced at the token before its rows, ``r = I size + K - 2``; key block
@@ -103,7 +149,8 @@ def _level_tiles(f: MambaFactors, variant: str, cums: torch.Tensor, size: int, p
 
     with every exponent ``<= 0``. Tiles ``I = J + delta`` are one batched product per ``delta``
     over consecutive blocks (views, no gathered copies); inside a ``parent`` block only the pairs
-    that share it are kept.
+    that share it are kept. With a ``reduction`` each channel's tile is formed on its own (a product
+    over the state only, ``[B, P, c, size, size]`` for a chunk of channels) and combined by it.
     """
     batch, length, channels = f.x.shape
     state, dtype, device = f.A.shape[1], f.x.dtype, f.x.device
@@ -128,6 +175,10 @@ def _level_tiles(f: MambaFactors, variant: str, cums: torch.Tensor, size: int, p
     deltas = range(1, min(ratio, blocks))
     sums = {delta: torch.zeros(batch, blocks - delta, size, size, dtype=dtype, device=device) for delta in deltas}
     per_chunk = max(1, min(channels, chunk_bytes // max(1, 6 * batch * span * state * dtype.itemsize)))
+    if reduction is not None:
+        # each channel's tiles of one delta at once: [B, blocks, c, size, size], about three of them
+        per_chunk = max(1, min(per_chunk, chunk_bytes // max(1, 3 * batch * blocks * size * size * dtype.itemsize)))
+        g_rows, v_keys = reduction.blocked(span, rows, size, blocks)
     for c0 in range(0, channels, per_chunk):
         ch = slice(c0, min(c0 + per_chunk, channels))
         A = f.A[ch]                                                              # [c, N]
@@ -141,6 +192,15 @@ def _level_tiles(f: MambaFactors, variant: str, cums: torch.Tensor, size: int, p
         Kc = E[:, :, :size] * taps[ch, width - 1, None]
         for shift in range(1, width):
             Kc.add_(E[:, :, shift: shift + size] * taps[ch, width - 1 - shift, None])
+        if reduction is not None:
+            for delta in deltas:
+                decay = torch.exp((ref_row[:, delta:, ch] - ref_key[:, : blocks - delta, ch]).to(dtype)[..., None] * A)
+                # [B, P, c, size, N] @ [B, P, c, N, size]: each channel's tile, a product over the state
+                tiles = (Q[:, delta:] * decay[:, :, None]).transpose(2, 3) @ Kc[:, : blocks - delta].permute(0, 1, 3, 4, 2)
+                sums[delta] += reduction.combine(
+                    tiles, None if g_rows is None else g_rows[:, delta:, :, ch].transpose(2, 3)[..., None],
+                    None if v_keys is None else v_keys[:, : blocks - delta, :, ch].transpose(2, 3)[..., None, :], dim=2)
+            continue
         Q, Kc = Q.flatten(3), Kc.flatten(3)
         for delta in deltas:
             decay = torch.exp((ref_row[:, delta:, ch] - ref_key[:, : blocks - delta, ch]).to(dtype)[..., None] * A)
@@ -152,12 +212,16 @@ def _level_tiles(f: MambaFactors, variant: str, cums: torch.Tensor, size: int, p
         _scatter_tiles(out, tiles[:, keep], (keys + delta) * size + width - 1, keys * size)
 
 
-def _band(f: MambaFactors, variant: str, cums: torch.Tensor, band: int, chunk_bytes: int) -> torch.Tensor:
+def _band(f: MambaFactors, variant: str, cums: torch.Tensor, band: int, chunk_bytes: int,
+          reduction: ChannelReduction | None = None) -> torch.Tensor:
     """``[B, L, band + K - 1]`` ``sum_d`` of the entries ``(i, i - o)`` for offsets ``o < band + K - 1``, exactly.
 
     ``A_d[i, j] = row_d[i] sum_s tap_d[K-1-s] T_d[i, j + s]`` with ``T_d[i, k]`` for ``i - k < band + K - 1``
-    computed one offset at a time with its own exponentials (``exp(A (s_i - s_k)) <= 1``).
+    computed one offset at a time with its own exponentials (``exp(A (s_i - s_k)) <= 1``). With a
+    ``reduction`` each channel's entries are formed (``[B, L, offsets, c]``) and combined by it.
     """
+    if reduction is not None:
+        return _band_reduced(f, variant, cums, band, chunk_bytes, reduction)
     batch, length, channels = f.x.shape
     state, dtype = f.A.shape[1], f.x.dtype
     row, col, taps, use_D = variant_parts(f, variant)
@@ -171,18 +235,54 @@ def _band(f: MambaFactors, variant: str, cums: torch.Tensor, band: int, chunk_by
         ch = slice(c0, min(c0 + per_chunk, channels))
         for offset in range(min(offsets, length)):
             rows = slice(offset, length)                               # i; the key token is i - offset
-            keys = slice(0, length - offset)
-            gap = (cums[:, rows, ch] - cums[:, keys, ch]).to(dtype)    # [B, L - o, c] >= 0
-            # sum over the state as a batched product: [B, L-o, c, N] @ [B, L-o, N, 1]
-            T = (torch.exp(gap[..., None] * f.A[ch]) @ (f.C[:, rows] * f.B[:, keys])[..., None])[..., 0]
-            T = T * key[:, keys, ch]
-            if use_D and offset == 0:
-                T = T + f.D[ch] * (1 if col is None else col[:, keys, ch])
+            T = _band_offset(f, cums, ch, offset, key, col, use_D)
             if row is not None:
                 T = T * row[:, rows, ch]
             # key token i - offset reaches entry j = i - offset - s through tap K-1-s
             out[:, rows, offset: offset + width] += T @ reversed_taps[ch]
     return out[..., :offsets]
+
+
+def _band_offset(f: MambaFactors, cums: torch.Tensor, ch: slice, offset: int, key: torch.Tensor,
+                 col: torch.Tensor | None, use_D: bool) -> torch.Tensor:
+    """``[B, L - o, c]`` ``T_d[i, i - o]`` (before the row scale and the conv) for ``i >= o``."""
+    length = f.x.shape[1]
+    rows, keys = slice(offset, length), slice(0, length - offset)
+    gap = (cums[:, rows, ch] - cums[:, keys, ch]).to(f.x.dtype)       # [B, L - o, c] >= 0
+    # sum over the state as a batched product: [B, L-o, c, N] @ [B, L-o, N, 1]
+    T = (torch.exp(gap[..., None] * f.A[ch]) @ (f.C[:, rows] * f.B[:, keys])[..., None])[..., 0]
+    T = T * key[:, keys, ch]
+    if use_D and offset == 0:
+        T = T + f.D[ch] * (1 if col is None else col[:, keys, ch])
+    return T
+
+
+def _band_reduced(f: MambaFactors, variant: str, cums: torch.Tensor, band: int, chunk_bytes: int,
+                  reduction: ChannelReduction) -> torch.Tensor:
+    """:func:`_band` with every channel's entries ``A_d[i, i - o]`` formed and combined by ``reduction``."""
+    batch, length, channels = f.x.shape
+    dtype = f.x.dtype
+    row, col, taps, use_D = variant_parts(f, variant)
+    width = taps.shape[1]
+    offsets = band + width - 1
+    key = f.dt if col is None else f.dt * col
+    out = torch.zeros(batch, length, offsets, dtype=dtype, device=f.x.device)
+    per_chunk = max(1, min(channels, chunk_bytes // max(1, 4 * batch * length * max(offsets, f.A.shape[1])
+                                                             * dtype.itemsize)))
+    g_rows, v_shifted = reduction.banded(offsets)
+    for c0 in range(0, channels, per_chunk):
+        ch = slice(c0, min(c0 + per_chunk, channels))
+        T = torch.zeros(batch, length, offsets, ch.stop - ch.start, dtype=dtype, device=f.x.device)
+        for offset in range(min(offsets, length)):
+            T[:, offset:, offset] = _band_offset(f, cums, ch, offset, key, col, use_D)
+        entries = T * taps[ch, width - 1]                               # A_d[i, i - o] = sum_s tap K-1-s T[i, o - s]
+        for shift in range(1, width):
+            entries[:, :, shift:] += T[:, :, : offsets - shift] * taps[ch, width - 1 - shift]
+        if row is not None:
+            entries *= row[:, :, None, ch]
+        out += reduction.combine(entries, None if g_rows is None else g_rows[..., ch],
+                                 None if v_shifted is None else v_shifted[..., ch], dim=-1)
+    return out
 
 
 def signed_mean(f: MambaFactors, variant: str, tile_sizes: tuple[int, ...] | None = None,
@@ -227,6 +327,35 @@ def signed_mean(f: MambaFactors, variant: str, tile_sizes: tuple[int, ...] | Non
     rows, slots = rows.to(f.x.device), slots.to(f.x.device)
     out[:, rows, rows - slots] += _band(f, variant, cums, tile_sizes[-1], chunk_bytes)[:, rows, slots]
     return out / f.x.shape[-1]
+
+
+def channel_reduced(f: MambaFactors, variant: str, reduction: ChannelReduction,
+                    tile_sizes: tuple[int, ...] | None = None, chunk_bytes: int | None = None) -> torch.Tensor:
+    """``[B, L, L]`` the channel mean of ``reduction`` (``|A|``, ``relu(A)``, the attribution), never holding
+    ``[C, L, L]``.
+
+    The tiling of :func:`signed_mean` (eager path), with each channel's tile a product over the
+    state alone (``[size, N] @ [N, size]``, every exponent ``<= 0``) formed for a chunk of channels,
+    transformed and summed over them at once; the band is formed per channel likewise. Costs the
+    ``O(L^2 E N)`` multiply-adds of the blocks but never materialises a channel's ``L x L`` matrix:
+    memory stays at ``chunk_bytes`` (default :func:`~implicit_attention.memory.default_block_bytes`).
+    """
+    chunk_bytes = chunk_bytes or default_block_bytes(f.x.device)
+    tile_sizes = tuple(tile_sizes or CHANNEL_TILE_SIZES)
+    if any(a % b for a, b in zip(tile_sizes, tile_sizes[1:])):
+        raise ValueError(f"each tile size must be a multiple of the next, got {tile_sizes}")
+    batch, length, channels = f.x.shape
+    width = variant_parts(f, variant)[2].shape[1]
+    cums = f.dt.to(torch.float64).cumsum(dim=1)                              # [B, L, E]
+    out = torch.zeros(batch, length, length, dtype=f.x.dtype, device=f.x.device)
+    parent = None
+    for size in tile_sizes:
+        _level_tiles(f, variant, cums, size, parent, chunk_bytes, out, reduction)
+        parent = size
+    rows, slots = band_entries(length, width, tile_sizes[-1])
+    rows, slots = rows.to(f.x.device), slots.to(f.x.device)
+    out[:, rows, rows - slots] += _band(f, variant, cums, tile_sizes[-1], chunk_bytes, reduction)[:, rows, slots]
+    return out / channels
 
 
 def matrix_rows(f: MambaFactors, variant: str, rows: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..base import LayerDecomposition, channel_transform
-from .fast import matrix_rows, signed_mean
+from .fast import ChannelReduction, channel_reduced, matrix_rows, signed_mean
 from .operator import EXACT_VARIANTS, MambaFactors, mamba_block
 
 
@@ -30,8 +30,15 @@ class MambaLayerDecomposition(LayerDecomposition):
         return mamba_block(self.factors, channels, self.variant)
 
     def _fast_aggregate(self, how: str) -> torch.Tensor | None:
-        # the signed mean factorises: never builds per-channel blocks (see fast.py)
-        return signed_mean(self.factors, self.variant, chunk_bytes=self.block_bytes) if how == "mean" else None
+        # the signed mean factorises; |A| and relu(A) are formed tile by tile: neither builds
+        # per-channel L x L blocks (see fast.py)
+        if how == "mean":
+            return signed_mean(self.factors, self.variant, chunk_bytes=self.block_bytes)
+        return channel_reduced(self.factors, self.variant, ChannelReduction(how), chunk_bytes=self.block_bytes)
+
+    def _fast_attribution(self, grad: torch.Tensor, signed: bool = False) -> torch.Tensor:
+        reduction = ChannelReduction(grad=grad, values=self.values, signed=signed)
+        return channel_reduced(self.factors, self.variant, reduction, chunk_bytes=self.block_bytes)
 
     def _fast_rows(self, rows: torch.Tensor, how: str) -> torch.Tensor:
         return channel_transform(matrix_rows(self.factors, self.variant, rows), how).mean(dim=2)
@@ -69,10 +76,21 @@ class ZambaLayerDecomposition(LayerDecomposition):
         return torch.cat(matrices, dim=1), torch.cat(offsets, dim=-1)
 
     def _fast_aggregate(self, how: str) -> torch.Tensor | None:
-        # heads are equally wide: the channel mean is the mean of the heads' factorised signed means
-        if how != "mean":
-            return None
-        return torch.stack([signed_mean(f, self.variant, chunk_bytes=self.block_bytes) for f in self.heads]).mean(0)
+        # heads are equally wide: the channel mean is the mean of the heads' channel means
+        if how == "mean":
+            maps = [signed_mean(f, self.variant, chunk_bytes=self.block_bytes) for f in self.heads]
+        else:
+            maps = [channel_reduced(f, self.variant, ChannelReduction(how), chunk_bytes=self.block_bytes)
+                    for f in self.heads]
+        return torch.stack(maps).mean(0)
+
+    def _fast_attribution(self, grad: torch.Tensor, signed: bool = False) -> torch.Tensor:
+        maps = []
+        for k, f in enumerate(self.heads):
+            part = slice(k * self.head_dim, (k + 1) * self.head_dim)
+            reduction = ChannelReduction(grad=grad[..., part], values=self.values[..., part], signed=signed)
+            maps.append(channel_reduced(f, self.variant, reduction, chunk_bytes=self.block_bytes))
+        return torch.stack(maps).mean(0)
 
     def _fast_rows(self, rows: torch.Tensor, how: str) -> torch.Tensor:
         per_channel = torch.cat([matrix_rows(f, self.variant, rows) for f in self.heads], dim=2)  # [B, R, E, L]
