@@ -7,8 +7,13 @@ import torch
 
 import implicit_attention as ia
 from implicit_attention.architectures.mamba import mamba_factors
-from implicit_attention.architectures.mamba.fast import (ChannelReduction, channel_reduced, exact_channel_mean,
-                                                         matrix_rows, signed_mean)
+from implicit_attention.architectures.mamba.fast import (
+    ChannelReduction,
+    channel_reduced,
+    exact_channel_mean,
+    matrix_rows,
+    signed_mean,
+)
 from implicit_attention.architectures.mamba.operator import VARIANTS, mamba_block
 from implicit_attention.hooks import capture, select_layers
 
