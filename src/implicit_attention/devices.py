@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 
 import torch
 from torch import nn
@@ -100,3 +101,18 @@ def float64_experts_error(model: nn.Module, error: RuntimeError) -> ValueError |
     return ValueError(f"{type(model).__name__} runs its mixture-of-experts layers with transformers' grouped_mm "
                       "kernel, which refuses float64: call model.set_experts_implementation('eager') first (the "
                       "same function in plain matmuls), or run it in float32")
+
+
+def triton_without_gpu_error(model: nn.Module, error: RuntimeError) -> RuntimeError | None:
+    """The error to raise instead of ``error`` when it is Triton finding no GPU driver because
+    flash-linear-attention's kernels ran on a CPU (``transformers`` hands its Gated DeltaNet and Kimi
+    Delta Attention layers to them whenever ``fla`` is installed), or ``None`` for any other error."""
+    if "active drivers" not in str(error) or "fla" not in sys.modules:
+        return None
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return RuntimeError(
+        f"{type(model).__name__} ran flash-linear-attention's Triton kernels on {device}, and Triton found no GPU "
+        f"driver ({error}). fla's own layers (fla.layers) and, when fla is installed, transformers' Gated "
+        "DeltaNet and Kimi Delta Attention layers run only through those kernels: move the model to a CUDA "
+        "device, or, on a machine without a GPU, use transformers' classes in an environment without fla "
+        "(pip uninstall flash-linear-attention fla-core), where they run in plain PyTorch")

@@ -15,7 +15,7 @@ from torch import nn
 
 from .architectures import find_layers
 from .architectures.registry import model_layers
-from .devices import float64_experts_error, model_device, model_dtype
+from .devices import float64_experts_error, model_device, model_dtype, triton_without_gpu_error
 from .errors import EmptyInputError
 
 
@@ -115,8 +115,8 @@ def call_model(model: nn.Module, input_ids: torch.Tensor | None, attention_mask:
             kwargs["position_ids"] = (positions[None, :] - left[:, None]).clamp(min=0)
     try:
         return model(**kwargs)
-    except RuntimeError as error:  # transformers' grouped-matmul experts refuse float64: say how to switch
-        if (clear := float64_experts_error(model, error)) is not None:
+    except RuntimeError as error:  # float64 refused by grouped-matmul experts, fla's kernels on a CPU: say so
+        if (clear := float64_experts_error(model, error) or triton_without_gpu_error(model, error)) is not None:
             raise clear from error
         raise
 
