@@ -99,14 +99,15 @@ class ChannelReduction:
     values: torch.Tensor | None = None
     signed: bool = False
 
-    def combine(self, entries: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None,
-                dim: int) -> torch.Tensor:
-        """``entries`` summed over the channel axis ``dim`` after the transform; ``rows`` and ``cols`` are
-        the gradient at each entry's row and the value at its column, broadcastable to ``entries``."""
-        if self.grad is None:
-            return channel_transform(entries, self.how).sum(dim)
-        cam = entries * rows * cols
-        return (cam if self.signed else cam.clamp_(min=0)).sum(dim)
+    def combine(self, entries: torch.Tensor, dim: int) -> torch.Tensor:
+        """``entries`` (a temporary: transformed in place) summed over the channel axis ``dim``. For the
+        attribution they are already ``g_i A_d[i, j] v_j``: the gradient and the value are folded into
+        the factors of each tile, ``[size, N]`` rather than ``[size, size]`` multiplications."""
+        if self.grad is not None:
+            return (entries if self.signed else entries.clamp_(min=0)).sum(dim)
+        if self.how == "abs":
+            return entries.abs_().sum(dim)
+        return (entries.clamp_(min=0) if self.how == "pos" else entries).sum(dim)
 
     def blocked(self, span: int, rows: slice, size: int, blocks: int):
         """``(grad, values)`` ``[B, blocks, size, E]`` by row block and by key block (``None`` without grad)."""
@@ -195,11 +196,13 @@ def _level_tiles(f: MambaFactors, variant: str, cums: torch.Tensor, size: int, p
         if reduction is not None:
             for delta in deltas:
                 decay = torch.exp((ref_row[:, delta:, ch] - ref_key[:, : blocks - delta, ch]).to(dtype)[..., None] * A)
+                left, right = Q[:, delta:] * decay[:, :, None], Kc[:, : blocks - delta]      # [B, P, size, c, N]
+                if g_rows is not None:                  # g_i A_d[i, j] v_j: fold g into rows, v into keys
+                    left = left * g_rows[:, delta:, :, ch, None]
+                    right = right * v_keys[:, : blocks - delta, :, ch, None]
                 # [B, P, c, size, N] @ [B, P, c, N, size]: each channel's tile, a product over the state
-                tiles = (Q[:, delta:] * decay[:, :, None]).transpose(2, 3) @ Kc[:, : blocks - delta].permute(0, 1, 3, 4, 2)
-                sums[delta] += reduction.combine(
-                    tiles, None if g_rows is None else g_rows[:, delta:, :, ch].transpose(2, 3)[..., None],
-                    None if v_keys is None else v_keys[:, : blocks - delta, :, ch].transpose(2, 3)[..., None, :], dim=2)
+                tiles = left.transpose(2, 3) @ right.permute(0, 1, 3, 4, 2)
+                sums[delta] += reduction.combine(tiles, dim=2)
             continue
         Q, Kc = Q.flatten(3), Kc.flatten(3)
         for delta in deltas:
@@ -280,8 +283,9 @@ def _band_reduced(f: MambaFactors, variant: str, cums: torch.Tensor, band: int, 
             entries[:, :, shift:] += T[:, :, : offsets - shift] * taps[ch, width - 1 - shift]
         if row is not None:
             entries *= row[:, :, None, ch]
-        out += reduction.combine(entries, None if g_rows is None else g_rows[..., ch],
-                                 None if v_shifted is None else v_shifted[..., ch], dim=-1)
+        if g_rows is not None:
+            entries *= g_rows[..., ch] * v_shifted[..., ch]
+        out += reduction.combine(entries, dim=-1)
     return out
 
 
