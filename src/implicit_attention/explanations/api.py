@@ -178,19 +178,29 @@ def run_explanation(model: nn.Module, input_ids, attention_mask=None, *, method:
 
 def baseline_explanation(model: nn.Module, input_ids, attention_mask, method: str,
                          relevance_fn: Callable[[ModelInputs, Target], tuple[torch.Tensor, dict]], *,
-                         target=None, position: int = -1, dtype: torch.dtype | None = None) -> Explanation:
+                         target=None, position: int = -1, dtype: torch.dtype | None = None,
+                         one_pass: Callable | None = None) -> Explanation:
     """An :class:`Explanation` by a method that runs the model only.
 
     ``relevance_fn(inputs, target) -> (relevance [B, L], diagnostics)`` computes the relevance for
-    the prepared inputs and the resolved target.
+    the prepared inputs and the resolved target, after a forward pass that gives the logits (and
+    resolves the target). ``one_pass(inputs, resolve) -> (relevance, target, logits)``, where given,
+    does both in one forward pass instead (``resolve(logits) -> Target``): gradient x input.
     """
     model = as_module(model)
     inputs = prepare_model_inputs(model, input_ids, attention_mask)
     refuse_padding_that_leaks(model, inputs.attention_mask)
     compute_dtype = compute_dtype_for(model, dtype)
+    resolve = lambda logits: resolve_target(logits, target, position, inputs.length,  # noqa: E731
+                                            row=inputs.classifier_row)
+    if one_pass is not None:
+        relevance, tgt, logits = one_pass(inputs, resolve)
+        _warn_if_padding(inputs.attention_mask, tgt.row)
+        return Explanation(_finish(relevance, inputs.attention_mask, compute_dtype), tgt, logits, None, method,
+                           None, {})
     with torch.no_grad():
         logits = inputs.call(model).logits
-    tgt = resolve_target(logits, target, position, inputs.length, row=inputs.classifier_row)
+    tgt = resolve(logits)
     _warn_if_padding(inputs.attention_mask, tgt.row)
     relevance, diagnostics = relevance_fn(inputs, tgt)
     return Explanation(_finish(relevance, inputs.attention_mask, compute_dtype), tgt, logits, None, method, None,

@@ -11,6 +11,8 @@ tokens, which no pixel feeds, get 0). Every function returns relevance ``[B, L]`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -55,6 +57,18 @@ def grad_x_input(model: nn.Module, input_ids, attention_mask, target: Target) ->
         score = _score_fn(model, inputs, target)(embeds, *_forward_args(inputs, target))
         (grad,) = torch.autograd.grad(score.sum(), embeds)
     return inputs.to_tokens((grad * embeds).sum(dim=-1).detach())
+
+
+def grad_x_input_one_pass(model: nn.Module, inputs: ModelInputs, resolve: Callable[[torch.Tensor], Target]
+                          ) -> tuple[torch.Tensor, Target, torch.Tensor]:
+    """``(relevance [B, L], target, logits)``: :func:`grad_x_input` with the target resolved (``resolve``)
+    from the logits of the same forward pass whose gradient it takes: one forward and one backward."""
+    embeds = inputs.embed(model).requires_grad_(True)
+    with torch.enable_grad():
+        logits = inputs.call(model, embeds).logits
+        target = resolve(logits.detach())
+        (grad,) = torch.autograd.grad(target.score(logits).sum(), embeds)
+    return inputs.to_tokens((grad * embeds).sum(dim=-1).detach()), target, logits.detach()
 
 
 def token_embeddings(model: nn.Module, inputs: ModelInputs, token: str | int, embeds: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 import torch
 
 from ...memory import default_block_bytes
-from ..base import channel_transform
 from . import triton
 from .operator import MambaFactors, mamba_block
 from .tiling import band_entries, tile_pairs
