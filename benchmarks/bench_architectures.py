@@ -5,7 +5,8 @@ Each model is built from its config (never ``from_pretrained``) at a moderate si
 decays, gates and biases are non-trivial. For each model and each length L (batch 1) it times:
 
 1. ``fwd+bwd``: one forward pass of the model and the backward pass of one logit (last token, its
-   largest logit), with gradients flowing into the input embeddings;
+   largest logit), with gradients flowing into the input embeddings, the scans run as ``explain``
+   runs them (mambapy's parallel scan for Mamba mixers);
 2. ``decompose``: ``implicit_attention.decompose(model, ids)``, which includes the model's forward
    with capture hooks, building every layer and the exactness check (``measure_error``);
 3. ``maps fast``: the signed-mean maps of all layers, ``[layer.aggregate("mean") for layer in
@@ -189,9 +190,15 @@ def timed(fn, repeat: int = 1) -> tuple[float, object]:
 
 
 def forward_backward(model, ids):
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    logits = model(inputs_embeds=embeds, use_cache=False).logits
-    logits[0, -1].max().backward()
+    """One forward and backward pass, with the model's scans as ``explain`` runs them (mambapy's
+    parallel scan for ``transformers``' Mamba mixers: :func:`implicit_attention.scans.parallel_scans`),
+    so that the ratio compares like with like."""
+    from implicit_attention.scans import parallel_scans
+
+    with parallel_scans(model):
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds, use_cache=False).logits
+        logits[0, -1].max().backward()
     model.zero_grad(set_to_none=True)
 
 
