@@ -109,6 +109,24 @@ def tiny_hgrn(seed: int = 0, **overrides):
     return randomised(HGRNForCausalLM(HGRNConfig(**{**settings, **overrides})), seed)
 
 
+def tiny_hgrn2(seed: int = 0, **overrides):
+    from fla.models import HGRN2Config, HGRN2ForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(hidden_size=32, num_hidden_layers=3, expand_ratio=8, vocab_size=50, fuse_norm=False,
+                    fuse_cross_entropy=False)
+    return randomised(HGRN2ForCausalLM(HGRN2Config(**{**settings, **overrides})), seed)
+
+
+def tiny_gsa(seed: int = 0, **overrides):
+    from fla.models import GSAConfig, GSAForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(hidden_size=32, num_hidden_layers=2, num_heads=2, vocab_size=50, fuse_norm=False,
+                    fuse_cross_entropy=False)
+    return randomised(GSAForCausalLM(GSAConfig(**{**settings, **overrides})), seed)
+
+
 def tiny_rwkv6(seed: int = 0, **overrides):
     from fla.models import RWKV6Config, RWKV6ForCausalLM
 
@@ -142,6 +160,21 @@ def decomposition_errors(model, ids, mask=None, variants=("unified", "no_conv"))
 
     return {variant: max(layer.error for layer in ia.decompose(model, ids, mask, variant=variant).layers)
             for variant in variants}
+
+
+def attribution_against_blocks(model, ids) -> float:
+    """The largest relative difference between each layer's attribution map from a gradient at the module's
+    output (carried back through its fused projection inside) and the same rule on the channel blocks with
+    that gradient carried back to the operator's output here (``grad @ W``, as ``y = o W^T``)."""
+    import implicit_attention as ia
+
+    worst = 0.0
+    for layer in ia.decompose(model, ids).layers:
+        grad = torch.randn(layer.output.shape, dtype=layer.dtype, generator=torch.Generator().manual_seed(layer.index))
+        at_operator = (grad @ layer.projection).to(layer.values.device)
+        expected = layer.attribution_by_blocks(layer.matrix_gradient(at_operator))
+        worst = max(worst, float((layer.attribution(grad) - expected).abs().max() / expected.abs().max()))
+    return worst
 
 
 def same_maps_as_olmo_hybrid(seed: int = 0) -> dict:
@@ -233,12 +266,23 @@ def measurements() -> dict:
     hgrn, hgrn_conv = tiny_hgrn().to(device), tiny_hgrn(seed=1, use_short_conv=True).to(device)
     results["hgrn"] = decomposition_errors(hgrn, ids, variants=("unified",))
     results["hgrn_conv"] = decomposition_errors(hgrn_conv, ids, variants=("unified",))
+    # HGRN2: three layers (the lower bounds reach the second and third), and with short convolutions;
+    # norm and output projection fused in one call, decomposed through o_proj
+    hgrn2, hgrn2_conv = tiny_hgrn2().to(device), tiny_hgrn2(seed=1, use_short_conv=True).to(device)
+    results["hgrn2"] = decomposition_errors(hgrn2, ids, variants=("unified",))
+    results["hgrn2_conv"] = decomposition_errors(hgrn2_conv, ids, variants=("unified",))
+    results["hgrn2_attribution_vs_blocks"] = attribution_against_blocks(hgrn2, ids)
+    # GSA: fla's defaults (swish feature map, slots = key width), and one key head for two query heads with
+    # short convolutions and fewer slots
+    gsa, gsa_gqa = tiny_gsa().to(device), tiny_gsa(seed=1, num_kv_heads=1, use_short_conv=True, num_slots=6).to(device)
+    results["gsa"] = decomposition_errors(gsa, ids, variants=("unified",))
+    results["gsa_gqa_conv"] = decomposition_errors(gsa_gqa, ids, variants=("unified",))
     rwkv6 = tiny_rwkv6().to(device)
     results["rwkv6"] = decomposition_errors(rwkv6, ids, variants=sorted(exact_variants(rwkv6)))
     rwkv7 = tiny_rwkv7().to(device)          # three layers: the value residual reaches the second and third
     results["rwkv7"] = decomposition_errors(rwkv7, ids, variants=sorted(exact_variants(rwkv7)))
     results["found"] = {name: [type(m).__name__ for _, m, _ in ia.architectures.find_layers(model)]
-                        for name, model in (("gated_deltanet", gdn), ("deltanet", deltanet), ("gla", gla_default), ("retnet", retnet), ("hgrn", hgrn),
+                        for name, model in (("gated_deltanet", gdn), ("deltanet", deltanet), ("gla", gla_default), ("retnet", retnet), ("hgrn", hgrn), ("hgrn2", hgrn2), ("gsa", gsa),
                                                               ("rwkv6", rwkv6), ("rwkv7", rwkv7))}
     if ON_CUDA:  # chunked kernels: padded batches (fla unpads them) and gradients
         mask = torch.ones_like(ids)
@@ -248,6 +292,8 @@ def measurements() -> dict:
         results["gla_padded"] = decomposition_errors(gla_variant, ids, mask, variants=("unified",))
         results["retnet_padded"] = decomposition_errors(retnet_gqa, ids, mask, variants=("unified",))
         results["hgrn_padded"] = decomposition_errors(hgrn_conv, ids, mask, variants=("unified",))
+        results["hgrn2_padded"] = decomposition_errors(hgrn2_conv, ids, mask, variants=("unified",))
+        results["gsa_padded"] = decomposition_errors(gsa_gqa, ids, mask, variants=("unified",))
         results["rwkv6_padded"] = decomposition_errors(rwkv6, ids, mask, variants=("unified",))
         results["rwkv7_padded"] = decomposition_errors(rwkv7, ids, mask, variants=("unified",))
         # the padded row explained as the same text alone (fla ran the batch unpadded: to_batch put it back)

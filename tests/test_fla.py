@@ -1,6 +1,6 @@
 """flash-linear-attention's layers (the ``fla`` extra: GatedDeltaNet, DeltaNet,
-GatedLinearAttention, MultiScaleRetention, HGRNAttention, RWKV6Attention,
-RWKV7Attention): exact against fla's own forward, and the same maps as the ``transformers`` port
+GatedLinearAttention, MultiScaleRetention, HGRNAttention, HGRN2Attention, GatedSlotAttention,
+RWKV6Attention, RWKV7Attention): exact against fla's own forward, and the same maps as the ``transformers`` port
 of the same layer (OLMo-Hybrid's Gated DeltaNet).
 
 The measurements run in a subprocess (tests/fla_checks.py): on a CPU in Triton's interpreter, where
@@ -36,23 +36,34 @@ def measured() -> dict:
 def test_fla_layers_are_found_in_model_order(measured):
     assert measured["found"] == {"gated_deltanet": ["GatedDeltaNet"] * 2, "deltanet": ["DeltaNet"] * 2,
                                  "gla": ["GatedLinearAttention"] * 2, "retnet": ["MultiScaleRetention"] * 2,
-                                 "hgrn": ["HGRNAttention"] * 3, "rwkv6": ["RWKV6Attention"] * 2,
+                                 "hgrn": ["HGRNAttention"] * 3, "hgrn2": ["HGRN2Attention"] * 3,
+                                 "gsa": ["GatedSlotAttention"] * 2,
+                                 "rwkv6": ["RWKV6Attention"] * 2,
                                  "rwkv7": ["RWKV7Attention"] * 3}
 
 
 @pytest.mark.parametrize("model", ["gated_deltanet", "deltanet", "gla", "gla_conv_gqa", "retnet", "retnet_gqa",
-                                   "hgrn", "hgrn_conv", "rwkv6", "rwkv7"])
+                                   "hgrn", "hgrn_conv", "hgrn2", "hgrn2_conv", "gsa", "gsa_gqa_conv",
+                                   "rwkv6", "rwkv7"])
 def test_fla_layers_decompose_exactly(measured, model):
     """The exact variants reconstruct fla's own output (its kernels run in float32) on a batch of two
     randomised tiny models: grouped value heads for Gated DeltaNet, a gated output norm for DeltaNet; GLA
     with fla's defaults (fused RMS norm and swish gate) and with short convolutions, one key head for
     two query heads, a clamped decay and the unfused norm; RetNet (rotary q, k, fixed decays) with and
     without shared key heads; HGRN with three layers (the model's lower bounds reach the second and third;
-    without them their error is 0.3 and 0.5) and with short convolutions; RWKV-6 (fla's LoRA token shift,
+    without them their error is 0.3 and 0.5) and with short convolutions; HGRN2 likewise, decomposed
+    through the output projection fla fuses with its norm (checked at the module's own output); GSA with
+    fla's defaults and with one key head for two query heads, short convolutions and fewer slots; RWKV-6 (fla's LoRA token shift,
     key heads half the width of the value heads); RWKV-7 with three layers (the first layer's values
     reach the others through the value residual)."""
     for variant, error in measured[model].items():
         assert error < FLOAT32_KERNEL_TOLERANCE, (model, variant, error)
+
+
+def test_hgrn2_attribution_goes_back_through_the_fused_projection(measured):
+    """HGRN2's attribution from a gradient at the module's output equals the rule on the channel blocks with
+    that gradient carried back through o_proj by hand."""
+    assert measured["hgrn2_attribution_vs_blocks"] < 1e-6
 
 
 def test_load_model_imports_fla_for_its_checkpoints(measured):
@@ -71,6 +82,7 @@ def test_fla_and_transformers_gated_deltanet_give_the_same_maps(measured):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's chunked kernels (padding, gradients) need CUDA")
 def test_padded_batches_and_gradients_on_cuda(measured):
     for model in ("gated_deltanet_padded", "deltanet_padded", "gla_padded", "retnet_padded", "hgrn_padded",
+                  "hgrn2_padded", "gsa_padded",
                   "rwkv6_padded", "rwkv7_padded"):
         for variant, error in measured[model].items():
             assert error < FLOAT32_KERNEL_TOLERANCE, (model, variant, error)

@@ -174,3 +174,27 @@ def test_layer_serves_abs_pos_and_attribution_without_blocks(variant):
     for signed in (False, True):
         expected = layer.attribution_by_blocks(layer.matrix_gradient(grad), signed)
         assert_close(layer.attribution(grad, signed), expected, 1e-12, f"signed={signed}")
+
+
+def test_a_fused_output_projection_is_checked_and_differentiated_through():
+    """A layer captured after its output projection (``projection``): the check reconstructs the module's
+    output through it, and the attribution of a gradient at that output equals the attribution of the
+    gradient carried back to the operator's output."""
+    from implicit_attention.architectures.mamba.layer import MambaLayerDecomposition
+
+    model = tiny_mamba(dtype=torch.float64)
+    ids, mask = left_padded(batch=2, length=19)
+    layer = ia.decompose(model, ids, attention_mask=mask, layers=[-1])[0]
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(7, layer.channels, dtype=torch.float64, generator=generator)
+    projected = MambaLayerDecomposition(layer.factors, variant="unified", index=0, name="projected",
+                                        output=layer.output @ weight.T, projection=weight)
+    assert layer.error < 1e-8 and projected.measure_error() < 1e-8      # the module's own float64 rounding
+    wrong = MambaLayerDecomposition(layer.factors, variant="unified", index=0, name="wrong",
+                                    output=layer.output @ weight.T, projection=weight.flip(0))
+    assert wrong.measure_error() > 1e-2
+    grad = torch.randn(*layer.output.shape[:2], 7, dtype=torch.float64, generator=generator)
+    for signed in (False, True):
+        assert_close(projected.attribution(grad, signed), layer.attribution(grad @ weight, signed), 1e-12, "cam")
+    with pytest.raises(ValueError, match="grad must have shape"):
+        projected.attribution(grad @ weight)

@@ -57,6 +57,11 @@ class LayerDecomposition(ABC):
             channel (RWKV-4's value-path token shift) has more operator channels than output
             channels; operator channel ``k`` adds into output channel ``fold[k]``, so the identity
             is ``out[..., c] = sum_{k: fold[k] = c} (einsum(matrix, values) + offset)[..., k]``.
+        projection: ``[C_out, C]`` or ``None``. A module that applies its output projection inside a
+            fused kernel (fla's HGRN2: norm and projection in one call, no submodule whose input is
+            the operator's output) is captured at its own output ``[B, L, C_out]``; the identity is
+            then ``output = (einsum(matrix, values) + offset) @ projection^T``, and the gradient at
+            that output reaches the matrices through the projection (:meth:`attribution`).
     """
 
     #: how many block-sized temporaries :meth:`_block` holds at its peak (for chunk sizing).
@@ -64,7 +69,8 @@ class LayerDecomposition(ABC):
 
     def __init__(self, *, index: int, name: str, variant: str, exact: bool,
                  values: torch.Tensor, offset: torch.Tensor | None, output: torch.Tensor,
-                 mask: torch.Tensor, block_bytes: int | None = None, fold: torch.Tensor | None = None):
+                 mask: torch.Tensor, block_bytes: int | None = None, fold: torch.Tensor | None = None,
+                 projection: torch.Tensor | None = None):
         self.index = index
         self.name = name
         self.variant = variant
@@ -74,6 +80,8 @@ class LayerDecomposition(ABC):
         self.mask = mask
         # operator channel k feeds output channel fold[k] (None: one to one); see the class docstring
         self.fold = fold
+        # the module's output is the operator's output times projection^T (None: the operator's output)
+        self.projection = projection
         # chunk sizes follow the memory free on the device unless the caller fixes them
         self.block_bytes = block_bytes if block_bytes is not None else default_block_bytes(values.device)
         self._offset = offset
@@ -190,7 +198,10 @@ class LayerDecomposition(ABC):
             self._offset = torch.cat(offsets, dim=-1)
         out = torch.cat(parts, dim=-1) + self._offset
         if self.fold is not None:
-            out = out.new_zeros(self.output.shape).index_add_(-1, self.fold, out)
+            outputs = self.output.shape[-1] if self.projection is None else self.projection.shape[1]
+            out = out.new_zeros(*out.shape[:-1], outputs).index_add_(-1, self.fold, out)
+        if self.projection is not None:
+            out = out @ self.projection.T
         return out
 
     def measure_error(self, max_entries: int | None = FULL_CHECK_ENTRIES) -> float:
@@ -200,7 +211,7 @@ class LayerDecomposition(ABC):
         above that, :data:`SAMPLED_CHANNELS` channels in groups spread over the width, so that the
         check stays cheap on long inputs. :attr:`error_channels` records how many were checked.
         """
-        if max_entries is None or self.fold is not None \
+        if max_entries is None or self.fold is not None or self.projection is not None \
                 or self.batch_size * self.channels * self.length ** 2 <= max_entries:
             rec, ref = self.reconstruct(), self.output
             self.error_channels = self.channels
@@ -257,7 +268,8 @@ class LayerDecomposition(ABC):
         """``[B, L, L]`` gradient-weighted map ``mean_c clamp(grad_i * A[i, j] * v_j, min=0)``.
 
         ``grad`` is ``[B, L, C]``, the gradient of the explained score with respect to this
-        layer's output (before the output projection). Since ``out_i = sum_j A[i, j] v_j``, the
+        layer's output (before the output projection; with a fused :attr:`projection`, at the
+        module's own output ``[B, L, C_out]``). Since ``out_i = sum_j A[i, j] v_j``, the
         gradient with respect to ``A[i, j]`` is ``grad_i * v_j``: this is Chefer et al.'s
         ``grad ⊙ A`` with the exact gradient, computed without any extra autograd graph. Each
         channel is a head of this rule (softmax attention clamps per head instead).
@@ -265,7 +277,10 @@ class LayerDecomposition(ABC):
         """
         if grad.shape != self.output.shape:
             raise ValueError(f"grad must have shape {tuple(self.output.shape)}, got {tuple(grad.shape)}")
-        grad = self.matrix_gradient(grad.to(self.dtype))
+        grad = grad.to(self.dtype)
+        if self.projection is not None:      # back through the module's fused output projection
+            grad = grad @ self.projection
+        grad = self.matrix_gradient(grad)
         fast = self._fast_attribution(grad, signed)
         return fast if fast is not None else self.attribution_by_blocks(grad, signed)
 

@@ -16,6 +16,9 @@ factors recompute as ``A_h u`` instead (see :func:`..gated_deltanet.factors.delt
 
 from __future__ import annotations
 
+import inspect
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -247,6 +250,131 @@ def fla_hgrn_factors(module: nn.Module, hidden_states: torch.Tensor, attention_m
     return HGRNFactors(x=x, conv_out=conv_out, conv_weight=conv_weight, conv_bias=conv_bias, forget=forget,
                        one_minus_f=one_minus_f, out_gate=F.silu(lin(module.g_proj)),
                        norm_scale=torch.rsqrt(state.pow(2).mean(-1) + norm.eps), norm_weight=weight, mask=mask)
+
+
+def fla_hgrn2_factors(module: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                      lower_bound: torch.Tensor | None, dtype: torch.dtype):
+    """:class:`~..gla.operator.GLAFactors` of ``fla.layers.HGRN2Attention``.
+
+    HGRN2 is GLA with tied keys: per head, ``S_t = Diag(f_t) S_{t-1} + (1 - f_t) i_t^T`` and
+    ``o_t = S_t^T swish(q_t) / sqrt(K)``, with ``log f = logsigmoid(f_proj h)`` (lower-bounded from the
+    second layer on, as HGRN: ``log(b + (1 - b) f)``), optional short convolutions (no activation) on
+    ``q, f, i``; then one RMS norm over every head's channels (a row scale per token, the same for all
+    heads) and the output projection, which fla applies in one fused call (``rms_norm_linear``, with
+    that function's default eps, not the norm module's): the layer is captured at its output and
+    decomposed through ``o_proj`` (``projection``).
+    """
+    from ...models.gla.modeling_gla import chunked_gla  # lazy: the model package registers Auto classes
+    from ..gla.operator import GLAFactors
+    from ..primitives import causal_conv, padding_mask
+
+    h = hidden_states.detach().to(dtype)
+    mask = padding_mask(attention_mask, h)
+    h = h * mask[..., None]
+    lin = _projections(h, dtype)
+    q, f, i = lin(module.q_proj), lin(module.f_proj), lin(module.i_proj)
+    if module.use_short_conv:
+        convs = (module.q_conv1d, module.f_conv1d, module.i_conv1d)
+        if any(conv.activation is not None for conv in convs):
+            raise NotImplementedError("HGRN2Attention with activated short convolutions is not written here")
+        q, f, i = (causal_conv(x, conv.weight.detach()[:, 0, :].to(dtype),
+                               None if conv.bias is None else conv.bias.detach().to(dtype))
+                   for x, conv in zip((q, f, i), convs))
+    log_forget = F.logsigmoid(f)
+    if lower_bound is not None and module.layer_idx:
+        bound = lower_bound.detach().to(dtype)
+        log_forget = torch.logaddexp(bound.log(), torch.log1p(-bound) + log_forget)
+    batch, length, _ = h.shape
+    heads, key_dim, value_dim = module.num_heads, module.head_f_dim, module.head_i_dim
+    by_head = lambda x, d: x.reshape(batch, length, heads, d)  # noqa: E731
+    padding = mask[:, :, None, None]
+    q = by_head(F.silu(q), key_dim) * key_dim ** -0.5
+    k = by_head(1 - log_forget.exp(), key_dim) * padding          # padding never enters the state
+    log_alpha = by_head(log_forget, key_dim)
+    v = by_head(i, value_dim) * padding
+    y = chunked_gla(q, k, v, log_alpha, 64)                       # [B, L, H, V], for the norm's scale
+    norm = module.g_norm
+    weight = getattr(norm, "weight", None)
+    weight = h.new_ones(heads * value_dim) if weight is None else weight.detach().to(dtype)
+    bias = getattr(norm, "bias", None)
+    if bias is not None and bool(bias.detach().any()):
+        raise NotImplementedError("HGRN2Attention with an RMS norm bias is not written here")
+    # the forward calls fla's fused rms_norm_linear without the norm's eps: that function's default applies
+    fused = getattr(sys.modules[type(module).__module__], "rms_norm_linear")
+    eps = inspect.signature(fused).parameters["eps"].default
+    scale = torch.rsqrt(y.flatten(2).pow(2).mean(-1) + eps)       # [B, L]: one norm over all heads
+    return GLAFactors(v=v, gate=h.new_ones(batch, length, heads * value_dim),
+                      norm_scale=scale[..., None].expand(batch, length, heads), norm_weight=weight,
+                      norm_bias=h.new_zeros(heads * value_dim), mask=mask, centred=False, q=q, k=k,
+                      log_alpha=log_alpha)
+
+
+def _slot_scores(q: torch.Tensor, k: torch.Tensor, slots: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
+    """``[B, L, H, M]`` GSA's first pass, ``o_i[m] = sum_{j <= i} (q_i . k_j) s_j[m] prod_{j < t <= i} f_t[m]``
+    (a decay on the slots, the first pass's values), by a scan over the tokens (the queries of the
+    second pass are its softmax: data, computed once)."""
+    batch, length, heads, key_dim = q.shape
+    state = q.new_zeros(batch, heads, key_dim, slots.shape[-1])
+    out = q.new_empty(batch, length, heads, slots.shape[-1])
+    for t in range(length):
+        state = state * log_decay[:, t, :, None, :].exp() + k[:, t, :, :, None] * slots[:, t, :, None, :]
+        out[:, t] = torch.einsum("bhk,bhkm->bhm", q[:, t], state)
+    return out
+
+
+def fla_gsa_factors(module: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                    dtype: torch.dtype):
+    """:class:`~..gla.operator.GLAFactors` of ``fla.layers.GatedSlotAttention`` (GSA).
+
+    Two chained gated recurrences over ``M`` slots per head, ``s = 1 - f`` with
+    ``log f = logsigmoid(f_proj h) / gate_logit_normalizer``: the first,
+    ``o1_i[m] = sum_j (q_i . k_j) s_j[m] prod f[m]`` (:func:`_slot_scores`), is read off the keys only; its
+    softmax over the slots, ``qv``, is the query of the second, ``o_i = sum_j (qv_i . s_j prod f) v_j``, a GLA
+    over the slots that is linear in the values ``v = silu(v_proj h)``. The output
+    ``rms_norm_linear(silu(o))`` adds the row scales ``sigmoid(o)`` (SiLU as ``o sigmoid(o)``) and one RMS
+    norm over all heads (with the fused function's default eps), then the projection through which the
+    layer is decomposed, as HGRN2's.
+    """
+    from ...models.gla.modeling_gla import chunked_gla  # lazy: the model package registers Auto classes
+    from ..gla.operator import GLAFactors
+
+    maps = {"SwishFeatureMap": F.silu, "ReLUFeatureMap": F.relu}
+    feature_map = None
+    if module.feature_map is not None:
+        if type(module.feature_map).__name__ not in maps:
+            raise NotImplementedError(f"GatedSlotAttention with the feature map {type(module.feature_map).__name__} "
+                                      "is not written here (swish and relu are)")
+        feature_map = maps[type(module.feature_map).__name__]
+    h, mask, lin, (q, k, v) = _masked_qkv(module, hidden_states, attention_mask, dtype)
+    batch, length, _ = h.shape
+    heads, groups, slots = module.num_heads, module.num_kv_groups, module.num_slots
+    key_dim, value_dim = module.head_k_dim, module.head_v_dim
+    repeat = lambda x, d: x.reshape(batch, length, -1, d).repeat_interleave(groups, dim=2)  # noqa: E731
+    q = q.reshape(batch, length, heads, key_dim)
+    k = repeat(k, key_dim)
+    if feature_map is not None:
+        q, k = feature_map(q), feature_map(k)
+    padding = mask[:, :, None, None]
+    k = k * padding                                               # padding never enters the states
+    v = repeat(F.silu(v), value_dim) * padding
+    log_forget = repeat(F.logsigmoid(lin(module.f_proj)) / module.gate_logit_normalizer, slots)
+    s = (1 - log_forget.exp()) * padding
+    scale = key_dim ** -0.5 if module.scale is None else module.scale
+    queries = _slot_scores(q * scale, k, s, log_forget).softmax(-1)            # [B, L, H, M]
+    y = chunked_gla(queries, s, v, log_forget, 64)                            # [B, L, H, V]
+    gate = torch.sigmoid(y).flatten(2)                                        # silu(y) = y sigmoid(y)
+    norm = module.g_norm
+    weight = getattr(norm, "weight", None)
+    weight = h.new_ones(heads * value_dim) if weight is None else weight.detach().to(dtype)
+    bias = getattr(norm, "bias", None)
+    if bias is not None and bool(bias.detach().any()):
+        raise NotImplementedError("GatedSlotAttention with an RMS norm bias is not written here")
+    fused = getattr(sys.modules[type(module).__module__], "rms_norm_linear")
+    eps = inspect.signature(fused).parameters["eps"].default
+    normed = torch.rsqrt((y.flatten(2) * gate).pow(2).mean(-1) + eps)          # [B, L]: over silu(y), all heads
+    return GLAFactors(v=v, gate=gate, norm_scale=normed[..., None].expand(batch, length, heads), norm_weight=weight,
+                      norm_bias=h.new_zeros(heads * value_dim), mask=mask, centred=False, q=queries, k=s,
+                      log_alpha=log_forget)
 
 
 def fla_rwkv6_factors(module: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
