@@ -133,6 +133,29 @@ class HeadSharedDecomposition(LayerDecomposition):
             total += scaled_head_sum(self._head_matrices(sl), r[:, sl], how, "bhij,bhi->bij")
         return total / self.channels
 
+    def _fast_attribution(self, grad: torch.Tensor, signed: bool = False) -> torch.Tensor:
+        """``mean_c clamp(g_i[c] r_i[c] A_h[i, j] v_j[c], min=0)`` per head from ``[L, V] x [V, L]`` products.
+
+        With ``a = g r`` and ``b = v`` of the head's channels, ``relu(a b A) = relu(A) relu(a b) + relu(-A) relu(-a b)``
+        and ``relu(a b) = a+ b+ + a- b-`` (``x+ = relu(x)``, ``x- = relu(-x)``), so the channel sum is
+        ``relu(A_h) ⊙ (A+ B+^T + A- B-^T) + relu(-A_h) ⊙ (A+ B-^T + A- B+^T)``, exactly; signed, ``A_h ⊙ (A B^T)``.
+        """
+        heads, head_v = self.factors.v.shape[2], self.factors.head_v
+        a = (grad * self._head_rows().flatten(2)).unflatten(-1, (heads, head_v)).transpose(1, 2)   # [B, H, L, V]
+        b = self.values.unflatten(-1, (heads, head_v)).transpose(1, 2)
+        total = torch.zeros(self.batch_size, self.length, self.length, dtype=self.dtype, device=self.device)
+        step = channels_per_block(self.batch_size, self.length, heads, self.dtype.itemsize,
+                                  self.block_temporaries + 2, self.block_bytes)
+        for start in range(0, heads, step):
+            sl = slice(start, min(start + step, heads))
+            M, A, Bt = self._head_matrices(sl), a[:, sl], b[:, sl].transpose(-1, -2)
+            if signed:
+                total += (M * (A @ Bt)).sum(dim=1)
+                continue
+            Ap, An, Bp, Bn = A.clamp(min=0), (-A).clamp(min=0), Bt.clamp(min=0), (-Bt).clamp(min=0)
+            total += (M.clamp(min=0) * (Ap @ Bp + An @ Bn) + (-M).clamp(min=0) * (Ap @ Bn + An @ Bp)).sum(dim=1)
+        return total / self.channels
+
     def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         # "recurrence" leaves the gate and the norm out of its matrix (HeadGatedFactors.head_gradient)
         return grad if self.variant == "unified" else self.factors.head_gradient(grad)

@@ -1,0 +1,40 @@
+"""Attribution of layers whose channels share one matrix per head (RetNet, GLA, MiniMax lightning):
+the per-head sign-split products against the generic per-channel blocks, clamped and signed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import implicit_attention as ia
+
+from conftest import assert_close, left_padded
+from test_gla import tiny_gla
+from test_lightning import VOCAB
+from test_lightning import tiny as tiny_minimax
+from test_retnet import tiny_retnet
+
+CASES = {
+    "retnet": (lambda: tiny_retnet(), ("unified", "recurrence"), 40),
+    "gla": (lambda: tiny_gla(), ("unified", "recurrence"), 40),
+    "minimax": (lambda: tiny_minimax(), ("unified", "no_gate", "recurrence"), VOCAB),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_head_shared_attribution_equals_the_channel_blocks(name):
+    build, variants, vocab = CASES[name]
+    model = build()
+    ids, mask = left_padded(batch=2, length=9, vocab=vocab)
+    for variant in variants:
+        for layer in ia.decompose(model, ids, mask, variant=variant).layers:
+            if not hasattr(layer, "_head_rows"):
+                continue                                  # a hybrid's softmax attention layer
+            grad = torch.randn(layer.output.shape, dtype=torch.float64,
+                               generator=torch.Generator().manual_seed(layer.index))
+            at_matrix = layer.matrix_gradient(grad)
+            for signed in (False, True):
+                fast = layer._fast_attribution(at_matrix, signed)
+                expected = layer.attribution_by_blocks(at_matrix, signed)
+                assert float(expected.abs().max()) > 0
+                assert_close(fast, expected, 1e-12, f"{name} {variant} signed={signed}")
