@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import implicit_attention as ia
-
-from conftest import assert_close, left_padded
 from test_gla import tiny_gla
 from test_lightning import VOCAB
 from test_lightning import tiny as tiny_minimax
 from test_retnet import tiny_retnet
+
+from conftest import assert_close, left_padded
 
 CASES = {
     "retnet": (lambda: tiny_retnet(), ("unified", "recurrence"), 40),
