@@ -91,6 +91,22 @@ def channel_heads(channels: slice, head_v: int) -> tuple[slice, torch.Tensor]:
     return slice(first, last + 1), index
 
 
+def head_shared_attribution(M: torch.Tensor, a: torch.Tensor, b: torch.Tensor, signed: bool = False) -> torch.Tensor:
+    """``[B, L, L]`` ``sum_h sum_{c in h} clamp(a_i[c] M_h[i, j] b_j[c], min=0)`` for matrices ``M [B, H, L, L]``
+    shared by the channels of each head, ``a, b [B, H, L, V]`` (the gradient times the row scale, and the values).
+
+    ``relu(x M) = relu(M) relu(x) + relu(-M) relu(-x)`` and ``relu(a b) = a+ b+ + a- b-`` (``x+ = relu(x)``,
+    ``x- = relu(-x)``), so the channel sum is ``relu(M_h) ⊙ (A+ B+^T + A- B-^T) + relu(-M_h) ⊙ (A+ B-^T + A- B+^T)``:
+    four ``[L, V] x [V, L]`` products per head instead of ``V`` channel matrices, exactly; ``signed``: ``M_h ⊙ (A B^T)``.
+    """
+    bt = b.transpose(-1, -2)
+    if signed:
+        return (M * (a @ bt)).sum(dim=1)
+    a_pos, a_neg, b_pos, b_neg = a.clamp(min=0), (-a).clamp(min=0), bt.clamp(min=0), (-bt).clamp(min=0)
+    return (M.clamp(min=0) * (a_pos @ b_pos + a_neg @ b_neg)
+            + (-M).clamp(min=0) * (a_pos @ b_neg + a_neg @ b_pos)).sum(dim=1)
+
+
 def head_block(head_matrices, factors: HeadGatedFactors, channels: slice, variant: str):
     """Matrices ``[B, c, L, L]`` and offset ``[B, L, c]`` from ``head_matrices(heads) -> [B, h, L, L]``."""
     heads, index = channel_heads(channels, factors.head_v)
@@ -134,12 +150,7 @@ class HeadSharedDecomposition(LayerDecomposition):
         return total / self.channels
 
     def _fast_attribution(self, grad: torch.Tensor, signed: bool = False) -> torch.Tensor:
-        """``mean_c clamp(g_i[c] r_i[c] A_h[i, j] v_j[c], min=0)`` per head from ``[L, V] x [V, L]`` products.
-
-        With ``a = g r`` and ``b = v`` of the head's channels, ``relu(a b A) = relu(A) relu(a b) + relu(-A) relu(-a b)``
-        and ``relu(a b) = a+ b+ + a- b-`` (``x+ = relu(x)``, ``x- = relu(-x)``), so the channel sum is
-        ``relu(A_h) ⊙ (A+ B+^T + A- B-^T) + relu(-A_h) ⊙ (A+ B-^T + A- B+^T)``, exactly; signed, ``A_h ⊙ (A B^T)``.
-        """
+        """``mean_c clamp(g_i[c] r_i[c] A_h[i, j] v_j[c], min=0)`` per head (:func:`head_shared_attribution`)."""
         heads, head_v = self.factors.v.shape[2], self.factors.head_v
         a = (grad * self._head_rows().flatten(2)).unflatten(-1, (heads, head_v)).transpose(1, 2)   # [B, H, L, V]
         b = self.values.unflatten(-1, (heads, head_v)).transpose(1, 2)
@@ -148,12 +159,7 @@ class HeadSharedDecomposition(LayerDecomposition):
                                   self.block_temporaries + 2, self.block_bytes)
         for start in range(0, heads, step):
             sl = slice(start, min(start + step, heads))
-            M, A, Bt = self._head_matrices(sl), a[:, sl], b[:, sl].transpose(-1, -2)
-            if signed:
-                total += (M * (A @ Bt)).sum(dim=1)
-                continue
-            Ap, An, Bp, Bn = A.clamp(min=0), (-A).clamp(min=0), Bt.clamp(min=0), (-Bt).clamp(min=0)
-            total += (M.clamp(min=0) * (Ap @ Bp + An @ Bn) + (-M).clamp(min=0) * (Ap @ Bn + An @ Bp)).sum(dim=1)
+            total += head_shared_attribution(self._head_matrices(sl), a[:, sl], b[:, sl], signed)
         return total / self.channels
 
     def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:

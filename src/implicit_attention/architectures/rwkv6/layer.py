@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..base import LayerDecomposition, channel_transform, scaled_head_sum
+from ..heads import head_shared_attribution
 from .operator import EXACT_VARIANTS, Rwkv6Factors, rwkv6_attention
 
 
@@ -75,6 +76,21 @@ class RwkvHeadsDecomposition(LayerDecomposition):
         if self.diag is not None:
             diagonal = row * A.diagonal(dim1=-2, dim2=-1).transpose(1, 2).repeat_interleave(self.head_size, -1)
             total.diagonal(dim1=-2, dim2=-1).copy_(channel_transform(diagonal + self.diag, how).sum(-1))
+        return total / self.channels
+
+    def _fast_attribution(self, grad: torch.Tensor, signed: bool = False) -> torch.Tensor:
+        """Per head (:func:`~..heads.head_shared_attribution`) off the diagonal; the diagonal, where RWKV-7
+        adds its bonus per channel, exactly per channel."""
+        batch, length, _ = self.values.shape
+        row = self.row if self.row is not None else torch.ones_like(self.values)
+        a = (grad * row).view(batch, length, -1, self.head_size).transpose(1, 2)           # [B, H, L, N]
+        b = self.values.view(batch, length, -1, self.head_size).transpose(1, 2)
+        total = head_shared_attribution(self.attention, a, b, signed)
+        if self.diag is not None:
+            diagonal = row * self.attention.diagonal(dim1=-2, dim2=-1).transpose(1, 2).repeat_interleave(
+                self.head_size, -1) + self.diag
+            cam = grad * diagonal * self.values
+            total.diagonal(dim1=-2, dim2=-1).copy_((cam if signed else cam.clamp(min=0)).sum(-1))
         return total / self.channels
 
     def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
