@@ -272,3 +272,16 @@ def test_raw_relevance_is_the_aggregated_maps_last_row():
     ids, mask = left_padded(batch=2, length=6)
     maps = ia.decompose(model, ids, mask).aggregate("abs")
     assert_close(ia.explain(model, ids, mask, method="raw"), maps[:, :, -1, :].mean(0) * mask, 1e-12, "raw")
+
+
+@pytest.mark.parametrize("length,strength", [(1, 1.0), (7, 1.0), (37, 1.0), (70, 30.0), (130, 1.0)])
+def test_tiled_attention_equals_the_direct_one(length, strength):
+    """The per-head matrices by tiles (the layers' path) against the direct masked cumulative sums, with
+    decays strong enough that long products underflow."""
+    from implicit_attention.architectures.rwkv6.operator import rwkv6_attention, rwkv6_attention_tiled
+
+    generator = torch.Generator().manual_seed(length)
+    r, k = (torch.randn(2, length, 3, 4, dtype=torch.float64, generator=generator) for _ in range(2))
+    log_w = -torch.rand(2, length, 3, 4, dtype=torch.float64, generator=generator) * strength
+    u = torch.randn(3, 4, dtype=torch.float64, generator=generator)
+    assert_close(rwkv6_attention_tiled(r, k, log_w, u), rwkv6_attention(r, k, log_w, u), 1e-13, str(length))

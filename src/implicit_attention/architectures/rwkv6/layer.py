@@ -7,7 +7,7 @@ import torch
 
 from ..base import LayerDecomposition, channel_transform, scaled_head_sum
 from ..heads import head_shared_attribution
-from .operator import EXACT_VARIANTS, Rwkv6Factors, rwkv6_attention
+from .operator import EXACT_VARIANTS, Rwkv6Factors, rwkv6_attention_tiled
 
 
 class RwkvHeadsDecomposition(LayerDecomposition):
@@ -109,6 +109,6 @@ class Rwkv6LayerDecomposition(RwkvHeadsDecomposition):
     def __init__(self, factors: Rwkv6Factors, *, variant: str, **kwargs):
         self.factors = factors
         f = factors
-        super().__init__(attention=rwkv6_attention(f.r, f.k, f.log_w, f.u), v=f.v, gate=f.gate,
+        super().__init__(attention=rwkv6_attention_tiled(f.r, f.k, f.log_w, f.u), v=f.v, gate=f.gate,
                          gn_weight=f.gn_weight, gn_bias=f.gn_bias, gn_eps=f.gn_eps, bonus=None,
                          variant=variant, mask=f.mask, **kwargs)

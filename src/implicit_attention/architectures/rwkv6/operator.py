@@ -94,3 +94,24 @@ def rwkv6_attention(r: torch.Tensor, k: torch.Tensor, log_w: torch.Tensor, u: to
         _, strict = decay_matrices(lw_t[:, :, n])
         A += r_t[:, :, n, :, None] * strict * k_t[:, :, n, None, :]
     return A + torch.diag_embed((r * u * k).sum(-1).transpose(1, 2))
+
+
+def rwkv6_attention_tiled(r: torch.Tensor, k: torch.Tensor, log_w: torch.Tensor, u: torch.Tensor,
+                          chunk_bytes: int | None = None) -> torch.Tensor:
+    """``[B, H, L, L]`` the same ``A_h`` as :func:`rwkv6_attention` by hierarchical tiles (:mod:`..tiled`):
+    ``O(L^2 N)`` multiply-adds in matrix products, every exponent ``<= 0``, instead of ``L^2 N`` exponentials.
+
+    Row ``i`` reads the state before token ``i`` is decayed (``prod_{s=j+1..i-1} w_s``), which is row
+    ``i - 1`` of the inclusive-decay operator whose row scale at token ``t`` is ``r_{t+1}``: one
+    :func:`~..tiled.diagonal_sum` per head over its key dims (heads on the batch), shifted down a row.
+    """
+    from ...memory import DEFAULT_BLOCK_BYTES
+    from ..tiled import DiagonalOperator, diagonal_sum
+
+    batch, length, heads, size = r.shape
+    flat = lambda t: t.transpose(1, 2).reshape(batch * heads, length, size)  # noqa: E731
+    ahead = F.pad(r[:, 1:], (0, 0, 0, 0, 0, 1))                           # r_{t+1} at t, 0 past the end
+    inclusive = diagonal_sum(DiagonalOperator(log_decay=flat(log_w), col=flat(k), row=flat(ahead)),
+                             chunk_bytes=chunk_bytes or DEFAULT_BLOCK_BYTES).view(batch, heads, length, length)
+    A = F.pad(inclusive[:, :, :-1], (0, 0, 1, 0))                         # row i <- row i - 1; row 0 empty
+    return A + torch.diag_embed((r * u * k).sum(-1).transpose(1, 2))
