@@ -308,3 +308,17 @@ def test_attribution_map_uses_the_true_gradient_of_the_layer_output():
            * layer.values.transpose(1, 2)[:, :, None, :]).clamp(min=0).mean(1)
     assert torch.count_nonzero(cam) > 0
     assert_close(layer.attribution(grad), cam, 1e-12, "attribution map")
+
+
+@pytest.mark.parametrize("length,strength", [(1, 1.0), (7, 1.0), (37, 1.0), (70, 30.0), (130, 1.0)])
+def test_tiled_attention_equals_the_direct_one(length, strength):
+    """The per-head matrices with their four decayed products by tiles (the layers' path) against the direct
+    masked cumulative sums, with decays strong enough that long products underflow."""
+    from implicit_attention.architectures.rwkv7.operator import rwkv7_attention, rwkv7_attention_tiled
+
+    generator = torch.Generator().manual_seed(length)
+    r, k, alpha, beta = (0.5 * torch.randn(2, length, 3, 4, dtype=torch.float64, generator=generator)
+                         for _ in range(4))
+    log_w = -0.1 - torch.rand(2, length, 3, 4, dtype=torch.float64, generator=generator) * strength
+    assert_close(rwkv7_attention_tiled(r, k, log_w, alpha, beta), rwkv7_attention(r, k, log_w, alpha, beta), 1e-12,
+                 str(length))

@@ -96,22 +96,31 @@ def rwkv6_attention(r: torch.Tensor, k: torch.Tensor, log_w: torch.Tensor, u: to
     return A + torch.diag_embed((r * u * k).sum(-1).transpose(1, 2))
 
 
-def rwkv6_attention_tiled(r: torch.Tensor, k: torch.Tensor, log_w: torch.Tensor, u: torch.Tensor,
-                          chunk_bytes: int | None = None) -> torch.Tensor:
-    """``[B, H, L, L]`` the same ``A_h`` as :func:`rwkv6_attention` by hierarchical tiles (:mod:`..tiled`):
-    ``O(L^2 N)`` multiply-adds in matrix products, every exponent ``<= 0``, instead of ``L^2 N`` exponentials.
+def head_decay_sums(row: torch.Tensor, col: torch.Tensor, log_w: torch.Tensor, *, strict: bool,
+                    chunk_bytes: int | None = None) -> torch.Tensor:
+    """``[B, H, L, L]`` ``sum_n row_i[n] exp(sum_s log_w_s[n]) col_j[n]`` per head by hierarchical tiles
+    (:func:`~..tiled.diagonal_sum`, heads on the batch, every exponent ``<= 0``): the decay over
+    ``s = j+1..i`` (``j <= i``), or with ``strict`` over ``s = j+1..i-1`` (``j < i``), the state read
+    before token ``i`` decays it: row ``i - 1`` of the inclusive sum with row scale ``row_{t+1}`` at ``t``.
 
-    Row ``i`` reads the state before token ``i`` is decayed (``prod_{s=j+1..i-1} w_s``), which is row
-    ``i - 1`` of the inclusive-decay operator whose row scale at token ``t`` is ``r_{t+1}``: one
-    :func:`~..tiled.diagonal_sum` per head over its key dims (heads on the batch), shifted down a row.
+    Args:
+        row, col, log_w: ``[B, L, H, N]``.
     """
     from ...memory import DEFAULT_BLOCK_BYTES
     from ..tiled import DiagonalOperator, diagonal_sum
 
-    batch, length, heads, size = r.shape
+    batch, length, heads, size = row.shape
     flat = lambda t: t.transpose(1, 2).reshape(batch * heads, length, size)  # noqa: E731
-    ahead = F.pad(r[:, 1:], (0, 0, 0, 0, 0, 1))                           # r_{t+1} at t, 0 past the end
-    inclusive = diagonal_sum(DiagonalOperator(log_decay=flat(log_w), col=flat(k), row=flat(ahead)),
-                             chunk_bytes=chunk_bytes or DEFAULT_BLOCK_BYTES).view(batch, heads, length, length)
-    A = F.pad(inclusive[:, :, :-1], (0, 0, 1, 0))                         # row i <- row i - 1; row 0 empty
+    if strict:
+        row = F.pad(row[:, 1:], (0, 0, 0, 0, 0, 1))                       # row_{t+1} at t, 0 past the end
+    sums = diagonal_sum(DiagonalOperator(log_decay=flat(log_w), col=flat(col), row=flat(row)),
+                        chunk_bytes=chunk_bytes or DEFAULT_BLOCK_BYTES).view(batch, heads, length, length)
+    return F.pad(sums[:, :, :-1], (0, 0, 1, 0)) if strict else sums      # strict: row i <- row i - 1
+
+
+def rwkv6_attention_tiled(r: torch.Tensor, k: torch.Tensor, log_w: torch.Tensor, u: torch.Tensor,
+                          chunk_bytes: int | None = None) -> torch.Tensor:
+    """``[B, H, L, L]`` the same ``A_h`` as :func:`rwkv6_attention` by hierarchical tiles (:func:`head_decay_sums`):
+    ``O(L^2 N)`` multiply-adds in matrix products, every exponent ``<= 0``, instead of ``L^2 N`` exponentials."""
+    A = head_decay_sums(r, k, log_w, strict=True, chunk_bytes=chunk_bytes)
     return A + torch.diag_embed((r * u * k).sum(-1).transpose(1, 2))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..rwkv6.layer import RwkvHeadsDecomposition
-from .operator import Rwkv7Factors, rwkv7_attention
+from .operator import Rwkv7Factors, rwkv7_attention_tiled
 
 
 class Rwkv7LayerDecomposition(RwkvHeadsDecomposition):
@@ -12,6 +12,6 @@ class Rwkv7LayerDecomposition(RwkvHeadsDecomposition):
     def __init__(self, factors: Rwkv7Factors, *, variant: str, **kwargs):
         self.factors = factors
         f = factors
-        super().__init__(attention=rwkv7_attention(f.r, f.k, f.log_w, f.alpha, f.beta), v=f.v, gate=f.gate,
+        super().__init__(attention=rwkv7_attention_tiled(f.r, f.k, f.log_w, f.alpha, f.beta), v=f.v, gate=f.gate,
                          gn_weight=f.gn_weight, gn_bias=f.gn_bias, gn_eps=f.gn_eps, bonus=f.bonus,
                          variant=variant, mask=f.mask, **kwargs)

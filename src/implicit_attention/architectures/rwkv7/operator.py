@@ -95,3 +95,18 @@ def rwkv7_attention(r: torch.Tensor, k: torch.Tensor, log_w: torch.Tensor, alpha
     eye = torch.eye(length, dtype=r.dtype, device=r.device)
     z_of_v = torch.linalg.solve_triangular(eye - m_z, m_v, upper=False, unitriangular=True)
     return q_v + q_z @ z_of_v
+
+
+def rwkv7_attention_tiled(r: torch.Tensor, k: torch.Tensor, log_w: torch.Tensor, alpha: torch.Tensor,
+                          beta: torch.Tensor, chunk_bytes: int | None = None) -> torch.Tensor:
+    """``[B, H, L, L]`` the same ``A_h`` as :func:`rwkv7_attention`, its four decayed products by hierarchical
+    tiles (:func:`~..rwkv6.operator.head_decay_sums`) instead of ``L^2 N`` exponentials each."""
+    from ..rwkv6.operator import head_decay_sums
+
+    q_v = head_decay_sums(r, k, log_w, strict=False, chunk_bytes=chunk_bytes)
+    q_z = head_decay_sums(r, beta, log_w, strict=False, chunk_bytes=chunk_bytes)
+    m_v = head_decay_sums(alpha, k, log_w, strict=True, chunk_bytes=chunk_bytes)
+    m_z = head_decay_sums(alpha, beta, log_w, strict=True, chunk_bytes=chunk_bytes)
+    eye = torch.eye(r.shape[1], dtype=r.dtype, device=r.device)
+    z_of_v = torch.linalg.solve_triangular(eye - m_z, m_v, upper=False, unitriangular=True)
+    return q_v + q_z @ z_of_v
