@@ -456,9 +456,10 @@ class DiagonalDecomposition(LayerDecomposition):
         return False
 
     def _fast_aggregate(self, how: str) -> torch.Tensor | None:
-        # the signed channel mean factorises (hierarchical tiles): never per-channel [c, L, L] blocks
+        # the signed channel mean factorises (hierarchical tiles): never per-channel [c, L, L] blocks;
+        # without conv taps |A| and relu(A) do too (_sign_split_sum)
         if how != "mean" and not self.nonnegative:
-            return None
+            return self._fast_abs_pos(how)
         if "mean" not in self._aggregates:   # one map serves all three when every entry is >= 0
             total = diagonal_sum(self.diagonal_operator(), self.tile_block, self.block_bytes)
             self._aggregates["mean"] = total / self.channels
@@ -467,3 +468,35 @@ class DiagonalDecomposition(LayerDecomposition):
     def _fast_rows(self, rows: torch.Tensor, how: str) -> torch.Tensor:
         # a few rows (raw / paper read the target row) cost O(R L E)
         return diagonal_rows(self.diagonal_operator(), rows, how, self.block_bytes) / self.channels
+
+    def _sign_split_sum(self, op: DiagonalOperator, row: torch.Tensor, col: torch.Tensor, how: str) -> torch.Tensor:
+        """``[B, L, L]`` ``sum_d f(row_i[d] e_d[i, j] col_j[d])`` for an operator without conv taps, whose
+        channel matrices are ``row_i e_d[i, j] col_j`` with ``e_d > 0`` (products of decays, 0/1 resets):
+        ``|.|`` takes ``|row|, |col|``; ``relu`` is ``e (row+ col+ + row- col-)``; ``"mean"`` is the plain sum."""
+        total = lambda r, c: diagonal_sum(replace(op, row=r, col=c), self.tile_block, self.block_bytes)  # noqa: E731
+        if how == "mean":
+            return total(row, col)
+        if how == "abs":
+            return total(row.abs(), col.abs())
+        return total(row.clamp(min=0), col.clamp(min=0)) + total((-row).clamp(min=0), (-col).clamp(min=0))
+
+    def _split_operator(self) -> tuple[DiagonalOperator, torch.Tensor] | None:
+        """The variant's operator and its rows (ones where it has none), or ``None`` where conv taps put a sum
+        of differently signed terms inside each entry (then the channel blocks serve)."""
+        op = self.diagonal_operator()
+        if op.taps is not None or self.fold is not None:
+            return None
+        return op, op.row if op.row is not None else torch.ones_like(op.col)
+
+    def _fast_abs_pos(self, how: str) -> torch.Tensor | None:
+        split = self._split_operator()
+        return None if split is None else self._sign_split_sum(split[0], split[1], split[0].col, how) / self.channels
+
+    def _fast_attribution(self, grad: torch.Tensor, signed: bool = False) -> torch.Tensor | None:
+        """``mean_d clamp(g_i[d] A_d[i, j] v_j[d], min=0)`` as two factorised channel sums (every decay product is
+        positive, so the clamp splits by the signs of ``g row`` and ``col v``); ``None`` with conv taps."""
+        split = self._split_operator()
+        if split is None:
+            return None
+        op, row = split
+        return self._sign_split_sum(op, row * grad, op.col * self.values, "mean" if signed else "pos") / self.channels

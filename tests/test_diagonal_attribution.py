@@ -1,0 +1,40 @@
+"""|A|, relu(A) and attribution of diagonal recurrences (RG-LRU, HGRN) without conv taps, as sign-split
+factorised channel sums, against the generic per-channel blocks; with conv taps the blocks serve."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import implicit_attention as ia
+from test_griffin import tiny_griffin
+from test_hgrn import tiny_hgrn
+
+from conftest import assert_close, left_padded
+
+
+def diagonal_layers(model, ids, mask, variant):
+    return [layer for layer in ia.decompose(model, ids, mask, variant=variant).layers
+            if type(layer).__name__ in ("GriffinLayerDecomposition", "HGRNLayerDecomposition")]
+
+
+@pytest.mark.parametrize("name,variant,split", [("griffin", "no_conv", True), ("griffin", "rglru", True),
+                                                ("griffin", "unified", False), ("griffin", "no_gate", False),
+                                                ("hgrn", "unified", False), ("hgrn", "recurrence", True),
+                                                ("hgrn_without_conv", "unified", True)])
+def test_sign_split_sums_equal_the_channel_blocks(name, variant, split):
+    model = (tiny_griffin(dtype=torch.float64) if name == "griffin"
+             else tiny_hgrn(use_short_conv=name == "hgrn"))
+    ids, mask = left_padded(batch=2, length=11, vocab=40)
+    layers = diagonal_layers(model, ids, mask, variant)
+    assert layers
+    for layer in layers:
+        grad = torch.randn(layer.output.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(layer.index))
+        at_matrix = layer.matrix_gradient(grad)
+        assert (layer._fast_attribution(at_matrix) is not None) == split
+        for how in ("abs", "pos"):
+            assert_close(layer.aggregate(how), layer.aggregate_by_blocks(how), 1e-12, f"{name} {variant} {how}")
+        for signed in (False, True):
+            expected = layer.attribution_by_blocks(at_matrix, signed)
+            assert float(expected.abs().max()) > 0
+            assert_close(layer.attribution(grad, signed), expected, 1e-12, f"{name} {variant} signed={signed}")
