@@ -338,3 +338,23 @@ def test_factorised_signed_mean_matches_the_blocks(variant, class_name, override
         expected = layer.matrix.mean(dim=1)
         assert_close(layer.aggregate("mean"), expected, 1e-12, f"{variant} signed mean")
         assert_close(signed_mean(layer.factors, variant, heads_per_block=3), expected, 1e-12, "head blocks")
+
+
+@pytest.mark.parametrize("class_name,groups", [("Mamba2ForCausalLM", {"n_groups": 1}),
+                                               ("Mamba2ForCausalLM", {"n_groups": 2}),
+                                               ("FalconH1ForCausalLM", {}), ("NemotronHForCausalLM", {})])
+@pytest.mark.parametrize("variant", ["unified", "ssd", "no_conv", "no_gate", "no_act"])
+def test_per_head_reductions_equal_the_channel_blocks(class_name, groups, variant):
+    """|A|, relu(A) and attribution (clamped, signed), each head's S'_h built once and its channels' conv taps
+    accumulated in place, equal the channel blocks (FalconH1's norm before or after the gate, grouped B, C)."""
+    model = tiny(class_name, **groups)
+    ids, mask = left_padded(batch=2, length=13, vocab=VOCAB)
+    for layer in mamba2_layers(decompose_mine(model, ids, mask, variant=variant)):
+        for how in ("abs", "pos"):
+            assert_close(layer._per_head(how), layer.aggregate_by_blocks(how), 1e-12, f"{variant} {how}")
+        grad = torch.randn(layer.output.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(layer.index))
+        at_matrix = layer.matrix_gradient(grad)
+        for signed in (False, True):
+            expected = layer.attribution_by_blocks(at_matrix, signed)
+            assert float(expected.abs().max()) > 0
+            assert_close(layer.attribution(grad, signed), expected, 1e-12, f"{variant} signed={signed}")
