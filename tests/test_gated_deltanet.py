@@ -305,3 +305,24 @@ def test_base_model_class_and_memory_estimate():
     selected = [(name, module, arch, torch.device("cpu")) for name, module, arch in mine(model)]
     small, large = (sum(e.total for e in estimate(selected, 2, length, torch.float64).values()) for length in (64, 128))
     assert 0 < small < large
+
+
+def check_attribution_per_head(model, variant):
+    """Attribution (clamped, signed) from each head's A_h with its channels' gate, taps and row scale accumulated
+    in place equals the rule on the channel blocks."""
+    ids, mask = left_padded(batch=2, length=9, vocab=VOCAB, seed=3)
+    layers = decompose_mine(model, ids, mask, variant=variant).layers
+    assert layers
+    for layer in layers:
+        grad = torch.randn(layer.output.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(layer.index))
+        at_matrix = layer.matrix_gradient(grad)
+        for signed in (False, True):
+            expected = layer.attribution_by_blocks(at_matrix, signed)
+            assert float(expected.abs().max()) > 0
+            assert_close(layer._fast_attribution(at_matrix, signed), expected, 1e-12, f"{variant} signed={signed}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("class_name", ["Qwen4ExpForCausalLM", "Qwen3NextForCausalLM"])
+def test_attribution_per_head_matches_the_blocks(class_name, variant):
+    check_attribution_per_head(tiny(class_name, seed=2), variant)

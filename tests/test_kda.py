@@ -157,3 +157,11 @@ def test_the_default_float64_tolerance_of_a_float32_kernel_is_the_kernels(monkey
     assert max(layer.error for layer in ia.decompose(model, ids, mask, layers=mine_only).layers) == pytest.approx(error)
     relevance = ia.explain(model, ids, mask, method="raw", layers=mine_only)
     assert torch.isfinite(relevance).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_attribution_per_head_matches_the_blocks(variant):
+    """Kimi Delta Attention's attribution per head (per-channel decays inside A_h) equals the channel blocks."""
+    from test_gated_deltanet import check_attribution_per_head
+
+    check_attribution_per_head(tiny(next(iter(CONFIGS)), seed=2), variant)

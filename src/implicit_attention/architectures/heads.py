@@ -107,6 +107,41 @@ def head_shared_attribution(M: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s
             + (-M).clamp(min=0) * (a_pos @ b_neg + a_neg @ b_pos)).sum(dim=1)
 
 
+def head_conv_reduce(head_matrix, row: torch.Tensor, col: torch.Tensor, taps: torch.Tensor, head_size: int, *,
+                     how: str = "abs", grad: torch.Tensor | None = None, values: torch.Tensor | None = None,
+                     signed: bool = False, block_bytes: int) -> torch.Tensor:
+    """``[B, L, L]`` ``mean_c f(A_c)`` (``how``: ``abs`` or ``pos``), or with ``grad`` and ``values`` the attribution
+    ``mean_c clamp(g_i[c] A_c[i, j] v_j[c], min=0)`` (no clamp if ``signed``), for channels that share their
+    head's matrix before a column scale, a causal conv and a row scale (Mamba-2, the delta rule)::
+
+        A_c[i, j] = row_i[c] sum_s taps[c, K-1-s] M_h[i, j+s] col_{j+s}[c]
+
+    ``head_matrix(h) -> [B, 1, L, L]`` gives ``M_h`` once per head; a chunk of its channels accumulates the
+    taps in place into one buffer (no copy of ``M_h`` per channel, no separate passes per factor).
+    ``row``, ``col``: ``[B, L, C]``; ``taps``: ``[C, K]``.
+    """
+    batch, length, channels = row.shape
+    width = taps.shape[1]
+    left = row if grad is None else row * grad
+    step = channels_per_block(batch, length, channels, row.dtype.itemsize, 2, block_bytes)
+    total = torch.zeros(batch, length, length, dtype=row.dtype, device=row.device)
+    for head in range(channels // head_size):
+        M = head_matrix(head)                                                       # [B, 1, L, L]
+        for start in range(head * head_size, (head + 1) * head_size, step):
+            ch = slice(start, min(start + step, (head + 1) * head_size))
+            column = col[..., ch].transpose(1, 2)[:, :, None, :]                    # [B, c, 1, L]
+            A = M * (column * taps[ch, width - 1, None, None])
+            for shift in range(1, min(width, length)):
+                A[..., : length - shift].addcmul_(M[..., shift:], column[..., shift:] * taps[ch, width - 1 - shift, None, None])
+            A.mul_(left[..., ch].transpose(1, 2)[..., None])
+            if grad is not None:
+                A.mul_(values[..., ch].transpose(1, 2)[:, :, None, :])
+                total += (A if signed else A.clamp_(min=0)).sum(dim=1)
+            else:
+                total += (A.abs_() if how == "abs" else A.clamp_(min=0)).sum(dim=1)
+    return total / channels
+
+
 def head_block(head_matrices, factors: HeadGatedFactors, channels: slice, variant: str):
     """Matrices ``[B, c, L, L]`` and offset ``[B, L, c]`` from ``head_matrices(heads) -> [B, h, L, L]``."""
     heads, index = channel_heads(channels, factors.head_v)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..base import LayerDecomposition, channel_transform
+from ..heads import head_conv_reduce
 from .operator import EXACT_VARIANTS, DeltaFactors, delta_block, matrix_rows, signed_mean
 
 
@@ -28,11 +29,30 @@ class DeltaLayerDecomposition(LayerDecomposition):
     def _block(self, channels: slice):
         return delta_block(self.factors, channels, self.variant)
 
+    def _per_head(self, how: str, grad: torch.Tensor | None = None, signed: bool = False) -> torch.Tensor:
+        """``[B, L, L]`` the channel mean of ``f(A_c)`` (``abs``, ``pos``) or with ``grad`` the attribution from
+        each head's ``A_h`` with its channels' column gate, conv taps and row scale accumulated in place
+        (:func:`~..heads.head_conv_reduce`)."""
+        f, variant = self.factors, self.variant
+        ones = torch.ones_like(f.x)
+        identity = torch.ones(f.x.shape[-1], 1, dtype=f.x.dtype, device=f.x.device)
+        if variant == "delta":
+            row, col, taps = ones, ones, identity
+        else:
+            row = f.row(variant)
+            col = f.act_gate if variant != "no_act" else ones
+            taps = f.conv_weight if variant != "no_conv" and f.conv_weight is not None else identity
+        return head_conv_reduce(lambda head: f.attention[:, head:head + 1], row, col, taps, f.head_v, how=how,
+                                grad=grad, values=self.values, signed=signed, block_bytes=self.block_bytes)
+
+    def _fast_attribution(self, grad: torch.Tensor, signed: bool = False) -> torch.Tensor:
+        return self._per_head("attribution", grad, signed)
+
     def _fast_aggregate(self, how: str) -> torch.Tensor | None:
         if self.variant == "delta":          # mean_c f(A_h(c)) = mean_h f(A_h): heads have Dv channels each
             return channel_transform(self.factors.attention, how).mean(dim=1)
         if how != "mean":
-            return None
+            return self._per_head(how)
         heads = max(1, self.block_bytes // max(1, 4 * self.batch_size * self.length ** 2 * self.dtype.itemsize))
         return signed_mean(self.factors, self.variant, min(heads, self.factors.num_heads))
 

@@ -7,6 +7,7 @@ import torch
 
 from ...memory import channels_per_block
 from ..base import LayerDecomposition, channel_transform
+from ..heads import head_conv_reduce
 from .operator import EXACT_VARIANTS, Mamba2Factors, mamba2_block, matrix_rows, signed_mean, ssd_matrices
 
 
@@ -24,15 +25,9 @@ class Mamba2LayerDecomposition(LayerDecomposition):
         return mamba2_block(self.factors, channels, self.variant)
 
     def _per_head(self, how: str, grad: torch.Tensor | None = None, signed: bool = False) -> torch.Tensor:
-        """``[B, L, L]`` the channel mean of ``f(A_d)`` (``how``: ``abs`` or ``pos``), or with ``grad`` of the
-        attribution ``clamp(g_i A_d[i, j] v_j, min=0)`` (no clamp if ``signed``), head by head.
-
-        Each head's ``S'_h`` is built once; a chunk of its channels then forms
-        ``A_d[i, j] = o_d[i] sum_s w_d[K-1-s] S'_h[i, j+s] s_d[j+s]`` with the conv taps accumulated in place into
-        one buffer (no copy of ``S'_h`` per channel, no separate passes for the column, conv and row factors).
-        """
+        """``[B, L, L]`` the channel mean of ``f(A_d)`` (``how``: ``abs`` or ``pos``), or with ``grad`` the
+        attribution, each head's ``S'_h`` built once (:func:`~..heads.head_conv_reduce`)."""
         f, variant = self.factors, self.variant
-        batch, length, channels = f.x.shape
         ones = torch.ones_like(f.x)
         if variant == "ssd":
             row, col, taps, use_D = ones, ones, torch.ones_like(f.conv_weight[:, :1]), False
@@ -41,28 +36,15 @@ class Mamba2LayerDecomposition(LayerDecomposition):
             col = f.act_gate if variant != "no_act" else f.mask[..., None].expand_as(f.x)
             taps = f.conv_weight if variant != "no_conv" else torch.ones_like(f.conv_weight[:, :1])
             use_D = True
-        left = row if grad is None else row * grad
-        width, size = taps.shape[1], f.head_dim
-        step = channels_per_block(batch, length, channels, self.dtype.itemsize, 2, self.block_bytes)
-        total = torch.zeros(batch, length, length, dtype=self.dtype, device=self.device)
-        for head in range(f.num_heads):
-            S = ssd_matrices(f, slice(head, head + 1))[:, :1]                         # [B, 1, L, L]
+
+        def head_matrix(head: int) -> torch.Tensor:
+            S = ssd_matrices(f, slice(head, head + 1))                                   # [B, 1, L, L]
             if use_D:
                 S.diagonal(dim1=-2, dim2=-1).add_(f.D[head])
-            for start in range(head * size, (head + 1) * size, step):
-                ch = slice(start, min(start + step, (head + 1) * size))
-                column = col[..., ch].transpose(1, 2)[:, :, None, :]                    # [B, c, 1, L]
-                A = S * (column * taps[ch, width - 1, None, None])
-                for shift in range(1, min(width, length)):
-                    A[..., : length - shift].addcmul_(S[..., shift:],
-                                                      column[..., shift:] * taps[ch, width - 1 - shift, None, None])
-                A.mul_(left[..., ch].transpose(1, 2)[..., None])
-                if grad is not None:
-                    A.mul_(self.values[..., ch].transpose(1, 2)[:, :, None, :])
-                    total += (A if signed else A.clamp_(min=0)).sum(dim=1)
-                else:
-                    total += (A.abs_() if how == "abs" else A.clamp_(min=0)).sum(dim=1)
-        return total / channels
+            return S
+
+        return head_conv_reduce(head_matrix, row, col, taps, f.head_dim, how=how, grad=grad, values=self.values,
+                                signed=signed, block_bytes=self.block_bytes)
 
     def _fast_attribution(self, grad: torch.Tensor, signed: bool = False) -> torch.Tensor:
         return self._per_head("attribution", grad, signed)
