@@ -53,6 +53,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what
     assert rel <= rtol, f"{what}: relative error {rel:.3e} > {rtol:.1e} (max abs error {abs_err:.3e})"
 
 
+def assert_attribution_matches_blocks(layer, what: str = "", *, fast_path: bool = False) -> None:
+    """The attribution of a random gradient at ``layer``'s output, clamped and signed, equals the rule on the
+    generic channel blocks (``fast_path``: the layer's ``_fast_attribution`` itself, not ``attribution``)."""
+    grad = torch.randn(layer.output.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(layer.index))
+    at_matrix = layer.matrix_gradient(grad)
+    for signed in (False, True):
+        expected = layer.attribution_by_blocks(at_matrix, signed)
+        assert float(expected.abs().max()) > 0
+        got = layer._fast_attribution(at_matrix, signed) if fast_path else layer.attribution(grad, signed)
+        assert_close(got, expected, 1e-12, f"{what} signed={signed}")
+
+
 @pytest.fixture
 def model_f32():
     return tiny_mamba(dtype=torch.float32)

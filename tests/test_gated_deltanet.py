@@ -25,7 +25,7 @@ from implicit_attention.architectures.gated_deltanet.naive import naive_delta, n
 from implicit_attention.architectures.gated_deltanet.operator import VARIANTS, delta_attention, delta_block, signed_mean
 from implicit_attention.hooks import capture
 
-from conftest import assert_close, check_explanation, fresh_aggregates, left_padded
+from conftest import assert_attribution_matches_blocks, assert_close, check_explanation, fresh_aggregates, left_padded
 
 #: float32: the module's own float32 kernel against ours; float64: the module still runs its recurrence
 #: and gated norm in float32 whatever its dtype (measured ~1e-7 on 7 tokens)
@@ -314,12 +314,7 @@ def check_attribution_per_head(model, variant):
     layers = decompose_mine(model, ids, mask, variant=variant).layers
     assert layers
     for layer in layers:
-        grad = torch.randn(layer.output.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(layer.index))
-        at_matrix = layer.matrix_gradient(grad)
-        for signed in (False, True):
-            expected = layer.attribution_by_blocks(at_matrix, signed)
-            assert float(expected.abs().max()) > 0
-            assert_close(layer._fast_attribution(at_matrix, signed), expected, 1e-12, f"{variant} signed={signed}")
+        assert_attribution_matches_blocks(layer, variant, fast_path=True)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

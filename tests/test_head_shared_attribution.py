@@ -5,7 +5,6 @@ per-channel blocks, clamped and signed."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import implicit_attention as ia
 from test_gla import tiny_gla
@@ -15,7 +14,7 @@ from test_retnet import tiny_retnet
 from test_rwkv6 import tiny_rwkv6
 from test_rwkv7 import tiny_rwkv7
 
-from conftest import assert_close, left_padded
+from conftest import assert_attribution_matches_blocks, left_padded
 
 CASES = {
     "retnet": (lambda: tiny_retnet(), ("unified", "recurrence"), 40),
@@ -35,11 +34,4 @@ def test_head_shared_attribution_equals_the_channel_blocks(name):
         for layer in ia.decompose(model, ids, mask, variant=variant).layers:
             if type(layer).__name__ == "AttentionLayerDecomposition":
                 continue                                  # a hybrid's softmax attention layer
-            grad = torch.randn(layer.output.shape, dtype=torch.float64,
-                               generator=torch.Generator().manual_seed(layer.index))
-            at_matrix = layer.matrix_gradient(grad)
-            for signed in (False, True):
-                fast = layer._fast_attribution(at_matrix, signed)
-                expected = layer.attribution_by_blocks(at_matrix, signed)
-                assert float(expected.abs().max()) > 0
-                assert_close(fast, expected, 1e-12, f"{name} {variant} signed={signed}")
+            assert_attribution_matches_blocks(layer, f"{name} {variant}", fast_path=True)

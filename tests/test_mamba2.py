@@ -19,7 +19,7 @@ from implicit_attention.architectures.mamba2.operator import VARIANTS, mamba2_bl
 from implicit_attention.architectures.primitives import naive_conv_matrix
 from implicit_attention.hooks import capture
 
-from conftest import assert_close, check_explanation, gradient_at, left_padded
+from conftest import assert_attribution_matches_blocks, assert_close, check_explanation, gradient_at, left_padded
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-6}
 VOCAB = 40
@@ -352,9 +352,4 @@ def test_per_head_reductions_equal_the_channel_blocks(class_name, groups, varian
     for layer in mamba2_layers(decompose_mine(model, ids, mask, variant=variant)):
         for how in ("abs", "pos"):
             assert_close(layer._per_head(how), layer.aggregate_by_blocks(how), 1e-12, f"{variant} {how}")
-        grad = torch.randn(layer.output.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(layer.index))
-        at_matrix = layer.matrix_gradient(grad)
-        for signed in (False, True):
-            expected = layer.attribution_by_blocks(at_matrix, signed)
-            assert float(expected.abs().max()) > 0
-            assert_close(layer.attribution(grad, signed), expected, 1e-12, f"{variant} signed={signed}")
+        assert_attribution_matches_blocks(layer, variant)

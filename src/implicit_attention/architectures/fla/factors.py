@@ -124,6 +124,23 @@ def _masked_qkv(module: nn.Module, hidden_states: torch.Tensor, attention_mask: 
     return h, mask, lin, _short_conv_qkv(module, lin(module.q_proj), lin(module.k_proj), lin(module.v_proj), dtype)
 
 
+def _rms_norm_weight(module: nn.Module, norm: nn.Module, width: int, like: torch.Tensor,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """``[width]`` the RMS norm's weight in ``dtype`` (ones without one); a non-zero bias is refused."""
+    bias = getattr(norm, "bias", None)
+    if bias is not None and bool(bias.detach().any()):
+        raise NotImplementedError(f"{type(module).__name__} with an RMS norm bias is not written here")
+    weight = getattr(norm, "weight", None)
+    return like.new_ones(width) if weight is None else weight.detach().to(dtype)
+
+
+def _fused_norm_eps(module: nn.Module) -> float:
+    """The eps of fla's fused ``rms_norm_linear`` as the module's forward calls it (without the norm's own eps:
+    that function's default applies)."""
+    fused = getattr(sys.modules[type(module).__module__], "rms_norm_linear")
+    return inspect.signature(fused).parameters["eps"].default
+
+
 def _head_gated(module: nn.Module, h: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype, q, k, v, log_alpha):
     """:class:`~..gla.operator.GLAFactors` from per-head ``q [B, L, H, K]`` (scaled here by ``K^-1/2``),
     ``k``, ``log_alpha [B, L, H, K]`` and ``v [B, L, H, V]``, with the output side fla's GLA and RetNet share:
@@ -143,11 +160,7 @@ def _head_gated(module: nn.Module, h: torch.Tensor, mask: torch.Tensor, dtype: t
     else:
         gate = h.new_ones(batch, length, heads * module.head_v_dim)
     norm = module.g_norm_swish_gate if module.fuse_norm_and_gate else module.g_norm
-    weight = getattr(norm, "weight", None)
-    weight = h.new_ones(module.head_v_dim) if weight is None else weight.detach().to(dtype)
-    bias = getattr(norm, "bias", None)
-    if bias is not None and bool(bias.detach().any()):
-        raise NotImplementedError(f"{type(module).__name__} with an RMS norm bias is not written here")
+    weight = _rms_norm_weight(module, norm, module.head_v_dim, h, dtype)
     return GLAFactors(v=v, gate=gate, norm_scale=head_norm_scale(y, norm.eps, centred=False),
                       norm_weight=weight.repeat(heads), norm_bias=h.new_zeros(heads * module.head_v_dim), mask=mask,
                       centred=False, q=q, k=k, log_alpha=log_alpha)
@@ -293,16 +306,8 @@ def fla_hgrn2_factors(module: nn.Module, hidden_states: torch.Tensor, attention_
     log_alpha = by_head(log_forget, key_dim)
     v = by_head(i, value_dim) * padding
     y = chunked_gla(q, k, v, log_alpha, 64)                       # [B, L, H, V], for the norm's scale
-    norm = module.g_norm
-    weight = getattr(norm, "weight", None)
-    weight = h.new_ones(heads * value_dim) if weight is None else weight.detach().to(dtype)
-    bias = getattr(norm, "bias", None)
-    if bias is not None and bool(bias.detach().any()):
-        raise NotImplementedError("HGRN2Attention with an RMS norm bias is not written here")
-    # the forward calls fla's fused rms_norm_linear without the norm's eps: that function's default applies
-    fused = getattr(sys.modules[type(module).__module__], "rms_norm_linear")
-    eps = inspect.signature(fused).parameters["eps"].default
-    scale = torch.rsqrt(y.flatten(2).pow(2).mean(-1) + eps)       # [B, L]: one norm over all heads
+    weight = _rms_norm_weight(module, module.g_norm, heads * value_dim, h, dtype)
+    scale = torch.rsqrt(y.flatten(2).pow(2).mean(-1) + _fused_norm_eps(module))   # [B, L]: one norm over all heads
     return GLAFactors(v=v, gate=h.new_ones(batch, length, heads * value_dim),
                       norm_scale=scale[..., None].expand(batch, length, heads), norm_weight=weight,
                       norm_bias=h.new_zeros(heads * value_dim), mask=mask, centred=False, q=q, k=k,
@@ -363,15 +368,8 @@ def fla_gsa_factors(module: nn.Module, hidden_states: torch.Tensor, attention_ma
     queries = _slot_scores(q * scale, k, s, log_forget).softmax(-1)            # [B, L, H, M]
     y = chunked_gla(queries, s, v, log_forget, 64)                            # [B, L, H, V]
     gate = torch.sigmoid(y).flatten(2)                                        # silu(y) = y sigmoid(y)
-    norm = module.g_norm
-    weight = getattr(norm, "weight", None)
-    weight = h.new_ones(heads * value_dim) if weight is None else weight.detach().to(dtype)
-    bias = getattr(norm, "bias", None)
-    if bias is not None and bool(bias.detach().any()):
-        raise NotImplementedError("GatedSlotAttention with an RMS norm bias is not written here")
-    fused = getattr(sys.modules[type(module).__module__], "rms_norm_linear")
-    eps = inspect.signature(fused).parameters["eps"].default
-    normed = torch.rsqrt((y.flatten(2) * gate).pow(2).mean(-1) + eps)          # [B, L]: over silu(y), all heads
+    weight = _rms_norm_weight(module, module.g_norm, heads * value_dim, h, dtype)
+    normed = torch.rsqrt((y.flatten(2) * gate).pow(2).mean(-1) + _fused_norm_eps(module))  # over silu(y), all heads
     return GLAFactors(v=v, gate=gate, norm_scale=normed[..., None].expand(batch, length, heads), norm_weight=weight,
                       norm_bias=h.new_zeros(heads * value_dim), mask=mask, centred=False, q=queries, k=s,
                       log_alpha=log_forget)

@@ -315,7 +315,13 @@ def signed_mean(f: MambaFactors, variant: str, tile_sizes: tuple[int, ...] | Non
         row, col, taps, use_D = variant_parts(f, variant)
         return triton.signed_mean_fused(row, col, taps, use_D, f.dt, f.B, f.C, f.A, f.D,
                                              chunk_bytes=chunk_bytes)
-    tile_sizes = tuple(tile_sizes or TILE_SIZES)
+    return _tiled_sum(f, variant, tuple(tile_sizes or TILE_SIZES), chunk_bytes) / f.x.shape[-1]
+
+
+def _tiled_sum(f: MambaFactors, variant: str, tile_sizes: tuple[int, ...], chunk_bytes: int,
+               reduction: ChannelReduction | None = None) -> torch.Tensor:
+    """``[B, L, L]`` the channel sum of ``variant``'s matrices (or of ``reduction`` of them): every level's tiles
+    (:func:`_level_tiles`), then the band left by the smallest tile size (:func:`_band`)."""
     if any(a % b for a, b in zip(tile_sizes, tile_sizes[1:])):
         raise ValueError(f"each tile size must be a multiple of the next, got {tile_sizes}")
     batch, length, _ = f.x.shape
@@ -324,12 +330,12 @@ def signed_mean(f: MambaFactors, variant: str, tile_sizes: tuple[int, ...] | Non
     out = torch.zeros(batch, length, length, dtype=f.x.dtype, device=f.x.device)
     parent = None
     for size in tile_sizes:
-        _level_tiles(f, variant, cums, size, parent, chunk_bytes, out)
+        _level_tiles(f, variant, cums, size, parent, chunk_bytes, out, reduction)
         parent = size
     rows, slots = band_entries(length, width, tile_sizes[-1])
     rows, slots = rows.to(f.x.device), slots.to(f.x.device)
-    out[:, rows, rows - slots] += _band(f, variant, cums, tile_sizes[-1], chunk_bytes)[:, rows, slots]
-    return out / f.x.shape[-1]
+    out[:, rows, rows - slots] += _band(f, variant, cums, tile_sizes[-1], chunk_bytes, reduction)[:, rows, slots]
+    return out
 
 
 def channel_reduced(f: MambaFactors, variant: str, reduction: ChannelReduction,
@@ -344,21 +350,7 @@ def channel_reduced(f: MambaFactors, variant: str, reduction: ChannelReduction,
     memory stays at ``chunk_bytes`` (default :func:`~implicit_attention.memory.default_block_bytes`).
     """
     chunk_bytes = chunk_bytes or default_block_bytes(f.x.device)
-    tile_sizes = tuple(tile_sizes or CHANNEL_TILE_SIZES)
-    if any(a % b for a, b in zip(tile_sizes, tile_sizes[1:])):
-        raise ValueError(f"each tile size must be a multiple of the next, got {tile_sizes}")
-    batch, length, channels = f.x.shape
-    width = variant_parts(f, variant)[2].shape[1]
-    cums = f.dt.to(torch.float64).cumsum(dim=1)                              # [B, L, E]
-    out = torch.zeros(batch, length, length, dtype=f.x.dtype, device=f.x.device)
-    parent = None
-    for size in tile_sizes:
-        _level_tiles(f, variant, cums, size, parent, chunk_bytes, out, reduction)
-        parent = size
-    rows, slots = band_entries(length, width, tile_sizes[-1])
-    rows, slots = rows.to(f.x.device), slots.to(f.x.device)
-    out[:, rows, rows - slots] += _band(f, variant, cums, tile_sizes[-1], chunk_bytes, reduction)[:, rows, slots]
-    return out / channels
+    return _tiled_sum(f, variant, tuple(tile_sizes or CHANNEL_TILE_SIZES), chunk_bytes, reduction) / f.x.shape[-1]
 
 
 def matrix_rows(f: MambaFactors, variant: str, rows: torch.Tensor) -> torch.Tensor:
