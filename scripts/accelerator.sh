@@ -51,7 +51,7 @@ train)
     shift; setup
     mkdir -p out/zoo
     timeout "$LIMIT" python scripts/train_zoo.py --device cuda "$@" || status=$?
-    (cd out && tar -czf "$OUT/zoo-logs.tar.gz" zoo/*/log.txt zoo/*/*/pretrain.json 2>/dev/null) || true
+    (cd out && tar -czf "$OUT/zoo-logs.tar.gz" zoo/*/log*.txt zoo/*/*/pretrain.json 2>/dev/null) || true
     # the trained models, in files under the device tool's 16 MiB limit
     (cd out && ls -d zoo/*/sentiment 2>/dev/null | head -7 | xargs -r tar -czf "$OUT/zoo-sentiment-1.tar.gz")
     (cd out && ls -d zoo/*/sentiment 2>/dev/null | tail -n +8 | xargs -r tar -czf "$OUT/zoo-sentiment-2.tar.gz")

@@ -20,6 +20,12 @@ Examples::
     python scripts/train_zoo.py --device cuda --jobs 13            # everything, resumable
     python scripts/train_zoo.py --models mamba,gpt2 --pretrain-steps 50 --epochs 1   # a quick try
     python scripts/train_zoo.py --export zoo                       # ship the sentiment models
+    python scripts/train_zoo.py --models gpt2 --finetune-seeds 3   # keep the best of 3 on validation
+
+With ``--finetune-seeds N`` each task is fine-tuned N times from the one pre-trained model (seeds
+``--seed`` .. ``--seed`` + N - 1, each in ``<model>/<task>-seed<S>``); the run with the best validation
+accuracy becomes ``<model>/<task>`` (the test split plays no part in the choice) and its task.json
+records every seed's validation accuracy. With ``--jobs`` the seeds train in parallel.
 """
 
 from __future__ import annotations
@@ -79,9 +85,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--groundtruth-epochs", type=int, default=1, help="ground-truth task epochs")
     parser.add_argument("--limit", type=int, default=0, help="use only N training examples per task (a quick try)")
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
+    parser.add_argument("--finetune-seeds", type=int, default=1,
+                        help="fine-tune each task this many times (seeds --seed, --seed + 1, ...) and keep "
+                             "the best by validation accuracy")
     parser.add_argument("--export", type=Path, default=None,
                         help="copy the trained sentiment models here (e.g. zoo) and write zoo.json; trains nothing")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-part", default="all", help=argparse.SUPPRESS)  # all | pretrain | seed<S>
     args = parser.parse_args(argv)
     args.models = list(ZOO) if args.models == "all" else [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in ZOO]
@@ -90,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if bad := [s for s in args.stages if s not in STAGES]:
         parser.error(f"unknown stage(s) {', '.join(bad)}; choose from {', '.join(STAGES)}")
+    if args.finetune_seeds < 1:
+        parser.error("--finetune-seeds must be at least 1")
     return args
 
 
@@ -122,12 +134,15 @@ def build_tokenizer(args, tasks) -> Path:
     return out
 
 
-def run_model(name: str, args, tasks) -> None:
+def run_model(name: str, args, tasks, part: str = "all") -> None:
     """Every requested stage of one model, skipping the finished ones.
 
     The sentiment model is pre-trained at the zoo's width and depth; the ground-truth task, which
     only needs keyword spotting, gets a smaller model of the same architecture
     (``--groundtruth-width`` / ``--groundtruth-layers``), pre-trained the same way.
+
+    ``part`` splits the work of ``--finetune-seeds`` between workers: ``pretrain`` pre-trains only,
+    ``seed<S>`` fine-tunes seed S only, ``all`` does everything (seeds one after the other).
     """
     from transformers import AutoTokenizer
 
@@ -137,6 +152,7 @@ def run_model(name: str, args, tasks) -> None:
     home = args.work / name
     shapes = {"sentiment": (ZOO_WIDTH, ZOO_LAYERS, home / "pretrained"),
               "groundtruth": (args.groundtruth_width, args.groundtruth_layers, home / "pretrained-small")}
+    seeds = finetune_seeds(args) if part in ("all", "pretrain") else [int(part.removeprefix("seed"))]
     rows = None
     for task_name, task in tasks.items():
         width, layers, pretrained = shapes[task_name]
@@ -155,9 +171,59 @@ def run_model(name: str, args, tasks) -> None:
                               width=width, layers=layers)
         if not (pretrained / "pretrain.json").is_file():
             raise SystemExit(f"{name}: stage {task_name} needs the pretrain stage first ({pretrained})")
+        if part == "pretrain":
+            continue
         epochs = args.epochs if task_name == "sentiment" else args.groundtruth_epochs
-        settings = training.TaskSettings(epochs=epochs, seed=args.seed)
-        training.train_task(name, task, pretrained, out, settings, device=args.device)
+        for seed in seeds:
+            target = out if args.finetune_seeds == 1 else seed_directory(home, task_name, seed)
+            if not (target / "task.json").is_file():
+                settings = training.TaskSettings(epochs=epochs, seed=seed)
+                training.train_task(name, task, pretrained, target, settings, device=args.device)
+        if part == "all" and args.finetune_seeds > 1:
+            select_seed(home, task_name, finetune_seeds(args))
+
+
+def log_file(work: Path, name: str, part: str) -> Path:
+    """A worker's log: ``<model>/log.txt``, or ``<model>/log-<part>.txt`` for a part of the seeds' work."""
+    return work / name / ("log.txt" if part == "all" else f"log-{part}.txt")
+
+
+def finetune_seeds(args) -> list[int]:
+    """The fine-tuning seeds of ``--finetune-seeds``: ``--seed`` and the next ones."""
+    return [args.seed + i for i in range(args.finetune_seeds)]
+
+
+def seed_directory(home: Path, task_name: str, seed: int) -> Path:
+    return home / f"{task_name}-seed{seed}"
+
+
+def select_seed(home: Path, task_name: str, seeds: list[int]) -> int:
+    """Copy the fine-tuned run with the best validation accuracy (ties: the first seed) to
+    ``home/<task>`` and record every seed's validation accuracy in its task.json.
+
+    Returns:
+        the chosen seed.
+    """
+    scores, seconds = {}, {}
+    for seed in seeds:
+        task_file = seed_directory(home, task_name, seed) / "task.json"
+        if not task_file.is_file():
+            raise SystemExit(f"{home.name}: seed {seed} of {task_name} did not finish ({task_file.parent})")
+        run = json.loads(task_file.read_text())
+        scores[seed], seconds[seed] = run["validation_accuracy"], run["training_time_seconds"]
+    chosen = max(seeds, key=lambda seed: (scores[seed], -seeds.index(seed)))
+    out = home / task_name
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(seed_directory(home, task_name, chosen), out)
+    task = json.loads((out / "task.json").read_text())
+    task["seed_selection"] = {"rule": "best validation accuracy over the fine-tuning seeds",
+                              "validation_accuracy": {str(seed): scores[seed] for seed in seeds},
+                              "training_time_seconds": {str(seed): seconds[seed] for seed in seeds},
+                              "chosen_seed": chosen}
+    (out / "task.json").write_text(json.dumps(task, indent=2) + "\n")
+    print(f"{home.name} {task_name}: seed {chosen} chosen (validation accuracy "
+          + ", ".join(f"{seed}: {scores[seed]:.4f}" for seed in seeds) + ")")
+    return chosen
 
 
 def run_all(args) -> int:
@@ -169,8 +235,24 @@ def run_all(args) -> int:
             run_model(name, args, tasks)
         return 0
     gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
-    failed = run_workers(args.models, lambda name: [sys.executable, __file__, "--worker", name, *sys.argv[1:]],
-                         lambda name: args.work / name / "log.txt", jobs=args.jobs, gpus=gpus)
+
+    def workers(parts: list[str]) -> list[str]:
+        """Run ``name@part`` for every model and part; the failed ones are returned."""
+        units = [f"{name}@{part}" for name in args.models for part in parts]
+        return run_workers(units, lambda unit: [sys.executable, __file__, "--worker", unit.split("@")[0],
+                                                "--worker-part", unit.split("@")[1], *sys.argv[1:]],
+                           lambda unit: log_file(args.work, *unit.split("@")), jobs=args.jobs, gpus=gpus)
+
+    if args.finetune_seeds == 1:
+        return 1 if workers(["all"]) else 0
+    # pre-training first, then every (model, seed) fine-tuning at once, then the choice of seed
+    failed = workers(["pretrain"])
+    failed += workers([f"seed{seed}" for seed in finetune_seeds(args)])
+    for name in args.models:
+        for task_name in tasks:
+            done = (args.work / name / task_name / "task.json").is_file()
+            if task_name in args.stages and not done and not any(f.startswith(f"{name}@") for f in failed):
+                select_seed(args.work / name, task_name, finetune_seeds(args))
     return 1 if failed else 0
 
 
@@ -205,7 +287,11 @@ def export(args) -> int:
             "test_accuracy_95": [round(interval.low, 4), round(interval.high, 4)],
             "test_ece": task["test_ece"], "validation_accuracy": task["validation_accuracy"],
             "parameters": task["num_parameters"], "pretrain_validation_loss": pretrain.get("validation_loss"),
-            "pretrain_seconds": pretrain.get("seconds"), "finetune_seconds": task["training_time_seconds"],
+            "pretrain_seconds": pretrain.get("seconds"),
+            # every seed's fine-tuning counts, not only the chosen one's
+            "finetune_seconds": round(sum(selection["training_time_seconds"].values()), 1)
+            if (selection := task.get("seed_selection")) else task["training_time_seconds"],
+            "finetune_seeds": len(selection["validation_accuracy"]) if selection else 1,
             "machine": task["machine"], "size_bytes": sum(f.stat().st_size for f in target.iterdir()),
         }
         print(f"{name:8s} test accuracy {task['test_accuracy']:.3f} ECE {task['test_ece']:.3f} -> {target}")
@@ -230,7 +316,7 @@ def main(argv=None) -> int:
     if args.export is not None:
         return export(args)
     if args.worker:
-        run_model(args.worker, args, load_tasks(args))
+        run_model(args.worker, args, load_tasks(args), part=args.worker_part)
         return 0
     return run_all(args)
 
