@@ -8,6 +8,7 @@ The interpreter cannot run ``fla``'s chunked kernels (``chunk`` mode, which the 
 gradients and for padded batches), so those checks run on CUDA only.
 
     python tests/fla_checks.py            # prints one JSON object of measurements
+    python tests/fla_checks.py --jobs 8   # each group of checks in its own process (faster on CUDA)
 """
 
 from __future__ import annotations
@@ -235,67 +236,35 @@ def load_model_imports_fla(model, folder: str) -> str:
     return done.stdout.strip().splitlines()[-1] if done.returncode == 0 else done.stderr[-500:]
 
 
-def measurements() -> dict:
-    if not ON_CUDA:
-        _interpreter_driver()
+def _padding_mask(ids: torch.Tensor) -> torch.Tensor:
+    """Row 1 left-padded by four tokens (fla unpads such batches and runs its chunked kernels)."""
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    return mask
+
+
+def _found(**models) -> dict:
     import implicit_attention as ia
 
-    ids = torch.randint(0, 50, (2, 13), generator=torch.Generator().manual_seed(1))
-    device = "cuda" if ON_CUDA else "cpu"
-    results = {"device": device}
-    gdn, deltanet = tiny_gated_deltanet().to(device), tiny_deltanet().to(device)
-    ids = ids.to(device)
-    results["gated_deltanet"] = decomposition_errors(gdn, ids)
-    results["deltanet"] = decomposition_errors(deltanet, ids)
-    results["olmo_hybrid"] = same_maps_as_olmo_hybrid()
+    return {"found": {name: [type(m).__name__ for _, m, _ in ia.architectures.find_layers(model)]
+                      for name, model in models.items()}}
+
+
+def delta_rule(ids: torch.Tensor) -> dict:
+    """Gated DeltaNet and DeltaNet; the same maps as OLMo-Hybrid's port; loading an fla checkpoint."""
     import tempfile
 
+    import implicit_attention as ia
+
+    gdn, deltanet = tiny_gated_deltanet().to(ids.device), tiny_deltanet().to(ids.device)
+    results = {"gated_deltanet": decomposition_errors(gdn, ids), "deltanet": decomposition_errors(deltanet, ids),
+               "olmo_hybrid": same_maps_as_olmo_hybrid(), **_found(gated_deltanet=gdn, deltanet=deltanet)}
     with tempfile.TemporaryDirectory() as folder:
         results["load_model"] = load_model_imports_fla(tiny_gated_deltanet().cpu(), folder)
-    # GLA: fla's defaults (fused RMS norm and swish gate), and short convs, shared key heads, a clamped
-    # decay and the unfused norm with its own gate
-    gla_default = tiny_gla(fuse_norm=True).to(device)
-    gla_variant = tiny_gla(seed=1, use_short_conv=True, num_kv_heads=1, clamp_min=-0.2, fuse_norm=False).to(device)
-    results["gla"] = decomposition_errors(gla_default, ids, variants=("unified",))
-    results["gla_conv_gqa"] = decomposition_errors(gla_variant, ids, variants=("unified",))
-    retnet = tiny_retnet().to(device)
-    retnet_gqa = tiny_retnet(seed=1, num_kv_heads=1, fuse_norm=True).to(device)
-    results["retnet"] = decomposition_errors(retnet, ids, variants=("unified",))
-    results["retnet_gqa"] = decomposition_errors(retnet_gqa, ids, variants=("unified",))
-    # HGRN: three layers (the lower bound applies from the second), and with short convolutions
-    hgrn, hgrn_conv = tiny_hgrn().to(device), tiny_hgrn(seed=1, use_short_conv=True).to(device)
-    results["hgrn"] = decomposition_errors(hgrn, ids, variants=("unified",))
-    results["hgrn_conv"] = decomposition_errors(hgrn_conv, ids, variants=("unified",))
-    # HGRN2: three layers (the lower bounds reach the second and third), and with short convolutions;
-    # norm and output projection fused in one call, decomposed through o_proj
-    hgrn2, hgrn2_conv = tiny_hgrn2().to(device), tiny_hgrn2(seed=1, use_short_conv=True).to(device)
-    results["hgrn2"] = decomposition_errors(hgrn2, ids, variants=("unified",))
-    results["hgrn2_conv"] = decomposition_errors(hgrn2_conv, ids, variants=("unified",))
-    results["hgrn2_attribution_vs_blocks"] = attribution_against_blocks(hgrn2, ids)
-    # GSA: fla's defaults (swish feature map, slots = key width), and one key head for two query heads with
-    # short convolutions and fewer slots
-    gsa, gsa_gqa = tiny_gsa().to(device), tiny_gsa(seed=1, num_kv_heads=1, use_short_conv=True, num_slots=6).to(device)
-    results["gsa"] = decomposition_errors(gsa, ids, variants=("unified",))
-    results["gsa_gqa_conv"] = decomposition_errors(gsa_gqa, ids, variants=("unified",))
-    rwkv6 = tiny_rwkv6().to(device)
-    results["rwkv6"] = decomposition_errors(rwkv6, ids, variants=sorted(exact_variants(rwkv6)))
-    rwkv7 = tiny_rwkv7().to(device)          # three layers: the value residual reaches the second and third
-    results["rwkv7"] = decomposition_errors(rwkv7, ids, variants=sorted(exact_variants(rwkv7)))
-    results["found"] = {name: [type(m).__name__ for _, m, _ in ia.architectures.find_layers(model)]
-                        for name, model in (("gated_deltanet", gdn), ("deltanet", deltanet), ("gla", gla_default), ("retnet", retnet), ("hgrn", hgrn), ("hgrn2", hgrn2), ("gsa", gsa),
-                                                              ("rwkv6", rwkv6), ("rwkv7", rwkv7))}
     if ON_CUDA:  # chunked kernels: padded batches (fla unpads them) and gradients
-        mask = torch.ones_like(ids)
-        mask[1, :4] = 0
+        mask = _padding_mask(ids)
         results["gated_deltanet_padded"] = decomposition_errors(gdn, ids, mask)
         results["deltanet_padded"] = decomposition_errors(deltanet, ids, mask)
-        results["gla_padded"] = decomposition_errors(gla_variant, ids, mask, variants=("unified",))
-        results["retnet_padded"] = decomposition_errors(retnet_gqa, ids, mask, variants=("unified",))
-        results["hgrn_padded"] = decomposition_errors(hgrn_conv, ids, mask, variants=("unified",))
-        results["hgrn2_padded"] = decomposition_errors(hgrn2_conv, ids, mask, variants=("unified",))
-        results["gsa_padded"] = decomposition_errors(gsa_gqa, ids, mask, variants=("unified",))
-        results["rwkv6_padded"] = decomposition_errors(rwkv6, ids, mask, variants=("unified",))
-        results["rwkv7_padded"] = decomposition_errors(rwkv7, ids, mask, variants=("unified",))
         # the padded row explained as the same text alone (fla ran the batch unpadded: to_batch put it back)
         for method in ("attribution", "rollout"):
             batch = ia.explain(gdn, ids, mask, method=method)[1, 4:]
@@ -304,6 +273,131 @@ def measurements() -> dict:
     return results
 
 
+def gla(ids: torch.Tensor) -> dict:
+    """GLA with fla's defaults (fused RMS norm and swish gate), and with short convs, shared key heads, a
+    clamped decay and the unfused norm with its own gate."""
+    default = tiny_gla(fuse_norm=True).to(ids.device)
+    variant = tiny_gla(seed=1, use_short_conv=True, num_kv_heads=1, clamp_min=-0.2, fuse_norm=False).to(ids.device)
+    results = {"gla": decomposition_errors(default, ids, variants=("unified",)),
+               "gla_conv_gqa": decomposition_errors(variant, ids, variants=("unified",)), **_found(gla=default)}
+    if ON_CUDA:
+        results["gla_padded"] = decomposition_errors(variant, ids, _padding_mask(ids), variants=("unified",))
+    return results
+
+
+def retnet(ids: torch.Tensor) -> dict:
+    default, gqa = tiny_retnet().to(ids.device), tiny_retnet(seed=1, num_kv_heads=1, fuse_norm=True).to(ids.device)
+    results = {"retnet": decomposition_errors(default, ids, variants=("unified",)),
+               "retnet_gqa": decomposition_errors(gqa, ids, variants=("unified",)), **_found(retnet=default)}
+    if ON_CUDA:
+        results["retnet_padded"] = decomposition_errors(gqa, ids, _padding_mask(ids), variants=("unified",))
+    return results
+
+
+def hgrn(ids: torch.Tensor) -> dict:
+    """HGRN: three layers (the lower bound applies from the second), and with short convolutions."""
+    default, conv = tiny_hgrn().to(ids.device), tiny_hgrn(seed=1, use_short_conv=True).to(ids.device)
+    results = {"hgrn": decomposition_errors(default, ids, variants=("unified",)),
+               "hgrn_conv": decomposition_errors(conv, ids, variants=("unified",)), **_found(hgrn=default)}
+    if ON_CUDA:
+        results["hgrn_padded"] = decomposition_errors(conv, ids, _padding_mask(ids), variants=("unified",))
+    return results
+
+
+def hgrn2(ids: torch.Tensor) -> dict:
+    """HGRN2: three layers (the lower bounds reach the second and third), and with short convolutions; norm
+    and output projection fused in one call, decomposed through o_proj."""
+    default, conv = tiny_hgrn2().to(ids.device), tiny_hgrn2(seed=1, use_short_conv=True).to(ids.device)
+    results = {"hgrn2": decomposition_errors(default, ids, variants=("unified",)),
+               "hgrn2_conv": decomposition_errors(conv, ids, variants=("unified",)),
+               "hgrn2_attribution_vs_blocks": attribution_against_blocks(default, ids), **_found(hgrn2=default)}
+    if ON_CUDA:
+        results["hgrn2_padded"] = decomposition_errors(conv, ids, _padding_mask(ids), variants=("unified",))
+    return results
+
+
+def gsa(ids: torch.Tensor) -> dict:
+    """GSA: fla's defaults (swish feature map, slots = key width), and one key head for two query heads with
+    short convolutions and fewer slots."""
+    default = tiny_gsa().to(ids.device)
+    gqa = tiny_gsa(seed=1, num_kv_heads=1, use_short_conv=True, num_slots=6).to(ids.device)
+    results = {"gsa": decomposition_errors(default, ids, variants=("unified",)),
+               "gsa_gqa_conv": decomposition_errors(gqa, ids, variants=("unified",)), **_found(gsa=default)}
+    if ON_CUDA:
+        results["gsa_padded"] = decomposition_errors(gqa, ids, _padding_mask(ids), variants=("unified",))
+    return results
+
+
+def rwkv6(ids: torch.Tensor) -> dict:
+    model = tiny_rwkv6().to(ids.device)
+    results = {"rwkv6": decomposition_errors(model, ids, variants=sorted(exact_variants(model))),
+               **_found(rwkv6=model)}
+    if ON_CUDA:
+        results["rwkv6_padded"] = decomposition_errors(model, ids, _padding_mask(ids), variants=("unified",))
+    return results
+
+
+def rwkv7(ids: torch.Tensor) -> dict:
+    model = tiny_rwkv7().to(ids.device)  # three layers: the value residual reaches the second and third
+    results = {"rwkv7": decomposition_errors(model, ids, variants=sorted(exact_variants(model))),
+               **_found(rwkv7=model)}
+    if ON_CUDA:
+        results["rwkv7_padded"] = decomposition_errors(model, ids, _padding_mask(ids), variants=("unified",))
+    return results
+
+
+#: Independent groups of checks: each builds its own models, so groups can run in separate processes
+#: (on CUDA most of the time goes to compiling and autotuning Triton kernels, one CPU core per process).
+GROUPS = {"delta_rule": delta_rule, "gla": gla, "retnet": retnet, "hgrn": hgrn, "hgrn2": hgrn2, "gsa": gsa,
+          "rwkv6": rwkv6, "rwkv7": rwkv7}
+
+
+def measurements(groups=tuple(GROUPS)) -> dict:
+    """Every group's measurements, merged into one dict (the ``found`` lists of all groups together)."""
+    if not ON_CUDA:
+        _interpreter_driver()
+    ids = torch.randint(0, 50, (2, 13), generator=torch.Generator().manual_seed(1))
+    ids = ids.to("cuda" if ON_CUDA else "cpu")
+    results: dict = {"device": str(ids.device.type), "found": {}}
+    for name in groups:
+        merge(results, GROUPS[name](ids))
+    return results
+
+
+def merge(results: dict, part: dict) -> None:
+    found = part.pop("found", {})
+    results.update(part)
+    results.setdefault("found", {}).update(found)
+
+
+def measurements_in_parallel(jobs: int) -> dict:
+    """``measurements()`` with the groups spread over ``jobs`` processes at once."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(name: str) -> dict:
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--groups", name],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"fla check group {name} failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    results: dict = {"found": {}}
+    with ThreadPoolExecutor(jobs) as pool:
+        for part in pool.map(run, GROUPS):
+            merge(results, part)
+    return results
+
+
 if __name__ == "__main__":
+    import argparse
+
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-    print(json.dumps(measurements()))
+    parser = argparse.ArgumentParser(description="Measure the fla adapters; print one JSON object.")
+    parser.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of: {', '.join(GROUPS)}")
+    parser.add_argument("--jobs", type=int, default=1, help="groups run at once, each in its own process")
+    args = parser.parse_args()
+    chosen = [g.strip() for g in args.groups.split(",") if g.strip()]
+    if unknown := [g for g in chosen if g not in GROUPS]:
+        parser.error(f"unknown group(s) {', '.join(unknown)}")
+    print(json.dumps(measurements_in_parallel(args.jobs) if args.jobs > 1 else measurements(chosen)))

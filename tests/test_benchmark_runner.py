@@ -181,6 +181,13 @@ def test_shard_files_are_read_as_one_task_each_record_once_with_every_shards_fai
     assert runner.finished_keys(runner.shard_file(elsewhere, "sentiment", 0)) == runner.finished_keys(
         results / "sentiment.jsonl")
     assert report.read_results(tmp_path / "elsewhere") == {}  # an index is not a result
+    # results moved away (the model was retrained): indexing again drops the stale list
+    for file in results.glob("sentiment*"):
+        file.unlink()
+    (results / "groundtruth.jsonl").write_text(json.dumps({**row, "id": "g"}) + "\n")
+    assert runner.write_done_index(tmp_path, tmp_path / "done") == 1
+    assert not (tmp_path / "done" / "toy" / "sentiment.done").exists()
+    assert (tmp_path / "done" / "toy" / "groundtruth.done").read_text() == '["g", "attribution/unified"]\n'
 
 
 def test_the_command_prepares_runs_and_reports(tmp_path):

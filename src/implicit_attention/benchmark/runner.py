@@ -189,7 +189,11 @@ def finished_keys(path: Path) -> set[tuple[str, str]]:
 def write_done_index(results: Path, out: Path) -> int:
     """Write ``out/<model>/<task>.done`` (JSON lines ``[id, method]``) for every task under ``results``:
     what a run on another machine should skip, a small fraction of the results' size (copied beside
-    that run's results, :func:`finished_keys` reads it). Returns the number of pairs written."""
+    that run's results, :func:`finished_keys` reads it). An index left from earlier results that are
+    gone (a model retrained, its results moved away) is removed: it would make the other machine skip
+    work that was never done for the model it has now. Returns the number of pairs written."""
+    for stale in Path(out).glob("*/*.done"):
+        stale.unlink()
     total = 0
     for model in sorted(p for p in Path(results).iterdir() if p.is_dir()):
         tasks = {f.name.removesuffix(".jsonl").split("-part")[0] for f in model.glob("*.jsonl")}
