@@ -149,9 +149,9 @@ def tiny_rwkv7(seed: int = 0, **overrides):
 
 def exact_variants(model) -> set[str]:
     """The exact variants every layer of ``model`` offers."""
-    import implicit_attention as ia
+    from implicit_attention.architectures import find_layers
 
-    layers = ia.architectures.find_layers(model)
+    layers = find_layers(model)
     return set.intersection(*({v for v in arch.variants if arch.is_exact(v)} for _, _, arch in layers))
 
 
@@ -244,9 +244,9 @@ def _padding_mask(ids: torch.Tensor) -> torch.Tensor:
 
 
 def _found(**models) -> dict:
-    import implicit_attention as ia
+    from implicit_attention.architectures import find_layers
 
-    return {"found": {name: [type(m).__name__ for _, m, _ in ia.architectures.find_layers(model)]
+    return {"found": {name: [type(m).__name__ for _, m, _ in find_layers(model)]
                       for name, model in models.items()}}
 
 
