@@ -265,11 +265,21 @@ def delta_rule(ids: torch.Tensor) -> dict:
         mask = _padding_mask(ids)
         results["gated_deltanet_padded"] = decomposition_errors(gdn, ids, mask)
         results["deltanet_padded"] = decomposition_errors(deltanet, ids, mask)
-        # the padded row explained as the same text alone (fla ran the batch unpadded: to_batch put it back)
-        for method in ("attribution", "rollout"):
-            batch = ia.explain(gdn, ids, mask, method=method)[1, 4:]
-            alone = ia.explain(gdn, ids[1:, 4:], method=method)[0]
-            results[f"{method}_padded_vs_alone"] = float((batch - alone).abs().max() / alone.abs().max())
+        # the padded row explained as the same text alone (fla ran the batch unpadded: to_batch put it back);
+        # the gradient runs fla's chunked backward kernels
+        for name, model in (("", gdn), ("deltanet_", deltanet)):
+            for method in ("attribution", "rollout"):
+                try:
+                    batch = ia.explain(model, ids, mask, method=method)[1, 4:]
+                    alone = ia.explain(model, ids[1:, 4:], method=method)[0]
+                except RuntimeError as error:
+                    if "Triton" not in str(error):
+                        raise
+                    # fla refuses some backward kernels on some Triton/GPU pairs (its issue #640: the gated
+                    # delta rule on Hopper with Triton < 3.7.1): recorded, not hidden
+                    results[f"{name}{method}_padded_vs_alone"] = f"refused by fla: {str(error).splitlines()[0]}"
+                    continue
+                results[f"{name}{method}_padded_vs_alone"] = float((batch - alone).abs().max() / alone.abs().max())
     return results
 
 
@@ -365,9 +375,11 @@ def measurements(groups=tuple(GROUPS)) -> dict:
 
 
 def merge(results: dict, part: dict) -> None:
-    found = part.pop("found", {})
+    """Add one group's measurements to ``results`` (``found`` and ``failed_groups`` are merged, not replaced)."""
+    for key in ("found", "failed_groups"):
+        if key in part:
+            results.setdefault(key, {}).update(part.pop(key))
     results.update(part)
-    results.setdefault("found", {}).update(found)
 
 
 def measurements_in_parallel(jobs: int) -> dict:
@@ -378,8 +390,8 @@ def measurements_in_parallel(jobs: int) -> dict:
     def run(name: str) -> dict:
         done = subprocess.run([sys.executable, os.path.abspath(__file__), "--groups", name],
                               capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"fla check group {name} failed:\n{done.stderr[-3000:]}")
+        if done.returncode:  # one group's failure does not hide the others' measurements
+            return {"failed_groups": {name: done.stderr[-3000:]}}
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     results: dict = {"found": {}}

@@ -33,6 +33,10 @@ def measured() -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def test_every_group_of_checks_ran(measured):
+    assert "failed_groups" not in measured, measured.get("failed_groups")
+
+
 def test_fla_layers_are_found_in_model_order(measured):
     assert measured["found"] == {"gated_deltanet": ["GatedDeltaNet"] * 2, "deltanet": ["DeltaNet"] * 2,
                                  "gla": ["GatedLinearAttention"] * 2, "retnet": ["MultiScaleRetention"] * 2,
@@ -86,5 +90,12 @@ def test_padded_batches_and_gradients_on_cuda(measured):
                   "rwkv6_padded", "rwkv7_padded"):
         for variant, error in measured[model].items():
             assert error < FLOAT32_KERNEL_TOLERANCE, (model, variant, error)
-    assert measured["attribution_padded_vs_alone"] < 1e-4
-    assert measured["rollout_padded_vs_alone"] < 1e-4
+    for name in ("", "deltanet_"):
+        for method in ("attribution", "rollout"):
+            value = measured[f"{name}{method}_padded_vs_alone"]
+            if isinstance(value, str):  # fla's own refusal of a backward kernel on this Triton and GPU
+                assert value.startswith("refused by fla") and "Triton" in value, value
+            else:
+                assert value < 1e-4, (name, method, value)
+    # the ungated delta rule's chunked backward is not refused anywhere: at least one gradient check ran
+    assert isinstance(measured["deltanet_attribution_padded_vs_alone"], float)
