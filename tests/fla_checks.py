@@ -3,7 +3,8 @@
 ``fla`` runs its recurrences in Triton kernels: on a CUDA machine natively, elsewhere in Triton's
 interpreter (``TRITON_INTERPRET=1``, which must be set before the kernels are defined, hence the
 subprocess). The interpreter has no driver for Triton's autotuner to time configurations with, so
-on a CPU a stand-in driver times every configuration as 0 s (the first one is used: the same numbers).
+on a CPU a stand-in driver times every configuration as 0 s (the first one is used: the same numbers);
+on CUDA the first configuration is used too (``--autotune`` times them all, which takes minutes).
 The interpreter cannot run ``fla``'s chunked kernels (``chunk`` mode, which the layers pick for
 gradients and for padded batches), so those checks run on CUDA only.
 
@@ -54,6 +55,24 @@ def _interpreter_driver() -> None:
             pass
 
     driver.set_active(InterpreterDriver())
+
+
+def _first_config_only() -> None:
+    """Make every Triton kernel defined from now on use the first of its autotuning configurations, as
+    under the interpreter: these checks measure exactness, not speed, and compiling and timing every
+    configuration of fla's kernels takes minutes on CUDA (``--autotune`` keeps them all)."""
+    from triton.runtime.autotuner import Autotuner
+
+    if getattr(Autotuner, "_first_config_only", False):
+        return
+    original = Autotuner.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.configs = self.configs[:1]
+
+    Autotuner.__init__ = init
+    Autotuner._first_config_only = True
 
 
 def randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -362,10 +381,12 @@ GROUPS = {"delta_rule": delta_rule, "gla": gla, "retnet": retnet, "hgrn": hgrn, 
           "rwkv6": rwkv6, "rwkv7": rwkv7}
 
 
-def measurements(groups=tuple(GROUPS)) -> dict:
+def measurements(groups=tuple(GROUPS), autotune: bool = False) -> dict:
     """Every group's measurements, merged into one dict (the ``found`` lists of all groups together)."""
     if not ON_CUDA:
         _interpreter_driver()
+    elif not autotune:
+        _first_config_only()
     ids = torch.randint(0, 50, (2, 13), generator=torch.Generator().manual_seed(1))
     ids = ids.to("cuda" if ON_CUDA else "cpu")
     results: dict = {"device": str(ids.device.type), "found": {}}
@@ -382,17 +403,24 @@ def merge(results: dict, part: dict) -> None:
     results.update(part)
 
 
-def measurements_in_parallel(jobs: int) -> dict:
-    """``measurements()`` with the groups spread over ``jobs`` processes at once."""
+def measurements_in_parallel(jobs: int, autotune: bool = False, partial: str | None = None) -> dict:
+    """``measurements()`` with the groups spread over ``jobs`` processes at once; each group's own JSON is
+    also written to ``partial/<group>.json`` as it finishes (kept if the whole run is stopped)."""
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
     def run(name: str) -> dict:
-        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--groups", name],
-                              capture_output=True, text=True)
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--groups", name,
+                               *(["--autotune"] if autotune else [])], capture_output=True, text=True)
         if done.returncode:  # one group's failure does not hide the others' measurements
-            return {"failed_groups": {name: done.stderr[-3000:]}}
-        return json.loads(done.stdout.strip().splitlines()[-1])
+            part = {"failed_groups": {name: done.stderr[-3000:]}}
+        else:
+            part = json.loads(done.stdout.strip().splitlines()[-1])
+        if partial:
+            os.makedirs(partial, exist_ok=True)
+            with open(os.path.join(partial, f"{name}.json"), "w") as file:
+                json.dump(part, file)
+        return part
 
     results: dict = {"found": {}}
     with ThreadPoolExecutor(jobs) as pool:
@@ -408,8 +436,14 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Measure the fla adapters; print one JSON object.")
     parser.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of: {', '.join(GROUPS)}")
     parser.add_argument("--jobs", type=int, default=1, help="groups run at once, each in its own process")
+    parser.add_argument("--autotune", action="store_true",
+                        help="on CUDA, let Triton time every configuration of fla's kernels (slow to compile)")
+    parser.add_argument("--partial", default=None, help="with --jobs: also write each group's JSON here")
     args = parser.parse_args()
     chosen = [g.strip() for g in args.groups.split(",") if g.strip()]
     if unknown := [g for g in chosen if g not in GROUPS]:
         parser.error(f"unknown group(s) {', '.join(unknown)}")
-    print(json.dumps(measurements_in_parallel(args.jobs) if args.jobs > 1 else measurements(chosen)))
+    if args.jobs > 1:
+        print(json.dumps(measurements_in_parallel(args.jobs, args.autotune, args.partial)))
+    else:
+        print(json.dumps(measurements(chosen, args.autotune)))
