@@ -307,8 +307,13 @@ def zoo_table(summary: dict) -> str:
         low, high = row["test_accuracy_95"]
         lines.append(f"| {row['title']} | {row['parameters'] / 1e6:.2f} M | {100 * row['test_accuracy']:.1f} "
                      f"[{100 * low:.1f}, {100 * high:.1f}] | {row['test_ece']:.3f} | "
-                     f"{row['finetune_seconds']:.0f} s |")
+                     f"{row['finetune_seconds']:.0f} s{seeds_note(row)} |")
     return "\n".join(lines) + "\n"
+
+
+def seeds_note(row: dict) -> str:
+    seeds = row.get("finetune_seeds", 1)
+    return f" ({seeds} seeds, best on validation)" if seeds > 1 else ""
 
 
 def main(argv=None) -> int:
