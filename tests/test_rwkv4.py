@@ -13,6 +13,7 @@ from implicit_attention.explanations import BASELINE_METHODS, MATRIX_METHODS
 from implicit_attention.hooks import capture, select_layers
 
 from conftest import (
+    assert_attribution_matches_blocks,
     assert_close,
     check_explanation,
     check_fast_aggregates,
@@ -274,3 +275,32 @@ def test_fast_mean_float32_and_long_inputs_with_large_keys_and_decays():
         f32 = record.architecture.build(record, variant="unified", dtype=torch.float32, index=0)
         assert float(f64.factors.key.abs().max()) > 100
         check_long_fast_mean(f64, f32)
+
+
+def test_sampled_check_rebuilds_output_channels_from_both_value_streams():
+    """Above the full-check size the unified layer (2C operator channels folded into C) checks sampled
+    *output* channels, each from its p and q streams: all outputs sampled equals the full reconstruction,
+    and a q stream made wrong is caught by the sampled check."""
+    from implicit_attention.architectures import base
+
+    model = tiny_rwkv(dtype=torch.float64, seed=4, attention_hidden_size=40)
+    ids = torch.randint(1, 40, (2, 9), generator=torch.Generator().manual_seed(4))
+    layer = ia.decompose(model, ids).layers[1]
+    C = layer.output.shape[-1]
+    assert_close(layer._reconstruct_outputs(slice(0, C)), layer.reconstruct(), 1e-13, "all outputs")
+    assert_close(layer._reconstruct_outputs(slice(7, 19)), layer.reconstruct()[..., 7:19], 1e-13, "a slice")
+    sampled = layer.measure_error(max_entries=0)
+    assert layer.error_channels == base.SAMPLED_CHANNELS and sampled < 1e-10
+    layer.values[..., C:] *= 1.5                        # the q stream (the token shift) made wrong
+    assert layer.measure_error(max_entries=0) > 1e-3
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("key_scale", [0.6, 20.0])
+def test_fast_attribution_matches_channel_blocks(variant, key_scale):
+    """The sign-split weighted channel sums (the q stream's shifted one column) against the clamped and
+    signed rule on the 2C / C channel blocks, float64, padded, keys up to exp(k) overflowing float32."""
+    model = tiny_rwkv(dtype=torch.float64, key_scale=key_scale, seed=5)
+    ids, mask = left_padded(batch=2, length=37, seed=5)
+    for layer in ia.decompose(model, ids, mask, variant=variant).layers:
+        assert_attribution_matches_blocks(layer, variant, fast_path=True)

@@ -209,25 +209,42 @@ class LayerDecomposition(ABC):
 
         Every channel is checked while ``B * C * L * L <= max_entries`` (``None``: always);
         above that, :data:`SAMPLED_CHANNELS` channels in groups spread over the width, so that the
-        check stays cheap on long inputs. :attr:`error_channels` records how many were checked.
+        check stays cheap on long inputs (with a :attr:`fold`, output channels, each rebuilt from
+        every operator channel folded into it). :attr:`error_channels` records how many were checked.
         """
-        if max_entries is None or self.fold is not None or self.projection is not None \
+        if max_entries is None or self.projection is not None \
                 or self.batch_size * self.channels * self.length ** 2 <= max_entries:
             rec, ref = self.reconstruct(), self.output
             self.error_channels = self.channels
         else:
-            groups = _sample_groups(self.channels, SAMPLED_CHANNELS, SAMPLED_GROUPS)
+            outputs = self.channels if self.fold is None else self.output.shape[-1]
             recs, refs = [], []
-            for sl in groups:
-                block, off = self._block(sl)
-                part = torch.einsum("bcij,bjc->bic", block, self.values[..., sl])
-                recs.append(part if off is None else part + off)
+            for sl in _sample_groups(outputs, SAMPLED_CHANNELS, SAMPLED_GROUPS):
+                recs.append(self._reconstruct_outputs(sl))
                 refs.append(self.output[..., sl])
             rec, ref = torch.cat(recs, dim=-1), torch.cat(refs, dim=-1)
             self.error_channels = ref.shape[-1]
         denom = ref.norm().clamp_min(torch.finfo(self.dtype).tiny)
         self.error = float((rec - ref).norm() / denom)
         return self.error
+
+    def _reconstruct_outputs(self, outputs: slice) -> torch.Tensor:
+        """``[B, L, c]`` the reconstruction of a slice of output channels only (of operator channels
+        where there is no :attr:`fold`; else from the operator channels folded into them)."""
+        if self.fold is None:
+            runs = [outputs]
+        else:
+            members = ((self.fold >= outputs.start) & (self.fold < outputs.stop)).nonzero().flatten().tolist()
+            runs = _contiguous_runs(members)
+        out = self.values.new_zeros(*self.values.shape[:-1], outputs.stop - outputs.start)
+        for run in runs:
+            block, off = self._block(run)
+            part = torch.einsum("bcij,bjc->bic", block, self.values[..., run])
+            part = part if off is None else part + off
+            targets = (torch.arange(run.start, run.stop, device=out.device) if self.fold is None
+                       else self.fold[run]) - outputs.start
+            out.index_add_(-1, targets.to(out.device), part)
+        return out
 
     def aggregate(self, how: Aggregate = "mean", channel: int | None = None) -> torch.Tensor:
         """``[B, L, L]`` one map per example from the per-channel matrices (computed once, cached).
@@ -393,6 +410,17 @@ def scaled_head_sum(A: torch.Tensor, row: torch.Tensor, how: str, equation: str)
         return torch.einsum(equation, A.abs(), row.abs().sum(-1))
     return (torch.einsum(equation, A.clamp(min=0), row.clamp(min=0).sum(-1))
             + torch.einsum(equation, (-A).clamp(min=0), (-row).clamp(min=0).sum(-1)))
+
+
+def _contiguous_runs(indices: list[int]) -> list[slice]:
+    """Sorted channel indices as the fewest slices: ``[0, 1, 2, 7, 8]`` -> ``[0:3, 7:9]``."""
+    runs: list[slice] = []
+    for index in indices:
+        if runs and runs[-1].stop == index:
+            runs[-1] = slice(runs[-1].start, index + 1)
+        else:
+            runs.append(slice(index, index + 1))
+    return runs
 
 
 def _sample_groups(channels: int, count: int, groups: int = SAMPLED_GROUPS) -> list[slice]:

@@ -37,9 +37,13 @@ def wkv_log_normaliser(key: torch.Tensor, decay: torch.Tensor, first: torch.Tens
     return out
 
 
-def wkv_channel_sum(f: RwkvFactors, gated: bool, block: int = 4,
-                    chunk_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
+def wkv_channel_sum(f: RwkvFactors, gated: bool, block: int = 4, chunk_bytes: int = DEFAULT_BLOCK_BYTES, *,
+                    row_weight: torch.Tensor | None = None, key_weight: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, L, L]`` ``sum_c diag(r_c) alpha_c`` (``gated``) or ``sum_c alpha_c``, never ``[C, L, L]``.
+
+    With ``row_weight`` ``R`` and/or ``key_weight`` ``V`` (``[B, L, C]``, any sign) the weighted sum
+    ``sum_c R[t, c] alpha_c[t, j] V[j, c]`` instead (``R`` replaces the gate: pass ``g * r`` for the
+    attribution of a gated layer).
 
     Off the diagonal ``alpha_c[t, j] = exp((t-1-j) w + k_j - log Z_t)``: on a tile of keys ``J``
     before rows ``I`` with ``rho`` the last key and ``m_c = max_{j in J} (k_j + (rho - j) w)``,
@@ -62,7 +66,10 @@ def wkv_channel_sum(f: RwkvFactors, gated: bool, block: int = 4,
     # padding rows have Z = inf (weights 0) and are cropped anyway
     log_z = torch.cat([log_z, log_z.new_full((batch, size - length, channels), float("inf"))], dim=1)
     key = pad_tokens(f.key.to(torch.float64), size)
-    row = pad_tokens(f.receptance, size) if gated else None
+    if row_weight is None and gated:
+        row_weight = f.receptance
+    row = pad_tokens(row_weight, size) if row_weight is not None else None
+    col = pad_tokens(key_weight, size) if key_weight is not None else None
     w, u = f.decay.to(torch.float64), f.first.to(torch.float64)
 
     def band(windows: Blocks) -> torch.Tensor:
@@ -81,6 +88,8 @@ def wkv_channel_sum(f: RwkvFactors, gated: bool, block: int = 4,
             A = torch.exp(logits.masked_fill_(future, float("-inf")).to(dtype))
             if row is not None:
                 A.mul_(windows.of(row[..., ch])[:, :, :, None])
+            if col is not None:
+                A.mul_(windows.of(col[..., ch])[:, :, None, :])
             out += A.sum(dim=-1)
         return out
 
@@ -96,6 +105,8 @@ def wkv_channel_sum(f: RwkvFactors, gated: bool, block: int = 4,
             Q = torch.exp((ramp * w[ch] + top - rows.of(log_z[..., ch])).to(dtype))   # t - 1 - rho = 0, 1, ...
             if row is not None:
                 Q.mul_(rows.of(row[..., ch]))
+            if col is not None:
+                K.mul_(keys.of(col[..., ch]))
             out += Q @ K.transpose(-1, -2)
         return out
 
@@ -124,3 +135,32 @@ def wkv_rows(f: RwkvFactors, rows: torch.Tensor, gated: bool, chunk_bytes: int =
             A.mul_(f.receptance[:, rows, None, ch])
         out += A.sum(dim=-1)
     return out
+
+
+def wkv_attribution(f: RwkvFactors, grad: torch.Tensor, variant: str, signed: bool = False, block: int = 4,
+                    chunk_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
+    """``[B, L, L]`` ``sum_c clamp(g_ic A_c[i, j] v_jc, min=0)`` over the operator channels (not divided by
+    their number), from weighted channel sums (:func:`wkv_channel_sum`), never ``[C, L, L]``.
+
+    Every ``A_c`` entry is ``>= 0`` (softmax weights, a sigmoid gate), so the clamp splits by sign:
+    ``clamp(g A v) = A (relu(g) relu(v) + relu(-g) relu(-v))``, two weighted sums per value stream.
+    ``unified``'s second stream ``q`` meets ``alpha[i, j + 1]``: its sums weight key ``j`` by ``q_{j-1}``
+    and are shifted one column left. ``grad`` is at the matrix output (``[B, L, C]``, the gate already
+    in it for ``wkv``); ``signed`` keeps the sign (one sum per stream).
+    """
+    gate = f.receptance if variant != "wkv" else None
+    rows = grad if gate is None else grad * gate
+    streams = [(f.value_now, False), (f.value_prev, True)] if variant == "unified" else [(f.value, False)]
+    total = None
+    for values, shifted in streams:
+        if shifted:          # key j' carries q_{j'-1}; column j of the stream's map is column j + 1 here
+            values = torch.nn.functional.pad(values, (0, 0, 1, -1))
+        if signed:
+            part = wkv_channel_sum(f, False, block, chunk_bytes, row_weight=rows, key_weight=values)
+        else:
+            part = sum(wkv_channel_sum(f, False, block, chunk_bytes, row_weight=(sign * rows).clamp(min=0),
+                                       key_weight=(sign * values).clamp(min=0)) for sign in (1, -1))
+        if shifted:
+            part = torch.nn.functional.pad(part[..., 1:], (0, 1))
+        total = part if total is None else total + part
+    return total

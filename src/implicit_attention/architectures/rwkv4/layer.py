@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..base import LayerDecomposition
-from .fast import wkv_channel_sum, wkv_rows
+from .fast import wkv_attribution, wkv_channel_sum, wkv_rows
 from .operator import EXACT_VARIANTS, RwkvFactors, rwkv_block, shift_left
 
 
@@ -50,6 +50,11 @@ class RwkvLayerDecomposition(LayerDecomposition):
     def _fast_rows(self, rows: torch.Tensor, how: str) -> torch.Tensor:
         # a few rows (raw / paper read the target row) cost O(R L C)
         return self._from_channel_sum(wkv_rows(self.factors, rows, self.variant != "wkv", self.block_bytes))
+
+    def _fast_attribution(self, grad: torch.Tensor, signed: bool = False) -> torch.Tensor:
+        # every entry is >= 0: the clamp splits by the signs of the gradient and the values
+        return wkv_attribution(self.factors, grad, self.variant, signed, self.tile_block,
+                               self.block_bytes) / self.channels
 
     def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         # out = r * (alpha v): the gate "wkv" leaves out multiplies the gradient reaching alpha.
