@@ -1,5 +1,7 @@
-"""|A|, relu(A) and attribution of diagonal recurrences (RG-LRU, HGRN) without conv taps, as sign-split
-factorised channel sums, against the generic per-channel blocks; with conv taps the blocks serve."""
+"""|A|, relu(A) and attribution of diagonal recurrences (RG-LRU, HGRN) against the generic per-channel blocks.
+
+Without conv taps all three are sign-split factorised channel sums; with them |A| and relu(A) come from the
+blocks, and the attribution from products off the band and per-channel entries in it (diagonal_product_sum)."""
 
 from __future__ import annotations
 
@@ -22,16 +24,19 @@ def diagonal_layers(model, ids, mask, variant):
                                                 ("griffin", "unified", False), ("griffin", "no_gate", False),
                                                 ("hgrn", "unified", False), ("hgrn", "recurrence", True),
                                                 ("hgrn_without_conv", "unified", True)])
-def test_sign_split_sums_equal_the_channel_blocks(name, variant, split):
+@pytest.mark.parametrize("length,tile_block", [(11, None), (70, 4)])
+def test_sign_split_sums_equal_the_channel_blocks(name, variant, split, length, tile_block):
+    """At 70 tokens with a band block of 4, three levels of tile pairs hold most entries."""
     model = (tiny_griffin(dtype=torch.float64) if name == "griffin"
              else tiny_hgrn(use_short_conv=name == "hgrn"))
-    ids, mask = left_padded(batch=2, length=11, vocab=40)
+    ids, mask = left_padded(batch=2, length=length, vocab=40)
     layers = diagonal_layers(model, ids, mask, variant)
     assert layers
     for layer in layers:
+        layer.tile_block = tile_block
         grad = torch.randn(layer.output.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(layer.index))
-        at_matrix = layer.matrix_gradient(grad)
-        assert (layer._fast_attribution(at_matrix) is not None) == split
+        assert (layer._fast_abs_pos("abs") is not None) == split
+        assert layer._fast_attribution(layer.matrix_gradient(grad)) is not None
         for how in ("abs", "pos"):
             assert_close(layer.aggregate(how), layer.aggregate_by_blocks(how), 1e-12, f"{name} {variant} {how}")
-        assert_attribution_matches_blocks(layer, f"{name} {variant}")
+        assert_attribution_matches_blocks(layer, f"{name} {variant}", fast_path=True)

@@ -234,8 +234,24 @@ class DiagonalOperator:
                                 key_mask=pad_tokens(self.key_mask, length), reset=pad_tokens(self.reset, length))
 
 
-def diagonal_window_sums(op: DiagonalOperator, tokens: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
-    """``[B, nb, W, W]`` ``sum_d A_d`` restricted to each window ``tokens [nb, W]``, entry by entry.
+@dataclass
+class ProductWeights:
+    """Weights of the entries of every channel's matrix: ``r_i[d] A_d[i, j] k_j[d]`` (``[B, L, E]`` each),
+    clamped at 0 per channel before the channel sum where ``clamp`` (the attribution rule with
+    ``r = grad``, ``k = values``)."""
+
+    row: torch.Tensor
+    key: torch.Tensor
+    clamp: bool
+
+    def padded(self, length: int) -> ProductWeights:
+        return ProductWeights(pad_tokens(self.row, length), pad_tokens(self.key, length), self.clamp)
+
+
+def diagonal_window_sums(op: DiagonalOperator, tokens: torch.Tensor, chunk_bytes: int,
+                         weights: ProductWeights | None = None) -> torch.Tensor:
+    """``[B, nb, W, W]`` ``sum_d A_d`` restricted to each window ``tokens [nb, W]``, entry by entry
+    (with ``weights``: ``sum_d f(r_i[d] A_d[i, j] k_j[d])``, see :class:`ProductWeights`).
 
     ``A[i, j]`` depends only on the tokens ``j .. i``, so a window's operator is the restriction of
     the whole one (window-local conv taps past the window only reach entries above the diagonal).
@@ -263,6 +279,10 @@ def diagonal_window_sums(op: DiagonalOperator, tokens: torch.Tensor, chunk_bytes
             D.mul_(op.key_mask[:, tokens][:, :, None, None, :])
         if op.row is not None:
             D.mul_(window(op.row)[..., None])
+        if weights is not None:
+            D.mul_(window(weights.row)[..., None]).mul_(window(weights.key)[..., None, :])
+            if weights.clamp:
+                D.clamp_(min=0)
         out += D.sum(dim=2)
     return out
 
@@ -319,11 +339,13 @@ def diagonal_band_sums(op: DiagonalOperator, cums: torch.Tensor, windows: Blocks
 
 
 def diagonal_pair_sums(op: DiagonalOperator, cums: torch.Tensor, keys: Blocks, rows: Blocks, ref: Blocks,
-                       chunk_bytes: int) -> torch.Tensor:
+                       chunk_bytes: int, weights: ProductWeights | None = None) -> torch.Tensor:
     """``[B, P, S, S]`` ``sum_d A_d[rows, key columns]`` of the pairs of one level, as ``Q Kc^T``.
 
     ``op`` and ``cums`` (float64 ``G``) are padded past the blocks' ends. Both exponents are
-    ``<= 0`` (see the module docstring).
+    ``<= 0`` (see the module docstring). With ``weights`` the rows of ``Q`` and the keys of ``Kc``
+    are weighted; a pair's entries are one product per channel, so a clamp splits by sign:
+    ``relu(Q) relu(Kc)^T + relu(-Q) relu(-Kc)^T``.
     """
     batch, _, channels = op.log_decay.shape
     pairs, span, width = rows.count, rows.size, op.width
@@ -355,6 +377,12 @@ def diagonal_pair_sums(op: DiagonalOperator, cums: torch.Tensor, keys: Blocks, r
                 K += touched[:, :, shift:shift + span] * op.taps[ch, width - 1 - shift]
         if op.key_mask is not None:
             K = K * keys.of(op.key_mask)[:, :, :span, None]
+        if weights is not None:
+            Q = Q * rows.of(weights.row[..., ch])
+            K = K * keys.of(weights.key[..., ch])[:, :, :span]
+            if weights.clamp:
+                out += Q.clamp(min=0) @ K.clamp(min=0).transpose(-1, -2)
+                Q, K = Q.neg_().clamp_(min=0), K.neg_().clamp_(min=0)
         out += Q @ K.transpose(-1, -2)
     return out
 
@@ -398,6 +426,28 @@ def diagonal_sum(op: DiagonalOperator, block: int | None = None,
     return assemble(tiling, batch, op.col.dtype, op.col.device,
                     band=lambda windows: diagonal_band_sums(padded, cums, windows, chunk_bytes),
                     pair=lambda span, keys, rows, ref: diagonal_pair_sums(padded, cums, keys, rows, ref, chunk_bytes))
+
+
+def diagonal_product_sum(op: DiagonalOperator, weights: ProductWeights, block: int | None = None,
+                         chunk_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
+    """``[B, L, L]`` ``sum_d f(r_i[d] A_d[i, j] k_j[d])`` (``f`` the clamp at 0, or none) by hierarchical tiles,
+    conv taps included; never ``[E, L, L]``.
+
+    Off the band every channel's entry is one product ``Q[i, d] Kc[j, d]``, so the clamp splits by sign
+    (:func:`diagonal_pair_sums`); in the band, where a conv sums differently signed terms into one entry,
+    entries are formed per channel (:func:`diagonal_window_sums`), ``O(L W E)`` exponentials.
+    """
+    op = op.finite()
+    batch, length, _ = op.log_decay.shape
+    cums = op.log_decay.to(torch.float64).cumsum(dim=1)
+    tiling = Tiling(length, block or default_block(cums, op.width, op.col.dtype), op.width)
+    padded, weights = op.padded(tiling.padded_length), weights.padded(tiling.padded_length)
+    cums = pad_tokens(cums, tiling.padded_length, replicate=True)
+    device = op.col.device
+    return assemble(tiling, batch, op.col.dtype, device,
+                    band=lambda windows: diagonal_window_sums(padded, windows.tokens(device), chunk_bytes, weights),
+                    pair=lambda span, keys, rows, ref: diagonal_pair_sums(padded, cums, keys, rows, ref, chunk_bytes,
+                                                                          weights))
 
 
 def diagonal_rows(op: DiagonalOperator, rows: torch.Tensor, how: str = "mean",
@@ -493,10 +543,16 @@ class DiagonalDecomposition(LayerDecomposition):
         return None if split is None else self._sign_split_sum(split[0], split[1], split[0].col, how) / self.channels
 
     def _fast_attribution(self, grad: torch.Tensor, signed: bool = False) -> torch.Tensor | None:
-        """``mean_d clamp(g_i[d] A_d[i, j] v_j[d], min=0)`` as two factorised channel sums (every decay product is
-        positive, so the clamp splits by the signs of ``g row`` and ``col v``); ``None`` with conv taps."""
+        """``mean_d clamp(g_i[d] A_d[i, j] v_j[d], min=0)``: without conv taps two factorised channel sums (every
+        decay product is positive, so the clamp splits by the signs of ``g row`` and ``col v``); with them
+        :func:`diagonal_product_sum`; ``None`` for a folded layer."""
         split = self._split_operator()
         if split is None:
-            return None
+            if self.fold is not None:
+                return None
+            # conv taps: products off the band, entries per channel in it (diagonal_product_sum)
+            weights = ProductWeights(grad.to(self.dtype), self.values, clamp=not signed)
+            return diagonal_product_sum(self.diagonal_operator(), weights, self.tile_block,
+                                        self.block_bytes) / self.channels
         op, row = split
         return self._sign_split_sum(op, row * grad, op.col * self.values, "mean" if signed else "pos") / self.channels
