@@ -19,7 +19,8 @@ decays, gates and biases are non-trivial. For each model and each length L (batc
    to (1);
 6. ``max error``: the largest relative reconstruction error over the layers (from (2)).
 
-Timings are single wall-clock runs (best of ``--repeat``) after a short warm-up at L = 16.
+Timings are wall-clock runs, fwd+bwd and attribution the best of ``--repeat`` (default 3), after a short
+warm-up at L = 16.
 Torch runs single-threaded by default (``--threads``) since the cores may be shared.
 Usage: ``python benchmarks/bench_architectures.py --lengths 256 --only Mamba,GPT2 --out rows.json``.
 """
@@ -224,7 +225,8 @@ def bench(model, name: str, length: int, args) -> dict:
     row["max_diff"] = max(diffs)
     row["speed_up"] = row["maps_generic_s"] / row["maps_fast_s"]
     result = fresh = fast = generic = None  # free the layers before the attribution run
-    row["attribution_s"], _ = timed(lambda: ia.explain(model, ids, method="attribution"), 1)
+    # best of --repeat, as the fwd+bwd it is divided by: on a shared machine single runs vary by 30% or more
+    row["attribution_s"], _ = timed(lambda: ia.explain(model, ids, method="attribution"), args.repeat)
     row["attribution_ratio"] = row["attribution_s"] / row["fwd_bwd_s"]
     return row
 
@@ -271,7 +273,8 @@ def main(argv=None) -> int:
                         "e.g. 'xLSTM=128,RWKV-4=128' (for slow ones)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    parser.add_argument("--repeat", type=int, default=1, help="repeats of fwd+bwd (best of)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="repeats of fwd+bwd and of the attribution run (best of each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
