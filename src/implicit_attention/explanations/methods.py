@@ -168,15 +168,15 @@ class BaselineMethod(Method):
     def _refuse_model(self) -> None:
         """Raise before running anything if the method cannot explain this model."""
 
-    #: ``(model, inputs, resolve) -> (relevance, target, logits)`` where the method needs only the forward
-    #: pass that also gives the logits (see :func:`~.api.baseline_explanation`), else ``None``.
-    one_pass: ClassVar[Callable | None] = None
+    def _one_pass(self) -> Callable | None:
+        """``(inputs, resolve) -> (relevance, target, logits)`` where the method needs only the forward pass
+        that also gives the logits (see :func:`~.api.baseline_explanation`), else ``None``."""
+        return None
 
     def explain(self, input_ids, attention_mask=None, *, target=None, position: int = -1) -> Explanation:
         self._refuse_model()
-        one_pass = None if type(self).one_pass is None else functools.partial(type(self).one_pass, self.model)
         return baseline_explanation(self.model, input_ids, attention_mask, self.name, self._relevance,
-                                    target=target, position=position, dtype=self.dtype, one_pass=one_pass)
+                                    target=target, position=position, dtype=self.dtype, one_pass=self._one_pass())
 
 
 @dataclass
@@ -195,7 +195,9 @@ class GradientXInput(BaselineMethod):
     """``sum_h embed[t, h] * d score / d embed[t, h]``."""
 
     name: ClassVar[str] = "grad_x_input"
-    one_pass: ClassVar[Callable | None] = staticmethod(baselines.grad_x_input_one_pass)
+
+    def _one_pass(self) -> Callable:
+        return functools.partial(baselines.grad_x_input_one_pass, self.model)
 
     def _relevance(self, inputs, target):
         return baselines.grad_x_input(self.model, inputs, None, target), {}
