@@ -1,4 +1,5 @@
-"""Fused (Triton) Mamba signed mean against the float64 direct mean.
+"""Fused (Triton) Mamba signed mean against the float64 direct mean, and the fused per-channel reductions
+(|A|, relu(A), attribution) against the float64 eager tiles.
 
 On a CPU machine the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, which must be set
 before the kernels are defined, hence a subprocess); on a CUDA machine they also run natively.
@@ -57,7 +58,73 @@ def test_fused_mean_equals_direct_mean_in_the_interpreter():
         assert error < 2e-6, (case, error)
 
 
+# (variant, conv width, length, splits, state): 64-tiles, 16-tiles and the band; a state of 16 fills tl.dot
+REDUCE_CASES = [("unified", 4, 140, 1, 3), ("no_gate", 2, 90, 3, 16)]
+
+_REDUCE_SCRIPT = r"""
+import json, sys
+import torch
+sys.path.insert(0, {tests!r})
+from conftest import left_padded, tiny_mamba
+from test_mamba_fast import factors_of
+from implicit_attention.architectures.mamba import triton as triton_mean
+from implicit_attention.architectures.mamba.fast import ChannelReduction, channel_reduced
+errors = []
+for variant, width, length, splits, state in {cases!r}:
+    triton_mean._split_count = lambda programs, work, block, s=splits: s
+    model = tiny_mamba(dtype=torch.float64, conv_kernel=width, hidden_size=20, state_size=state, seed=width)
+    ids, mask = left_padded(batch=2, length=length, seed=length)
+    f64, f32 = factors_of(model, ids, mask), factors_of(model, ids, mask, dtype=torch.float32)
+    grad = torch.randn(f64.x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(length))
+    for how, signed in (("abs", False), ("pos", False), (None, False), (None, True)):
+        if how is None:   # the attribution (values: any [B, L, E] tensor)
+            exact = ChannelReduction(grad=grad, values=f64.x, signed=signed)
+            fast = ChannelReduction(grad=grad.float(), values=f32.x, signed=signed)
+        else:
+            exact = fast = ChannelReduction(how)
+        reference = channel_reduced(f64, variant, exact, fused=False)
+        fused = channel_reduced(f32, variant, fast, fused=True)
+        errors.append(float((fused.double() - reference).abs().max() / reference.abs().max()))
+print(json.dumps(errors))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernels run natively (tests below)")
+def test_fused_channel_reductions_equal_the_eager_tiles_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    script = _REDUCE_SCRIPT.format(tests=str(HERE), cases=REDUCE_CASES)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(errors) == 4 * len(REDUCE_CASES)
+    assert max(errors) < 2e-6, errors
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("variant", ["unified", "s6", "no_conv"])
+@pytest.mark.parametrize("length", [17, 200, 1000])
+def test_fused_channel_reductions_on_cuda_equal_the_eager_tiles(variant, length):
+    sys.path.insert(0, str(HERE))
+    from implicit_attention.architectures.mamba.fast import ChannelReduction, channel_reduced
+    from test_mamba_fast import factors_of
+
+    from conftest import left_padded, tiny_mamba
+
+    model = tiny_mamba(dtype=torch.float64, hidden_size=48, state_size=16, seed=length)
+    ids, mask = left_padded(batch=2, length=length, seed=length)
+    f64 = factors_of(model, ids, mask)
+    f32 = factors_of(model.float().cuda(), ids.cuda(), mask.cuda(), dtype=torch.float32)
+    grad = torch.randn(f64.x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(length))
+    for exact, fast in ((ChannelReduction("abs"), ChannelReduction("abs")),
+                        (ChannelReduction(grad=grad, values=f64.x), ChannelReduction(grad=grad.float().cuda(),
+                                                                                     values=f32.x))):
+        reference = channel_reduced(f64, variant, exact, fused=False)
+        fused = channel_reduced(f32, variant, fast)                   # picks the fused kernel on CUDA
+        error = float((fused.double().cpu() - reference).abs().max() / reference.abs().max())
+        assert error < 2e-6, (exact.how, error)
 
 
 @cuda

@@ -339,7 +339,8 @@ def _tiled_sum(f: MambaFactors, variant: str, tile_sizes: tuple[int, ...], chunk
 
 
 def channel_reduced(f: MambaFactors, variant: str, reduction: ChannelReduction,
-                    tile_sizes: tuple[int, ...] | None = None, chunk_bytes: int | None = None) -> torch.Tensor:
+                    tile_sizes: tuple[int, ...] | None = None, chunk_bytes: int | None = None,
+                    fused: bool | None = None) -> torch.Tensor:
     """``[B, L, L]`` the channel mean of ``reduction`` (``|A|``, ``relu(A)``, the attribution), never holding
     ``[C, L, L]``.
 
@@ -348,9 +349,33 @@ def channel_reduced(f: MambaFactors, variant: str, reduction: ChannelReduction,
     transformed and summed over them at once; the band is formed per channel likewise. Costs the
     ``O(L^2 E N)`` multiply-adds of the blocks but never materialises a channel's ``L x L`` matrix:
     memory stays at ``chunk_bytes`` (default :func:`~implicit_attention.memory.default_block_bytes`).
+    On a CUDA device in float32 with Triton the tiles run in one fused kernel per level
+    (:func:`.triton.reduced_tiles_fused`: each channel's tile transformed in registers); ``fused`` as
+    in :func:`signed_mean`.
     """
     chunk_bytes = chunk_bytes or default_block_bytes(f.x.device)
+    if fused is None:
+        fused = tile_sizes is None and triton.available(f.x)
+    if fused:
+        if not triton.available(f.x):
+            raise RuntimeError("the fused channel reductions need Triton and float32 factors on a CUDA device")
+        return _fused_channel_reduced(f, variant, reduction, chunk_bytes) / f.x.shape[-1]
     return _tiled_sum(f, variant, tuple(tile_sizes or CHANNEL_TILE_SIZES), chunk_bytes, reduction) / f.x.shape[-1]
+
+
+def _fused_channel_reduced(f: MambaFactors, variant: str, reduction: ChannelReduction, chunk_bytes: int) -> torch.Tensor:
+    """The channel sum of ``reduction``: fused tiles, then the band left by their smallest size (eager)."""
+    row, col, taps, _ = variant_parts(f, variant)
+    how, values = reduction.how, None
+    if reduction.grad is not None:                 # g_i A_d[i, j] v_j: g joins the row factor, v the keys
+        row = reduction.grad if row is None else row * reduction.grad
+        how, values = ("mean" if reduction.signed else "pos"), reduction.values
+    out = triton.reduced_tiles_fused(row, col, taps, f.dt, f.B, f.C, f.A, how, values=values)
+    smallest, length = triton.REDUCE_TILE_SIZES[-1], f.x.shape[1]
+    cums = f.dt.to(torch.float64).cumsum(dim=1)
+    rows, slots = (t.to(f.x.device) for t in band_entries(length, taps.shape[1], smallest))
+    out[:, rows, rows - slots] += _band(f, variant, cums, smallest, chunk_bytes, reduction)[:, rows, slots]
+    return out
 
 
 def matrix_rows(f: MambaFactors, variant: str, rows: torch.Tensor) -> torch.Tensor:

@@ -147,6 +147,55 @@ if triton is not None:
         tl.store(where, acc, mask=mask)
 
     @triton.jit
+    def _tiles_reduce_kernel(out_ptr, q_ptr, k_ptr, cums_ptr, a_ptr, row_blocks_ptr, col_blocks_ptr,
+                             length, channels, first, count, per_split,
+                             STATE: tl.constexpr, NP: tl.constexpr, WIDTH: tl.constexpr, BT: tl.constexpr,
+                             HOW: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr):
+        """``out[tile] (+)= sum_d f(Q_d[rows] 2^(a_d (s_r - s_e)) Kc_d[cols]^T)`` over one split of the channels.
+
+        Each channel's tile is its own product over the state (``[BT, N] @ [N, BT]``), transformed by
+        ``f`` (``HOW``: 0 identity, 1 ``|.|``, 2 ``relu``) in registers before the channel sum.
+        """
+        tile, batch, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rb = tl.load(row_blocks_ptr + tile)
+        cb = tl.load(col_blocks_ptr + tile)
+        offs = tl.arange(0, BT)
+        rows = rb * BT + offs + (WIDTH - 1)
+        cols = cb * BT + offs
+        r_tok = rb * BT + WIDTH - 2
+        e_tok = cb * BT + BT + WIDTH - 2
+        row_ok = rows < length
+        col_ok = cols < length
+        n = tl.arange(0, NP)
+        n_ok = n < STATE
+        seq = batch.to(tl.int64) * length
+        acc = tl.zeros([BT, BT], dtype=tl.float32)
+        d_first = split * per_split
+        d_stop = tl.minimum(d_first + per_split, count)
+        for local in range(d_first, d_stop):
+            d = first + local
+            s_r = tl.load(cums_ptr + (seq + r_tok) * channels + d)
+            s_e = tl.load(cums_ptr + (seq + e_tok) * channels + d)
+            a = tl.load(a_ptr + d * STATE + n, mask=n_ok, other=0.0)
+            decay = tl.exp2(a * (s_r - s_e).to(tl.float32))                       # [NP], <= 1
+            q = tl.load(q_ptr + ((seq + rows)[:, None] * count + local) * STATE + n[None, :],
+                        mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+            kc = tl.load(k_ptr + ((seq + cols)[:, None] * count + local) * STATE + n[None, :],
+                         mask=col_ok[:, None] & n_ok[None, :], other=0.0)
+            t = tl.dot(q * decay[None, :], tl.trans(kc), input_precision=PRECISION)
+            if HOW == 1:
+                t = tl.abs(t)
+            elif HOW == 2:
+                t = tl.maximum(t, 0.0)
+            acc += t
+        plane = (split * tl.num_programs(1) + batch).to(tl.int64) * length
+        where = out_ptr + (plane + rows)[:, None] * length + cols[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
+        if ACCUMULATE:
+            acc += tl.load(where, mask=mask, other=0.0)
+        tl.store(where, acc, mask=mask)
+
+    @triton.jit
     def _band_kernel(out_ptr, cums_ptr, key_ptr, col_ptr, d_ptr, row_ptr, b_ptr, c_ptr, a_ptr, taps_ptr,
                      length, channels, channels_per_split,
                      STATE: tl.constexpr, WIDTH: tl.constexpr, OFFSETS: tl.constexpr, PAD: tl.constexpr,
@@ -304,3 +353,72 @@ def _signed_mean_fused(row, col, taps, use_D, dt, B, C, A, D, chunk_bytes, preci
     rows, slots = (t.to(dt.device) for t in band_entries(length, width, band_width))
     out[:, rows, rows - slots] += band[:, rows, slots]
     return out / channels
+
+
+#: Tile sizes of the fused per-channel reductions (``tl.dot`` needs sides of 16 or more).
+REDUCE_TILE_SIZES: tuple[int, ...] = (64, 16)
+#: ``HOW`` of :func:`_tiles_reduce_kernel` for each transform.
+_HOW = {"mean": 0, "abs": 1, "pos": 2}
+
+
+def reduced_tiles_fused(row: torch.Tensor | None, col: torch.Tensor | None, taps: torch.Tensor, dt: torch.Tensor,
+                        B: torch.Tensor, C: torch.Tensor, A: torch.Tensor, how: str, *,
+                        values: torch.Tensor | None = None, chunk_bytes: int = 2**30,
+                        precision: str = DOT_PRECISION, tile_sizes: tuple[int, ...] = REDUCE_TILE_SIZES,
+                        warps: int = 4) -> torch.Tensor:
+    """``[Bt, L, L]`` the channel *sum* of ``f(A_d[i, j])`` over every tile of the hierarchy (the band left
+    by the smallest tile is not included: :func:`.fast._band` adds it), each channel's tile formed and
+    transformed by ``f`` in registers: ``how`` ``"abs"`` or ``"pos"``, or ``"mean"`` (no transform).
+
+    For the attribution pass ``row`` already multiplied by the gradient, ``values`` ``[Bt, L, E]`` (folded
+    into the key factors) and ``how="pos"`` (``"mean"``: signed). Other arguments as
+    :func:`signed_mean_fused`.
+    """
+    if dt.is_cuda:
+        with torch.cuda.device(dt.device):
+            return _reduced_tiles(row, col, taps, dt, B, C, A, how, values, chunk_bytes, precision, tile_sizes, warps)
+    return _reduced_tiles(row, col, taps, dt, B, C, A, how, values, chunk_bytes, precision, tile_sizes, warps)
+
+
+def _reduced_tiles(row, col, taps, dt, B, C, A, how, values, chunk_bytes, precision, tile_sizes, warps):
+    batch, length, channels = dt.shape
+    state, width = A.shape[1], taps.shape[1]
+    f32 = lambda t: None if t is None else t.to(torch.float32).contiguous()  # noqa: E731
+    cums = dt.to(torch.float64).transpose(1, 2).cumsum(dim=-1).transpose(1, 2).contiguous()
+    key = f32(dt if col is None else dt * col)
+    row, values = f32(row), f32(values)
+    B, C, taps = f32(B), f32(C), f32(taps)
+    A = f32(A.to(torch.float64) * math.log2(math.e))           # the kernels use exp2
+    out = torch.zeros(batch, length, length, dtype=torch.float32, device=dt.device)
+    per_chunk = max(1, min(channels, chunk_bytes // max(1, 2 * batch * length * state * 4)))
+    state_pad = max(16, triton.next_power_of_2(state))          # tl.dot's inner side is at least 16
+    factor_tokens, factor_channels = 32, max(1, 64 // triton.next_power_of_2(state))
+    parent = None
+    for size in tile_sizes:
+        rb, cb = (t.to(device=dt.device, dtype=torch.int32) for t in tile_pairs(length, width, size, parent))
+        parent = size
+        if len(rb) == 0:
+            continue
+        for first in range(0, channels, per_chunk):
+            count = min(per_chunk, channels - first)
+            q = torch.empty(batch, length, count, state, dtype=torch.float32, device=dt.device)
+            k = torch.empty_like(q)
+            grid = (-(-length // factor_tokens), batch, -(-count // factor_channels))
+            _factors_kernel[grid](q, k, cums, key, row if row is not None else key, B, C, A, taps,
+                                  length, channels, first, count, STATE=state,
+                                  NP=triton.next_power_of_2(state), WIDTH=width, BT=size, BL=factor_tokens,
+                                  BD=factor_channels, HAS_ROW=row is not None, num_warps=4)
+            if values is not None:                                 # g_i A_d[i, j] v_j: v into the keys
+                k.mul_(values[:, :, first:first + count, None])
+            splits = _split_count(len(rb) * batch, count, 8)
+            per_split = -(-count // splits)
+            target = out if splits == 1 else torch.zeros(splits, batch, length, length, dtype=torch.float32,
+                                                        device=dt.device)
+            _tiles_reduce_kernel[(len(rb), batch, splits)](
+                target, q, k, cums, A, rb, cb, length, channels, first, count, per_split,
+                STATE=state, NP=state_pad, WIDTH=width, BT=size, HOW=_HOW[how], ACCUMULATE=splits == 1,
+                PRECISION=precision, num_warps=warps)
+            if splits > 1:
+                out += target.sum(dim=0)
+            del q, k
+    return out
