@@ -198,3 +198,26 @@ def test_a_fused_output_projection_is_checked_and_differentiated_through():
         assert_close(projected.attribution(grad, signed), layer.attribution(grad @ weight, signed), 1e-12, "cam")
     with pytest.raises(ValueError, match="grad must have shape"):
         projected.attribution(grad @ weight)
+
+
+def test_channel_reductions_fall_back_to_the_eager_tiles_when_the_fused_kernel_fails(monkeypatch):
+    """Where the fused kernel is picked by default but cannot run (a Triton that fails to compile it), the eager
+    tiles serve with a warning, once; asked for explicitly (fused=True) the error is raised."""
+    from implicit_attention.architectures.mamba import fast, triton
+
+    model = tiny_mamba(dtype=torch.float32)
+    ids, mask = left_padded(batch=2, length=21)
+    f = factors_of(model, ids, mask, dtype=torch.float32)
+    expected = fast.channel_reduced(f, "unified", fast.ChannelReduction("abs"), fused=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(triton, "available", lambda tensor: True)
+    monkeypatch.setattr(triton, "reduced_tiles_fused", broken)
+    monkeypatch.setattr(fast._warn_fused_fallback, "said", False, raising=False)
+    with pytest.warns(RuntimeWarning, match="PassManager::run failed"):
+        got = fast.channel_reduced(f, "unified", fast.ChannelReduction("abs"))
+    assert torch.equal(got, expected)
+    with pytest.raises(RuntimeError, match="PassManager"):
+        fast.channel_reduced(f, "unified", fast.ChannelReduction("abs"), fused=True)

@@ -30,6 +30,7 @@ fused GPU kernels of :mod:`.triton` follow the same plan with tiles of 64 and 16
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -354,13 +355,24 @@ def channel_reduced(f: MambaFactors, variant: str, reduction: ChannelReduction,
     in :func:`signed_mean`.
     """
     chunk_bytes = chunk_bytes or default_block_bytes(f.x.device)
-    if fused is None:
-        fused = tile_sizes is None and triton.available(f.x)
-    if fused:
-        if not triton.available(f.x):
-            raise RuntimeError("the fused channel reductions need Triton and float32 factors on a CUDA device")
-        return _fused_channel_reduced(f, variant, reduction, chunk_bytes) / f.x.shape[-1]
+    if fused is True and not triton.available(f.x):
+        raise RuntimeError("the fused channel reductions need Triton and float32 factors on a CUDA device")
+    if fused or (fused is None and tile_sizes is None and triton.available(f.x)):
+        try:
+            return _fused_channel_reduced(f, variant, reduction, chunk_bytes) / f.x.shape[-1]
+        except Exception as error:  # a Triton build that cannot compile the kernel on this GPU
+            if fused:
+                raise
+            _warn_fused_fallback(error)
     return _tiled_sum(f, variant, tuple(tile_sizes or CHANNEL_TILE_SIZES), chunk_bytes, reduction) / f.x.shape[-1]
+
+
+def _warn_fused_fallback(error: Exception) -> None:
+    """Say once per process that the fused reductions failed and the eager tiles serve instead."""
+    if not getattr(_warn_fused_fallback, "said", False):
+        warnings.warn(f"the fused Triton channel reductions failed ({type(error).__name__}: {error}); "
+                      "using the eager tiles instead (same maps, slower)", RuntimeWarning, stacklevel=3)
+        _warn_fused_fallback.said = True
 
 
 def _fused_channel_reduced(f: MambaFactors, variant: str, reduction: ChannelReduction, chunk_bytes: int) -> torch.Tensor:
