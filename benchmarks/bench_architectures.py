@@ -263,19 +263,21 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     names = list(configs(256, 4, 256))
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", default="256", help="comma-separated sequence lengths (default 256)")
-    parser.add_argument("--hidden", type=int, default=256, help="model width (default 256)")
-    parser.add_argument("--layers", type=int, default=4, help="number of layers (default 4)")
-    parser.add_argument("--vocab", type=int, default=1024, help="vocabulary size (default 1024)")
-    parser.add_argument("--only", default=None, help=f"comma list of architectures among: {', '.join(names)}")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=type(
+        "Help", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
+    parser.add_argument("--lengths", default="256", help="comma-separated sequence lengths")
+    parser.add_argument("--hidden", type=int, default=256, help="model width")
+    parser.add_argument("--layers", type=int, default=4, help="number of layers")
+    parser.add_argument("--vocab", type=int, default=1024, help="vocabulary size")
+    parser.add_argument("--only", default=None, help=f"comma list of architectures among (default: all): {', '.join(names)}")
     parser.add_argument("--length-for", default="", help="per-architecture lengths overriding --lengths, "
                         "e.g. 'xLSTM=128,RWKV-4=128' (for slow ones)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                        help="dtype of the random models")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--repeat", type=int, default=3,
                         help="repeats of fwd+bwd and of the attribution run (best of each)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

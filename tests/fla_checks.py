@@ -437,7 +437,8 @@ if __name__ == "__main__":
     import argparse
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-    parser = argparse.ArgumentParser(description="Measure the fla adapters; print one JSON object.")
+    parser = argparse.ArgumentParser(description="Measure the fla adapters; print one JSON object.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of: {', '.join(GROUPS)}")
     parser.add_argument("--jobs", type=int, default=1, help="groups run at once, each in its own process")
     parser.add_argument("--autotune", action="store_true",
