@@ -269,7 +269,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=256, help="model width")
     parser.add_argument("--layers", type=int, default=4, help="number of layers")
     parser.add_argument("--vocab", type=int, default=1024, help="vocabulary size")
-    parser.add_argument("--only", default=None, help=f"comma list of architectures among (default: all): {', '.join(names)}")
+    parser.add_argument("--only", default="all", help=f"comma list of architectures, or all, among: {', '.join(names)}")
     parser.add_argument("--length-for", default="", help="per-architecture lengths overriding --lengths, "
                         "e.g. 'xLSTM=128,RWKV-4=128' (for slow ones)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"],
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    chosen = names if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    chosen = names if args.only in (None, "", "all") else [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in chosen if n not in names]
     if unknown:
         parser.error(f"unknown architectures {unknown}; choose among {names}")
