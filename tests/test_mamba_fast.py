@@ -108,10 +108,37 @@ def test_sampled_exactness_check_on_long_inputs():
     ids = torch.randint(1, 40, (1, 30))
     layer = ia.decompose(model, ids).layers[0]
     full_error = layer.error
-    assert layer.error_channels == 80
-    sampled = layer.measure_error(max_entries=100)
-    assert layer.error_channels == base.SAMPLED_CHANNELS and sampled <= 1e-6 and full_error <= 1e-6
+    assert layer.error_channels == 80 and layer.error_rows is None
+    sampled = layer.measure_error(max_entries=100)                   # Mamba reads rows: every channel, 8 rows
+    assert layer.error_channels == 80 and layer.error_rows == base.SAMPLED_ROWS
+    assert sampled <= 1e-6 and full_error <= 1e-6
+    layer._matrix_rows = lambda rows: None                            # without fast rows: sampled channels
+    by_channels = layer.measure_error(max_entries=100)
+    assert layer.error_channels == base.SAMPLED_CHANNELS and layer.error_rows is None and by_channels <= 1e-6
     assert base._sample_groups(24, 8) == [slice(0, 2), slice(7, 9), slice(15, 17), slice(22, 24)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_row_check_reads_the_offset_and_catches_a_wrong_operator(variant):
+    """The rows of every channel's matrix and of the conv-bias offset equal the blocks' rows, so the row check
+    reconstructs the module exactly; a wrong conv bias (the offset alone) is caught by it."""
+    from implicit_attention.architectures.mamba.fast import matrix_and_offset_rows
+
+    model = tiny_mamba(dtype=torch.float64, hidden_size=16)
+    ids, mask = left_padded(batch=2, length=19)
+    layer = ia.decompose(model, ids, mask, variant=variant).layers[1]
+    rows = torch.tensor([0, 7, 18])
+    matrices, offset = matrix_and_offset_rows(layer.factors, variant, rows)
+    block, block_offset = mamba_block(layer.factors, slice(0, layer.channels), variant)
+    assert_close(matrices, block[:, :, rows].transpose(1, 2), 1e-13, "matrix rows")
+    assert (offset is None) == (block_offset is None)
+    if offset is None:
+        return
+    assert_close(offset, block_offset[:, rows], 1e-13, "offset rows")
+    if layer.exact:
+        assert layer.measure_error(max_entries=0) < 1e-8 and layer.error_rows == 8     # as the full check
+    layer.factors.conv_bias = layer.factors.conv_bias + 0.5
+    assert layer.measure_error(max_entries=0) > 1e-3
 
 
 def test_float32_fast_mean_is_stable_at_16k_tokens():

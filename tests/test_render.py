@@ -163,23 +163,28 @@ def test_report_says_when_the_check_sampled_channels(tmp_path: Path) -> None:
 
     from conftest import tiny_mamba
 
-    model = tiny_mamba(dtype=torch.float64, hidden_size=24)           # 48 channels > SAMPLED_CHANNELS
-    result = ia.decompose(model, torch.randint(1, 40, (1, 6), generator=torch.Generator().manual_seed(0)))
-    full = result.layers[0]
-    assert full.error_channels == full.channels == 48
-    sampled = result.layers[1]
-    sampled.measure_error(max_entries=0)                             # as above FULL_CHECK_ENTRIES
-    assert sampled.error_channels < sampled.channels and sampled.error <= 1e-6
+    model = tiny_mamba(dtype=torch.float64, hidden_size=24, num_hidden_layers=3)   # 48 channels > SAMPLED_CHANNELS
+    result = ia.decompose(model, torch.randint(1, 40, (1, 12), generator=torch.Generator().manual_seed(0)))
+    full, by_channels, by_rows = result.layers
+    assert full.error_channels == full.channels == 48 and full.error_rows is None
+    by_channels._matrix_rows = lambda rows: None                      # an architecture without fast rows
+    by_channels.measure_error(max_entries=0)                          # as above FULL_CHECK_ENTRIES
+    assert by_channels.error_channels < by_channels.channels and by_channels.error <= 1e-6
+    by_rows.measure_error(max_entries=0)                              # Mamba: every channel on 8 of 12 rows
+    assert by_rows.error_channels == 48 and by_rows.error_rows == 8 and by_rows.error <= 1e-6
     layers = [ReportLayer(layer.index, layer.name, layer.error, "mamba", channels=layer.channels,
-                          error_channels=layer.error_channels) for layer in (full, sampled)]
+                          error_channels=layer.error_channels, error_rows=layer.error_rows)
+              for layer in (full, by_channels, by_rows)]
     args = _report_args()
     args["examples"][0].matrices = {}
     html_path = write_report(tmp_path / "sampled", **{**args, "layers": layers})
     html = html_path.read_text(encoding="utf-8")
-    assert f"(sampled: {sampled.error_channels} of 48 channels)" in html
-    assert html.count("(sampled:") == 1 and "a sample of each layer&#x27;s channels" in html
+    assert f"(sampled: {by_channels.error_channels} of 48 channels)" in html
+    assert "(sampled: 8 rows, all 48 channels)" in html
+    assert html.count("(sampled:") == 2 and "a sample of each layer&#x27;s channels" in html
     info = json.loads((tmp_path / "sampled" / "explanation.json").read_text(encoding="utf-8"))
-    assert [layer["sampled"] for layer in info["layers"]] == [False, True]
-    assert info["layers"][1]["error_channels"] == sampled.error_channels and info["layers"][1]["channels"] == 48
+    assert [layer["sampled"] for layer in info["layers"]] == [False, True, True]
+    assert info["layers"][1]["error_channels"] == by_channels.error_channels and info["layers"][1]["channels"] == 48
+    assert info["layers"][2]["error_rows"] == 8
     plain = write_report(tmp_path / "full", **_report_args()).read_text(encoding="utf-8")
     assert "sampled" not in plain                                    # layers without channel counts: not marked

@@ -199,3 +199,14 @@ def test_ablation_attribution_refused(tiny, batch, tmp_path):
     torch.testing.assert_close(loaded[0].aggregate("mean"), ablated[0].aggregate("mean"))
     with pytest.raises(StoredResultError, match="needs an exact variant"):
         loaded[0].attribution(torch.zeros(ablated[0].output.shape, dtype=torch.float64))
+
+
+def test_what_the_exactness_check_covered_round_trips(tiny, tmp_path):
+    """A layer checked on sampled rows (every channel) keeps that record through save and load."""
+    result = decompose(tiny, torch.randint(1, 40, (1, 20), generator=torch.Generator().manual_seed(2)))
+    result[-1].measure_error(max_entries=0)
+    assert result[-1].error_rows == 8 and result[0].error_rows is None
+    loaded = Decomposition.load(result.save(tmp_path / "dec", aggregates=("mean",)))
+    assert [layer.error_rows for layer in loaded] == [None, 8]
+    assert [layer.error_channels for layer in loaded] == [layer.error_channels for layer in result]
+    assert loaded[-1].error == result[-1].error

@@ -730,6 +730,8 @@ def _error_line(layers, variant: str, runs: int = 1) -> str:
         line += f"; {variant} is an ablation, not an exact identity: the error measures what it leaves out"
     if any(layer.error_channels < layer.channels for layer in layers):
         line += "; long input: a sample of channels was checked"
+    elif any(getattr(layer, "error_rows", None) is not None for layer in layers):
+        line += "; long input: a sample of rows (every channel) was checked"
     return line
 
 
@@ -899,13 +901,15 @@ def cmd_explain_image(args: argparse.Namespace) -> int:
 
 def _write_image_report(args: argparse.Namespace, model, explained, matrices: bool, model_name: str) -> str:
     from .render import ReportLayer, write_report
+    from .render import sampled_rows as _sampled_rows
     from .vision.images import report_example
 
     names = {name: arch.name for name, _, arch in _layers_of(model)}
     runs = [item.decomposition for item in explained]
     layers = [ReportLayer(index=layer.index, name=layer.name, error=max(float(d.layers[i].error) for d in runs),
                           architecture=names.get(layer.name, ""), exact=bool(layer.exact), channels=layer.channels,
-                          error_channels=min(d.layers[i].error_channels for d in runs))
+                          error_channels=min(d.layers[i].error_channels for d in runs),
+                          error_rows=_sampled_rows(d.layers[i] for d in runs))
               for i, layer in enumerate(runs[0].layers)] if runs and runs[0] is not None else []
     examples = [report_example(model, item, number, matrices=matrices) for number, item in enumerate(explained)]
     settings = {"layers": ",".join(map(str, args.layers)) if args.layers else "all",

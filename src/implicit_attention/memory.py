@@ -69,6 +69,10 @@ FULL_CHECK_ENTRIES = 2 ** 22
 #: spread over the width.
 SAMPLED_CHANNELS = 32
 SAMPLED_GROUPS = 4
+#: Where an architecture reads rows of every channel's matrix cheaply (``O(R L C N)``, Mamba), the sampled
+#: check covers every channel on this many rows spread over the input instead (the last row, the one an
+#: explanation of the next token reads, always among them).
+SAMPLED_ROWS = 8
 #: Above this many bytes ``LayerDecomposition.matrix`` refuses to allocate ``[B, C, L, L]``
 #: (``full_matrix()`` allocates whatever fits; the aggregates and ``blocks()`` never need it).
 MATRIX_PROPERTY_BYTES = 2**30

@@ -126,7 +126,8 @@ class StoredLayer(LayerDecomposition):
     def __init__(self, *, index: int, name: str, variant: str, exact: bool, error: float, error_channels: int,
                  shape: Sequence[int], dtype: torch.dtype, architecture: str, matrix: torch.Tensor | None,
                  values: torch.Tensor | None, offset: torch.Tensor | None, output: torch.Tensor | None,
-                 mask: torch.Tensor | None, fold: torch.Tensor | None, aggregates: dict[str, torch.Tensor]):
+                 mask: torch.Tensor | None, fold: torch.Tensor | None, aggregates: dict[str, torch.Tensor],
+                 error_rows: int | None = None):
         batch, channels, length, _ = shape
         self._shape = (int(batch), int(channels), int(length))
         self._stored_dtype = dtype
@@ -140,6 +141,7 @@ class StoredLayer(LayerDecomposition):
         self._aggregates = dict(aggregates)
         self.error = float(error)
         self.error_channels = int(error_channels)
+        self.error_rows = None if error_rows is None else int(error_rows)
 
     @property
     def batch_size(self) -> int:
@@ -218,6 +220,7 @@ def decomposition_payload(decomposition, *, layers: int | Sequence[int] | None =
         prefix = f"layers.{k}."
         entry = {"index": layer.index, "name": layer.name, "variant": layer.variant, "exact": bool(layer.exact),
                  "error": float(layer.error), "error_channels": int(layer.error_channels),
+                 "error_rows": getattr(layer, "error_rows", None),
                  "architecture": getattr(layer, "architecture", type(layer).__name__),
                  "shape": [layer.batch_size, layer.channels, layer.length, layer.length],
                  "dtype": str(layer.dtype).removeprefix("torch."), "position": position}
@@ -269,7 +272,8 @@ def decomposition_from_payload(meta: dict, tensors: dict[str, torch.Tensor], whe
                                         f"{entry['shape']}")
             built.append(StoredLayer(
                 index=entry["index"], name=entry["name"], variant=entry["variant"], exact=entry["exact"],
-                error=entry["error"], error_channels=entry["error_channels"], shape=entry["shape"], dtype=dtype,
+                error=entry["error"], error_channels=entry["error_channels"], error_rows=entry.get("error_rows"),
+                shape=entry["shape"], dtype=dtype,
                 architecture=entry.get("architecture", ""), matrix=matrix,
                 values=tensors[prefix + "values"] if full else None,
                 offset=tensors[prefix + "offset"] if full else None,

@@ -197,7 +197,8 @@ class ReportLayer:
     ``channels`` and ``error_channels`` are the layer's ``channels`` and the number its exactness
     check covered (``LayerDecomposition.error_channels``; ``None``: not known); fewer checked than
     the layer has (long inputs, above ``implicit_attention.memory.FULL_CHECK_ENTRIES``) marks the
-    error as measured on sampled channels.
+    error as measured on sampled channels. ``error_rows``: the rows it covered where it sampled rows
+    of every channel instead (``None``: every row).
     """
 
     index: int
@@ -207,11 +208,20 @@ class ReportLayer:
     exact: bool = True
     channels: int | None = None
     error_channels: int | None = None
+    error_rows: int | None = None
 
     @property
     def sampled(self) -> bool:
-        """Whether the error was measured on a sample of the layer's channels."""
-        return self.channels is not None and self.error_channels is not None and self.error_channels < self.channels
+        """Whether the error was measured on a sample of the layer's channels or rows."""
+        fewer_channels = self.channels is not None and self.error_channels is not None \
+            and self.error_channels < self.channels
+        return fewer_channels or self.error_rows is not None
+
+
+def sampled_rows(layers) -> int | None:
+    """The fewest rows any of ``layers`` (one layer over several runs) checked on sampled rows, else ``None``."""
+    rows = [layer.error_rows for layer in layers if getattr(layer, "error_rows", None) is not None]
+    return min(rows) if rows else None
 
 
 @dataclass
@@ -425,7 +435,7 @@ def _write_files(tmp: Path, *, examples, layers, method, variant, model, setting
         "settings": settings,
         "layers": [{"index": l.index, "name": l.name, "architecture": l.architecture, "exact": l.exact,
                     "error": l.error, "channels": l.channels, "error_channels": l.error_channels,
-                    "sampled": l.sampled} for l in layers],
+                    "error_rows": l.error_rows, "sampled": l.sampled} for l in layers],
         "max_error": max(errors) if errors else None,
         "examples": [{
             "text": ex.text,
@@ -521,8 +531,13 @@ def _token_html(tokens: Sequence[str], relevance: Sequence[float], normalized: S
 
 
 def _sampled(layer: dict) -> str:
-    """`` (sampled: k of C channels)`` after the error of a layer whose check sampled its channels."""
-    return f" (sampled: {layer['error_channels']} of {layer['channels']} channels)" if layer.get("sampled") else ""
+    """`` (sampled: k of C channels)`` (or ``R rows, every channel``) after the error of a layer whose check
+    sampled."""
+    if not layer.get("sampled"):
+        return ""
+    if layer.get("error_rows") is not None:
+        return f" (sampled: {layer['error_rows']} rows, all {layer['channels']} channels)"
+    return f" (sampled: {layer['error_channels']} of {layer['channels']} channels)"
 
 
 def _switcher(index: int, info: dict, example: dict) -> str:
@@ -690,8 +705,9 @@ def _html(info: dict, page: dict | None = None, inline: dict[str, str] | None = 
         f"<td>{'exact' if l['exact'] else 'ablation'}</td><td class=num>{_e(_fmt(l['error']))}"
         f"{_e(_sampled(l))}</td></tr>"
         for l in info["layers"])
-    sampled = (" On long inputs the check covers a sample of each layer's channels (spread over the width): "
-               "the layers marked sampled were checked on those channels only.") \
+    sampled = (" On long inputs the check covers a sample: every channel on a few rows spread over the input "
+               "(the last row among them) where the architecture reads rows cheaply, else a sample of each "
+               "layer's channels (spread over the width); the layers marked sampled were checked on those only.") \
         if any(l.get("sampled") for l in info["layers"]) else ""
     layer_table = (f"<table><tr><th>layer</th><th>module</th><th>architecture</th><th>variant is</th>"
                    f"<th>relative reconstruction error</th></tr>{lay}</table>"

@@ -48,12 +48,14 @@ def write_text_report(out: str | os.PathLike, loaded, result, decompositions: di
     """
     from .architectures import find_layers
     from .render import ReportExample, ReportLayer, write_report
+    from .render import sampled_rows as _sampled_rows
 
     names = {name: arch.name for name, _, arch in find_layers(loaded.model)}
     runs = [decompositions[id(run)] for run in result.runs]
     layers = [ReportLayer(index=layer.index, name=layer.name, error=max(float(d.layers[i].error) for d in runs),
                           architecture=names.get(layer.name, ""), exact=bool(layer.exact), channels=layer.channels,
-                          error_channels=min(d.layers[i].error_channels for d in runs))
+                          error_channels=min(d.layers[i].error_channels for d in runs),
+                          error_rows=_sampled_rows(d.layers[i] for d in runs))
               for i, layer in enumerate(runs[0].layers)]                  # the worst error over the runs
     examples = []
     for number, example in enumerate(result):

@@ -30,6 +30,7 @@ from ..memory import (
     FULL_CHECK_ENTRIES,
     SAMPLED_CHANNELS,
     SAMPLED_GROUPS,
+    SAMPLED_ROWS,
     channels_per_block,
     default_block_bytes,
     ensure_fits,
@@ -89,6 +90,8 @@ class LayerDecomposition(ABC):
         self._aggregates: dict[str, torch.Tensor] = {}
         self.error: float = float("nan")
         self.error_channels: int = 0
+        # rows the exactness check covered (None: every row)
+        self.error_rows: int | None = None
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -208,13 +211,19 @@ class LayerDecomposition(ABC):
         """Relative Frobenius error of the reconstruction against the real output; stores it.
 
         Every channel is checked while ``B * C * L * L <= max_entries`` (``None``: always);
-        above that, :data:`SAMPLED_CHANNELS` channels in groups spread over the width, so that the
-        check stays cheap on long inputs (with a :attr:`fold`, output channels, each rebuilt from
-        every operator channel folded into it). :attr:`error_channels` records how many were checked.
+        above that, where the architecture reads rows of its matrices cheaply (:meth:`_matrix_rows`),
+        every channel on :data:`SAMPLED_ROWS` rows spread over the input (the last one included), else
+        :data:`SAMPLED_CHANNELS` channels in groups spread over the width (with a :attr:`fold`, output
+        channels, each rebuilt from every operator channel folded into it), so that the check stays
+        cheap on long inputs. :attr:`error_channels` and :attr:`error_rows` record what was checked.
         """
+        self.error_rows = None
         if max_entries is None or self.projection is not None \
                 or self.batch_size * self.channels * self.length ** 2 <= max_entries:
             rec, ref = self.reconstruct(), self.output
+            self.error_channels = self.channels
+        elif self.fold is None and (sampled := self._sampled_rows_check()) is not None:
+            rec, ref = sampled
             self.error_channels = self.channels
         else:
             outputs = self.channels if self.fold is None else self.output.shape[-1]
@@ -227,6 +236,26 @@ class LayerDecomposition(ABC):
         denom = ref.norm().clamp_min(torch.finfo(self.dtype).tiny)
         self.error = float((rec - ref).norm() / denom)
         return self.error
+
+    def _sampled_rows_check(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(reconstruction, output)`` ``[B, R, C]`` on :data:`SAMPLED_ROWS` rows, or ``None`` where the
+        architecture has no fast rows (:meth:`_matrix_rows`)."""
+        rows = torch.linspace(0, self.length - 1, min(SAMPLED_ROWS, self.length)).round().long().unique()
+        rows = rows.to(self.values.device)
+        read = self._matrix_rows(rows)
+        if read is None:
+            return None
+        matrix_rows, offset_rows = read
+        rec = torch.einsum("brcl,blc->brc", matrix_rows, self.values)
+        if offset_rows is not None:
+            rec = rec + offset_rows
+        self.error_rows = len(rows) if len(rows) < self.length else None      # every row: nothing sampled
+        return rec, self.output[:, rows]
+
+    def _matrix_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Rows ``rows`` (``[R]``) of every channel's matrix ``[B, R, C, L]`` and of the offset ``[B, R, C]`` (or
+        ``None``), where the architecture reads them without per-channel blocks; else ``None``."""
+        return None
 
     def _reconstruct_outputs(self, outputs: slice) -> torch.Tensor:
         """``[B, L, c]`` the reconstruction of a slice of output channels only (of operator channels

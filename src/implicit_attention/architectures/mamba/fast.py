@@ -392,6 +392,12 @@ def _fused_channel_reduced(f: MambaFactors, variant: str, reduction: ChannelRedu
 
 def matrix_rows(f: MambaFactors, variant: str, rows: torch.Tensor) -> torch.Tensor:
     """``[B, R, E, L]`` rows ``rows`` (``[R]`` indices) of every channel's matrix, in ``O(R L E N)``."""
+    return matrix_and_offset_rows(f, variant, rows)[0]
+
+
+def matrix_and_offset_rows(f: MambaFactors, variant: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`matrix_rows` and the same rows of the offset ``[B, R, E]`` (the conv bias carried through the
+    operator, as :func:`~.operator.mamba_block` forms it; ``None`` where the variant has none)."""
     batch, length, channels = f.x.shape
     row_scale, col, taps, use_D = variant_parts(f, variant)
     width = taps.shape[1]
@@ -408,9 +414,13 @@ def matrix_rows(f: MambaFactors, variant: str, rows: torch.Tensor) -> torch.Tens
     if col is not None:
         T *= col[:, None]
     T = T * causal[None, :, :, None]
+    offset = None
+    if variant in ("unified", "no_gate", "no_act") and f.conv_bias is not None:
+        offset = T.sum(dim=2) * f.conv_bias                                   # [B, R, E]
     out = T * taps[:, width - 1]
     for shift in range(1, min(width, length)):
         out[:, :, : length - shift] += T[:, :, shift:] * taps[:, width - 1 - shift]
     if row_scale is not None:
         out = out * row_scale[:, rows, None, :]
-    return out.permute(0, 1, 3, 2)
+        offset = None if offset is None else offset * row_scale[:, rows]
+    return out.permute(0, 1, 3, 2), offset

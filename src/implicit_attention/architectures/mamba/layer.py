@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..base import LayerDecomposition, channel_transform
-from .fast import ChannelReduction, channel_reduced, matrix_rows, signed_mean
+from .fast import ChannelReduction, channel_reduced, matrix_and_offset_rows, matrix_rows, signed_mean
 from .operator import EXACT_VARIANTS, MambaFactors, mamba_block
 
 
@@ -42,6 +42,9 @@ class MambaLayerDecomposition(LayerDecomposition):
 
     def _fast_rows(self, rows: torch.Tensor, how: str) -> torch.Tensor:
         return channel_transform(matrix_rows(self.factors, self.variant, rows), how).mean(dim=2)
+
+    def _matrix_rows(self, rows: torch.Tensor):
+        return matrix_and_offset_rows(self.factors, self.variant, rows)
 
     def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         return _gated_gradient(grad, self.variant, self.factors.out_gate)
@@ -95,6 +98,14 @@ class ZambaLayerDecomposition(LayerDecomposition):
     def _fast_rows(self, rows: torch.Tensor, how: str) -> torch.Tensor:
         per_channel = torch.cat([matrix_rows(f, self.variant, rows) for f in self.heads], dim=2)  # [B, R, E, L]
         return channel_transform(per_channel, how).mean(dim=2)
+
+    def _matrix_rows(self, rows: torch.Tensor):
+        parts = [matrix_and_offset_rows(f, self.variant, rows) for f in self.heads]
+        matrices = torch.cat([m for m, _ in parts], dim=2)
+        if all(o is None for _, o in parts):
+            return matrices, None
+        offsets = [o if o is not None else m.new_zeros(m.shape[:3]) for m, o in parts]
+        return matrices, torch.cat(offsets, dim=-1)
 
     def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         return _gated_gradient(grad, self.variant, torch.cat([f.out_gate for f in self.heads], dim=-1))
