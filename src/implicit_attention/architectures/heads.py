@@ -117,28 +117,41 @@ def head_conv_reduce(head_matrix, row: torch.Tensor, col: torch.Tensor, taps: to
         A_c[i, j] = row_i[c] sum_s taps[c, K-1-s] M_h[i, j+s] col_{j+s}[c]
 
     ``head_matrix(h) -> [B, 1, L, L]`` gives ``M_h`` once per head; a chunk of its channels accumulates the
-    taps in place into one buffer (no copy of ``M_h`` per channel, no separate passes per factor).
+    taps in place into one buffer (no copy of ``M_h`` per channel, no separate passes per factor). The
+    matrices are causal, so each block of rows is formed only up to its last row's column (about half
+    the entries of the square); the values of the attribution ride on the taps' column factors.
     ``row``, ``col``: ``[B, L, C]``; ``taps``: ``[C, K]``.
     """
     batch, length, channels = row.shape
     width = taps.shape[1]
     left = row if grad is None else row * grad
     step = channels_per_block(batch, length, channels, row.dtype.itemsize, 2, block_bytes)
+    row_block = max(32, -(-length // 8))
     total = torch.zeros(batch, length, length, dtype=row.dtype, device=row.device)
     for head in range(channels // head_size):
         M = head_matrix(head)                                                       # [B, 1, L, L]
         for start in range(head * head_size, (head + 1) * head_size, step):
             ch = slice(start, min(start + step, (head + 1) * head_size))
             column = col[..., ch].transpose(1, 2)[:, :, None, :]                    # [B, c, 1, L]
-            A = M * (column * taps[ch, width - 1, None, None])
-            for shift in range(1, min(width, length)):
-                A[..., : length - shift].addcmul_(M[..., shift:], column[..., shift:] * taps[ch, width - 1 - shift, None, None])
-            A.mul_(left[..., ch].transpose(1, 2)[..., None])
-            if grad is not None:
-                A.mul_(values[..., ch].transpose(1, 2)[:, :, None, :])
-                total += (A if signed else A.clamp_(min=0)).sum(dim=1)
-            else:
-                total += (A.abs_() if how == "abs" else A.clamp_(min=0)).sum(dim=1)
+            value = None if grad is None else values[..., ch].transpose(1, 2)[:, :, None, :]
+            # tap s reads column j + s and lands on column j: its factor, with the value of column j
+            factors = []
+            for shift in range(min(width, length)):
+                factor = column[..., shift:] * taps[ch, width - 1 - shift, None, None]
+                factors.append(factor if value is None else factor * value[..., : length - shift])
+            rows_left = left[..., ch].transpose(1, 2)[..., None]                    # [B, c, L, 1]
+            for r0 in range(0, length, row_block):
+                r1 = min(r0 + row_block, length)                  # rows [r0, r1) reach columns [0, r1)
+                block = M[..., r0:r1, :r1]
+                A = block * factors[0][..., :r1]
+                for shift in range(1, min(width, r1)):
+                    A[..., : r1 - shift].addcmul_(block[..., shift:], factors[shift][..., : r1 - shift])
+                A.mul_(rows_left[:, :, r0:r1])
+                if grad is not None:
+                    part = (A if signed else A.clamp_(min=0)).sum(dim=1)
+                else:
+                    part = (A.abs_() if how == "abs" else A.clamp_(min=0)).sum(dim=1)
+                total[:, r0:r1, :r1] += part
     return total / channels
 
 
