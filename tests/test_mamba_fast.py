@@ -105,7 +105,7 @@ def test_float32_fast_mean_is_stable_on_long_inputs():
 def test_sampled_exactness_check_on_long_inputs():
     from implicit_attention.architectures import base
     model = tiny_mamba(dtype=torch.float64, hidden_size=40)      # 80 channels
-    ids = torch.randint(1, 40, (1, 30))
+    ids = torch.randint(1, 40, (1, 90))                          # long enough that rows cost less
     layer = ia.decompose(model, ids).layers[0]
     full_error = layer.error
     assert layer.error_channels == 80 and layer.error_rows is None
@@ -115,6 +115,10 @@ def test_sampled_exactness_check_on_long_inputs():
     layer._matrix_rows = lambda rows: None                            # without fast rows: sampled channels
     by_channels = layer.measure_error(max_entries=100)
     assert layer.error_channels == base.SAMPLED_CHANNELS and layer.error_rows is None and by_channels <= 1e-6
+    # a wide layer on a short input: 8 rows of 80 channels cost more than 32 channels of 20 tokens
+    short = ia.decompose(model, ids[:, :20]).layers[0]
+    short.measure_error(max_entries=100)
+    assert short.error_channels == base.SAMPLED_CHANNELS and short.error_rows is None
     assert base._sample_groups(24, 8) == [slice(0, 2), slice(7, 9), slice(15, 17), slice(22, 24)]
 
 
@@ -125,9 +129,9 @@ def test_row_check_reads_the_offset_and_catches_a_wrong_operator(variant):
     from implicit_attention.architectures.mamba.fast import matrix_and_offset_rows
 
     model = tiny_mamba(dtype=torch.float64, hidden_size=16)
-    ids, mask = left_padded(batch=2, length=19)
+    ids, mask = left_padded(batch=2, length=40)
     layer = ia.decompose(model, ids, mask, variant=variant).layers[1]
-    rows = torch.tensor([0, 7, 18])
+    rows = torch.tensor([0, 7, 39])
     matrices, offset = matrix_and_offset_rows(layer.factors, variant, rows)
     block, block_offset = mamba_block(layer.factors, slice(0, layer.channels), variant)
     assert_close(matrices, block[:, :, rows].transpose(1, 2), 1e-13, "matrix rows")

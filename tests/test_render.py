@@ -164,13 +164,13 @@ def test_report_says_when_the_check_sampled_channels(tmp_path: Path) -> None:
     from conftest import tiny_mamba
 
     model = tiny_mamba(dtype=torch.float64, hidden_size=24, num_hidden_layers=3)   # 48 channels > SAMPLED_CHANNELS
-    result = ia.decompose(model, torch.randint(1, 40, (1, 12), generator=torch.Generator().manual_seed(0)))
+    result = ia.decompose(model, torch.randint(1, 40, (1, 50), generator=torch.Generator().manual_seed(0)))
     full, by_channels, by_rows = result.layers
     assert full.error_channels == full.channels == 48 and full.error_rows is None
     by_channels._matrix_rows = lambda rows: None                      # an architecture without fast rows
     by_channels.measure_error(max_entries=0)                          # as above FULL_CHECK_ENTRIES
     assert by_channels.error_channels < by_channels.channels and by_channels.error <= 1e-6
-    by_rows.measure_error(max_entries=0)                              # Mamba: every channel on 8 of 12 rows
+    by_rows.measure_error(max_entries=0)                              # Mamba: every channel on 8 of 50 rows
     assert by_rows.error_channels == 48 and by_rows.error_rows == 8 and by_rows.error <= 1e-6
     layers = [ReportLayer(layer.index, layer.name, layer.error, "mamba", channels=layer.channels,
                           error_channels=layer.error_channels, error_rows=layer.error_rows)

@@ -203,7 +203,7 @@ def test_ablation_attribution_refused(tiny, batch, tmp_path):
 
 def test_what_the_exactness_check_covered_round_trips(tiny, tmp_path):
     """A layer checked on sampled rows (every channel) keeps that record through save and load."""
-    result = decompose(tiny, torch.randint(1, 40, (1, 20), generator=torch.Generator().manual_seed(2)))
+    result = decompose(tiny, torch.randint(1, 40, (1, 30), generator=torch.Generator().manual_seed(2)))
     result[-1].measure_error(max_entries=0)
     assert result[-1].error_rows == 8 and result[0].error_rows is None
     loaded = Decomposition.load(result.save(tmp_path / "dec", aggregates=("mean",)))

@@ -73,6 +73,10 @@ SAMPLED_GROUPS = 4
 #: check covers every channel on this many rows spread over the input instead (the last row, the one an
 #: explanation of the next token reads, always among them).
 SAMPLED_ROWS = 8
+#: What one entry of such a row costs against one entry of a channel's block (exponentials against matrix
+#: products; measured on a CPU for Mamba): the rows are checked where they cost less than the channels,
+#: ``ROW_ENTRY_COST * SAMPLED_ROWS * C <= SAMPLED_CHANNELS * L``.
+ROW_ENTRY_COST = 4
 #: Above this many bytes ``LayerDecomposition.matrix`` refuses to allocate ``[B, C, L, L]``
 #: (``full_matrix()`` allocates whatever fits; the aggregates and ``blocks()`` never need it).
 MATRIX_PROPERTY_BYTES = 2**30

@@ -28,6 +28,7 @@ from ..catalog import AGGREGATES
 from ..errors import MemoryBudgetError, format_bytes
 from ..memory import (
     FULL_CHECK_ENTRIES,
+    ROW_ENTRY_COST,
     SAMPLED_CHANNELS,
     SAMPLED_GROUPS,
     SAMPLED_ROWS,
@@ -239,7 +240,10 @@ class LayerDecomposition(ABC):
 
     def _sampled_rows_check(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(reconstruction, output)`` ``[B, R, C]`` on :data:`SAMPLED_ROWS` rows, or ``None`` where the
-        architecture has no fast rows (:meth:`_matrix_rows`)."""
+        architecture has no fast rows (:meth:`_matrix_rows`) or they would cost more than sampled channels
+        (wide layers on short inputs, see :data:`ROW_ENTRY_COST`)."""
+        if ROW_ENTRY_COST * SAMPLED_ROWS * self.channels > SAMPLED_CHANNELS * self.length:
+            return None
         rows = torch.linspace(0, self.length - 1, min(SAMPLED_ROWS, self.length)).round().long().unique()
         rows = rows.to(self.values.device)
         read = self._matrix_rows(rows)

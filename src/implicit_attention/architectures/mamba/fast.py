@@ -402,12 +402,12 @@ def matrix_and_offset_rows(f: MambaFactors, variant: str, rows: torch.Tensor) ->
     row_scale, col, taps, use_D = variant_parts(f, variant)
     width = taps.shape[1]
     cums = f.dt.to(torch.float64).cumsum(dim=1)                              # [B, L, E]
-    gap = (cums[:, rows, None, :] - cums[:, None, :, :]).to(f.x.dtype)        # [B, R, L, E]  s_i - s_j
+    gap = (cums[:, rows, None, :] - cums[:, None, :, :]).to(f.x.dtype).clamp_(min=0)   # [B, R, L, E] s_i - s_j
     positions = torch.arange(length, device=f.x.device)
     causal = positions[None, :] <= rows[:, None]                             # [R, L]
     T = torch.zeros(batch, len(rows), length, channels, dtype=f.x.dtype, device=f.x.device)
     for n in range(f.A.shape[1]):
-        T += torch.exp(gap.clamp(min=0) * f.A[:, n]) * (f.C[:, rows, None, None, n] * f.B[:, None, :, None, n])
+        T += torch.exp(gap * f.A[:, n]) * (f.C[:, rows, None, None, n] * f.B[:, None, :, None, n])
     T *= f.dt[:, None]
     if use_D:
         T += (positions[None, :] == rows[:, None])[None, :, :, None] * f.D
