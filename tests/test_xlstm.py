@@ -13,7 +13,7 @@ from implicit_attention.architectures.xlstm.naive import naive_xlstm
 from implicit_attention.explanations import BASELINE_METHODS, MATRIX_METHODS
 from implicit_attention.hooks import capture, select_layers
 
-from conftest import assert_close, check_explanation, left_padded
+from conftest import assert_attribution_matches_blocks, assert_close, check_explanation, left_padded
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-6}
 
@@ -145,6 +145,15 @@ def test_per_head_aggregates_equal_the_generic_ones(variant):
         assert_close(layer.aggregate(how), layer.aggregate_by_blocks(how), 1e-12, how)
         assert_close(layer.aggregate_rows([-1, 3], how), layer.rows_by_blocks([-1, 3], how),
                      1e-12, how)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_per_head_attribution_equals_the_channel_blocks(variant):
+    """A_c = diag(scale_c) A_head: the clamped and signed attribution from the per-head sign split."""
+    model = tiny_xlstm(dtype=torch.float64, seed=5)
+    ids, mask = left_padded(batch=2, length=9, vocab=40, seed=5)
+    for layer in ia.decompose(model, ids, mask, variant=variant).layers:
+        assert_attribution_matches_blocks(layer, variant, fast_path=True)
 
 
 def test_ablations_and_their_gradients():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..base import LayerDecomposition, scaled_head_sum
+from ..heads import head_shared_attribution
 from .operator import EXACT_VARIANTS, XlstmFactors, row_scale, xlstm_block
 
 
@@ -31,6 +32,15 @@ class XlstmLayerDecomposition(LayerDecomposition):
             scale = torch.ones_like(f.value)
         total = scaled_head_sum(f.attention, scale.unflatten(-1, (f.heads, -1)), how, "bhij,bih->bij")
         return total / self.channels
+
+    def _fast_attribution(self, grad: torch.Tensor, signed: bool = False) -> torch.Tensor:
+        # A_c = diag(scale_c) A_head: the clamped channel sum splits by sign per head (head_shared_attribution)
+        f = self.factors
+        scale = row_scale(f, self.variant)
+        rows = grad if scale is None else grad * scale
+        a = rows.unflatten(-1, (f.heads, -1)).transpose(1, 2)                     # [B, H, L, V]
+        b = self.values.unflatten(-1, (f.heads, -1)).transpose(1, 2)
+        return head_shared_attribution(f.attention, a, b, signed) / self.channels
 
     def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         f = self.factors
