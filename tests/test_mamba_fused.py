@@ -46,13 +46,18 @@ print(json.dumps(errors))
 """
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernels run natively (tests below)")
-def test_fused_mean_equals_direct_mean_in_the_interpreter():
+def errors_in_the_interpreter(script: str) -> list[float]:
+    """Run ``script`` with Triton's interpreter (set before the kernels are defined: a subprocess); its last
+    printed line, a JSON list of relative errors."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    script = _SCRIPT.format(tests=str(HERE), cases=CASES)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernels run natively (tests below)")
+def test_fused_mean_equals_direct_mean_in_the_interpreter():
+    errors = errors_in_the_interpreter(_SCRIPT.format(tests=str(HERE), cases=CASES))
     assert len(errors) == len(CASES)
     for case, error in zip(CASES, errors):
         assert error < 2e-6, (case, error)
@@ -91,11 +96,7 @@ print(json.dumps(errors))
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernels run natively (tests below)")
 def test_fused_channel_reductions_equal_the_eager_tiles_in_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    script = _REDUCE_SCRIPT.format(tests=str(HERE), cases=REDUCE_CASES)
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    errors = errors_in_the_interpreter(_REDUCE_SCRIPT.format(tests=str(HERE), cases=REDUCE_CASES))
     assert len(errors) == 4 * len(REDUCE_CASES)
     assert max(errors) < 2e-6, errors
 

@@ -104,6 +104,15 @@ if triton is not None:
         tl.store(k_ptr + out, kc, mask=mask)
 
     @triton.jit
+    def _tile_tokens(row_blocks_ptr, col_blocks_ptr, tile, WIDTH: tl.constexpr, BT: tl.constexpr):
+        """Tile ``tile``'s row and key tokens (``[BT]`` each, rows in the coordinate ``i' = i - (K - 1)``) and its
+        references: ``r`` the token before the row block, ``e`` the last token the key block's taps touch."""
+        rb = tl.load(row_blocks_ptr + tile)
+        cb = tl.load(col_blocks_ptr + tile)
+        offs = tl.arange(0, BT)
+        return rb * BT + offs + (WIDTH - 1), cb * BT + offs, rb * BT + WIDTH - 2, cb * BT + BT + WIDTH - 2
+
+    @triton.jit
     def _tiles_kernel(out_ptr, q_ptr, k_ptr, cums_ptr, a_ptr, row_blocks_ptr, col_blocks_ptr,
                       length, channels, first, count, per_split,
                       STATE: tl.constexpr, WIDTH: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -114,13 +123,7 @@ if triton is not None:
         decay between the key block's reference ``e`` and the row block's ``r >= e``.
         """
         tile, batch, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        rb = tl.load(row_blocks_ptr + tile)
-        cb = tl.load(col_blocks_ptr + tile)
-        offs = tl.arange(0, BT)
-        rows = rb * BT + offs + (WIDTH - 1)
-        cols = cb * BT + offs
-        r_tok = rb * BT + WIDTH - 2
-        e_tok = cb * BT + BT + WIDTH - 2
+        rows, cols, r_tok, e_tok = _tile_tokens(row_blocks_ptr, col_blocks_ptr, tile, WIDTH, BT)
         row_ok = rows < length
         seq = batch.to(tl.int64) * length
         width = count * STATE
@@ -157,13 +160,7 @@ if triton is not None:
         ``f`` (``HOW``: 0 identity, 1 ``|.|``, 2 ``relu``) in registers before the channel sum.
         """
         tile, batch, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        rb = tl.load(row_blocks_ptr + tile)
-        cb = tl.load(col_blocks_ptr + tile)
-        offs = tl.arange(0, BT)
-        rows = rb * BT + offs + (WIDTH - 1)
-        cols = cb * BT + offs
-        r_tok = rb * BT + WIDTH - 2
-        e_tok = cb * BT + BT + WIDTH - 2
+        rows, cols, r_tok, e_tok = _tile_tokens(row_blocks_ptr, col_blocks_ptr, tile, WIDTH, BT)
         row_ok = rows < length
         col_ok = cols < length
         n = tl.arange(0, NP)
