@@ -244,6 +244,33 @@ if triton is not None:
         tl.store(out_ptr + (plane + rows)[:, None] * PAD + slots[None, :], acc, mask=row_ok[:, None])
 
 
+def _level_factors(cums, key, row, B, C, A, taps, chunk_bytes: int, tile_sizes: tuple[int, ...]):
+    """Yield ``(size, row blocks, key blocks, first channel, count, Q, Kc)`` for every level of the hierarchy
+    and chunk of channels: the factors ``[Bt, L, count, N]`` of ``_factors_kernel``, referenced at the
+    level's block boundaries (float32 inputs as prepared by the callers; ``A`` already in base 2)."""
+    batch, length, channels = key.shape
+    state, width = A.shape[1], taps.shape[1]
+    per_chunk = max(1, min(channels, chunk_bytes // max(1, 2 * batch * length * state * 4)))
+    factor_tokens, factor_channels = 32, max(1, 64 // triton.next_power_of_2(state))
+    parent = None
+    for size in tile_sizes:
+        rb, cb = (t.to(device=key.device, dtype=torch.int32) for t in tile_pairs(length, width, size, parent))
+        parent = size
+        if len(rb) == 0:
+            continue
+        for first in range(0, channels, per_chunk):
+            count = min(per_chunk, channels - first)
+            q = torch.empty(batch, length, count, state, dtype=torch.float32, device=key.device)
+            k = torch.empty_like(q)
+            grid = (-(-length // factor_tokens), batch, -(-count // factor_channels))
+            _factors_kernel[grid](q, k, cums, key, row if row is not None else key, B, C, A, taps,
+                                  length, channels, first, count, STATE=state,
+                                  NP=triton.next_power_of_2(state), WIDTH=width, BT=size, BL=factor_tokens,
+                                  BD=factor_channels, HAS_ROW=row is not None, num_warps=4)
+            yield size, rb, cb, first, count, q, k
+            del q, k
+
+
 def _split_count(programs: int, work: int, block: int) -> int:
     """Split a reduction of ``work`` over more programs when the tiles alone leave the GPU idle."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
@@ -301,37 +328,18 @@ def _signed_mean_fused(row, col, taps, use_D, dt, B, C, A, D, chunk_bytes, preci
     A = f32(A.to(torch.float64) * math.log2(math.e))           # the kernels use exp2
     dummy = key                                                 # never read when its flag is off
     out = torch.zeros(batch, length, length, dtype=torch.float32, device=dt.device)
-    per_chunk = max(1, min(channels, chunk_bytes // max(1, 2 * batch * length * state * 4)))
-    state_pad = triton.next_power_of_2(state)
-    factor_tokens, factor_channels = 32, max(1, 64 // state_pad)
-
-    parent = None
-    for size in tile_sizes:
-        rb, cb = (t.to(device=dt.device, dtype=torch.int32)
-                  for t in tile_pairs(length, width, size, parent))
-        parent = size
-        if len(rb) == 0:
-            continue
-        for first in range(0, channels, per_chunk):
-            count = min(per_chunk, channels - first)
-            q = torch.empty(batch, length, count, state, dtype=torch.float32, device=dt.device)
-            k = torch.empty_like(q)
-            grid = (-(-length // factor_tokens), batch, -(-count // factor_channels))
-            _factors_kernel[grid](q, k, cums, key, row if row is not None else dummy, B, C, A, taps,
-                                  length, channels, first, count, STATE=state, NP=state_pad, WIDTH=width,
-                                  BT=size, BL=factor_tokens, BD=factor_channels, HAS_ROW=row is not None,
-                                  num_warps=4)
-            splits = _split_count(len(rb) * batch, count * state, contraction_block)
-            per_split = -(-count * state // (splits * contraction_block)) * contraction_block
-            target = out if splits == 1 else torch.zeros(splits, batch, length, length, dtype=torch.float32,
-                                                        device=dt.device)
-            _tiles_kernel[(len(rb), batch, splits)](
-                target, q, k, cums, A, rb, cb, length, channels, first, count, per_split,
-                STATE=state, WIDTH=width, BT=size, BK=contraction_block, ACCUMULATE=splits == 1,
-                PRECISION=precision, num_warps=warps if size >= 64 else 4, num_stages=3)
-            if splits > 1:
-                out += target.sum(dim=0)        # a split buffer's planes hold only these tiles
-            del q, k
+    for size, rb, cb, first, count, q, k in _level_factors(cums, key, row, B, C, A, taps, chunk_bytes, tile_sizes):
+        splits = _split_count(len(rb) * batch, count * state, contraction_block)
+        per_split = -(-count * state // (splits * contraction_block)) * contraction_block
+        target = out if splits == 1 else torch.zeros(splits, batch, length, length, dtype=torch.float32,
+                                                    device=dt.device)
+        _tiles_kernel[(len(rb), batch, splits)](
+            target, q, k, cums, A, rb, cb, length, channels, first, count, per_split,
+            STATE=state, WIDTH=width, BT=size, BK=contraction_block, ACCUMULATE=splits == 1,
+            PRECISION=precision, num_warps=warps if size >= 64 else 4, num_stages=3)
+        if splits > 1:
+            out += target.sum(dim=0)        # a split buffer's planes hold only these tiles
+        del q, k
 
     band_width = tile_sizes[-1]
     offsets = band_width + width - 1
@@ -387,35 +395,19 @@ def _reduced_tiles(row, col, taps, dt, B, C, A, how, values, chunk_bytes, precis
     B, C, taps = f32(B), f32(C), f32(taps)
     A = f32(A.to(torch.float64) * math.log2(math.e))           # the kernels use exp2
     out = torch.zeros(batch, length, length, dtype=torch.float32, device=dt.device)
-    per_chunk = max(1, min(channels, chunk_bytes // max(1, 2 * batch * length * state * 4)))
     state_pad = max(16, triton.next_power_of_2(state))          # tl.dot's inner side is at least 16
-    factor_tokens, factor_channels = 32, max(1, 64 // triton.next_power_of_2(state))
-    parent = None
-    for size in tile_sizes:
-        rb, cb = (t.to(device=dt.device, dtype=torch.int32) for t in tile_pairs(length, width, size, parent))
-        parent = size
-        if len(rb) == 0:
-            continue
-        for first in range(0, channels, per_chunk):
-            count = min(per_chunk, channels - first)
-            q = torch.empty(batch, length, count, state, dtype=torch.float32, device=dt.device)
-            k = torch.empty_like(q)
-            grid = (-(-length // factor_tokens), batch, -(-count // factor_channels))
-            _factors_kernel[grid](q, k, cums, key, row if row is not None else key, B, C, A, taps,
-                                  length, channels, first, count, STATE=state,
-                                  NP=triton.next_power_of_2(state), WIDTH=width, BT=size, BL=factor_tokens,
-                                  BD=factor_channels, HAS_ROW=row is not None, num_warps=4)
-            if values is not None:                                 # g_i A_d[i, j] v_j: v into the keys
-                k.mul_(values[:, :, first:first + count, None])
-            splits = _split_count(len(rb) * batch, count, 8)
-            per_split = -(-count // splits)
-            target = out if splits == 1 else torch.zeros(splits, batch, length, length, dtype=torch.float32,
-                                                        device=dt.device)
-            _tiles_reduce_kernel[(len(rb), batch, splits)](
-                target, q, k, cums, A, rb, cb, length, channels, first, count, per_split,
-                STATE=state, NP=state_pad, WIDTH=width, BT=size, HOW=_HOW[how], ACCUMULATE=splits == 1,
-                PRECISION=precision, num_warps=warps)
-            if splits > 1:
-                out += target.sum(dim=0)
-            del q, k
+    for size, rb, cb, first, count, q, k in _level_factors(cums, key, row, B, C, A, taps, chunk_bytes, tile_sizes):
+        if values is not None:                                 # g_i A_d[i, j] v_j: v into the keys
+            k.mul_(values[:, :, first:first + count, None])
+        splits = _split_count(len(rb) * batch, count, 8)
+        per_split = -(-count // splits)
+        target = out if splits == 1 else torch.zeros(splits, batch, length, length, dtype=torch.float32,
+                                                    device=dt.device)
+        _tiles_reduce_kernel[(len(rb), batch, splits)](
+            target, q, k, cums, A, rb, cb, length, channels, first, count, per_split,
+            STATE=state, NP=state_pad, WIDTH=width, BT=size, HOW=_HOW[how], ACCUMULATE=splits == 1,
+            PRECISION=precision, num_warps=warps)
+        if splits > 1:
+            out += target.sum(dim=0)
+        del q, k
     return out
