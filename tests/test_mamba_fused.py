@@ -104,20 +104,26 @@ def test_fused_channel_reductions_equal_the_eager_tiles_in_the_interpreter():
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@cuda
-@pytest.mark.parametrize("variant", ["unified", "s6", "no_conv"])
-@pytest.mark.parametrize("length", [17, 200, 1000])
-def test_fused_channel_reductions_on_cuda_equal_the_eager_tiles(variant, length):
+def cpu_and_cuda_factors(length: int):
+    """A tiny Mamba's last-layer factors on a padded batch: float64 on the CPU, float32 on CUDA."""
     sys.path.insert(0, str(HERE))
-    from implicit_attention.architectures.mamba.fast import ChannelReduction, channel_reduced
     from test_mamba_fast import factors_of
 
     from conftest import left_padded, tiny_mamba
 
     model = tiny_mamba(dtype=torch.float64, hidden_size=48, state_size=16, seed=length)
     ids, mask = left_padded(batch=2, length=length, seed=length)
-    f64 = factors_of(model, ids, mask)
-    f32 = factors_of(model.float().cuda(), ids.cuda(), mask.cuda(), dtype=torch.float32)
+    return (factors_of(model, ids, mask),
+            factors_of(model.float().cuda(), ids.cuda(), mask.cuda(), dtype=torch.float32))
+
+
+@cuda
+@pytest.mark.parametrize("variant", ["unified", "s6", "no_conv"])
+@pytest.mark.parametrize("length", [17, 200, 1000])
+def test_fused_channel_reductions_on_cuda_equal_the_eager_tiles(variant, length):
+    from implicit_attention.architectures.mamba.fast import ChannelReduction, channel_reduced
+
+    f64, f32 = cpu_and_cuda_factors(length)
     grad = torch.randn(f64.x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(length))
     for exact, fast in ((ChannelReduction("abs"), ChannelReduction("abs")),
                         (ChannelReduction(grad=grad, values=f64.x), ChannelReduction(grad=grad.float().cuda(),
@@ -132,16 +138,9 @@ def test_fused_channel_reductions_on_cuda_equal_the_eager_tiles(variant, length)
 @pytest.mark.parametrize("variant", ["unified", "s6", "no_gate", "no_act", "no_conv"])
 @pytest.mark.parametrize("length", [17, 64, 200, 1000])
 def test_fused_mean_on_cuda_equals_direct_mean(variant, length):
-    sys.path.insert(0, str(HERE))
     from implicit_attention.architectures.mamba.fast import exact_channel_mean, signed_mean
-    from test_mamba_fast import factors_of
 
-    from conftest import left_padded, tiny_mamba
-
-    model = tiny_mamba(dtype=torch.float64, hidden_size=48, state_size=16, seed=length)
-    ids, mask = left_padded(batch=2, length=length, seed=length)
-    f64 = factors_of(model, ids, mask)
-    f32 = factors_of(model.float().cuda(), ids.cuda(), mask.cuda(), dtype=torch.float32)
+    f64, f32 = cpu_and_cuda_factors(length)
     fused = signed_mean(f32, variant)                              # picks the fused kernels on CUDA
     reference = exact_channel_mean(f64, variant)
     error = float((fused.double().cpu() - reference).abs().max() / reference.abs().max())
