@@ -9,6 +9,7 @@
 #
 #   scripts/accelerator.sh wheels              # here, once
 #   scripts/accelerator.sh train [ARGS...]     # there: scripts/train_zoo.py --device cuda ARGS
+#                                              #  (KEEP_PRETRAINED=1 brings the pre-trained models back too)
 #   scripts/accelerator.sh benchmark [ARGS...] # there: benchmarks/faithfulness.py run --device cuda ARGS
 #                                              # (here first: faithfulness.py prepare and index, and
 #                                              #  tar -C out -cf out/groundtruth-models.tar zoo/*/groundtruth;
@@ -56,6 +57,14 @@ train)
     (cd out && ls -d zoo/*/sentiment 2>/dev/null | head -7 | xargs -r tar -czf "$OUT/zoo-sentiment-1.tar.gz")
     (cd out && ls -d zoo/*/sentiment 2>/dev/null | tail -n +8 | xargs -r tar -czf "$OUT/zoo-sentiment-2.tar.gz")
     (cd out && ls -d zoo/*/groundtruth 2>/dev/null | xargs -r tar -czf "$OUT/zoo-groundtruth.tar.gz")
+    # KEEP_PRETRAINED=1: also the pre-trained checkpoints (about 4 MB each), three models a file, so that a
+    # later run fine-tunes again without pre-training (the tool brings back 8 files: use it with few models)
+    if [ -n "${KEEP_PRETRAINED:-}" ]; then
+        mapfile -t pretrained < <(cd out && ls -d zoo/*/pretrained 2>/dev/null)
+        for ((i = 0; i < ${#pretrained[@]}; i += 3)); do
+            tar -czf "$OUT/zoo-pretrained-$((i / 3)).tar.gz" -C out "${pretrained[@]:i:3}"
+        done
+    fi
     exit "${status:-0}"
     ;;
 benchmark)
