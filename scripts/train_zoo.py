@@ -25,7 +25,9 @@ Examples::
 With ``--finetune-seeds N`` each task is fine-tuned N times from the one pre-trained model (seeds
 ``--seed`` .. ``--seed`` + N - 1, each in ``<model>/<task>-seed<S>``); the run with the best validation
 accuracy becomes ``<model>/<task>`` (the test split plays no part in the choice) and its task.json
-records every seed's validation accuracy. With ``--jobs`` the seeds train in parallel.
+records every seed's validation accuracy. With ``--jobs`` the seeds train in parallel. ``--soup`` also
+averages the seeds' weights (a uniform model soup, ``<model>/<task>-soup``) and ships it where its
+validation accuracy beats every seed's.
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--finetune-seeds", type=int, default=1,
                         help="fine-tune each task this many times (seeds --seed, --seed + 1, ...) and keep "
                              "the best by validation accuracy")
+    parser.add_argument("--soup", action="store_true",
+                        help="with --finetune-seeds: also average the seeds' weights (a uniform model soup) "
+                             "and keep the soup where its validation accuracy beats every seed's")
     parser.add_argument("--export", type=Path, default=None,
                         help="copy the trained sentiment models here (e.g. zoo) and write zoo.json; trains nothing")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -102,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"unknown stage(s) {', '.join(bad)}; choose from {', '.join(STAGES)}")
     if args.finetune_seeds < 1:
         parser.error("--finetune-seeds must be at least 1")
+    if args.soup and args.finetune_seeds < 2:
+        parser.error("--soup averages fine-tuning seeds: give --finetune-seeds 2 or more")
     return args
 
 
@@ -180,7 +187,7 @@ def run_model(name: str, args, tasks, part: str = "all") -> None:
                 settings = training.TaskSettings(epochs=epochs, seed=seed)
                 training.train_task(name, task, pretrained, target, settings, device=args.device)
         if part == "all" and args.finetune_seeds > 1:
-            select_seed(home, task_name, finetune_seeds(args))
+            select_seed(home, task_name, finetune_seeds(args), soup_maker(args, name, task, epochs))
 
 
 def log_file(work: Path, name: str, part: str) -> Path:
@@ -197,12 +204,22 @@ def seed_directory(home: Path, task_name: str, seed: int) -> Path:
     return home / f"{task_name}-seed{seed}"
 
 
-def select_seed(home: Path, task_name: str, seeds: list[int]) -> int:
+def soup_maker(args, name: str, task, epochs: int):
+    """``(runs, out) -> task.json`` building the model soup of ``runs`` in ``out``, or ``None`` without ``--soup``."""
+    if not args.soup:
+        return None
+    settings = training.TaskSettings(epochs=epochs, seed=args.seed)
+    return lambda runs, out: training.soup_task_models(name, task, runs, out, settings, device=args.device)
+
+
+def select_seed(home: Path, task_name: str, seeds: list[int], make_soup=None) -> int | str:
     """Copy the fine-tuned run with the best validation accuracy (ties: the first seed) to
-    ``home/<task>`` and record every seed's validation accuracy in its task.json.
+    ``home/<task>`` and record every seed's validation accuracy in its task.json. With ``make_soup``
+    (:func:`soup_maker`) the seeds' averaged weights are saved in ``home/<task>-soup`` and chosen where
+    their validation accuracy is strictly higher than every seed's.
 
     Returns:
-        the chosen seed.
+        the chosen seed, or ``"soup"``.
     """
     scores, seconds = {}, {}
     for seed in seeds:
@@ -211,18 +228,30 @@ def select_seed(home: Path, task_name: str, seeds: list[int]) -> int:
             raise SystemExit(f"{home.name}: seed {seed} of {task_name} did not finish ({task_file.parent})")
         run = json.loads(task_file.read_text())
         scores[seed], seconds[seed] = run["validation_accuracy"], run["training_time_seconds"]
-    chosen = max(seeds, key=lambda seed: (scores[seed], -seeds.index(seed)))
+    chosen: int | str = max(seeds, key=lambda seed: (scores[seed], -seeds.index(seed)))
+    source = seed_directory(home, task_name, chosen)
+    selection = {"rule": "best validation accuracy over the fine-tuning seeds",
+                 "validation_accuracy": {str(seed): scores[seed] for seed in seeds},
+                 "training_time_seconds": {str(seed): seconds[seed] for seed in seeds}}
+    if make_soup is not None:
+        soup_dir = home / f"{task_name}-soup"
+        if not (soup_dir / "task.json").is_file():
+            make_soup([seed_directory(home, task_name, seed) for seed in seeds], soup_dir)
+        soup_score = json.loads((soup_dir / "task.json").read_text())["validation_accuracy"]
+        selection["rule"] += ", or their uniform soup where it beats every seed on validation"
+        selection["soup_validation_accuracy"] = soup_score
+        if soup_score > scores[chosen]:
+            chosen, source = "soup", soup_dir
+    selection["chosen_seed"] = chosen
     out = home / task_name
     shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(seed_directory(home, task_name, chosen), out)
+    shutil.copytree(source, out)
     task = json.loads((out / "task.json").read_text())
-    task["seed_selection"] = {"rule": "best validation accuracy over the fine-tuning seeds",
-                              "validation_accuracy": {str(seed): scores[seed] for seed in seeds},
-                              "training_time_seconds": {str(seed): seconds[seed] for seed in seeds},
-                              "chosen_seed": chosen}
+    task["seed_selection"] = selection
     (out / "task.json").write_text(json.dumps(task, indent=2) + "\n")
-    print(f"{home.name} {task_name}: seed {chosen} chosen (validation accuracy "
-          + ", ".join(f"{seed}: {scores[seed]:.4f}" for seed in seeds) + ")")
+    print(f"{home.name} {task_name}: {'the soup' if chosen == 'soup' else f'seed {chosen}'} chosen (validation "
+          "accuracy " + ", ".join(f"{seed}: {scores[seed]:.4f}" for seed in seeds)
+          + (f", soup: {selection['soup_validation_accuracy']:.4f}" if make_soup is not None else "") + ")")
     return chosen
 
 
@@ -252,7 +281,9 @@ def run_all(args) -> int:
         for task_name in tasks:
             done = (args.work / name / task_name / "task.json").is_file()
             if task_name in args.stages and not done and not any(f.startswith(f"{name}@") for f in failed):
-                select_seed(args.work / name, task_name, finetune_seeds(args))
+                epochs = args.epochs if task_name == "sentiment" else args.groundtruth_epochs
+                select_seed(args.work / name, task_name, finetune_seeds(args),
+                            soup_maker(args, name, tasks[task_name], epochs))
     return 1 if failed else 0
 
 
@@ -292,6 +323,7 @@ def export(args) -> int:
             "finetune_seconds": round(sum(selection["training_time_seconds"].values()), 1)
             if (selection := task.get("seed_selection")) else task["training_time_seconds"],
             "finetune_seeds": len(selection["validation_accuracy"]) if selection else 1,
+            "soup": bool(selection) and selection.get("chosen_seed") == "soup",
             "machine": task["machine"], "size_bytes": sum(f.stat().st_size for f in target.iterdir()),
         }
         print(f"{name:8s} test accuracy {task['test_accuracy']:.3f} ECE {task['test_ece']:.3f} -> {target}")
@@ -313,6 +345,8 @@ def zoo_table(summary: dict) -> str:
 
 def seeds_note(row: dict) -> str:
     seeds = row.get("finetune_seeds", 1)
+    if row.get("soup"):
+        return f" (soup of {seeds} seeds, chosen on validation)"
     return f" ({seeds} seeds, best on validation)" if seeds > 1 else ""
 
 

@@ -544,10 +544,21 @@ def train_task(name: str, task: PromptTask, pretrained: Path, out: Path, setting
     seconds = time.perf_counter() - start
     model.load_state_dict(best["state"])
     disable_fast_training(model)
+    return save_task_model(name, task, model, tokenizer, out, settings, best_epoch=best["epoch"], seconds=seconds,
+                           history=history, device=device, log=log)
+
+
+def save_task_model(name: str, task: PromptTask, model, tokenizer, out: Path, settings: TaskSettings, *,
+                    best_epoch: float | None, seconds: float, history: list[dict[str, float]], device: str = "cpu",
+                    log: Callable[[str], None] = print, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Save a fine-tuned ``model`` to ``out`` in float16 with ``task.json``, whose figures (validation and test
+    accuracy, calibration) come from that saved copy loaded as a user would (float32)."""
+    from transformers import AutoModelForCausalLM
+
+    label_ids = label_token_ids(tokenizer, task)
+    pad_id = tokenizer.pad_token_id
     model.to("cpu").half().save_pretrained(out, safe_serialization=True)
     save_tokenizer(tokenizer, out)
-
-    # every reported figure comes from the saved float16 copy, loaded as a user would (float32)
     shipped = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device)
     figures = {split: evaluate_task(shipped, encode_task(tokenizer, task, split, settings.max_tokens),
                                     label_ids, pad_id) for split in ("validation", "test")}
@@ -569,14 +580,37 @@ def train_task(name: str, task: PromptTask, pretrained: Path, out: Path, setting
         "majority_baseline_test": round(labels.count(majority) / len(labels), 4),
         "num_examples": {split: len(rows) for split, rows in task.splits.items()},
         "num_parameters": parameter_count(shipped),
-        "best_epoch": best["epoch"],
+        "best_epoch": best_epoch,
         "training_time_seconds": round(seconds, 1),
         "machine": machine_description(device),
         "settings": vars(settings),
         "history": history,
         **task.extra,
+        **(extra or {}),
     }
     (out / "task.json").write_text(json.dumps(task_json, indent=2) + "\n")
     log(f"{name} {task.name}: test accuracy {figures['test']['accuracy']:.4f} "
         f"(ECE {figures['test']['ece']:.3f}) in {seconds:.0f}s")
     return task_json
+
+
+def soup_task_models(name: str, task: PromptTask, runs: Sequence[Path], out: Path, settings: TaskSettings, *,
+                     device: str = "cpu", log: Callable[[str], None] = print) -> dict[str, Any]:
+    """A uniform "model soup" (Wortsman et al. 2022): the parameters of fine-tuned ``runs`` of one pre-trained
+    model averaged in float32, saved to ``out`` like :func:`train_task`'s models (task.json records the runs).
+
+    Floating-point tensors are averaged; any other state (integer buffers) is the first run's.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if len(runs) < 2:
+        raise ValueError(f"a soup needs at least two fine-tuned runs, got {len(runs)}")
+    models = [AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32) for run in runs]
+    states = [m.state_dict() for m in models]
+    soup = {key: (torch.stack([state[key] for state in states]).mean(0) if value.is_floating_point() else value)
+            for key, value in states[0].items()}
+    models[0].load_state_dict(soup)
+    seconds = sum(json.loads((Path(run) / "task.json").read_text())["training_time_seconds"] for run in runs)
+    tokenizer = AutoTokenizer.from_pretrained(runs[0])
+    return save_task_model(name, task, models[0], tokenizer, out, settings, best_epoch=None, seconds=seconds,
+                           history=[], device=device, log=log, extra={"soup_of": [str(run) for run in runs]})
