@@ -1,7 +1,7 @@
 """|A|, relu(A) and attribution of diagonal recurrences (RG-LRU, HGRN) against the generic per-channel blocks.
 
 Without conv taps all three are sign-split factorised channel sums; with them |A| and relu(A) come from the
-blocks, and the attribution from products off the band and per-channel entries in it (diagonal_product_sum)."""
+blocks, and the attribution from products off the band and per-channel entries in it (diagonal_sum with ProductWeights)."""
 
 from __future__ import annotations
 

@@ -246,13 +246,15 @@ class LayerDecomposition(ABC):
             return None
         rows = torch.linspace(0, self.length - 1, min(SAMPLED_ROWS, self.length)).round().long().unique()
         rows = rows.to(self.values.device)
-        read = self._matrix_rows(rows)
-        if read is None:
-            return None
-        matrix_rows, offset_rows = read
-        rec = torch.einsum("brcl,blc->brc", matrix_rows, self.values)
-        if offset_rows is not None:
-            rec = rec + offset_rows
+        recs = []
+        for row in rows.split(1):                  # one row at a time: memory [B, C, L], not [B, R, C, L]
+            read = self._matrix_rows(row)
+            if read is None:
+                return None
+            matrix_rows, offset_rows = read
+            rec = torch.einsum("brcl,blc->brc", matrix_rows, self.values)
+            recs.append(rec if offset_rows is None else rec + offset_rows)
+        rec = torch.cat(recs, dim=1)
         self.error_rows = len(rows) if len(rows) < self.length else None      # every row: nothing sampled
         return rec, self.output[:, rows]
 

@@ -409,13 +409,18 @@ def default_block(cums: torch.Tensor, width: int, dtype: torch.dtype, largest: i
     return block
 
 
-def diagonal_sum(op: DiagonalOperator, block: int | None = None,
-                 chunk_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
+def diagonal_sum(op: DiagonalOperator, block: int | None = None, chunk_bytes: int = DEFAULT_BLOCK_BYTES,
+                 weights: ProductWeights | None = None) -> torch.Tensor:
     """``[B, L, L]`` ``sum_d A_d`` over every channel, by hierarchical tiles; never ``[E, L, L]``.
+
+    With ``weights`` the weighted (and, where asked, clamped) sum ``sum_d f(r_i[d] A_d[i, j] k_j[d])``, conv
+    taps included: off the band every channel's entry is one product ``Q[i, d] Kc[j, d]``, so the clamp
+    splits by sign (:func:`diagonal_pair_sums`); in the band, where a conv sums differently signed terms into
+    one entry, entries are formed per channel (:func:`diagonal_window_sums`), ``O(L W E)`` exponentials.
 
     Args:
         op: the operator; block: ``T``, the band block (default :func:`default_block`);
-        chunk_bytes: bound on each temporary.
+        chunk_bytes: bound on each temporary; weights: see above.
     """
     op = op.finite()
     batch, length, _ = op.log_decay.shape
@@ -423,29 +428,13 @@ def diagonal_sum(op: DiagonalOperator, block: int | None = None,
     tiling = Tiling(length, block or default_block(cums, op.width, op.col.dtype), op.width)
     padded = op.padded(tiling.padded_length)              # decay 1 and zero scales past the end (cropped)
     cums = pad_tokens(cums, tiling.padded_length, replicate=True)
-    return assemble(tiling, batch, op.col.dtype, op.col.device,
-                    band=lambda windows: diagonal_band_sums(padded, cums, windows, chunk_bytes),
-                    pair=lambda span, keys, rows, ref: diagonal_pair_sums(padded, cums, keys, rows, ref, chunk_bytes))
-
-
-def diagonal_product_sum(op: DiagonalOperator, weights: ProductWeights, block: int | None = None,
-                         chunk_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
-    """``[B, L, L]`` ``sum_d f(r_i[d] A_d[i, j] k_j[d])`` (``f`` the clamp at 0, or none) by hierarchical tiles,
-    conv taps included; never ``[E, L, L]``.
-
-    Off the band every channel's entry is one product ``Q[i, d] Kc[j, d]``, so the clamp splits by sign
-    (:func:`diagonal_pair_sums`); in the band, where a conv sums differently signed terms into one entry,
-    entries are formed per channel (:func:`diagonal_window_sums`), ``O(L W E)`` exponentials.
-    """
-    op = op.finite()
-    batch, length, _ = op.log_decay.shape
-    cums = op.log_decay.to(torch.float64).cumsum(dim=1)
-    tiling = Tiling(length, block or default_block(cums, op.width, op.col.dtype), op.width)
-    padded, weights = op.padded(tiling.padded_length), weights.padded(tiling.padded_length)
-    cums = pad_tokens(cums, tiling.padded_length, replicate=True)
-    device = op.col.device
-    return assemble(tiling, batch, op.col.dtype, device,
-                    band=lambda windows: diagonal_window_sums(padded, windows.tokens(device), chunk_bytes, weights),
+    if weights is None:
+        band = lambda windows: diagonal_band_sums(padded, cums, windows, chunk_bytes)  # noqa: E731
+    else:
+        weights = weights.padded(tiling.padded_length)
+        band = lambda windows: diagonal_window_sums(padded, windows.tokens(op.col.device), chunk_bytes,  # noqa: E731
+                                                    weights)
+    return assemble(tiling, batch, op.col.dtype, op.col.device, band=band,
                     pair=lambda span, keys, rows, ref: diagonal_pair_sums(padded, cums, keys, rows, ref, chunk_bytes,
                                                                           weights))
 
@@ -545,14 +534,13 @@ class DiagonalDecomposition(LayerDecomposition):
     def _fast_attribution(self, grad: torch.Tensor, signed: bool = False) -> torch.Tensor | None:
         """``mean_d clamp(g_i[d] A_d[i, j] v_j[d], min=0)``: without conv taps two factorised channel sums (every
         decay product is positive, so the clamp splits by the signs of ``g row`` and ``col v``); with them
-        :func:`diagonal_product_sum`; ``None`` for a folded layer."""
+        :func:`diagonal_sum` with :class:`ProductWeights`; ``None`` for a folded layer."""
         split = self._split_operator()
         if split is None:
             if self.fold is not None:
                 return None
-            # conv taps: products off the band, entries per channel in it (diagonal_product_sum)
+            # conv taps: products off the band, entries per channel in it (diagonal_sum with weights)
             weights = ProductWeights(grad.to(self.dtype), self.values, clamp=not signed)
-            return diagonal_product_sum(self.diagonal_operator(), weights, self.tile_block,
-                                        self.block_bytes) / self.channels
+            return diagonal_sum(self.diagonal_operator(), self.tile_block, self.block_bytes, weights) / self.channels
         op, row = split
         return self._sign_split_sum(op, row * grad, op.col * self.values, "mean" if signed else "pos") / self.channels

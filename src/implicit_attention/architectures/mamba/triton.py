@@ -244,6 +244,17 @@ if triton is not None:
         tl.store(out_ptr + (plane + rows)[:, None] * PAD + slots[None, :], acc, mask=row_ok[:, None])
 
 
+def _kernel_inputs(dt: torch.Tensor, col: torch.Tensor | None, A: torch.Tensor, *tensors: torch.Tensor | None):
+    """``(cums, key, A, tensors)`` as the kernels read them: float64 cumulative steps ``[Bt, L, E]``, the key
+    scale ``dt * col``, ``A`` in base 2 (the kernels use exp2) and every other tensor float32 and contiguous
+    (``None`` stays ``None``)."""
+    f32 = lambda t: None if t is None else t.to(torch.float32).contiguous()  # noqa: E731
+    # a scan along the last dimension is much faster than along the middle one
+    cums = dt.to(torch.float64).transpose(1, 2).cumsum(dim=-1).transpose(1, 2).contiguous()
+    key = f32(dt if col is None else dt * col)
+    return cums, key, f32(A.to(torch.float64) * math.log2(math.e)), tuple(f32(t) for t in tensors)
+
+
 def _level_factors(cums, key, row, B, C, A, taps, chunk_bytes: int, tile_sizes: tuple[int, ...]):
     """Yield ``(size, row blocks, key blocks, first channel, count, Q, Kc)`` for every level of the hierarchy
     and chunk of channels: the factors ``[Bt, L, count, N]`` of ``_factors_kernel``, referenced at the
@@ -319,13 +330,7 @@ def _signed_mean_fused(row, col, taps, use_D, dt, B, C, A, D, chunk_bytes, preci
                        contraction_block, warps, band_rows, band_channels, band_warps) -> torch.Tensor:
     batch, length, channels = dt.shape
     state, width = A.shape[1], taps.shape[1]
-    f32 = lambda t: None if t is None else t.to(torch.float32).contiguous()  # noqa: E731
-    # a scan along the last dimension is much faster than along the middle one
-    cums = dt.to(torch.float64).transpose(1, 2).cumsum(dim=-1).transpose(1, 2).contiguous()
-    key = f32(dt if col is None else dt * col)
-    row, col = f32(row), f32(col)
-    B, C, D, taps = f32(B), f32(C), f32(D), f32(taps)
-    A = f32(A.to(torch.float64) * math.log2(math.e))           # the kernels use exp2
+    cums, key, A, (row, col, B, C, D, taps) = _kernel_inputs(dt, col, A, row, col, B, C, D, taps)
     dummy = key                                                 # never read when its flag is off
     out = torch.zeros(batch, length, length, dtype=torch.float32, device=dt.device)
     for size, rb, cb, first, count, q, k in _level_factors(cums, key, row, B, C, A, taps, chunk_bytes, tile_sizes):
@@ -388,12 +393,7 @@ def reduced_tiles_fused(row: torch.Tensor | None, col: torch.Tensor | None, taps
 def _reduced_tiles(row, col, taps, dt, B, C, A, how, values, chunk_bytes, precision, tile_sizes, warps):
     batch, length, channels = dt.shape
     state, width = A.shape[1], taps.shape[1]
-    f32 = lambda t: None if t is None else t.to(torch.float32).contiguous()  # noqa: E731
-    cums = dt.to(torch.float64).transpose(1, 2).cumsum(dim=-1).transpose(1, 2).contiguous()
-    key = f32(dt if col is None else dt * col)
-    row, values = f32(row), f32(values)
-    B, C, taps = f32(B), f32(C), f32(taps)
-    A = f32(A.to(torch.float64) * math.log2(math.e))           # the kernels use exp2
+    cums, key, A, (row, values, B, C, taps) = _kernel_inputs(dt, col, A, row, values, B, C, taps)
     out = torch.zeros(batch, length, length, dtype=torch.float32, device=dt.device)
     state_pad = max(16, triton.next_power_of_2(state))          # tl.dot's inner side is at least 16
     for size, rb, cb, first, count, q, k in _level_factors(cums, key, row, B, C, A, taps, chunk_bytes, tile_sizes):
