@@ -79,6 +79,9 @@ def main(argv=None) -> int:
     parser.add_argument("--random-width", type=int, default=768, help="its width (inner size twice that)")
     parser.add_argument("--stock-max-length", type=int, default=None,
                         help="time the token-loop column only up to this length (it is slow on long inputs)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the timings, profile each method once (torch.profiler) and print its N "
+                             "costliest operators by self time (device time on a GPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers
@@ -110,7 +113,26 @@ def main(argv=None) -> int:
             scans.ENABLED = True
             loop, ratio = (f"{timed[False]:.2f}", f"{timed[False] / timed[True]:.1f}x") if stock else ("-", "-")
             print(f"| {length} | {name} | {loop} | {timed[True]:.2f} | {ratio} |", flush=True)
+        if args.profile:
+            for method in METHODS:
+                profile(lambda m=method: ia.explain(model, ids, method=m), device, f"explain {method}, L = {length}",
+                        args.profile)
     return 0
+
+
+def profile(run, device: torch.device, title: str, rows: int) -> None:
+    """Print the ``rows`` operators of ``run`` with the most self time (on the GPU where there is one)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    run()                                             # warm-up (compiled kernels, caches)
+    with torch_profile(activities=activities) as prof:
+        synchronised(run, device)()
+    keys = ["self_cuda_time_total", "cpu_time_total"] if device.type == "cuda" else ["self_cpu_time_total"]
+    for key in keys:                                  # on a GPU also the host's view: launch-bound stretches
+        print(f"\n{title}: the {rows} operators with the most {key.replace('_', ' ')}")
+        print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
 
 
 if __name__ == "__main__":
