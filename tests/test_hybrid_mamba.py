@@ -246,3 +246,19 @@ def test_tile_reductions_equal_the_blocks(class_name):
             assert_close(layer.aggregate(how), layer.aggregate_by_blocks(how), 1e-12, how)
         grad = torch.randn(layer.output.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
         assert_close(layer.attribution(grad), layer.attribution_by_blocks(layer.matrix_gradient(grad)), 1e-12, "cam")
+
+
+@pytest.mark.parametrize("class_name", sorted(CONFIGS))
+def test_row_check_recurrence_equals_the_rows(class_name):
+    """The exactness check's recurrence between sampled rows (Zamba: head by head) equals the explicit rows of
+    every channel's matrix contracted with the values, and checks the module as exactly as the full check."""
+    from implicit_attention.architectures.base import LayerDecomposition
+
+    model = tiny(class_name)
+    ids, mask = left_padded(batch=2, length=30, vocab=VOCAB)
+    for layer in mine_of(ia.decompose(model, ids, mask), model, class_name):
+        rows = torch.tensor([0, 9, 29])
+        assert_close(layer._row_outputs(rows), LayerDecomposition._row_outputs(layer, rows), 1e-12, class_name)
+        full = layer.error
+        assert layer.measure_error(max_entries=0) < TOL[torch.float64] and full < TOL[torch.float64]
+        assert layer.error_rows == 8

@@ -112,7 +112,7 @@ def test_sampled_exactness_check_on_long_inputs():
     sampled = layer.measure_error(max_entries=100)                   # Mamba reads rows: every channel, 8 rows
     assert layer.error_channels == 80 and layer.error_rows == base.SAMPLED_ROWS
     assert sampled <= 1e-6 and full_error <= 1e-6
-    layer._matrix_rows = lambda rows: None                            # without fast rows: sampled channels
+    layer._row_outputs = lambda rows: None                            # without fast rows: sampled channels
     by_channels = layer.measure_error(max_entries=100)
     assert layer.error_channels == base.SAMPLED_CHANNELS and layer.error_rows is None and by_channels <= 1e-6
     # a wide layer on a short input: 8 rows of 80 channels cost more than 32 channels of 20 tokens
@@ -143,6 +143,23 @@ def test_row_check_reads_the_offset_and_catches_a_wrong_operator(variant):
         assert layer.measure_error(max_entries=0) < 1e-8 and layer.error_rows == 8     # as the full check
     layer.factors.conv_bias = layer.factors.conv_bias + 0.5
     assert layer.measure_error(max_entries=0) > 1e-3
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("conv_kernel", [2, 4])
+def test_row_outputs_equal_the_rows_contracted_with_the_values(variant, conv_kernel):
+    """The check's O(L E N) recurrence between sampled rows (taps moved onto the values, the offset joined to
+    them, the state carried from row to row) against the explicit rows times the values plus the offset."""
+    from implicit_attention.architectures.mamba.fast import matrix_and_offset_rows, row_outputs
+
+    model = tiny_mamba(dtype=torch.float64, hidden_size=16, conv_kernel=conv_kernel, seed=conv_kernel)
+    ids, mask = left_padded(batch=2, length=40)
+    layer = ia.decompose(model, ids, mask, variant=variant).layers[1]
+    for rows in (torch.tensor([0, 1, 7, 23, 39]), torch.tensor([12]), torch.arange(40)):
+        matrices, offset = matrix_and_offset_rows(layer.factors, variant, rows)
+        expected = torch.einsum("brcl,blc->brc", matrices, layer.values)
+        expected = expected if offset is None else expected + offset
+        assert_close(row_outputs(layer.factors, variant, rows, layer.values), expected, 1e-12, f"{variant} {rows[:3]}")
 
 
 def test_float32_fast_mean_is_stable_at_16k_tokens():

@@ -167,7 +167,7 @@ def test_report_says_when_the_check_sampled_channels(tmp_path: Path) -> None:
     result = ia.decompose(model, torch.randint(1, 40, (1, 50), generator=torch.Generator().manual_seed(0)))
     full, by_channels, by_rows = result.layers
     assert full.error_channels == full.channels == 48 and full.error_rows is None
-    by_channels._matrix_rows = lambda rows: None                      # an architecture without fast rows
+    by_channels._row_outputs = lambda rows: None                      # an architecture without fast rows
     by_channels.measure_error(max_entries=0)                          # as above FULL_CHECK_ENTRIES
     assert by_channels.error_channels < by_channels.channels and by_channels.error <= 1e-6
     by_rows.measure_error(max_entries=0)                              # Mamba: every channel on 8 of 50 rows

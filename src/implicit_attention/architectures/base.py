@@ -245,18 +245,25 @@ class LayerDecomposition(ABC):
         if ROW_ENTRY_COST * SAMPLED_ROWS * self.channels > SAMPLED_CHANNELS * self.length:
             return None
         rows = torch.linspace(0, self.length - 1, min(SAMPLED_ROWS, self.length)).round().long().unique()
-        rows = rows.to(self.values.device)
+        rec = self._row_outputs(rows.to(self.values.device))
+        if rec is None:
+            return None
+        self.error_rows = len(rows) if len(rows) < self.length else None      # every row: nothing sampled
+        return rec, self.output[:, rows]
+
+    def _row_outputs(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """``[B, R, C]`` the reconstruction on rows ``rows`` (``[R]``, ascending), from :meth:`_matrix_rows`
+        one row at a time (memory ``[B, C, L]``, not ``[B, R, C, L]``); ``None`` without fast rows. An
+        architecture that contracts rows with the values more cheaply overrides it."""
         recs = []
-        for row in rows.split(1):                  # one row at a time: memory [B, C, L], not [B, R, C, L]
+        for row in rows.split(1):
             read = self._matrix_rows(row)
             if read is None:
                 return None
             matrix_rows, offset_rows = read
             rec = torch.einsum("brcl,blc->brc", matrix_rows, self.values)
             recs.append(rec if offset_rows is None else rec + offset_rows)
-        rec = torch.cat(recs, dim=1)
-        self.error_rows = len(rows) if len(rows) < self.length else None      # every row: nothing sampled
-        return rec, self.output[:, rows]
+        return torch.cat(recs, dim=1)
 
     def _matrix_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Rows ``rows`` (``[R]``) of every channel's matrix ``[B, R, C, L]`` and of the offset ``[B, R, C]`` (or

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..base import LayerDecomposition, channel_transform
-from .fast import ChannelReduction, channel_reduced, matrix_and_offset_rows, matrix_rows, signed_mean
+from .fast import ChannelReduction, channel_reduced, matrix_and_offset_rows, matrix_rows, row_outputs, signed_mean
 from .operator import EXACT_VARIANTS, MambaFactors, mamba_block
 
 
@@ -45,6 +45,9 @@ class MambaLayerDecomposition(LayerDecomposition):
 
     def _matrix_rows(self, rows: torch.Tensor):
         return matrix_and_offset_rows(self.factors, self.variant, rows)
+
+    def _row_outputs(self, rows: torch.Tensor) -> torch.Tensor:
+        return row_outputs(self.factors, self.variant, rows, self.values)
 
     def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         return _gated_gradient(grad, self.variant, self.factors.out_gate)
@@ -98,6 +101,10 @@ class ZambaLayerDecomposition(LayerDecomposition):
     def _fast_rows(self, rows: torch.Tensor, how: str) -> torch.Tensor:
         per_channel = torch.cat([matrix_rows(f, self.variant, rows) for f in self.heads], dim=2)  # [B, R, E, L]
         return channel_transform(per_channel, how).mean(dim=2)
+
+    def _row_outputs(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([row_outputs(f, self.variant, rows, self.values[..., k * self.head_dim:(k + 1) * self.head_dim])
+                          for k, f in enumerate(self.heads)], dim=-1)
 
     def _matrix_rows(self, rows: torch.Tensor):
         parts = [matrix_and_offset_rows(f, self.variant, rows) for f in self.heads]
