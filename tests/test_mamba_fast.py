@@ -159,7 +159,9 @@ def test_row_outputs_equal_the_rows_contracted_with_the_values(variant, conv_ker
         matrices, offset = matrix_and_offset_rows(layer.factors, variant, rows)
         expected = torch.einsum("brcl,blc->brc", matrices, layer.values)
         expected = expected if offset is None else expected + offset
-        assert_close(row_outputs(layer.factors, variant, rows, layer.values), expected, 1e-12, f"{variant} {rows[:3]}")
+        for chunk_bytes in (None, 1):                                   # one chunk per segment; one column a chunk
+            assert_close(row_outputs(layer.factors, variant, rows, layer.values, chunk_bytes=chunk_bytes), expected,
+                         1e-12, f"{variant} {rows[:3]} {chunk_bytes}")
 
 
 def test_float32_fast_mean_is_stable_at_16k_tokens():

@@ -395,15 +395,17 @@ def matrix_rows(f: MambaFactors, variant: str, rows: torch.Tensor) -> torch.Tens
     return matrix_and_offset_rows(f, variant, rows)[0]
 
 
-def row_outputs(f: MambaFactors, variant: str, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def row_outputs(f: MambaFactors, variant: str, rows: torch.Tensor, values: torch.Tensor,
+                chunk_bytes: int | None = None) -> torch.Tensor:
     """``[B, R, E]`` the operator's output at rows ``rows`` (``[R]``, ascending), ``sum_j A[i, j] values_j``
     plus the offset: what :func:`matrix_and_offset_rows` contracted with ``values`` ``[B, L, E]`` gives, in
     ``O(L E N)`` instead of ``O(R L E N)``.
 
     The taps move onto the values (``sum_j out[i, j] v_j = sum_k T[i, k] v'_k``, ``v'`` the depthwise causal
     convolution of ``v``) and the offset joins them (``v'_k + conv_bias``). Between consecutive rows the
-    state ``h_n(i) = sum_{k <= i} exp((s_i - s_k) A_n) u_kn`` is carried with one ``[B, E]`` factor, so every
-    column's exponential is taken once, not once per row; every exponent is ``<= 0``.
+    state ``h(i) = sum_{k <= i} exp((s_i - s_k) A) u_k`` ``[B, E, N]`` is carried with one factor, so every
+    column's exponentials are taken once, not once per row; every exponent is ``<= 0``. Columns go in
+    chunks of ``[B, chunk, E, N]`` within ``chunk_bytes``.
     """
     batch, length, channels = f.x.shape
     row_scale, col, taps, use_D = variant_parts(f, variant)
@@ -417,18 +419,22 @@ def row_outputs(f: MambaFactors, variant: str, rows: torch.Tensor, values: torch
         inputs = inputs * col
     cums = f.dt.to(torch.float64).cumsum(dim=1)                               # [B, L, E]
     drive = f.dt * inputs                                                     # dt_k col_k v'_k
+    chunk_bytes = chunk_bytes or default_block_bytes(f.x.device)
+    chunk = max(1, chunk_bytes // (3 * batch * channels * f.A.shape[1] * f.x.dtype.itemsize))
     out = torch.zeros(batch, len(rows), channels, dtype=f.x.dtype, device=f.x.device)
-    for n in range(f.A.shape[1]):
-        state, previous = None, None
-        for r, row in enumerate(rows.tolist()):
-            start = 0 if previous is None else previous + 1
-            gap = (cums[:, row, None] - cums[:, start: row + 1]).to(f.x.dtype)   # [B, S, E], >= 0
-            segment = (torch.exp(gap * f.A[:, n]) * (f.B[:, start: row + 1, None, n] * drive[:, start: row + 1])).sum(1)
-            if state is not None:
-                step = (cums[:, row] - cums[:, previous]).to(f.x.dtype)
-                segment = segment + torch.exp(step * f.A[:, n]) * state
-            state, previous = segment, row
-            out[:, r] += f.C[:, row, None, n] * state
+    state, previous = None, None
+    for r, row in enumerate(rows.tolist()):
+        if state is not None:                       # carried from the previous row: exp((s_i - s_p) A)
+            step = (cums[:, row] - cums[:, previous]).to(f.x.dtype)          # [B, E]
+            state = torch.exp(step[..., None] * f.A) * state
+        for start in range(0 if previous is None else previous + 1, row + 1, chunk):
+            stop = min(start + chunk, row + 1)
+            gap = (cums[:, row, None] - cums[:, start:stop]).to(f.x.dtype)    # [B, S, E], >= 0
+            terms = torch.exp(gap[..., None] * f.A) * f.B[:, start:stop, None, :]            # [B, S, E, N]
+            part = torch.einsum("bsen,bse->ben", terms, drive[:, start:stop])
+            state = part if state is None else state + part
+        previous = row
+        out[:, r] = torch.einsum("ben,bn->be", state, f.C[:, row])
     if use_D:
         out += f.D * inputs[:, rows]
     if row_scale is not None:

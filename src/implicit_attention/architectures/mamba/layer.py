@@ -47,7 +47,7 @@ class MambaLayerDecomposition(LayerDecomposition):
         return matrix_and_offset_rows(self.factors, self.variant, rows)
 
     def _row_outputs(self, rows: torch.Tensor) -> torch.Tensor:
-        return row_outputs(self.factors, self.variant, rows, self.values)
+        return row_outputs(self.factors, self.variant, rows, self.values, chunk_bytes=self.block_bytes)
 
     def matrix_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         return _gated_gradient(grad, self.variant, self.factors.out_gate)
@@ -103,7 +103,8 @@ class ZambaLayerDecomposition(LayerDecomposition):
         return channel_transform(per_channel, how).mean(dim=2)
 
     def _row_outputs(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.cat([row_outputs(f, self.variant, rows, self.values[..., k * self.head_dim:(k + 1) * self.head_dim])
+        return torch.cat([row_outputs(f, self.variant, rows, self.values[..., k * self.head_dim:(k + 1) * self.head_dim],
+                                      chunk_bytes=self.block_bytes)
                           for k, f in enumerate(self.heads)], dim=-1)
 
     def _matrix_rows(self, rows: torch.Tensor):
