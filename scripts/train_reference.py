@@ -17,6 +17,7 @@ Examples::
     OMP_NUM_THREADS=2 python scripts/train_reference.py
     python scripts/train_reference.py --device cuda --force
     python scripts/train_reference.py --limit 256 --epochs 1 --out /tmp/minilm   # a quick try
+    python scripts/train_reference.py --teacher-labels   # and its labels, to distil into the zoo
 """
 
 from __future__ import annotations
@@ -43,8 +44,12 @@ from implicit_attention.benchmark.reference import (  # noqa: E402
     finetune_classifier,
     minilm_base_dir,
     reference_model_dir,
+    write_teacher_labels,
 )
 from implicit_attention.benchmark.tasks import sentiment_task  # noqa: E402
+
+#: Beside, not inside, out/zoo: the teacher's labels travel to the GPU machine, its 45 MB checkpoint need not.
+DEFAULT_TEACHER_LABELS = REPO_ROOT / "out" / "teacher" / "minilm-sentiment-train.json"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,6 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the head and data order")
     parser.add_argument("--limit", type=int, default=0, help="use only N training sentences (a quick try)")
     parser.add_argument("--force", action="store_true", help="train again over an existing model")
+    parser.add_argument("--teacher-labels", type=Path, nargs="?", const=DEFAULT_TEACHER_LABELS, default=None,
+                        metavar="PATH", help="then write its label probabilities on the training split to PATH "
+                        f"(default {DEFAULT_TEACHER_LABELS.relative_to(REPO_ROOT)}): the teacher of "
+                        "scripts/train_zoo.py --teacher PATH --distill-weight W")
     return parser.parse_args(argv)
 
 
@@ -75,7 +84,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if (args.out / FINETUNE_FILE).is_file() and not args.force:
         print(f"{args.out} already holds a fine-tuned model ({FINETUNE_FILE}); --force trains it again")
-        return 0
+        return write_teacher(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     task = sentiment_task()
@@ -88,6 +97,16 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} threads): {settings}", flush=True)
     finetune_classifier(task, base, args.out, settings, name="minilm", device=args.device,
                         log=lambda line: print(line, flush=True))
+    return write_teacher(args)
+
+
+def write_teacher(args) -> int:
+    """``--teacher-labels``: the fine-tuned model's probabilities on the whole training split."""
+    if args.teacher_labels is None:
+        return 0
+    record = write_teacher_labels(args.out, sentiment_task(), args.teacher_labels, device=args.device)
+    print(f"teacher labels of {record['n']} training sentences (teacher accuracy on them {record['accuracy']:.4f}) "
+          f"written to {args.teacher_labels}")
     return 0
 
 

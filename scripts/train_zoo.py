@@ -93,6 +93,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--soup", action="store_true",
                         help="with --finetune-seeds: also average the seeds' weights (a uniform model soup) "
                              "and keep the soup where its validation accuracy beats every seed's")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="a teacher's label probabilities on the sentiment training split (JSON of "
+                             "scripts/train_reference.py --teacher-labels), for --distill-weight")
+    parser.add_argument("--distill-weight", type=float, default=training.TaskSettings.distill_weight,
+                        help="sentiment label loss: (1 - w) * cross-entropy + w * T^2 * KL(teacher || model)")
+    parser.add_argument("--distill-temperature", type=float, default=training.TaskSettings.distill_temperature,
+                        help="the temperature T of the distillation")
     parser.add_argument("--export", type=Path, default=None,
                         help="copy the trained sentiment models here (e.g. zoo) and write zoo.json; trains nothing")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -109,6 +116,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--finetune-seeds must be at least 1")
     if args.soup and args.finetune_seeds < 2:
         parser.error("--soup averages fine-tuning seeds: give --finetune-seeds 2 or more")
+    if not 0 <= args.distill_weight <= 1:
+        parser.error("--distill-weight is a fraction between 0 and 1")
+    if args.distill_weight > 0 and args.teacher is None:
+        parser.error("--distill-weight needs --teacher (scripts/train_reference.py --teacher-labels writes it)")
+    if args.teacher is not None and not args.teacher.is_file():
+        parser.error(f"--teacher {args.teacher}: no such file")
+    if args.distill_temperature <= 0:
+        parser.error("--distill-temperature must be positive")
     return args
 
 
@@ -180,14 +195,29 @@ def run_model(name: str, args, tasks, part: str = "all") -> None:
             raise SystemExit(f"{name}: stage {task_name} needs the pretrain stage first ({pretrained})")
         if part == "pretrain":
             continue
-        epochs = args.epochs if task_name == "sentiment" else args.groundtruth_epochs
         for seed in seeds:
             target = out if args.finetune_seeds == 1 else seed_directory(home, task_name, seed)
             if not (target / "task.json").is_file():
-                settings = training.TaskSettings(epochs=epochs, seed=seed)
-                training.train_task(name, task, pretrained, target, settings, device=args.device)
+                training.train_task(name, task, pretrained, target, task_settings(args, task_name, seed),
+                                    device=args.device, teacher=teacher_labels(args, task_name, task))
         if part == "all" and args.finetune_seeds > 1:
-            select_seed(home, task_name, finetune_seeds(args), soup_maker(args, name, task, epochs))
+            select_seed(home, task_name, finetune_seeds(args), soup_maker(args, name, task))
+
+
+def task_settings(args, task_name: str, seed: int) -> training.TaskSettings:
+    """Fine-tuning settings of a task: its epochs, the seed, and for sentiment the distillation options."""
+    if task_name != "sentiment":
+        return training.TaskSettings(epochs=args.groundtruth_epochs, seed=seed)
+    return training.TaskSettings(epochs=args.epochs, seed=seed, distill_weight=args.distill_weight,
+                                 distill_temperature=args.distill_temperature)
+
+
+def teacher_labels(args, task_name: str, task) -> torch.Tensor | None:
+    """``[N, labels]`` the teacher's probabilities on the sentiment training examples (``--limit``: the first
+    N), checked against the whole split; ``None`` without distillation or for the other task."""
+    if task_name != "sentiment" or args.distill_weight == 0:
+        return None
+    return training.read_teacher_labels(args.teacher, sentiment_task())[: len(task.splits["train"])]
 
 
 def log_file(work: Path, name: str, part: str) -> Path:
@@ -204,11 +234,11 @@ def seed_directory(home: Path, task_name: str, seed: int) -> Path:
     return home / f"{task_name}-seed{seed}"
 
 
-def soup_maker(args, name: str, task, epochs: int):
+def soup_maker(args, name: str, task):
     """``(runs, out) -> task.json`` building the model soup of ``runs`` in ``out``, or ``None`` without ``--soup``."""
     if not args.soup:
         return None
-    settings = training.TaskSettings(epochs=epochs, seed=args.seed)
+    settings = task_settings(args, task.name, args.seed)
     return lambda runs, out: training.soup_task_models(name, task, runs, out, settings, device=args.device)
 
 
@@ -281,9 +311,7 @@ def run_all(args) -> int:
         for task_name in tasks:
             done = (args.work / name / task_name / "task.json").is_file()
             if task_name in args.stages and not done and not any(f.startswith(f"{name}@") for f in failed):
-                epochs = args.epochs if task_name == "sentiment" else args.groundtruth_epochs
-                select_seed(args.work / name, task_name, finetune_seeds(args),
-                            soup_maker(args, name, tasks[task_name], epochs))
+                select_seed(args.work / name, task_name, finetune_seeds(args), soup_maker(args, name, tasks[task_name]))
     return 1 if failed else 0
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -53,3 +54,102 @@ def test_seeds_and_their_soup_are_chosen_on_validation(tmp_path):
     soup_task = json.loads((home / "sentiment-soup" / "task.json").read_text())
     assert len(soup_task["soup_of"]) == 2 and soup_task["training_time_seconds"] == round(
         sum(selection["training_time_seconds"].values()), 1)
+
+
+def test_distillation_loss_on_hand_computed_cases():
+    """T^2 KL(teacher_T || student_T) for a student at [0.5, 0.5] and a teacher at [0.8, 0.2]:
+    T = 1: 0.8 ln(0.8 / 0.5) + 0.2 ln(0.2 / 0.5) = 0.19274;
+    T = 2: the teacher softens to sqrt(p) normalised, [2/3, 1/3]; 4 (2/3 ln(4/3) + 1/3 ln(2/3)) = 0.22653."""
+    from implicit_attention.benchmark.training import distillation_loss
+
+    student = torch.zeros(3, 2)
+    teacher = torch.tensor([[0.8, 0.2]] * 3)
+    assert abs(float(distillation_loss(student, teacher, 1.0)) - 0.192745) < 1e-5
+    assert abs(float(distillation_loss(student, teacher, 2.0)) - 0.226532) < 1e-5
+    assert float(distillation_loss(torch.tensor([[1.3, -0.4]]), torch.tensor([[1.3, -0.4]]).softmax(-1), 2.0)) < 1e-6
+
+
+def test_teacher_labels_belong_to_their_split(tmp_path):
+    """A teacher file is read back for its own split, and refused for other examples or another label order."""
+    from implicit_attention.benchmark.training import PromptTask, read_teacher_labels, split_digest
+
+    task = PromptTask(name="toy", template="{text} is", label_names=("no", "yes"), label_words=(" no", " yes"),
+                      splits={"train": [("a", 0), ("b", 1)]})
+    record = {"task": "toy", "split": "train", "labels": ["no", "yes"], "examples_sha256": split_digest(task, "train"),
+              "probabilities": [[0.9, 0.1], [0.2, 0.8]]}
+    path = tmp_path / "teacher.json"
+    path.write_text(json.dumps(record))
+    assert read_teacher_labels(path, task).tolist() == [[0.8999999761581421, 0.10000000149011612],
+                                                         [0.20000000298023224, 0.800000011920929]]
+    relabelled = PromptTask(name="toy", template="{text} is", label_names=("no", "yes"), label_words=(" no", " yes"),
+                            splits={"train": [("a", 0), ("b", 0)]})
+    with pytest.raises(ValueError, match="examples_sha256"):
+        read_teacher_labels(path, relabelled)
+    path.write_text(json.dumps({**record, "labels": ["yes", "no"]}))
+    with pytest.raises(ValueError, match="labels"):
+        read_teacher_labels(path, task)
+
+
+def tiny_finetune(tmp_path, name: str, labels_flipped: bool, teacher: torch.Tensor | None, weight: float):
+    """Fine-tune the shipped GPT-2 for a few steps on 64 sentences; its weights."""
+    import dataclasses
+
+    from implicit_attention.benchmark.tasks import sentiment_task
+    from implicit_attention.benchmark.training import TaskSettings, train_task
+
+    task = sentiment_task()
+    train = task.splits["train"][:64]
+    if labels_flipped:
+        train = [(text, 1 - label) for text, label in train]
+    task = dataclasses.replace(task, splits={"train": train, "validation": task.splits["validation"][:32],
+                                             "test": task.splits["test"][:32]})
+    settings = TaskSettings(epochs=1, batch_size=16, warmup=1, evals_per_epoch=1, distill_weight=weight)
+    train_task("gpt2", task, REPO / "zoo" / "gpt2", tmp_path / name, settings, teacher=teacher, log=lambda line: None)
+    return load_file(tmp_path / name / "model.safetensors")
+
+
+def test_distillation_replaces_the_labels_by_the_teacher(tmp_path):
+    """With weight 1 only the teacher teaches: flipping every true label changes nothing; with weight 0 the
+    teacher is ignored; with weight 1 another teacher changes the weights."""
+    generator = torch.Generator().manual_seed(0)
+    teacher = torch.rand(64, 1, generator=generator)
+    teacher = torch.cat([teacher, 1 - teacher], dim=1)
+    as_is = tiny_finetune(tmp_path, "a", False, teacher, 1.0)
+    flipped = tiny_finetune(tmp_path, "b", True, teacher, 1.0)
+    other_teacher = tiny_finetune(tmp_path, "c", False, teacher.flip(1), 1.0)
+    weight = next(key for key, value in as_is.items() if value.is_floating_point() and value.dim() == 2)
+    assert torch.equal(as_is[weight], flipped[weight])
+    assert not torch.equal(as_is[weight], other_teacher[weight])
+    plain = tiny_finetune(tmp_path, "d", False, None, 0.0)
+    ignored = tiny_finetune(tmp_path, "e", False, teacher, 0.0)
+    assert torch.equal(plain[weight], ignored[weight]) and not torch.equal(plain[weight], as_is[weight])
+    with pytest.raises(ValueError, match="teacher"):
+        tiny_finetune(tmp_path, "f", False, None, 0.5)
+
+
+def test_train_zoo_reads_the_teacher_for_the_sentiment_split_only(tmp_path):
+    """train_zoo.py's options: a weight needs a teacher; the teacher's file is checked against the whole
+    training split and cut to --limit; the ground-truth task and a zero weight get no teacher."""
+    from implicit_attention.benchmark.tasks import sentiment_task
+    from implicit_attention.benchmark.training import split_digest
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import train_zoo
+
+    with pytest.raises(SystemExit):
+        train_zoo.parse_args(["--distill-weight", "0.5"])
+    task = sentiment_task()
+    n = len(task.splits["train"])
+    probs = [[k / n, 1 - k / n] for k in range(n)]
+    path = tmp_path / "teacher.json"
+    path.write_text(json.dumps({"task": "sentiment", "split": "train", "labels": list(task.label_names),
+                                "examples_sha256": split_digest(task, "train"), "probabilities": probs}))
+    args = train_zoo.parse_args(["--teacher", str(path), "--distill-weight", "0.5", "--limit", "10",
+                                 "--stages", "pretrain,sentiment"])
+    limited = train_zoo.load_tasks(args)["sentiment"]
+    labels = train_zoo.teacher_labels(args, "sentiment", limited)
+    assert labels.shape == (10, 2) and float(labels[3, 0]) == pytest.approx(3 / n)
+    assert train_zoo.teacher_labels(args, "groundtruth", limited) is None
+    settings = train_zoo.task_settings(args, "sentiment", 4)
+    assert (settings.distill_weight, settings.distill_temperature, settings.seed) == (0.5, 2.0, 4)
+    assert train_zoo.task_settings(args, "groundtruth", 4).distill_weight == 0.0

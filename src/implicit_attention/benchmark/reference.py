@@ -42,11 +42,12 @@ from .training import (
     length_bucketed_batches,
     machine_description,
     make_optimizer,
+    split_digest,
 )
 
 __all__ = ["FINETUNE_FILE", "REFERENCES", "ClassifierSettings", "ReferenceEntry", "classifier_probabilities",
            "encode_classification", "evaluate_classifier", "finetune_classifier", "load_base_classifier",
-           "minilm_base_dir", "reference_entry", "reference_model_dir"]
+           "minilm_base_dir", "reference_entry", "reference_model_dir", "write_teacher_labels"]
 
 #: The training record written beside a fine-tuned reference (see the module docstring for why not ``task.json``).
 FINETUNE_FILE = "finetune.json"
@@ -296,4 +297,36 @@ def finetune_classifier(task: PromptTask, base: str | Path, out: Path,
     (out / FINETUNE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     log(f"{name} {task.name}: test accuracy {figures['test']['accuracy']:.4f} on {figures['test']['n']} sentences "
         f"(ECE {figures['test']['ece']:.3f}) in {seconds:.0f}s")
+    return record
+
+
+def write_teacher_labels(model_dir: str | Path, task: PromptTask, out: str | Path, *, split: str = "train",
+                         device: str = "cpu", max_tokens: int | None = None) -> dict[str, Any]:
+    """Write the fine-tuned classifier's label probabilities on every example of ``split`` to ``out`` (JSON),
+    for the zoo's distillation (:func:`~.training.read_teacher_labels`, ``train_zoo.py --teacher``): the
+    task, split, label names and a digest of the examples, the teacher's accuracy on them, and one
+    ``[p_label, ...]`` per example in the split's order. Returns the record without the probabilities."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    model_dir = Path(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = BertForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32,
+                                                          attn_implementation="eager").to(device)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if names != list(task.label_names):
+        raise ValueError(f"{model_dir}: labels {names}, the task's are {list(task.label_names)}")
+    if max_tokens is None:
+        finetune = model_dir / FINETUNE_FILE
+        saved = json.loads(finetune.read_text()).get("settings", {}) if finetune.is_file() else {}
+        max_tokens = int(saved.get("max_tokens", ClassifierSettings.max_tokens))
+    examples = encode_classification(tokenizer, task, split, max_tokens)
+    probs = classifier_probabilities(model, examples, tokenizer.pad_token_id)
+    labels = torch.tensor([label for _, label in examples])
+    record = {"teacher": str(model_dir), "task": task.name, "split": split, "labels": names,
+              "examples_sha256": split_digest(task, split), "n": len(examples),
+              "accuracy": round(float((probs.argmax(-1) == labels).float().mean()), 4)}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rounded = [[round(float(p), 6) for p in row] for row in probs]
+    out.write_text(json.dumps({**record, "probabilities": rounded}) + "\n")
     return record

@@ -21,6 +21,7 @@ The saved directories load with ``AutoModelForCausalLM`` / ``AutoTokenizer`` and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -111,6 +112,10 @@ class TaskSettings:
     max_tokens: int = 64
     evals_per_epoch: int = 2
     seed: int = 0
+    #: knowledge distillation from a teacher's label probabilities (:func:`read_teacher_labels`): the label
+    #: loss is ``(1 - w) * CE(true label) + w * T^2 * KL(teacher_T || student_T)`` (0: the true labels alone)
+    distill_weight: float = 0.0
+    distill_temperature: float = 2.0
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -314,6 +319,44 @@ def length_bucketed_batches(examples: Sequence[Example], batch_size: int, rng: r
     return batches
 
 
+# --------------------------------------------------------------------------- distillation
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(teacher_T || student_T)``, averaged over the batch (Hinton et al. 2015): ``student_logits``
+    ``[B, labels]``, ``teacher_probs`` ``[B, labels]``; both softened by the temperature ``T`` (the teacher's
+    as ``softmax(log p / T)``). ``T^2`` keeps the gradients' scale comparable across temperatures."""
+    teacher = F.softmax(teacher_probs.clamp_min(1e-12).log() / temperature, dim=-1)
+    student = F.log_softmax(student_logits / temperature, dim=-1)
+    return temperature ** 2 * F.kl_div(student, teacher, reduction="batchmean")
+
+
+def split_digest(task: PromptTask, split: str) -> str:
+    """SHA-256 of a split's texts and labels, in order: a teacher's labels belong to exactly these examples."""
+    joined = "\n".join(f"{label}\t{text}" for text, label in task.splits[split])
+    return hashlib.sha256(joined.encode("utf-8")).hexdigest()
+
+
+def read_teacher_labels(path: str | Path, task: PromptTask, split: str = "train") -> torch.Tensor:
+    """``[N, labels]`` a teacher's label probabilities for every example of ``split`` (the JSON file of
+    :func:`~.reference.write_teacher_labels`), in the split's order.
+
+    Raises:
+        ValueError: the file is for another task, split, label order or other examples.
+    """
+    record = json.loads(Path(path).read_text())
+    expected = {"task": task.name, "split": split, "labels": list(task.label_names),
+                "examples_sha256": split_digest(task, split)}
+    wrong = [key for key, value in expected.items() if record.get(key) != value]
+    if wrong:
+        raise ValueError(f"{path}: the teacher's labels do not belong to this {split} split "
+                         f"(different {', '.join(wrong)}): write them again for it")
+    probs = torch.tensor(record["probabilities"], dtype=torch.float32)
+    if probs.shape != (len(task.splits[split]), len(task.label_names)):
+        raise ValueError(f"{path}: {tuple(probs.shape)} probabilities for {len(task.splits[split])} examples")
+    return probs
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -490,9 +533,16 @@ def lm_loss(model, rows: torch.Tensor, device: str, batch_size: int = 64) -> flo
 
 
 def train_task(name: str, task: PromptTask, pretrained: Path, out: Path, settings: TaskSettings, *,
-               device: str = "cpu", log: Callable[[str], None] = print) -> dict[str, Any]:
+               device: str = "cpu", teacher: torch.Tensor | None = None,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fine-tune the pre-trained model in ``pretrained`` on ``task``; save the best (by validation
-    accuracy) to ``out`` in float16 with ``task.json``; the test figures come from that saved copy."""
+    accuracy) to ``out`` in float16 with ``task.json``; the test figures come from that saved copy.
+
+    ``teacher`` ``[N, labels]``: a teacher's label probabilities on the training examples
+    (:func:`read_teacher_labels`), distilled with ``settings.distill_weight``.
+    """
+    if settings.distill_weight > 0 and teacher is None:
+        raise ValueError("distill_weight > 0 needs the teacher's label probabilities")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(pretrained)
@@ -500,6 +550,13 @@ def train_task(name: str, task: PromptTask, pretrained: Path, out: Path, setting
     pad_id = tokenizer.pad_token_id
     train_ex = encode_task(tokenizer, task, "train", settings.max_tokens)
     val_ex = encode_task(tokenizer, task, "validation", settings.max_tokens)
+    # batches carry each example's index, for its true label and its teacher's probabilities
+    true_labels = torch.tensor([label for _, label in train_ex], device=device)
+    indexed = [(ids, k) for k, (ids, _) in enumerate(train_ex)]
+    if teacher is not None:
+        if teacher.shape[0] != len(train_ex):
+            raise ValueError(f"teacher labels for {teacher.shape[0]} examples, {len(train_ex)} to train on")
+        teacher = teacher.to(device)
     torch.manual_seed(settings.seed)
     model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32).to(device)
     enable_fast_training(model)
@@ -513,12 +570,16 @@ def train_task(name: str, task: PromptTask, pretrained: Path, out: Path, setting
     history: list[dict[str, float]] = []
     step, start = 0, time.perf_counter()
     for epoch in range(settings.epochs):
-        for i, batch in enumerate(length_bucketed_batches(train_ex, settings.batch_size, rng)):
+        for i, batch in enumerate(length_bucketed_batches(indexed, settings.batch_size, rng)):
             model.train()
-            input_ids, last, labels = (t.to(device) for t in make_batch(batch, pad_id))
+            input_ids, last, index = (t.to(device) for t in make_batch(batch, pad_id))
             logits = model(input_ids, use_cache=False).logits.float()
             rows = torch.arange(len(batch), device=device)
-            loss = F.cross_entropy(logits[rows, last], targets_of[labels])
+            loss = F.cross_entropy(logits[rows, last], targets_of[true_labels[index]])
+            if settings.distill_weight > 0:
+                label_logits = logits[rows, last][:, targets_of]                 # [B, labels]
+                loss = (1 - settings.distill_weight) * loss + settings.distill_weight * distillation_loss(
+                    label_logits, teacher[index], settings.distill_temperature)
             if settings.lm_weight > 0:
                 lm_targets = input_ids[:, 1:].masked_fill(input_ids[:, 1:] == pad_id, -100)
                 loss = loss + settings.lm_weight * F.cross_entropy(
