@@ -74,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shards", type=int, default=1,
                         help="workers per model, each on every n-th example (its own results file)")
     parser.add_argument("--no-ablations", action="store_true", help="skip the no_conv / no_gate / ... rows")
+    parser.add_argument("--keep", type=Path, default=None, metavar="SUMMARY",
+                        help="report: the summary.json of an earlier report, whose model/task tables are kept "
+                             "where this run has no records (a rerun of some models updates their rows only)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.models = list(TITLES) if args.models == "all" else [m.strip() for m in args.models.split(",") if m.strip()]
@@ -198,9 +201,9 @@ def run(args) -> int:
     return 1 if failed else 0
 
 
-def note_references(root: Path) -> None:
-    """Add to ``tables.md`` which tasks each pretrained reference with results ran, and why not the others."""
-    ran = {path.name for path in (root / "results").glob("*") if path.is_dir()}
+def note_references(root: Path, ran: set[str]) -> None:
+    """Add to ``tables.md`` which tasks each pretrained reference in the report (``ran``) ran, and why not the
+    others."""
     notes = [f"- {entry.title} (`{name}`): fine-tuned from {entry.base} on {', '.join(entry.tasks)} only"
              + ("; the ground-truth task checks the localisation of the zoo's operators and is not needed for a "
                 "pretrained reference." if "groundtruth" not in entry.tasks else ".")
@@ -226,8 +229,11 @@ def main(argv=None) -> int:
 
         if not any(read_results(args.root / "results").values()):
             raise SystemExit(f"no results in {args.root / 'results'}: run `python {sys.argv[0]} run` first")
-        write_report(args.root / "results", args.root / "report", titles=TITLES)
-        note_references(args.root)
+        if args.keep is not None and not args.keep.is_file():
+            raise SystemExit(f"--keep {args.keep}: no such summary file")
+        keep = json.loads(args.keep.read_text()) if args.keep is not None else None
+        summaries = write_report(args.root / "results", args.root / "report", titles=TITLES, keep=keep)
+        note_references(args.root, {key.split("/")[0] for key in summaries})
         print((args.root / "report" / "tables.md").read_text())
         return 0
     if args.worker:

@@ -320,7 +320,9 @@ def export(args) -> int:
     from implicit_attention.benchmark.stats import wilson_interval
 
     args.export.mkdir(parents=True, exist_ok=True)
-    summary = {}
+    # exporting some models updates their entries and keeps the others' (in the zoo's order)
+    previous = args.export / "zoo.json"
+    summary = json.loads(previous.read_text()) if previous.is_file() else {}
     for name in args.models:
         source = args.work / name / "sentiment"
         if not (source / "task.json").is_file():
@@ -352,9 +354,11 @@ def export(args) -> int:
             if (selection := task.get("seed_selection")) else task["training_time_seconds"],
             "finetune_seeds": len(selection["validation_accuracy"]) if selection else 1,
             "soup": bool(selection) and selection.get("chosen_seed") == "soup",
+            "distill_weight": task.get("settings", {}).get("distill_weight", 0.0),
             "machine": task["machine"], "size_bytes": sum(f.stat().st_size for f in target.iterdir()),
         }
         print(f"{name:8s} test accuracy {task['test_accuracy']:.3f} ECE {task['test_ece']:.3f} -> {target}")
+    summary = {name: summary[name] for name in [*ZOO, *summary] if name in summary}
     (args.export / "zoo.json").write_text(json.dumps(summary, indent=2) + "\n")
     (args.export / "README.md").write_text(zoo_table(summary))
     return 0
@@ -373,9 +377,12 @@ def zoo_table(summary: dict) -> str:
 
 def seeds_note(row: dict) -> str:
     seeds = row.get("finetune_seeds", 1)
-    if row.get("soup"):
-        return f" (soup of {seeds} seeds, chosen on validation)"
-    return f" ({seeds} seeds, best on validation)" if seeds > 1 else ""
+    notes = [f"soup of {seeds} seeds, chosen on validation" if row.get("soup")
+             else f"{seeds} seeds, best on validation" if seeds > 1 else ""]
+    if row.get("distill_weight"):
+        notes.append(f"distilled from MiniLM, weight {row['distill_weight']:g}")
+    notes = [note for note in notes if note]
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def main(argv=None) -> int:

@@ -155,6 +155,38 @@ def test_the_report_skips_failed_methods_and_writes_its_files(tmp_path):
     assert (tmp_path / "report" / "results.csv").read_text().count("attribution/unified") == 1
 
 
+def test_a_rerun_of_some_models_keeps_the_other_models_tables(tmp_path):
+    """write_report(keep=...): the rerun model's rows come from its records (with its refusals and mean curves),
+    every other model/task from the earlier summary, as it was; the plots need only the summaries."""
+    first = tmp_path / "first"
+    for model, shift in (("toy", 0.0), ("other", 0.3)):
+        (first / model).mkdir(parents=True)
+        rows = [{**r, "curve_positive_delete": [1.0 - shift] * 5 + [0.5] * 6}
+                for r in _rows("attribution/unified", [0.1 + shift, 0.2 + shift, 0.3 + shift])]
+        (first / model / "sentiment.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    earlier = report.write_report(first, tmp_path / "report-1", plots=False)
+    assert earlier["other/sentiment"]["methods"]["attribution/unified"]["curve_positive_delete"] == pytest.approx(
+        [0.7] * 5 + [0.5] * 6)
+    rerun = tmp_path / "rerun" / "toy"
+    rerun.mkdir(parents=True)
+    rows = _rows("attribution/unified", [0.4, 0.5, 0.6, 0.7]) + _rows("lrp", [0.5])
+    (rerun / "sentiment.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (rerun / "sentiment.failures.json").write_text(json.dumps({"lrp": "RuntimeError: no faithful rule"}))
+    merged = report.write_report(tmp_path / "rerun", tmp_path / "report-2", plots=True,
+                                 keep=json.loads((tmp_path / "report-1" / "summary.json").read_text()))
+    assert list(merged) == ["other/sentiment", "toy/sentiment"]
+    assert merged["other/sentiment"] == earlier["other/sentiment"]
+    assert merged["toy/sentiment"]["n"] == 4 and merged["toy/sentiment"]["refused"] == {
+        "lrp": "RuntimeError: no faithful rule"}
+    assert merged["toy/sentiment"]["methods"]["attribution/unified"]["auc_positive_delete"]["mean"] == pytest.approx(0.55)
+    tables = (tmp_path / "report-2" / "tables.md").read_text()
+    assert "| attribution/unified | 55.0 [" in tables and "| attribution/unified | 50.0 [" in tables
+    assert "lrp | refused: RuntimeError" in tables
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "report-2" / "curves_sentiment.png").is_file()            # drawn from the kept summary
+    assert (tmp_path / "report-2" / "heatmap_sentiment_auc_positive_delete.png").is_file()
+
+
 def test_shard_files_are_read_as_one_task_each_record_once_with_every_shards_failures(tmp_path):
     results = tmp_path / "toy"
     results.mkdir()

@@ -97,6 +97,9 @@ def summarise(rows: list[dict[str, Any]], *, resamples: int = 2000) -> dict[str,
             if len(values) == len(ids) and values:
                 entry[column] = mean_ci(values, resamples=resamples).to_dict()
         entry["seconds"] = float(np.mean([records[i].get("seconds", 0.0) for i in ids]))
+        curves = [records[i]["curve_positive_delete"] for i in ids if "curve_positive_delete" in records[i]]
+        if len(curves) == len(ids):                 # the mean deletion curve, for the plots of a merged report
+            entry["curve_positive_delete"] = [float(v) for v in np.mean(curves, axis=0)]
         summary["methods"][method] = entry
     for column, _, better in METRICS:
         sign = 1 if better == "higher" else -1
@@ -129,13 +132,24 @@ def _cell(entry: dict[str, Any], column: str) -> str:
 
 
 def write_report(results_dir: str | Path, out_dir: str | Path, *, titles: dict[str, str] | None = None,
-                 plots: bool = True) -> dict[str, Any]:
+                 plots: bool = True, keep: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``summary.json``, ``results.csv`` (one row per model, task, method and metric),
-    ``tables.md`` and, with matplotlib, ``curves_<task>.png`` and ``heatmap_<task>_<metric>.png``."""
+    ``tables.md`` and, with matplotlib, ``curves_<task>.png`` and ``heatmap_<task>_<metric>.png``.
+
+    ``keep``: the summaries of an earlier report (its ``summary.json``), kept for every ``model/task``
+    without records under ``results_dir``, so that rerunning some models updates their rows only.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     titles = titles or {}
-    summaries = {f"{model}/{task}": summarise(rows) for (model, task), rows in read_results(results_dir).items()}
+    summaries = {}
+    for (model, task), rows in read_results(results_dir).items():
+        summaries[f"{model}/{task}"] = summarise(rows)
+        if refused := read_failures(Path(results_dir) / model / f"{task}.jsonl"):
+            summaries[f"{model}/{task}"]["refused"] = refused
+    for key, summary in (keep or {}).items():
+        summaries.setdefault(key, summary)
+    summaries = {key: summaries[key] for key in sorted(summaries, key=lambda k: tuple(k.split("/")))}
     (out / "summary.json").write_text(json.dumps(summaries, indent=1) + "\n")
     with open(out / "results.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -158,8 +172,7 @@ def write_report(results_dir: str | Path, out_dir: str | Path, *, titles: dict[s
         for method, entry in summary["methods"].items():
             lines.append(f"| {method} | " + " | ".join(_cell(entry, c) for c, _, _ in columns)
                          + f" | {entry['seconds']:.2f} |")
-        failed = read_failures(Path(results_dir) / model / f"{task}.jsonl")
-        for method, error in failed.items():
+        for method, error in summary.get("refused", {}).items():
             lines.append(f"| {method} | refused: {error[:160]} |")
         lines.append("")
         decisive = [c for c in summary["comparisons"] if c["metric"] in ("auc_positive_delete", "comprehensiveness",
@@ -174,11 +187,11 @@ def write_report(results_dir: str | Path, out_dir: str | Path, *, titles: dict[s
     (out / "tables.md").write_text("\n".join(lines) + "\n")
     (out / "headline.md").write_text(headline(summaries, titles))
     if plots:
-        _plots(read_results(results_dir), summaries, out, titles)
+        _plots(summaries, out, titles)
     return summaries
 
 
-def _plots(results, summaries, out: Path, titles: dict[str, str]) -> None:
+def _plots(summaries: dict[str, Any], out: Path, titles: dict[str, str]) -> None:
     try:
         import matplotlib
 
@@ -187,44 +200,17 @@ def _plots(results, summaries, out: Path, titles: dict[str, str]) -> None:
     except ImportError:  # pragma: no cover - plots are optional
         return
     fractions = np.linspace(0, 1, 11)
-    tasks = sorted({task for _, task in results})
+    tasks = sorted({key.split("/")[1] for key in summaries})
     for task in tasks:
         (out / f"curves_{task}.png").unlink(missing_ok=True)
-        models = [model for model, t in results if t == task]
-        has_curves = any("curve_positive_delete" in row for model in models for row in results[(model, task)][:1])
-        columns = min(4, len(models))
-        rows_n = int(np.ceil(len(models) / max(1, columns)))
-        figure, axes = plt.subplots(rows_n, columns, figsize=(4 * columns, 3 * rows_n), squeeze=False)
-        if not has_curves:
-            plt.close(figure)
-            figure = None
-        # one colour per method name (predecessor variants dashed), the same in every panel
-        names = sorted({m.split("/")[0] for model in models for m in complete_rows(results[(model, task)])})
-        palette = plt.get_cmap("tab20")
-        colours = {name: palette(i % 20) for i, name in enumerate(names)}
-        drawn: dict[str, Any] = {}
-        for axis, model in zip(axes.flat if figure is not None else (), models):
-            complete = complete_rows(results[(model, task)])
-            for method in sorted(complete):
-                if method.split("/")[-1].startswith("no_") or "curve_positive_delete" not in next(iter(complete[method].values()), {}):
-                    continue
-                curve = np.mean([r["curve_positive_delete"] for r in complete[method].values()], axis=0)
-                kind = method.split("/")[1] if "/" in method else ""
-                label = method if kind in ("", "unified") else f"{method.split('/')[0]}/predecessor"
-                (line,) = axis.plot(fractions, curve, linewidth=1, color=colours[method.split("/")[0]],
-                                    linestyle="-" if kind in ("", "unified") else "--")
-                drawn.setdefault(label, line)
-            axis.set_title(titles.get(model, model), fontsize=9)
-            axis.set_xlabel("fraction deleted (most relevant first)", fontsize=7)
-            axis.set_ylabel("p(predicted label)", fontsize=7)
-        if figure is not None:
-            for axis in list(axes.flat)[len(models):]:
-                axis.axis("off")
-            if drawn:
-                figure.legend(list(drawn.values()), list(drawn), loc="lower center", ncol=6, fontsize=6)
-            figure.tight_layout(rect=(0, 0.08, 1, 1))
-            figure.savefig(out / f"curves_{task}.png", dpi=90)
-            plt.close(figure)
+        models = [key.split("/")[0] for key in summaries if key.split("/")[1] == task]
+        has_curve = lambda model: any("curve_positive_delete" in e for e in summaries[f"{model}/{task}"]["methods"].values())  # noqa: E731
+        drawn_models = [model for model in models if has_curve(model)]
+        if drawn_models and len(drawn_models) < len(models):
+            print(f"curves_{task}.png: no mean curves stored for {', '.join(m for m in models if not has_curve(m))} "
+                  "(kept from a summary written before curves were stored)")
+        if drawn_models:
+            _curves(summaries, task, drawn_models, fractions, out / f"curves_{task}.png", titles, plt)
         for column in ("auc_positive_delete", "roc_auc"):
             methods = sorted({m for key, s in summaries.items() if key.endswith("/" + task)
                               for m, e in s["methods"].items() if column in e})
@@ -247,6 +233,39 @@ def _plots(results, summaries, out: Path, titles: dict[str, str]) -> None:
             # the bounding box grows to the rotated labels (a one-model grid is too short for tight_layout)
             figure.savefig(out / f"heatmap_{task}_{column}.png", dpi=110, bbox_inches="tight")
             plt.close(figure)
+
+
+def _curves(summaries: dict[str, Any], task: str, models: list[str], fractions: np.ndarray, path: Path,
+            titles: dict[str, str], plt) -> None:
+    """One panel per model: each method's mean deletion curve (predecessor variants dashed, ablations left
+    out), one colour per method name in every panel."""
+    columns = min(4, len(models))
+    rows_n = int(np.ceil(len(models) / columns))
+    figure, axes = plt.subplots(rows_n, columns, figsize=(4 * columns, 3 * rows_n), squeeze=False)
+    names = sorted({m.split("/")[0] for model in models for m in summaries[f"{model}/{task}"]["methods"]})
+    palette = plt.get_cmap("tab20")
+    colours = {name: palette(i % 20) for i, name in enumerate(names)}
+    drawn: dict[str, Any] = {}
+    for axis, model in zip(axes.flat, models):
+        methods = summaries[f"{model}/{task}"]["methods"]
+        for method in sorted(methods):
+            if method.split("/")[-1].startswith("no_") or "curve_positive_delete" not in methods[method]:
+                continue
+            kind = method.split("/")[1] if "/" in method else ""
+            label = method if kind in ("", "unified") else f"{method.split('/')[0]}/predecessor"
+            (line,) = axis.plot(fractions, methods[method]["curve_positive_delete"], linewidth=1,
+                                color=colours[method.split("/")[0]], linestyle="-" if kind in ("", "unified") else "--")
+            drawn.setdefault(label, line)
+        axis.set_title(titles.get(model, model), fontsize=9)
+        axis.set_xlabel("fraction deleted (most relevant first)", fontsize=7)
+        axis.set_ylabel("p(predicted label)", fontsize=7)
+    for axis in list(axes.flat)[len(models):]:
+        axis.axis("off")
+    if drawn:
+        figure.legend(list(drawn.values()), list(drawn), loc="lower center", ncol=6, fontsize=6)
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
 
 
 #: The headline metric of each task and whether lower is better.
