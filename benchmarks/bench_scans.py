@@ -83,6 +83,8 @@ def main(argv=None) -> int:
                         help="after the timings, profile each method once (torch.profiler) and print its N "
                              "costliest operators by self time (device time on a GPU)")
     args = parser.parse_args(argv)
+    if args.profile < 0:
+        parser.error("--profile takes the number of operators to print (0: no profile)")
     torch.set_num_threads(args.threads)
     import transformers
 

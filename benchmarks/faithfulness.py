@@ -215,6 +215,8 @@ def note_references(root: Path, ran: set[str]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.keep is not None and args.step != "report":
+        raise SystemExit("--keep belongs to `report` (it keeps an earlier report's tables)")
     if args.step == "prepare":
         prepare(args)
         return 0

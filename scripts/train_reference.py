@@ -52,11 +52,17 @@ from implicit_attention.benchmark.tasks import sentiment_task  # noqa: E402
 DEFAULT_TEACHER_LABELS = REPO_ROOT / "out" / "teacher" / "minilm-sentiment-train.json"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, except ``None`` ones: their help says what the absence means."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     defaults = ClassifierSettings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=type("Help", (argparse.RawDescriptionHelpFormatter,
-                                                                        argparse.ArgumentDefaultsHelpFormatter), {}))
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--out", type=Path, default=reference_model_dir("minilm", work=REPO_ROOT / "out" / "zoo"),
                         help="where the fine-tuned classifier goes")
     parser.add_argument("--base", type=Path, default=None, help="the encoder (default: all-MiniLM-L6-v2's package)")
@@ -72,8 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=0, help="use only N training sentences (a quick try)")
     parser.add_argument("--force", action="store_true", help="train again over an existing model")
     parser.add_argument("--teacher-labels", type=Path, nargs="?", const=DEFAULT_TEACHER_LABELS, default=None,
-                        metavar="PATH", help="then write its label probabilities on the training split to PATH "
-                        f"(default {DEFAULT_TEACHER_LABELS.relative_to(REPO_ROOT)}): the teacher of "
+                        metavar="PATH", help="after training (or with the model already trained), also write the "
+                        "model's label probabilities on every training sentence to PATH (given alone: "
+                        f"{DEFAULT_TEACHER_LABELS.relative_to(REPO_ROOT)}), the teacher file of "
                         "scripts/train_zoo.py --teacher PATH --distill-weight W")
     return parser.parse_args(argv)
 

@@ -3,11 +3,11 @@
 
 Stages (each resumable: a finished stage's directory is kept and skipped on the next run):
 
-    tokenizer  one shared BPE tokenizer (work/tokenizer)
-    pretrain   language modelling on the English corpus (work/<model>/pretrained, and
-               work/<model>/pretrained-small for the smaller ground-truth model)
-    sentiment  Rotten Tomatoes sentences, prompted (work/<model>/sentiment, float16)
-    groundtruth the planted-keyword task (work/<model>/groundtruth, float16)
+    tokenizer    one shared BPE tokenizer (work/tokenizer)
+    pretrain     language modelling on the English corpus (work/<model>/pretrained, and
+                 work/<model>/pretrained-small for the smaller ground-truth model)
+    sentiment    Rotten Tomatoes sentences, prompted (work/<model>/sentiment, float16)
+    groundtruth  the planted-keyword task (work/<model>/groundtruth, float16)
 
 Inputs are built once with ``python scripts/build_corpus.py`` (the English corpus) and
 ``python -m implicit_attention.benchmark.groundtruth`` (the ground-truth splits). Models train in
@@ -21,6 +21,8 @@ Examples::
     python scripts/train_zoo.py --models mamba,gpt2 --pretrain-steps 50 --epochs 1   # a quick try
     python scripts/train_zoo.py --export zoo                       # ship the sentiment models
     python scripts/train_zoo.py --models gpt2 --finetune-seeds 3   # keep the best of 3 on validation
+    python scripts/train_reference.py --teacher-labels             # MiniLM's labels, then distil them:
+    python scripts/train_zoo.py --models llama --teacher out/teacher/minilm-sentiment-train.json --distill-weight 0.5
 
 With ``--finetune-seeds N`` each task is fine-tuned N times from the one pre-trained model (seeds
 ``--seed`` .. ``--seed`` + N - 1, each in ``<model>/<task>-seed<S>``); the run with the best validation
@@ -380,7 +382,7 @@ def seeds_note(row: dict) -> str:
     notes = [f"soup of {seeds} seeds, chosen on validation" if row.get("soup")
              else f"{seeds} seeds, best on validation" if seeds > 1 else ""]
     if row.get("distill_weight"):
-        notes.append(f"distilled from MiniLM, weight {row['distill_weight']:g}")
+        notes.append(f"distilled, weight {row['distill_weight']:g}")
     notes = [note for note in notes if note]
     return f" ({'; '.join(notes)})" if notes else ""
 
