@@ -271,3 +271,25 @@ def test_channel_reductions_fall_back_to_the_eager_tiles_when_the_fused_kernel_f
     assert torch.equal(got, expected)
     with pytest.raises(RuntimeError, match="PassManager"):
         fast.channel_reduced(f, "unified", fast.ChannelReduction("abs"), fused=True)
+
+
+@pytest.mark.parametrize("variant", ["unified", "s6", "no_act"])
+def test_band_entries_of_every_offset_at_once_equal_each_offset(variant):
+    """The band near the diagonal formed for all offsets in one product equals it offset by offset, with
+    zeros where the key would precede the first token (inputs shorter than the band included)."""
+    from implicit_attention.architectures.mamba.fast import _back_windows, _band_entries, _band_offset, variant_parts
+
+    model = tiny_mamba(dtype=torch.float64, hidden_size=8)
+    for length in (5, 23):
+        ids, mask = left_padded(batch=2, length=length, seed=length)
+        f = factors_of(model, ids, mask)
+        _, col, _, use_D = variant_parts(f, variant)
+        key = f.dt if col is None else f.dt * col
+        cums = f.dt.to(torch.float64).cumsum(dim=1)
+        offsets, ch = 11, slice(3, 12)
+        together = _band_entries(f, cums, ch, offsets, f.C[:, :, None] * _back_windows(f.B, offsets), key, col, use_D)
+        for offset in range(offsets):
+            expected = torch.zeros(2, length, 9, dtype=torch.float64)
+            if offset < length:
+                expected[:, offset:] = _band_offset(f, cums, ch, offset, key, col, use_D)
+            assert_close(together[:, :, offset], expected, 1e-13, f"{variant} L={length} offset {offset}")

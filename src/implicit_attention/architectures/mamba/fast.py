@@ -260,6 +260,27 @@ def _band_offset(f: MambaFactors, cums: torch.Tensor, ch: slice, offset: int, ke
     return T
 
 
+def _back_windows(t: torch.Tensor, offsets: int) -> torch.Tensor:
+    """``[B, L, offsets, ...]`` of ``t [B, L, ...]``: entry ``(i, o)`` is token ``i - o`` (zero before the first)."""
+    length = t.shape[1]
+    ahead = torch.cat([t.new_zeros(t.shape[0], offsets, *t.shape[2:]), t], dim=1)
+    # window w of the padded tokens holds tokens w - offsets .. w - 1; row i is window i + 1
+    return ahead.unfold(1, offsets, 1)[:, 1: length + 1].flip(-1).movedim(-1, 2)
+
+
+def _band_entries(f: MambaFactors, cums: torch.Tensor, ch: slice, offsets: int, rows_by_keys: torch.Tensor,
+                  key: torch.Tensor, col: torch.Tensor | None, use_D: bool) -> torch.Tensor:
+    """``[B, L, offsets, c]`` ``T_d[i, i - o]`` for every offset ``o`` at once (what :func:`_band_offset` gives one
+    offset at a time; zero where ``i < o``): fewer, larger operations, which a GPU needs."""
+    cum_keys = _back_windows(cums[:, :, ch], offsets)                      # s_{i-o}; 0 before the first token
+    gap = (cums[:, :, None, ch] - cum_keys).to(f.x.dtype)                 # [B, L, O, c] >= 0
+    T = torch.einsum("blocn,blon->bloc", torch.exp(gap[..., None] * f.A[ch]), rows_by_keys)
+    T = T * _back_windows(key[:, :, ch], offsets)                          # zero keys before the first token
+    if use_D:
+        T[:, :, 0] += f.D[ch] * (1 if col is None else col[:, :, ch])
+    return T
+
+
 def _band_reduced(f: MambaFactors, variant: str, cums: torch.Tensor, band: int, chunk_bytes: int,
                   reduction: ChannelReduction) -> torch.Tensor:
     """:func:`_band` with every channel's entries ``A_d[i, i - o]`` formed and combined by ``reduction``."""
@@ -270,14 +291,14 @@ def _band_reduced(f: MambaFactors, variant: str, cums: torch.Tensor, band: int, 
     offsets = band + width - 1
     key = f.dt if col is None else f.dt * col
     out = torch.zeros(batch, length, offsets, dtype=dtype, device=f.x.device)
-    per_chunk = max(1, min(channels, chunk_bytes // max(1, 4 * batch * length * max(offsets, f.A.shape[1])
+    # every offset at once: the exponentials [B, L, offsets, c, N] are the largest temporary
+    per_chunk = max(1, min(channels, chunk_bytes // max(1, 3 * batch * length * offsets * f.A.shape[1]
                                                              * dtype.itemsize)))
     g_rows, v_shifted = reduction.banded(offsets)
+    rows_by_keys = f.C[:, :, None] * _back_windows(f.B, offsets)                      # C_i B_{i-o}  [B, L, O, N]
     for c0 in range(0, channels, per_chunk):
         ch = slice(c0, min(c0 + per_chunk, channels))
-        T = torch.zeros(batch, length, offsets, ch.stop - ch.start, dtype=dtype, device=f.x.device)
-        for offset in range(min(offsets, length)):
-            T[:, offset:, offset] = _band_offset(f, cums, ch, offset, key, col, use_D)
+        T = _band_entries(f, cums, ch, offsets, rows_by_keys, key, col, use_D)       # [B, L, O, c]
         entries = T * taps[ch, width - 1]                               # A_d[i, i - o] = sum_s tap K-1-s T[i, o - s]
         for shift in range(1, width):
             entries[:, :, shift:] += T[:, :, : offsets - shift] * taps[ch, width - 1 - shift]
