@@ -9,7 +9,10 @@
 #
 #   scripts/accelerator.sh wheels              # here, once
 #   scripts/accelerator.sh train [ARGS...]     # there: scripts/train_zoo.py --device cuda ARGS
-#                                              #  (KEEP_PRETRAINED=1 brings the pre-trained models back too)
+#                                              #  (KEEP_PRETRAINED=1 brings the pre-trained models back too;
+#                                              #  to distil MiniLM: here `python scripts/train_reference.py
+#                                              #  --teacher-labels`, carry out/teacher, and add --teacher
+#                                              #  out/teacher/minilm-sentiment-train.json --distill-weight 0.5)
 #   scripts/accelerator.sh benchmark [ARGS...] # there: benchmarks/faithfulness.py run --device cuda ARGS
 #                                              # (here first: faithfulness.py prepare and index, and
 #                                              #  tar -C out -cf out/groundtruth-models.tar zoo/*/groundtruth;
