@@ -45,6 +45,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+try:
+    import implicit_attention  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .` (the GPU machine)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
