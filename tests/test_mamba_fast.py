@@ -162,6 +162,8 @@ def test_row_outputs_equal_the_rows_contracted_with_the_values(variant, conv_ker
         for chunk_bytes in (None, 1):                                   # one chunk per segment; one column a chunk
             assert_close(row_outputs(layer.factors, variant, rows, layer.values, chunk_bytes=chunk_bytes), expected,
                          1e-12, f"{variant} {rows[:3]} {chunk_bytes}")
+    with pytest.raises(ValueError, match="ascending"):
+        row_outputs(layer.factors, variant, torch.tensor([7, 3]), layer.values)
 
 
 def test_float32_fast_mean_is_stable_at_16k_tokens():

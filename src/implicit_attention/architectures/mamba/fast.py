@@ -428,6 +428,8 @@ def row_outputs(f: MambaFactors, variant: str, rows: torch.Tensor, values: torch
     column's exponentials are taken once, not once per row; every exponent is ``<= 0``. Columns go in
     chunks of ``[B, chunk, E, N]`` within ``chunk_bytes``.
     """
+    if len(rows) > 1 and bool((rows[1:] <= rows[:-1]).any()):
+        raise ValueError("row_outputs carries the state forwards: give the rows in ascending order, once each")
     batch, length, channels = f.x.shape
     row_scale, col, taps, use_D = variant_parts(f, variant)
     width = taps.shape[1]
