@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ...memory import default_block_bytes
+from ..primitives import causal_conv
 from . import triton
 from .operator import MambaFactors, mamba_block
 from .tiling import band_entries, tile_pairs
@@ -220,35 +221,39 @@ def _band(f: MambaFactors, variant: str, cums: torch.Tensor, band: int, chunk_by
     """``[B, L, band + K - 1]`` ``sum_d`` of the entries ``(i, i - o)`` for offsets ``o < band + K - 1``, exactly.
 
     ``A_d[i, j] = row_d[i] sum_s tap_d[K-1-s] T_d[i, j + s]`` with ``T_d[i, k]`` for ``i - k < band + K - 1``
-    computed one offset at a time with its own exponentials (``exp(A (s_i - s_k)) <= 1``). With a
+    computed for every offset at once with its own exponentials (``exp(A (s_i - s_k)) <= 1``). With a
     ``reduction`` each channel's entries are formed (``[B, L, offsets, c]``) and combined by it.
     """
     if reduction is not None:
         return _band_reduced(f, variant, cums, band, chunk_bytes, reduction)
     batch, length, channels = f.x.shape
-    state, dtype = f.A.shape[1], f.x.dtype
+    dtype = f.x.dtype
     row, col, taps, use_D = variant_parts(f, variant)
     width = taps.shape[1]
     offsets = band + width - 1
     key = f.dt if col is None else f.dt * col
     out = torch.zeros(batch, length, offsets + width - 1, dtype=dtype, device=f.x.device)
-    per_chunk = max(1, min(channels, chunk_bytes // max(1, 3 * batch * length * state * dtype.itemsize)))
+    # the exponentials [B, L, offsets, c, N] of _band_entries are the largest temporary
+    per_chunk = max(1, min(channels, chunk_bytes // max(1, 3 * batch * length * offsets * f.A.shape[1]
+                                                             * dtype.itemsize)))
+    rows_by_keys = f.C[:, :, None] * _back_windows(f.B, offsets)                      # C_i B_{i-o}  [B, L, O, N]
     reversed_taps = taps.flip(1)                                      # [E, K]: column s is tap K-1-s
     for c0 in range(0, channels, per_chunk):
         ch = slice(c0, min(c0 + per_chunk, channels))
-        for offset in range(min(offsets, length)):
-            rows = slice(offset, length)                               # i; the key token is i - offset
-            T = _band_offset(f, cums, ch, offset, key, col, use_D)
-            if row is not None:
-                T = T * row[:, rows, ch]
-            # key token i - offset reaches entry j = i - offset - s through tap K-1-s
-            out[:, rows, offset: offset + width] += T @ reversed_taps[ch]
+        T = _band_entries(f, cums, ch, offsets, rows_by_keys, key, col, use_D)       # [B, L, O, c]
+        if row is not None:
+            T = T * row[:, :, None, ch]
+        # key token i - o reaches entry j = i - o - s through tap K-1-s: slot o + s of row i
+        through_taps = T @ reversed_taps[ch]                                          # [B, L, O, K]
+        for shift in range(width):
+            out[:, :, shift: shift + offsets] += through_taps[..., shift]
     return out[..., :offsets]
 
 
 def _band_offset(f: MambaFactors, cums: torch.Tensor, ch: slice, offset: int, key: torch.Tensor,
                  col: torch.Tensor | None, use_D: bool) -> torch.Tensor:
-    """``[B, L - o, c]`` ``T_d[i, i - o]`` (before the row scale and the conv) for ``i >= o``."""
+    """``[B, L - o, c]`` ``T_d[i, i - o]`` (before the row scale and the conv) for ``i >= o``: one offset, the
+    plain reference of :func:`_band_entries` (which the band uses; tests compare them)."""
     length = f.x.shape[1]
     rows, keys = slice(offset, length), slice(0, length - offset)
     gap = (cums[:, rows, ch] - cums[:, keys, ch]).to(f.x.dtype)       # [B, L - o, c] >= 0
@@ -430,14 +435,10 @@ def row_outputs(f: MambaFactors, variant: str, rows: torch.Tensor, values: torch
     """
     if len(rows) > 1 and bool((rows[1:] <= rows[:-1]).any()):
         raise ValueError("row_outputs carries the state forwards: give the rows in ascending order, once each")
-    batch, length, channels = f.x.shape
+    batch, _, channels = f.x.shape
     row_scale, col, taps, use_D = variant_parts(f, variant)
-    width = taps.shape[1]
-    inputs = values * taps[:, width - 1]                                      # v'_k, [B, L, E]
-    for shift in range(1, min(width, length)):
-        inputs[:, shift:] += values[:, :-shift] * taps[:, width - 1 - shift]
-    if variant in ("unified", "no_gate", "no_act") and f.conv_bias is not None:
-        inputs = inputs + f.conv_bias
+    carries_bias = variant in ("unified", "no_gate", "no_act") and f.conv_bias is not None
+    inputs = causal_conv(values, taps, f.conv_bias if carries_bias else None)       # v'_k (+ bias), [B, L, E]
     if col is not None:
         inputs = inputs * col
     cums = f.dt.to(torch.float64).cumsum(dim=1)                               # [B, L, E]
