@@ -311,3 +311,34 @@ def test_the_real_minilm_becomes_a_classifier_with_only_its_head_new():
         expected = model.classifier(pooled).softmax(-1)
     torch.testing.assert_close(reference.classifier_probabilities(model, examples, tokenizer.pad_token_id)[1],
                                expected[0], rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_labels_are_the_classifiers_probabilities_on_the_training_split(classifier_dir, tmp_path):
+    """write_teacher_labels: every training sentence's softmax, recomputed here one sentence at a time from the
+    saved classifier, in the split's order, with the teacher's accuracy on them; read_teacher_labels takes the
+    file back for this split and refuses it for another."""
+    import dataclasses
+
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from implicit_attention.benchmark.training import read_teacher_labels
+
+    task = _sentiment_toy_task()
+    out = tmp_path / "teacher" / "labels.json"
+    record = reference.write_teacher_labels(classifier_dir, task, out, max_tokens=5)
+    tokenizer = AutoTokenizer.from_pretrained(classifier_dir)
+    model = BertForSequenceClassification.from_pretrained(classifier_dir, dtype=torch.float32).eval()
+    expected = []
+    for text, _ in task.splits["train"]:
+        pieces = tokenizer(text, add_special_tokens=False)["input_ids"][:5]
+        ids = torch.tensor([[tokenizer.cls_token_id, *pieces, tokenizer.sep_token_id]])
+        with torch.no_grad():
+            expected.append(model(ids).logits[0].softmax(-1))
+    expected = torch.stack(expected)
+    labels = torch.tensor([label for _, label in task.splits["train"]])
+    assert record["n"] == 12 and record["labels"] == list(LABELS)
+    assert record["accuracy"] == round(float((expected.argmax(-1) == labels).float().mean()), 4)
+    torch.testing.assert_close(read_teacher_labels(out, task), expected, atol=2e-6, rtol=0)
+    other = dataclasses.replace(task, splits={**task.splits, "train": task.splits["train"][1:]})
+    with pytest.raises(ValueError, match="examples_sha256"):
+        read_teacher_labels(out, other)

@@ -326,3 +326,16 @@ def test_a_decompositions_repr_is_one_line(bundled):
     text = repr(__import__("implicit_attention").decompose(bundled.model, ids))
     assert text.startswith("Decomposition(4 layers, variant='unified', input 1x") and "\n" not in text
     assert "max reconstruction error" in text and "tensor" not in text
+
+
+def test_keep_belongs_to_the_report_and_needs_a_file(tmp_path):
+    script = str(REPO / "benchmarks" / "faithfulness.py")
+    wrong_step = subprocess.run([sys.executable, script, "run", "--keep", str(tmp_path / "s.json"), "--root",
+                                 str(tmp_path)], capture_output=True, text=True)
+    assert wrong_step.returncode == 1 and "--keep belongs to `report`" in wrong_step.stderr
+    results = tmp_path / "results" / "toy"
+    results.mkdir(parents=True)
+    (results / "sentiment.jsonl").write_text(json.dumps(_rows("random", [0.5])[0]) + "\n")
+    missing = subprocess.run([sys.executable, script, "report", "--keep", str(tmp_path / "none.json"), "--root",
+                              str(tmp_path)], capture_output=True, text=True)
+    assert missing.returncode == 1 and "no such summary file" in missing.stderr

@@ -153,3 +153,33 @@ def test_train_zoo_reads_the_teacher_for_the_sentiment_split_only(tmp_path):
     settings = train_zoo.task_settings(args, "sentiment", 4)
     assert (settings.distill_weight, settings.distill_temperature, settings.seed) == (0.5, 2.0, 4)
     assert train_zoo.task_settings(args, "groundtruth", 4).distill_weight == 0.0
+
+
+def test_exporting_some_models_updates_their_entries_and_keeps_the_others(tmp_path):
+    """train_zoo.py --export with --models: the exported model's zoo.json entry is rewritten from its task.json
+    (a distilled one noted in the table), every other entry is kept as it was, in the zoo's order."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import train_zoo
+
+    export = tmp_path / "zoo"
+    export.mkdir()
+    kept = {name: json.loads((REPO / "zoo" / "zoo.json").read_text())[name] for name in ("mamba", "llama")}
+    (export / "zoo.json").write_text(json.dumps({"llama": kept["llama"], "mamba": kept["mamba"]}))
+    source = tmp_path / "work" / "gpt2" / "sentiment"
+    source.mkdir(parents=True)
+    for file in ("config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json", "task.json"):
+        shutil.copy(REPO / "zoo" / "gpt2" / file, source / file)
+    shutil.copy(REPO / "zoo" / "tokenizer.json", source / "tokenizer.json")
+    task = json.loads((source / "task.json").read_text())
+    task["settings"]["distill_weight"] = 0.25
+    task.pop("seed_selection", None)
+    (source / "task.json").write_text(json.dumps(task))
+    args = train_zoo.parse_args(["--work", str(tmp_path / "work"), "--models", "gpt2", "--export", str(export)])
+    assert train_zoo.export(args) == 0
+    zoo = json.loads((export / "zoo.json").read_text())
+    assert list(zoo) == ["mamba", "gpt2", "llama"] and zoo["mamba"] == kept["mamba"] and zoo["llama"] == kept["llama"]
+    assert zoo["gpt2"]["test_accuracy"] == task["test_accuracy"] and zoo["gpt2"]["distill_weight"] == 0.25
+    assert zoo["gpt2"]["finetune_seeds"] == 1
+    assert "| GPT-2 | 0.99 M |" in (export / "README.md").read_text()
+    assert "(distilled, weight 0.25) |" in (export / "README.md").read_text()
+    assert (export / "gpt2" / "tokenizer.json").resolve() == (export / "tokenizer.json").resolve()
