@@ -11,6 +11,9 @@ Subcommands:
 - ``explain-image IMAGE_OR_FOLDER --model DIR``: explain an image classifier's prediction on image
   files (the same report as ``explain``, with the patch relevance drawn over each image; see
   :mod:`implicit_attention.vision.images`).
+- ``amplify``: AMPLIFY in-context rationales: a proxy model's explanations of the demonstrations it picks go
+  into the few-shot prompt of a target causal LM; prints the prompt and the target's accuracy (see
+  :mod:`implicit_attention.applications.amplify`).
 
 Run ``implicit-attention explain --help`` for every option.
 """
@@ -328,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_dataset_parser(sub, METHODS)
     _add_image_parser(sub, METHODS)
+    _add_amplify_parser(sub)
     return parser
 
 
@@ -961,6 +965,207 @@ def cmd_explain_dataset(args: argparse.Namespace) -> int:
     print(f"summary: {os.path.join(options.out, 'summary.json')}")
     print(f"page: {os.path.join(options.out, 'index.html')} (the examples, sortable, tokens coloured by relevance)")
     return 0
+
+
+# --------------------------------------------------------------------------------------- amplify
+AMPLIFY_EPILOG = """\
+what it does (Krishna et al. 2023, AMPLIFY):
+  1. the proxy scores every pool example by its misclassification confidence (the largest probability of
+     a wrong label minus the gold label's) and --selection picks --shots demonstrations;
+  2. the proxy's explanation (--rationale, --variant) of each demonstration's gold label gives its --k
+     most relevant words, written as "The key words: w1, w2 and w3 are important clues to predict
+     'positive' as the correct answer.";
+  3. each query gets the prompt
+       Input: <demonstration>\\nRationale: <rationale>\\nLabel: <label word>\\n\\n ... Input: <query>\\nLabel:
+     and the target predicts the label whose word's first token has the largest next-token logit.
+
+data: --pool and --queries take a Rotten Tomatoes split name (train, validation, test; the defaults are
+train and test) or a .csv/.tsv/.jsonl file with a text and a label column (--text-column,
+--label-column); labels are read as by explain-dataset (1/0, positive/negative, or --label-map).
+
+examples:
+  # the bundled sentiment Mamba as proxy and target, 8 demonstrations, 5 words each, 200 test queries
+  implicit-attention amplify --limit 200 --out amplify.json
+
+  # the no-rationale baseline and the random-words control, on the same demonstrations
+  implicit-attention amplify --rationale none --limit 200
+  implicit-attention amplify --rationale random --limit 200
+
+  # another explanation source, a real LLM as the target (on a GPU), labelled files
+  implicit-attention amplify --rationale attribution --variant s6 --target meta-llama/Llama-3.2-1B \\
+      --pool pool.csv --queries test.csv --label-column sentiment --device cuda
+
+exit status: 0 on success, 2 on a usage error or an error reported by the library.
+"""
+
+
+def _add_amplify_parser(sub) -> None:
+    """The ``amplify`` subcommand."""
+    from .catalog import METHODS as methods
+
+    am = sub.add_parser(
+        "amplify", help="AMPLIFY: explanations as in-context rationales for a target LM (prompt, accuracy)",
+        description="Select few-shot demonstrations from a labelled pool with a proxy model (the ones it "
+                    "misclassifies most confidently), turn the proxy's explanation of each into a rationale "
+                    "naming its top-k words, and measure a target causal LM's accuracy on the queries with "
+                    "that prompt. Prints the prompt of the first query and the accuracy with its bootstrap 95% "
+                    "interval.",
+        epilog=AMPLIFY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    am.add_argument("--proxy", metavar="NAME_OR_DIR", default=None,
+                    help="the explained model that selects and explains the demonstrations: a task model (with a "
+                         "task.json) or a classifier; default: the bundled sentiment model rt-sentiment-mamba")
+    am.add_argument("--target", metavar="NAME_OR_DIR", default=None,
+                    help="the causal LM that reads the prompts (a directory or a Hub id; any AutoModelForCausalLM); "
+                         "default: the proxy")
+    am.add_argument("--dtype", choices=MODEL_DTYPES, default="float32",
+                    help="dtype of both models (default: %(default)s)")
+    am.add_argument("--device", default=None, help="device for both models, e.g. cpu or cuda:0 (default: cpu)")
+    am.add_argument("--pool", default="train", metavar="SPLIT_OR_FILE",
+                    help="the labelled candidates for the demonstrations: a Rotten Tomatoes split or a "
+                         ".csv/.tsv/.jsonl file (default: %(default)s)")
+    am.add_argument("--queries", default="test", metavar="SPLIT_OR_FILE",
+                    help="the labelled queries the target predicts, as --pool (default: %(default)s)")
+    am.add_argument("--text-column", default="text", metavar="NAME",
+                    help="CSV column / JSONL field of the text in --pool and --queries files (default: %(default)s)")
+    am.add_argument("--label-column", default="label", metavar="NAME",
+                    help="CSV column / JSONL field of the gold label (default: %(default)s)")
+    am.add_argument("--label-map", action="append", default=None, metavar="GOLD=LABEL,...",
+                    help="map gold values to the proxy's label names, e.g. fresh=positive,rotten=negative")
+    am.add_argument("--label-words", default=None, metavar="LABEL=WORD,...",
+                    help="the word the prompt writes for each label, e.g. positive=great,negative=terrible "
+                         "(default: the label names); the target scores each word's first token after 'Label:'")
+    am.add_argument("--shots", type=int, default=8, metavar="N", help="demonstrations in the prompt (default: %(default)s)")
+    am.add_argument("--k", type=int, default=5, metavar="K", help="words per rationale (default: %(default)s)")
+    am.add_argument("--selection", choices=("mcs", "balanced", "random"), default="mcs",
+                    help="mcs: the highest misclassification confidence first (AMPLIFY); balanced: the same with "
+                         "equal counts per label; random: a seeded sample (default: %(default)s)")
+    am.add_argument("--rationale", choices=(*methods, "none"), default="attribution",
+                    help="the explanation method that writes the rationales, or none (no rationale: the plain "
+                         "few-shot baseline); random here is k random words of the text (a control), not the "
+                         "random-relevance baseline (default: %(default)s)")
+    am.add_argument("--variant", choices=VARIANTS, default="unified",
+                    help="implicit attention formulation of the rationale's method (default: %(default)s; s6 is "
+                         "the S6-only hidden attention)")
+    am.add_argument("--option", dest="options", action="append", type=parse_method_option, metavar="NAME=VALUE",
+                    help=_method_options_help())
+    am.add_argument("--pool-limit", type=int, default=None, metavar="N",
+                    help="only the first N pool examples (the proxy scores every one; default: all)")
+    am.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N queries (default: all)")
+    am.add_argument("--seed", type=int, default=0,
+                    help="seed of the random selection, the random words and the bootstrap (default: %(default)s)")
+    am.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                    help="cut longer prompts on the left, with a warning (default: the target's context length)")
+    am.add_argument("--out", metavar="FILE", default=None,
+                    help="write the results as JSON: accuracy, interval, settings, the demonstrations with their "
+                         "rationales, the first prompt and every query's prediction (refused if FILE exists, "
+                         "unless --force)")
+    am.add_argument("--force", action="store_true", help="with --out: replace an existing FILE")
+    am.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="a progress bar over the queries on stderr (default: on)")
+    am.set_defaults(handler=cmd_amplify)
+
+
+def _amplify_examples(source: str, args: argparse.Namespace, limit: int | None, what: str) -> list[tuple[str, str]]:
+    """``(text, gold)`` pairs of ``--pool`` / ``--queries``: a Rotten Tomatoes split or a labelled file."""
+    from .data import ROTTEN_TOMATOES_SPLITS, load_rotten_tomatoes
+
+    if limit is not None and limit < 1:
+        raise ValueError(f"--{'pool-limit' if what == 'pool' else 'limit'} must be at least 1, got {limit}")
+    if source in ROTTEN_TOMATOES_SPLITS and not os.path.isfile(source):
+        return [(text, str(label)) for text, label in load_rotten_tomatoes(source)[:limit]]
+    from .dataset.formats import detect_format, read_inputs
+
+    path = os.path.expanduser(source)
+    if not os.path.isfile(path):
+        raise ValueError(f"--{what} {source!r}: no such file and not a Rotten Tomatoes split "
+                         f"({', '.join(ROTTEN_TOMATOES_SPLITS)})")
+    if detect_format(path) == "text":
+        raise ValueError(f"--{what} {source!r}: a text file has no labels; use a .csv, .tsv or .jsonl file with a "
+                         f"{args.label_column!r} column")
+    records = [r for r in read_inputs(path, text_key=args.text_column, label_key=args.label_column, limit=limit)
+               if not r.empty]
+    unlabelled = next((r.index for r in records if r.gold is None), None)
+    if unlabelled is not None:
+        raise ValueError(f"--{what} {source!r}: input {unlabelled} has no {args.label_column!r} label")
+    return [(r.text, r.gold) for r in records]
+
+
+def cmd_amplify(args: argparse.Namespace) -> int:
+    import json
+
+    from .dataset import parse_label_map
+
+    _check_device(args.device)
+    for name in ("shots", "k"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.rationale in ("none", "random") and (args.variant != "unified" or args.options):
+        raise ValueError(f"--variant and --option apply to an explanation method, not to --rationale {args.rationale}")
+    options = dict(args.options or [])
+    if args.rationale not in ("none", "random"):
+        check_method_options(args.rationale, options)
+        from .catalog import BASELINE_METHODS
+
+        if args.rationale in BASELINE_METHODS and args.variant != "unified":
+            raise ValueError(f"--variant does not apply to the {args.rationale} baseline: it decomposes no layer")
+    if args.force and args.out is None:
+        raise ValueError("--force only applies together with --out FILE")
+    if args.out is not None:
+        out = os.path.expanduser(args.out)
+        if os.path.isdir(out):
+            raise ValueError(f"--out {args.out!r} is a directory; give a file name such as amplify.json")
+        if os.path.exists(out) and not args.force:
+            raise ValueError(f"--out {args.out!r} exists; choose another file or pass --force to replace it")
+        _check_out_writable(os.path.dirname(os.path.abspath(out)))
+    label_words = None
+    if args.label_words:
+        label_words = {}
+        for part in (p for p in args.label_words.split(",") if p.strip()):
+            name, sep, word = part.partition("=")
+            if not sep or not name.strip() or not word.strip():
+                raise ValueError(f"--label-words entries look like LABEL=WORD (e.g. positive=great), got {part!r}")
+            label_words[name.strip()] = word.strip()
+    pool = _amplify_examples(args.pool, args, args.pool_limit, "pool")
+    queries = _amplify_examples(args.queries, args, args.limit, "queries")
+
+    from .applications.amplify import amplify, load_target
+    from .loading import load_model
+
+    proxy = load_model(args.proxy, dtype=args.dtype, device=args.device)
+    target = None if args.target is None else load_target(args.target, dtype=args.dtype, device=args.device)
+    target_name = proxy.name if target is None else getattr(target, "name", None) or args.target
+    print(f"proxy: {proxy.name}   target: {target_name}{' (the proxy)' if target is None else ''}")
+    variant = f" ({args.variant})" if args.rationale not in ("none", "random", *_baselines()) else ""
+    print(f"pool: {args.pool} ({len(pool)} examples)   queries: {args.queries} ({len(queries)})   "
+          f"selection: {args.selection}   shots: {args.shots}   rationale: {args.rationale}{variant}   k: {args.k}")
+    result = amplify(proxy, pool, queries, target=target, shots=args.shots, k=args.k, selection=args.selection,
+                     rationale=args.rationale, variant=args.variant, label_words=label_words,
+                     label_map=parse_label_map(args.label_map), seed=args.seed, max_tokens=args.max_tokens,
+                     method_options=options, progress=args.progress)
+    result.settings.update(proxy=proxy.name, target=target_name, pool=args.pool, queries_from=args.queries,
+                           dtype=args.dtype, device=args.device or "cpu")
+    print()
+    print("prompt of the first query:")
+    print(result.first_prompt)
+    print()
+    interval = result.accuracy
+    correct = sum(result.correct)
+    print(f"target accuracy: {interval.mean:.4f} [{interval.low:.4f}, {interval.high:.4f}] "
+          f"({int(interval.confidence * 100)}% bootstrap interval; {correct}/{interval.n} queries correct)")
+    if args.out is not None:
+        with open(os.path.expanduser(args.out), "w", encoding="utf-8") as handle:
+            json.dump(result.to_dict(), handle, indent=2)
+            handle.write("\n")
+        print(f"results: {args.out}")
+    return 0
+
+
+def _baselines() -> tuple[str, ...]:
+    from .catalog import BASELINE_METHODS
+
+    return BASELINE_METHODS
 
 
 # ----------------------------------------------------------------------------------------- main
