@@ -194,7 +194,13 @@ def test_resume_after_crash(capsys, monkeypatch, files, clean, tmp_path: Path) -
     code, _, err = run(capsys, *args)
     assert code == 130 and "interrupted" in err
     shard = shard_path(out, 0)
-    assert [r["index"] for r in read_results(shard)] == [0, 1] and not (out / "summary.json").exists()
+    # the first batch of two: the two shortest texts of the length window (it spans the whole file)
+    tokenizer = runner.load_for_run(DatasetOptions(path=files["csv"], out=tmp_path / "unused"), "cpu").tokenizer
+    by_length = sorted((len(tokenizer(text, add_special_tokens=False)["input_ids"]), i)
+                       for i, (text, _) in enumerate(ROWS) if text)
+    assert by_length[1][0] < by_length[2][0]  # the two shortest are unambiguous
+    assert sorted(r["index"] for r in read_results(shard)) == sorted(i for _, i in by_length[:2])
+    assert not (out / "summary.json").exists()
     # a kill in the middle of the next write leaves a partial line behind
     with open(shard, "a") as handle:
         handle.write('{"index": 3, "text": "great acting and a wi')
@@ -204,6 +210,79 @@ def test_resume_after_crash(capsys, monkeypatch, files, clean, tmp_path: Path) -
     rows, summary = load(out)
     assert_same(rows, clean[0])
     assert summary["counts"]["explained_this_run"] == 4 and not shard.exists()
+
+
+def test_length_sorted_batches_hand_case() -> None:
+    items = list("abcdefg")
+    lengths = [5, 1, 4, 2, 6, 3, 1]
+    # windows of 2 batches of 2: a-d sorted (b d c a), then e-g (g f e); ties keep the file's order
+    assert runner.length_sorted_batches(items, lengths, 2, 2) == [["b", "d"], ["c", "a"], ["g", "f"], ["e"]]
+    assert runner.length_sorted_batches(items, lengths, 3, 1) == [["b", "c", "a"], ["d", "f", "e"], ["g"]]
+    assert runner.length_sorted_batches(items, [1] * 7, 2, 8) == [["a", "b"], ["c", "d"], ["e", "f"], ["g"]]
+    with pytest.raises(ValueError, match="at least 1"):
+        runner.length_sorted_batches(items, lengths, 2, 0)
+    with pytest.raises(ValueError, match="7 inputs but 6 lengths"):
+        runner.length_sorted_batches(items, lengths[:6], 2, 2)
+
+
+def test_length_window_batches_similar_texts(capsys, monkeypatch, files, clean, tmp_path: Path) -> None:
+    """Sorted within the window, the batches' token counts never decrease; window 1 keeps the file order;
+    both give the clean run's results, stored by index."""
+    real, batches = runner.explain_batch, []
+
+    def record(loaded, batch, *args, **kwargs):
+        batches.append([(r.index, len(loaded.tokenizer(r.text, add_special_tokens=False)["input_ids"]))
+                        for r in batch])
+        return real(loaded, batch, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "explain_batch", record)
+    base = ["explain-dataset", files["csv"], "--label-column", "label", "--batch-size", "2", "--no-progress"]
+    assert run(capsys, *base, "--out", tmp_path / "sorted")[0] == 0
+    lengths = [n for batch in batches for _, n in batch]
+    assert lengths == sorted(lengths) and len(set(lengths)) > 2
+    assert [i for batch in batches for i, _ in batch] != [0, 1, 3, 4, 5, 6]
+    assert_same(load(tmp_path / "sorted")[0], clean[0])
+    assert load(tmp_path / "sorted")[1]["length_window"] == 8
+    batches.clear()
+    assert run(capsys, *base, "--out", tmp_path / "file-order", "--length-window", "1")[0] == 0
+    assert [[i for i, _ in batch] for batch in batches] == [[0, 1], [3, 4], [5, 6]]
+    assert_same(load(tmp_path / "file-order")[0], clean[0])
+    code, _, err = run(capsys, *base, "--out", tmp_path / "bad", "--length-window", "0")
+    assert code == 2 and "--length-window must be at least 1" in err and not (tmp_path / "bad").exists()
+
+
+def test_batches_that_do_not_fit_are_halved(capsys, monkeypatch, files, clean, tmp_path: Path) -> None:
+    """A batch above the memory budget is halved and retried, and later batches are cut to what fitted;
+    a single input that does not fit stops the run with the budget's message."""
+    from implicit_attention.errors import MemoryBudgetError
+
+    real, sizes = runner.explain_batch, []
+
+    def budget_of_two(loaded, batch, *args, **kwargs):
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise MemoryBudgetError(f"a batch of {len(batch)}", len(batch) << 30, 2 << 30, "Try fewer.")
+        return real(loaded, batch, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "explain_batch", budget_of_two)
+    base = ["explain-dataset", files["csv"], "--label-column", "label", "--no-progress", "--length-window", "1"]
+    code, _, err = run(capsys, *base, "--out", tmp_path / "o", "--batch-size", "4")
+    assert code == 0, err
+    # the command prints the warning as one line
+    assert "warning: explain-dataset: a batch of 4 texts did not fit in memory (a batch of 4 needs about 4.0 GiB " \
+           "but only 2.0 GiB is available. Try fewer.); continuing with batches of 2" in err
+    # 0 1 3 4 fails, then 0 1 | 3 4, and the last batch (5 6) is cut to 2 before it is tried
+    assert sizes == [4, 2, 2, 2]
+    rows, summary = load(tmp_path / "o")
+    assert_same(rows, clean[0])
+    assert summary["batch_size"] == 4 and summary["batch_size_reduced_to"] == 2
+
+    def budget_of_zero(loaded, batch, *args, **kwargs):
+        raise MemoryBudgetError("one text", 1 << 30, 0, "Try a shorter text.")
+
+    monkeypatch.setattr(runner, "explain_batch", budget_of_zero)
+    code, _, err = run(capsys, *base, "--out", tmp_path / "none", "--batch-size", "2")
+    assert code == 2 and "continuing with batches of 1" in err and err.strip().endswith("Try a shorter text.")
 
 
 def test_refuse_other_settings(capsys, files, tmp_path: Path) -> None:
@@ -237,7 +316,7 @@ def test_shards_merge_like_one_process(files, clean, tmp_path: Path) -> None:
     assert not first["complete"] and first["counts"]["remaining"] == 3
     assert [r["index"] for r in read_results(Path(options.out) / "results.jsonl")] == [0, 4, 6]
     assert run_dataset(options, Distributed(rank=1, world_size=2)) is None
-    assert [r["index"] for r in read_results(shard_path(options.out, 1))] == [1, 3, 5]
+    assert sorted(r["index"] for r in read_results(shard_path(options.out, 1))) == [1, 3, 5]  # in batch order
     summary = run_dataset(options, Distributed(rank=0, world_size=2))  # merges rank 1's shard, nothing left
     assert summary["complete"] and summary["processes"] == 2
     assert sorted(p.name for p in Path(options.out).iterdir()) == FINAL_FILES

@@ -86,11 +86,13 @@ from .labels import gold_aliases, map_gold, parse_label_map
 from .runner import (
                      DEVICE_MAP_STRATEGIES,
                      GPU_BATCH_SIZE,
+                     LENGTH_WINDOW,
                      RESULT_KEYS,
                      DatasetOptions,
                      batch_size,
                      explain_batch,
                      layer_devices,
+                     length_sorted_batches,
                      load_for_run,
                      resolve_device_map,
                      run_dataset,
@@ -116,11 +118,11 @@ from .store import (
 )
 
 __all__ = [
-    "DEVICE_MAP_STRATEGIES", "FORMATS", "GPU_BATCH_SIZE", "ID_KEY", "LOCK_FILE", "RESULTS_FILE", "RESULT_KEYS",
+    "DEVICE_MAP_STRATEGIES", "FORMATS", "GPU_BATCH_SIZE", "ID_KEY", "LENGTH_WINDOW", "LOCK_FILE", "RESULTS_FILE", "RESULT_KEYS",
     "RESUME_KEYS", "RUN_FILE",
     "RUN_VERSION", "SUMMARY_FILE", "DatasetError", "file_sha256",
     "DatasetOptions", "Distributed", "InputRecord", "append_results", "batch_size", "check_run", "detect_format",
-    "done_indices", "explain_batch", "gold_aliases", "layer_devices", "load_for_run", "map_gold", "merge_results",
+    "done_indices", "explain_batch", "gold_aliases", "layer_devices", "length_sorted_batches", "load_for_run", "map_gold", "merge_results",
     "parse_label_map", "read_columns", "read_inputs", "read_results", "resolve_device_map", "run_dataset", "run_lock",
     "shard_indices", "shard_path", "start_run", "summarize", "write_atomic",
 ]

@@ -12,14 +12,14 @@ import os
 import sys
 import time
 import warnings
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..catalog import ROLLOUT_NEEDS_NON_NEGATIVE, check_method_options
-from ..errors import LongInputWarning
+from ..errors import LongInputWarning, MemoryBudgetError
 from ..render import dataset_index_html
 from .distributed import Distributed
 from .errors import DatasetError
@@ -41,10 +41,12 @@ from .store import (
 )
 
 __all__ = [
-    "DEVICE_MAP_STRATEGIES", "GPU_BATCH_SIZE", "DatasetOptions", "batch_size", "explain_batch", "layer_devices",
-    "load_for_run", "resolve_device_map", "run_dataset", "summarize",
+    "DEVICE_MAP_STRATEGIES", "GPU_BATCH_SIZE", "LENGTH_WINDOW", "DatasetOptions", "batch_size", "explain_batch",
+    "layer_devices", "length_sorted_batches", "load_for_run", "resolve_device_map", "run_dataset", "summarize",
 ]
 
+#: Default number of batches whose inputs are sorted by length together (:attr:`DatasetOptions.length_window`).
+LENGTH_WINDOW = 8
 #: Default batch size on a GPU (see :attr:`DatasetOptions.batch_size`).
 GPU_BATCH_SIZE = 16
 
@@ -86,6 +88,11 @@ class DatasetOptions:
         batch_size: inputs per forward/backward pass (left-padded together); ``None``: 1 on the CPU, where
             larger batches were slower per text (padding, memory traffic; measured on the bundled model
             with one thread: 13 texts/s with batches of 1, 3 with batches of 8), and :data:`GPU_BATCH_SIZE` on a GPU.
+        length_window: batch inputs of similar length together: the pending inputs are cut into windows of
+            ``length_window`` batches and sorted by token count within each window before batching, so
+            that left padding wastes little of a batch while the file's order is kept coarsely (progress
+            and resuming are unchanged: results are stored by index). 1 keeps the file's order; no effect
+            with batches of 1.
         limit: read only the first ``limit`` inputs of the file (empty ones included).
         force: delete an earlier run's files in ``out`` and start over.
         progress: show a tqdm progress bar on stderr (rank 0 only).
@@ -114,6 +121,7 @@ class DatasetOptions:
     target: str | None = None
     score: str | None = None
     batch_size: int | None = None
+    length_window: int = LENGTH_WINDOW
     limit: int | None = None
     force: bool = False
     reports: int = 0
@@ -126,6 +134,8 @@ class DatasetOptions:
         if taken:
             raise DatasetError(f"--keep-columns {', '.join(taken)}: each result already has a field of that name "
                                f"(the result fields are {', '.join(RESULT_KEYS)}); rename the column")
+        if self.length_window < 1:
+            raise DatasetError(f"--length-window must be at least 1, got {self.length_window}")
         if self.method == "rollout" and self.aggregate == "mean":
             raise ValueError(ROLLOUT_NEEDS_NON_NEGATIVE)
 
@@ -226,14 +236,58 @@ def batch_size(options: DatasetOptions, loaded) -> int:
     return 1 if loaded.device.type == "cpu" else GPU_BATCH_SIZE
 
 
-def _batches(items: Sequence[InputRecord], size: int) -> Iterable[list[InputRecord]]:
-    for start in range(0, len(items), size):
-        yield list(items[start:start + size])
+def length_sorted_batches(items: Sequence[InputRecord], lengths: Sequence[int], size: int,
+                          window: int) -> list[list[InputRecord]]:
+    """``items`` in batches of ``size``, sorted by ``lengths`` within each window of ``window`` batches.
+
+    Padding a batch to its longest input costs what the shorter ones lack; sorting within a window
+    (rather than over the whole file) keeps the file's order coarsely, so the first results still come
+    from the first inputs. Ties keep the file's order (a stable sort).
+    """
+    if size < 1 or window < 1:
+        raise ValueError(f"batch size and length window must be at least 1, got {size} and {window}")
+    if len(lengths) != len(items):
+        raise ValueError(f"{len(items)} inputs but {len(lengths)} lengths")
+    span = size * window
+    ordered: list[InputRecord] = []
+    for start in range(0, len(items), span):
+        chunk = range(start, min(start + span, len(items)))
+        ordered.extend(items[i] for i in sorted(chunk, key=lambda i: lengths[i]))
+    return [ordered[start:start + size] for start in range(0, len(ordered), size)]
+
+
+def _batches(loaded, items: Sequence[InputRecord], size: int, window: int) -> list[list[InputRecord]]:
+    if size == 1 or window == 1:
+        return [list(items[start:start + size]) for start in range(0, len(items), size)]
+    lengths = [len(loaded.tokenizer(record.text, add_special_tokens=False)["input_ids"]) for record in items]
+    return length_sorted_batches(items, lengths, size, window)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says a batch did not fit (the library's budget check, or the device itself)."""
+    import torch
+
+    return isinstance(error, (MemoryBudgetError, torch.OutOfMemoryError))
+
+
+def _release_memory(loaded) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if loaded.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _explain_share(loaded, share: list[InputRecord], options: DatasetOptions, target_id: int | None,
-                   gold: dict[int, str], dist: Distributed) -> None:
-    """Explain this rank's inputs batch by batch, appending each finished batch to its shard."""
+                   gold: dict[int, str], dist: Distributed) -> int | None:
+    """Explain this rank's inputs batch by batch, appending each finished batch to its shard.
+
+    A batch that does not fit in memory (:class:`~implicit_attention.errors.MemoryBudgetError` or the
+    device's out-of-memory error) is halved and retried, and later batches are cut to the size that
+    fitted; a single input that does not fit stops the run. Returns that reduced batch size, or ``None``.
+    """
     from tqdm.auto import tqdm
 
     desc = "explaining" if dist.world_size == 1 else f"explaining (rank 0 of {dist.world_size})"
@@ -245,8 +299,24 @@ def _explain_share(loaded, share: list[InputRecord], options: DatasetOptions, ta
                 warnings.catch_warnings():
             # explain_texts warns of every long input; a data set hears of the first one only
             warnings.filterwarnings("ignore", message="(?!explain-dataset: )", category=LongInputWarning)
-            for batch in _batches(share, batch_size(options, loaded)):
-                rows = explain_batch(loaded, batch, options, target_id, gold)
+            queue, cap = deque(_batches(loaded, share, batch_size(options, loaded), options.length_window)), None
+            while queue:
+                batch = queue.popleft()
+                if cap is not None and len(batch) > cap:
+                    queue.extendleft(reversed([batch[i:i + cap] for i in range(0, len(batch), cap)]))
+                    continue
+                try:
+                    rows = explain_batch(loaded, batch, options, target_id, gold)
+                except Exception as error:
+                    if len(batch) == 1 or not _out_of_memory(error):
+                        raise
+                    _release_memory(loaded)
+                    cap = len(batch) // 2
+                    queue.extendleft([batch[cap:], batch[:cap]])
+                    warnings.warn(f"explain-dataset: a batch of {len(batch)} texts did not fit in memory "
+                                  f"({str(error).splitlines()[0][:160]}); continuing with batches of {cap}",
+                                  RuntimeWarning, stacklevel=2)
+                    continue
                 append_results(handle, rows)
                 bar.update(len(batch))
                 long = [row for row in rows if limit is not None and sum(row["in_span"]) > limit]
@@ -259,6 +329,7 @@ def _explain_share(loaded, share: list[InputRecord], options: DatasetOptions, ta
                                   LongInputWarning, stacklevel=2)
     finally:
         bar.close()
+    return cap
 
 
 # -------------------------------------------------------------------------------------- summary
@@ -356,13 +427,15 @@ def _run(options: DatasetOptions, dist: Distributed, stack: contextlib.ExitStack
     by_index = {r.index: r for r in records}
     share = [by_index[i] for i in shard_indices(pending, dist.rank, dist.world_size)]
     t0 = time.perf_counter()
-    _explain_share(loaded, share, options, target_id, gold, dist)
+    reduced_batch = _explain_share(loaded, share, options, target_id, gold, dist)
     dist.barrier()  # every shard is complete
     explain_seconds = time.perf_counter() - t0
     if dist.rank != 0:
         return None
     rows = merge_results(options.out)
-    runtime = {"batch_size": batch_size(options, loaded), "limit": options.limit,
+    runtime = {"batch_size": batch_size(options, loaded), "batch_size_reduced_to": reduced_batch,
+               "length_window": options.length_window,
+               "limit": options.limit,
                "device": f"device_map={options.device_map}" if options.device_map else str(loaded.device),
                "layer_devices": layer_devices(loaded.model, options.layers)}
     summary = summarize(rows, records, settings=settings, model_name=loaded.name, done_before=len(done),
