@@ -175,24 +175,14 @@ def segmentation_summary(counts: Sequence[SegmentationCounts], *, resamples: int
     """
     if not counts:
         raise ValueError("segmentation_summary needs at least one image")
+    from .segmentation import miou_interval
+
     correct = np.array([c.correct for c in counts], dtype=np.float64)
     pixels = np.array([c.pixels for c in counts], dtype=np.float64)
     inter = np.array([c.intersection for c in counts], dtype=np.float64)         # [n, 2]
     union = np.array([c.union for c in counts], dtype=np.float64)
-    eps = np.spacing(1)
-
-    def miou(idx: np.ndarray) -> np.ndarray:
-        i, u = inter[idx].sum(axis=1), union[idx].sum(axis=1)                    # [R, 2]
-        return (i / (eps + u)).mean(axis=1)
-
-    rng = np.random.default_rng(seed)
-    n = len(counts)
-    draws = np.concatenate([miou(rng.integers(0, n, size=(min(1000, resamples - s), n)))
-                            for s in range(0, resamples, 1000)])
-    low, high = np.quantile(draws, [0.025, 0.975])
-    point = float((inter.sum(0) / (eps + union.sum(0))).mean())
     return {"pixel_accuracy": pooled_ratio_ci(correct, pixels, resamples=resamples, seed=seed),
-            "miou": Interval(mean=point, low=float(low), high=float(high), n=n),
+            "miou": miou_interval(inter, union, resamples=resamples, seed=seed),
             "map": mean_ci([c.ap for c in counts], resamples=resamples, seed=seed),
             "ap_foreground": mean_ci([c.ap_foreground for c in counts], resamples=resamples, seed=seed)}
 
