@@ -162,3 +162,15 @@ def test_each_device_is_estimated_and_checked_on_its_own(monkeypatch):
         free[second] = int(per_device[second].total / memory.USABLE_FRACTION) - 64
         with pytest.raises(ia.MemoryBudgetError, match=r"on cuda:1 \(1 layer\(s\)"):
             ensure_decomposition_fits(targets, inputs, torch.float32, method="rollout")
+
+
+def test_gpu_available_bytes_count_the_allocators_unused_cache(monkeypatch) -> None:
+    """Free driver memory plus the blocks PyTorch's caching allocator holds unused (it reuses them)."""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (6 * gib, 140 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 100 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 30 * gib)
+    assert memory.available_bytes("cuda:0") == 76 * gib
+    # allocated above reserved cannot happen, but must never lower the figure
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 120 * gib)
+    assert memory.available_bytes("cuda:0") == 6 * gib

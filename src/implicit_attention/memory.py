@@ -124,11 +124,14 @@ def block_bytes(size: int) -> Iterator[None]:
 
 
 def available_bytes(device: torch.device | str) -> int:
-    """Bytes that can still be allocated on ``device`` (free GPU memory, or available host RAM)."""
+    """Bytes that can still be allocated on ``device``: on a GPU the driver's free memory plus what
+    PyTorch's caching allocator holds unused (reserved but not allocated: it reuses those blocks, and
+    frees them to retry an allocation that fails), else the available host RAM."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(cached, 0))
     try:
         with open("/proc/meminfo") as f:
             for line in f:
