@@ -339,6 +339,13 @@ def test_cli_amplify(capsys, tmp_path: Path) -> None:
                            "verdict", *extra])
         err = capsys.readouterr().err
         assert status == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1
+    # more shots than the pool holds: refused before any model is loaded (nothing printed on stdout)
+    status = cli.main(["amplify", "--pool", str(pool), "--queries", str(queries), "--text-column", "review",
+                       "--label-column", "verdict", "--label-map", "fresh=positive,rotten=negative",
+                       "--shots", str(len(POOL) + 1)])
+    captured = capsys.readouterr()
+    assert status == 2 and captured.out == ""
+    assert captured.err == f"error: shots must be between 1 and the pool size {len(POOL)}, got {len(POOL) + 1}\n"
 
 
 def test_cli_amplify_help_does_not_import_torch() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -189,6 +190,10 @@ def test_load_errors(tmp_path: Path, tiny_dir: Path, unsupported_dir: Path) -> N
 def test_help_and_version(capsys) -> None:
     code, out, _ = run(capsys, "--help")
     assert code == 0 and "explain" in out and "info" in out
+    # the closing line names the help of every command the parser has
+    commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    closing = " ".join(out.split("\n\n")[-2].split())
+    assert commands and all(f"'implicit-attention {name} --help'" in closing for name in commands), closing
     code, out, _ = run(capsys, "explain", "--help")
     assert code == 0
     for option in ("--model", "--method", "--variant", "--layers", "--aggregate", "--target", "--position",

@@ -218,9 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Explain the predictions of gated-linear RNNs, state-space models (Mamba, Mamba-2, RWKV, "
                     "Griffin, xLSTM, RetNet, HGRN, GLA, hybrids) and Transformers with the exact implicit "
                     "attention matrices of their token-mixing layers.",
-        epilog=f"Run '{PROG} explain --help', '{PROG} explain-dataset --help', '{PROG} explain-image --help' or "
-               f"'{PROG} info --help' for the "
-               "options of each command.\n\n"
+        epilog=f"Run '{PROG} explain --help', '{PROG} explain-dataset --help', '{PROG} explain-image --help', "
+               f"'{PROG} amplify --help' or '{PROG} info --help' for the options of each command.\n\n"
                + EXPLAIN_EPILOG.split("\n\n")[0] + "\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=version_string())
@@ -1134,6 +1133,8 @@ def cmd_amplify(args: argparse.Namespace) -> int:
             label_words[name.strip()] = word.strip()
     pool = _amplify_examples(args.pool, args, args.pool_limit, "pool")
     queries = _amplify_examples(args.queries, args, args.limit, "queries")
+    if args.shots > len(pool):  # refused before any model is loaded
+        raise ValueError(f"shots must be between 1 and the pool size {len(pool)}, got {args.shots}")
 
     from .applications.amplify import amplify, load_target
     from .loading import load_model
