@@ -289,6 +289,11 @@ def test_rationale_words_explain_the_gold_label(loaded) -> None:
         assert example.target.label == loaded.labels[label]
         assert words == top_k_words(example.span_text, example.offsets, example.relevance, 3)
         assert words and "sentiment" not in words
+    # explained a batch at a time: batches of 2 give each text its words, in the caller's order
+    texts = [text, "a warm, funny film", "dull and far too long", "the cast is great", "an utter mess"]
+    gold = [0, 1, 0, 1, 0]
+    assert demonstration_words(loaded, texts, gold, "attribution", k=2, batch_size=2) == \
+        [demonstration_words(loaded, [t], [g], "attribution", k=2)[0] for t, g in zip(texts, gold)]
     with pytest.raises(ValueError, match="does not apply to the grad_x_input baseline"):
         demonstration_words(loaded, [text], [0], "grad_x_input", k=3, variant="s6")
     with pytest.raises(ValueError, match="unknown rationale source"):

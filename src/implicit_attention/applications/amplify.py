@@ -421,7 +421,7 @@ def target_label_logits(target: TargetModel, prompts: Sequence[str], label_words
 # ---------------------------------------------------------------------------------- rationales
 def demonstration_words(proxy: LoadedModel, texts: Sequence[str], gold: Sequence[int], source: RationaleSource, *,
                         k: int, variant: str = "unified", seed: int = 0, keys: Sequence[int] | None = None,
-                        method_options: Mapping[str, Any] | None = None) -> list[list[str]]:
+                        method_options: Mapping[str, Any] | None = None, batch_size: int = 16) -> list[list[str]]:
     """The rationale words of each demonstration (``[]``: no rationale).
 
     Args:
@@ -433,6 +433,7 @@ def demonstration_words(proxy: LoadedModel, texts: Sequence[str], gold: Sequence
             ``text -> words`` (its first ``k`` words).
         k: words per rationale.
         method_options: options of the method (``steps=...``).
+        batch_size: texts explained together.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -454,10 +455,13 @@ def demonstration_words(proxy: LoadedModel, texts: Sequence[str], gold: Sequence
     words: list[list[str]] = [[] for _ in texts]
     for label in sorted(set(gold)):
         rows = [i for i, g in enumerate(gold) if g == label]
-        result = explain_texts(proxy, [texts[i] for i in rows], method=source, variant=variant,
-                               target=proxy.labels[label], **dict(method_options or {}))
-        for i, example in zip(rows, result):
-            words[i] = top_k_words(example.span_text, example.offsets, example.relevance, k)
+        # a batch at a time: the explanation's memory grows with the batch times the longest text squared
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            result = explain_texts(proxy, [texts[i] for i in chunk], method=source, variant=variant,
+                                   target=proxy.labels[label], **dict(method_options or {}))
+            for i, example in zip(chunk, result):
+                words[i] = top_k_words(example.span_text, example.offsets, example.relevance, k)
     return words
 
 
