@@ -7,7 +7,7 @@ written as AMPLIFY's prompt. A share ``--rationale-share`` of the episodes give 
 true rationale (its planted keywords, at most ``--k``), the others none, so the target learns both
 formats. The loss is the cross-entropy of every label word after ``Label:`` (the demonstrations' and
 the query's). The held-out task of the faithfulness benchmark (food against tools) never appears:
-its words are excluded from the keyword vocabulary and from the distractor text.
+its words are excluded from the keyword vocabulary (they appear in the distractor text as any word).
 
 Every ``--eval-every`` steps the query accuracy on ``--eval-episodes`` fixed episodes of unseen random
 tasks (distractor text of the validation split) is recorded with the true rationales, with none and
@@ -17,7 +17,8 @@ time, hardware); ``--out/checkpoint.pt`` lets an interrupted run continue (``--r
 
 Examples::
 
-    python scripts/train_icl_target.py --device cuda --steps 20000 --batch-size 64      # the target
+    python scripts/train_icl_target.py --device cuda --steps 20000 --batch-size 64      # a new Llama
+    python scripts/train_icl_target.py --init out/zoo/mamba/pretrained --steps 2000     # from the zoo's Mamba
     python scripts/train_icl_target.py --steps 300 --width 64 --layers 2 --batch-size 8   # a quick look on a CPU
 """
 
@@ -69,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shots", type=int, default=4, help="demonstrations per episode")
     parser.add_argument("--k", type=int, default=3, help="words per rationale")
     parser.add_argument("--rationale-share", type=float, default=0.5, help="episodes with the true rationales")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from this pre-trained causal LM (e.g. out/zoo/mamba/pretrained, whose tokenizer is "
+                             "the zoo's) instead of a new Llama of --layers x --width")
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
@@ -94,9 +98,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def sentence_pools(args) -> dict[str, SentenceIndex]:
-    """Distractor sentences of the train and validation splits, free of the held-out task's words."""
+    """Distractor sentences of the train and validation splits (3 words or more).
+
+    The held-out task's words stay in the text: the target must know them as words (a pilot that
+    removed them never saw their tokens, and their embeddings decayed to noise: it guessed at chance
+    on the held-out task); they only never decide a training task (:func:`keyword_vocabulary`)."""
+    from implicit_attention import corpora
+
     passages = groundtruth.distractor_passages(args.distractors, args.corpus)
-    return {split: SentenceIndex(groundtruth.distractor_sentences(groundtruth.DEFAULT_TASK, passages[split]))
+    return {split: SentenceIndex([s for s in corpora.sentences(passages[split]) if len(s.split()) >= 3])
             for split in ("train", "validation")}
 
 
@@ -134,7 +144,18 @@ def batch_tensors(rows: list[tuple[list[int], list[int]]], pad_id: int, device) 
 
 
 def build_model(args, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A new Llama of ``--layers`` x ``--width``, or the pre-trained causal LM of ``--init`` (its scans in
+    parallel while training, :func:`~implicit_attention.benchmark.training.enable_fast_training`)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if args.init is not None:
+        from implicit_attention.benchmark import training
+
+        model = AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32)
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            raise SystemExit(f"error: {args.init} has fewer token embeddings than the tokenizer {args.tokenizer}")
+        training.enable_fast_training(model)
+        return model
 
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.width, intermediate_size=4 * args.width,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads, max_position_embeddings=2048,
@@ -231,6 +252,10 @@ def main(argv=None) -> int:
             checkpoint.with_suffix(".tmp").replace(checkpoint)
     bar.close()
     model.eval()
+    if args.init is not None:
+        from implicit_attention.benchmark import training
+
+        training.disable_fast_training(model)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     machine = (f"{torch.cuda.get_device_name(0)} GPU" if str(args.device).startswith("cuda")

@@ -198,3 +198,22 @@ def test_amplify_effect_end_to_end(target_dir: Path, tmp_path: Path, capsys) -> 
     assert effect.main(args) == 0 and capsys.readouterr().out.count("done before") == 3
     with pytest.raises(SystemExit, match="other settings.*--k: 2 there, 3 now"):
         effect.main([*args[:13], "3", *args[14:]])
+
+
+def test_meta_training_from_a_pretrained_model(rotten_tomatoes_available, tmp_path: Path) -> None:
+    """--init starts from a pre-trained causal LM (here the bundled Mamba) and saves the same architecture."""
+    from transformers import AutoModelForCausalLM
+
+    from implicit_attention.bundled import bundled_model_path
+
+    trainer = _module("train_icl_target", REPO / "scripts" / "train_icl_target.py")
+    out = tmp_path / "from-mamba"
+    assert trainer.main(["--distractors", "rotten_tomatoes", "--init", str(bundled_model_path()), "--steps", "1",
+                         "--batch-size", "2", "--eval-every", "1", "--eval-episodes", "2", "--out", str(out),
+                         "--no-progress"]) == 0
+    start = AutoModelForCausalLM.from_pretrained(bundled_model_path(), dtype=torch.float32)
+    trained = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert type(trained) is type(start) and trained.config.num_hidden_layers == start.config.num_hidden_layers
+    # one step moved the weights, and the parallel scan was switched off again before saving
+    moved = [not torch.equal(a, b) for a, b in zip(start.state_dict().values(), trained.state_dict().values())]
+    assert any(moved) and not any(m.use_mambapy for m in trained.modules() if hasattr(m, "use_mambapy"))
