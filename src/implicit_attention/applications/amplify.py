@@ -396,6 +396,7 @@ def target_label_logits(target: TargetModel, prompts: Sequence[str], label_words
     from tqdm.auto import tqdm
 
     from ..inputs import call_model
+    from ..scans import parallel_scans
 
     model, tokenizer, add_bos = _target_parts(target)
     ids_of_labels = torch.tensor(label_token_ids(tokenizer, label_words))
@@ -404,7 +405,8 @@ def target_label_logits(target: TargetModel, prompts: Sequence[str], label_words
         raise ValueError(f"max_tokens must be at least 1, got {limit}")
     device = next(model.parameters()).device
     rows, cut = [], 0
-    with torch.no_grad():
+    # a Mamba target runs its scans in parallel (mambapy) rather than token by token, its flags restored after
+    with torch.no_grad(), parallel_scans(model):
         for prompt in tqdm(prompts, unit="query", disable=not progress, dynamic_ncols=True):
             ids, truncated = encode_prompt(tokenizer, prompt, add_bos=add_bos, max_tokens=limit)
             cut += truncated
