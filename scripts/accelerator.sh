@@ -19,6 +19,11 @@
 #                                              #  carry out/benchmark/examples and out/benchmark/done;
 #                                              #  unpack the results here with tar -C out -xzf;
 #                                              #  CPU_MODELS=xlstm,rwkv7 runs those on the CPU cores)
+#   scripts/accelerator.sh amplify [ARGS...]   # there: issue 15's AMPLIFY measurement, resumable across calls:
+#                                              #  the proxy (train_zoo.py mamba groundtruth, unless carried),
+#                                              #  the target (train_icl_target.py --init zoo/mamba, ICL_ARGS),
+#                                              #  then benchmarks/amplify_effect.py --device cuda ARGS; carry
+#                                              #  out/corpus, out/groundtruth and what an earlier call brought back
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/accelerator}
@@ -108,8 +113,29 @@ benchmark)
     tar -czf "$OUT/benchmark-logs.tar.gz" -C out benchmark/logs || true
     exit "${status:-0}"
     ;;
+amplify)
+    shift; setup
+    began=$SECONDS
+    if [ ! -f out/zoo/mamba/groundtruth/task.json ]; then
+        timeout "$LIMIT" python scripts/train_zoo.py --device cuda --models mamba --stages pretrain,groundtruth \
+            || status=$?
+    fi
+    # the target starts from the zoo's Mamba (pre-trained on English, fine-tuned on the reviews)
+    if [ -z "${status:-}" ] && [ ! -f out/icl-target/icl.json ]; then
+        python scripts/train_icl_target.py --device cuda --init zoo/mamba --out out/icl-target --resume \
+            --time-limit $((LIMIT - (SECONDS - began))) --no-progress ${ICL_ARGS:-} || status=$?
+    fi
+    if [ -z "${status:-}" ] && [ -f out/icl-target/icl.json ]; then
+        timeout $((LIMIT - (SECONDS - began))) python benchmarks/amplify_effect.py --device cuda \
+            --proxy out/zoo/mamba/groundtruth --target out/icl-target --out out/amplify-effect "$@" || status=$?
+    fi
+    tar -czf "$OUT/amplify-proxy.tar.gz" -C out zoo/mamba/groundtruth zoo/mamba/pretrained-small 2>/dev/null || true
+    tar -czf "$OUT/amplify-target.tar.gz" -C out icl-target 2>/dev/null || true
+    tar -czf "$OUT/amplify-effect.tar.gz" -C out amplify-effect 2>/dev/null || true
+    exit "${status:-0}"
+    ;;
 *)
-    echo "usage: scripts/accelerator.sh wheels|train|benchmark [ARGS...]" >&2
+    echo "usage: scripts/accelerator.sh wheels|train|benchmark|amplify [ARGS...]" >&2
     exit 2
     ;;
 esac

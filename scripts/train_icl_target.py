@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="stop after this many seconds of this run, save the checkpoint and exit with status 3 "
+                             "(a later --resume continues): for machines that allow a few minutes per command")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "shots", "k", "width", "layers", "heads", "eval_every", "eval_episodes",
@@ -192,6 +195,14 @@ def query_accuracy(model, tokenizer, prompts: list[tuple[str, int]], device) -> 
     return correct / len(prompts)
 
 
+def save_checkpoint(path: Path, model, optimiser, schedule, rng: random.Random, step: int, history: list,
+                    seconds: float) -> None:
+    """Everything a ``--resume`` needs, written to a temporary file first so that a kill never leaves half a file."""
+    torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
+                "rng": rng.getstate(), "step": step, "history": history, "seconds": seconds}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+
+
 def main(argv=None) -> int:
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
@@ -221,7 +232,14 @@ def main(argv=None) -> int:
     model.train()
     bar = tqdm(total=args.steps, initial=step, desc="meta-training", disable=not args.progress)
     began = time.perf_counter() - seconds
+    this_run = time.perf_counter()
     while step < args.steps:
+        if args.time_limit is not None and time.perf_counter() - this_run > args.time_limit:
+            save_checkpoint(checkpoint, model, optimiser, schedule, rng, step, history, time.perf_counter() - began)
+            bar.close()
+            print(f"stopped at step {step} of {args.steps} after --time-limit {args.time_limit:g}s; "
+                  "rerun with --resume to continue")
+            return 3
         rows = []
         for _ in range(args.batch_size):
             episode = draw_episode(rng, vocabulary, pools["train"], args.shots)
@@ -246,10 +264,7 @@ def main(argv=None) -> int:
             history.append(record)
             tqdm.write(json.dumps(record))
         if step % args.save_every == 0 or step == args.steps:
-            torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
-                        "schedule": schedule.state_dict(), "rng": rng.getstate(), "step": step,
-                        "history": history, "seconds": time.perf_counter() - began}, checkpoint.with_suffix(".tmp"))
-            checkpoint.with_suffix(".tmp").replace(checkpoint)
+            save_checkpoint(checkpoint, model, optimiser, schedule, rng, step, history, time.perf_counter() - began)
     bar.close()
     model.eval()
     if args.init is not None:
