@@ -82,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-episodes", type=int, default=200)
     parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes that draw the episodes ahead of the model (0: in this process); a batch's "
+                             "episodes depend on --seed and the step only, so the result does not depend on it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     parser.add_argument("--time-limit", type=float, default=None,
@@ -118,10 +121,16 @@ def held_out_words() -> list[str]:
     return [*task.keywords[0], *task.keywords[1], *task.decoys]
 
 
+#: Distractor sentences drawn per episode: a few examples need a few dozen; the examples' generator checks
+#: every sentence it is given against the task's words, so a larger draw only costs time (3,000 made the
+#: episodes, not the model, the bottleneck of a GPU step: 3 s per batch of 64).
+SENTENCES_PER_EPISODE = 256
+
+
 def draw_episode(rng: random.Random, vocabulary: list[str], pool: SentenceIndex, shots: int):
     task = random_task(rng, vocabulary, seed=rng.randrange(2**31))
     words = [*task.keywords[0], *task.keywords[1], *task.decoys]
-    return make_episode(rng, task, pool.sample_free_of(rng, words, 3000), shots)
+    return make_episode(rng, task, pool.sample_free_of(rng, words, SENTENCES_PER_EPISODE), shots)
 
 
 def encode(tokenizer, prompt: str, query_label: int) -> tuple[list[int], list[int]]:
@@ -195,12 +204,42 @@ def query_accuracy(model, tokenizer, prompts: list[tuple[str, int]], device) -> 
     return correct / len(prompts)
 
 
-def save_checkpoint(path: Path, model, optimiser, schedule, rng: random.Random, step: int, history: list,
-                    seconds: float) -> None:
+def save_checkpoint(path: Path, model, optimiser, schedule, step: int, history: list, seconds: float) -> None:
     """Everything a ``--resume`` needs, written to a temporary file first so that a kill never leaves half a file."""
     torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
-                "rng": rng.getstate(), "step": step, "history": history, "seconds": seconds}, path.with_suffix(".tmp"))
+                "step": step, "history": history, "seconds": seconds}, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
+
+
+#: What the episode-drawing processes share (set before they fork).
+_DRAW: dict = {}
+
+
+def training_batch(step: int) -> list[tuple[list[int], list[int]]]:
+    """The encoded episodes of training step ``step``: a function of ``--seed`` and ``step`` alone."""
+    args, tokenizer, vocabulary, pool = (_DRAW[key] for key in ("args", "tokenizer", "vocabulary", "pool"))
+    rng = random.Random(f"icl-train:{args.seed}:{step}")
+    rows = []
+    for _ in range(args.batch_size):
+        episode = draw_episode(rng, vocabulary, pool, args.shots)
+        words = ([planted_rationale_words(d, args.k) for d in episode.demonstrations]
+                 if rng.random() < args.rationale_share else None)
+        rows.append(encode(tokenizer, episode_prompt(episode, words), episode.query.label))
+    return rows
+
+
+def training_batches(args, first_step: int):
+    """The batches of steps ``first_step, ..., --steps - 1`` in order, drawn by ``--workers`` processes ahead."""
+    steps = range(first_step, args.steps)
+    if args.workers < 1:
+        yield from map(training_batch, steps)
+        return
+    import multiprocessing
+    import os
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the fast tokenizer's threads do not survive a fork
+    with multiprocessing.get_context("fork").Pool(args.workers) as workers:
+        yield from workers.imap(training_batch, steps, chunksize=4)
 
 
 def main(argv=None) -> int:
@@ -216,7 +255,6 @@ def main(argv=None) -> int:
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (
         1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
-    rng = random.Random(f"icl-train:{args.seed}")
     step, history, seconds = 0, [], 0.0
     checkpoint = args.out / "checkpoint.pt"
     if args.resume and checkpoint.is_file():
@@ -224,7 +262,6 @@ def main(argv=None) -> int:
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         schedule.load_state_dict(state["schedule"])
-        rng.setstate(state["rng"])
         step, history, seconds = state["step"], state["history"], state["seconds"]
         print(f"resumed at step {step}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -233,19 +270,14 @@ def main(argv=None) -> int:
     bar = tqdm(total=args.steps, initial=step, desc="meta-training", disable=not args.progress)
     began = time.perf_counter() - seconds
     this_run = time.perf_counter()
-    while step < args.steps:
+    _DRAW.update(args=args, tokenizer=tokenizer, vocabulary=vocabulary, pool=pools["train"])
+    for rows in training_batches(args, step):
         if args.time_limit is not None and time.perf_counter() - this_run > args.time_limit:
-            save_checkpoint(checkpoint, model, optimiser, schedule, rng, step, history, time.perf_counter() - began)
+            save_checkpoint(checkpoint, model, optimiser, schedule, step, history, time.perf_counter() - began)
             bar.close()
             print(f"stopped at step {step} of {args.steps} after --time-limit {args.time_limit:g}s; "
                   "rerun with --resume to continue")
             return 3
-        rows = []
-        for _ in range(args.batch_size):
-            episode = draw_episode(rng, vocabulary, pools["train"], args.shots)
-            words = ([planted_rationale_words(d, args.k) for d in episode.demonstrations]
-                     if rng.random() < args.rationale_share else None)
-            rows.append(encode(tokenizer, episode_prompt(episode, words), episode.query.label))
         ids, mask, where_rows, where_pos = batch_tensors(rows, pad_id, args.device)
         logits = model(input_ids=ids, attention_mask=mask).logits
         loss = torch.nn.functional.cross_entropy(logits[where_rows, where_pos - 1].float(), ids[where_rows, where_pos])
@@ -264,7 +296,7 @@ def main(argv=None) -> int:
             history.append(record)
             tqdm.write(json.dumps(record))
         if step % args.save_every == 0 or step == args.steps:
-            save_checkpoint(checkpoint, model, optimiser, schedule, rng, step, history, time.perf_counter() - began)
+            save_checkpoint(checkpoint, model, optimiser, schedule, step, history, time.perf_counter() - began)
     bar.close()
     model.eval()
     if args.init is not None:
