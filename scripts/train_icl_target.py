@@ -6,8 +6,10 @@ Every training episode is a new planted-keyword task with random keyword sets
 written as AMPLIFY's prompt. A share ``--rationale-share`` of the episodes give each demonstration the
 true rationale (its planted keywords, at most ``--k``), the others none, so the target learns both
 formats. The loss is the cross-entropy of every label word after ``Label:`` (the demonstrations' and
-the query's). The held-out task of the faithfulness benchmark (food against tools) never appears:
-its words are excluded from the keyword vocabulary (they appear in the distractor text as any word).
+the query's). The held-out task of the faithfulness benchmark (food against tools) never appears: its
+words are in the keyword vocabulary as any other (each one a keyword of about 0.6% of the random tasks,
+for a random label), but never its keyword sets and labels. ``--exclude-held-out-words`` keeps them out
+of the vocabulary (then the target learns that they never decide a task).
 
 Every ``--eval-every`` steps the query accuracy on ``--eval-episodes`` fixed episodes of unseen random
 tasks (distractor text of the validation split) is recorded with the true rationales, with none and
@@ -87,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "episodes depend on --seed and the step only, so the result does not depend on it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    parser.add_argument("--exclude-held-out-words", action="store_true",
+                        help="never make the held-out task's words keywords of a training task")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="stop after this many seconds of this run, save the checkpoint and exit with status 3 "
                              "(a later --resume continues): for machines that allow a few minutes per command")
@@ -108,7 +112,7 @@ def sentence_pools(args) -> dict[str, SentenceIndex]:
 
     The held-out task's words stay in the text: the target must know them as words (a pilot that
     removed them never saw their tokens, and their embeddings decayed to noise: it guessed at chance
-    on the held-out task); they only never decide a training task (:func:`keyword_vocabulary`)."""
+    on the held-out task); with ``--exclude-held-out-words`` they never decide a training task either."""
     from implicit_attention import corpora
 
     passages = groundtruth.distractor_passages(args.distractors, args.corpus)
@@ -249,7 +253,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     pools = sentence_pools(args)
-    vocabulary = keyword_vocabulary(pools["train"].sentences, held_out_words())
+    vocabulary = keyword_vocabulary(pools["train"].sentences, held_out_words() if args.exclude_held_out_words else ())
     evaluation = eval_prompts(args, vocabulary, pools["validation"])
     model = build_model(args, tokenizer).to(args.device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)

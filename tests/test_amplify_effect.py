@@ -79,7 +79,14 @@ def test_random_tasks_and_episodes() -> None:
     assert len(episode.demonstrations) == 4
     for example in [*episode.demonstrations, episode.query]:
         assert set(example.planted_words) <= set(task.keywords[example.label])
-    assert sorted(e.label for e in [*episode.demonstrations, episode.query]) == [0, 0, 1, 1, 1]
+    assert sorted(e.label for e in episode.demonstrations) == [0, 0, 1, 1]
+    # the query's label is independent of the demonstrations' (a balanced draw of all five leaked it:
+    # the query had the label the demonstrations had fewer of)
+    queries = [make_episode(rng, task, sentences, shots=4).query.label for _ in range(200)]
+    assert 70 < sum(queries) < 130
+    three = [make_episode(rng, task, sentences, shots=3) for _ in range(200)]
+    assert all(sorted(e.label for e in ep.demonstrations) == [0, 1, 1] for ep in three)
+    assert 70 < sum(ep.query.label == 0 for ep in three) < 130   # "the label the demonstrations have fewer of"
     with pytest.raises(ValueError, match="18 distinct words needed"):
         random_task(rng, vocabulary[:10])
 

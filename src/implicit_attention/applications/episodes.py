@@ -111,12 +111,19 @@ class Episode:
 
 
 def make_episode(rng: random.Random, task: GroundTruthTask, sentences: Sequence[str], shots: int) -> Episode:
-    """``shots`` demonstrations and one query of ``task``, with distractor text from ``sentences`` (which must
-    be free of the task's words: :meth:`SentenceIndex.free_of`); labels as balanced as ``shots + 1`` allows."""
+    """``shots`` demonstrations (labels as balanced as ``shots`` allows, in random order) and one query whose
+    label is drawn independently, with distractor text from ``sentences`` (which must be free of the task's
+    words: :meth:`SentenceIndex.free_of`).
+
+    The query's label must not follow from the demonstrations' labels: a first version drew all
+    ``shots + 1`` examples balanced together, so that the query's label was the one the demonstrations
+    had fewer of, and a target meta-trained on such episodes learnt to count labels instead of reading
+    the text (every unseen task right, the held-out task at chance)."""
     if shots < 1:
         raise ValueError(f"shots must be at least 1, got {shots}")
-    examples = make_examples(task, sentences, shots + 1, split_seed=rng.randrange(2**31))
-    return Episode(task=task, demonstrations=examples[:shots], query=examples[shots])
+    demonstrations = make_examples(task, sentences, shots, split_seed=rng.randrange(2**31))
+    pair = make_examples(task, sentences, 2, split_seed=rng.randrange(2**31))   # one example of each label
+    return Episode(task=task, demonstrations=demonstrations, query=pair[rng.randrange(2)])
 
 
 def planted_rationale_words(example: GroundTruthExample, k: int) -> list[str]:
