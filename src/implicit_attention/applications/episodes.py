@@ -111,19 +111,22 @@ class Episode:
 
 
 def make_episode(rng: random.Random, task: GroundTruthTask, sentences: Sequence[str], shots: int) -> Episode:
-    """``shots`` demonstrations (labels as balanced as ``shots`` allows, in random order) and one query whose
-    label is drawn independently, with distractor text from ``sentences`` (which must be free of the task's
-    words: :meth:`SentenceIndex.free_of`).
+    """``shots`` demonstrations and one query of ``task``, every label drawn independently (a fair coin),
+    with distractor text from ``sentences`` (which must be free of the task's words:
+    :meth:`SentenceIndex.free_of`).
 
-    The query's label must not follow from the demonstrations' labels: a first version drew all
-    ``shots + 1`` examples balanced together, so that the query's label was the one the demonstrations
-    had fewer of, and a target meta-trained on such episodes learnt to count labels instead of reading
-    the text (every unseen task right, the held-out task at chance)."""
+    No label may follow from the others: a first version drew the ``shots + 1`` examples balanced, so the
+    query's label was the one the demonstrations had fewer of, and a target meta-trained on such
+    episodes learnt to count labels instead of reading the text (every unseen task right, the held-out
+    task at chance)."""
     if shots < 1:
         raise ValueError(f"shots must be at least 1, got {shots}")
-    demonstrations = make_examples(task, sentences, shots, split_seed=rng.randrange(2**31))
-    pair = make_examples(task, sentences, 2, split_seed=rng.randrange(2**31))   # one example of each label
-    return Episode(task=task, demonstrations=demonstrations, query=pair[rng.randrange(2)])
+    labels = [rng.randrange(2) for _ in range(shots + 1)]
+    # shots + 1 examples of each label (make_examples balances them), then one per slot of its label
+    drawn = make_examples(task, sentences, 2 * (shots + 1), split_seed=rng.randrange(2**31))
+    by_label = {label: [e for e in drawn if e.label == label] for label in (0, 1)}
+    examples = [by_label[label].pop() for label in labels]
+    return Episode(task=task, demonstrations=examples[:shots], query=examples[shots])
 
 
 def planted_rationale_words(example: GroundTruthExample, k: int) -> list[str]:
