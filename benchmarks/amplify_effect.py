@@ -50,23 +50,27 @@ DEFAULT_SOURCES = "attribution,attribution:s6,grad_x_input,integrated_gradients,
 RESUME_KEYS = ("proxy", "target", "groundtruth", "episodes", "shots", "k", "pool_size", "seed")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's layout kept, and every option's default shown."""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--proxy", default=str(REPO_ROOT / "out" / "zoo" / "mamba" / "groundtruth"),
-                        help="the proxy: a model trained on the ground-truth task (default: %(default)s)")
+                        help="the proxy: a model trained on the ground-truth task")
     parser.add_argument("--target", default=str(REPO_ROOT / "out" / "icl-target"),
-                        help="the target LM (scripts/train_icl_target.py) (default: %(default)s)")
+                        help="the target LM (scripts/train_icl_target.py)")
     parser.add_argument("--groundtruth", default=str(REPO_ROOT / "out" / "groundtruth"),
-                        help="the ground-truth splits (default: %(default)s)")
-    parser.add_argument("--sources", default=DEFAULT_SOURCES, help="comma-separated (default: %(default)s)")
-    parser.add_argument("--episodes", type=int, default=500)
-    parser.add_argument("--shots", type=int, default=4)
+                        help="the ground-truth splits")
+    parser.add_argument("--sources", default=DEFAULT_SOURCES, help="comma-separated")
+    parser.add_argument("--episodes", type=int, default=500, help="held-out episodes (queries)")
+    parser.add_argument("--shots", type=int, default=4, help="demonstrations per prompt")
     parser.add_argument("--k", type=int, default=3, help="words per rationale")
     parser.add_argument("--pool-size", type=int, default=16, help="training examples the proxy picks from per episode")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "amplify-effect")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the pools")
+    parser.add_argument("--device", default=None, help="torch device (cuda if available)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "amplify-effect", help="results directory")
     parser.add_argument("--force", action="store_true", help="delete an earlier run's files in --out first")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)

@@ -21,7 +21,8 @@
 #                                              #  CPU_MODELS=xlstm,rwkv7 runs those on the CPU cores)
 #   scripts/accelerator.sh amplify [ARGS...]   # there: issue 15's AMPLIFY measurement, resumable across calls:
 #                                              #  the proxy (train_zoo.py mamba groundtruth, unless carried),
-#                                              #  the target (train_icl_target.py --init zoo/mamba, ICL_ARGS),
+#                                              #  the target (train_icl_target.py --init zoo/mamba; ICL_ARGS
+#                                              #  replaces its settings; exit 3: stopped in time, call again),
 #                                              #  then benchmarks/amplify_effect.py --device cuda ARGS; carry
 #                                              #  out/corpus and what an earlier call brought back
 set -euo pipefail
@@ -125,7 +126,8 @@ amplify)
     # the target starts from the zoo's Mamba (pre-trained on English, fine-tuned on the reviews)
     if [ -z "${status:-}" ] && [ ! -f out/icl-target/icl.json ]; then
         python scripts/train_icl_target.py --device cuda --init zoo/mamba --out out/icl-target --resume \
-            --time-limit $((LIMIT - (SECONDS - began))) --no-progress ${ICL_ARGS:-} || status=$?
+            --time-limit $((LIMIT - (SECONDS - began))) --no-progress \
+            ${ICL_ARGS:---steps 3000 --batch-size 64 --eval-every 500 --save-every 100 --workers 12} || status=$?
     fi
     if [ -z "${status:-}" ] && [ -f out/icl-target/icl.json ]; then
         timeout $((LIMIT - (SECONDS - began))) python benchmarks/amplify_effect.py --device cuda \

@@ -13,14 +13,15 @@ of the vocabulary (then the target learns that they never decide a task).
 
 Every ``--eval-every`` steps the query accuracy on ``--eval-episodes`` fixed episodes of unseen random
 tasks (distractor text of the validation split) is recorded with the true rationales, with none and
-with random words of each demonstration. The model (a Llama of ``--layers`` x ``--width``, the zoo's
-tokenizer) is saved as a Hugging Face directory in ``--out`` with ``icl.json`` (settings, history,
-time, hardware); ``--out/checkpoint.pt`` lets an interrupted run continue (``--resume``).
+with random words of each demonstration. The model (the causal LM of ``--init``, or a new Llama of
+``--layers`` x ``--width``; the zoo's tokenizer) is saved as a Hugging Face directory in ``--out`` with ``icl.json`` (settings, history,
+time, hardware); ``--out/checkpoint.pt`` lets an interrupted run continue (``--resume``), and
+``--time-limit`` stops in time and exits with status 3 (not a failure: continue with ``--resume``).
 
 Examples::
 
     python scripts/train_icl_target.py --device cuda --steps 20000 --batch-size 64      # a new Llama
-    python scripts/train_icl_target.py --init out/zoo/mamba/pretrained --steps 2000     # from the zoo's Mamba
+    python scripts/train_icl_target.py --init zoo/mamba --device cuda --batch-size 64 --workers 12   # from the zoo's Mamba
     python scripts/train_icl_target.py --steps 300 --width 64 --layers 2 --batch-size 8   # a quick look on a CPU
 """
 
@@ -57,37 +58,41 @@ from implicit_attention.applications.episodes import (  # noqa: E402
 from implicit_attention.benchmark import groundtruth  # noqa: E402
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's layout kept, and every option's default shown."""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "icl-target", help="model directory")
     parser.add_argument("--corpus", type=Path, default=REPO_ROOT / "out" / "corpus" / "english.jsonl.gz",
                         help="the English corpus (scripts/build_corpus.py)")
     parser.add_argument("--distractors", choices=("english", "rotten_tomatoes"), default="english",
                         help="distractor text: the English corpus, or the Rotten Tomatoes sentences (no corpus needed)")
     parser.add_argument("--tokenizer", type=Path, default=REPO_ROOT / "zoo" / "mamba",
-                        help="a directory with the tokenizer to use (default: the zoo's)")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=16)
+                        help="a directory with the tokenizer to use (the zoo's)")
+    parser.add_argument("--steps", type=int, default=3000, help="training steps")
+    parser.add_argument("--batch-size", type=int, default=16, help="episodes per step")
     parser.add_argument("--shots", type=int, default=4, help="demonstrations per episode")
     parser.add_argument("--k", type=int, default=3, help="words per rationale")
     parser.add_argument("--rationale-share", type=float, default=0.5, help="episodes with the true rationales")
     parser.add_argument("--init", type=Path, default=None,
-                        help="start from this pre-trained causal LM (e.g. out/zoo/mamba/pretrained, whose tokenizer is "
+                        help="start from this pre-trained causal LM (e.g. zoo/mamba, whose tokenizer is "
                              "the zoo's) instead of a new Llama of --layers x --width")
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--eval-every", type=int, default=500)
-    parser.add_argument("--eval-episodes", type=int, default=200)
-    parser.add_argument("--save-every", type=int, default=500)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--width", type=int, default=256, help="width of a new Llama")
+    parser.add_argument("--layers", type=int, default=4, help="layers of a new Llama")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads of a new Llama")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    parser.add_argument("--warmup", type=int, default=200, help="linear warm-up steps, then cosine decay")
+    parser.add_argument("--eval-every", type=int, default=500, help="steps between evaluations")
+    parser.add_argument("--eval-episodes", type=int, default=200, help="fixed unseen-task episodes per evaluation")
+    parser.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
+    parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--workers", type=int, default=0,
                         help="processes that draw the episodes ahead of the model (0: in this process); a batch's "
                              "episodes depend on --seed and the step only, so the result does not depend on it")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the episodes (and of a new Llama)")
     parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     parser.add_argument("--exclude-held-out-words", action="store_true",
                         help="never make the held-out task's words keywords of a training task")
