@@ -94,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "episodes depend on --seed and the step only, so the result does not depend on it")
     parser.add_argument("--seed", type=int, default=0, help="seed of the episodes (and of a new Llama)")
     parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    parser.add_argument("--words", default=None, metavar="MIN,MAX",
+                        help="words per training example (shorter text makes matching keywords across the "
+                             "demonstrations easier to learn); evaluations keep the held-out task's 20-48")
     parser.add_argument("--exclude-held-out-words", action="store_true",
                         help="never make the held-out task's words keywords of a training task")
     parser.add_argument("--time-limit", type=float, default=None,
@@ -105,6 +108,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "save_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.words is not None:
+        try:
+            low, high = (int(part) for part in args.words.split(","))
+        except ValueError:
+            parser.error(f"--words takes MIN,MAX (two integers), got {args.words!r}")
+        if not 6 <= low <= high:
+            parser.error("--words needs 6 <= MIN <= MAX (room for 3 keywords and 2 decoys)")
+        args.words = (low, high)
     if not 0 <= args.rationale_share <= 1:
         parser.error("--rationale-share must lie in [0, 1]")
     if args.width % args.heads:
@@ -136,10 +147,11 @@ def held_out_words() -> list[str]:
 SENTENCES_PER_EPISODE = 256
 
 
-def draw_episode(rng: random.Random, vocabulary: list[str], pool: SentenceIndex, shots: int):
-    task = random_task(rng, vocabulary, seed=rng.randrange(2**31))
-    words = [*task.keywords[0], *task.keywords[1], *task.decoys]
-    return make_episode(rng, task, pool.sample_free_of(rng, words, SENTENCES_PER_EPISODE), shots)
+def draw_episode(rng: random.Random, vocabulary: list[str], pool: SentenceIndex, shots: int,
+                 words: tuple[int, int] | None = None):
+    task = random_task(rng, vocabulary, seed=rng.randrange(2**31), words=words)
+    task_words = [*task.keywords[0], *task.keywords[1], *task.decoys]
+    return make_episode(rng, task, pool.sample_free_of(rng, task_words, SENTENCES_PER_EPISODE), shots)
 
 
 def encode(tokenizer, prompt: str, query_label: int) -> tuple[list[int], list[int]]:
@@ -230,7 +242,7 @@ def training_batch(step: int) -> list[tuple[list[int], list[int]]]:
     rng = random.Random(f"icl-train:{args.seed}:{step}")
     rows = []
     for _ in range(args.batch_size):
-        episode = draw_episode(rng, vocabulary, pool, args.shots)
+        episode = draw_episode(rng, vocabulary, pool, args.shots, args.words)
         words = ([planted_rationale_words(d, args.k) for d in episode.demonstrations]
                  if rng.random() < args.rationale_share else None)
         rows.append(encode(tokenizer, episode_prompt(episode, words), episode.query.label))

@@ -89,6 +89,10 @@ def test_random_tasks_and_episodes() -> None:
     assert 0.4 < agree / len(fewer) < 0.6        # "the label the demonstrations have fewer of" is a coin toss
     counts = {sum(e.label for e in ep.demonstrations) for ep in episodes}
     assert counts == {0, 1, 2, 3, 4}              # demonstrations are not balanced either
+    short = random_task(rng, vocabulary, words=(8, 12))
+    assert (short.min_words, short.max_words) == (8, 12) and (task.min_words, task.max_words) == (20, 48)
+    lengths = {len(e.text.split()) for _ in range(20) for e in make_episode(rng, short, sentences, 4).demonstrations}
+    assert lengths <= set(range(8, 13)) and len(lengths) > 2
     with pytest.raises(ValueError, match="18 distinct words needed"):
         random_task(rng, vocabulary[:10])
 
@@ -226,3 +230,12 @@ def test_meta_training_from_a_pretrained_model(rotten_tomatoes_available, tmp_pa
     # one step moved the weights, and the parallel scan was switched off again before saving
     moved = [not torch.equal(a, b) for a, b in zip(start.state_dict().values(), trained.state_dict().values())]
     assert any(moved) and not any(m.use_mambapy for m in trained.modules() if hasattr(m, "use_mambapy"))
+
+
+def test_train_icl_target_words_option() -> None:
+    trainer = _module("train_icl_target", REPO / "scripts" / "train_icl_target.py")
+    assert trainer.parse_args(["--words", "8,20"]).words == (8, 20)
+    assert trainer.parse_args([]).words is None
+    for bad in ("8", "a,b", "4,9", "20,8"):
+        with pytest.raises(SystemExit):
+            trainer.parse_args(["--words", bad])

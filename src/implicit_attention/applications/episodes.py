@@ -91,14 +91,16 @@ class SentenceIndex:
 
 
 def random_task(rng: random.Random, vocabulary: Sequence[str], *, words_per_set: int = 6, decoys: int = 6,
-                seed: int = 0) -> GroundTruthTask:
+                seed: int = 0, words: tuple[int, int] | None = None) -> GroundTruthTask:
     """A planted-keyword task with keyword sets and decoys drawn from ``vocabulary`` (distinct words),
-    otherwise as :data:`~implicit_attention.benchmark.groundtruth.DEFAULT_TASK`."""
+    examples of ``words = (min, max)`` words (default: the held-out task's), otherwise as
+    :data:`~implicit_attention.benchmark.groundtruth.DEFAULT_TASK`."""
     if 2 * words_per_set + decoys > len(vocabulary):
         raise ValueError(f"{2 * words_per_set + decoys} distinct words needed, the vocabulary has {len(vocabulary)}")
-    words = rng.sample(list(vocabulary), 2 * words_per_set + decoys)
-    return GroundTruthTask(keywords=(tuple(words[:words_per_set]), tuple(words[words_per_set:2 * words_per_set])),
-                           decoys=tuple(words[2 * words_per_set:]), label_names=LABEL_NAMES, seed=seed)
+    lengths = {} if words is None else {"min_words": words[0], "max_words": words[1]}
+    drawn = rng.sample(list(vocabulary), 2 * words_per_set + decoys)
+    return GroundTruthTask(keywords=(tuple(drawn[:words_per_set]), tuple(drawn[words_per_set:2 * words_per_set])),
+                           decoys=tuple(drawn[2 * words_per_set:]), label_names=LABEL_NAMES, seed=seed, **lengths)
 
 
 @dataclass
