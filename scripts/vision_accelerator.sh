@@ -14,6 +14,9 @@
 #                                                       #   again on the still-warm machine resumes
 #   scripts/vision_accelerator.sh benchmark [ARGS...]   # there (carry out/fashion-mnist, out/vision-models,
 #                                                       #   out/vision-benchmark): benchmarks/vision.py --device cuda ARGS
+#   scripts/vision_accelerator.sh wsss [ARGS...]        # there (carry out/fashion-mnist, out/vision-models for the
+#                                                       #   ViT, out/wsss to resume): benchmarks/wsss.py --device cuda ARGS
+#   (DEVICE=cpu runs any of them on the CPU instead)
 #
 # Each call copies out/vision-models (without state.pt) or out/vision-benchmark to $OUT/ as one tar
 # file; unpack it here with `tar -C out -xf FILE`. Name out/vision-models in carry only when it is
@@ -30,7 +33,7 @@ data)
     done
     ls -l out/fashion-mnist
     ;;
-train|benchmark)
+train|benchmark|wsss)
     what=$1; shift
     # wheels carried in out/vision-wheels (mambapy: the ViM's parallel scan while training)
     for wheel in out/vision-wheels/*.whl; do
@@ -62,9 +65,14 @@ train|benchmark)
         for model in ${models//,/ }; do echo "== $model"; grep -v "^$model: step" "out/vision-models/logs/$model.log" \
             | tail -5; grep "^$model: step" "out/vision-models/logs/$model.log" | tail -2; done
         dir=vision-models
-    else
-        timeout --signal=INT "$LIMIT" python benchmarks/vision.py --device cuda "$@" || status=$?
+    elif [ "$what" = benchmark ]; then
+        timeout --signal=INT "$LIMIT" python benchmarks/vision.py --device "${DEVICE:-cuda}" "$@" || status=$?
         dir=vision-benchmark
+    else
+        # each source's maps and row are cached under out/wsss: the same call again resumes
+        timeout --signal=INT "$LIMIT" python benchmarks/wsss.py --device "${DEVICE:-cuda}" --out out/wsss --no-progress \
+            "$@" || status=$?
+        dir=wsss
     fi
         if [ -n "${OUT:-}" ] && [ -d "out/$dir" ]; then
         if [ "$dir" = vision-models ]; then
@@ -81,5 +89,5 @@ train|benchmark)
     echo "exit status $status (124 or 130: stopped after $LIMIT s; run the same command again to continue)"
     ;;
 *)
-    sed -n '2,17p' "$0"; exit 2 ;;
+    sed -n '2,20p' "$0"; exit 2 ;;
 esac
