@@ -12,7 +12,10 @@ The demonstrations are the same for every source; only their rationales differ:
 - a method of the library on the proxy, explaining the gold label (``attribution``, ``attribution:s6``
   for the predecessor's variant, ``grad_x_input``, ``integrated_gradients``, ...): its top ``--k`` words;
 - ``truth``: the planted keywords (the upper bound); ``random``: ``--k`` random words (the control);
-  ``none``: no rationale (plain few-shot prompting).
+  ``none``: no rationale (plain few-shot prompting);
+- ``oracle``: no target at all, the label of the demonstrations that share the query's planted words
+  (a coin on a tie: half a point; ``episodes.keyword_matching_prediction``): the accuracy these
+  demonstrations allow when the keyword sets are read from them alone.
 
 For each source: the target's accuracy with a bootstrap 95% interval over episodes, and the paired
 difference from ``none`` (bootstrap interval, sign-flip p-value). Each source's predictions are
@@ -45,7 +48,7 @@ except ImportError:  # a checkout without `pip install -e .`
 
 import torch  # noqa: E402
 
-DEFAULT_SOURCES = "attribution,attribution:s6,grad_x_input,integrated_gradients,truth,random,none"
+DEFAULT_SOURCES = "attribution,attribution:s6,grad_x_input,integrated_gradients,truth,random,none,oracle"
 #: Settings that must match to resume a run.
 RESUME_KEYS = ("proxy", "target", "groundtruth", "episodes", "shots", "k", "pool_size", "seed")
 
@@ -136,12 +139,25 @@ def rationale_words(source: str, args, proxy, train, indices: list[int]) -> dict
     return dict(zip(indices, words))
 
 
+def oracle_row(train, test, episodes, began: float) -> dict:
+    """The keyword-matching oracle's row: correct is 1, 0 or 0.5 (a tie, a coin's expectation)."""
+    from implicit_attention.applications.episodes import keyword_matching_prediction
+
+    probabilities = [keyword_matching_prediction([train[i] for i in e["demonstrations"]], test[e["query"]])
+                     for e in episodes]
+    correct = [p if test[e["query"]].label == 1 else 1 - p for p, e in zip(probabilities, episodes)]
+    return {"source": "oracle", "correct": correct, "predictions": probabilities, "first_prompt": None,
+            "rationales_empty": 0, "seconds": round(time.perf_counter() - began, 1)}
+
+
 def run_source(source: str, args, proxy, target, train, test, episodes) -> dict:
     from implicit_attention.applications.amplify import target_label_logits
     from implicit_attention.applications.episodes import LABEL_NAMES, Episode, episode_prompt
     from implicit_attention.benchmark.groundtruth import DEFAULT_TASK
 
     began = time.perf_counter()
+    if source == "oracle":
+        return oracle_row(train, test, episodes, began)
     needed = sorted({i for episode in episodes for i in episode["demonstrations"]})
     words = rationale_words(source, args, proxy, train, needed)
     prompts = []

@@ -49,6 +49,7 @@ from implicit_attention.applications.episodes import (  # noqa: E402
     LABEL_NAMES,
     SentenceIndex,
     episode_prompt,
+    keyword_matching_prediction,
     keyword_vocabulary,
     label_positions,
     make_episode,
@@ -198,17 +199,21 @@ def build_model(args, tokenizer):
     return LlamaForCausalLM(config)
 
 
-def eval_prompts(args, vocabulary, pool: SentenceIndex) -> dict[str, list[tuple[str, int]]]:
-    """Fixed evaluation episodes of unseen tasks: ``{"truth" | "none" | "random": [(prompt, query label)]}``."""
+def eval_prompts(args, vocabulary, pool: SentenceIndex) -> tuple[dict[str, list[tuple[str, int]]], float]:
+    """Fixed evaluation episodes of unseen tasks: ``{"truth" | "none" | "random": [(prompt, query label)]}``,
+    and the accuracy of the keyword-matching oracle on them (what their demonstrations allow)."""
     rng = random.Random(f"icl-eval:{args.seed}")
     prompts: dict[str, list[tuple[str, int]]] = {"truth": [], "none": [], "random": []}
+    oracle = 0.0
     for i in range(args.eval_episodes):
         episode = draw_episode(rng, vocabulary, pool, args.shots)
+        guess = keyword_matching_prediction(episode.demonstrations, episode.query)
+        oracle += guess if episode.query.label == 1 else 1 - guess
         truth = [planted_rationale_words(d, args.k) for d in episode.demonstrations]
         noise = [random_words(d.text, args.k, seed=1000 * i + j) for j, d in enumerate(episode.demonstrations)]
         for name, words in (("truth", truth), ("none", None), ("random", noise)):
             prompts[name].append((episode_prompt(episode, words), episode.query.label))
-    return prompts
+    return prompts, oracle / args.eval_episodes
 
 
 @torch.no_grad()
@@ -271,7 +276,8 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     pools = sentence_pools(args)
     vocabulary = keyword_vocabulary(pools["train"].sentences, held_out_words() if args.exclude_held_out_words else ())
-    evaluation = eval_prompts(args, vocabulary, pools["validation"])
+    evaluation, oracle = eval_prompts(args, vocabulary, pools["validation"])
+    print(f"the keyword-matching oracle answers {oracle:.1%} of the evaluation episodes")
     model = build_model(args, tokenizer).to(args.device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (
@@ -330,7 +336,7 @@ def main(argv=None) -> int:
                else f"{platform.machine()} CPU") + f", torch {torch.__version__}"
     (args.out / "icl.json").write_text(json.dumps({
         "settings": {k: str(v) for k, v in vars(args).items()}, "label_names": list(LABEL_NAMES),
-        "vocabulary_size": len(vocabulary), "held_out_words": held_out_words(),
+        "vocabulary_size": len(vocabulary), "held_out_words": held_out_words(), "oracle_accuracy": round(oracle, 4),
         "parameters": sum(p.numel() for p in model.parameters()), "history": history,
         "seconds": round(time.perf_counter() - began, 1), "machine": machine}, indent=2) + "\n")
     print(f"saved {args.out} ({history[-1] if history else ''})")

@@ -19,6 +19,7 @@ from implicit_attention.applications.episodes import (
     Episode,
     SentenceIndex,
     episode_prompt,
+    keyword_matching_prediction,
     keyword_vocabulary,
     label_positions,
     make_episode,
@@ -97,6 +98,22 @@ def test_random_tasks_and_episodes() -> None:
         random_task(rng, vocabulary[:10])
 
 
+def test_keyword_matching_prediction_by_hand() -> None:
+    apple = GroundTruthExample("we ate an apple and a lemon today", 0, ((10, 15), (22, 27)), (), 8)
+    hammer = GroundTruthExample("the hammer fell", 1, ((4, 10),), (), 3)
+    drill = GroundTruthExample("a drill and a hammer", 1, ((2, 7), (14, 20)), (), 5)
+
+    def query(text: str, spans) -> GroundTruthExample:
+        return GroundTruthExample(text, 0, spans, (), len(text.split()))
+
+    assert keyword_matching_prediction([apple, hammer], query("an apple here", ((3, 8),))) == 0.0
+    assert keyword_matching_prediction([apple, hammer], query("the hammer", ((4, 10),))) == 1.0
+    assert keyword_matching_prediction([apple, hammer], query("a saw", ((2, 5),))) == 0.5          # nothing shared
+    assert keyword_matching_prediction([apple, hammer], query("apple hammer", ((0, 5), (6, 12)))) == 0.5  # one each
+    # two label-1 demonstrations share the hammer, one label-0 demonstration the apple
+    assert keyword_matching_prediction([apple, hammer, drill], query("apple hammer", ((0, 5), (6, 12)))) == 1.0
+
+
 def test_episode_prompt_and_label_positions() -> None:
     first = GroundTruthExample("we ate an apple and a lemon today", 0, ((10, 15), (22, 27)), (), 8)
     second = GroundTruthExample("the hammer fell", 1, ((4, 10),), (), 3)
@@ -147,6 +164,7 @@ def target_dir(rotten_tomatoes_available, tmp_path_factory) -> Path:
     first = json.loads((out / "icl.json").read_text())
     assert [h["step"] for h in first["history"]] == [2]
     assert set(first["held_out_words"]) >= set(DEFAULT_TASK.keywords[0])
+    assert 0 <= first["oracle_accuracy"] <= 1 and (first["oracle_accuracy"] * 8) % 1 == 0   # 4 episodes, half points
     # continued from its checkpoint: the history goes on from step 2
     assert trainer.main([*base, "--steps", "4", "--resume"]) == 0
     history = json.loads((out / "icl.json").read_text())["history"]
@@ -209,6 +227,19 @@ def test_amplify_effect_end_to_end(target_dir: Path, tmp_path: Path, capsys) -> 
     assert results[1]["versus_none"]["difference"] == pytest.approx((sum(truth["correct"]) - sum(none["correct"])) / 6)
     capsys.readouterr()
     assert effect.main(args) == 0 and capsys.readouterr().out.count("done before") == 3
+    # the keyword-matching oracle, by hand from the planted words of each episode
+    assert effect.main([*args[:15], "none,oracle", *args[16:]]) == 0
+    oracle = json.loads((out / "sources" / "oracle.json").read_text())
+    test = read_split(splits / "test.jsonl")
+    expected = []
+    for e in episodes:
+        query = set(test[e["query"]].planted_words)
+        shared = [0, 0]
+        for i in e["demonstrations"]:
+            shared[train[i].label] += bool(query & set(train[i].planted_words))
+        guess = None if shared[0] == shared[1] else int(shared[1] > shared[0])
+        expected.append(0.5 if guess is None else float(guess == test[e["query"]].label))
+    assert oracle["correct"] == expected
     with pytest.raises(SystemExit, match="other settings.*--k: 2 there, 3 now"):
         effect.main([*args[:13], "3", *args[14:]])
 

@@ -131,6 +131,18 @@ def make_episode(rng: random.Random, task: GroundTruthTask, sentences: Sequence[
     return Episode(task=task, demonstrations=examples[:shots], query=examples[shots])
 
 
+def keyword_matching_prediction(demonstrations: Sequence[GroundTruthExample], query: GroundTruthExample) -> float:
+    """The probability of label 1 that an oracle reading the planted words gives the query: the label of
+    the demonstrations that share more of the query's planted words (each demonstration counts once),
+    0.5 on a tie (none shared). Its accuracy bounds what a target can do from the demonstrations' text
+    alone (the keyword sets are never seen whole)."""
+    words = set(query.planted_words)
+    shared = [0, 0]
+    for example in demonstrations:
+        shared[example.label] += bool(words & set(example.planted_words))
+    return 0.5 if shared[0] == shared[1] else float(shared[1] > shared[0])
+
+
 def planted_rationale_words(example: GroundTruthExample, k: int) -> list[str]:
     """The example's planted keywords in text order, each once, at most ``k``: the true rationale."""
     words: list[str] = []
