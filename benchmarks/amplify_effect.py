@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="torch device (cuda if available)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "amplify-effect", help="results directory")
     parser.add_argument("--force", action="store_true", help="delete an earlier run's files in --out first")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
     args.sources = [s.strip() for s in args.sources.split(",") if s.strip()]
     for name in ("episodes", "shots", "k", "pool_size"):
@@ -193,8 +193,10 @@ def table_markdown(summary: list[dict]) -> str:
     for entry in summary:
         acc = entry["accuracy"]
         versus = entry.get("versus_none")
+        p_value = "p < 0.001" if versus is not None and versus["p_value"] < 0.001 else \
+            f"p = {versus['p_value']:.3f}" if versus is not None else ""
         diff = "-" if versus is None else (f"{100 * versus['difference']:+.1f} [{100 * versus['low']:+.1f}, "
-                                           f"{100 * versus['high']:+.1f}], p = {versus['p_value']:.3f}")
+                                           f"{100 * versus['high']:+.1f}], {p_value}")
         lines.append(f"| {entry['source']} | {pct(acc)} [{pct(acc, 'low')}, {pct(acc, 'high')}] | {diff} |")
     return "\n".join(lines) + f"\n\n{summary[0]['n']} episodes; bootstrap intervals over episodes.\n"
 

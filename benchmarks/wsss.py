@@ -4,7 +4,7 @@
 For every pseudo-mask source (``--sources``), the training composites' image-level labels are
 explained by a classifier, each map is thresholded at its mean and cleaned (a 3 x 3 opening, the
 largest connected component: ``implicit_attention.vision.segmentation``), and a small segmentation
-network (about 25 k parameters) is trained on these pseudo-masks alone; it is then scored against
+network (about 32 k parameters) is trained on these pseudo-masks alone; it is then scored against
 the true masks of the test composites. The table gives, per source, the pseudo-masks' mIoU against
 the true training masks and the network's test mIoU, each with a bootstrap 95% interval over images.
 

@@ -103,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--time-limit", type=float, default=None,
                         help="stop after this many seconds of this run, save the checkpoint and exit with status 3 "
                              "(a later --resume continues): for machines that allow a few minutes per command")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "shots", "k", "width", "layers", "heads", "eval_every", "eval_episodes",
                  "save_every"):

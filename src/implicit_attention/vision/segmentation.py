@@ -146,7 +146,7 @@ class TinySegmenter(nn.Module):
     """A small encoder-decoder for binary masks: ``[B, 1, H, W]`` images -> ``[B, H, W]`` foreground logits.
 
     Two 3 x 3 convolution stages at full resolution and one at half, a skip connection, and a 1 x 1
-    head (about 25 k parameters at the default width); ``H`` and ``W`` must be even.
+    head (about 32 k parameters at the default width); ``H`` and ``W`` must be even.
     """
 
     def __init__(self, width: int = 16):
