@@ -141,11 +141,11 @@ def rationale_words(source: str, args, proxy, train, indices: list[int]) -> dict
 
 def oracle_row(train, test, episodes, began: float) -> dict:
     """The keyword-matching oracle's row: correct is 1, 0 or 0.5 (a tie, a coin's expectation)."""
-    from implicit_attention.applications.episodes import keyword_matching_prediction
+    from implicit_attention.applications.episodes import keyword_matching_credit, keyword_matching_prediction
 
-    probabilities = [keyword_matching_prediction([train[i] for i in e["demonstrations"]], test[e["query"]])
-                     for e in episodes]
-    correct = [p if test[e["query"]].label == 1 else 1 - p for p, e in zip(probabilities, episodes)]
+    demos = [[train[i] for i in e["demonstrations"]] for e in episodes]
+    probabilities = [keyword_matching_prediction(d, test[e["query"]]) for d, e in zip(demos, episodes)]
+    correct = [keyword_matching_credit(d, test[e["query"]]) for d, e in zip(demos, episodes)]
     return {"source": "oracle", "correct": correct, "predictions": probabilities, "first_prompt": None,
             "rationales_empty": 0, "seconds": round(time.perf_counter() - began, 1)}
 
@@ -193,10 +193,11 @@ def table_markdown(summary: list[dict]) -> str:
     for entry in summary:
         acc = entry["accuracy"]
         versus = entry.get("versus_none")
-        p_value = "p < 0.001" if versus is not None and versus["p_value"] < 0.001 else \
-            f"p = {versus['p_value']:.3f}" if versus is not None else ""
-        diff = "-" if versus is None else (f"{100 * versus['difference']:+.1f} [{100 * versus['low']:+.1f}, "
-                                           f"{100 * versus['high']:+.1f}], {p_value}")
+        diff = "-"
+        if versus is not None:
+            p_value = "p < 0.001" if versus["p_value"] < 0.001 else f"p = {versus['p_value']:.3f}"
+            diff = (f"{100 * versus['difference']:+.1f} [{100 * versus['low']:+.1f}, "
+                    f"{100 * versus['high']:+.1f}], {p_value}")
         lines.append(f"| {entry['source']} | {pct(acc)} [{pct(acc, 'low')}, {pct(acc, 'high')}] | {diff} |")
     return "\n".join(lines) + f"\n\n{summary[0]['n']} episodes; bootstrap intervals over episodes.\n"
 

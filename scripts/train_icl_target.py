@@ -14,8 +14,8 @@ of the vocabulary (then the target learns that they never decide a task).
 Every ``--eval-every`` steps the query accuracy on ``--eval-episodes`` fixed episodes of unseen random
 tasks (distractor text of the validation split) is recorded with the true rationales, with none and
 with random words of each demonstration. The model (the causal LM of ``--init``, or a new Llama of
-``--layers`` x ``--width``; the zoo's tokenizer) is saved as a Hugging Face directory in ``--out`` with ``icl.json`` (settings, history,
-time, hardware); ``--out/checkpoint.pt`` lets an interrupted run continue (``--resume``), and
+``--layers`` x ``--width``; the zoo's tokenizer) is saved as a Hugging Face directory in ``--out``
+with ``icl.json`` (settings, history, time, hardware); ``--out/checkpoint.pt`` lets an interrupted run continue (``--resume``), and
 ``--time-limit`` stops in time and exits with status 3 (not a failure: continue with ``--resume``).
 
 Examples::
@@ -49,7 +49,7 @@ from implicit_attention.applications.episodes import (  # noqa: E402
     LABEL_NAMES,
     SentenceIndex,
     episode_prompt,
-    keyword_matching_prediction,
+    keyword_matching_credit,
     keyword_vocabulary,
     label_positions,
     make_episode,
@@ -207,8 +207,7 @@ def eval_prompts(args, vocabulary, pool: SentenceIndex) -> tuple[dict[str, list[
     oracle = 0.0
     for i in range(args.eval_episodes):
         episode = draw_episode(rng, vocabulary, pool, args.shots)
-        guess = keyword_matching_prediction(episode.demonstrations, episode.query)
-        oracle += guess if episode.query.label == 1 else 1 - guess
+        oracle += keyword_matching_credit(episode.demonstrations, episode.query)
         truth = [planted_rationale_words(d, args.k) for d in episode.demonstrations]
         noise = [random_words(d.text, args.k, seed=1000 * i + j) for j, d in enumerate(episode.demonstrations)]
         for name, words in (("truth", truth), ("none", None), ("random", noise)):

@@ -143,6 +143,12 @@ def keyword_matching_prediction(demonstrations: Sequence[GroundTruthExample], qu
     return 0.5 if shared[0] == shared[1] else float(shared[1] > shared[0])
 
 
+def keyword_matching_credit(demonstrations: Sequence[GroundTruthExample], query: GroundTruthExample) -> float:
+    """The oracle's expected score on ``query`` (:func:`keyword_matching_prediction`): 1 right, 0 wrong, 0.5 a tie."""
+    guess = keyword_matching_prediction(demonstrations, query)
+    return guess if query.label == 1 else 1 - guess
+
+
 def planted_rationale_words(example: GroundTruthExample, k: int) -> list[str]:
     """The example's planted keywords in text order, each once, at most ``k``: the true rationale."""
     words: list[str] = []
