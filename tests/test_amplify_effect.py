@@ -270,3 +270,29 @@ def test_train_icl_target_words_option() -> None:
     for bad in ("8", "a,b", "4,9", "20,8"):
         with pytest.raises(SystemExit):
             trainer.parse_args(["--words", bad])
+
+
+def test_training_batches_do_not_depend_on_the_workers(rotten_tomatoes_available) -> None:
+    from transformers import AutoTokenizer
+
+    trainer = _module("train_icl_target", REPO / "scripts" / "train_icl_target.py")
+    args = trainer.parse_args(["--distractors", "rotten_tomatoes", "--steps", "5", "--batch-size", "2"])
+    pools = trainer.sentence_pools(args)
+    trainer._DRAW.update(args=args, tokenizer=AutoTokenizer.from_pretrained(args.tokenizer), pool=pools["train"],
+                         vocabulary=keyword_vocabulary(pools["train"].sentences))
+    here = list(trainer.training_batches(args, 0))
+    args.workers = 2
+    assert list(trainer.training_batches(args, 0)) == here and len(here) == 5
+    assert list(trainer.training_batches(args, 3)) == here[3:]          # a resumed run draws what it would have
+    assert here[0] != here[1]
+
+
+def test_time_limit_stops_saves_and_resumes(rotten_tomatoes_available, tmp_path: Path) -> None:
+    trainer = _module("train_icl_target", REPO / "scripts" / "train_icl_target.py")
+    out = tmp_path / "target"
+    base = ["--distractors", "rotten_tomatoes", "--width", "32", "--layers", "1", "--heads", "2", "--batch-size", "2",
+            "--eval-every", "2", "--eval-episodes", "2", "--steps", "2", "--out", str(out), "--no-progress"]
+    assert trainer.main([*base, "--time-limit", "0"]) == 3
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 0 and not (out / "icl.json").exists()
+    assert trainer.main([*base, "--resume"]) == 0
+    assert [h["step"] for h in json.loads((out / "icl.json").read_text())["history"]] == [2]
