@@ -109,6 +109,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "save_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.init is not None and not (args.init / "config.json").is_file():
+        parser.error(f"--init {args.init}: no config.json there (a Hugging Face model directory, e.g. zoo/mamba)")
+    if args.distractors == "english" and not args.corpus.is_file():
+        parser.error(f"no English corpus at {args.corpus}: build it with `python scripts/build_corpus.py`, "
+                     "or use --distractors rotten_tomatoes")
     if args.words is not None:
         try:
             low, high = (int(part) for part in args.words.split(","))

@@ -265,11 +265,23 @@ def test_meta_training_from_a_pretrained_model(rotten_tomatoes_available, tmp_pa
 
 def test_train_icl_target_words_option() -> None:
     trainer = _module("train_icl_target", REPO / "scripts" / "train_icl_target.py")
-    assert trainer.parse_args(["--words", "8,20"]).words == (8, 20)
-    assert trainer.parse_args([]).words is None
+    rt = ["--distractors", "rotten_tomatoes"]
+    assert trainer.parse_args([*rt, "--words", "8,20"]).words == (8, 20)
+    assert trainer.parse_args(rt).words is None
     for bad in ("8", "a,b", "4,9", "20,8"):
         with pytest.raises(SystemExit):
-            trainer.parse_args(["--words", bad])
+            trainer.parse_args([*rt, "--words", bad])
+
+
+def test_train_icl_target_refuses_missing_inputs(tmp_path: Path, capsys) -> None:
+    trainer = _module("train_icl_target", REPO / "scripts" / "train_icl_target.py")
+    with pytest.raises(SystemExit):
+        trainer.parse_args(["--distractors", "rotten_tomatoes", "--init", str(tmp_path / "nothing")])
+    assert "no config.json there" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        trainer.parse_args(["--corpus", str(tmp_path / "missing.jsonl.gz")])
+    assert "build_corpus.py" in capsys.readouterr().err
+    assert trainer.parse_args(["--distractors", "rotten_tomatoes", "--init", str(REPO / "zoo" / "mamba")]).init
 
 
 def test_training_batches_do_not_depend_on_the_workers(rotten_tomatoes_available) -> None:
