@@ -25,6 +25,10 @@
 #                                              #  replaces its settings; exit 3: stopped in time, call again),
 #                                              #  then benchmarks/amplify_effect.py --device cuda ARGS; carry
 #                                              #  out/corpus and what an earlier call brought back
+#   scripts/accelerator.sh targets NAME:ARGS...  # there: several ICL targets side by side on the one GPU (a small
+#                                              #  model leaves it mostly idle), each train_icl_target.py --device
+#                                              #  cuda --out out/icl-NAME --resume ARGS, stopped in time (exit 3;
+#                                              #  the same call again resumes); PROXY=1 also trains the proxy
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/accelerator}
@@ -138,8 +142,41 @@ amplify)
     tar -czf "$OUT/amplify-effect.tar.gz" -C out amplify-effect 2>/dev/null || true
     exit "${status:-0}"
     ;;
+targets)
+    shift; setup
+    if [ ! -f out/groundtruth/groundtruth.json ]; then python -m implicit_attention.benchmark.groundtruth; fi
+    # the CPU cores draw the episodes: shared out among the targets (and the proxy)
+    workers=$(( ($(nproc) - $#) / $# )); [ "$workers" -ge 1 ] || workers=1
+    pids=()
+    if [ "${PROXY:-0}" = 1 ] && [ ! -f out/zoo/mamba/groundtruth/task.json ]; then
+        timeout "$LIMIT" python scripts/train_zoo.py --device cuda --models mamba --stages pretrain,groundtruth \
+            > out/proxy.log 2>&1 &
+        pids+=($!)
+    fi
+    for spec in "$@"; do
+        name=${spec%%:*}
+        # shellcheck disable=SC2086  # ARGS is a list of options
+        python scripts/train_icl_target.py --device cuda --out "out/icl-$name" --resume --no-progress \
+            --time-limit $((LIMIT - 30)) --workers "$workers" ${spec#*:} > "out/icl-$name.log" 2>&1 &
+        pids+=($!)
+    done
+    status=0
+    for pid in "${pids[@]}"; do wait "$pid" || { code=$?; [ "$code" = 3 ] || status=$code; }; done
+    for spec in "$@"; do name=${spec%%:*}; echo "== $name"; grep -v Warning "out/icl-$name.log" | tail -6; done
+    [ -f out/proxy.log ] && { echo "== proxy"; tail -3 out/proxy.log; }
+    # one file per target (the device tool brings back files of at most 16 MiB): the model in float16, the
+    # history and the log, not the training state
+    for spec in "$@"; do
+        name=${spec%%:*}
+        tar -czf "$OUT/icl-$name.tar.gz" --exclude=checkpoint.pt --exclude="*.tmp" -C out "icl-$name" "icl-$name.log" \
+            2>/dev/null || true
+    done
+    [ -f out/proxy.log ] && cp out/proxy.log "$OUT/"
+    tar -czf "$OUT/amplify-proxy.tar.gz" -C out zoo/mamba/groundtruth zoo/mamba/pretrained-small 2>/dev/null || true
+    exit "$status"
+    ;;
 *)
-    echo "usage: scripts/accelerator.sh wheels|train|benchmark|amplify [ARGS...]" >&2
+    echo "usage: scripts/accelerator.sh wheels|train|benchmark|amplify|targets [ARGS...]" >&2
     exit 2
     ;;
 esac

@@ -98,6 +98,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--words", default=None, metavar="MIN,MAX",
                         help="words per training example (shorter text makes matching keywords across the "
                              "demonstrations easier to learn); evaluations keep the held-out task's 20-48")
+    parser.add_argument("--words-per-set", default="6,6", metavar="MIN,MAX",
+                        help="keywords per label of each training task, drawn per episode (a set of one or two "
+                             "words puts the same keyword in most examples of a label: an easy start that "
+                             "teaches matching words across the demonstrations); evaluations keep 6")
+    parser.add_argument("--train-shots", default=None, metavar="MIN,MAX",
+                        help="demonstrations per training episode, drawn per episode (more shots: more label "
+                             "words that matching predicts, a denser signal); default: --shots")
+    parser.add_argument("--lm-weight", type=float, default=0.0,
+                        help="weight of the language-modelling loss on every other token of the episode, added to the "
+                             "label words' loss: it trains copying words from the context (a rationale repeats "
+                             "words of its demonstration; its quoted label follows from earlier rationales)")
     parser.add_argument("--exclude-held-out-words", action="store_true",
                         help="never make the held-out task's words keywords of a training task")
     parser.add_argument("--time-limit", type=float, default=None,
@@ -115,18 +126,28 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"no English corpus at {args.corpus}: build it with `python scripts/build_corpus.py`, "
                      "or use --distractors rotten_tomatoes")
     if args.words is not None:
-        try:
-            low, high = (int(part) for part in args.words.split(","))
-        except ValueError:
-            parser.error(f"--words takes MIN,MAX (two integers), got {args.words!r}")
-        if not 6 <= low <= high:
-            parser.error("--words needs 6 <= MIN <= MAX (room for 3 keywords and 2 decoys)")
-        args.words = (low, high)
+        args.words = _int_range(parser, "--words", args.words, 6, "room for 3 keywords and 2 decoys")
+    args.words_per_set = _int_range(parser, "--words-per-set", args.words_per_set, 1, "one keyword per label")
+    args.train_shots = (_int_range(parser, "--train-shots", args.train_shots, 1, "one demonstration")
+                        if args.train_shots is not None else (args.shots, args.shots))
+    if args.lm_weight < 0:
+        parser.error("--lm-weight must be at least 0")
     if not 0 <= args.rationale_share <= 1:
         parser.error("--rationale-share must lie in [0, 1]")
     if args.width % args.heads:
         parser.error("--width must be a multiple of --heads")
     return args
+
+
+def _int_range(parser, option: str, text: str, least: int, why: str) -> tuple[int, int]:
+    """``"MIN,MAX"`` -> ``(MIN, MAX)`` with ``least <= MIN <= MAX``, or a usage error that says what is wrong."""
+    try:
+        low, high = (int(part) for part in text.split(","))
+    except ValueError:
+        parser.error(f"{option} takes MIN,MAX (two integers), got {text!r}")
+    if not least <= low <= high:
+        parser.error(f"{option} needs {least} <= MIN <= MAX ({why}), got {text!r}")
+    return low, high
 
 
 def sentence_pools(args) -> dict[str, SentenceIndex]:
@@ -154,8 +175,8 @@ SENTENCES_PER_EPISODE = 256
 
 
 def draw_episode(rng: random.Random, vocabulary: list[str], pool: SentenceIndex, shots: int,
-                 words: tuple[int, int] | None = None):
-    task = random_task(rng, vocabulary, seed=rng.randrange(2**31), words=words)
+                 words: tuple[int, int] | None = None, words_per_set: int = 6):
+    task = random_task(rng, vocabulary, seed=rng.randrange(2**31), words=words, words_per_set=words_per_set)
     task_words = [*task.keywords[0], *task.keywords[1], *task.decoys]
     return make_episode(rng, task, pool.sample_free_of(rng, task_words, SENTENCES_PER_EPISODE), shots)
 
@@ -220,10 +241,33 @@ def eval_prompts(args, vocabulary, pool: SentenceIndex) -> tuple[dict[str, list[
     return prompts, oracle / args.eval_episodes
 
 
+def other_tokens_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+                      positions: torch.Tensor) -> torch.Tensor:
+    """The mean next-token cross-entropy over the tokens of ``ids [B, T]`` (``mask [B, T]``) other than the
+    first and the label words at ``(rows, positions)`` (their loss is counted apart), from ``logits [B, T, V]``."""
+    weight = mask[:, 1:].float().clone()
+    weight[rows, positions - 1] = 0.0
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+                                               reduction="none")
+    return (losses * weight.flatten()).sum() / weight.sum().clamp(min=1.0)
+
+
+def _label_ids(tokenizer) -> list[int]:
+    """The token of each label word as it follows ``Label:`` (its first token after a space)."""
+    return [tokenizer(" " + name, add_special_tokens=False)["input_ids"][0] for name in LABEL_NAMES]
+
+
+def _query_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``[P]`` bool: which of the label words (listed row by row, ``rows [P]``) is the last of its row."""
+    last = torch.ones_like(rows, dtype=torch.bool)
+    last[:-1] = rows[1:] != rows[:-1]
+    return last
+
+
 @torch.no_grad()
 def query_accuracy(model, tokenizer, prompts: list[tuple[str, int]], device) -> float:
     """The share of prompts whose query label word has the larger next-token logit after ``Label:``."""
-    label_ids = [tokenizer(" " + name, add_special_tokens=False)["input_ids"][0] for name in LABEL_NAMES]
+    label_ids = _label_ids(tokenizer)
     model.eval()
     correct = 0
     for prompt, label in prompts:
@@ -241,6 +285,14 @@ def save_checkpoint(path: Path, model, optimiser, schedule, step: int, history: 
     path.with_suffix(".tmp").replace(path)
 
 
+def save_model(args, model, tokenizer) -> None:
+    """The model as a Hugging Face directory in ``--out``, its weights in float16 (half the size; it is
+    loaded back in float32), with the tokenizer; the live model is left in float32."""
+    model.save_pretrained(args.out, state_dict={name: value.half() if value.is_floating_point() else value
+                                                 for name, value in model.state_dict().items()})
+    tokenizer.save_pretrained(args.out)
+
+
 #: What the episode-drawing processes share (set before they fork).
 _DRAW: dict = {}
 
@@ -251,7 +303,8 @@ def training_batch(step: int) -> list[tuple[list[int], list[int]]]:
     rng = random.Random(f"icl-train:{args.seed}:{step}")
     rows = []
     for _ in range(args.batch_size):
-        episode = draw_episode(rng, vocabulary, pool, args.shots, args.words)
+        episode = draw_episode(rng, vocabulary, pool, rng.randint(*args.train_shots), args.words,
+                               rng.randint(*args.words_per_set))
         words = ([planted_rationale_words(d, args.k) for d in episode.demonstrations]
                  if rng.random() < args.rationale_share else None)
         rows.append(encode(tokenizer, episode_prompt(episode, words), episode.query.label))
@@ -302,16 +355,29 @@ def main(argv=None) -> int:
     began = time.perf_counter() - seconds
     this_run = time.perf_counter()
     _DRAW.update(args=args, tokenizer=tokenizer, vocabulary=vocabulary, pool=pools["train"])
+    label_ids = _label_ids(tokenizer)
+    label_index = torch.full((len(tokenizer),), -1, dtype=torch.long, device=args.device)
+    label_index[label_ids] = torch.arange(len(label_ids), device=args.device)
+    training_right = training_seen = 0  # training episodes' queries answered right since the last evaluation
     for rows in training_batches(args, step):
         if args.time_limit is not None and time.perf_counter() - this_run > args.time_limit:
             save_checkpoint(checkpoint, model, optimiser, schedule, step, history, time.perf_counter() - began)
+            save_model(args, model, tokenizer)  # what is trained so far, usable (and small enough to fetch)
+            (args.out / "progress.json").write_text(json.dumps({"step": step, "history": history}, indent=2) + "\n")
             bar.close()
             print(f"stopped at step {step} of {args.steps} after --time-limit {args.time_limit:g}s; "
                   "rerun with --resume to continue")
             return 3
         ids, mask, where_rows, where_pos = batch_tensors(rows, pad_id, args.device)
         logits = model(input_ids=ids, attention_mask=mask).logits
-        loss = torch.nn.functional.cross_entropy(logits[where_rows, where_pos - 1].float(), ids[where_rows, where_pos])
+        label_logits = logits[where_rows, where_pos - 1].float()
+        loss = torch.nn.functional.cross_entropy(label_logits, ids[where_rows, where_pos])
+        if args.lm_weight > 0:
+            loss = loss + args.lm_weight * other_tokens_loss(logits, ids, mask, where_rows, where_pos)
+        queries = _query_rows(where_rows)  # each row's last label word is its query's
+        training_right += (label_logits[queries][:, label_ids].argmax(-1) == label_index[ids[where_rows, where_pos][queries]]
+                           ).sum().item()
+        training_seen += int(queries.sum())
         optimiser.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -321,7 +387,9 @@ def main(argv=None) -> int:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % args.eval_every == 0 or step == args.steps:
-            record = {"step": step, "loss": round(loss.item(), 4), "seconds": round(time.perf_counter() - began, 1)}
+            record = {"step": step, "loss": round(loss.item(), 4), "seconds": round(time.perf_counter() - began, 1),
+                      "training_query_accuracy": round(training_right / max(training_seen, 1), 4)}
+            training_right = training_seen = 0
             record.update({f"accuracy_{name}": query_accuracy(model, tokenizer, prompts, args.device)
                            for name, prompts in evaluation.items()})
             history.append(record)
@@ -334,8 +402,7 @@ def main(argv=None) -> int:
         from implicit_attention.benchmark import training
 
         training.disable_fast_training(model)
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+    save_model(args, model, tokenizer)
     machine = (f"{torch.cuda.get_device_name(0)} GPU" if str(args.device).startswith("cuda")
                else f"{platform.machine()} CPU") + f", torch {torch.__version__}"
     (args.out / "icl.json").write_text(json.dumps({

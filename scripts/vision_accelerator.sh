@@ -82,6 +82,9 @@ train|benchmark|wsss)
                 name=$(basename "$model"); [ "$name" = logs ] && continue
                 tar -C out -cf "$OUT/vision-models-$name.tar" "vision-models/$name" "vision-models/logs/$name.log"
             done
+        elif [ "$dir" = wsss ]; then
+            # the table and rows; the cached maps (hundreds of MB) stay there for a resumed call
+            tar -C out -czf "$OUT/wsss.tar.gz" --exclude=wsss/maps wsss
         else
             tar -C out -cf "$OUT/$dir.tar" "$dir"
         fi

@@ -92,15 +92,22 @@ class SentenceIndex:
 
 def random_task(rng: random.Random, vocabulary: Sequence[str], *, words_per_set: int = 6, decoys: int = 6,
                 seed: int = 0, words: tuple[int, int] | None = None) -> GroundTruthTask:
-    """A planted-keyword task with keyword sets and decoys drawn from ``vocabulary`` (distinct words),
-    examples of ``words = (min, max)`` words (default: the held-out task's), otherwise as
-    :data:`~implicit_attention.benchmark.groundtruth.DEFAULT_TASK`."""
+    """A planted-keyword task with keyword sets of ``words_per_set`` words and ``decoys`` decoys drawn from
+    ``vocabulary`` (distinct words), examples of ``words = (min, max)`` words (default: the held-out task's)
+    with 1 to ``min(3, words_per_set)`` planted keywords, otherwise as
+    :data:`~implicit_attention.benchmark.groundtruth.DEFAULT_TASK`.
+
+    Smaller sets make the task easier to learn in context: two examples of a label share a keyword more
+    often (with one word per set, always)."""
+    if words_per_set < 1:
+        raise ValueError(f"words_per_set must be at least 1, got {words_per_set}")
     if 2 * words_per_set + decoys > len(vocabulary):
         raise ValueError(f"{2 * words_per_set + decoys} distinct words needed, the vocabulary has {len(vocabulary)}")
     lengths = {} if words is None else {"min_words": words[0], "max_words": words[1]}
     drawn = rng.sample(list(vocabulary), 2 * words_per_set + decoys)
     return GroundTruthTask(keywords=(tuple(drawn[:words_per_set]), tuple(drawn[words_per_set:2 * words_per_set])),
-                           decoys=tuple(drawn[2 * words_per_set:]), label_names=LABEL_NAMES, seed=seed, **lengths)
+                           decoys=tuple(drawn[2 * words_per_set:]), label_names=LABEL_NAMES, seed=seed,
+                           planted_range=(1, min(3, words_per_set)), **lengths)
 
 
 @dataclass
