@@ -273,6 +273,49 @@ def test_train_icl_target_words_option() -> None:
             trainer.parse_args([*rt, "--words", bad])
 
 
+def test_train_icl_target_difficulty_options() -> None:
+    trainer = _module("train_icl_target", REPO / "scripts" / "train_icl_target.py")
+    rt = ["--distractors", "rotten_tomatoes"]
+    defaults = trainer.parse_args([*rt, "--shots", "5"])
+    assert (defaults.words_per_set, defaults.train_shots, defaults.lm_weight) == ((6, 6), (5, 5), 0.0)
+    chosen = trainer.parse_args([*rt, "--words-per-set", "1,3", "--train-shots", "2,8", "--lm-weight", "0.5"])
+    assert (chosen.words_per_set, chosen.train_shots, chosen.lm_weight) == ((1, 3), (2, 8), 0.5)
+    for option, bad in (("--words-per-set", "0,2"), ("--words-per-set", "3,1"), ("--train-shots", "0,4"),
+                        ("--train-shots", "x"), ("--lm-weight", "-1")):
+        with pytest.raises(SystemExit):
+            trainer.parse_args([*rt, option, bad])
+
+
+def test_small_keyword_sets_cap_the_planted_words() -> None:
+    vocabulary = [f"word{chr(97 + i)}{chr(97 + j)}" for i in range(5) for j in range(5)]
+    rng = random.Random(3)
+    one = random_task(rng, vocabulary, words_per_set=1)
+    assert [len(words) for words in one.keywords] == [1, 1] and one.planted_range == (1, 1)
+    assert random_task(rng, vocabulary, words_per_set=2).planted_range == (1, 2)
+    assert random_task(rng, vocabulary).planted_range == (1, 3)
+    sentences = ["the cat sat on the mat with a hat", "a dog ran in the park at noon today"] * 20
+    # with one keyword per label every example of a label holds that word: the oracle is always right
+    episode = make_episode(rng, one, sentences, shots=8)
+    for example in [*episode.demonstrations, episode.query]:
+        assert example.planted_words == [one.keywords[example.label][0]]
+    with pytest.raises(ValueError, match="at least 1"):
+        random_task(rng, vocabulary, words_per_set=0)
+
+
+def test_other_tokens_loss_and_query_rows_by_hand() -> None:
+    trainer = _module("train_icl_target", REPO / "scripts" / "train_icl_target.py")
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5)
+    ids = torch.tensor([[1, 2, 3, 4], [0, 3, 2, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    rows, positions = torch.tensor([0, 0, 1]), torch.tensor([2, 3, 2])   # label words, row by row
+    # the tokens left: row 0 position 1, row 1 position 1 (position 3 of row 1 is padding)
+    log_probs = logits.log_softmax(-1)
+    expected = -(log_probs[0, 0, 2] + log_probs[1, 0, 3]) / 2
+    assert torch.allclose(trainer.other_tokens_loss(logits, ids, mask, rows, positions), expected)
+    assert trainer._query_rows(torch.tensor([0, 0, 0, 1, 1, 2])).tolist() == [False, False, True, False, True, True]
+
+
 def test_train_icl_target_refuses_missing_inputs(tmp_path: Path, capsys) -> None:
     trainer = _module("train_icl_target", REPO / "scripts" / "train_icl_target.py")
     with pytest.raises(SystemExit):
@@ -306,5 +349,10 @@ def test_time_limit_stops_saves_and_resumes(rotten_tomatoes_available, tmp_path:
             "--eval-every", "2", "--eval-episodes", "2", "--steps", "2", "--out", str(out), "--no-progress"]
     assert trainer.main([*base, "--time-limit", "0"]) == 3
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 0 and not (out / "icl.json").exists()
+    # what is trained so far is saved as a model too, in float16, with the progress
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float16}
+    assert json.loads((out / "progress.json").read_text()) == {"step": 0, "history": []}
     assert trainer.main([*base, "--resume"]) == 0
     assert [h["step"] for h in json.loads((out / "icl.json").read_text())["history"]] == [2]
