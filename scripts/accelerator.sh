@@ -21,8 +21,9 @@
 #                                              #  CPU_MODELS=xlstm,rwkv7 runs those on the CPU cores)
 #   scripts/accelerator.sh amplify [ARGS...]   # there: issue 15's AMPLIFY measurement, resumable across calls:
 #                                              #  the proxy (train_zoo.py mamba groundtruth, unless carried),
-#                                              #  the target (train_icl_target.py --init zoo/mamba; ICL_ARGS
-#                                              #  replaces its settings; exit 3: stopped in time, call again),
+#                                              #  the target (train_icl_target.py; ICL_ARGS replaces its
+#                                              #  settings, default --init zoo/mamba ...; exit 3: stopped in
+#                                              #  time, call again),
 #                                              #  then benchmarks/amplify_effect.py --device cuda ARGS; carry
 #                                              #  out/corpus and what an earlier call brought back
 #   scripts/accelerator.sh targets NAME:ARGS...  # there: several ICL targets side by side on the one GPU (a small
@@ -127,11 +128,13 @@ amplify)
         timeout "$LIMIT" python scripts/train_zoo.py --device cuda --models mamba --stages pretrain,groundtruth \
             || status=$?
     fi
-    # the target starts from the zoo's Mamba (pre-trained on English, fine-tuned on the reviews)
+    # by default the target starts from the zoo's Mamba (pre-trained on English, fine-tuned on the reviews)
     if [ -z "${status:-}" ] && [ ! -f out/icl-target/icl.json ]; then
-        python scripts/train_icl_target.py --device cuda --init zoo/mamba --out out/icl-target --resume \
+        # shellcheck disable=SC2086  # ICL_ARGS is a list of options (a new Llama: leave out --init)
+        python scripts/train_icl_target.py --device cuda --out out/icl-target --resume \
             --time-limit $((LIMIT - (SECONDS - began))) --no-progress \
-            ${ICL_ARGS:---steps 3000 --batch-size 64 --eval-every 500 --save-every 100 --workers 12} || status=$?
+            ${ICL_ARGS:---init zoo/mamba --steps 3000 --batch-size 64 --eval-every 500 --save-every 100 --workers 12} \
+            || status=$?
     fi
     if [ -z "${status:-}" ] && [ -f out/icl-target/icl.json ]; then
         timeout $((LIMIT - (SECONDS - began))) python benchmarks/amplify_effect.py --device cuda \
