@@ -29,7 +29,12 @@
 #   scripts/accelerator.sh targets NAME:ARGS...  # there: several ICL targets side by side on the one GPU (a small
 #                                              #  model leaves it mostly idle), each train_icl_target.py --device
 #                                              #  cuda --out out/icl-NAME --resume ARGS, stopped in time (exit 3;
-#                                              #  the same call again resumes); PROXY=1 also trains the proxy
+#                                              #  the same call on the still-warm machine resumes); each NAME:ARGS
+#                                              #  is one quoted argument, e.g.
+#                                              #    targets "small:--layers 2 --words-per-set 1,1" "big:--layers 4"
+#                                              #  the CPU cores (which draw the episodes) are shared out equally;
+#                                              #  PROXY=1 also trains the proxy; $OUT gets icl-NAME.tar.gz each
+#                                              #  (the model in float16 and its log, not the training state)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/accelerator}
@@ -146,7 +151,16 @@ amplify)
     exit "${status:-0}"
     ;;
 targets)
-    shift; setup
+    shift
+    if [ $# -eq 0 ]; then echo "usage: scripts/accelerator.sh targets NAME:ARGS [NAME:ARGS ...]" >&2; exit 2; fi
+    for spec in "$@"; do
+        name=${spec%%:*}
+        if [ "$name" = "$spec" ] || ! [[ "$name" =~ ^[A-Za-z0-9_.-]+$ ]]; then
+            echo "error: '$spec' is not NAME:ARGS (a name of letters, digits, '.', '_' or '-', a colon, the options)" >&2
+            exit 2
+        fi
+    done
+    setup
     if [ ! -f out/groundtruth/groundtruth.json ]; then python -m implicit_attention.benchmark.groundtruth; fi
     # the CPU cores draw the episodes: shared out among the targets (and the proxy)
     workers=$(( ($(nproc) - $#) / $# )); [ "$workers" -ge 1 ] || workers=1
@@ -175,11 +189,14 @@ targets)
             2>/dev/null || true
     done
     [ -f out/proxy.log ] && cp out/proxy.log "$OUT/"
-    tar -czf "$OUT/amplify-proxy.tar.gz" -C out zoo/mamba/groundtruth zoo/mamba/pretrained-small 2>/dev/null || true
+    if [ -f out/zoo/mamba/groundtruth/task.json ]; then
+        tar -czf "$OUT/amplify-proxy.tar.gz" -C out zoo/mamba/groundtruth zoo/mamba/pretrained-small 2>/dev/null || true
+    fi
     exit "$status"
     ;;
 *)
-    echo "usage: scripts/accelerator.sh wheels|train|benchmark|amplify|targets [ARGS...]" >&2
+    echo "usage: scripts/accelerator.sh wheels | train [ARGS...] | benchmark [ARGS...] | amplify [ARGS...] |" \
+        "targets NAME:ARGS..." >&2
     exit 2
     ;;
 esac

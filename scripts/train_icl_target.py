@@ -2,11 +2,13 @@
 """Meta-train a small causal LM to classify in context from AMPLIFY prompts: the target of issue 15's measurement.
 
 Every training episode is a new planted-keyword task with random keyword sets
-(``implicit_attention.applications.episodes``): ``--shots`` labelled demonstrations and a query,
-written as AMPLIFY's prompt. A share ``--rationale-share`` of the episodes give each demonstration the
+(``implicit_attention.applications.episodes``): labelled demonstrations (``--shots``, or a number drawn
+from ``--train-shots``) and a query, written as AMPLIFY's prompt. Its difficulty can be drawn per
+episode: ``--words-per-set`` keywords per label (one puts the same word in every example of a label),
+``--words`` words per example. A share ``--rationale-share`` of the episodes give each demonstration the
 true rationale (its planted keywords, at most ``--k``), the others none, so the target learns both
 formats. The loss is the cross-entropy of every label word after ``Label:`` (the demonstrations' and
-the query's). The held-out task of the faithfulness benchmark (food against tools) never appears: its
+the query's), plus ``--lm-weight`` times the language-modelling loss on the other tokens. The held-out task of the faithfulness benchmark (food against tools) never appears: its
 words are in the keyword vocabulary as any other (each one a keyword of about 0.6% of the random tasks,
 for a random label), but never its keyword sets and labels. ``--exclude-held-out-words`` keeps them out
 of the vocabulary (then the target learns that they never decide a task).
@@ -60,7 +62,12 @@ from implicit_attention.benchmark import groundtruth  # noqa: E402
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring's layout kept, and every option's default shown."""
+    """The docstring's layout kept, and every option's default shown (not for flags, nor where there is none)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -99,22 +106,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="words per training example (shorter text makes matching keywords across the "
                              "demonstrations easier to learn); evaluations keep the held-out task's 20-48")
     parser.add_argument("--words-per-set", default="6,6", metavar="MIN,MAX",
-                        help="keywords per label of each training task, drawn per episode (a set of one or two "
-                             "words puts the same keyword in most examples of a label: an easy start that "
-                             "teaches matching words across the demonstrations); evaluations keep 6")
+                        help="keywords per label of each training task, drawn per episode: with one, every "
+                             "example of a label holds the same word (an easy start for learning to match words "
+                             "across the demonstrations); evaluations keep 6")
     parser.add_argument("--train-shots", default=None, metavar="MIN,MAX",
                         help="demonstrations per training episode, drawn per episode (more shots: more label "
-                             "words that matching predicts, a denser signal); default: --shots")
+                             "words that matching predicts, a denser signal); when not given, --shots")
     parser.add_argument("--lm-weight", type=float, default=0.0,
-                        help="weight of the language-modelling loss on every other token of the episode, added to the "
-                             "label words' loss: it trains copying words from the context (a rationale repeats "
-                             "words of its demonstration; its quoted label follows from earlier rationales)")
+                        help="weight of a language-modelling loss on every token other than the label words, added "
+                             "to theirs: it rewards copying from the context (a rationale repeats words of its "
+                             "demonstration, and the label it quotes can be told from earlier rationales that "
+                             "name the same words); 0: the label words alone")
     parser.add_argument("--exclude-held-out-words", action="store_true",
                         help="never make the held-out task's words keywords of a training task")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="stop after this many seconds of this run, save the checkpoint and exit with status 3 "
                              "(a later --resume continues): for machines that allow a few minutes per command")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars")
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "shots", "k", "width", "layers", "heads", "eval_every", "eval_episodes",
                  "save_every"):
@@ -130,8 +139,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.words_per_set = _int_range(parser, "--words-per-set", args.words_per_set, 1, "one keyword per label")
     args.train_shots = (_int_range(parser, "--train-shots", args.train_shots, 1, "one demonstration")
                         if args.train_shots is not None else (args.shots, args.shots))
-    if args.lm_weight < 0:
-        parser.error("--lm-weight must be at least 0")
+    if not (math.isfinite(args.lm_weight) and args.lm_weight >= 0):
+        parser.error(f"--lm-weight must be a number of at least 0, got {args.lm_weight}")
     if not 0 <= args.rationale_share <= 1:
         parser.error("--rationale-share must lie in [0, 1]")
     if args.width % args.heads:
@@ -148,6 +157,10 @@ def _int_range(parser, option: str, text: str, least: int, why: str) -> tuple[in
     if not least <= low <= high:
         parser.error(f"{option} needs {least} <= MIN <= MAX ({why}), got {text!r}")
     return low, high
+
+
+#: Decoys of every random task (:func:`~implicit_attention.applications.episodes.random_task`'s default).
+DECOYS_PER_TASK = 6
 
 
 def sentence_pools(args) -> dict[str, SentenceIndex]:
@@ -333,6 +346,10 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     pools = sentence_pools(args)
     vocabulary = keyword_vocabulary(pools["train"].sentences, held_out_words() if args.exclude_held_out_words else ())
+    needed = 2 * max(args.words_per_set[1], 6) + DECOYS_PER_TASK
+    if needed > len(vocabulary):
+        raise SystemExit(f"error: --words-per-set {args.words_per_set[1]} needs {needed} distinct keywords and decoys "
+                         f"per task; the keyword vocabulary has {len(vocabulary)}")
     evaluation, oracle = eval_prompts(args, vocabulary, pools["validation"])
     print(f"the keyword-matching oracle answers {oracle:.1%} of the evaluation episodes")
     model = build_model(args, tokenizer).to(args.device)

@@ -281,9 +281,16 @@ def test_train_icl_target_difficulty_options() -> None:
     chosen = trainer.parse_args([*rt, "--words-per-set", "1,3", "--train-shots", "2,8", "--lm-weight", "0.5"])
     assert (chosen.words_per_set, chosen.train_shots, chosen.lm_weight) == ((1, 3), (2, 8), 0.5)
     for option, bad in (("--words-per-set", "0,2"), ("--words-per-set", "3,1"), ("--train-shots", "0,4"),
-                        ("--train-shots", "x"), ("--lm-weight", "-1")):
+                        ("--train-shots", "x"), ("--lm-weight", "-1"), ("--lm-weight", "nan")):
         with pytest.raises(SystemExit):
             trainer.parse_args([*rt, option, bad])
+
+
+def test_train_icl_target_refuses_keyword_sets_larger_than_the_vocabulary(rotten_tomatoes_available, tmp_path) -> None:
+    trainer = _module("train_icl_target", REPO / "scripts" / "train_icl_target.py")
+    with pytest.raises(SystemExit, match="needs 4006 distinct keywords and decoys per task"):
+        trainer.main(["--distractors", "rotten_tomatoes", "--words-per-set", "1,2000", "--out", str(tmp_path / "t")])
+    assert not (tmp_path / "t").exists()        # refused before anything was trained or written
 
 
 def test_small_keyword_sets_cap_the_planted_words() -> None:

@@ -195,14 +195,15 @@ def _level_tiles(f: MambaFactors, variant: str, cums: torch.Tensor, size: int, p
         for shift in range(1, width):
             Kc.add_(E[:, :, shift: shift + size] * taps[ch, width - 1 - shift, None])
         if reduction is not None:
+            if g_rows is not None:                      # g_i A_d[i, j] v_j: g joins the rows, v the keys, once
+                Q.mul_(g_rows[..., ch, None])
+                Kc = Kc * v_keys[..., ch, None]
+            # channel-major [B, nb, c, size, N] once, so that no delta's product copies its operands
+            Q, Kc = Q.transpose(2, 3).contiguous(), Kc.transpose(2, 3).contiguous()
             for delta in deltas:
                 decay = torch.exp((ref_row[:, delta:, ch] - ref_key[:, : blocks - delta, ch]).to(dtype)[..., None] * A)
-                left, right = Q[:, delta:] * decay[:, :, None], Kc[:, : blocks - delta]      # [B, P, size, c, N]
-                if g_rows is not None:                  # g_i A_d[i, j] v_j: fold g into rows, v into keys
-                    left = left * g_rows[:, delta:, :, ch, None]
-                    right = right * v_keys[:, : blocks - delta, :, ch, None]
                 # [B, P, c, size, N] @ [B, P, c, N, size]: each channel's tile, a product over the state
-                tiles = left.transpose(2, 3) @ right.permute(0, 1, 3, 4, 2)
+                tiles = (Q[:, delta:] * decay[:, :, :, None]) @ Kc[:, : blocks - delta].transpose(-1, -2)
                 sums[delta] += reduction.combine(tiles, dim=2)
             continue
         Q, Kc = Q.flatten(3), Kc.flatten(3)
