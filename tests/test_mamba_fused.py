@@ -46,18 +46,33 @@ print(json.dumps(errors))
 """
 
 
-def errors_in_the_interpreter(script: str) -> list[float]:
-    """Run ``script`` with Triton's interpreter (set before the kernels are defined: a subprocess); its last
-    printed line, a JSON list of relative errors."""
+@pytest.fixture(scope="module")
+def interpreter_errors():
+    """Both interpreter scripts (the signed mean's and the reductions'), started together on first use: each
+    runs Triton's interpreter (set before the kernels are defined: a subprocess) on one thread, so two cores
+    run them side by side. ``interpreter_errors(name)``: that script's last printed line, a JSON list of
+    relative errors."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    scripts = {"mean": _SCRIPT.format(tests=str(HERE), cases=CASES),
+               "reduce": _REDUCE_SCRIPT.format(tests=str(HERE), cases=REDUCE_CASES)}
+    started = {name: subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for name, script in scripts.items()}
+
+    def errors(name: str) -> list[float]:
+        out, err = started[name].communicate(timeout=600)
+        assert started[name].returncode == 0, err[-3000:]
+        return json.loads(out.strip().splitlines()[-1])
+
+    yield errors
+    for process in started.values():
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernels run natively (tests below)")
-def test_fused_mean_equals_direct_mean_in_the_interpreter():
-    errors = errors_in_the_interpreter(_SCRIPT.format(tests=str(HERE), cases=CASES))
+def test_fused_mean_equals_direct_mean_in_the_interpreter(interpreter_errors):
+    errors = interpreter_errors("mean")
     assert len(errors) == len(CASES)
     for case, error in zip(CASES, errors):
         assert error < 2e-6, (case, error)
@@ -95,8 +110,8 @@ print(json.dumps(errors))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernels run natively (tests below)")
-def test_fused_channel_reductions_equal_the_eager_tiles_in_the_interpreter():
-    errors = errors_in_the_interpreter(_REDUCE_SCRIPT.format(tests=str(HERE), cases=REDUCE_CASES))
+def test_fused_channel_reductions_equal_the_eager_tiles_in_the_interpreter(interpreter_errors):
+    errors = interpreter_errors("reduce")
     assert len(errors) == 4 * len(REDUCE_CASES)
     assert max(errors) < 2e-6, errors
 
