@@ -7,18 +7,20 @@ from ``--train-shots``) and a query, written as AMPLIFY's prompt. Its difficulty
 episode: ``--words-per-set`` keywords per label (one puts the same word in every example of a label),
 ``--words`` words per example. A share ``--rationale-share`` of the episodes give each demonstration the
 true rationale (its planted keywords, at most ``--k``), the others none, so the target learns both
-formats. The loss is the cross-entropy of every label word after ``Label:`` (the demonstrations' and
-the query's), plus ``--lm-weight`` times the language-modelling loss on the other tokens. The held-out task of the faithfulness benchmark (food against tools) never appears: its
-words are in the keyword vocabulary as any other (each one a keyword of about 0.6% of the random tasks,
-for a random label), but never its keyword sets and labels. ``--exclude-held-out-words`` keeps them out
-of the vocabulary (then the target learns that they never decide a task).
+formats. The loss is the cross-entropy of every label word after ``Label:`` (the demonstrations' and the
+query's), plus ``--lm-weight`` times the language-modelling loss on the other tokens. The held-out task
+of the faithfulness benchmark (food against tools) never appears: its words are in the keyword
+vocabulary as any other (each one a keyword of about 0.6% of the random tasks, for a random label), but
+never its keyword sets and labels. ``--exclude-held-out-words`` keeps them out of the vocabulary (then
+the target learns that they never decide a task).
 
 Every ``--eval-every`` steps the query accuracy on ``--eval-episodes`` fixed episodes of unseen random
-tasks (distractor text of the validation split) is recorded with the true rationales, with none and
-with random words of each demonstration. The model (the causal LM of ``--init``, or a new Llama of
-``--layers`` x ``--width``; the zoo's tokenizer) is saved as a Hugging Face directory in ``--out``
-with ``icl.json`` (settings, history, time, hardware); ``--out/checkpoint.pt`` lets an interrupted run continue (``--resume``), and
-``--time-limit`` stops in time and exits with status 3 (not a failure: continue with ``--resume``).
+tasks (distractor text of the validation split) is recorded with the true rationales, with none and with
+random words of each demonstration. The model (the causal LM of ``--init``, or a new Llama of
+``--layers`` x ``--width``; the zoo's tokenizer) is saved as a Hugging Face directory in ``--out`` with
+``icl.json`` (settings, history, time, hardware); ``--out/checkpoint.pt`` lets an interrupted run
+continue (``--resume``), and ``--time-limit`` stops in time and exits with status 3 (not a failure:
+continue with ``--resume``).
 
 Examples::
 
@@ -104,7 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     parser.add_argument("--words", default=None, metavar="MIN,MAX",
                         help="words per training example (shorter text makes matching keywords across the "
-                             "demonstrations easier to learn); evaluations keep the held-out task's 20-48")
+                             "demonstrations easier to learn); when not given, the held-out task's 20-48, which "
+                             "evaluations always keep")
     parser.add_argument("--words-per-set", default="6,6", metavar="MIN,MAX",
                         help="keywords per label of each training task, drawn per episode: with one, every "
                              "example of a label holds the same word (an easy start for learning to match words "
