@@ -50,6 +50,7 @@ import torch  # noqa: E402
 
 from implicit_attention.applications.amplify import random_words  # noqa: E402
 from implicit_attention.applications.episodes import (  # noqa: E402
+    DEFAULT_DECOYS,
     LABEL_NAMES,
     SentenceIndex,
     episode_prompt,
@@ -125,8 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--time-limit", type=float, default=None,
                         help="stop after this many seconds of this run, save the checkpoint and exit with status 3 "
                              "(a later --resume continues): for machines that allow a few minutes per command")
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress bars")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "shots", "k", "width", "layers", "heads", "eval_every", "eval_episodes",
                  "save_every"):
@@ -160,10 +160,6 @@ def _int_range(parser, option: str, text: str, least: int, why: str) -> tuple[in
     if not least <= low <= high:
         parser.error(f"{option} needs {least} <= MIN <= MAX ({why}), got {text!r}")
     return low, high
-
-
-#: Decoys of every random task (:func:`~implicit_attention.applications.episodes.random_task`'s default).
-DECOYS_PER_TASK = 6
 
 
 def sentence_pools(args) -> dict[str, SentenceIndex]:
@@ -280,6 +276,17 @@ def _query_rows(rows: torch.Tensor) -> torch.Tensor:
     return last
 
 
+def query_hits(label_logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
+               label_ids: list[int]) -> tuple[int, int]:
+    """``(right, queries)`` of a batch: the queries (each row's last label word, :func:`_query_rows`) whose
+    own label token has the larger of the two label logits. ``label_logits [P, V]`` predict the label
+    words ``targets [P]`` of rows ``rows [P]``."""
+    queries = _query_rows(rows)
+    predicted = label_logits[queries][:, label_ids].argmax(-1)
+    truth = (targets[queries] == label_ids[1]).long()
+    return int((predicted == truth).sum()), int(queries.sum())
+
+
 @torch.no_grad()
 def query_accuracy(model, tokenizer, prompts: list[tuple[str, int]], device) -> float:
     """The share of prompts whose query label word has the larger next-token logit after ``Label:``."""
@@ -349,7 +356,7 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     pools = sentence_pools(args)
     vocabulary = keyword_vocabulary(pools["train"].sentences, held_out_words() if args.exclude_held_out_words else ())
-    needed = 2 * max(args.words_per_set[1], 6) + DECOYS_PER_TASK
+    needed = 2 * max(args.words_per_set[1], 6) + DEFAULT_DECOYS
     if needed > len(vocabulary):
         raise SystemExit(f"error: --words-per-set {args.words_per_set[1]} needs {needed} distinct keywords and decoys "
                          f"per task; the keyword vocabulary has {len(vocabulary)}")
@@ -376,8 +383,6 @@ def main(argv=None) -> int:
     this_run = time.perf_counter()
     _DRAW.update(args=args, tokenizer=tokenizer, vocabulary=vocabulary, pool=pools["train"])
     label_ids = _label_ids(tokenizer)
-    label_index = torch.full((len(tokenizer),), -1, dtype=torch.long, device=args.device)
-    label_index[label_ids] = torch.arange(len(label_ids), device=args.device)
     training_right = training_seen = 0  # training episodes' queries answered right since the last evaluation
     for rows in training_batches(args, step):
         if args.time_limit is not None and time.perf_counter() - this_run > args.time_limit:
@@ -394,10 +399,8 @@ def main(argv=None) -> int:
         loss = torch.nn.functional.cross_entropy(label_logits, ids[where_rows, where_pos])
         if args.lm_weight > 0:
             loss = loss + args.lm_weight * other_tokens_loss(logits, ids, mask, where_rows, where_pos)
-        queries = _query_rows(where_rows)  # each row's last label word is its query's
-        training_right += (label_logits[queries][:, label_ids].argmax(-1) == label_index[ids[where_rows, where_pos][queries]]
-                           ).sum().item()
-        training_seen += int(queries.sum())
+        right, seen = query_hits(label_logits, ids[where_rows, where_pos], where_rows, label_ids)
+        training_right, training_seen = training_right + right, training_seen + seen
         optimiser.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -322,6 +322,15 @@ def test_other_tokens_loss_and_query_rows_by_hand() -> None:
     assert torch.allclose(trainer.other_tokens_loss(logits, ids, mask, rows, positions), expected)
     assert trainer._query_rows(torch.tensor([0, 0, 0, 1, 1, 2])).tolist() == [False, False, True, False, True, True]
 
+    # three rows, label tokens 7 and 9: the queries are entries 2 (label 9), 4 (label 7) and 5 (label 9)
+    targets = torch.tensor([7, 9, 9, 7, 7, 9])
+    logits = torch.zeros(6, 10)
+    logits[2, 9], logits[4, 9], logits[5, 7] = 1.0, 1.0, 1.0      # right, wrong, wrong
+    logits[0, 9] = logits[3, 7] = 5.0                               # demonstrations: not counted
+    assert trainer.query_hits(logits, targets, torch.tensor([0, 0, 0, 1, 1, 2]), [7, 9]) == (1, 3)
+    logits[4, 7] = 2.0                                              # now right too
+    assert trainer.query_hits(logits, targets, torch.tensor([0, 0, 0, 1, 1, 2]), [7, 9]) == (2, 3)
+
 
 def test_train_icl_target_refuses_missing_inputs(tmp_path: Path, capsys) -> None:
     trainer = _module("train_icl_target", REPO / "scripts" / "train_icl_target.py")

@@ -90,7 +90,12 @@ class SentenceIndex:
         return [self.sentences[i] for i in picks if i not in taken]
 
 
-def random_task(rng: random.Random, vocabulary: Sequence[str], *, words_per_set: int = 6, decoys: int = 6,
+#: Decoys of a random task unless told otherwise (as many as the held-out task has).
+DEFAULT_DECOYS = len(DEFAULT_TASK.decoys)
+
+
+def random_task(rng: random.Random, vocabulary: Sequence[str], *, words_per_set: int = 6,
+                decoys: int = DEFAULT_DECOYS,
                 seed: int = 0, words: tuple[int, int] | None = None) -> GroundTruthTask:
     """A planted-keyword task with keyword sets of ``words_per_set`` words and ``decoys`` decoys drawn from
     ``vocabulary`` (distinct words), examples of ``words = (min, max)`` words (default: the held-out task's)
