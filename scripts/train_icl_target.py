@@ -7,8 +7,10 @@ from ``--train-shots``) and a query, written as AMPLIFY's prompt. Its difficulty
 episode: ``--words-per-set`` keywords per label (one puts the same word in every example of a label),
 ``--words`` words per example. A share ``--rationale-share`` of the episodes give each demonstration the
 true rationale (its planted keywords, at most ``--k``), the others none, so the target learns both
-formats. The loss is the cross-entropy of every label word after ``Label:`` (the demonstrations' and the
-query's), plus ``--lm-weight`` times the language-modelling loss on the other tokens. The held-out task
+formats (``--rationales demonstration``: each demonstration draws for itself, so that those without one
+are queries of the ones before). The loss is the cross-entropy of every label word after ``Label:``
+(the demonstrations' and the query's), plus ``--quote-weight`` times that of each rationale's quoted
+label and ``--lm-weight`` times the language-modelling loss on the other tokens. The held-out task
 of the faithfulness benchmark (food against tools) never appears: its words are in the keyword
 vocabulary as any other (each one a keyword of about 0.6% of the random tasks, for a random label), but
 never its keyword sets and labels. ``--exclude-held-out-words`` keeps them out of the vocabulary (then
@@ -48,7 +50,7 @@ except ImportError:  # a checkout without `pip install -e .`
 
 import torch  # noqa: E402
 
-from implicit_attention.applications.amplify import random_words  # noqa: E402
+from implicit_attention.applications.amplify import random_words, rationale_sentence  # noqa: E402
 from implicit_attention.applications.episodes import (  # noqa: E402
     DEFAULT_DECOYS,
     LABEL_NAMES,
@@ -59,6 +61,7 @@ from implicit_attention.applications.episodes import (  # noqa: E402
     label_positions,
     make_episode,
     planted_rationale_words,
+    quoted_label_positions,
     random_task,
 )
 from implicit_attention.benchmark import groundtruth  # noqa: E402
@@ -87,7 +90,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="episodes per step")
     parser.add_argument("--shots", type=int, default=4, help="demonstrations per episode")
     parser.add_argument("--k", type=int, default=3, help="words per rationale")
-    parser.add_argument("--rationale-share", type=float, default=0.5, help="episodes with the true rationales")
+    parser.add_argument("--rationale-share", type=float, default=0.5,
+                        help="episodes (or demonstrations, with --rationales demonstration) with the true rationales")
+    parser.add_argument("--rationales", choices=("episode", "demonstration"), default="episode",
+                        help="what draws whether rationales are given: each episode (all its demonstrations or none), "
+                             "or each demonstration (a demonstration without one, after some with, is a query whose "
+                             "label follows from earlier rationales: more matching to learn from per episode)")
     parser.add_argument("--init", type=Path, default=None,
                         help="start from this pre-trained causal LM (e.g. zoo/mamba, whose tokenizer is "
                              "the zoo's) instead of a new Llama of --layers x --width")
@@ -121,6 +129,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "to theirs: it rewards copying from the context (a rationale repeats words of its "
                              "demonstration, and the label it quotes can be told from earlier rationales that "
                              "name the same words); 0: the label words alone")
+    parser.add_argument("--quote-weight", type=float, default=0.0,
+                        help="weight of the cross-entropy of each rationale's quoted label ('to predict 'first''), "
+                             "added to the label words': matching in miniature, as the rationale's words stand a few "
+                             "tokens before it and the label they imply follows from earlier demonstrations only; "
+                             "0: not counted")
     parser.add_argument("--exclude-held-out-words", action="store_true",
                         help="never make the held-out task's words keywords of a training task")
     parser.add_argument("--time-limit", type=float, default=None,
@@ -142,8 +155,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.words_per_set = _int_range(parser, "--words-per-set", args.words_per_set, 1, "one keyword per label")
     args.train_shots = (_int_range(parser, "--train-shots", args.train_shots, 1, "one demonstration")
                         if args.train_shots is not None else (args.shots, args.shots))
-    if not (math.isfinite(args.lm_weight) and args.lm_weight >= 0):
-        parser.error(f"--lm-weight must be a number of at least 0, got {args.lm_weight}")
+    for name in ("lm_weight", "quote_weight"):
+        weight = getattr(args, name)
+        if not (math.isfinite(weight) and weight >= 0):
+            parser.error(f"--{name.replace('_', '-')} must be a number of at least 0, got {weight}")
     if not 0 <= args.rationale_share <= 1:
         parser.error("--rationale-share must lie in [0, 1]")
     if args.width % args.heads:
@@ -193,26 +208,34 @@ def draw_episode(rng: random.Random, vocabulary: list[str], pool: SentenceIndex,
     return make_episode(rng, task, pool.sample_free_of(rng, task_words, SENTENCES_PER_EPISODE), shots)
 
 
-def encode(tokenizer, prompt: str, query_label: int) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt followed by the query's label word, and the positions of every label word."""
+def encode(tokenizer, prompt: str, query_label: int) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of the prompt followed by the query's label word, the positions of every label word, and
+    those of every rationale's quoted label (:func:`quoted_label_positions`)."""
     text = prompt + " " + LABEL_NAMES[query_label]
     encoded = tokenizer(text, return_offsets_mapping=True)
-    return encoded["input_ids"], label_positions(text, encoded["offset_mapping"])
+    offsets = encoded["offset_mapping"]
+    return encoded["input_ids"], label_positions(text, offsets), quoted_label_positions(text, offsets)
 
 
-def batch_tensors(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    """Right-padded ``ids [B, T]``, ``mask [B, T]``, and the ``(row, position)`` pairs of the label words."""
-    longest = max(len(ids) for ids, _ in rows)
+def batch_tensors(rows: list[tuple[list[int], list[int], list[int]]], pad_id: int,
+                  device) -> tuple[torch.Tensor, ...]:
+    """Right-padded ``ids [B, T]``, ``mask [B, T]``, the rows and positions ``[P]`` of the label words, and
+    those ``[Q]`` of the rationales' quoted labels (row by row, in order)."""
+    longest = max(len(row[0]) for row in rows)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    where = []
-    for r, (row_ids, positions) in enumerate(rows):
+    labels, quotes = [], []
+    for r, (row_ids, positions, quoted) in enumerate(rows):
         ids[r, :len(row_ids)] = torch.tensor(row_ids)
         mask[r, :len(row_ids)] = 1
-        where += [(r, p) for p in positions]
-    rows_t = torch.tensor([r for r, _ in where])
-    pos_t = torch.tensor([p for _, p in where])
-    return ids.to(device), mask.to(device), rows_t.to(device), pos_t.to(device)
+        labels += [(r, p) for p in positions]
+        quotes += [(r, p) for p in quoted]
+
+    def pairs(where: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.tensor([r for r, _ in where], dtype=torch.long, device=device),
+                torch.tensor([p for _, p in where], dtype=torch.long, device=device))
+
+    return (ids.to(device), mask.to(device), *pairs(labels), *pairs(quotes))
 
 
 def build_model(args, tokenizer):
@@ -267,6 +290,17 @@ def other_tokens_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tenso
 def _label_ids(tokenizer) -> list[int]:
     """The token of each label word as it follows ``Label:`` (its first token after a space)."""
     return [tokenizer(" " + name, add_special_tokens=False)["input_ids"][0] for name in LABEL_NAMES]
+
+
+def _quote_ids(tokenizer) -> list[int]:
+    """The first token of each label as a rationale quotes it (``... to predict 'first' ...``)."""
+    ids = []
+    for name in LABEL_NAMES:
+        text = rationale_sentence(["word"], name)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        start = text.index("predict '") + len("predict '")
+        ids.append(next(i for i, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]) if a == start < b))
+    return ids
 
 
 def _query_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -328,8 +362,12 @@ def training_batch(step: int) -> list[tuple[list[int], list[int]]]:
     for _ in range(args.batch_size):
         episode = draw_episode(rng, vocabulary, pool, rng.randint(*args.train_shots), args.words,
                                rng.randint(*args.words_per_set))
-        words = ([planted_rationale_words(d, args.k) for d in episode.demonstrations]
-                 if rng.random() < args.rationale_share else None)
+        if args.rationales == "demonstration":
+            words = [planted_rationale_words(d, args.k) if rng.random() < args.rationale_share else []
+                     for d in episode.demonstrations]
+        else:
+            words = ([planted_rationale_words(d, args.k) for d in episode.demonstrations]
+                     if rng.random() < args.rationale_share else None)
         rows.append(encode(tokenizer, episode_prompt(episode, words), episode.query.label))
     return rows
 
@@ -382,8 +420,9 @@ def main(argv=None) -> int:
     began = time.perf_counter() - seconds
     this_run = time.perf_counter()
     _DRAW.update(args=args, tokenizer=tokenizer, vocabulary=vocabulary, pool=pools["train"])
-    label_ids = _label_ids(tokenizer)
+    label_ids, quote_ids = _label_ids(tokenizer), _quote_ids(tokenizer)
     training_right = training_seen = 0  # training episodes' queries answered right since the last evaluation
+    quotes_right = quotes_seen = 0      # and the rationales' quoted labels
     for rows in training_batches(args, step):
         if args.time_limit is not None and time.perf_counter() - this_run > args.time_limit:
             save_checkpoint(checkpoint, model, optimiser, schedule, step, history, time.perf_counter() - began)
@@ -393,14 +432,22 @@ def main(argv=None) -> int:
             print(f"stopped at step {step} of {args.steps} after --time-limit {args.time_limit:g}s; "
                   "rerun with --resume to continue")
             return 3
-        ids, mask, where_rows, where_pos = batch_tensors(rows, pad_id, args.device)
+        ids, mask, where_rows, where_pos, quote_rows, quote_pos = batch_tensors(rows, pad_id, args.device)
         logits = model(input_ids=ids, attention_mask=mask).logits
         label_logits = logits[where_rows, where_pos - 1].float()
         loss = torch.nn.functional.cross_entropy(label_logits, ids[where_rows, where_pos])
+        if args.quote_weight > 0 and len(quote_rows):
+            loss = loss + args.quote_weight * torch.nn.functional.cross_entropy(
+                logits[quote_rows, quote_pos - 1].float(), ids[quote_rows, quote_pos])
         if args.lm_weight > 0:
             loss = loss + args.lm_weight * other_tokens_loss(logits, ids, mask, where_rows, where_pos)
         right, seen = query_hits(label_logits, ids[where_rows, where_pos], where_rows, label_ids)
         training_right, training_seen = training_right + right, training_seen + seen
+        if len(quote_rows):
+            with torch.no_grad():
+                guess = logits[quote_rows, quote_pos - 1][:, quote_ids].argmax(-1)
+                quotes_right += int((guess == (ids[quote_rows, quote_pos] == quote_ids[1]).long()).sum())
+                quotes_seen += len(quote_rows)
         optimiser.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -411,8 +458,9 @@ def main(argv=None) -> int:
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % args.eval_every == 0 or step == args.steps:
             record = {"step": step, "loss": round(loss.item(), 4), "seconds": round(time.perf_counter() - began, 1),
-                      "training_query_accuracy": round(training_right / max(training_seen, 1), 4)}
-            training_right = training_seen = 0
+                      "training_query_accuracy": round(training_right / max(training_seen, 1), 4),
+                      "training_quote_accuracy": round(quotes_right / max(quotes_seen, 1), 4)}
+            training_right = training_seen = quotes_right = quotes_seen = 0
             record.update({f"accuracy_{name}": query_accuracy(model, tokenizer, prompts, args.device)
                            for name, prompts in evaluation.items()})
             history.append(record)

@@ -22,6 +22,7 @@ from implicit_attention.applications.episodes import (
     keyword_matching_prediction,
     keyword_vocabulary,
     label_positions,
+    quoted_label_positions,
     make_episode,
     planted_rationale_words,
     random_task,
@@ -142,6 +143,20 @@ def test_episode_prompt_and_label_positions() -> None:
     positions = label_positions(text, encoded["offset_mapping"])
     assert [tokenizer.decode([encoded["input_ids"][p]]) for p in positions] == [" first", " second", " second"]
     assert positions[-1] == len(encoded["input_ids"]) - 1
+    # no rationale, nothing quoted; with rationales, the token after each opening quote starts its label
+    assert quoted_label_positions(text, encoded["offset_mapping"]) == []
+    text = episode_prompt(episode, words) + " second"
+    encoded = tokenizer(text, return_offsets_mapping=True)
+    quoted = quoted_label_positions(text, encoded["offset_mapping"])
+    ids = encoded["input_ids"]
+    assert [tokenizer.decode(ids[p:p + 3]) for p in quoted] == ["first", "second"]
+    assert quoted[0] < label_positions(text, encoded["offset_mapping"])[0] < quoted[1]
+    # the word 'predict' in a demonstration's text is not a rationale's
+    decoy = Episode(DEFAULT_TASK, [GroundTruthExample("they predict 'rain' now", 0, ((0, 4),), (), 4)], query)
+    decoy_text = episode_prompt(decoy, [["they"]])
+    quoted = quoted_label_positions(decoy_text, tokenizer(decoy_text, return_offsets_mapping=True)["offset_mapping"])
+    assert len(quoted) == 1 and decoy_text.index("predict 'first'") + len("predict '") == tokenizer(
+        decoy_text, return_offsets_mapping=True)["offset_mapping"][quoted[0]][0]
 
 
 @pytest.fixture(scope="module")
@@ -284,6 +299,41 @@ def test_train_icl_target_difficulty_options() -> None:
                         ("--train-shots", "x"), ("--lm-weight", "-1"), ("--lm-weight", "nan")):
         with pytest.raises(SystemExit):
             trainer.parse_args([*rt, option, bad])
+
+
+def test_rationales_per_demonstration_and_quote_weight(rotten_tomatoes_available) -> None:
+    from transformers import AutoTokenizer
+
+    trainer = _module("train_icl_target", REPO / "scripts" / "train_icl_target.py")
+    rt = ["--distractors", "rotten_tomatoes"]
+    assert (trainer.parse_args(rt).rationales, trainer.parse_args(rt).quote_weight) == ("episode", 0.0)
+    for option, bad in (("--rationales", "query"), ("--quote-weight", "-0.5"), ("--quote-weight", "inf")):
+        with pytest.raises(SystemExit):
+            trainer.parse_args([*rt, option, bad])
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "zoo" / "mamba")
+    assert [tokenizer.decode([i]) for i in trainer._quote_ids(tokenizer)] == ["f", "se"]
+    pools = trainer.sentence_pools(trainer.parse_args(rt))
+    vocabulary = keyword_vocabulary(pools["train"].sentences)
+
+    def rationale_counts(mode: str) -> list[tuple[int, int]]:
+        """(rationales, demonstrations) of each episode of the first two batches."""
+        args = trainer.parse_args([*rt, "--rationales", mode, "--batch-size", "8", "--train-shots", "6,6",
+                                   "--words", "6,8", "--quote-weight", "1"])
+        trainer._DRAW.update(args=args, tokenizer=tokenizer, pool=pools["train"], vocabulary=vocabulary)
+        rows = trainer.training_batch(0) + trainer.training_batch(1)
+        return [(len(quoted), len(labels) - 1) for _, labels, quoted in rows]
+
+    by_episode = rationale_counts("episode")
+    assert {quoted for quoted, _ in by_episode} == {0, 6} and all(shots == 6 for _, shots in by_episode)
+    by_demonstration = rationale_counts("demonstration")
+    assert any(0 < quoted < 6 for quoted, _ in by_demonstration)       # mixed within an episode
+    args = trainer.parse_args([*rt, "--rationales", "demonstration", "--batch-size", "3", "--words", "6,8"])
+    trainer._DRAW.update(args=args)
+    ids, mask, label_rows, label_pos, quote_rows, quote_pos = trainer.batch_tensors(trainer.training_batch(0), 0, "cpu")
+    # every quoted label is a label's first token as a rationale quotes it, and lies before its row's query
+    assert set(ids[quote_rows, quote_pos].tolist()) <= set(trainer._quote_ids(tokenizer))
+    for row, position in zip(quote_rows.tolist(), quote_pos.tolist()):
+        assert position < label_pos[label_rows == row].max() and mask[row, position] == 1
 
 
 def test_train_icl_target_refuses_keyword_sets_larger_than_the_vocabulary(rotten_tomatoes_available, tmp_path) -> None:

@@ -184,13 +184,28 @@ def episode_prompt(episode: Episode, rationale_words: Sequence[Sequence[str]] | 
     return build_prompt(demos, episode.query.text)
 
 
-def label_positions(prompt: str, offsets: Sequence[tuple[int, int]]) -> list[int]:
-    """Token indices of the label words in ``prompt + " " + query label``: the token starting right after each
-    ``Label:`` (the demonstrations' labels, then the query's), from the tokenizer's character ``offsets``."""
-    starts = [m.end() for m in re.finditer(r"(?m)^Label:", prompt)]
+def _tokens_starting_at(starts: Sequence[int], offsets: Sequence[tuple[int, int]], after: str) -> list[int]:
+    """The index of the (non-empty) token that starts at each character of ``starts``, from the tokenizer's
+    character ``offsets``; an error where none does (the tokenizer joined it with the ``after`` before it)."""
     by_start = {start: i for i, (start, end) in enumerate(offsets) if end > start}
     missing = [s for s in starts if s not in by_start]
     if missing:
-        raise ValueError(f"no token starts right after 'Label:' at character {missing[0]}: the tokenizer joins the "
+        raise ValueError(f"no token starts right after {after!r} at character {missing[0]}: the tokenizer joins the "
                          "label word with what precedes it")
     return [by_start[s] for s in starts]
+
+
+def label_positions(prompt: str, offsets: Sequence[tuple[int, int]]) -> list[int]:
+    """Token indices of the label words in ``prompt + " " + query label``: the token starting right after each
+    ``Label:`` (the demonstrations' labels, then the query's), from the tokenizer's character ``offsets``."""
+    return _tokens_starting_at([m.end() for m in re.finditer(r"(?m)^Label:", prompt)], offsets, "Label:")
+
+
+def quoted_label_positions(prompt: str, offsets: Sequence[tuple[int, int]]) -> list[int]:
+    """Token indices of the first token of each rationale's quoted label (``... to predict 'first' as ...``:
+    the token starting right after the opening quote), from the tokenizer's character ``offsets``.
+
+    Predicting it is matching in miniature: the rationale's words stand a few tokens before it, and the
+    label they imply is known only from earlier demonstrations that name the same words."""
+    starts = [m.end() for m in re.finditer(r"^Rationale: .* to predict '", prompt, flags=re.MULTILINE)]
+    return _tokens_starting_at(starts, offsets, "predict '")
