@@ -97,8 +97,9 @@ def main(argv=None) -> int:
     print(f"{type(model).__name__}, {model.config.num_hidden_layers} layers, width {model.config.hidden_size}; "
           f"torch {torch.__version__}, {where}; seconds per call (mean of "
           f"{args.repeats} after a warm-up), the model's scans token by token / with mambapy")
-    print("| L | what | token loop (s) | mambapy (s) | speed-up |")
-    print("|---|---|---|---|---|")
+    cuda = device.type == "cuda"
+    print("| L | what | token loop (s) | mambapy (s) | speed-up |" + (" peak GiB |" if cuda else ""))
+    print("|---|---|---|---|---|" + ("---|" if cuda else ""))
     for length in (int(x) for x in args.lengths.split(",")):
         ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
         stock = args.stock_max_length is None or length <= args.stock_max_length
@@ -107,14 +108,17 @@ def main(argv=None) -> int:
             timed = {}
             for enabled in (False, True) if stock else (True,):
                 scans.ENABLED = enabled
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
                 if name == "forward + backward":    # the model alone: switch the scans as explain does
-                    with scans.parallel_scans(model):
+                    with scans.parallel_scans(model, tuple(ids.shape)):
                         timed[enabled] = seconds(synchronised(run, device), args.repeats)
                 else:
                     timed[enabled] = seconds(synchronised(run, device), args.repeats)
             scans.ENABLED = True
             loop, ratio = (f"{timed[False]:.2f}", f"{timed[False] / timed[True]:.1f}x") if stock else ("-", "-")
-            print(f"| {length} | {name} | {loop} | {timed[True]:.2f} | {ratio} |", flush=True)
+            peak = f" {torch.cuda.max_memory_allocated(device) / 2**30:.1f} |" if cuda else ""
+            print(f"| {length} | {name} | {loop} | {timed[True]:.2f} | {ratio} |{peak}", flush=True)
         if args.profile:
             for method in METHODS:
                 profile(lambda m=method: ia.explain(model, ids, method=m), device, f"explain {method}, L = {length}",

@@ -22,9 +22,9 @@ from implicit_attention.applications.episodes import (
     keyword_matching_prediction,
     keyword_vocabulary,
     label_positions,
-    quoted_label_positions,
     make_episode,
     planted_rationale_words,
+    quoted_label_positions,
     random_task,
 )
 from implicit_attention.benchmark.groundtruth import DEFAULT_TASK, GroundTruthExample

@@ -36,9 +36,9 @@ def test_explanations_with_parallel_scans_equal_the_token_loop(monkeypatch):
         called = []
         original = scans.parallel_scans
 
-        def spy(model, original=original, called=called):
+        def spy(model, *args, original=original, called=called, **kwargs):
             called.append(True)
-            return original(model)
+            return original(model, *args, **kwargs)
         monkeypatch.setattr("implicit_attention.explanations.api.parallel_scans", spy)
         results[enabled] = {method: ia.explain(model, ids, method=method) for method in ("attribution", "raw")}
         results[enabled]["matrix"] = ia.decompose(model, ids).layers[1].matrix
@@ -63,3 +63,57 @@ def test_to_batch_puts_an_unpadded_layer_tensor_back_in_the_batch_layout():
     assert to_batch(same, inputs, mask) is same
     with pytest.raises(ValueError, match="fits neither the batch 2 x 4 nor its 5 real tokens"):
         to_batch(torch.zeros(1, 6, 2), inputs, mask)
+
+
+def test_kept_state_bytes_by_hand():
+    model = tiny_mamba(hidden_size=16, num_hidden_layers=3)
+    mixers = [m for m in model.modules() if hasattr(m, "use_mambapy")]
+    channels, state = mixers[0].intermediate_size, mixers[0].ssm_state_size
+    assert scans.kept_state_bytes(mixers, 2, 50) == 3 * scans.STATE_COPIES * 2 * 50 * channels * state * 4
+    assert scans.kept_state_bytes([torch.nn.Linear(2, 2)], 2, 50) == 0        # not a Mamba mixer
+
+
+def test_blocks_recomputed_in_the_backward_give_the_same_explanations(monkeypatch):
+    """Recomputing each block in the backward (what long inputs need) changes no map, records each layer once,
+    and leaves the blocks as they were; only the gradient methods run the blocks twice."""
+    model = tiny_mamba(hidden_size=16, num_hidden_layers=3)
+    ids = torch.randint(0, 40, (2, 23), generator=torch.Generator().manual_seed(1))
+    mixers = [m for m in model.modules() if hasattr(m, "use_mambapy")]
+    calls = [0]
+    for mixer in mixers:   # a pre-hook: the recomputation stops once it has what the backward needs
+        mixer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    methods = ("attribution", "paper", "rollout", "raw")
+    plain = {}
+    from implicit_attention.explanations.api import run_explanation
+
+    for method in methods:
+        calls[0] = 0
+        plain[method] = run_explanation(model, ids, method=method)
+        assert calls[0] == 3, method                            # far below the memory limit: one pass
+    monkeypatch.setattr(scans, "RECOMPUTE_ABOVE", 0.0)          # any kept state is too much now
+    for method in methods:
+        calls[0] = 0
+        again = run_explanation(model, ids, method=method)
+        assert calls[0] == (6 if method in ("attribution", "paper") else 3), method
+        assert len(again.decomposition.layers) == 3
+        assert torch.allclose(again.relevance, plain[method].relevance, rtol=1e-5, atol=1e-7), method
+        assert torch.equal(again.logits, plain[method].logits)
+    blocks = [model.get_submodule(f"backbone.layers.{i}") for i in range(3)]
+    assert not any("forward" in vars(block) for block in blocks)
+
+
+def test_recompute_switch_and_a_users_own_forward():
+    model = tiny_mamba(hidden_size=16, num_hidden_layers=2)
+    blocks = [model.get_submodule(f"backbone.layers.{i}") for i in range(2)]
+    own = blocks[1].forward
+    blocks[1].forward = own                                     # the user's own instance attribute: left alone
+    with scans.parallel_scans(model, (1, 8), recompute=True):
+        assert "forward" in vars(blocks[0]) and vars(blocks[1])["forward"] is own
+    assert "forward" not in vars(blocks[0]) and vars(blocks[1])["forward"] is own
+    with scans.parallel_scans(model, (1, 8), recompute=False):
+        assert "forward" not in vars(blocks[0])
+    with scans.parallel_scans(model, (1, 8)):                   # a few bytes of states: no recomputation
+        assert "forward" not in vars(blocks[0])
+    with pytest.raises(RuntimeError), scans.parallel_scans(model, (1, 8), recompute=True):
+        raise RuntimeError("inside")
+    assert "forward" not in vars(blocks[0])

@@ -58,6 +58,18 @@ def _detached(value):
     return value
 
 
+class CapturedLayers(list):
+    """The :class:`CapturedLayer` records of :func:`capture`, in call order; :meth:`stop` ends the recording."""
+
+    recording = True
+
+    def stop(self) -> None:
+        """Record nothing more: the forward has run. A backward that recomputes blocks (checkpointing,
+        :func:`implicit_attention.scans.parallel_scans`) calls the hooked modules again, and those calls
+        must not count as new calls."""
+        self.recording = False
+
+
 @contextmanager
 def capture(model: nn.Module, targets: list[tuple[str, nn.Module, Architecture]], *,
             keep_graph: bool = False, block_inputs: bool = False) -> Iterator[list[CapturedLayer]]:
@@ -69,8 +81,10 @@ def capture(model: nn.Module, targets: list[tuple[str, nn.Module, Architecture]]
     A module called ``k`` times in one forward (a shared block, as in Zamba) yields ``k`` records
     named ``name``, ``name#2``, ..., each with its own inputs and outputs. The yielded list is
     kept in call order while the forward runs; records of layers that did not run stay at its end.
+    Calls after its :meth:`~CapturedLayers.stop` are not recorded.
     """
-    records = [CapturedLayer(name=name, module=module, architecture=arch) for name, module, arch in targets]
+    records = CapturedLayers(CapturedLayer(name=name, module=module, architecture=arch)
+                             for name, module, arch in targets)
     handles = []
     called = [0]  # how many calls have started: records[:called] are in call order
 
@@ -82,6 +96,8 @@ def capture(model: nn.Module, targets: list[tuple[str, nn.Module, Architecture]]
 
     def on_layer(record, calls, pending):
         def hook(module, args, kwargs):
+            if not records.recording:
+                return
             if record.inputs is not None:
                 # repeated call: freeze the previous call in a copy; the hooked record starts afresh
                 finished = dataclasses.replace(record)
@@ -104,6 +120,8 @@ def capture(model: nn.Module, targets: list[tuple[str, nn.Module, Architecture]]
 
     def on_layer_output(record):
         def hook(module, args, kwargs, output):
+            if not records.recording:
+                return
             record.module_output = _detached(output)
             if record.architecture.output_module is None:
                 first = output[0] if isinstance(output, (tuple, list)) else output
@@ -112,12 +130,15 @@ def capture(model: nn.Module, targets: list[tuple[str, nn.Module, Architecture]]
 
     def on_output(record):
         def hook(module, args):
-            record.output = args[0] if keep_graph else args[0].detach()
+            if records.recording:
+                record.output = args[0] if keep_graph else args[0].detach()
         return hook
 
     def on_block(pending):
         # the block runs before the layer inside it: keep the tensor until the layer's call starts
         def hook(module, args, kwargs):
+            if not records.recording:
+                return
             tensor = first_tensor(args, kwargs, "hidden_states")
             pending["block_input"] = tensor if keep_graph else tensor.detach()
         return hook

@@ -232,9 +232,10 @@ def matrix_explanation(model: nn.Module, input_ids, attention_mask=None, *, meth
     need_grad = rule in ("attribution", "paper")
     embeds = inputs.embed(model).requires_grad_(need_grad)
     grads: list[torch.Tensor] = []
-    with torch.set_grad_enabled(need_grad), parallel_scans(model), \
+    with torch.set_grad_enabled(need_grad), parallel_scans(model, inputs.shape), \
             capture(model, targets, keep_graph=need_grad, block_inputs=rule == "paper") as captured:
         out = inputs.call(model, embeds)
+        captured.stop()            # a backward that recomputes blocks calls the hooked layers again
         logits = getattr(out, "logits", None)
         tgt = resolve_target(logits, target, position, length, row=inputs.classifier_row)
         _warn_if_padding(mask, tgt.row)
