@@ -67,12 +67,16 @@ def kept_state_bytes(mixers: list[nn.Module], batch: int, length: int) -> int:
     return total
 
 
+_CACHES = ("cache", "cache_params", "past_key_values", "layer_past")
+
+
 def _recompute_in_backward(block: nn.Module) -> None:
     """Shadow ``block.forward`` (on the instance) by one that checkpoints it when gradients are on."""
     original = block.forward
 
     def forward(*args, **kwargs):
-        if not torch.is_grad_enabled():
+        # a cache the forward fills would be filled again by the recomputation, which then differs
+        if not torch.is_grad_enabled() or any(kwargs.get(key) is not None for key in _CACHES):
             return original(*args, **kwargs)
         return torch.utils.checkpoint.checkpoint(original, *args, use_reentrant=False, **kwargs)
 
