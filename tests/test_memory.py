@@ -174,3 +174,31 @@ def test_gpu_available_bytes_count_the_allocators_unused_cache(monkeypatch) -> N
     # allocated above reserved cannot happen, but must never lower the figure
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 120 * gib)
     assert memory.available_bytes("cuda:0") == 6 * gib
+
+
+def test_estimate_where_the_check_reads_rows_instead_of_channels():
+    """On a long input Mamba's exactness check reads 8 rows of every channel, not groups of channels'
+    blocks: the estimate leaves out the groups' blocks (which would have refused 16k tokens on an H200)
+    and still bounds the measured peak."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    model = tf.MambaForCausalLM(tf.MambaConfig(vocab_size=VOCAB, hidden_size=8, state_size=4, num_hidden_layers=1,
+                                               expand=2, time_step_rank=2)).eval()
+    length = 640                      # B C L^2 = 6.6e6 > FULL_CHECK_ENTRIES; 4 * 8 * 16 <= 32 * 640: rows
+    ids = torch.randint(1, VOCAB, (1, length), generator=torch.Generator().manual_seed(0))
+    targets = select_layers(model, None)
+    name, module, arch = targets[0]
+    assert arch.footprint.fast_rows
+    by_groups = [(name, module, dataclasses.replace(arch, footprint=dataclasses.replace(arch.footprint,
+                                                                                        fast_rows=False)))]
+    group_blocks = memory.CHUNK_SAFETY * (memory.SAMPLED_CHANNELS // memory.SAMPLED_GROUPS) * 5 * length ** 2 * 4
+    with memory.block_bytes(BLOCK):
+        for method in ("decompose", "attribution"):
+            _, phase = peaks(lambda: ia.decompose(model, ids) if method == "decompose"
+                             else ia.explain(model, ids, method=method))
+            (entry,) = estimate_memory(targets, 1, length, torch.float32, method=method).values()
+            (groups,) = estimate_memory(by_groups, 1, length, torch.float32, method=method).values()
+            library = entry.kept + entry.working + entry.combining
+            assert phase <= library < groups.kept + groups.working + groups.combining, (method, phase, library)
+            assert groups.working >= group_blocks > entry.working, (method, groups.working, entry.working)

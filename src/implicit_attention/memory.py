@@ -212,6 +212,9 @@ class LayerFootprint:
         captured_maps: maps (in the model's dtype) the forward hooks capture from the module's
             return value (an eager attention module's weights).
         cuda_path_bytes: fixed bytes of a fast path that runs on CUDA only (fused kernels).
+        fast_rows: whether the decomposition reads rows of every channel's matrix cheaply (its exactness
+            check on long inputs then checks rows, ``[B, C, L]`` at a time, instead of groups of
+            channels' blocks).
     """
 
     vectors: int | Callable = 12
@@ -223,6 +226,7 @@ class LayerFootprint:
     path_maps: int | Callable = 4
     captured_maps: int | Callable = 0
     cuda_path_bytes: int = 0
+    fast_rows: bool = False
 
     def count(self, name: str, module) -> int:
         value = getattr(self, name)
@@ -330,8 +334,10 @@ def _working(fp: LayerFootprint, module, channels: int, batch: int, length: int,
     # chunked loops (blocks of channels, chunks of heads): sized for ``block`` with the declared
     # temporaries; the steps around them hold up to as many again (CHUNK_SAFETY)
     chunks = CHUNK_SAFETY * _chunked(units, _BLOCK_TEMPORARIES * grid, block)
-    if fp.units is None and batch * channels * length * length > FULL_CHECK_ENTRIES:
-        # the sampled exactness check builds groups of channels whatever the block size
+    rows_checked = fp.fast_rows and ROW_ENTRY_COST * SAMPLED_ROWS * channels <= SAMPLED_CHANNELS * length
+    if fp.units is None and batch * channels * length * length > FULL_CHECK_ENTRIES and not rows_checked:
+        # the sampled exactness check builds groups of channels whatever the block size (the rows check,
+        # where it serves, holds one row of every channel at a time: within the vectors below)
         chunks = max(chunks, CHUNK_SAFETY * (SAMPLED_CHANNELS // SAMPLED_GROUPS) * _BLOCK_TEMPORARIES * grid)
     build = fp.count("build_vectors", module) * vector + fp.count("build_maps", module) * grid + chunks
     if method == "decompose":

@@ -20,7 +20,7 @@ def _inner_width(mixer) -> int:
 
 
 #: the fused signed mean of Mamba on CUDA sizes its factor tensors for up to 1 GiB
-_FUSED = LayerFootprint(cuda_path_bytes=2**30)
+_FUSED = LayerFootprint(cuda_path_bytes=2**30, fast_rows=True)   # rows: MambaLayerDecomposition._matrix_rows
 
 
 register(Architecture(
