@@ -13,8 +13,9 @@ within windows of 8 batches, the default now) in-process through
 :func:`implicit_attention.dataset.run_dataset`, after a warm-up run that is not timed. For each it
 prints texts per second over the explaining time (``summary.json``'s ``explain_seconds``), the
 share of each batch's token slots that is padding, and the GPU's utilisation sampled by
-``nvidia-smi`` every 0.2 s while the configuration runs (mean and median; ``-`` where it is absent).
-Every configuration must give the same predictions as the first, and relevance within ``1e-4``
+``nvidia-smi`` every 0.2 s while the configuration runs (mean and median; ``-`` where it is absent),
+and the batch size the run fell back to where a batch did not fit (``summary.json``'s
+``batch_size_reduced_to``; ``-``: none did). Every configuration must give the same predictions as the first, and relevance within ``1e-4``
 (batches composed differently change only the float rounding).
 
 Usage (a GPU machine; about 3 minutes on one H200)::
@@ -194,7 +195,7 @@ def workload(args, name: str, root: Path) -> list[dict]:
     first = args.configs[0]
     run_config(args, data, root / "warm-up", model, labelled, first[0], first[1], limit=min(len(rows), 2 * first[0]))
     print(f"{'batch':>5} {'window':>6} {'texts/s':>8} {'explain s':>9} {'padding':>8} {'GPU % mean':>10} "
-          f"{'median':>6} {'max diff':>8}")
+          f"{'median':>6} {'max diff':>8} {'halved to':>9}")
     measured, reference = [], None
     for batch, window in args.configs:
         out = root / f"{name}-{batch}-{window}"
@@ -208,12 +209,14 @@ def workload(args, name: str, root: Path) -> list[dict]:
                   "padding_share": padding_share(tokenizer, [text for text, _ in rows], batch, window),
                   "gpu_utilisation_mean": statistics.fmean(util) if util else None,
                   "gpu_utilisation_median": statistics.median(util) if util else None,
-                  "gpu_samples": len(util), "max_relevance_difference": diff, "accuracy": summary.get("accuracy")}
+                  "gpu_samples": len(util), "max_relevance_difference": diff, "accuracy": summary.get("accuracy"),
+                  "batch_size_reduced_to": summary.get("batch_size_reduced_to")}
         measured.append(record)
         mean = "-" if record["gpu_utilisation_mean"] is None else f"{record['gpu_utilisation_mean']:.0f}"
         median = "-" if record["gpu_utilisation_median"] is None else f"{record['gpu_utilisation_median']:.0f}"
         print(f"{batch:>5} {window:>6} {record['texts_per_second']:8.1f} {record['explain_seconds']:9.2f} "
-              f"{100 * record['padding_share']:7.1f}% {mean:>10} {median:>6} {diff:8.1e}", flush=True)
+              f"{100 * record['padding_share']:7.1f}% {mean:>10} {median:>6} {diff:8.1e} "
+              f"{record['batch_size_reduced_to'] or '-':>9}", flush=True)
         if diff > 1e-4:
             sys.exit(f"batch {batch}, window {window} disagrees with the first configuration by {diff:.2e}")
     return measured
