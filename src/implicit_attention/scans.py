@@ -31,6 +31,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .memory import available_bytes
 
@@ -78,7 +79,7 @@ def _recompute_in_backward(block: nn.Module) -> None:
         # a cache the forward fills would be filled again by the recomputation, which then differs
         if not torch.is_grad_enabled() or any(kwargs.get(key) is not None for key in _CACHES):
             return original(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(original, *args, use_reentrant=False, **kwargs)
+        return checkpoint(original, *args, use_reentrant=False, **kwargs)
 
     block.forward = forward
 
