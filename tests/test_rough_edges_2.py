@@ -139,7 +139,7 @@ def test_explain_dataset_warns_of_the_first_long_input_only(capsys, tmp_path: Pa
     data = tmp_path / "reviews.txt"
     data.write_text("\n".join(["a fine film", LONG, LONG + " again", "a dull film", LONG]) + "\n", encoding="utf-8")
     code, _, err = run(capsys, "explain-dataset", data, "--out", tmp_path / "run", "--method", "grad_x_input",
-                       "--no-progress")
+                       "--no-progress", "--reports", "0")      # reports cost seconds each and are not checked
     assert code == 0, err
     lines = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(lines) == 1 and lines[0].startswith("warning: explain-dataset: input 1 is ") and "at most 64" in lines[0]
