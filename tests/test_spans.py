@@ -60,7 +60,7 @@ def test_cli_report_and_dataset_show_the_span(capsys, loaded, tmp_path):
                      str(tmp_path / "report")])
     out = capsys.readouterr().out
     assert code == 0 and "over the text; the prompt template's values in parentheses" in out
-    assert " sentiment(" in out and "[+1.00]" in out and "words: a[" in out
+    assert " sentiment(" in out and "[+1.00]" in out and "words (whitespace-separated, their tokens summed, same scale): a[" in out
     info = json.loads((tmp_path / "report" / "explanation.json").read_text())
     (ex,) = info["examples"]
     assert ex["tokens"][1:16] == [" a", " g", "or", "ge", "ous", ",", " wit", "ty", ",", " s", "ed", "u", "ct", "ive",

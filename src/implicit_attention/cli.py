@@ -253,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="normalise relevance over the whole prompt; by default over the text's own tokens, "
                               "with the task's prompt template (and BOS) greyed")
     explain.add_argument("--words", action="store_true",
-                         help="also print the text's relevance merged into words (sub-word tokens summed)")
+                         help="also print the text's relevance merged into words (whitespace-separated, "
+                              "punctuation kept; sub-word tokens summed, on the tokens' scale, so a word can pass "
+                              "+-1)")
     explain.add_argument(
         "--variant", choices=VARIANTS, default="unified",
         help="implicit attention formulation (default: %(default)s, the exact one). For Mamba, s6 is the earlier "
@@ -638,7 +640,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
               f"{'text' if span is not None else 'prompt'}{template}):")
         print("  " + color_tokens(tokens, values, color=color, span=span))
         if args.words:
-            print("  words: " + "  ".join(f"{word}[{value / scale if scale else 0.0:+.2f}]"
+            # a word's value is the sum of its tokens' on the tokens' scale: beyond +-1 where several add up
+            print("  words (whitespace-separated, their tokens summed, same scale): " + "  ".join(f"{word}[{value / scale if scale else 0.0:+.2f}]"
                                           for word, value in example.words()))
         for key, value in example.diagnostics.items():
             print(f"  {DIAGNOSTICS.get(key, key)}: {value:.3g}")
