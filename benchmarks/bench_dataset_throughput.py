@@ -15,8 +15,8 @@ prints texts per second over the explaining time (``summary.json``'s ``explain_s
 share of each batch's token slots that is padding, and the GPU's utilisation sampled by
 ``nvidia-smi`` every 0.2 s while the configuration runs (mean and median; ``-`` where it is absent),
 and the batch size the run fell back to where a batch did not fit (``summary.json``'s
-``batch_size_reduced_to``; ``-``: none did). Every configuration must give the same predictions as the first, and relevance within ``1e-4``
-(batches composed differently change only the float rounding).
+``batch_size_reduced_to``; ``-``: none did). Every configuration must give the same predictions as
+the first, and relevance within ``1e-4`` (batches composed differently change only the float rounding).
 
 Usage (a GPU machine; about 3 minutes on one H200)::
 

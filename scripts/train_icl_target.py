@@ -296,10 +296,10 @@ def _quote_ids(tokenizer) -> list[int]:
     """The first token of each label as a rationale quotes it (``... to predict 'first' ...``)."""
     ids = []
     for name in LABEL_NAMES:
-        text = rationale_sentence(["word"], name)
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        start = text.index("predict '") + len("predict '")
-        ids.append(next(i for i, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"]) if a == start < b))
+        line = "Rationale: " + rationale_sentence(["word"], name)
+        encoded = tokenizer(line, add_special_tokens=False, return_offsets_mapping=True)
+        (position,) = quoted_label_positions(line, encoded["offset_mapping"])
+        ids.append(encoded["input_ids"][position])
     return ids
 
 
@@ -310,15 +310,20 @@ def _query_rows(rows: torch.Tensor) -> torch.Tensor:
     return last
 
 
+def label_hits(logits: torch.Tensor, targets: torch.Tensor, label_ids: list[int]) -> tuple[int, int]:
+    """``(right, seen)``: how many of the predictions ``logits [Q, V]`` give their own label token (of the two
+    in ``label_ids``, the truth ``targets [Q]``) the larger of the two logits, and ``Q``."""
+    predicted = logits[:, label_ids].argmax(-1)
+    truth = (targets == label_ids[1]).long()
+    return int((predicted == truth).sum()), len(targets)
+
+
 def query_hits(label_logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
                label_ids: list[int]) -> tuple[int, int]:
-    """``(right, queries)`` of a batch: the queries (each row's last label word, :func:`_query_rows`) whose
-    own label token has the larger of the two label logits. ``label_logits [P, V]`` predict the label
-    words ``targets [P]`` of rows ``rows [P]``."""
+    """``(right, queries)`` of a batch: :func:`label_hits` of the queries alone (each row's last label word,
+    :func:`_query_rows`). ``label_logits [P, V]`` predict the label words ``targets [P]`` of rows ``rows [P]``."""
     queries = _query_rows(rows)
-    predicted = label_logits[queries][:, label_ids].argmax(-1)
-    truth = (targets[queries] == label_ids[1]).long()
-    return int((predicted == truth).sum()), int(queries.sum())
+    return label_hits(label_logits[queries], targets[queries], label_ids)
 
 
 @torch.no_grad()
@@ -354,7 +359,7 @@ def save_model(args, model, tokenizer) -> None:
 _DRAW: dict = {}
 
 
-def training_batch(step: int) -> list[tuple[list[int], list[int]]]:
+def training_batch(step: int) -> list[tuple[list[int], list[int], list[int]]]:
     """The encoded episodes of training step ``step``: a function of ``--seed`` and ``step`` alone."""
     args, tokenizer, vocabulary, pool = (_DRAW[key] for key in ("args", "tokenizer", "vocabulary", "pool"))
     rng = random.Random(f"icl-train:{args.seed}:{step}")
@@ -443,11 +448,8 @@ def main(argv=None) -> int:
             loss = loss + args.lm_weight * other_tokens_loss(logits, ids, mask, where_rows, where_pos)
         right, seen = query_hits(label_logits, ids[where_rows, where_pos], where_rows, label_ids)
         training_right, training_seen = training_right + right, training_seen + seen
-        if len(quote_rows):
-            with torch.no_grad():
-                guess = logits[quote_rows, quote_pos - 1][:, quote_ids].argmax(-1)
-                quotes_right += int((guess == (ids[quote_rows, quote_pos] == quote_ids[1]).long()).sum())
-                quotes_seen += len(quote_rows)
+        right, seen = label_hits(logits[quote_rows, quote_pos - 1].detach(), ids[quote_rows, quote_pos], quote_ids)
+        quotes_right, quotes_seen = quotes_right + right, quotes_seen + seen
         optimiser.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

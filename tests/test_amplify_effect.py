@@ -380,6 +380,10 @@ def test_other_tokens_loss_and_query_rows_by_hand() -> None:
     assert trainer.query_hits(logits, targets, torch.tensor([0, 0, 0, 1, 1, 2]), [7, 9]) == (1, 3)
     logits[4, 7] = 2.0                                              # now right too
     assert trainer.query_hits(logits, targets, torch.tensor([0, 0, 0, 1, 1, 2]), [7, 9]) == (2, 3)
+    # every prediction, not only the queries: entries 0 (9 for 7: wrong), 1 (tie 0/0: the first id, wrong),
+    # 2 right, 3 right, 4 right, 5 wrong
+    assert trainer.label_hits(logits, targets, [7, 9]) == (3, 6)
+    assert trainer.label_hits(logits[:0], targets[:0], [7, 9]) == (0, 0)
 
 
 def test_train_icl_target_refuses_missing_inputs(tmp_path: Path, capsys) -> None:

@@ -641,8 +641,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print("  " + color_tokens(tokens, values, color=color, span=span))
         if args.words:
             # a word's value is the sum of its tokens' on the tokens' scale: beyond +-1 where several add up
-            print("  words (whitespace-separated, their tokens summed, same scale): " + "  ".join(f"{word}[{value / scale if scale else 0.0:+.2f}]"
-                                          for word, value in example.words()))
+            words = "  ".join(f"{word}[{value / scale if scale else 0.0:+.2f}]" for word, value in example.words())
+            print(f"  words (whitespace-separated, their tokens summed, same scale): {words}")
         for key, value in example.diagnostics.items():
             print(f"  {DIAGNOSTICS.get(key, key)}: {value:.3g}")
         for name, other in compared.items():
