@@ -10,7 +10,19 @@ true rationale (its planted keywords, at most ``--k``), the others none, so the 
 formats (``--rationales demonstration``: each demonstration draws for itself, so that those without one
 are queries of the ones before). The loss is the cross-entropy of every label word after ``Label:``
 (the demonstrations' and the query's), plus ``--quote-weight`` times that of each rationale's quoted
-label and ``--lm-weight`` times the language-modelling loss on the other tokens. The held-out task
+label and ``--lm-weight`` times the language-modelling loss on the other tokens.
+
+Two denser signals help a small model past the long plateau where it answers every query with a coin
+(binary labels give no stepping stone: the query's loss stays at ln 2 until the whole matching circuit
+works). ``--random-labels`` writes a share of the episodes with two random words as the label names
+(``Label: harbour`` for one label, ``Label: violin`` for the other, new words each episode): a label
+is then one word of thousands, and copying the label words seen earlier in the prompt already lowers
+the loss, a first step that the matching of the query's words only has to refine. ``--induction-rows``
+adds rows of random tokens repeated once, with the loss on every token of the repeat: the dense
+objective that forms induction heads (attend to the token after an earlier occurrence of this one)
+within a few hundred steps. Evaluations always use the label names ``first`` and ``second``.
+
+The held-out task
 of the faithfulness benchmark (food against tools) never appears: its words are in the keyword
 vocabulary as any other (each one a keyword of about 0.6% of the random tasks, for a random label), but
 never its keyword sets and labels. ``--exclude-held-out-words`` keeps them out of the vocabulary (then
@@ -40,7 +52,9 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 try:
@@ -134,6 +148,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "added to the label words': matching in miniature, as the rationale's words stand a few "
                              "tokens before it and the label they imply follows from earlier demonstrations only; "
                              "0: not counted")
+    parser.add_argument("--random-labels", type=float, default=0.0, metavar="SHARE",
+                        help="share of the training episodes whose two label names are random words of the keyword "
+                             "vocabulary (new ones each episode) instead of 'first' and 'second': a label is then "
+                             "copied from the prompt, a stepping stone towards matching; 0: none")
+    parser.add_argument("--induction-rows", type=int, default=0,
+                        help="rows of random tokens repeated once added to each step, with the language-modelling "
+                             "loss on every token of the repeat (forms induction heads); 0: none")
+    parser.add_argument("--induction-length", type=int, default=48,
+                        help="random tokens of each induction row before its repeat")
     parser.add_argument("--exclude-held-out-words", action="store_true",
                         help="never make the held-out task's words keywords of a training task")
     parser.add_argument("--time-limit", type=float, default=None,
@@ -155,12 +178,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.words_per_set = _int_range(parser, "--words-per-set", args.words_per_set, 1, "one keyword per label")
     args.train_shots = (_int_range(parser, "--train-shots", args.train_shots, 1, "one demonstration")
                         if args.train_shots is not None else (args.shots, args.shots))
+    if args.induction_rows < 0 or args.induction_length < 2:
+        parser.error("--induction-rows must be at least 0 and --induction-length at least 2")
     for name in ("lm_weight", "quote_weight"):
         weight = getattr(args, name)
         if not (math.isfinite(weight) and weight >= 0):
             parser.error(f"--{name.replace('_', '-')} must be a number of at least 0, got {weight}")
-    if not 0 <= args.rationale_share <= 1:
-        parser.error("--rationale-share must lie in [0, 1]")
+    for name in ("rationale_share", "random_labels"):
+        if not 0 <= getattr(args, name) <= 1:
+            parser.error(f"--{name.replace('_', '-')} must lie in [0, 1]")
     if args.width % args.heads:
         parser.error("--width must be a multiple of --heads")
     return args
@@ -208,24 +234,63 @@ def draw_episode(rng: random.Random, vocabulary: list[str], pool: SentenceIndex,
     return make_episode(rng, task, pool.sample_free_of(rng, task_words, SENTENCES_PER_EPISODE), shots)
 
 
-def encode(tokenizer, prompt: str, query_label: int) -> tuple[list[int], list[int], list[int]]:
-    """Token ids of the prompt followed by the query's label word, the positions of every label word, and
-    those of every rationale's quoted label (:func:`quoted_label_positions`)."""
-    text = prompt + " " + LABEL_NAMES[query_label]
+class Row(NamedTuple):
+    """One encoded training episode: its token ids, the positions of its label words and of its rationales'
+    quoted labels, and the first token of each of its two label names as a label word follows ``Label:``
+    and as a rationale quotes it (the two tokens a prediction chooses between)."""
+
+    ids: list[int]
+    label_positions: list[int]
+    quote_positions: list[int]
+    label_tokens: tuple[int, int]
+    quote_tokens: tuple[int, int]
+
+
+def label_tokens(tokenizer, names: Sequence[str]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The first token of each of the two label ``names`` as it follows ``Label:`` (``" " + name``) and as a
+    rationale quotes it (``... to predict 'name' ...``, :func:`quoted_label_positions`)."""
+    after_label = tuple(tokenizer(" " + name, add_special_tokens=False)["input_ids"][0] for name in names)
+    quoted = []
+    for name in names:
+        line = "Rationale: " + rationale_sentence(["word"], name)
+        encoded = tokenizer(line, add_special_tokens=False, return_offsets_mapping=True)
+        (position,) = quoted_label_positions(line, encoded["offset_mapping"])
+        quoted.append(encoded["input_ids"][position])
+    return after_label, tuple(quoted)
+
+
+def random_label_names(rng: random.Random, vocabulary: Sequence[str], taken: Iterable[str],
+                       tokens: dict[str, tuple[int, int]]) -> list[str]:
+    """Two words of ``vocabulary`` outside ``taken`` (the task's words) whose first tokens differ both after
+    ``Label:`` and in a rationale's quote (``tokens[word]``: the two), so a prediction can tell them apart."""
+    taken = {word.lower() for word in taken}
+    while True:
+        names = rng.sample(list(vocabulary), 2)
+        first, second = (tokens[name] for name in names)
+        if not taken & set(names) and first[0] != second[0] and first[1] != second[1]:
+            return names
+
+
+def encode(tokenizer, prompt: str, query_label: int, names: Sequence[str] = LABEL_NAMES,
+           tokens: tuple[tuple[int, int], tuple[int, int]] | None = None) -> Row:
+    """The :class:`Row` of the prompt followed by the query's label word (``names[query_label]``); ``tokens``:
+    :func:`label_tokens` of ``names`` when known."""
+    text = prompt + " " + names[query_label]
     encoded = tokenizer(text, return_offsets_mapping=True)
     offsets = encoded["offset_mapping"]
-    return encoded["input_ids"], label_positions(text, offsets), quoted_label_positions(text, offsets)
+    after_label, quoted = tokens if tokens is not None else label_tokens(tokenizer, names)
+    return Row(encoded["input_ids"], label_positions(text, offsets), quoted_label_positions(text, offsets),
+               after_label, quoted)
 
 
-def batch_tensors(rows: list[tuple[list[int], list[int], list[int]]], pad_id: int,
-                  device) -> tuple[torch.Tensor, ...]:
+def batch_tensors(rows: list[Row], pad_id: int, device) -> tuple[torch.Tensor, ...]:
     """Right-padded ``ids [B, T]``, ``mask [B, T]``, the rows and positions ``[P]`` of the label words, and
     those ``[Q]`` of the rationales' quoted labels (row by row, in order)."""
-    longest = max(len(row[0]) for row in rows)
+    longest = max(len(row.ids) for row in rows)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), longest), dtype=torch.long)
     labels, quotes = [], []
-    for r, (row_ids, positions, quoted) in enumerate(rows):
+    for r, (row_ids, positions, quoted, *_) in enumerate(rows):
         ids[r, :len(row_ids)] = torch.tensor(row_ids)
         mask[r, :len(row_ids)] = 1
         labels += [(r, p) for p in positions]
@@ -236,6 +301,31 @@ def batch_tensors(rows: list[tuple[list[int], list[int], list[int]]], pad_id: in
                 torch.tensor([p for _, p in where], dtype=torch.long, device=device))
 
     return (ids.to(device), mask.to(device), *pairs(labels), *pairs(quotes))
+
+
+def batch_candidates(rows: list[Row], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two tokens each label word ``[P, 2]`` and each quoted label ``[Q, 2]`` of :func:`batch_tensors`
+    chooses between (its row's label names), in the same order."""
+    labels = [row.label_tokens for row in rows for _ in row.label_positions]
+    quotes = [row.quote_tokens for row in rows for _ in row.quote_positions]
+    return (torch.tensor(labels, dtype=torch.long, device=device).view(-1, 2),
+            torch.tensor(quotes, dtype=torch.long, device=device).view(-1, 2))
+
+
+def induction_batch(args, step: int, vocabulary_size: int, device) -> torch.Tensor:
+    """``[--induction-rows, 2 * --induction-length]`` token ids: random tokens (none of the first 3, the
+    special ones), then the same again; a function of ``--seed`` and ``step`` alone."""
+    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    half = torch.randint(3, vocabulary_size, (args.induction_rows, args.induction_length), generator=generator)
+    return torch.cat([half, half], dim=1).to(device)
+
+
+def induction_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """The mean next-token cross-entropy over the repeat of ``ids [R, 2 * n]`` (random tokens, then the same
+    again): the tokens after the repeat's first, each predictable by looking back ``n`` tokens."""
+    half = ids.shape[1] // 2
+    logits = model(input_ids=ids).logits[:, half:-1]
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, half + 1:].flatten())
 
 
 def build_model(args, tokenizer):
@@ -289,18 +379,12 @@ def other_tokens_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tenso
 
 def _label_ids(tokenizer) -> list[int]:
     """The token of each label word as it follows ``Label:`` (its first token after a space)."""
-    return [tokenizer(" " + name, add_special_tokens=False)["input_ids"][0] for name in LABEL_NAMES]
+    return list(label_tokens(tokenizer, LABEL_NAMES)[0])
 
 
 def _quote_ids(tokenizer) -> list[int]:
     """The first token of each label as a rationale quotes it (``... to predict 'first' ...``)."""
-    ids = []
-    for name in LABEL_NAMES:
-        line = "Rationale: " + rationale_sentence(["word"], name)
-        encoded = tokenizer(line, add_special_tokens=False, return_offsets_mapping=True)
-        (position,) = quoted_label_positions(line, encoded["offset_mapping"])
-        ids.append(encoded["input_ids"][position])
-    return ids
+    return list(label_tokens(tokenizer, LABEL_NAMES)[1])
 
 
 def _query_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -310,19 +394,25 @@ def _query_rows(rows: torch.Tensor) -> torch.Tensor:
     return last
 
 
-def label_hits(logits: torch.Tensor, targets: torch.Tensor, label_ids: list[int]) -> tuple[int, int]:
-    """``(right, seen)``: how many of the predictions ``logits [Q, V]`` give their own label token (of the two
-    in ``label_ids``, the truth ``targets [Q]``) the larger of the two logits, and ``Q``."""
-    predicted = logits[:, label_ids].argmax(-1)
-    truth = (targets == label_ids[1]).long()
+def label_hits(logits: torch.Tensor, targets: torch.Tensor,
+               label_ids: Sequence[int] | torch.Tensor) -> tuple[int, int]:
+    """``(right, seen)``: how many of the predictions ``logits [Q, V]`` give their own label token (the truth
+    ``targets [Q]``, one of the two ``label_ids``: shared ``[2]``, or each prediction's own ``[Q, 2]``) the
+    larger of the two logits, and ``Q``."""
+    candidates = torch.as_tensor(label_ids, device=logits.device).expand(len(targets), 2)
+    predicted = logits.gather(1, candidates).argmax(-1)
+    truth = (targets == candidates[:, 1]).long()
     return int((predicted == truth).sum()), len(targets)
 
 
 def query_hits(label_logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
-               label_ids: list[int]) -> tuple[int, int]:
+               label_ids: Sequence[int] | torch.Tensor) -> tuple[int, int]:
     """``(right, queries)`` of a batch: :func:`label_hits` of the queries alone (each row's last label word,
-    :func:`_query_rows`). ``label_logits [P, V]`` predict the label words ``targets [P]`` of rows ``rows [P]``."""
+    :func:`_query_rows`). ``label_logits [P, V]`` predict the label words ``targets [P]`` of rows ``rows [P]``,
+    choosing between ``label_ids`` (``[2]``, or ``[P, 2]``)."""
     queries = _query_rows(rows)
+    if torch.is_tensor(label_ids) and label_ids.dim() == 2:
+        label_ids = label_ids[queries]
     return label_hits(label_logits[queries], targets[queries], label_ids)
 
 
@@ -359,7 +449,7 @@ def save_model(args, model, tokenizer) -> None:
 _DRAW: dict = {}
 
 
-def training_batch(step: int) -> list[tuple[list[int], list[int], list[int]]]:
+def training_batch(step: int) -> list[Row]:
     """The encoded episodes of training step ``step``: a function of ``--seed`` and ``step`` alone."""
     args, tokenizer, vocabulary, pool = (_DRAW[key] for key in ("args", "tokenizer", "vocabulary", "pool"))
     rng = random.Random(f"icl-train:{args.seed}:{step}")
@@ -373,8 +463,46 @@ def training_batch(step: int) -> list[tuple[list[int], list[int], list[int]]]:
         else:
             words = ([planted_rationale_words(d, args.k) for d in episode.demonstrations]
                      if rng.random() < args.rationale_share else None)
-        rows.append(encode(tokenizer, episode_prompt(episode, words), episode.query.label))
+        names, tokens = list(LABEL_NAMES), _label_tokens_cached(tokenizer, tuple(LABEL_NAMES))
+        if args.random_labels > 0 and rng.random() < args.random_labels:
+            task = episode.task
+            by_word = _name_tokens(tokenizer, vocabulary)
+            names = random_label_names(rng, vocabulary, [*task.keywords[0], *task.keywords[1], *task.decoys], by_word)
+            first, second = (by_word[name] for name in names)
+            tokens = ((first[0], second[0]), (first[1], second[1]))
+        rows.append(encode(tokenizer, episode_prompt(episode, words, names), episode.query.label, names, tokens))
     return rows
+
+
+#: Label tokens computed once per tokenizer (and word list) in each process that draws episodes.
+_TOKEN_CACHE: dict = {}
+
+
+def _label_tokens_cached(tokenizer, names: tuple[str, str]) -> tuple[tuple[int, int], tuple[int, int]]:
+    key = ("names", id(tokenizer), names)
+    if key not in _TOKEN_CACHE:
+        _TOKEN_CACHE[key] = label_tokens(tokenizer, names)
+    return _TOKEN_CACHE[key]
+
+
+def _name_tokens(tokenizer, words: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """``{word: (first token after Label:, first token quoted)}`` of every word (:func:`label_tokens_of_words`)."""
+    key = ("words", id(tokenizer), tuple(words))
+    if key not in _TOKEN_CACHE:
+        _TOKEN_CACHE[key] = {word: (after, quoted)
+                             for word, after, quoted in zip(words, *label_tokens_of_words(tokenizer, words))}
+    return _TOKEN_CACHE[key]
+
+
+def label_tokens_of_words(tokenizer, words: Sequence[str]) -> tuple[list[int], list[int]]:
+    """:func:`label_tokens` of every word of ``words`` as a label name: the first tokens after ``Label:``, and
+    those as a rationale quotes it, in the order of ``words`` (a batched call of the tokenizer)."""
+    after_label = [ids[0] for ids in tokenizer([" " + w for w in words], add_special_tokens=False)["input_ids"]]
+    lines = ["Rationale: " + rationale_sentence(["word"], w) for w in words]
+    encoded = tokenizer(lines, add_special_tokens=False, return_offsets_mapping=True)
+    quoted = [ids[quoted_label_positions(line, offsets)[0]]
+              for line, ids, offsets in zip(lines, encoded["input_ids"], encoded["offset_mapping"])]
+    return after_label, quoted
 
 
 def training_batches(args, first_step: int):
@@ -425,9 +553,9 @@ def main(argv=None) -> int:
     began = time.perf_counter() - seconds
     this_run = time.perf_counter()
     _DRAW.update(args=args, tokenizer=tokenizer, vocabulary=vocabulary, pool=pools["train"])
-    label_ids, quote_ids = _label_ids(tokenizer), _quote_ids(tokenizer)
     training_right = training_seen = 0  # training episodes' queries answered right since the last evaluation
     quotes_right = quotes_seen = 0      # and the rationales' quoted labels
+    induction_losses: list[float] = []  # the induction rows' losses since the last evaluation
     for rows in training_batches(args, step):
         if args.time_limit is not None and time.perf_counter() - this_run > args.time_limit:
             save_checkpoint(checkpoint, model, optimiser, schedule, step, history, time.perf_counter() - began)
@@ -438,6 +566,7 @@ def main(argv=None) -> int:
                   "rerun with --resume to continue")
             return 3
         ids, mask, where_rows, where_pos, quote_rows, quote_pos = batch_tensors(rows, pad_id, args.device)
+        label_ids, quote_ids = batch_candidates(rows, args.device)
         logits = model(input_ids=ids, attention_mask=mask).logits
         label_logits = logits[where_rows, where_pos - 1].float()
         loss = torch.nn.functional.cross_entropy(label_logits, ids[where_rows, where_pos])
@@ -446,6 +575,10 @@ def main(argv=None) -> int:
                 logits[quote_rows, quote_pos - 1].float(), ids[quote_rows, quote_pos])
         if args.lm_weight > 0:
             loss = loss + args.lm_weight * other_tokens_loss(logits, ids, mask, where_rows, where_pos)
+        if args.induction_rows > 0:
+            repeated = induction_loss(model, induction_batch(args, step, len(tokenizer), args.device))
+            loss = loss + repeated
+            induction_losses.append(repeated.item())
         right, seen = query_hits(label_logits, ids[where_rows, where_pos], where_rows, label_ids)
         training_right, training_seen = training_right + right, training_seen + seen
         right, seen = label_hits(logits[quote_rows, quote_pos - 1].detach(), ids[quote_rows, quote_pos], quote_ids)
@@ -462,7 +595,10 @@ def main(argv=None) -> int:
             record = {"step": step, "loss": round(loss.item(), 4), "seconds": round(time.perf_counter() - began, 1),
                       "training_query_accuracy": round(training_right / max(training_seen, 1), 4),
                       "training_quote_accuracy": round(quotes_right / max(quotes_seen, 1), 4)}
+            if induction_losses:
+                record["induction_loss"] = round(sum(induction_losses) / len(induction_losses), 4)
             training_right = training_seen = quotes_right = quotes_seen = 0
+            induction_losses = []
             record.update({f"accuracy_{name}": query_accuracy(model, tokenizer, prompts, args.device)
                            for name, prompts in evaluation.items()})
             history.append(record)

@@ -321,7 +321,7 @@ def test_rationales_per_demonstration_and_quote_weight(rotten_tomatoes_available
                                    "--words", "6,8", "--quote-weight", "1"])
         trainer._DRAW.update(args=args, tokenizer=tokenizer, pool=pools["train"], vocabulary=vocabulary)
         rows = trainer.training_batch(0) + trainer.training_batch(1)
-        return [(len(quoted), len(labels) - 1) for _, labels, quoted in rows]
+        return [(len(row.quote_positions), len(row.label_positions) - 1) for row in rows]
 
     by_episode = rationale_counts("episode")
     assert {quoted for quoted, _ in by_episode} == {0, 6} and all(shots == 6 for _, shots in by_episode)

@@ -73,7 +73,7 @@ def test_kept_state_bytes_by_hand():
     assert scans.kept_state_bytes([torch.nn.Linear(2, 2)], 2, 50) == 0        # not a Mamba mixer
 
 
-def test_blocks_recomputed_in_the_backward_give_the_same_explanations(monkeypatch):
+def test_blocks_recomputed_in_the_backward_give_the_same_explanations(monkeypatch, caplog):
     """Recomputing each block in the backward (what long inputs need) changes no map, records each layer once,
     and leaves the blocks as they were; only the gradient methods run the blocks twice."""
     model = tiny_mamba(hidden_size=16, num_hidden_layers=3)
@@ -90,7 +90,9 @@ def test_blocks_recomputed_in_the_backward_give_the_same_explanations(monkeypatc
         calls[0] = 0
         plain[method] = run_explanation(model, ids, method=method)
         assert calls[0] == 3, method                            # far below the memory limit: one pass
+    assert "recomputing" not in caplog.text
     monkeypatch.setattr(scans, "RECOMPUTE_ABOVE", 0.0)          # any kept state is too much now
+    monkeypatch.setattr(scans, "_TOLD", set())
     for method in methods:
         calls[0] = 0
         again = run_explanation(model, ids, method=method)
@@ -100,6 +102,10 @@ def test_blocks_recomputed_in_the_backward_give_the_same_explanations(monkeypatc
         assert torch.equal(again.logits, plain[method].logits)
     blocks = [model.get_submodule(f"backbone.layers.{i}") for i in range(3)]
     assert not any("forward" in vars(block) for block in blocks)
+    # the switch is said, once for the four explanations, with the states' size for this 2 x 23 input
+    told = [r.getMessage() for r in caplog.records if "recomputing" in r.getMessage()]
+    kept = scans.kept_state_bytes(mixers, 2, 23) / 2**30
+    assert len(told) == 1 and f"{kept:.1f} GiB of states for a 2 x 23 input" in told[0]
 
 
 def test_recompute_switch_and_a_users_own_forward():

@@ -26,6 +26,7 @@ Set :data:`ENABLED` to ``False`` to run the modules exactly as configured.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -68,6 +69,10 @@ def kept_state_bytes(mixers: list[nn.Module], batch: int, length: int) -> int:
     return total
 
 
+logger = logging.getLogger(__name__)
+#: Model classes already told that their blocks are recomputed (said once per process).
+_TOLD: set[type] = set()
+
 _CACHES = ("cache", "cache_params", "past_key_values", "layer_past")
 
 
@@ -107,10 +112,15 @@ def parallel_scans(model: nn.Module, shape: tuple[int, int] | None = None,
                     and _float32(module):
                 switched.append((name, module, module.use_mambapy))
                 module.use_mambapy = True
-    if recompute is None:
-        recompute = shape is not None and bool(switched) and kept_state_bytes(
-            [module for _, module, _ in switched], *shape) > RECOMPUTE_ABOVE * available_bytes(
-            next(switched[0][1].parameters()).device)
+    if recompute is None and shape is not None and switched:
+        kept = kept_state_bytes([module for _, module, _ in switched], *shape)
+        free = available_bytes(next(switched[0][1].parameters()).device)
+        recompute = kept > RECOMPUTE_ABOVE * free
+        if recompute and type(model) not in _TOLD:
+            _TOLD.add(type(model))
+            logger.warning("%s: recomputing each Mamba block in the backward, as the parallel scans would keep "
+                           "%.1f GiB of states for a %d x %d input (%.1f GiB free): slower, in far less memory; "
+                           "said once per model class", type(model).__name__, kept / 2**30, *shape, free / 2**30)
     blocks = [_parent(model, name) for name, _, _ in switched if "." in name] if recompute else []
     shadowed = [block for block in blocks if "forward" not in vars(block)]   # not twice, nor a user's own
     try:
