@@ -64,7 +64,12 @@ except ImportError:  # a checkout without `pip install -e .`
 
 import torch  # noqa: E402
 
-from implicit_attention.applications.amplify import random_words, rationale_sentence  # noqa: E402
+from implicit_attention.applications.amplify import (  # noqa: E402
+    Demonstration,
+    build_prompt,
+    random_words,
+    rationale_sentence,
+)
 from implicit_attention.applications.episodes import (  # noqa: E402
     DEFAULT_DECOYS,
     LABEL_NAMES,
@@ -148,6 +153,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "added to the label words': matching in miniature, as the rationale's words stand a few "
                              "tokens before it and the label they imply follows from earlier demonstrations only; "
                              "0: not counted")
+    parser.add_argument("--tasks", default="1,1", metavar="MIN,MAX",
+                        help="random tasks per training episode, drawn per episode: their demonstrations interleaved, "
+                             "the query from one of them; with --random-labels each task has its own two label "
+                             "names, so a label is one of 2 x tasks (copying any earlier label is then right less "
+                             "often, and matching the query's words pays more)")
     parser.add_argument("--random-labels", type=float, default=0.0, metavar="SHARE",
                         help="share of the training episodes whose two label names are random words of the keyword "
                              "vocabulary (new ones each episode) instead of 'first' and 'second': a label is then "
@@ -176,6 +186,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.words is not None:
         args.words = _int_range(parser, "--words", args.words, 6, "room for 3 keywords and 2 decoys")
     args.words_per_set = _int_range(parser, "--words-per-set", args.words_per_set, 1, "one keyword per label")
+    args.tasks = _int_range(parser, "--tasks", args.tasks, 1, "one task")
     args.train_shots = (_int_range(parser, "--train-shots", args.train_shots, 1, "one demonstration")
                         if args.train_shots is not None else (args.shots, args.shots))
     if args.induction_rows < 0 or args.induction_length < 2:
@@ -187,6 +198,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("rationale_share", "random_labels"):
         if not 0 <= getattr(args, name) <= 1:
             parser.error(f"--{name.replace('_', '-')} must lie in [0, 1]")
+    if args.tasks[1] > args.train_shots[0]:
+        parser.error(f"--tasks {args.tasks[1]} needs at least as many demonstrations (--train-shots / --shots)")
     if args.width % args.heads:
         parser.error("--width must be a multiple of --heads")
     return args
@@ -236,14 +249,14 @@ def draw_episode(rng: random.Random, vocabulary: list[str], pool: SentenceIndex,
 
 class Row(NamedTuple):
     """One encoded training episode: its token ids, the positions of its label words and of its rationales'
-    quoted labels, and the first token of each of its two label names as a label word follows ``Label:``
-    and as a rationale quotes it (the two tokens a prediction chooses between)."""
+    quoted labels, and for each of those the first tokens of the two label names of its task (as a label
+    word follows ``Label:``, and as a rationale quotes it): the two tokens its prediction chooses between."""
 
     ids: list[int]
     label_positions: list[int]
     quote_positions: list[int]
-    label_tokens: tuple[int, int]
-    quote_tokens: tuple[int, int]
+    label_tokens: list[tuple[int, int]]
+    quote_tokens: list[tuple[int, int]]
 
 
 def label_tokens(tokenizer, names: Sequence[str]) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -260,27 +273,29 @@ def label_tokens(tokenizer, names: Sequence[str]) -> tuple[tuple[int, int], tupl
 
 
 def random_label_names(rng: random.Random, vocabulary: Sequence[str], taken: Iterable[str],
-                       tokens: dict[str, tuple[int, int]]) -> list[str]:
-    """Two words of ``vocabulary`` outside ``taken`` (the task's words) whose first tokens differ both after
-    ``Label:`` and in a rationale's quote (``tokens[word]``: the two), so a prediction can tell them apart."""
+                       tokens: dict[str, tuple[int, int]], count: int = 2) -> list[str]:
+    """``count`` words of ``vocabulary`` outside ``taken`` (the tasks' words) whose first tokens all differ, both
+    after ``Label:`` and in a rationale's quote (``tokens[word]``: the two), so a prediction can tell them apart."""
     taken = {word.lower() for word in taken}
     while True:
-        names = rng.sample(list(vocabulary), 2)
-        first, second = (tokens[name] for name in names)
-        if not taken & set(names) and first[0] != second[0] and first[1] != second[1]:
+        names = rng.sample(list(vocabulary), count)
+        firsts = [tokens[name] for name in names]
+        if not taken & set(names) and all(len({pair[side] for pair in firsts}) == count for side in (0, 1)):
             return names
 
 
-def encode(tokenizer, prompt: str, query_label: int, names: Sequence[str] = LABEL_NAMES,
-           tokens: tuple[tuple[int, int], tuple[int, int]] | None = None) -> Row:
-    """The :class:`Row` of the prompt followed by the query's label word (``names[query_label]``); ``tokens``:
-    :func:`label_tokens` of ``names`` when known."""
-    text = prompt + " " + names[query_label]
+def encode(tokenizer, prompt: str, query_word: str, label_pairs: Sequence[tuple[int, int]],
+           quote_pairs: Sequence[tuple[int, int]]) -> Row:
+    """The :class:`Row` of ``prompt`` followed by the query's label word, with the two candidate tokens of each
+    label word (``label_pairs``: the demonstrations', then the query's) and of each quoted label."""
+    text = prompt + " " + query_word
     encoded = tokenizer(text, return_offsets_mapping=True)
     offsets = encoded["offset_mapping"]
-    after_label, quoted = tokens if tokens is not None else label_tokens(tokenizer, names)
-    return Row(encoded["input_ids"], label_positions(text, offsets), quoted_label_positions(text, offsets),
-               after_label, quoted)
+    row = Row(encoded["input_ids"], label_positions(text, offsets), quoted_label_positions(text, offsets),
+              list(label_pairs), list(quote_pairs))
+    if (len(row.label_positions), len(row.quote_positions)) != (len(row.label_tokens), len(row.quote_tokens)):
+        raise ValueError("a candidate pair is needed for each label word and each quoted label")
+    return row
 
 
 def batch_tensors(rows: list[Row], pad_id: int, device) -> tuple[torch.Tensor, ...]:
@@ -306,8 +321,8 @@ def batch_tensors(rows: list[Row], pad_id: int, device) -> tuple[torch.Tensor, .
 def batch_candidates(rows: list[Row], device) -> tuple[torch.Tensor, torch.Tensor]:
     """The two tokens each label word ``[P, 2]`` and each quoted label ``[Q, 2]`` of :func:`batch_tensors`
     chooses between (its row's label names), in the same order."""
-    labels = [row.label_tokens for row in rows for _ in row.label_positions]
-    quotes = [row.quote_tokens for row in rows for _ in row.quote_positions]
+    labels = [pair for row in rows for pair in row.label_tokens]
+    quotes = [pair for row in rows for pair in row.quote_tokens]
     return (torch.tensor(labels, dtype=torch.long, device=device).view(-1, 2),
             torch.tensor(quotes, dtype=torch.long, device=device).view(-1, 2))
 
@@ -453,25 +468,43 @@ def training_batch(step: int) -> list[Row]:
     """The encoded episodes of training step ``step``: a function of ``--seed`` and ``step`` alone."""
     args, tokenizer, vocabulary, pool = (_DRAW[key] for key in ("args", "tokenizer", "vocabulary", "pool"))
     rng = random.Random(f"icl-train:{args.seed}:{step}")
-    rows = []
-    for _ in range(args.batch_size):
-        episode = draw_episode(rng, vocabulary, pool, rng.randint(*args.train_shots), args.words,
-                               rng.randint(*args.words_per_set))
-        if args.rationales == "demonstration":
-            words = [planted_rationale_words(d, args.k) if rng.random() < args.rationale_share else []
-                     for d in episode.demonstrations]
-        else:
-            words = ([planted_rationale_words(d, args.k) for d in episode.demonstrations]
-                     if rng.random() < args.rationale_share else None)
-        names, tokens = list(LABEL_NAMES), _label_tokens_cached(tokenizer, tuple(LABEL_NAMES))
-        if args.random_labels > 0 and rng.random() < args.random_labels:
-            task = episode.task
-            by_word = _name_tokens(tokenizer, vocabulary)
-            names = random_label_names(rng, vocabulary, [*task.keywords[0], *task.keywords[1], *task.decoys], by_word)
-            first, second = (by_word[name] for name in names)
-            tokens = ((first[0], second[0]), (first[1], second[1]))
-        rows.append(encode(tokenizer, episode_prompt(episode, words, names), episode.query.label, names, tokens))
-    return rows
+    return [training_row(rng, args, tokenizer, vocabulary, pool) for _ in range(args.batch_size)]
+
+
+def training_row(rng: random.Random, args, tokenizer, vocabulary: Sequence[str], pool: SentenceIndex) -> Row:
+    """One training episode: the demonstrations of ``--tasks`` random tasks (each at least one, in random
+    order; each task with its own two label names when they are random words) and the query of one of them."""
+    shots, tasks = rng.randint(*args.train_shots), rng.randint(*args.tasks)
+    counts = [1] * tasks
+    for _ in range(shots - tasks):
+        counts[rng.randrange(tasks)] += 1
+    difficulty = rng.randint(*args.words_per_set)
+    episodes = [draw_episode(rng, vocabulary, pool, count, args.words, difficulty) for count in counts]
+    if args.random_labels > 0 and rng.random() < args.random_labels:
+        by_word = _name_tokens(tokenizer, vocabulary)
+        taken = [word for e in episodes for word in (*e.task.keywords[0], *e.task.keywords[1], *e.task.decoys)]
+        drawn = random_label_names(rng, vocabulary, taken, by_word, 2 * tasks)
+        names = [drawn[2 * t:2 * t + 2] for t in range(tasks)]
+        pairs = [tuple(by_word[name] for name in two) for two in names]
+        tokens = [((a[0], b[0]), (a[1], b[1])) for a, b in pairs]
+    else:
+        names = [list(LABEL_NAMES)] * tasks
+        tokens = [_label_tokens_cached(tokenizer, tuple(LABEL_NAMES))] * tasks
+    order = [(t, example) for t, episode in enumerate(episodes) for example in episode.demonstrations]
+    rng.shuffle(order)
+    with_rationale = rng.random() < args.rationale_share        # the whole episode's, unless drawn per demonstration
+    demos = []
+    for t, example in order:
+        given = rng.random() < args.rationale_share if args.rationales == "demonstration" else with_rationale
+        words = planted_rationale_words(example, args.k) if given else []
+        name = names[t][example.label]
+        demos.append(Demonstration(text=example.text, label=name, label_word=name, words=words,
+                                   rationale=rationale_sentence(words, name) if words else None))
+    asked = rng.randrange(tasks)
+    query = episodes[asked].query
+    return encode(tokenizer, build_prompt(demos, query.text), names[asked][query.label],
+                  [tokens[t][0] for t, _ in order] + [tokens[asked][0]],
+                  [tokens[t][1] for (t, _), demo in zip(order, demos) if demo.rationale])
 
 
 #: Label tokens computed once per tokenizer (and word list) in each process that draws episodes.
