@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -426,3 +427,88 @@ def test_time_limit_stops_saves_and_resumes(rotten_tomatoes_available, tmp_path:
     assert json.loads((out / "progress.json").read_text()) == {"step": 0, "history": []}
     assert trainer.main([*base, "--resume"]) == 0
     assert [h["step"] for h in json.loads((out / "icl.json").read_text())["history"]] == [2]
+
+
+def test_random_label_names_by_hand() -> None:
+    trainer = _module("train_icl_target", REPO / "scripts" / "train_icl_target.py")
+    # (first token after "Label:", first token quoted): "cat" and "cab" share both, "dog" and "cow" neither
+    tokens = {"cat": (1, 11), "cab": (1, 11), "dog": (2, 12), "cow": (3, 13), "owl": (4, 11)}
+    rng = random.Random(0)
+    for _ in range(50):
+        names = trainer.random_label_names(rng, list(tokens), ["Dog"], tokens)     # "dog" is the task's: never
+        assert "dog" not in names and len({tokens[n][0] for n in names}) == 2 == len({tokens[n][1] for n in names})
+    three = trainer.random_label_names(rng, list(tokens), [], tokens, count=3)
+    assert len({tokens[n][0] for n in three}) == 3 == len({tokens[n][1] for n in three})
+
+
+def test_episodes_of_several_tasks_with_random_label_names(rotten_tomatoes_available) -> None:
+    from transformers import AutoTokenizer
+
+    trainer = _module("train_icl_target", REPO / "scripts" / "train_icl_target.py")
+    rt = ["--distractors", "rotten_tomatoes"]
+    defaults = trainer.parse_args(rt)
+    assert (defaults.tasks, defaults.random_labels, defaults.induction_rows) == ((1, 1), 0.0, 0)
+    for option, bad in (("--tasks", "0,1"), ("--tasks", "5,5"), ("--random-labels", "1.5"),
+                        ("--induction-rows", "-1"), ("--induction-length", "1")):
+        with pytest.raises(SystemExit):
+            trainer.parse_args([*rt, option, bad])          # --tasks 5 needs 5 demonstrations; --shots is 4
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "zoo" / "mamba")
+    pools = trainer.sentence_pools(defaults)
+    vocabulary = keyword_vocabulary(pools["train"].sentences)
+    args = trainer.parse_args([*rt, "--tasks", "2,2", "--random-labels", "1", "--train-shots", "8,8", "--words", "6,8",
+                               "--words-per-set", "1,1", "--rationales", "demonstration", "--batch-size", "6"])
+    trainer._DRAW.update(args=args, tokenizer=tokenizer, pool=pools["train"], vocabulary=vocabulary)
+    fixed = set(trainer._label_ids(tokenizer))
+    for row in trainer.training_batch(0):
+        text = tokenizer.decode(row.ids)
+        pairs = set(row.label_tokens)
+        assert len(pairs) == 2 and len({t for pair in pairs for t in pair}) == 4      # 2 tasks, 4 distinct names
+        assert not fixed & {t for pair in pairs for t in pair}
+        for position, pair in zip(row.label_positions, row.label_tokens):             # each label one of its task's
+            assert row.ids[position] in pair
+        for position, pair in zip(row.quote_positions, row.quote_tokens):
+            assert row.ids[position] in pair
+        assert text.count("label:") == 9                                                # 8 demonstrations, a query
+        # a keyword (one per example: --words-per-set 1) always comes with the same name, and each name with
+        # one keyword: the rationales name the keyword and quote the name
+        named = re.findall(r"the key word: (\w+) is an important clue to predict '(\w+)'", text)
+        assert named and len(set(named)) == len({k for k, _ in named}) == len({n for _, n in named}) <= 4
+    # no random names: the fixed two, whatever the tasks
+    args.random_labels = 0.0
+    for row in trainer.training_batch(1):
+        assert set(row.label_tokens) == {tuple(trainer._label_ids(tokenizer))}
+
+
+def test_induction_rows_and_their_loss_by_hand() -> None:
+    trainer = _module("train_icl_target", REPO / "scripts" / "train_icl_target.py")
+    args = trainer.parse_args(["--distractors", "rotten_tomatoes", "--induction-rows", "3", "--induction-length", "5"])
+    rows = trainer.induction_batch(args, 7, 50, "cpu")
+    assert rows.shape == (3, 10) and torch.equal(rows[:, :5], rows[:, 5:]) and rows.min() >= 3 and rows.max() < 50
+    assert torch.equal(rows, trainer.induction_batch(args, 7, 50, "cpu"))
+    assert not torch.equal(rows, trainer.induction_batch(args, 8, 50, "cpu"))
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, input_ids):
+            return type("Out", (), {"logits": self.logits})()
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 10, 50)
+    log_probs = logits.log_softmax(-1)
+    # positions 5..8 predict tokens 6..9: the repeat's tokens after its first
+    expected = -torch.stack([log_probs[r, p, rows[r, p + 1]] for r in range(3) for p in range(5, 9)]).mean()
+    assert torch.allclose(trainer.induction_loss(Fixed(logits), rows), expected)
+
+
+def test_label_hits_with_each_predictions_own_pair() -> None:
+    trainer = _module("train_icl_target", REPO / "scripts" / "train_icl_target.py")
+    logits = torch.zeros(3, 10)
+    logits[0, 4], logits[1, 2], logits[2, 8] = 1.0, 1.0, 1.0
+    pairs = torch.tensor([[4, 5], [1, 2], [7, 8]])
+    targets = torch.tensor([4, 1, 8])                 # right, wrong (2 chosen), right
+    assert trainer.label_hits(logits, targets, pairs) == (2, 3)
+    # queries are each row's last: entries 1 (row 0) and 2 (row 1)
+    assert trainer.query_hits(logits, targets, torch.tensor([0, 0, 1]), pairs) == (1, 2)
