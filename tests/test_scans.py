@@ -123,3 +123,38 @@ def test_recompute_switch_and_a_users_own_forward():
     with pytest.raises(RuntimeError), scans.parallel_scans(model, (1, 8), recompute=True):
         raise RuntimeError("inside")
     assert "forward" not in vars(blocks[0])
+
+
+def test_blocks_behind_accelerate_hooks_are_recomputed_and_their_hooks_put_back(monkeypatch):
+    """A ``device_map`` model's blocks run accelerate's hook as their forward: recomputed too (else such models
+    keep every scan state), with the hook inside, and the hook's forward back on exit."""
+    accelerate_hooks = pytest.importorskip("accelerate.hooks")
+    from implicit_attention.explanations.api import run_explanation
+
+    model = tiny_mamba(hidden_size=16, num_hidden_layers=2)
+    ids = torch.randint(0, 40, (1, 17), generator=torch.Generator().manual_seed(2))
+    plain = run_explanation(model, ids, method="attribution")
+    blocks = [model.get_submodule(f"backbone.layers.{i}") for i in range(2)]
+    calls = [0]
+
+    class Counting(accelerate_hooks.ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls[0] += 1
+            return args, kwargs
+
+    for block in blocks:
+        accelerate_hooks.add_hook_to_module(block, Counting())
+    hooked = [vars(block)["forward"] for block in blocks]
+    with scans.parallel_scans(model, (1, 17), recompute=True):
+        assert all(getattr(vars(b)["forward"], "_ia_recompute", False) for b in blocks)
+    assert [vars(block)["forward"] for block in blocks] == hooked
+    monkeypatch.setattr(scans, "RECOMPUTE_ABOVE", 0.0)
+    calls[0] = 0
+    again = run_explanation(model, ids, method="attribution")
+    assert calls[0] == 4                           # each hooked block run twice: forward, then recomputed
+    assert torch.allclose(again.relevance, plain.relevance, rtol=1e-5, atol=1e-7)
+    assert [vars(block)["forward"] for block in blocks] == hooked
+    for block in blocks:                           # accelerate takes its hooks off as if we had never been there
+        accelerate_hooks.remove_hook_from_module(block)
+    calls[0] = 0
+    assert torch.allclose(model(ids).logits, plain.logits, atol=1e-5) and calls[0] == 0

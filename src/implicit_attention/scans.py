@@ -77,8 +77,11 @@ _CACHES = ("cache", "cache_params", "past_key_values", "layer_past")
 
 
 def _recompute_in_backward(block: nn.Module) -> None:
-    """Shadow ``block.forward`` (on the instance) by one that checkpoints it when gradients are on."""
+    """Shadow ``block.forward`` (on the instance; an ``accelerate`` hook's forward is kept inside, and put
+    back by :func:`_restore`) by one that checkpoints it when gradients are on."""
     original = block.forward
+    if "forward" in vars(block):
+        block._ia_forward_before_recompute = vars(block)["forward"]
 
     def forward(*args, **kwargs):
         # a cache the forward fills would be filled again by the recomputation, which then differs
@@ -86,7 +89,24 @@ def _recompute_in_backward(block: nn.Module) -> None:
             return original(*args, **kwargs)
         return checkpoint(original, *args, use_reentrant=False, **kwargs)
 
+    forward._ia_recompute = True     # not shadowed twice
     block.forward = forward
+
+
+def _restore(block: nn.Module) -> None:
+    """Undo :func:`_recompute_in_backward`: the class's forward again, or the instance's own from before."""
+    vars(block).pop("forward", None)
+    before = vars(block).pop("_ia_forward_before_recompute", None)
+    if before is not None:
+        block.forward = before
+
+
+def _recomputable(block: nn.Module) -> bool:
+    """Whether ``block`` runs its class's forward, or ``accelerate``'s hook around it (``device_map`` and
+    offloaded models: the hook moves the inputs, and loads offloaded weights, again when recomputed); a
+    forward of the user's own on the instance is left alone."""
+    own = vars(block).get("forward")
+    return own is None or (getattr(block, "_hf_hook", None) is not None and not getattr(own, "_ia_recompute", False))
 
 
 def _parent(model: nn.Module, name: str) -> nn.Module:
@@ -122,13 +142,13 @@ def parallel_scans(model: nn.Module, shape: tuple[int, int] | None = None,
                            "%.1f GiB of states for a %d x %d input (%.1f GiB free): slower, in far less memory; "
                            "said once per model class", type(model).__name__, kept / 2**30, *shape, free / 2**30)
     blocks = [_parent(model, name) for name, _, _ in switched if "." in name] if recompute else []
-    shadowed = [block for block in blocks if "forward" not in vars(block)]   # not twice, nor a user's own
+    shadowed = list({id(block): block for block in blocks if _recomputable(block)}.values())   # each once
     try:
         for block in shadowed:
             _recompute_in_backward(block)
         yield [name for name, _, _ in switched]
     finally:
         for block in shadowed:
-            vars(block).pop("forward", None)
+            _restore(block)
         for _, module, before in switched:
             module.use_mambapy = before
