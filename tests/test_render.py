@@ -188,3 +188,23 @@ def test_report_says_when_the_check_sampled_channels(tmp_path: Path) -> None:
     assert info["layers"][2]["error_rows"] == 8
     plain = write_report(tmp_path / "full", **_report_args()).read_text(encoding="utf-8")
     assert "sampled" not in plain                                    # layers without channel counts: not marked
+
+
+@pytest.mark.parametrize("length, title", [(5, "signed"), (40, "layer 3 (backbone.layers.3.mixer): attribution"),
+                                           (80, "")])
+def test_matrix_png_margins_fit_every_text(length: int, title: str) -> None:
+    """The margins set without tight_layout keep every text (ticks, axis labels, title, the colour bar's
+    ticks and offset) inside the image, and leave most of it to the map."""
+    from implicit_attention.render import _matrix_figure
+
+    tokens = ["<s>", " $x$", " ", "\n", " long" * 10] + [f" tok{i}" for i in range(length - 5)]
+    fig = _matrix_figure((torch.rand(length, length) - 0.3) * 1e-7, tokens, title, None)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    labelled = [t for t in fig.axes[0].get_xticklabels() + fig.axes[0].get_yticklabels() if t.get_text().strip()]
+    assert len(labelled) == (2 * length if length <= 64 else len(labelled))
+    for axes in fig.axes:            # the map's and the colour bar's: every text drawn with them
+        box = axes.get_tightbbox(renderer)
+        assert box.x0 >= -1 and box.y0 >= -1 and box.x1 <= fig.bbox.width + 1 and box.y1 <= fig.bbox.height + 1
+    map_box = fig.axes[0].get_window_extent(renderer)
+    assert map_box.height > 0.6 * fig.bbox.height
