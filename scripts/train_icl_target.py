@@ -12,21 +12,23 @@ are queries of the ones before). The loss is the cross-entropy of every label wo
 (the demonstrations' and the query's), plus ``--quote-weight`` times that of each rationale's quoted
 label and ``--lm-weight`` times the language-modelling loss on the other tokens.
 
-Two denser signals help a small model past the long plateau where it answers every query with a coin
-(binary labels give no stepping stone: the query's loss stays at ln 2 until the whole matching circuit
-works). ``--random-labels`` writes a share of the episodes with two random words as the label names
-(``Label: harbour`` for one label, ``Label: violin`` for the other, new words each episode): a label
-is then one word of thousands, and copying the label words seen earlier in the prompt already lowers
-the loss, a first step that the matching of the query's words only has to refine. ``--induction-rows``
-adds rows of random tokens repeated once, with the loss on every token of the repeat: the dense
-objective that forms induction heads (attend to the token after an earlier occurrence of this one)
-within a few hundred steps. Evaluations always use the label names ``first`` and ``second``.
+Three options give a small model denser signals, meant to carry it past the long plateau where it
+answers every query with a coin (binary labels give no stepping stone: the query's loss stays at ln 2
+until the whole matching circuit works); none has done so yet in the steps tried
+(``docs/benchmark/amplify/gpu-run5-induction``). ``--random-labels`` writes a share of the episodes
+with two random words as the label names (``Label: harbour`` for one label, ``Label: violin`` for the
+other, new words each episode): a label is then one word of thousands, and copying the label words
+seen earlier in the prompt already lowers the loss, a first step that matching the query's words
+would refine. ``--tasks`` interleaves the demonstrations of several random tasks, each with its own
+names. ``--induction-rows`` adds rows of random tokens repeated once, with the loss on every token of
+the repeat: the dense objective that forms induction heads (attend to the token after an earlier
+occurrence of this one) within about a thousand steps. Evaluations always use the label names
+``first`` and ``second``.
 
-The held-out task
-of the faithfulness benchmark (food against tools) never appears: its words are in the keyword
-vocabulary as any other (each one a keyword of about 0.6% of the random tasks, for a random label), but
-never its keyword sets and labels. ``--exclude-held-out-words`` keeps them out of the vocabulary (then
-the target learns that they never decide a task).
+The held-out task of the faithfulness benchmark (food against tools) never appears: its words are in
+the keyword vocabulary as any other (each one a keyword of about 0.6% of the random tasks, for a
+random label), but never its keyword sets and labels. ``--exclude-held-out-words`` keeps them out of
+the vocabulary (then the target learns that they never decide a task).
 
 Every ``--eval-every`` steps the query accuracy on ``--eval-episodes`` fixed episodes of unseen random
 tasks (distractor text of the validation split) is recorded with the true rationales, with none and with
