@@ -512,3 +512,35 @@ def test_label_hits_with_each_predictions_own_pair() -> None:
     assert trainer.label_hits(logits, targets, pairs) == (2, 3)
     # queries are each row's last: entries 1 (row 0) and 2 (row 1)
     assert trainer.query_hits(logits, targets, torch.tensor([0, 0, 1]), pairs) == (1, 2)
+
+
+def test_recall_probe_rows_by_hand(tmp_path: Path) -> None:
+    probe = _module("recall_probe", REPO / "scripts" / "recall_probe.py")
+    ids, rows, positions = probe.recall_rows(torch.Generator().manual_seed(3), 4, 12, 3, (1, 3), 50)
+    assert ids.shape[0] == 4 and len(rows) == len(positions) > 0
+    for r in range(4):
+        # split the row at the separators: each item is a key, 1-3 template tokens and the key's value
+        items, start = [], 0
+        for q, token in enumerate(ids[r].tolist()):
+            if token == probe.SEPARATOR:
+                if q > start:
+                    items.append((start, ids[r, start:q].tolist()))
+                start = q + 1
+        assert len(items) == 12 and all(3 <= len(item) <= 5 for _, item in items)
+        value_of, expected = {}, []
+        for begin, item in items:
+            key, value = item[0], item[-1]
+            if key in value_of:                   # seen before: the token before the value is a target
+                expected.append(begin + len(item) - 2)
+            assert value_of.setdefault(key, value) == value          # a key keeps its value within the row
+        assert len(value_of) <= 3 and positions[rows == r].tolist() == expected
+    args = probe.parse_args(["--gap", "0,4", "--ramp", "10"])
+    assert [probe.current_gap(args, s) for s in (0, 9, 10, 35, 100)] == [(0, 0), (0, 0), (0, 1), (0, 3), (0, 4)]
+    for bad in (["--gap", "3,1"], ["--gap", "x"], ["--keys", "0"], ["--width", "30"]):
+        with pytest.raises(SystemExit):
+            probe.parse_args(bad)
+    out = tmp_path / "probe.json"
+    assert probe.main(["--steps", "3", "--every", "2", "--width", "16", "--heads", "2", "--layers", "1",
+                       "--batch-size", "2", "--items", "6", "--out", str(out)]) == 0
+    history = json.loads(out.read_text())["history"]
+    assert [r["step"] for r in history] == [2, 3] and all(0 <= r["accuracy"] <= 1 for r in history)
