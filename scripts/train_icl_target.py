@@ -264,14 +264,8 @@ class Row(NamedTuple):
 def label_tokens(tokenizer, names: Sequence[str]) -> tuple[tuple[int, int], tuple[int, int]]:
     """The first token of each of the two label ``names`` as it follows ``Label:`` (``" " + name``) and as a
     rationale quotes it (``... to predict 'name' ...``, :func:`quoted_label_positions`)."""
-    after_label = tuple(tokenizer(" " + name, add_special_tokens=False)["input_ids"][0] for name in names)
-    quoted = []
-    for name in names:
-        line = "Rationale: " + rationale_sentence(["word"], name)
-        encoded = tokenizer(line, add_special_tokens=False, return_offsets_mapping=True)
-        (position,) = quoted_label_positions(line, encoded["offset_mapping"])
-        quoted.append(encoded["input_ids"][position])
-    return after_label, tuple(quoted)
+    after_label, quoted = label_tokens_of_words(tokenizer, names)
+    return tuple(after_label), tuple(quoted)
 
 
 def random_label_names(rng: random.Random, vocabulary: Sequence[str], taken: Iterable[str],
@@ -487,11 +481,11 @@ def training_row(rng: random.Random, args, tokenizer, vocabulary: Sequence[str],
         taken = [word for e in episodes for word in (*e.task.keywords[0], *e.task.keywords[1], *e.task.decoys)]
         drawn = random_label_names(rng, vocabulary, taken, by_word, 2 * tasks)
         names = [drawn[2 * t:2 * t + 2] for t in range(tasks)]
-        pairs = [tuple(by_word[name] for name in two) for two in names]
-        tokens = [((a[0], b[0]), (a[1], b[1])) for a, b in pairs]
     else:
+        by_word = _name_tokens(tokenizer, LABEL_NAMES)
         names = [list(LABEL_NAMES)] * tasks
-        tokens = [_label_tokens_cached(tokenizer, tuple(LABEL_NAMES))] * tasks
+    # per task: (the two names' first tokens after Label:, the two as quoted)
+    tokens = [((by_word[a][0], by_word[b][0]), (by_word[a][1], by_word[b][1])) for a, b in names]
     order = [(t, example) for t, episode in enumerate(episodes) for example in episode.demonstrations]
     rng.shuffle(order)
     with_rationale = rng.random() < args.rationale_share        # the whole episode's, unless drawn per demonstration
@@ -509,20 +503,14 @@ def training_row(rng: random.Random, args, tokenizer, vocabulary: Sequence[str],
                   [tokens[t][1] for (t, _), demo in zip(order, demos) if demo.rationale])
 
 
-#: Label tokens computed once per tokenizer (and word list) in each process that draws episodes.
+#: Label tokens computed once per tokenizer and word list (the vocabulary, or the fixed names) in each
+#: process that draws episodes.
 _TOKEN_CACHE: dict = {}
-
-
-def _label_tokens_cached(tokenizer, names: tuple[str, str]) -> tuple[tuple[int, int], tuple[int, int]]:
-    key = ("names", id(tokenizer), names)
-    if key not in _TOKEN_CACHE:
-        _TOKEN_CACHE[key] = label_tokens(tokenizer, names)
-    return _TOKEN_CACHE[key]
 
 
 def _name_tokens(tokenizer, words: Sequence[str]) -> dict[str, tuple[int, int]]:
     """``{word: (first token after Label:, first token quoted)}`` of every word (:func:`label_tokens_of_words`)."""
-    key = ("words", id(tokenizer), tuple(words))
+    key = (id(tokenizer), tuple(words))
     if key not in _TOKEN_CACHE:
         _TOKEN_CACHE[key] = {word: (after, quoted)
                              for word, after, quoted in zip(words, *label_tokens_of_words(tokenizer, words))}

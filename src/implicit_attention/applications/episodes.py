@@ -170,18 +170,14 @@ def planted_rationale_words(example: GroundTruthExample, k: int) -> list[str]:
     return words[:k]
 
 
-def episode_prompt(episode: Episode, rationale_words: Sequence[Sequence[str]] | None = None,
-                   label_names: Sequence[str] = LABEL_NAMES) -> str:
+def episode_prompt(episode: Episode, rationale_words: Sequence[Sequence[str]] | None = None) -> str:
     """AMPLIFY's prompt of ``episode``: each demonstration with the rationale naming its
-    ``rationale_words[i]`` (none where empty, or for all with ``None``), then the query, ending in ``Label:``;
-    label ``i`` is written ``label_names[i]``."""
+    ``rationale_words[i]`` (none where empty, or for all with ``None``), then the query, ending in ``Label:``."""
     if rationale_words is not None and len(rationale_words) != len(episode.demonstrations):
         raise ValueError(f"{len(rationale_words)} rationales for {len(episode.demonstrations)} demonstrations")
-    if len(label_names) != 2 or label_names[0] == label_names[1]:
-        raise ValueError(f"two different label names needed, got {list(label_names)}")
     demos = []
     for i, example in enumerate(episode.demonstrations):
-        label = label_names[example.label]
+        label = LABEL_NAMES[example.label]
         words = list(rationale_words[i]) if rationale_words is not None else []
         demos.append(Demonstration(text=example.text, label=label, label_word=label, words=words,
                                    rationale=rationale_sentence(words, label) if words else None))
