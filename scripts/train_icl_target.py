@@ -273,11 +273,13 @@ def random_label_names(rng: random.Random, vocabulary: Sequence[str], taken: Ite
     """``count`` words of ``vocabulary`` outside ``taken`` (the tasks' words) whose first tokens all differ, both
     after ``Label:`` and in a rationale's quote (``tokens[word]``: the two), so a prediction can tell them apart."""
     taken = {word.lower() for word in taken}
-    while True:
+    for _ in range(10_000):
         names = rng.sample(list(vocabulary), count)
         firsts = [tokens[name] for name in names]
         if not taken & set(names) and all(len({pair[side] for pair in firsts}) == count for side in (0, 1)):
             return names
+    raise ValueError(f"no {count} label names with distinct first tokens found in 10,000 draws from "
+                     f"{len(vocabulary)} words: fewer --tasks")
 
 
 def encode(tokenizer, prompt: str, query_word: str, label_pairs: Sequence[tuple[int, int]],
