@@ -439,7 +439,7 @@ def test_random_label_names_by_hand() -> None:
         assert "dog" not in names and len({tokens[n][0] for n in names}) == 2 == len({tokens[n][1] for n in names})
     three = trainer.random_label_names(rng, list(tokens), [], tokens, count=3)
     assert len({tokens[n][0] for n in three}) == 3 == len({tokens[n][1] for n in three})
-    with pytest.raises(ValueError, match="fewer --tasks"):                     # 4 distinct quoted tokens: no 5
+    with pytest.raises(ValueError, match="fewer --tasks"):            # 3 distinct quoted tokens: never 5 names
         trainer.random_label_names(rng, list(tokens), [], tokens, count=5)
 
 
